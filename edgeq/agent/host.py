@@ -1,0 +1,271 @@
+"""Profiling from the host: devices file, a local agent, and artifacts x boards in parallel.
+
+The devices file (TOML; `--devices PATH`, else `$EDGEQ_DEVICES`, else
+`<user config dir>/edgeq/devices.toml`) names boards:
+
+    [devices.pi5]
+    url = "https://pi5.local:8765"
+    token_file = "~/.config/edgeq/pi5.token"
+    ca_file = "~/.config/edgeq/pi5-ca.pem"          # optional: the agent's CA (or self-signed cert)
+    client_cert = "~/.config/edgeq/host.pem"       # optional: mutual TLS
+    client_key = "~/.config/edgeq/host.key"
+
+Boards run in parallel (one thread each); artifacts on one board run one after the other.
+A result is stored only once the agent has returned it whole; a lost connection stores nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from ..errors import EdgeqError
+from ..fileio import read_json, sha256_file
+from .client import AgentClient, AgentError
+from .onnxcheck import external_locations
+from .protocol import FILE_NAME_RE
+from .server import READY_PREFIX, read_token_file
+
+ENV_DEVICES = "EDGEQ_DEVICES"
+_DEVICE_KEYS = {"url", "token_file", "ca_file", "client_cert", "client_key"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    url: str
+    token_file: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def client(self, token: str | None = None, timeout: float = 30.0) -> AgentClient:
+        if token is None:
+            if not self.token_file:
+                raise EdgeqError(f"device {self.name}: no token (give --token-file or token_file in the devices file)")
+            token = read_token_file(Path(self.token_file).expanduser())
+        exp = lambda p: str(Path(p).expanduser()) if p else None  # noqa: E731
+        return AgentClient(self.url, token, ca_file=exp(self.ca_file), client_cert=exp(self.client_cert),
+                           client_key=exp(self.client_key), timeout=timeout)
+
+
+def devices_path(path: str | os.PathLike | None = None) -> Path:
+    if path:
+        return Path(path).expanduser()
+    if os.environ.get(ENV_DEVICES):
+        return Path(os.environ[ENV_DEVICES]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("edgeq", appauthor=False)) / "devices.toml"
+
+
+def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
+    """Devices by name from the devices file; {} if the default file does not exist."""
+    p = devices_path(path)
+    if not p.exists():
+        if path:
+            raise EdgeqError(f"devices file: {p} does not exist")
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise EdgeqError(f"devices file: {p}: {exc}") from None
+    unknown_top = set(data) - {"devices"}
+    if unknown_top:
+        raise EdgeqError(f"devices file: {p}: unknown top-level keys {sorted(unknown_top)}; allowed: ['devices']")
+    out = {}
+    for name, entry in (data.get("devices") or {}).items():
+        unknown = set(entry) - _DEVICE_KEYS
+        if unknown or "url" not in entry:
+            raise EdgeqError(f"devices file: {p}: device {name!r} needs 'url' and allows only {sorted(_DEVICE_KEYS)}")
+        out[name] = Device(name=name, **entry)
+    return out
+
+
+def resolve_devices(specs: list[str], token_file: str | None, devices_file: str | None) -> list[Device]:
+    """NAME (from the devices file) or URL -> Device; --token-file overrides the file's token."""
+    known = load_devices(devices_file)
+    out = []
+    for spec in specs:
+        if "://" in spec:
+            dev = Device(name=spec, url=spec, token_file=token_file)
+        elif spec in known:
+            dev = known[spec]
+            if token_file:
+                dev = dataclasses.replace(dev, token_file=token_file)
+        else:
+            raise EdgeqError(f"device: {spec!r} is neither a URL nor a name in {devices_path(devices_file)} "
+                             f"(known: {', '.join(sorted(known)) or 'none'})")
+        out.append(dev)
+    return out
+
+
+def export_meta(artifact: Path) -> dict | None:
+    """The artifact's export metadata: FILE.onnx.json, or FILE.json if it is export metadata."""
+    for cand in (artifact.with_name(artifact.name + ".json"), artifact.with_suffix(".json")):
+        if cand.is_file():
+            try:
+                meta = read_json(cand)
+            except (OSError, ValueError) as exc:
+                raise EdgeqError(f"export metadata: {cand}: {exc}") from None
+            if isinstance(meta, dict) and ("format" in meta or "inputs" in meta):
+                return meta
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """What to upload for one artifact: the file, its external data, and its metadata."""
+
+    path: Path
+    sha256: str
+    files: tuple[tuple[Path, str], ...]
+    meta: dict | None
+
+
+def bundle(path: str | os.PathLike) -> Bundle:
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".onnx", ".tflite"):
+        raise EdgeqError(f"artifact: {path} must be an existing .onnx or .tflite file")
+    if not FILE_NAME_RE.match(path.name):
+        raise EdgeqError(f"artifact: file name {path.name!r} must use only letters, digits, _ . -")
+    files = []
+    if path.suffix == ".onnx":
+        for loc in sorted(set(external_locations(path))):
+            if not FILE_NAME_RE.match(loc) or not (path.parent / loc).is_file():
+                raise EdgeqError(f"artifact: {path.name} names external data {loc!r}, which is not a file "
+                                 "beside it with a plain name")
+            files.append((path.parent / loc, sha256_file(path.parent / loc)))
+    return Bundle(path, sha256_file(path), tuple(files), export_meta(path))
+
+
+ProgressFn = Callable[[str, str, dict], None]
+
+
+def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], config: dict,
+               on_progress: ProgressFn | None = None) -> list[tuple[Bundle, dict | None, str | None]]:
+    """Run every bundle on one device, in order; (bundle, result or None, error or None) each."""
+    out = []
+    for b in bundles:
+        job_id = f"{b.sha256[:12]}-{uuid.uuid4().hex[:12]}"
+        try:
+            if on_progress:
+                on_progress(device.name, b.path.name, {"state": "uploading"})
+            client.upload(b.path, b.sha256)
+            for f, sha in b.files:
+                client.upload(f, sha)
+            client.submit(job_id, {"name": b.path.name, "sha256": b.sha256},
+                          [{"name": f.name, "sha256": sha} for f, sha in b.files], b.meta, config)
+            result = client.wait(job_id, on_progress=(lambda job, n=b.path.name: on_progress(device.name, n, job))
+                                 if on_progress else None)
+            out.append((b, result, None))
+        except AgentError as exc:
+            out.append((b, None, str(exc)))
+            if exc.status is None:  # the agent is gone: the rest would fail the same way
+                for rest in bundles[len(out):]:
+                    out.append((rest, None, f"not run: {exc}"))
+                break
+    return out
+
+
+def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: dict, db: str | None,
+            tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None) -> list[dict]:
+    """Profile artifacts on devices in parallel and store every returned result.
+
+    Returns one summary per (device, artifact): device, artifact, status, error, row id, result.
+    """
+    from .. import store
+
+    bundles = [bundle(a) for a in artifacts]
+    clients = {d.name: d.client((tokens or {}).get(d.name)) for d in devices}
+    lock = threading.Lock()
+    summaries: list[dict] = []
+
+    def run(dev: Device) -> None:
+        for b, result, error in profile_on(dev, clients[dev.name], bundles, config, on_progress):
+            row = None
+            if result is not None:
+                row = store.record_result(db, result, device=dev.name, device_url=dev.url,
+                                          artifact_path=str(b.path.resolve()), export_meta=b.meta)
+            with lock:
+                summaries.append({"device": dev.name, "artifact": str(b.path),
+                                  "status": result.get("status") if result else "error",
+                                  "error": error or (result or {}).get("error"), "row_id": row,
+                                  "result": result})
+
+    with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+        list(pool.map(run, devices))
+    order = {(d.name, str(b.path)): i for i, (d, b) in enumerate((d, b) for d in devices for b in bundles)}
+    return sorted(summaries, key=lambda s: order[(s["device"], s["artifact"])])
+
+
+class LocalAgent:
+    """`edgeq agent serve` on 127.0.0.1, port 0, with a fresh token, in a child process."""
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, extra_args: list[str] | None = None,
+                 start_timeout_s: float = 60.0):
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgeq-local-agent-")
+        self.data_dir = Path(data_dir) if data_dir else Path(self._tmp.name) / "data"
+        self.token = secrets.token_urlsafe(32)
+        self.token_file = Path(self._tmp.name) / "token"
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+        self.extra_args = extra_args or []
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def start(self) -> "LocalAgent":
+        cmd = [sys.executable, "-m", "edgeq.cli.main", "agent", "serve", "--host", "127.0.0.1",
+               "--port", "0", "--token-file", str(self.token_file), "--data-dir", str(self.data_dir),
+               *self.extra_args]
+        self.log_path = Path(self._tmp.name) / "agent.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                         stdin=subprocess.DEVNULL, text=True)
+        timer = threading.Timer(self.start_timeout_s, self.proc.kill)
+        timer.start()
+        try:
+            line = self.proc.stdout.readline()
+        finally:
+            timer.cancel()
+        if not line.startswith(READY_PREFIX):
+            self.proc.wait()
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            self.stop()
+            raise EdgeqError(f"local agent: did not start (exit code {self.proc.returncode}): {' | '.join(tail)}")
+        self.url = line.split()[1]
+        return self
+
+    def device(self) -> Device:
+        return Device(name="local", url=self.url, token_file=str(self.token_file))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "LocalAgent":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

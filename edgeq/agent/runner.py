@@ -1,0 +1,203 @@
+"""One benchmark job, measured in its own process: `python -m edgeq.agent.runner JOB_DIR`.
+
+The agent starts this process with an address-space limit (RLIMIT_AS), a CPU-time limit and a
+wall-clock watchdog, in the job's own directory; it dies with the agent (PR_SET_PDEATHSIG).
+It reads JOB_DIR/job.json, writes JOB_DIR/progress.json while it works and JOB_DIR/result.json
+(atomically) at the end. Order of measurement: artifact size; ONNX external data vetted; cold
+load (fresh process; the OS page cache is not dropped); first inference; warm-up until the median
+of a window of 5 is within `warmup_tolerance` of the previous window; idle power baseline of the
+planned length; timed runs until BOTH `runs` and `min_seconds` are met (or `max_seconds` passes,
+which makes the run INVALID). Every raw latency is kept. It never loads torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeqError
+from ..fileio import write_json_atomic
+from . import fingerprint as fp
+from . import stats
+from .inputs import make_inputs
+from .runtimes import load
+
+WARMUP_WINDOW = 5
+
+
+class _Progress:
+    def __init__(self, job_dir: Path):
+        self.path = job_dir / "progress.json"
+        self._last = 0.0
+
+    def __call__(self, phase: str, done: int = 0, force: bool = True) -> None:
+        now = time.monotonic()
+        if force or now - self._last > 0.5:
+            self._last = now
+            write_json_atomic(self.path, {"phase": phase, "runs": done})
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _threads() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _time_once(model) -> float:
+    t = time.perf_counter_ns()
+    model.run()
+    return (time.perf_counter_ns() - t) / 1e6
+
+
+def _warmup(model, cfg: dict, progress) -> dict:
+    lat: list[float] = []
+    stable = False
+    deadline = time.monotonic() + cfg["max_seconds"] / 2
+    while len(lat) < cfg["warmup_max"] and time.monotonic() < deadline:
+        lat.append(_time_once(model))
+        progress("warmup", len(lat), force=False)
+        n = len(lat)
+        if n >= max(cfg["warmup_min"], 2 * WARMUP_WINDOW) and n % WARMUP_WINDOW == 0:
+            if stats.is_stable(lat[-WARMUP_WINDOW:], lat[-2 * WARMUP_WINDOW:-WARMUP_WINDOW],
+                               cfg["warmup_tolerance"]):
+                stable = True
+                break
+    return {"runs": len(lat), "stable": stable, "tolerance": cfg["warmup_tolerance"],
+            "last_median_ms": float(np.median(lat[-WARMUP_WINDOW:])) if lat else None}
+
+
+def _timed(model, cfg: dict, progress) -> tuple[list[float], float, float, float]:
+    lat: list[float] = []
+    t0 = time.monotonic()
+    limit = t0 + cfg["max_seconds"]
+    now = t0
+    while (len(lat) < cfg["runs"] or now - t0 < cfg["min_seconds"]) and now < limit:
+        lat.append(_time_once(model))
+        now = time.monotonic()
+        progress("timed", len(lat), force=False)
+    return lat, t0, now, now - t0
+
+
+def _power_setup(job: dict):
+    from . import meters
+
+    if not job["config"].get("power", True):
+        return None, meters.null_power("power measurement not requested (config power=false)")
+    meter, reason = meters.detect(job.get("power_meter", "auto"), job.get("sysfs_root", "/"))
+    if meter is None:
+        return None, meters.null_power(reason)
+    return meter, None
+
+
+def measure(job_dir: Path) -> dict:
+    """Run the job described by JOB_DIR/job.json and return the result document."""
+    job = json.loads((job_dir / "job.json").read_text())
+    cfg = job["config"]
+    progress = _Progress(job_dir)
+    progress("starting")
+    artifact = job_dir / job["artifact"]["name"]
+    files = [job_dir / f["name"] for f in job.get("files", [])]
+    result: dict = {"artifact_sha256": job["artifact"]["sha256"],
+                    "format": artifact.suffix.lstrip("."),
+                    "size_bytes": artifact.stat().st_size + sum(f.stat().st_size for f in files),
+                    "threads": cfg["threads"], "config": cfg,
+                    "fingerprint": fp.fingerprint(), "conditions": {"before": fp.conditions()}}
+    if artifact.suffix == ".onnx":
+        from .onnxcheck import check_external_data
+
+        result["external_data"] = check_external_data(artifact, job_dir)
+    progress("loading")
+    t = time.perf_counter_ns()
+    model = load(artifact, cfg["threads"])
+    result["load_ms"] = (time.perf_counter_ns() - t) / 1e6
+    result["runtime"] = model.runtime
+    result["rss_after_load_mb"] = _peak_rss_mb()
+    spec = (job.get("metadata") or {}).get("inputs")
+    if spec:
+        for item in spec:
+            item.setdefault("from", "metadata")
+    else:
+        spec = [{**s, "from": "model signature"} for s in model.signature()]
+    feeds, result["inputs"] = make_inputs(spec, cfg["dims"], cfg["seed"])
+    model.prepare(feeds)
+    progress("first inference")
+    result["first_inference_ms"] = _time_once(model)
+    result["warmup"] = _warmup(model, cfg, progress)
+    warnings = [] if result["warmup"]["stable"] else [
+        f"warm-up did not stabilise within {result['warmup']['runs']} runs"]
+
+    meter, power = _power_setup(job)
+    sampler = baseline = None
+    if meter is not None:
+        from .meters import Sampler
+
+        sampler = Sampler(meter).start()
+        planned = min(max(cfg["min_seconds"], cfg["runs"] * (result["warmup"]["last_median_ms"] or 1) / 1e3),
+                      cfg["max_seconds"])
+        progress("idle baseline")
+        time.sleep(0.2)  # let the sampler get readings before the baseline starts
+        b0 = time.monotonic()
+        time.sleep(planned)
+        baseline = (b0, time.monotonic())
+    progress("timed")
+    lat, t0, t1, seconds = _timed(model, cfg, progress)
+    if sampler is not None:
+        time.sleep(2.0 / sampler.rate_hz)  # a reading after the window so its end is covered
+        sampler.stop()
+        from .meters import power_report
+
+        power = power_report(sampler, baseline, (t0, t1), len(lat))
+    result["power"] = power
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["os_threads"] = _threads()
+    result["latency_ms"] = {**stats.summarize(lat), "seconds": seconds, "raw": lat}
+    reasons = stats.validity(len(lat), seconds, cfg["runs"], cfg["min_seconds"])
+    result["invalid_reasons"] = reasons
+    result["status"] = "invalid" if reasons else "valid"
+    result["warnings"] = warnings
+    result["conditions"]["after"] = fp.conditions()
+    progress("done", len(lat))
+    return result
+
+
+def _limit_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or "bad_alloc" in text or "Failed to allocate" in text:
+        return f"memory limit exceeded ({text[:300]})"
+    return text[:2000]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_dir = Path(argv[0]).resolve()
+    try:
+        result = measure(job_dir)
+        code = 0
+    except EdgeqError as exc:
+        result = {"status": "failed", "error": str(exc)}
+        code = 3
+    except BaseException as exc:  # anything the model does to a runtime ends as a failed job
+        result = {"status": "failed", "error": _limit_reason(exc),
+                  "traceback": traceback.format_exc()[-4000:]}
+        code = 3
+    write_json_atomic(job_dir / "result.json", result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The two runtimes behind one small interface: load, describe inputs, run, say what was used.
+
+ONNX goes to onnxruntime (CPU execution provider); TFLite goes to LiteRT (`ai_edge_litert`),
+falling back to the older `tflite_runtime` with the same Interpreter API. LiteRT applies its
+XNNPACK delegate by default; whether it actually did is read from the runtime's own log line,
+not assumed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeqError
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool",
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class _CaptureStderr:
+    """Capture the process's fd 2 (C++ runtimes log there, not to sys.stderr)."""
+
+    def __enter__(self):
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode("utf-8", "replace")
+        self._tmp.close()
+        os.write(2, self.text.encode())
+        return False
+
+
+class OrtModel:
+    format = "onnx"
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.runtime = {"name": "onnxruntime", "version": ort.__version__,
+                        "provider": self.session.get_providers()[0],
+                        "providers_available": ort.get_available_providers()}
+
+    def signature(self) -> list[dict]:
+        """Inputs as name, dtype and shape (None or a string for a dynamic dim)."""
+        return [{"name": i.name, "dtype": _ORT_TYPES.get(i.type, i.type),
+                 "shape": [d if isinstance(d, (int, str)) else None for d in i.shape]}
+                for i in self.session.get_inputs()]
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        self._feeds = feeds
+
+    def run(self) -> None:
+        self.session.run(None, self._feeds)
+
+
+def _litert_interpreter():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "litert", _version("ai-edge-litert")
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite_runtime", _version("tflite-runtime")
+    except ImportError:
+        raise EdgeqError("runtime: TFLite needs ai-edge-litert or tflite-runtime on the agent "
+                         "(pip install 'edgeq[agent]')") from None
+
+
+class LiteRtModel:
+    format = "tflite"
+
+    def __init__(self, path: Path, threads: int):
+        interpreter_cls, name, version = _litert_interpreter()
+        with _CaptureStderr() as log:
+            self.interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
+        xnnpack = "XNNPACK" in log.text
+        self.runtime = {"name": name, "version": version,
+                        "provider": "XNNPACK delegate" if xnnpack else "builtin CPU kernels (no delegate)",
+                        "load_log": log.text[-2000:]}
+
+    def signature(self) -> list[dict]:
+        out = []
+        for d in self.interpreter.get_input_details():
+            sig = d.get("shape_signature", d["shape"])
+            out.append({"name": d["name"], "dtype": np.dtype(d["dtype"]).name, "index": d["index"],
+                        "shape": [None if int(s) < 0 else int(s) for s in sig]})
+        return out
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        details = {d["name"]: d for d in self.interpreter.get_input_details()}
+        resized = False
+        for name, arr in feeds.items():
+            if list(details[name]["shape"]) != list(arr.shape):
+                self.interpreter.resize_tensor_input(details[name]["index"], list(arr.shape))
+                resized = True
+        if resized:
+            self.interpreter.allocate_tensors()
+        for name, arr in feeds.items():
+            self.interpreter.set_tensor(details[name]["index"], arr)
+        self._outputs = [d["index"] for d in self.interpreter.get_output_details()]
+
+    def run(self) -> None:
+        self.interpreter.invoke()
+        for idx in self._outputs:
+            self.interpreter.get_tensor(idx)
+
+
+def load(path: Path, threads: int):
+    """Load an .onnx or .tflite file with its runtime."""
+    if path.suffix == ".onnx":
+        return OrtModel(path, threads)
+    if path.suffix == ".tflite":
+        return LiteRtModel(path, threads)
+    raise EdgeqError(f"artifact: {path.name!r} must end with .onnx or .tflite")

@@ -1,0 +1,46 @@
+"""`edgeq agent serve`: the board-side agent. Imports nothing heavy (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def agent() -> None:
+    """The on-device agent that profiles artifacts for a host."""
+
+
+@agent.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
+@click.option("--port", default=8765, show_default=True, type=int, help="TCP port; 0 picks a free one.")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False), help="File holding the bearer token.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
+@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Jobs, artifacts and the journal (default: the user data dir).")
+@click.option("--max-upload-mb", type=float, default=None, help="Largest artifact file accepted (default 1024).")
+@click.option("--max-job-seconds", type=float, default=900.0, show_default=True, help="Wall-time limit per job.")
+@click.option("--max-memory-mb", type=int, default=None, help="Address-space limit per job (default 80% of RAM).")
+@click.option("--power-meter", default="auto", show_default=True,
+              help="auto, none, jetson-ina3221, rpi5-pmic, hwmon, rapl, or command:<cmd printing watts>.")
+def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_job_seconds,
+          max_memory_mb, power_meter) -> None:
+    """Serve protocol v1 until SIGTERM; prints 'EDGEQ_AGENT_LISTENING <url>' when ready."""
+    from ..agent import protocol
+    from ..agent.server import AgentConfig, read_token_file, serve as run
+
+    if data_dir is None:
+        import platformdirs
+
+        data_dir = Path(platformdirs.user_data_dir("edgeq", appauthor=False)) / "agent"
+    cfg = AgentConfig(
+        token=read_token_file(token_file), data_dir=Path(data_dir), host=host, port=port,
+        tls_cert=Path(tls_cert) if tls_cert else None, tls_key=Path(tls_key) if tls_key else None,
+        client_ca=Path(client_ca) if client_ca else None,
+        max_upload_bytes=int(max_upload_mb * (1 << 20)) if max_upload_mb else protocol.DEFAULT_MAX_UPLOAD_BYTES,
+        max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter)
+    run(cfg)

@@ -1,0 +1,71 @@
+"""The `edgeq` command group.
+
+Each command lives in its own module and is imported only when it runs, so `edgeq agent serve`
+on a board never imports torch. User errors (`EdgeqError`) become one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import EdgeqError
+
+# command name -> (module under edgeq.cli, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "quantize": ("quantize", "quantize", "Quantize a model with a recipe into a quantized-model directory."),
+    "export": ("export", "export", "Export a quantized-model directory to ONNX or TFLite."),
+    "eval": ("evaluate", "eval_cmd", "Evaluate a model, quantized directory or exported file."),
+    "inspect": ("inspect", "inspect", "Show a quantized model's per-layer decisions."),
+    "recipes": ("recipes", "recipes", "List the built-in recipes."),
+    "demo": ("demo", "demo", "Run the main job end-to-end on built-in defaults."),
+    "agent": ("agent", "agent", "Run the on-device agent (on a board; no torch needed)."),
+    "profile": ("profile", "profile", "Profile exported files on boards (or --local) and store the results."),
+    "results": ("results", "results", "List or show stored profiling results."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"edgeq.cli.{module}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="edgeq")
+def cli() -> None:
+    """edgeq: quantize, export, check and profile networks for edge boards."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+    except EdgeqError as exc:
+        click.echo(f"edgeq: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("edgeq: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except KeyboardInterrupt:
+        click.echo("edgeq: interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

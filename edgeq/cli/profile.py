@@ -1,0 +1,83 @@
+"""`edgeq profile`: measure exported files on one or more boards (or a local agent) and store them."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import EdgeqError
+
+
+def _progress_printer():
+    last: dict[tuple[str, str], str] = {}
+
+    def show(device: str, artifact: str, job: dict) -> None:
+        state = job.get("state", "")
+        prog = job.get("progress") or {}
+        line = f"{state} {prog.get('phase', '')} {prog.get('runs', '') or ''}".strip()
+        if last.get((device, artifact)) != line:
+            last[(device, artifact)] = line
+            click.echo(f"[{device}] {artifact}: {line}", err=True)
+
+    return show
+
+
+def _row(s: dict) -> str:
+    r = s["result"] or {}
+    lat = r.get("latency_ms") or {}
+    rt = r.get("runtime") or {}
+    p = r.get("power") or {}
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    return (f"{s['device']:<12} {s['artifact'].split('/')[-1]:<28} {s['status']:<8} "
+            f"{fmt(lat.get('p50'))} [{fmt((lat.get('ci95_median') or [None])[0])}, "
+            f"{fmt((lat.get('ci95_median') or [None, None])[1])}] p99 {fmt(lat.get('p99'))} ms  "
+            f"n={lat.get('n', '-')}  rss {fmt(r.get('peak_rss_mb'), '{:.0f}')} MB  "
+            f"{rt.get('name', '-')} {rt.get('provider', '')}  "
+            f"energy {fmt(p.get('energy_per_inference_mj'))} mJ")
+
+
+@click.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", "devices", multiple=True, help="Device name (devices file) or agent URL; repeatable.")
+@click.option("--local", is_flag=True, help="Start an agent on 127.0.0.1 with a fresh token and use it.")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), help="Bearer token for URL devices.")
+@click.option("--devices-file", type=click.Path(dir_okay=False), help="Devices TOML (default: user config dir).")
+@click.option("--runs", type=int, default=50, show_default=True, help="Minimum timed runs.")
+@click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Minimum timed duration.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Runtime threads.")
+@click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128).")
+@click.option("--db", type=click.Path(dir_okay=False), help="Results database (default: $EDGEQ_DB or user data dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def profile(artifacts, devices, local, token_file, devices_file, runs, min_seconds, threads, dims, db,
+            as_json) -> int:
+    """Profile ARTIFACTS (.onnx / .tflite) on boards in parallel; results go to the database."""
+    from ..agent import host
+    from ..agent.protocol import check_config
+
+    if bool(devices) == bool(local):
+        raise EdgeqError("profile: give either --device (one or more) or --local")
+    try:
+        dim_map = {k: int(v) for k, v in (d.split("=", 1) for d in dims)}
+    except ValueError:
+        raise EdgeqError(f"--dim: expected NAME=SIZE, got {list(dims)}") from None
+    config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads, "dims": dim_map,
+                           "max_seconds": max(60.0, min_seconds * 4)})
+    progress = None if as_json and not sys.stderr.isatty() else _progress_printer()
+    if local:
+        with host.LocalAgent() as agent:
+            summaries = host.profile(artifacts, [agent.device()], config, db, on_progress=progress)
+    else:
+        summaries = host.profile(artifacts, host.resolve_devices(list(devices), token_file, devices_file),
+                                 config, db, on_progress=progress)
+    if as_json:
+        click.echo(json.dumps(summaries, indent=1, default=str))
+    else:
+        for s in summaries:
+            click.echo(_row(s))
+            if s["error"]:
+                click.echo(f"  error: {s['error']}")
+            for reason in (s["result"] or {}).get("invalid_reasons") or []:
+                click.echo(f"  INVALID: {reason}")
+    return 0 if all(s["status"] in ("valid", "invalid") for s in summaries) else 1

@@ -1,0 +1,58 @@
+"""`edgeq results list|show`: read the results database."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def results() -> None:
+    """Stored profiling results."""
+
+
+@results.command("list")
+@click.option("--db", type=click.Path(dir_okay=False), help="Results database (default: $EDGEQ_DB or user data dir).")
+@click.option("--artifact", help="Only this artifact sha256 (a prefix is enough).")
+@click.option("--device", help="Only this device.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(db, artifact, device, limit, as_json) -> None:
+    """One line per stored result, newest first."""
+    from .. import store
+
+    rows = store.list_results(db, artifact_sha256=artifact, device=device, limit=limit)
+    if as_json:
+        keep = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("result", "export_json")}  # noqa: E731
+        click.echo(json.dumps([keep(r) for r in rows], indent=1))
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    click.echo(f"{'id':>4} {'created':<25} {'device':<12} {'artifact':<14} {'variant':<14} {'status':<8} "
+               f"{'p50 ms':>9} {'p99 ms':>9} {'n':>6} {'runtime':<12} {'mJ/inf':>8}")
+    for r in rows:
+        click.echo(f"{r.id:>4} {r.created:<25} {r.device[:12]:<12} {r.artifact_sha256[:12]:<14} "
+                   f"{(r.variant or '-')[:14]:<14} {r.status:<8} {fmt(r.p50_ms):>9} {fmt(r.p99_ms):>9} "
+                   f"{r.n_runs or 0:>6} {(r.runtime or '-')[:12]:<12} {fmt(r.energy_mj):>8}")
+
+
+@results.command("show")
+@click.argument("result_id", type=int)
+@click.option("--db", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--raw", is_flag=True, help="Include every raw latency.")
+def show(result_id, db, as_json, raw) -> None:
+    """Everything stored for one result."""
+    from .. import store
+
+    rec = store.get_result(db, result_id).to_dict()
+    if not raw and rec.get("result") and rec["result"].get("latency_ms"):
+        rec["result"]["latency_ms"].pop("raw", None)
+    if as_json:
+        click.echo(json.dumps(rec, indent=1))
+        return
+    for key, value in rec.items():
+        if key in ("result", "export_json", "fingerprint"):
+            continue
+        click.echo(f"{key:<20} {value}")
+    click.echo(f"{'fingerprint':<20} {json.dumps(rec['fingerprint'], sort_keys=True)[:400]}")

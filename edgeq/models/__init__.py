@@ -1,0 +1,64 @@
+"""Model references: built-in names, local Hugging Face directories and `package.module:factory`.
+
+`load_model(ref)` returns a `ModelBundle`: the float `nn.Module` in eval mode, what kind of
+workload it is (which decides evaluation and export), a tokenizer for language models and
+example inputs. Nothing is ever fetched from a hub: built-in models come from installed packages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import EdgeqError
+
+KINDS = ("causal-lm", "encoder", "image", "generic")
+
+
+@dataclass
+class ModelBundle:
+    module: torch.nn.Module
+    kind: str
+    reference: str
+    tokenizer: Any = None
+    example_inputs: tuple = ()
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.kind == "causal-lm"
+
+
+# name -> (loader, one-line description)
+BUILTINS: dict[str, tuple[Callable[[], ModelBundle], str]] = {}
+
+
+def builtin(name: str, description: str):
+    def register(fn):
+        BUILTINS[name] = (fn, description)
+        return fn
+
+    return register
+
+
+def load_model(ref: str) -> ModelBundle:
+    """Resolve a model reference; an unknown or broken one raises one line naming what was tried."""
+    from . import builtins as _  # noqa: F401  (registers the built-in names)
+    from .hf import load_hf_dir
+    from .factory import load_factory
+    from pathlib import Path
+
+    ref = str(ref)
+    if ref in BUILTINS:
+        return BUILTINS[ref][0]()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return load_hf_dir(path, reference=str(path.resolve()))
+    if ":" in ref and not path.exists():
+        return load_factory(ref)
+    raise EdgeqError(
+        f"model: {ref!r} is not a built-in name ({', '.join(sorted(BUILTINS))}), "
+        "an existing Hugging Face model directory, or package.module:factory"
+    )

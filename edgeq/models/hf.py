@@ -1,0 +1,39 @@
+"""Local Hugging Face model directories (never a hub download)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import EdgeqError
+from . import ModelBundle
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
+    import transformers
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EdgeqError(f"model: directory {str(path)!r} has no config.json (not a Hugging Face model)")
+    try:
+        archs = json.loads(config_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise EdgeqError(f"model: {config_file} is not valid JSON ({exc})") from None
+    causal = any(a.endswith("ForCausalLM") for a in archs)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise EdgeqError(f"model: cannot load Hugging Face directory {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    kind = "causal-lm" if causal else "encoder"
+    ids = torch.tensor([tokenizer("edgeq quantizes models for edge boards.")["input_ids"]])
+    example = (ids,) if causal else (ids, torch.ones_like(ids))
+    return ModelBundle(model, kind, reference, tokenizer=tokenizer, example_inputs=example)

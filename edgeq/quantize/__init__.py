@@ -1,0 +1,1 @@
+"""Quantization: pure primitives, calibrators, methods (RTN, GPTQ, ...) and the quantized model."""

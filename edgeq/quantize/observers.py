@@ -1,0 +1,67 @@
+"""Activation range observers for static quantization: min/max, percentile and MSE-optimal clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from .primitives import act_qparams, fake_quant_act
+
+SAMPLE_PER_CALL = 1 << 16
+SAMPLE_CAP = 1 << 21
+
+
+class ActObserver:
+    """Accumulates the range of a layer's input and a bounded random sample of its values."""
+
+    def __init__(self, seed: int = 0):
+        self.lo = torch.tensor(float("inf"))
+        self.hi = torch.tensor(float("-inf"))
+        self.samples: list[torch.Tensor] = []
+        self.n_sampled = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).float()
+        self.lo = torch.minimum(self.lo, x.min())
+        self.hi = torch.maximum(self.hi, x.max())
+        if self.n_sampled < SAMPLE_CAP:
+            take = min(SAMPLE_PER_CALL, x.numel())
+            idx = torch.randint(0, x.numel(), (take,), generator=self.gen)
+            self.samples.append(x[idx])
+            self.n_sampled += take
+
+    def qparams(self, method: str, bits: int = 8, symmetric: bool = False, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point (scalars) of the activation grid chosen by `method`."""
+        if method == "minmax" or not self.samples:
+            return act_qparams(self.lo, self.hi, bits, symmetric)
+        sample = torch.cat(self.samples)
+        if method == "percentile":
+            q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
+            lo, hi = torch.quantile(sample[: 1 << 24], q)
+            return act_qparams(lo, hi, bits, symmetric)
+        best, best_err = None, float("inf")
+        for ratio in torch.linspace(0.2, 1.0, 33):
+            scale, zp = act_qparams(self.lo * ratio, self.hi * ratio, bits, symmetric)
+            err = (fake_quant_act(sample, scale, zp, bits, symmetric) - sample).pow(2).mean().item()
+            if err < best_err:
+                best, best_err = (scale, zp), err
+        return best
+
+
+class HessianAccumulator:
+    """GPTQ's H = 2/n * sum(x x^T) over the rows of a layer's input, accumulated in float64."""
+
+    def __init__(self, columns: int):
+        self.H = torch.zeros(columns, columns, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        rows = x.shape[0]
+        self.H *= self.n / (self.n + rows)
+        self.n += rows
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def result(self) -> torch.Tensor:
+        return self.H.to(torch.float32)

@@ -1,0 +1,189 @@
+"""Pure quantize / dequantize / pack primitives with straight-through gradients.
+
+Grid conventions (shared by the simulation, the ONNX and the TFLite renderings):
+- symmetric b-bit: signed integers, zero point 0, scale = gamma * absmax / (2^(b-1) - 1),
+  q clipped to [-(2^(b-1)), 2^(b-1) - 1]; the most negative value is never produced by
+  rounding, which is LiteRT's narrow int8 range and its int4 convention [-8, 7] with absmax / 7.
+- asymmetric b-bit: unsigned integers in [0, 2^b - 1] with an unsigned zero point.
+- 1-bit: binary {-1, +1} with scale alpha = mean |w| (PB-LLM's optimal binarization scale).
+Dequantization is always `(q - zp) * scale`. Groups run along the last (input) dimension;
+a last group shorter than the group size is allowed.
+
+Nothing here keeps state; QAT reuses these functions with learnable scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range of a b-bit grid."""
+    if bits == 1:
+        return -1, 1
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def storage_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    return torch.int8 if symmetric or bits == 1 else torch.uint8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even with a straight-through (identity) gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def n_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else math.ceil(in_features / group_size)
+
+
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group_size]; a short last group is padded by repeating its last value."""
+    if group_size is None:
+        return w.unsqueeze(1)
+    pad = (-w.shape[1]) % group_size
+    if pad:
+        w = F.pad(w.unsqueeze(0), (0, pad), mode="replicate").squeeze(0)
+    return w.reshape(w.shape[0], -1, group_size)
+
+
+def expand_groups(p: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """Per-group parameters [out, n_groups] -> per-element [out, in]."""
+    if group_size is None:
+        return p.expand(p.shape[0], in_features) if p.shape[1] == 1 else p
+    return p.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Make scales exactly representable where a runtime stores them narrower than fp32."""
+    if scale_dtype == "bf16":
+        return scale.to(torch.bfloat16).to(torch.float32)
+    return scale.to(torch.float32)
+
+
+def compute_qparams(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    granularity: str,
+    group_size: int | None = None,
+    gamma: float = 1.0,
+    scale_dtype: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for a 2-D weight [out, in]: both shaped [out or 1, n_groups]."""
+    w = w.detach().to(torch.float32)
+    if granularity == "tensor":
+        g = w.reshape(1, 1, -1)
+    else:
+        g = group_view(w, group_size if granularity == "group" else None)
+    qmin, qmax = qrange(bits, symmetric)
+    eps = torch.finfo(torch.float32).tiny * 2**40
+    if bits == 1:
+        scale = g.abs().mean(dim=-1).clamp_min(eps)
+        zp = torch.zeros_like(scale, dtype=torch.int16)
+    elif symmetric:
+        absmax = g.abs().amax(dim=-1) * gamma
+        scale = (absmax / qmax).clamp_min(eps)
+        zp = torch.zeros_like(scale, dtype=torch.int16)
+    else:
+        lo = g.amin(dim=-1).clamp(max=0) * gamma
+        hi = g.amax(dim=-1).clamp(min=0) * gamma
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+        scale = round_scale(scale, scale_dtype)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int16)
+    return round_scale(scale, scale_dtype), zp
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool,
+             group_size: int | None = None) -> torch.Tensor:
+    """Integers of `w` on the grid (returned as float holding integer values; no gradient)."""
+    qmin, qmax = qrange(bits, symmetric)
+    s = expand_groups(scale, w.shape[1], group_size)
+    z = expand_groups(zp.to(w.dtype), w.shape[1], group_size)
+    if bits == 1:
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    return torch.clamp(torch.round(w / s) + z, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """`(q - zp) * scale`, broadcast over groups along the input dimension."""
+    s = expand_groups(scale.to(torch.float32), q.shape[1], group_size)
+    z = expand_groups(zp.to(torch.float32), q.shape[1], group_size)
+    return (q.to(torch.float32) - z) * s
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool,
+               group_size: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize with STE for `w` and LSQ-style gradients for `scale`."""
+    qmin, qmax = qrange(bits, symmetric)
+    s = expand_groups(scale, w.shape[1], group_size)
+    z = expand_groups(zp.to(w.dtype), w.shape[1], group_size)
+    if bits == 1:
+        sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+        return ((sign - w).detach() + w) * s
+    q = torch.clamp(round_ste(w / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation grid from a range, as ONNX Runtime's DynamicQuantizeLinear computes it.
+
+    Asymmetric: the range is widened to include 0, scale = (hi - lo) / (2^b - 1) and the zero
+    point is rounded (half to even) and saturated to [0, 2^b - 1], so 0.0 is exact.
+    """
+    lo = torch.clamp(lo, max=0.0).to(torch.float32)
+    hi = torch.clamp(hi, min=0.0).to(torch.float32)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = torch.maximum(hi, -lo) / qmax
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.zeros_like(scale, dtype=torch.int16)
+    qmax = 2**bits - 1
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int16)
+    return scale, zp
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
+    """Quantize-dequantize activations on a given grid (STE through the rounding)."""
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2**bits - 1
+    z = zp.to(x.dtype)
+    q = torch.clamp(round_ste(x / scale) + z, qmin, qmax)
+    return (q - z) * scale
+
+
+def dynamic_fake_quant_act(x: torch.Tensor, bits: int = 8, per_token: bool = False, symmetric: bool = False) -> torch.Tensor:
+    """Dynamic activation quantization: the grid is computed from `x` itself (per tensor or per token)."""
+    if per_token:
+        lo = x.detach().amin(dim=-1, keepdim=True)
+        hi = x.detach().amax(dim=-1, keepdim=True)
+    else:
+        lo, hi = x.detach().amin(), x.detach().amax()
+    scale, zp = act_qparams(lo, hi, bits, symmetric)
+    return fake_quant_act(x, scale, zp, bits, symmetric)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values (int8/uint8 holding [-8, 15]) two per byte, low nibble first, along the last dim."""
+    q = q.to(torch.int16) & 0xF
+    if q.shape[-1] % 2:
+        q = F.pad(q, (0, 1))
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, signed: bool) -> torch.Tensor:
+    """Inverse of `pack_int4` for the first `n` values of the last dim."""
+    p = packed.to(torch.int16)
+    q = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    if signed:
+        q = torch.where(q >= 8, q - 16, q)
+    return q.to(torch.int8 if signed else torch.uint8)

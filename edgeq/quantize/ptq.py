@@ -1,0 +1,218 @@
+"""Post-training quantization: apply a recipe to a model, block by block.
+
+For transformer-like models (a ModuleList of repeated blocks) calibration runs one block at a
+time on the outputs of the already-quantized blocks before it, so GPTQ's Hessians and static
+activation ranges see what the quantized model will really feed each layer, and memory stays at
+one block's activations. Layers outside the blocks (a LM head, a CNN stem) are handled in a last
+pass over the whole model. Models without repeated blocks are calibrated in one pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+
+from ..errors import EdgeqError
+from ..models import ModelBundle
+from ..recipe import QuantRecipe, Rule
+from .methods import METHODS, LayerStats
+from .modules import LayerDecision, QuantConv2d, QuantLinear, set_module
+from .observers import ActObserver, HessianAccumulator
+from .qmodel import QuantizedModel, model_float_bytes
+from .transforms import fold_norms, head_name, is_tied, untie_head
+
+
+class _Stop(Exception):
+    pass
+
+
+def quantizable(module: torch.nn.Module) -> str | None:
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, torch.nn.Conv2d) and module.padding_mode == "zeros":
+        if type(module).forward is torch.nn.Conv2d.forward or hasattr(module, "static_padding"):
+            return "conv2d"
+    return None
+
+
+def plan(model: torch.nn.Module, recipe: QuantRecipe) -> dict[str, tuple[str, Rule]]:
+    """name -> (kind, rule) for every layer the recipe quantizes."""
+    out = {}
+    for name, module in model.named_modules():
+        kind = quantizable(module)
+        rule = recipe.rule_for(name) if kind else None
+        if rule is not None:
+            out[name] = (kind, rule)
+    return out
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """The ModuleList of repeated blocks holding the most parameters, if any."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[2]:
+                best = (name, module, size)
+    return (best[0], best[1]) if best else None
+
+
+def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iterable | None = None,
+                   progress=None) -> QuantizedModel:
+    """Quantize `bundle.module` in place following `recipe`; `calib_batches` are model inputs (tuples)."""
+    model = bundle.module.eval()
+    bytes_before = model_float_bytes(model)
+    head = head_name(model)
+    untied = False
+    if head and is_tied(model) and recipe.untie_head and recipe.rule_for(head) is not None:
+        untied = untie_head(model)
+    folded = fold_norms(model) if recipe.fold_norms else []
+    targets = plan(model, recipe)
+    if not targets:
+        raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
+    needs_data = any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
+    batches = list(calib_batches) if calib_batches is not None else []
+    if needs_data and not batches:
+        raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ or static activations): pass --calib")
+    with torch.no_grad():
+        if needs_data:
+            _calibrated(model, targets, recipe, batches, progress)
+        else:
+            for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
+                _replace(model, name, kind, rule, LayerStats(), recipe)
+    return QuantizedModel(bundle, recipe, bytes_before, untied, folded)
+
+
+def _progress(items, progress, desc):
+    return progress(items, desc) if progress else items
+
+
+def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
+    module = model.get_submodule(name)
+    w = module.weight.detach().float()
+    shape = tuple(w.shape)
+    w2 = w.reshape(shape[0], -1)
+    if rule.weight.granularity == "group" and kind == "conv2d":
+        raise EdgeqError(f"layer {name}: group-wise weights are for linear layers; use granularity = 'channel' for convolutions")
+    fn, _ = METHODS[rule.method]
+    q, scale, zp = fn(w2, rule, stats, recipe)
+    from .primitives import storage_dtype
+
+    q = q.to(storage_dtype(rule.weight.bits, rule.weight.symmetric))
+    act_scale = act_zp = None
+    if rule.activation.mode == "static":
+        a = rule.activation
+        act_scale, act_zp = stats.observer.qparams(a.calibration, a.bits, a.symmetric, a.percentile)
+    decision = LayerDecision(name, kind, rule.weight, rule.activation, rule.method, rule.gamma, shape)
+    if kind == "linear":
+        new = QuantLinear(decision, q, scale, zp, module.bias, act_scale, act_zp)
+    else:
+        new = QuantConv2d(decision, module, q, scale, zp, act_scale, act_zp)
+    set_module(model, name, new)
+
+
+@contextlib.contextmanager
+def _observing(model, names, targets):
+    """Hooks collecting Hessians / activation ranges at the inputs of `names`."""
+    stats = {}
+    handles = []
+    for name in names:
+        kind, rule = targets[name]
+        module = model.get_submodule(name)
+        st = LayerStats()
+        acc = HessianAccumulator(_columns(module, kind)) if METHODS[rule.method][1] else None
+        obs = ActObserver() if rule.activation.mode == "static" else None
+        stats[name] = (st, acc, obs)
+
+        def hook(mod, args, kind=kind, acc=acc, obs=obs):
+            x = args[0]
+            if obs is not None:
+                obs.observe(x)
+            if acc is not None:
+                acc.add(_unfold(x, mod) if kind == "conv2d" else x)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _columns(module, kind) -> int:
+    return module.weight[0].numel()
+
+
+def _unfold(x, conv):
+    """Conv input as the rows GPTQ sees: [N*L, in/groups*kh*kw] patches (only for groups == 1)."""
+    if conv.groups != 1:
+        raise EdgeqError("GPTQ on grouped/depthwise convolutions is not supported; use method = 'rtn' for them")
+    if hasattr(conv, "static_padding"):
+        x = conv.static_padding(x)
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2)
+
+
+def _finish(model, names, targets, stats, recipe, progress):
+    for name in _progress(names, progress, "quantize"):
+        kind, rule = targets[name]
+        st, acc, obs = stats[name]
+        st.hessian = acc.result() if acc is not None else None
+        st.observer = obs
+        _replace(model, name, kind, rule, st, recipe)
+
+
+def _calibrated(model, targets, recipe, batches, progress) -> None:
+    blocks = find_blocks(model)
+    done: set[str] = set()
+    if blocks is not None:
+        prefix, block_list = blocks
+        inputs = _capture_block_inputs(model, block_list[0], batches)
+        for i, block in enumerate(_progress(list(block_list), progress, "blocks")):
+            names = [n for n in targets if n.startswith(f"{prefix}.{i}.")]
+            with _observing(model, names, targets) as stats:
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+            _finish(model, names, targets, stats, recipe, None)
+            done.update(names)
+            inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
+    rest = [n for n in targets if n not in done]
+    if rest:
+        with _observing(model, rest, targets) as stats:
+            for batch in batches:
+                model(*batch)
+        _finish(model, rest, targets, stats, recipe, progress if blocks is None else None)
+
+
+def _with_hidden(args, kwargs, hidden):
+    """The next block's inputs: this block's output in place of its hidden-state input."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_block_inputs(model, first_block, batches) -> list:
+    captured = []
+
+    def hook(mod, args, kwargs):
+        captured.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(*batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise EdgeqError("calibration: the model's first block was not reached by every calibration batch")
+    return captured

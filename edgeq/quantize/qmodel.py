@@ -1,0 +1,184 @@
+"""The quantized model and its directory (QDIR): the single source of truth for every rendering.
+
+Layout (see docs/architecture.md): `recipe.toml`, `model.json`, `float.safetensors` (every float
+tensor not replaced by integers), `layers.safetensors` (per quantized layer: `qweight`, `scale`,
+`zero_point`, and `act_scale` / `act_zero_point` for static activations) and `quant.json` (the
+decisions and the size accounting). Saving is atomic; loading rebuilds the architecture from the
+model reference and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import EdgeqError
+from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
+from ..models import ModelBundle, load_model
+from ..recipe import QuantRecipe, dump_recipe_toml, load_recipe
+from .modules import LayerDecision, QuantConv2d, QuantLinear, quant_layers, set_module
+from .transforms import untie_head
+
+FORMAT_VERSION = 1
+QUANT_BUFFERS = ("qweight", "scale", "zero_point", "act_scale", "act_zero_point")
+
+
+@dataclass
+class QuantizedModel:
+    bundle: ModelBundle  # its module holds QuantLinear / QuantConv2d layers
+    recipe: QuantRecipe
+    float_bytes_before: int
+    untied: bool = False
+    folded_norms: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # method-specific records (e.g. QAT, sensitivity)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.module
+
+    def layers(self) -> dict:
+        return quant_layers(self.model)
+
+    def summary(self) -> dict:
+        """quant.json: per-layer decisions and sizes, average bits and whole-model size reduction."""
+        layers, q_bytes, q_params, q_bits = [], 0, 0, 0.0
+        replaced = set()
+        for name, m in self.layers().items():
+            d = m.decision
+            numel = math.prod(d.shape)
+            entry = d.to_dict()
+            entry.update(layer_bytes(m))
+            entry["bytes_fp32"] = numel * 4
+            entry["params"] = numel
+            layers.append(entry)
+            q_bytes += entry["bytes_quant"]
+            q_params += numel
+            q_bits += entry["bytes_quant"] * 8
+            replaced.add(id(m.qweight))
+        float_bytes = sum(t.numel() * t.element_size() for t in unique_float_tensors(self.model).values())
+        after = float_bytes + q_bytes
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.bundle.reference,
+            "kind": self.bundle.kind,
+            "recipe": self.recipe.name,
+            "untied_head": self.untied,
+            "folded_norms": self.folded_norms,
+            "layers": layers,
+            "quantized_params": q_params,
+            "avg_bits": round(q_bits / q_params, 4) if q_params else None,
+            "bytes_before": self.float_bytes_before,
+            "bytes_after": after,
+            "size_reduction": round(1 - after / self.float_bytes_before, 6),
+            **self.extra,
+        }
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write_text_atomic(tmp / "recipe.toml", dump_recipe_toml(self.recipe))
+            floats = unique_float_tensors(self.model)
+            save_file({k: v.contiguous() for k, v in floats.items()}, tmp / "float.safetensors")
+            tensors = {}
+            for name, m in self.layers().items():
+                for b in QUANT_BUFFERS:
+                    if hasattr(m, b):
+                        tensors[f"{name}.{b}"] = getattr(m, b).contiguous()
+            save_file(tensors, tmp / "layers.safetensors")
+            write_json_atomic(tmp / "model.json", {
+                "reference": self.bundle.reference,
+                "kind": self.bundle.kind,
+                "untied_head": self.untied,
+                "folded_norms": self.folded_norms,
+                "format_version": FORMAT_VERSION,
+            })
+            write_json_atomic(tmp / "quant.json", self.summary())
+        return Path(out)
+
+
+def layer_bytes(m) -> dict:
+    """Stored size of a quantized layer: packed integers plus scales and zero points."""
+    d = m.decision
+    numel = m.qweight.numel()
+    n_scales = m.scale.numel()
+    scale_bytes = 2 if d.weight.scale_dtype == "bf16" else 4
+    zp_bits = 0 if d.weight.symmetric else d.weight.bits
+    meta = n_scales * scale_bytes + math.ceil(n_scales * zp_bits / 8)
+    if d.activation.mode == "static":
+        meta += 5
+    ints = math.ceil(numel * d.weight.bits / 8)
+    return {"bytes_quant": ints + meta, "bytes_scales": meta}
+
+
+def unique_float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every float parameter and persistent buffer, tied tensors once, quantized layers' integers excluded."""
+    seen, out = set(), {}
+    state = model.state_dict(keep_vars=False)
+    qnames = {f"{n}.{b}" for n in quant_layers(model) for b in QUANT_BUFFERS}
+    for k, v in state.items():
+        if k in qnames or not v.is_floating_point():
+            continue
+        key = (v.data_ptr(), v.shape, v.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def model_float_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in unique_float_tensors(model).values())
+
+
+def load_quantized(qdir: str | Path) -> QuantizedModel:
+    """Rebuild a quantized model from its directory (the model reference must still resolve)."""
+    from safetensors.torch import load_file
+
+    qdir = Path(qdir)
+    for name in ("model.json", "quant.json", "recipe.toml", "float.safetensors", "layers.safetensors"):
+        if not (qdir / name).is_file():
+            raise EdgeqError(f"quantized model: {qdir} has no {name} (not an edgeq quantized-model directory)")
+    meta = read_json(qdir / "model.json")
+    summary = read_json(qdir / "quant.json")
+    recipe = load_recipe(qdir / "recipe.toml")
+    bundle = load_model(meta["reference"])
+    model = bundle.module
+    if meta.get("untied_head"):
+        untie_head(model)
+    tensors = load_file(qdir / "layers.safetensors")
+    for entry in summary["layers"]:
+        d = LayerDecision.from_dict(entry)
+        name = d.name
+        orig = model.get_submodule(name)
+        args = {b: tensors.get(f"{name}.{b}") for b in QUANT_BUFFERS}
+        if d.kind == "linear":
+            new = QuantLinear(d, args["qweight"], args["scale"], args["zero_point"], orig.bias, args["act_scale"], args["act_zero_point"])
+        else:
+            new = QuantConv2d(d, orig, args["qweight"], args["scale"], args["zero_point"], args["act_scale"], args["act_zero_point"])
+        set_module(model, name, new)
+    floats = load_file(qdir / "float.safetensors")
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    if unexpected:
+        raise EdgeqError(f"quantized model: {qdir}/float.safetensors has tensors the model lacks: {unexpected[:3]}")
+    extra = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}
+    qm = QuantizedModel(bundle, recipe, summary["bytes_before"], bool(meta.get("untied_head")), meta.get("folded_norms", []), extra)
+    model.eval()
+    return qm
+
+
+_SUMMARY_KEYS = {"format_version", "model", "kind", "recipe", "untied_head", "folded_norms", "layers", "quantized_params",
+                 "avg_bits", "bytes_before", "bytes_after", "size_reduction"}
+
+
+def quant_json_sha256(qdir: str | Path) -> str:
+    return sha256_file(Path(qdir) / "quant.json")
+
+
+def is_qdir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "quant.json").is_file() and (p / "layers.safetensors").is_file()

@@ -1,0 +1,81 @@
+"""Exact graph rewrites done before quantization decisions: untie the LM head, fold norm scales.
+
+Folding RMSNorm/LayerNorm gains into the linears that follow is exact (a diagonal scale commutes
+into the weight's columns) and must happen before quantization: the LiteRT converter folds them
+anyway, and integers chosen before folding would no longer be the ones in the file.
+A norm is folded only when its output feeds nothing but linear layers (pre-norm blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def head_and_embedding(model: torch.nn.Module):
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    head = get_out() if get_out else None
+    emb = get_in() if get_in else None
+    return head, emb
+
+
+def head_name(model: torch.nn.Module) -> str | None:
+    head, _ = head_and_embedding(model)
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def is_tied(model: torch.nn.Module) -> bool:
+    head, emb = head_and_embedding(model)
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+def untie_head(model: torch.nn.Module) -> bool:
+    """Give the LM head its own weight tensor; returns whether anything changed."""
+    if not is_tied(model):
+        return False
+    head, _ = head_and_embedding(model)
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    if hasattr(model, "config"):
+        model.config.tie_word_embeddings = False
+    return True
+
+
+def llama_norm_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """(norm, [linears it feeds]) for Llama-family pre-norm decoders; empty for other models."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return []
+    groups = []
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")) or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj")):
+            return []
+        if not hasattr(layer, "input_layernorm") or not hasattr(layer, "post_attention_layernorm"):
+            return []
+        base = f"model.layers.{i}"
+        groups.append((f"{base}.input_layernorm", [f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]))
+        groups.append((f"{base}.post_attention_layernorm", [f"{base}.mlp.{p}" for p in ("gate_proj", "up_proj")]))
+    if hasattr(inner, "norm") and not is_tied(model) and head_name(model):
+        groups.append(("model.norm", [head_name(model)]))
+    return groups
+
+
+@torch.no_grad()
+def fold_norms(model: torch.nn.Module) -> list[str]:
+    """Fold each pre-norm's gain into the linears it feeds and set the gain to 1; returns folded norms."""
+    folded = []
+    for norm_name, linear_names in llama_norm_groups(model):
+        norm = model.get_submodule(norm_name)
+        gain = getattr(norm, "weight", None)
+        if gain is None or getattr(norm, "bias", None) is not None:
+            continue
+        for name in linear_names:
+            lin = model.get_submodule(name)
+            lin.weight.mul_(gain.to(lin.weight.dtype)[None, :])
+        gain.fill_(1.0)
+        folded.append(norm_name)
+    return folded

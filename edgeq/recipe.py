@@ -1,0 +1,268 @@
+"""QuantRecipe: what to quantize and how, as data (TOML or YAML), validated against a schema.
+
+A recipe is an ordered list of rules. Each rule matches module names with a regular expression
+(`re.search`); the first matching rule decides a layer's weight spec, activation spec, method and
+range multiplier gamma. Layers no rule matches stay float. Unknown keys are errors.
+
+Transformer-safe by construction: only weight-bearing layers (Linear, Conv) are ever quantized,
+so attention masks, softmax and norms stay float whatever a rule says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeqError, choice_error
+
+GRANULARITIES = ("tensor", "channel", "group")
+ACT_MODES = ("none", "dynamic", "static")
+ACT_GRANULARITIES = ("tensor", "token")
+CALIBRATIONS = ("minmax", "percentile", "mse")
+SCALE_DTYPES = ("fp32", "bf16")
+
+
+def _check_keys(where: str, data: dict, allowed) -> None:
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{where}: expected a table, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise EdgeqError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int_in(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise EdgeqError(f"{where}: {value!r} is not an integer in [{lo}, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int | None = None
+    scale_dtype: str = "fp32"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "weight") -> "WeightSpec":
+        _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
+        spec = cls(**data)
+        _int_in(f"{where}.bits", spec.bits, 1, 8)
+        if spec.granularity not in GRANULARITIES:
+            raise choice_error(f"{where}.granularity", spec.granularity, GRANULARITIES)
+        if spec.granularity == "group":
+            _int_in(f"{where}.group_size", spec.group_size, 8, 4096)
+            if spec.group_size & (spec.group_size - 1):
+                raise EdgeqError(f"{where}.group_size: {spec.group_size} is not a power of two")
+        elif spec.group_size is not None:
+            raise EdgeqError(f"{where}.group_size: only allowed with granularity = 'group'")
+        if spec.scale_dtype not in SCALE_DTYPES:
+            raise choice_error(f"{where}.scale_dtype", spec.scale_dtype, SCALE_DTYPES)
+        if spec.bits == 1 and not spec.symmetric:
+            raise EdgeqError(f"{where}: 1-bit weights are binary (symmetric = true)")
+        return spec
+
+    @property
+    def name(self) -> str:
+        g = {"tensor": "t", "channel": "c"}.get(self.granularity, f"g{self.group_size}")
+        return f"w{self.bits}{'s' if self.symmetric else 'a'}-{g}"
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    mode: str = "none"
+    bits: int = 8
+    granularity: str = "tensor"
+    symmetric: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.99
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "activation") -> "ActSpec":
+        _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
+        spec = cls(**data)
+        if spec.mode not in ACT_MODES:
+            raise choice_error(f"{where}.mode", spec.mode, ACT_MODES)
+        _int_in(f"{where}.bits", spec.bits, 2, 16)
+        if spec.granularity not in ACT_GRANULARITIES:
+            raise choice_error(f"{where}.granularity", spec.granularity, ACT_GRANULARITIES)
+        if spec.calibration not in CALIBRATIONS:
+            raise choice_error(f"{where}.calibration", spec.calibration, CALIBRATIONS)
+        if not 50.0 < float(spec.percentile) <= 100.0:
+            raise EdgeqError(f"{where}.percentile: {spec.percentile} is not in (50, 100]")
+        if spec.mode == "static" and spec.granularity == "token":
+            raise EdgeqError(f"{where}: static activations are per-tensor (per-token is dynamic)")
+        return spec
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    skip: bool = False
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    activation: ActSpec = field(default_factory=ActSpec)
+    method: str = "rtn"
+    gamma: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "Rule":
+        _check_keys(where, data, ["match", "skip", "weight", "activation", "method", "gamma"])
+        if "match" not in data:
+            raise EdgeqError(f"{where}: missing key 'match' (a regular expression over module names)")
+        try:
+            re.compile(data["match"])
+        except re.error as exc:
+            raise EdgeqError(f"{where}.match: {data['match']!r} is not a regular expression ({exc})")
+        from .quantize.methods import METHODS
+
+        method = data.get("method", "rtn")
+        if method not in METHODS:
+            raise choice_error(f"{where}.method", method, sorted(METHODS))
+        gamma = float(data.get("gamma", 1.0))
+        if not 0.1 <= gamma <= 2.0:
+            raise EdgeqError(f"{where}.gamma: {gamma} is not in [0.1, 2.0]")
+        return cls(
+            match=data["match"],
+            skip=bool(data.get("skip", False)),
+            weight=WeightSpec.from_dict(data.get("weight", {}), f"{where}.weight"),
+            activation=ActSpec.from_dict(data.get("activation", {}), f"{where}.activation"),
+            method=method,
+            gamma=gamma,
+        )
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "gptq") -> "GPTQOptions":
+        _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
+        opts = cls(**data)
+        if not 0.0 < opts.damp < 1.0:
+            raise EdgeqError(f"{where}.damp: {opts.damp} is not in (0, 1)")
+        _int_in(f"{where}.block_size", opts.block_size, 1, 4096)
+        return opts
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    samples: int = 32
+    seq_len: int = 512
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "calibration") -> "CalibOptions":
+        _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
+        opts = cls(**data)
+        _int_in(f"{where}.samples", opts.samples, 1, 4096)
+        _int_in(f"{where}.seq_len", opts.seq_len, 1, 32768)
+        return opts
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    calibration: CalibOptions = field(default_factory=CalibOptions)
+    fold_norms: bool = True
+    untie_head: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
+        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head"])
+        rules = data.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise EdgeqError(f"{where}.rules: a recipe needs a non-empty list of rules")
+        return cls(
+            name=str(data.get("name", "custom")),
+            description=str(data.get("description", "")),
+            rules=tuple(Rule.from_dict(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+            gptq=GPTQOptions.from_dict(data.get("gptq", {})),
+            calibration=CalibOptions.from_dict(data.get("calibration", {})),
+            fold_norms=bool(data.get("fold_norms", True)),
+            untie_head=bool(data.get("untie_head", True)),
+        )
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["rules"] = [_drop_none(r) for r in out["rules"]]
+        return out
+
+    def rule_for(self, module_name: str) -> Rule | None:
+        """The first rule matching `module_name`, or None when the layer stays float."""
+        for rule in self.rules:
+            if re.search(rule.match, module_name):
+                return None if rule.skip else rule
+        return None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(
+            not r.skip and (r.method != "rtn" or r.activation.mode == "static") for r in self.rules
+        )
+
+
+def _drop_none(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("edgeq.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(ref: str | Path) -> QuantRecipe:
+    """A recipe from a preset name (`w8a8`, `w4-g128`, ...) or a .toml / .yaml file."""
+    path = Path(ref)
+    if path.suffix.lower() in (".toml", ".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise EdgeqError(f"recipe: file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        where = path.name
+    elif str(ref) in preset_names():
+        text = resources.files("edgeq.recipes").joinpath(f"{ref}.toml").read_text(encoding="utf-8")
+        where, path = f"preset {ref}", Path(f"{ref}.toml")
+    else:
+        raise EdgeqError(f"recipe: {str(ref)!r} is neither a preset ({', '.join(preset_names())}) nor a .toml/.yaml file")
+    data = parse_recipe_text(text, path.suffix.lower(), where)
+    data.setdefault("name", path.stem)
+    return QuantRecipe.from_dict(data, where)
+
+
+def parse_recipe_text(text: str, suffix: str, where: str) -> dict:
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix == ".json":
+            import json
+
+            return json.loads(text)
+        import yaml
+
+        data = yaml.safe_load(text)
+    except Exception as exc:  # parser errors differ per format; all are the user's file
+        raise EdgeqError(f"{where}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{where}: expected a mapping at the top level")
+    return data
+
+
+def dump_recipe_toml(recipe: QuantRecipe) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(recipe.to_dict())

@@ -1,0 +1,412 @@
+"""The results database: benchmark results from boards and evaluation results, in one SQLite file.
+
+Where it lives: `--db PATH` if given, else the environment variable `EDGEQ_DB`, else
+`<user data dir>/edgeq/results.sqlite` (platformdirs). See `resolve_db_path`.
+
+Every row is written in one transaction: a result is either fully stored or not at all. Rows are
+never updated after insertion; a re-run adds a new row. JSON columns hold UTF-8 JSON text.
+
+Schema (version 1, recorded in `PRAGMA user_version`):
+
+    results                      one benchmark job on one device
+      id                INTEGER  primary key
+      created           TEXT     ISO-8601 UTC time the row was stored
+      artifact_sha256   TEXT     sha256 of the benchmarked file (the key that ties everything)
+      artifact_path     TEXT     path on the host when it was profiled
+      artifact_format   TEXT     onnx | tflite
+      variant           TEXT     export variant from FILE.json (nullable)
+      export_json       TEXT     the artifact's FILE.json, verbatim (nullable JSON)
+      quant_json_sha256 TEXT     FILE.json source.quant_json_sha256 (nullable)
+      model_ref         TEXT     FILE.json source.model (nullable)
+      device            TEXT     device name (devices file name, URL, or "local")
+      device_url        TEXT     agent URL
+      job_id            TEXT     agent job id
+      status            TEXT     valid | invalid | failed | aborted
+      invalid_reasons   TEXT     JSON list of strings (empty when valid)
+      runtime           TEXT     onnxruntime | litert | tflite_runtime
+      runtime_version   TEXT
+      provider          TEXT     execution provider / delegate actually used
+      threads           INTEGER
+      n_runs            INTEGER  timed inferences
+      size_bytes        INTEGER  artifact size (plus external data)
+      load_ms           REAL     cold load time
+      first_ms          REAL     first inference
+      p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms, ci_low_ms, ci_high_ms   REAL
+      peak_rss_mb       REAL
+      power_w           REAL     mean power over the timed window (nullable)
+      energy_mj         REAL     energy per inference, raw, millijoules (nullable)
+      energy_net_mj     REAL     energy per inference minus the idle baseline (nullable)
+      power_reason      TEXT     why power is null, or the meter used
+      fingerprint_sha256 TEXT    sha256 of the canonical fingerprint JSON
+      fingerprint       TEXT     JSON: the agent's environment fingerprint
+      result            TEXT     JSON: the full result document from the agent (raw latencies too)
+
+    evals                        one evaluation of one target (model, quantized dir or file)
+      id                INTEGER  primary key
+      created           TEXT
+      target_sha256     TEXT     sha256 of the evaluated file (or of quant.json for a directory)
+      target_path       TEXT
+      model_ref         TEXT
+      task              TEXT     e.g. ppl | cosine | top1
+      metrics           TEXT     JSON object, e.g. {"ppl": 19.8}
+      data              TEXT     what it was evaluated on
+      meta              TEXT     JSON object, anything else
+
+Public API (typed, stable): `resolve_db_path`, `record_result`, `list_results`, `get_result`,
+`record_eval`, `list_evals`, and the row types `ResultRecord`, `EvalRecord`.
+This module imports no torch and writes nothing outside the database file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import EdgeqError
+
+SCHEMA_VERSION = 1
+ENV_DB = "EDGEQ_DB"
+STATUSES = ("valid", "invalid", "failed", "aborted")
+
+_RESULT_COLUMNS: dict[str, str] = {
+    "created": "TEXT NOT NULL",
+    "artifact_sha256": "TEXT NOT NULL",
+    "artifact_path": "TEXT",
+    "artifact_format": "TEXT",
+    "variant": "TEXT",
+    "export_json": "TEXT",
+    "quant_json_sha256": "TEXT",
+    "model_ref": "TEXT",
+    "device": "TEXT NOT NULL",
+    "device_url": "TEXT",
+    "job_id": "TEXT",
+    "status": "TEXT NOT NULL",
+    "invalid_reasons": "TEXT",
+    "runtime": "TEXT",
+    "runtime_version": "TEXT",
+    "provider": "TEXT",
+    "threads": "INTEGER",
+    "n_runs": "INTEGER",
+    "size_bytes": "INTEGER",
+    "load_ms": "REAL",
+    "first_ms": "REAL",
+    "p50_ms": "REAL",
+    "p90_ms": "REAL",
+    "p99_ms": "REAL",
+    "mean_ms": "REAL",
+    "std_ms": "REAL",
+    "min_ms": "REAL",
+    "max_ms": "REAL",
+    "ci_low_ms": "REAL",
+    "ci_high_ms": "REAL",
+    "peak_rss_mb": "REAL",
+    "power_w": "REAL",
+    "energy_mj": "REAL",
+    "energy_net_mj": "REAL",
+    "power_reason": "TEXT",
+    "fingerprint_sha256": "TEXT",
+    "fingerprint": "TEXT",
+    "result": "TEXT",
+}
+_JSON_RESULT_COLUMNS = ("export_json", "invalid_reasons", "fingerprint", "result")
+
+_EVAL_COLUMNS: dict[str, str] = {
+    "created": "TEXT NOT NULL",
+    "target_sha256": "TEXT NOT NULL",
+    "target_path": "TEXT",
+    "model_ref": "TEXT",
+    "task": "TEXT NOT NULL",
+    "metrics": "TEXT NOT NULL",
+    "data": "TEXT",
+    "meta": "TEXT",
+}
+_JSON_EVAL_COLUMNS = ("metrics", "meta")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultRecord:
+    """One row of `results`; JSON columns are decoded (dict / list / None)."""
+
+    id: int
+    created: str
+    artifact_sha256: str
+    artifact_path: str | None
+    artifact_format: str | None
+    variant: str | None
+    export_json: dict | None
+    quant_json_sha256: str | None
+    model_ref: str | None
+    device: str
+    device_url: str | None
+    job_id: str | None
+    status: str
+    invalid_reasons: list | None
+    runtime: str | None
+    runtime_version: str | None
+    provider: str | None
+    threads: int | None
+    n_runs: int | None
+    size_bytes: int | None
+    load_ms: float | None
+    first_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    std_ms: float | None
+    min_ms: float | None
+    max_ms: float | None
+    ci_low_ms: float | None
+    ci_high_ms: float | None
+    peak_rss_mb: float | None
+    power_w: float | None
+    energy_mj: float | None
+    energy_net_mj: float | None
+    power_reason: str | None
+    fingerprint_sha256: str | None
+    fingerprint: dict | None
+    result: dict | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One row of `evals`; `metrics` and `meta` are decoded dicts."""
+
+    id: int
+    created: str
+    target_sha256: str
+    target_path: str | None
+    model_ref: str | None
+    task: str
+    metrics: dict
+    data: str | None
+    meta: dict | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_db_path() -> Path:
+    """`<user data dir>/edgeq/results.sqlite`."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("edgeq", appauthor=False)) / "results.sqlite"
+
+
+def resolve_db_path(db: str | os.PathLike | None = None) -> Path:
+    """The database path: `db` if given, else `$EDGEQ_DB`, else `default_db_path()`."""
+    if db:
+        return Path(db).expanduser()
+    if os.environ.get(ENV_DB):
+        return Path(os.environ[ENV_DB]).expanduser()
+    return default_db_path()
+
+
+def _create_sql(table: str, columns: dict[str, str]) -> str:
+    cols = ", ".join(f"{k} {v}" for k, v in columns.items())
+    return f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, {cols})"
+
+
+@contextlib.contextmanager
+def _connect(db_path: str | os.PathLike | None) -> Iterator[sqlite3.Connection]:
+    path = resolve_db_path(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(str(path), timeout=30)
+    except sqlite3.Error as exc:
+        raise EdgeqError(f"db: cannot open {path}: {exc}") from exc
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
+        with conn:
+            conn.execute(_create_sql("results", _RESULT_COLUMNS))
+            conn.execute(_create_sql("evals", _EVAL_COLUMNS))
+            conn.execute("CREATE INDEX IF NOT EXISTS results_sha ON results(artifact_sha256)")
+            conn.execute("CREATE INDEX IF NOT EXISTS evals_sha ON evals(target_sha256)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        raise EdgeqError(f"db: {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dumps(obj: Any) -> str | None:
+    return None if obj is None else json.dumps(obj, sort_keys=True, default=str)
+
+
+def fingerprint_sha256(fingerprint: dict | None) -> str | None:
+    """sha256 of the canonical (sorted-key) JSON of a fingerprint; None for None."""
+    if fingerprint is None:
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _result_row(result: dict, artifact_path: str | None, export_meta: dict | None,
+                device: str, device_url: str | None) -> dict[str, Any]:
+    lat = result.get("latency_ms") or {}
+    ci = lat.get("ci95_median") or [None, None]
+    power = result.get("power") or {}
+    rt = result.get("runtime") or {}
+    source = (export_meta or {}).get("source") or {}
+    fp = result.get("fingerprint")
+    sha = result.get("artifact_sha256") or (export_meta or {}).get("sha256")
+    if not sha:
+        raise EdgeqError("result: artifact_sha256 is missing; a result must be tied to an artifact hash")
+    status = result.get("status")
+    if status not in STATUSES:
+        raise EdgeqError(f"result: status {status!r} is not one of: {', '.join(STATUSES)}")
+    return {
+        "created": _now(),
+        "artifact_sha256": sha,
+        "artifact_path": artifact_path,
+        "artifact_format": result.get("format") or (export_meta or {}).get("format"),
+        "variant": (export_meta or {}).get("variant"),
+        "export_json": _dumps(export_meta),
+        "quant_json_sha256": source.get("quant_json_sha256"),
+        "model_ref": source.get("model"),
+        "device": device,
+        "device_url": device_url,
+        "job_id": result.get("job_id"),
+        "status": status,
+        "invalid_reasons": _dumps(result.get("invalid_reasons") or []),
+        "runtime": rt.get("name"),
+        "runtime_version": rt.get("version"),
+        "provider": rt.get("provider"),
+        "threads": result.get("threads"),
+        "n_runs": lat.get("n"),
+        "size_bytes": result.get("size_bytes"),
+        "load_ms": result.get("load_ms"),
+        "first_ms": result.get("first_inference_ms"),
+        "p50_ms": lat.get("p50"),
+        "p90_ms": lat.get("p90"),
+        "p99_ms": lat.get("p99"),
+        "mean_ms": lat.get("mean"),
+        "std_ms": lat.get("std"),
+        "min_ms": lat.get("min"),
+        "max_ms": lat.get("max"),
+        "ci_low_ms": ci[0],
+        "ci_high_ms": ci[1],
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "power_w": power.get("mean_w"),
+        "energy_mj": power.get("energy_per_inference_mj"),
+        "energy_net_mj": power.get("energy_per_inference_net_mj"),
+        "power_reason": power.get("reason") or power.get("meter"),
+        "fingerprint_sha256": fingerprint_sha256(fp),
+        "fingerprint": _dumps(fp),
+        "result": _dumps(result),
+    }
+
+
+def record_result(db_path: str | os.PathLike | None, result: dict, *, device: str,
+                  device_url: str | None = None, artifact_path: str | None = None,
+                  export_meta: dict | None = None) -> int:
+    """Store one agent result document (see edgeq.agent.protocol RESULT) and return its row id.
+
+    `export_meta` is the artifact's FILE.json (or None); its `source` ties the row to quant.json.
+    """
+    row = _result_row(result, artifact_path, export_meta, device, device_url)
+    cols = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    with _connect(db_path) as conn, conn:
+        cur = conn.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
+
+def _decode(row: sqlite3.Row, json_cols: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(row)
+    for k in json_cols:
+        if out.get(k) is not None:
+            out[k] = json.loads(out[k])
+    return out
+
+
+def list_results(db_path: str | os.PathLike | None = None, *, artifact_sha256: str | None = None,
+                 device: str | None = None, status: str | None = None,
+                 limit: int | None = None) -> list[ResultRecord]:
+    """Results, newest first, optionally filtered by artifact hash (prefix), device and status."""
+    where, args = [], []
+    if artifact_sha256:
+        where.append("artifact_sha256 LIKE ?")
+        args.append(artifact_sha256 + "%")
+    if device:
+        where.append("device = ?")
+        args.append(device)
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    with _connect(db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(sql, args).fetchall()
+    return [ResultRecord(**_decode(r, _JSON_RESULT_COLUMNS)) for r in rows]
+
+
+def get_result(db_path: str | os.PathLike | None, result_id: int) -> ResultRecord:
+    """One result by row id; EdgeqError if there is none."""
+    with _connect(db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM results WHERE id = ?", (int(result_id),)).fetchone()
+    if row is None:
+        raise EdgeqError(f"result id: {result_id} is not in the database")
+    return ResultRecord(**_decode(row, _JSON_RESULT_COLUMNS))
+
+
+def record_eval(db_path: str | os.PathLike | None, *, target_sha256: str, target_path: str | None,
+                model_ref: str | None, task: str, metrics: dict, data: str | None = None,
+                meta: dict | None = None) -> int:
+    """Store one evaluation result and return its row id."""
+    if not target_sha256:
+        raise EdgeqError("eval: target_sha256 is required")
+    if not isinstance(metrics, dict):
+        raise EdgeqError(f"eval: metrics must be a dict, got {type(metrics).__name__}")
+    row = {
+        "created": _now(), "target_sha256": target_sha256,
+        "target_path": None if target_path is None else str(target_path),
+        "model_ref": model_ref, "task": task, "metrics": _dumps(metrics), "data": data,
+        "meta": _dumps(meta),
+    }
+    with _connect(db_path) as conn, conn:
+        cur = conn.execute(f"INSERT INTO evals ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                           tuple(row.values()))
+        return int(cur.lastrowid)
+
+
+def list_evals(db_path: str | os.PathLike | None = None, *, target_sha256: str | None = None,
+               task: str | None = None, model_ref: str | None = None,
+               limit: int | None = None) -> list[EvalRecord]:
+    """Evaluations, newest first, optionally filtered by target hash (prefix), task and model."""
+    where, args = [], []
+    if target_sha256:
+        where.append("target_sha256 LIKE ?")
+        args.append(target_sha256 + "%")
+    if task:
+        where.append("task = ?")
+        args.append(task)
+    if model_ref:
+        where.append("model_ref = ?")
+        args.append(model_ref)
+    sql = "SELECT * FROM evals" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    with _connect(db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(sql, args).fetchall()
+    return [EvalRecord(**_decode(r, _JSON_EVAL_COLUMNS)) for r in rows]

@@ -1,0 +1,252 @@
+"""`check`: how a target runs an artifact or a plan, op by op; `gate_export`: refuse or record.
+
+`check(thing, profile)` reads an .onnx / .tflite file, a quantized-model directory (its
+quant.json) or a list of `OpUse`s, classifies every op with the profile's runtime and aggregates
+by (op, dtype signature) with counts and node names. `gate_export` turns a report into a decision
+for `edgeq export --target`: it raises `EdgeqError` naming the nearest recipe that works when
+something is unsupported (or falls back without `allow_fallback`), and otherwise returns what to
+record in the export metadata. Never silent: every fallback is in the result.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import EdgeqError
+from .profile import Runtime, TargetProfile, Verdict, load_profile
+from .uses import CANDIDATE_GROUP_SIZES, OpUse, recipe_name
+
+_ORDER = {"unsupported": 0, "fallback": 1, "native": 2}
+
+
+@dataclass
+class Row:
+    """One (op, dtype signature) with its verdict, how often it occurs and where."""
+
+    op: str
+    signature: str
+    verdict: Verdict
+    count: int = 0
+    nodes: list[str] = field(default_factory=list)
+    suggestion: str = ""
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "signature": self.signature, "count": self.count, "nodes": self.nodes,
+                **self.verdict.to_dict(), **({"suggestion": self.suggestion} if self.suggestion else {})}
+
+
+@dataclass
+class CheckReport:
+    target: str
+    runtime: str
+    format: str
+    artifact: str
+    rows: list[Row]
+
+    @property
+    def status(self) -> str:
+        """The worst verdict: native / fallback / unsupported."""
+        return min((r.verdict.support for r in self.rows), key=_ORDER.__getitem__, default="native")
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "native" else 1
+
+    def counts(self) -> dict[str, int]:
+        out = {"native": 0, "fallback": 0, "unsupported": 0}
+        for r in self.rows:
+            out[r.verdict.support] += r.count
+        return out
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "runtime": self.runtime, "format": self.format, "artifact": self.artifact,
+                "status": self.status, "counts": self.counts(), "ops": [r.to_dict() for r in self.rows]}
+
+    def render(self, max_nodes: int = 3) -> str:
+        """A plain-text table, worst rows first."""
+        c = self.counts()
+        lines = [f"{self.artifact} on {self.target} / {self.runtime} ({self.format}): {self.status.upper()} "
+                 f"({c['native']} native, {c['fallback']} fallback, {c['unsupported']} unsupported ops)"]
+        width = max((len(r.op) for r in self.rows), default=2)
+        swidth = max((len(r.signature) for r in self.rows), default=2)
+        for r in self.rows:
+            nodes = ", ".join(r.nodes[:max_nodes]) + (f", +{len(r.nodes) - max_nodes}" if len(r.nodes) > max_nodes else "")
+            line = f"  {r.verdict.support:<11} {r.op:<{width}}  {r.signature:<{swidth}}  x{r.count:<4}"
+            if r.verdict.support == "native":
+                line += f" {r.verdict.kernel}".rstrip()
+            else:
+                if r.verdict.fallback_to:
+                    line += f" -> {r.verdict.fallback_to};"
+                line += f" {r.verdict.why}"
+                if r.suggestion:
+                    line += f" [nearest working: {r.suggestion}]"
+            lines.append(line.rstrip())
+            lines.append(f"  {'':<11} nodes: {nodes}")
+        return "\n".join(lines)
+
+
+def detect_format(path: Path) -> str:
+    """onnx | tflite | qdir, from the path's suffix or content."""
+    if path.is_dir():
+        return "qdir"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".tflite":
+        return "tflite"
+    if path.name == "quant.json":
+        return "qdir"
+    raise EdgeqError(f"{path}: not an .onnx or .tflite file or a quantized-model directory")
+
+
+def uses_of(thing: str | os.PathLike, fmt: str | None = None) -> tuple[str, list[OpUse]]:
+    """(format, op uses) of a file or QDIR; a QDIR needs the format it is checked for."""
+    path = Path(thing)
+    if not path.exists():
+        raise EdgeqError(f"{path}: no such file or directory")
+    kind = detect_format(path)
+    if kind == "onnx":
+        from .onnx_graph import onnx_uses
+
+        return "onnx", onnx_uses(path)
+    if kind == "tflite":
+        from .tflite_graph import tflite_uses
+
+        return "tflite", tflite_uses(path)
+    from .plan import plan_uses
+
+    if fmt is None:
+        raise EdgeqError(f"{path}: checking a quantized-model directory needs a format or a runtime")
+    return fmt, plan_uses(path, fmt)
+
+
+def classify(uses: Iterable[OpUse], rt: Runtime) -> list[Row]:
+    """Aggregate uses by (op, signature), worst verdict first, each with a suggestion if not native."""
+    rows: dict[tuple[str, str], Row] = {}
+    for use in uses:
+        key = (use.op, use.signature)
+        if key not in rows:
+            verdict = rt.classify(use)
+            rows[key] = Row(use.op, use.signature, verdict,
+                            suggestion="" if verdict.support == "native" else nearest(use, rt))
+        rows[key].count += 1
+        rows[key].nodes.append(use.node)
+    return sorted(rows.values(), key=lambda r: (_ORDER[r.verdict.support], r.op, r.signature))
+
+
+def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: str | None = None) -> CheckReport:
+    """Check an .onnx / .tflite file, a QDIR (or quant.json) or a list of `OpUse`s against a profile."""
+    prof = load_profile(profile)
+    if isinstance(thing, (list, tuple)):
+        rt = prof.runtime(runtime, fmt)
+        return CheckReport(prof.name, rt.name, rt.format, "<plan>", classify(thing, rt))
+    path = Path(thing)
+    if fmt is None and runtime is not None and detect_format(path) == "qdir":
+        fmt = prof.runtime(runtime).format
+    fmt, uses = uses_of(path, fmt)
+    rt = prof.runtime(runtime, fmt)
+    return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt))
+
+
+def nearest(use: OpUse, rt: Runtime) -> str:
+    """The nearest op form the runtime runs natively, as a recipe name (`w8`, `w4-g32`, `w8a8`...).
+
+    Nearest means: keep the activations if possible, prefer more bits over fewer, then the closest
+    group size, then per-channel; then other activation modes; else keep the op in float.
+    """
+    if use.weight in ("none", "fp32", "fp16", "bf16"):
+        return "" if rt.classify(replace(use, act="fp32")).support != "native" else "float"
+    bits = use.weight_bits
+    signed = not use.weight.startswith("u")
+    acts = [use.act] + [a for a in ("fp32", "dynamic", "uint8", "int8") if a != use.act]
+    best = None
+    for ai, act in enumerate(acts):
+        for dbits in (2, 4, 8):
+            for dtype in ((f"int{dbits}", f"uint{dbits}") if signed else (f"uint{dbits}", f"int{dbits}")):
+                for gran, group in [("group", g) for g in CANDIDATE_GROUP_SIZES] + [("channel", None), ("tensor", None)]:
+                    cand = replace(use, act=act, weight=dtype, granularity=gran, group_size=group)
+                    if cand == use or rt.classify(cand).support != "native":
+                        continue
+                    cost = (ai * 1000 + (0 if dbits == bits else (10 if dbits > bits else 100) * abs(dbits - bits))
+                            + (0 if dtype.startswith("u") != signed else 1)
+                            + _gran_cost(use, gran, group))
+                    if best is None or cost < best[0]:
+                        best = (cost, cand)
+    if best is None:
+        return "float" if rt.classify(replace(use, act="fp32", weight="fp32", granularity=None,
+                                              group_size=None)).support == "native" else ""
+    c = best[1]
+    return recipe_name(c.weight, c.granularity, c.group_size, c.act)
+
+
+def _gran_cost(use: OpUse, gran: str, group: int | None) -> int:
+    if gran == use.granularity and group == use.group_size:
+        return 0
+    if gran == "group" and use.granularity == "group" and group and use.group_size:
+        return 1 + abs((group.bit_length()) - (use.group_size.bit_length()))
+    return {"channel": 5, "group": 6, "tensor": 8}[gran]
+
+
+@dataclass
+class GateResult:
+    """What an export gated by a target records in its metadata (`FILE.json`)."""
+
+    target: str
+    runtime: str
+    format: str
+    status: str
+    fallbacks: list[dict]
+
+    def to_metadata(self) -> dict:
+        return {"target": {"name": self.target, "runtime": self.runtime, "format": self.format,
+                           "status": self.status}, "fallbacks": self.fallbacks}
+
+
+def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: bool = False,
+                runtime: str | None = None, fmt: str | None = None) -> GateResult:
+    """Refuse an export a target cannot run natively, or return what to record about it.
+
+    `artifact_or_plan`: an exported .onnx/.tflite, a QDIR / quant.json / parsed quant.json dict
+    (then `fmt` or `runtime` says which format is being exported), a list of `OpUse`s, or a
+    `CheckReport`. Raises `EdgeqError` when an op is unsupported, or falls back and
+    `allow_fallback` is false; the message names the ops, the runtime, the target and the nearest
+    recipe that works.
+    """
+    if isinstance(artifact_or_plan, CheckReport):
+        report = artifact_or_plan
+    elif isinstance(artifact_or_plan, dict):
+        from .plan import plan_uses
+
+        prof = load_profile(profile)
+        rt = prof.runtime(runtime, fmt)
+        report = check(plan_uses(artifact_or_plan, rt.format), prof, rt.name, rt.format)
+    else:
+        report = check(artifact_or_plan, profile, runtime, fmt)
+    bad = [r for r in report.rows if r.verdict.support == "unsupported"]
+    falls = [r for r in report.rows if r.verdict.support == "fallback"]
+    if bad or (falls and not allow_fallback):
+        raise EdgeqError(_refusal(report, bad or falls, bool(bad)))
+    return GateResult(report.target, report.runtime, report.format, report.status,
+                      [{k: v for k, v in r.to_dict().items() if k != "source"} for r in falls])
+
+
+def _refusal(report: CheckReport, rows: list[Row], unsupported: bool) -> str:
+    parts = []
+    for r in rows:
+        what = "has no kernel" if unsupported else f"falls back to {r.verdict.fallback_to}"
+        parts.append(f"{r.op} [{r.signature}] x{r.count} {what} in {report.runtime} on {report.target} "
+                     f"({r.verdict.why})")
+    suggestions = sorted({r.suggestion for r in rows if r.suggestion}, key=_strictness)
+    hint = f"; nearest working recipe: {suggestions[-1]}" if suggestions else "; no quantized form of it runs natively: keep it float"
+    tail = "" if unsupported else " (or pass --allow-fallback to export anyway and record the fallback)"
+    return "; ".join(parts) + hint + tail
+
+
+def _strictness(name: str) -> tuple:
+    """Order recipe names so the most conservative (most bits) comes last."""
+    import re
+
+    m = re.match(r"w(\d+)", name)
+    return (int(m.group(1)) if m else 99, name)

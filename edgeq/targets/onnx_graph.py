@@ -1,0 +1,202 @@
+"""Read an ONNX graph into `OpUse`s, the way an ONNX runtime sees its quantized ops.
+
+QDQ is folded the way runtimes fuse it: a `DequantizeLinear` of a constant is the weight of the
+op that consumes it (dtype, per-tensor / per-channel / `block_size` groups), a `DequantizeLinear`
+of an activation makes the consumer's activations that integer dtype, `DynamicQuantizeLinear`
+makes them `dynamic`, and a `QuantizeLinear` right after an op is folded into it. Q/DQ nodes left
+over run on their own and are reported as such. Weights are never loaded (external data stays on
+disk). Needs the `onnx` package (host extra); this module is imported only when checking ONNX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeqError
+from .uses import OpUse
+
+# Which input of an op is its weight; other ops have none unless fed a quantized constant.
+WEIGHT_INPUT = {
+    "MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger": 1, "ConvInteger": 1,
+    "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1, "QLinearMatMul": 3, "QLinearConv": 3,
+    "QGemm": 3, "MatMulNBits": 1, "Gather": 0, "GatherBlockQuantized": 0, "LSTM": 1, "GRU": 1,
+    "RNN": 1, "Attention": 1, "DynamicQuantizeLSTM": 1,
+}
+# Ops that quantize their own float activations on the fly.
+DYNAMIC_OPS = {"DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+# Layout ops a runtime folds away when their data input is constant.
+CONST_LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"}
+QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def _dtype_names() -> dict[int, str]:
+    import onnx
+
+    tp = onnx.TensorProto
+    names = {"FLOAT": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16", "DOUBLE": "fp64", "INT8": "int8",
+             "UINT8": "uint8", "INT4": "int4", "UINT4": "uint4", "INT2": "int2", "UINT2": "uint2",
+             "INT16": "int16", "UINT16": "uint16", "INT32": "int32", "INT64": "int64", "UINT32": "uint32",
+             "UINT64": "uint64", "BOOL": "bool", "STRING": "string"}
+    return {getattr(tp, k): v for k, v in names.items() if hasattr(tp, k)}
+
+
+class _Graph:
+    def __init__(self, graph, dtypes: dict[int, str]):
+        self.types: dict[str, str] = {}
+        self.dims: dict[str, int] = {}
+        self.numel: dict[str, int] = {}
+        self.const: set[str] = set()
+        for init in graph.initializer:
+            self.types[init.name] = dtypes.get(init.data_type, "?")
+            self.dims[init.name] = len(init.dims)
+            self.numel[init.name] = _prod(init.dims)
+            self.const.add(init.name)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            t = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and t.elem_type:
+                self.types.setdefault(vi.name, dtypes.get(t.elem_type, "?"))
+                if t.HasField("shape"):
+                    self.dims.setdefault(vi.name, len(t.shape.dim))
+        self.producer = {}
+        self.consumers: dict[str, list] = {}
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+            if node.op_type == "Constant":
+                for out in node.output:
+                    self.const.add(out)
+                    for a in node.attribute:
+                        if a.name == "value":
+                            self.types[out] = dtypes.get(a.t.data_type, "?")
+                            self.dims[out] = len(a.t.dims)
+                            self.numel[out] = _prod(a.t.dims)
+
+    def weight(self, name: str, seen: tuple = ()) -> tuple | None:
+        """(dtype, granularity, group, folded nodes) when `name` is a constant weight, else None."""
+        if name in self.const:
+            return (self.types.get(name, "?"), None, None, seen)
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "DequantizeLinear" and node.input[0] in self.const:
+            block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+            scale = node.input[1]
+            per_tensor = self.numel.get(scale, 1) == 1
+            gran = "group" if block else ("tensor" if per_tensor else "channel")
+            return (self.types.get(node.input[0], "?"), gran, block or None, seen + (_nid(node),))
+        if node.op_type in CONST_LAYOUT and node.input and all(
+                i in self.const or i == node.input[0] for i in node.input if i):
+            return self.weight(node.input[0], seen + (_nid(node),))
+        return None
+
+    def act(self, name: str) -> tuple[str, tuple]:
+        """The activation mode of a data input and the Q/DQ nodes folded to reach it."""
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in self.const:
+            return self.types.get(node.input[0], "?"), (_nid(node),)
+        if node is not None and node.op_type == "DynamicQuantizeLinear":
+            return "dynamic", (_nid(node),)
+        return self.types.get(name, "?"), ()
+
+
+def _nid(node) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def load_model(path: str | Path):
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors vary; all mean a bad file
+        raise EdgeqError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # contrib ops or missing external data: types from the file are enough
+        pass
+    return model
+
+
+def onnx_uses(path: str | Path) -> list[OpUse]:
+    """Every op of the main graph (subgraphs of If/Loop are not walked) as an `OpUse`."""
+    model = load_model(path)
+    g = _Graph(model.graph, _dtype_names())
+    uses: list[OpUse] = []
+    folded: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in QDQ or node.op_type == "Constant":
+            continue
+        use = _node_use(g, node)
+        if use is None:
+            continue
+        folded.update(use.folded)
+        uses.append(use)
+    for node in model.graph.node:
+        if node.op_type in QDQ and _nid(node) not in folded:
+            uses.append(_qdq_use(g, node))
+    # Layout ops on constants that were folded into a weight are not ops at run time.
+    return [u for u in uses if u.node not in folded]
+
+
+def _node_use(g: _Graph, node) -> OpUse | None:
+    inputs = [i for i in node.input]
+    widx = WEIGHT_INPUT.get(node.op_type)
+    weight = None
+    if widx is not None and widx < len(inputs) and inputs[widx]:
+        weight = g.weight(inputs[widx])
+        if weight is not None and weight[0] in ("fp32", "fp16", "bf16") and not weight[3]:
+            weight = (weight[0], None, None, ())
+    if weight is None:
+        # Any op fed a quantized constant carries it as its weight (e.g. DQ -> Mul).
+        for i, name in enumerate(inputs):
+            w = g.weight(name) if name else None
+            if w is not None and w[1] is not None:
+                widx, weight = i, w
+                break
+    if node.op_type in CONST_LAYOUT and all((not i) or i in g.const or g.weight(i) for i in inputs):
+        return None  # constant-folded at load time: not an op at run time
+    folded: tuple = weight[3] if weight else ()
+    act = "none"
+    for i, name in enumerate(inputs):
+        if not name or i == widx or name in g.const:
+            continue
+        act, via = g.act(name)
+        folded += via
+        break
+    if node.op_type in DYNAMIC_OPS:
+        act = "dynamic"
+    wdtype, gran, group = (weight[0], weight[1], weight[2]) if weight else ("none", None, None)
+    if node.op_type == "MatMulNBits":
+        attrs = {a.name: a for a in node.attribute}
+        bits = attrs["bits"].i if "bits" in attrs else 4
+        has_zp = len(inputs) > 3 and bool(inputs[3])
+        wdtype = f"{'uint' if has_zp else 'int'}{bits}"
+        gran, group = "group", attrs["block_size"].i if "block_size" in attrs else None
+        if "accuracy_level" in attrs and attrs["accuracy_level"].i == 4:
+            act = "dynamic"
+    # A QuantizeLinear right after the op is its output quantization (fused by QDQ runtimes).
+    for out in node.output:
+        for consumer in g.consumers.get(out, []):
+            if consumer.op_type == "QuantizeLinear" and act not in ("fp32", "fp16", "bf16", "none"):
+                folded += (_nid(consumer),)
+    return OpUse(op=node.op_type, act=act, weight=wdtype, granularity=gran, group_size=group,
+                 node=_nid(node), folded=folded)
+
+
+def _qdq_use(g: _Graph, node) -> OpUse:
+    name = _nid(node)
+    if node.op_type == "DequantizeLinear" and node.input[0] in g.const:
+        w = g.weight(node.output[0])
+        return OpUse(op=node.op_type, act="none", weight=w[0], granularity=w[1], group_size=w[2], node=name)
+    return OpUse(op=node.op_type, act=g.types.get(node.input[0], "?"), node=name)

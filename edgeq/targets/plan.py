@@ -1,0 +1,96 @@
+"""Turn a quantized-model directory's per-layer decisions (`QDIR/quant.json`) into `OpUse`s.
+
+Before anything is exported, the plan already says which op each layer will become in a format:
+a Linear is an ONNX MatMul / a TFLite FULLY_CONNECTED, a Conv a Conv / CONV_2D, an Embedding a
+Gather / GATHER; weight bits + symmetry give the dtype, granularity and group size the grouping,
+the activation mode the `act`. Static activations are uint8 in ONNX (ORT fuses integer MatMul only
+for uint8) and int8 in TFLite, as docs/architecture.md fixes.
+
+quant.json layers are read leniently (a list of tables with `name`, or a table keyed by name;
+weight fields flat or under `weight`, activation as a string or a table with `mode`), because the
+writer evolves; unknown layer shapes are an error naming the layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgeqError
+from .profile import KIND_OPS
+from .uses import OpUse
+
+_KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
+          "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
+
+
+def read_plan(qdir_or_json: str | Path | dict) -> list[dict]:
+    """The per-layer decisions of a QDIR (or of a quant.json path or already-parsed dict)."""
+    if isinstance(qdir_or_json, dict):
+        data, where = qdir_or_json, "quant.json"
+    else:
+        path = Path(qdir_or_json)
+        if path.is_dir():
+            path = path / "quant.json"
+        if not path.is_file():
+            raise EdgeqError(f"{path}: no quant.json (is {path.parent} a quantized-model directory?)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EdgeqError(f"{path}: not readable JSON ({exc})") from None
+        where = str(path)
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if isinstance(layers, dict):
+        layers = [{"name": k, **v} for k, v in layers.items()]
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise EdgeqError(f"{where}.layers: expected a list or table of per-layer decisions")
+    return layers
+
+
+def _act_mode(layer: dict) -> tuple[str, int]:
+    act = layer.get("activation", layer.get("act", "none"))
+    if isinstance(act, dict):
+        return str(act.get("mode", "none")), int(act.get("bits", 8))
+    return str(act or "none"), 8
+
+
+def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
+    """The op one layer becomes in `fmt` (onnx|tflite)."""
+    name = str(layer.get("name", "?"))
+    at = f"{where}.layers[{name}]"
+    kind = _KINDS.get(str(layer.get("kind", layer.get("type", "linear"))).lower())
+    if kind is None:
+        raise EdgeqError(f"{at}.kind: {layer.get('kind', layer.get('type'))!r} is not one of: linear, conv, embedding")
+    op = KIND_OPS[fmt][kind]
+    w: dict[str, Any] = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
+    bits = w.get("bits", w.get("weight_bits"))
+    if bits is None or layer.get("skip") or layer.get("quantized") is False or int(bits) >= 16:
+        return OpUse(op=op, act="fp32", weight="fp32", node=name)
+    bits = int(bits)
+    symmetric = bool(w.get("symmetric", True))
+    signed = symmetric or fmt == "tflite"
+    dtype = f"{'int' if signed else 'uint'}{bits}"
+    gran = str(w.get("granularity", "channel"))
+    gran = "group" if gran in ("group", "block") else gran
+    group = w.get("group_size") if gran == "group" else None
+    if gran not in ("tensor", "channel", "group"):
+        raise EdgeqError(f"{at}.granularity: {gran!r} is not one of: tensor, channel, group")
+    mode, abits = _act_mode(layer)
+    if mode in ("none", "float", "fp32"):
+        act = "fp32"
+    elif mode == "dynamic":
+        act = "dynamic"
+    elif mode == "static":
+        act = "int16" if abits == 16 else ("uint8" if fmt == "onnx" else "int8")
+    else:
+        raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: none, dynamic, static")
+    return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)
+
+
+def plan_uses(qdir_or_json: str | Path | dict, fmt: str) -> list[OpUse]:
+    """Every layer of a QDIR's plan as the `OpUse` it becomes when exported to `fmt`."""
+    if fmt not in KIND_OPS:
+        raise EdgeqError(f"format: {fmt!r} is not one of: {', '.join(KIND_OPS)}")
+    where = str(qdir_or_json) if not isinstance(qdir_or_json, dict) else "quant.json"
+    return [layer_use(layer, fmt, where) for layer in read_plan(qdir_or_json)]

@@ -1,0 +1,61 @@
+"""OpUse: one op as a runtime sees it (op name, activation mode, weight dtype, granularity, group).
+
+Every reader (ONNX graph, TFLite flatbuffer, quant.json plan) turns its input into a list of
+`OpUse`s; profiles classify `OpUse`s. Nothing here knows about a file format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256)
+
+_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16,
+         "fp16": 16, "bf16": 16, "fp32": 32, "none": 0}
+
+
+@dataclass(frozen=True)
+class OpUse:
+    """One op occurrence. `act`: fp32/fp16/int8/uint8/dynamic/int64...; `weight`: dtype or 'none'."""
+
+    op: str
+    act: str
+    weight: str = "none"
+    granularity: str | None = None
+    group_size: int | None = None
+    node: str = ""
+    folded: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def weight_bits(self) -> int:
+        return _BITS.get(self.weight, 0)
+
+    @property
+    def signature(self) -> str:
+        """The dtype signature used to aggregate a report, e.g. `act=fp32 w=int4/g32`."""
+        if self.weight == "none":
+            return f"act={self.act}"
+        gran = {"tensor": "/tensor", "channel": "/channel", "group": f"/g{self.group_size}", None: ""}
+        return f"act={self.act} w={self.weight}{gran.get(self.granularity, '')}"
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "act": self.act, "weight": self.weight, "granularity": self.granularity,
+                "group_size": self.group_size, "node": self.node}
+
+
+def recipe_name(weight: str, granularity: str | None, group_size: int | None, act: str) -> str:
+    """A short recipe name in edgeq's grammar: w<bits>[-g<N>][a8|-dyn], e.g. w8, w4-g32, w8a8, w8-dyn."""
+    if weight in ("none", "fp32", "fp16", "bf16"):
+        return "float"
+    name = f"w{_BITS[weight]}"
+    if granularity == "group" and group_size:
+        name += f"-g{group_size}"
+    elif granularity == "tensor":
+        name += "-t"
+    if act in ("int8", "uint8"):
+        name += "a8"
+    elif act == "int16":
+        name += "a16"
+    elif act == "dynamic":
+        name += "-dyn"
+    return name
