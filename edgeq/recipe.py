@@ -22,7 +22,7 @@ from .errors import EdgeqError, choice_error
 
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_MODES = ("none", "dynamic", "static")
-ACT_GRANULARITIES = ("tensor", "token")
+ACT_GRANULARITIES = ("tensor", "token", "group")
 CALIBRATIONS = ("minmax", "percentile", "mse")
 SCALE_DTYPES = ("fp32", "bf16")
 
@@ -53,7 +53,8 @@ class WeightSpec:
     def from_dict(cls, data: dict, where: str = "weight") -> "WeightSpec":
         _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
         spec = cls(**data)
-        _int_in(f"{where}.bits", spec.bits, 1, 8)
+        if spec.bits != 16:  # 16 = the weight stays float (W16Ax): no weight quantization at all
+            _int_in(f"{where}.bits", spec.bits, 1, 8)
         if spec.granularity not in GRANULARITIES:
             raise choice_error(f"{where}.granularity", spec.granularity, GRANULARITIES)
         if spec.granularity == "group":
@@ -69,7 +70,13 @@ class WeightSpec:
         return spec
 
     @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    @property
     def name(self) -> str:
+        if not self.quantized:
+            return "w16-float"
         g = {"tensor": "t", "channel": "c"}.get(self.granularity, f"g{self.group_size}")
         return f"w{self.bits}{'s' if self.symmetric else 'a'}-{g}"
 
@@ -82,6 +89,7 @@ class ActSpec:
     symmetric: bool = False
     calibration: str = "minmax"
     percentile: float = 99.99
+    group_size: int | None = None  # only with granularity = "group" (dynamic, per token and group of channels)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "activation") -> "ActSpec":
@@ -96,8 +104,12 @@ class ActSpec:
             raise choice_error(f"{where}.calibration", spec.calibration, CALIBRATIONS)
         if not 50.0 < float(spec.percentile) <= 100.0:
             raise EdgeqError(f"{where}.percentile: {spec.percentile} is not in (50, 100]")
-        if spec.mode == "static" and spec.granularity == "token":
-            raise EdgeqError(f"{where}: static activations are per-tensor (per-token is dynamic)")
+        if spec.mode == "static" and spec.granularity != "tensor":
+            raise EdgeqError(f"{where}: static activations are per-tensor (per-token and group-wise are dynamic)")
+        if spec.granularity == "group":
+            _int_in(f"{where}.group_size", spec.group_size, 8, 4096)
+        elif spec.group_size is not None:
+            raise EdgeqError(f"{where}.group_size: only allowed with granularity = 'group'")
         return spec
 
     @property
@@ -157,6 +169,30 @@ class GPTQOptions:
         return opts
 
 
+PB_CRITERIA = ("magnitude", "hessian")
+
+
+@dataclass(frozen=True)
+class PBLLMOptions:
+    """PB-LLM (methods `pb-llm`, `pb-llm-rtn`): the fraction of weights kept at 8 bits and how they are chosen."""
+
+    salient_fraction: float = 0.1
+    criterion: str = "hessian"
+    damp: float = 0.01
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "pbllm") -> "PBLLMOptions":
+        _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
+        opts = cls(**data)
+        if not 0.0 <= float(opts.salient_fraction) <= 0.5:
+            raise EdgeqError(f"{where}.salient_fraction: {opts.salient_fraction} is not in [0, 0.5]")
+        if opts.criterion not in PB_CRITERIA:
+            raise choice_error(f"{where}.criterion", opts.criterion, PB_CRITERIA)
+        if not 0.0 < opts.damp < 1.0:
+            raise EdgeqError(f"{where}.damp: {opts.damp} is not in (0, 1)")
+        return opts
+
+
 @dataclass(frozen=True)
 class CalibOptions:
     samples: int = 32
@@ -180,10 +216,11 @@ class QuantRecipe:
     calibration: CalibOptions = field(default_factory=CalibOptions)
     fold_norms: bool = True
     untie_head: bool = True
+    pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
-        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head"])
+        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm"])
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
             raise EdgeqError(f"{where}.rules: a recipe needs a non-empty list of rules")
@@ -195,6 +232,7 @@ class QuantRecipe:
             calibration=CalibOptions.from_dict(data.get("calibration", {})),
             fold_norms=bool(data.get("fold_norms", True)),
             untie_head=bool(data.get("untie_head", True)),
+            pbllm=PBLLMOptions.from_dict(data.get("pbllm", {})),
         )
 
     def to_dict(self) -> dict:
@@ -222,6 +260,14 @@ def _drop_none(obj):
     return obj
 
 
+# Recipes computed per model rather than read from a file: name -> (entry point, one-line help).
+# `edgeq quantize --recipe auto` calls the entry point instead of `load_recipe`.
+BUILT_RECIPES = {
+    "auto": ("edgeq.quantize.mixed:auto_quantize",
+             "hardware-aware mixed precision: bits per layer from sensitivity under --budget (needs --calib; --target or --bits)"),
+}
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("edgeq.recipes").iterdir() if p.name.endswith(".toml"))
 
@@ -234,6 +280,9 @@ def load_recipe(ref: str | Path) -> QuantRecipe:
             raise EdgeqError(f"recipe: file {str(path)!r} does not exist")
         text = path.read_text(encoding="utf-8")
         where = path.name
+    elif str(ref) in BUILT_RECIPES:
+        raise EdgeqError(f"recipe: {str(ref)!r} is computed per model, not loaded: use edgeq quantize --recipe {ref} "
+                         f"(library: {BUILT_RECIPES[str(ref)][0]})")
     elif str(ref) in preset_names():
         text = resources.files("edgeq.recipes").joinpath(f"{ref}.toml").read_text(encoding="utf-8")
         where, path = f"preset {ref}", Path(f"{ref}.toml")

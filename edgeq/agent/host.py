@@ -182,15 +182,17 @@ def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], confi
 
 
 def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: dict, db: str | None,
-            tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None) -> list[dict]:
+            tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None,
+            timeout_s: float = 30.0) -> list[dict]:
     """Profile artifacts on devices in parallel and store every returned result.
 
     Returns one summary per (device, artifact): device, artifact, status, error, row id, result.
+    `timeout_s` is the per-request network timeout (not the job's duration).
     """
     from .. import store
 
     bundles = [bundle(a) for a in artifacts]
-    clients = {d.name: d.client((tokens or {}).get(d.name)) for d in devices}
+    clients = {d.name: d.client((tokens or {}).get(d.name), timeout=timeout_s) for d in devices}
     lock = threading.Lock()
     summaries: list[dict] = []
 

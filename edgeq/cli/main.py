@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("inspect", "inspect", "Show a quantized model's per-layer decisions."),
     "recipes": ("recipes", "recipes", "List the built-in recipes."),
     "demo": ("demo", "demo", "Run the main job end-to-end on built-in defaults."),
+    "targets": ("targets", "targets", "List and show board profiles (CPU, runtimes, native ops)."),
+    "check": ("check", "check", "Check an exported file or quantized directory against a board profile."),
     "agent": ("agent", "agent", "Run the on-device agent (on a board; no torch needed)."),
     "profile": ("profile", "profile", "Profile exported files on boards (or --local) and store the results."),
     "results": ("results", "results", "List or show stored profiling results."),

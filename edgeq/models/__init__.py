@@ -45,8 +45,8 @@ def builtin(name: str, description: str):
 
 def load_model(ref: str) -> ModelBundle:
     """Resolve a model reference; an unknown or broken one raises one line naming what was tried."""
+    from .hf import load_hf_dir  # first: it quiets the libraries' start-up noise
     from . import builtins as _  # noqa: F401  (registers the built-in names)
-    from .hf import load_hf_dir
     from .factory import load_factory
     from pathlib import Path
 

@@ -30,6 +30,10 @@ class Method(Protocol):
 METHODS: dict[str, tuple[Method, bool]] = {}
 
 
+# name -> function(quantized layer, recipe) -> dict stored under the method's name in the layer's quant.json entry
+METHOD_RECORDS: dict[str, Callable] = {}
+
+
 def register_method(name: str, needs_hessian: bool = False) -> Callable[[Method], Method]:
     def register(fn: Method) -> Method:
         METHODS[name] = (fn, needs_hessian)
@@ -55,6 +59,8 @@ def rtn(weight: torch.Tensor, rule, stats: LayerStats, recipe):
 
 def _register_gptq() -> None:
     from . import gptq  # noqa: F401  (registers "gptq")
+    from . import pbllm  # noqa: F401  (registers "pb-llm", "pb-llm-rtn")
+    from . import gamma_search  # noqa: F401  (registers "rtn-gamma")
 
 
 _register_gptq()

@@ -67,7 +67,8 @@ class _QuantBase(torch.nn.Module):
         if act.mode == "static":
             return fake_quant_act(x, self.act_scale, self.act_zero_point, act.bits, act.symmetric)
         if act.mode == "dynamic":
-            return dynamic_fake_quant_act(x, act.bits, per_token=act.granularity == "token", symmetric=act.symmetric)
+            return dynamic_fake_quant_act(x, act.bits, per_token=act.granularity == "token", symmetric=act.symmetric,
+                                          group_size=act.group_size if act.granularity == "group" else None)
         return x
 
     def extra_repr(self) -> str:

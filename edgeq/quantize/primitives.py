@@ -6,6 +6,8 @@ Grid conventions (shared by the simulation, the ONNX and the TFLite renderings):
   rounding, which is LiteRT's narrow int8 range and its int4 convention [-8, 7] with absmax / 7.
 - asymmetric b-bit: unsigned integers in [0, 2^b - 1] with an unsigned zero point.
 - 1-bit: binary {-1, +1} with scale alpha = mean |w| (PB-LLM's optimal binarization scale).
+- 16-bit (`FLOAT_BITS`): the weight stays float (W16A4 and friends): "integers" are the float
+  values themselves with scale 1 and zero point 0, so `(q - zp) * scale` is the identity.
 Dequantization is always `(q - zp) * scale`. Groups run along the last (input) dimension;
 a last group shorter than the group size is allowed.
 
@@ -20,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 
+FLOAT_BITS = 16
+
+
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """The integer range of a b-bit grid."""
     if bits == 1:
@@ -30,12 +35,17 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def storage_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    if bits >= FLOAT_BITS:
+        return torch.float32
     return torch.int8 if symmetric or bits == 1 else torch.uint8
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest even with a straight-through (identity) gradient."""
-    return x + (torch.round(x) - x).detach()
+    """Round to nearest even with a straight-through (identity) gradient.
+
+    Written as `round(x) + (x - x.detach())` so the forward value is exactly `round(x)` (the added
+    term is an exact zero): QAT layers then merge bit-exactly into integers."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def n_groups(in_features: int, group_size: int | None) -> int:
@@ -83,7 +93,10 @@ def compute_qparams(
         g = group_view(w, group_size if granularity == "group" else None)
     qmin, qmax = qrange(bits, symmetric)
     eps = torch.finfo(torch.float32).tiny * 2**40
-    if bits == 1:
+    if bits >= FLOAT_BITS:
+        scale = torch.ones(g.shape[:2])
+        zp = torch.zeros_like(scale, dtype=torch.int16)
+    elif bits == 1:
         scale = g.abs().mean(dim=-1).clamp_min(eps)
         zp = torch.zeros_like(scale, dtype=torch.int16)
     elif symmetric:
@@ -105,6 +118,8 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, 
     qmin, qmax = qrange(bits, symmetric)
     s = expand_groups(scale, w.shape[1], group_size)
     z = expand_groups(zp.to(w.dtype), w.shape[1], group_size)
+    if bits >= FLOAT_BITS:
+        return w.clone()
     if bits == 1:
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
     return torch.clamp(torch.round(w / s) + z, qmin, qmax)
@@ -120,12 +135,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_siz
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool,
                group_size: int | None = None) -> torch.Tensor:
     """Quantize-dequantize with STE for `w` and LSQ-style gradients for `scale`."""
+    if bits >= FLOAT_BITS:
+        return w
     qmin, qmax = qrange(bits, symmetric)
     s = expand_groups(scale, w.shape[1], group_size)
     z = expand_groups(zp.to(w.dtype), w.shape[1], group_size)
     if bits == 1:
         sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-        return ((sign - w).detach() + w) * s
+        return (sign + (w - w.detach())) * s
     q = torch.clamp(round_ste(w / s) + z, qmin, qmax)
     return (q - z) * s
 
@@ -161,8 +178,20 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits:
     return (q - z) * scale
 
 
-def dynamic_fake_quant_act(x: torch.Tensor, bits: int = 8, per_token: bool = False, symmetric: bool = False) -> torch.Tensor:
-    """Dynamic activation quantization: the grid is computed from `x` itself (per tensor or per token)."""
+def dynamic_fake_quant_act(x: torch.Tensor, bits: int = 8, per_token: bool = False, symmetric: bool = False,
+                           group_size: int | None = None) -> torch.Tensor:
+    """Dynamic activation quantization: the grid is computed from `x` itself (per tensor, per token,
+    or per group of `group_size` consecutive channels of each token)."""
+    if group_size is not None:
+        n = x.shape[-1]
+        pad = (-n) % group_size
+        xg = F.pad(x, (0, pad)) if pad else x
+        xg = xg.reshape(*x.shape[:-1], -1, group_size)
+        lo = xg.detach().amin(dim=-1, keepdim=True)
+        hi = xg.detach().amax(dim=-1, keepdim=True)
+        scale, zp = act_qparams(lo, hi, bits, symmetric)
+        out = fake_quant_act(xg, scale, zp, bits, symmetric).reshape(*x.shape[:-1], -1)
+        return out[..., :n] if pad else out
     if per_token:
         lo = x.detach().amin(dim=-1, keepdim=True)
         hi = x.detach().amax(dim=-1, keepdim=True)

@@ -20,6 +20,7 @@ from ..errors import EdgeqError
 from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from ..models import ModelBundle, load_model
 from ..recipe import QuantRecipe, dump_recipe_toml, load_recipe
+from .methods import METHOD_RECORDS
 from .modules import LayerDecision, QuantConv2d, QuantLinear, quant_layers, set_module
 from .transforms import untie_head
 
@@ -52,6 +53,9 @@ class QuantizedModel:
             numel = math.prod(d.shape)
             entry = d.to_dict()
             entry.update(layer_bytes(m))
+            record = METHOD_RECORDS.get(d.method)
+            if record is not None:  # method-specific accounting (e.g. PB-LLM's real bits per weight)
+                entry[d.method] = record(m, self.recipe)
             entry["bytes_fp32"] = numel * 4
             entry["params"] = numel
             layers.append(entry)
@@ -111,6 +115,8 @@ def layer_bytes(m) -> dict:
     meta = n_scales * scale_bytes + math.ceil(n_scales * zp_bits / 8)
     if d.activation.mode == "static":
         meta += 5
+    if d.weight.bits >= 16:  # float weights (W16Ax): stored as fp32, no scales
+        return {"bytes_quant": numel * 4 + (5 if d.activation.mode == "static" else 0), "bytes_scales": 0}
     ints = math.ceil(numel * d.weight.bits / 8)
     return {"bytes_quant": ints + meta, "bytes_scales": meta}
 

@@ -150,17 +150,28 @@ def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: 
     return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt))
 
 
-def nearest(use: OpUse, rt: Runtime) -> str:
-    """The nearest op form the runtime runs natively, as a recipe name (`w8`, `w4-g32`, `w8a8`...).
+# For each requested activation mode, the others in order of closeness.
+_ACT_NEAR = {"uint8": ("uint8", "int8", "dynamic", "fp32"), "int8": ("int8", "uint8", "dynamic", "fp32"),
+             "dynamic": ("dynamic", "fp32", "uint8", "int8"), "fp32": ("fp32", "dynamic", "uint8", "int8")}
 
-    Nearest means: keep the activations if possible, prefer more bits over fewer, then the closest
-    group size, then per-channel; then other activation modes; else keep the op in float.
+
+def nearest(use: OpUse, rt: Runtime) -> str:
+    """The nearest form the runtime runs natively, as a recipe name (`w8`, `w4-g32`, `w8a8`...).
+
+    First the same quantization rendered as another op of the same layer kind (e.g. MatMulNBits
+    instead of DequantizeLinear + MatMul); then: keep the activations if possible, prefer more bits
+    over fewer, then the closest group size, then per-channel; then other activation modes; else
+    keep the op in float.
     """
     if use.weight in ("none", "fp32", "fp16", "bf16"):
         return "" if rt.classify(replace(use, act="fp32")).support != "native" else "float"
+    for alt in _alternative_ops(use.op, rt.format):
+        if rt.classify(replace(use, op=alt)).support == "native":
+            return f"{recipe_name(use.weight, use.granularity, use.group_size, use.act, rt.format)} as {alt}" + (
+                " (accuracy_level 0)" if alt == "MatMulNBits" and use.act == "fp32" else "")
     bits = use.weight_bits
     signed = not use.weight.startswith("u")
-    acts = [use.act] + [a for a in ("fp32", "dynamic", "uint8", "int8") if a != use.act]
+    acts = _ACT_NEAR.get(use.act, (use.act, "fp32", "dynamic", "uint8", "int8"))
     best = None
     for ai, act in enumerate(acts):
         for dbits in (2, 4, 8):
@@ -178,7 +189,16 @@ def nearest(use: OpUse, rt: Runtime) -> str:
         return "float" if rt.classify(replace(use, act="fp32", weight="fp32", granularity=None,
                                               group_size=None)).support == "native" else ""
     c = best[1]
-    return recipe_name(c.weight, c.granularity, c.group_size, c.act)
+    return recipe_name(c.weight, c.granularity, c.group_size, c.act, rt.format)
+
+
+def _alternative_ops(op: str, fmt: str) -> list[str]:
+    from .profile import KIND_OPS
+
+    for ops in KIND_OPS.get(fmt, {}).values():
+        if op in ops:
+            return [o for o in ops if o != op]
+    return []
 
 
 def _gran_cost(use: OpUse, gran: str, group: int | None) -> int:

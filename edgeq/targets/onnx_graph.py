@@ -22,6 +22,9 @@ WEIGHT_INPUT = {
     "QGemm": 3, "MatMulNBits": 1, "Gather": 0, "GatherBlockQuantized": 0, "LSTM": 1, "GRU": 1,
     "RNN": 1, "Attention": 1, "DynamicQuantizeLSTM": 1,
 }
+# Integer ops carrying a raw integer weight: the input whose length gives its granularity.
+WEIGHT_QPARAM_INPUT = {"MatMulInteger": 3, "ConvInteger": 3, "DynamicQuantizeMatMul": 2, "QLinearMatMul": 4,
+                       "QLinearConv": 4, "QGemm": 4, "MatMulIntegerToFloat": 3}
 # Ops that quantize their own float activations on the fly.
 DYNAMIC_OPS = {"DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
 # Layout ops a runtime folds away when their data input is constant.
@@ -73,6 +76,24 @@ class _Graph:
                             self.types[out] = dtypes.get(a.t.data_type, "?")
                             self.dims[out] = len(a.t.dims)
                             self.numel[out] = _prod(a.t.dims)
+        for node in graph.node:
+            self._propagate(node, dtypes)
+
+    def _propagate(self, node, dtypes: dict[int, str]) -> None:
+        """Give untyped outputs a dtype (shape inference stops at contrib ops such as MatMulNBits)."""
+        attrs = {a.name: a for a in node.attribute}
+        for k, out in enumerate(node.output):
+            if not out or self.types.get(out, "?") != "?":
+                continue
+            if node.op_type == "Cast" and "to" in attrs:
+                self.types[out] = dtypes.get(attrs["to"].i, "?")
+            elif node.op_type in ("Shape", "Size"):
+                self.types[out] = "int64"
+            elif node.op_type in QDQ or k > 0:
+                continue  # their output dtypes come from zero points / scales: leave unknown
+            else:
+                first = next((self.types.get(i, "?") for i in node.input if i), "?")
+                self.types[out] = first
 
     def weight(self, name: str, seen: tuple = ()) -> tuple | None:
         """(dtype, granularity, group, folded nodes) when `name` is a constant weight, else None."""
@@ -97,7 +118,7 @@ class _Graph:
         node = self.producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in self.const:
             return self.types.get(node.input[0], "?"), (_nid(node),)
-        if node is not None and node.op_type == "DynamicQuantizeLinear":
+        if node is not None and node.op_type == "DynamicQuantizeLinear" and name == node.output[0]:
             return "dynamic", (_nid(node),)
         return self.types.get(name, "?"), ()
 
@@ -114,8 +135,10 @@ def _prod(dims) -> int:
 
 
 def load_model(path: str | Path):
-    import onnx
-
+    try:
+        import onnx
+    except ImportError:
+        raise EdgeqError("checking .onnx files needs the onnx package (pip install 'edgeq[host]')") from None
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -168,15 +191,23 @@ def _node_use(g: _Graph, node) -> OpUse | None:
         return None  # constant-folded at load time: not an op at run time
     folded: tuple = weight[3] if weight else ()
     act = "none"
+    via: tuple = ()
     for i, name in enumerate(inputs):
         if not name or i == widx or name in g.const:
             continue
         act, via = g.act(name)
         folded += via
         break
+    if via and widx is None and not _output_quantized(g, node):
+        act, via = "fp32", ()  # DQ -> op without Q: the DQ runs alone, then the float op
+        folded = weight[3] if weight else ()
     if node.op_type in DYNAMIC_OPS:
         act = "dynamic"
     wdtype, gran, group = (weight[0], weight[1], weight[2]) if weight else ("none", None, None)
+    if weight and gran is None and node.op_type in WEIGHT_QPARAM_INPUT:
+        q = WEIGHT_QPARAM_INPUT[node.op_type]
+        qname = inputs[q] if q < len(inputs) else ""
+        gran = "channel" if qname and g.numel.get(qname, 1) > 1 else "tensor"
     if node.op_type == "MatMulNBits":
         attrs = {a.name: a for a in node.attribute}
         bits = attrs["bits"].i if "bits" in attrs else 4
@@ -192,6 +223,10 @@ def _node_use(g: _Graph, node) -> OpUse | None:
                 folded += (_nid(consumer),)
     return OpUse(op=node.op_type, act=act, weight=wdtype, granularity=gran, group_size=group,
                  node=_nid(node), folded=folded)
+
+
+def _output_quantized(g: _Graph, node) -> bool:
+    return any(c.op_type == "QuantizeLinear" for out in node.output for c in g.consumers.get(out, []))
 
 
 def _qdq_use(g: _Graph, node) -> OpUse:

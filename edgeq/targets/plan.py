@@ -4,7 +4,8 @@ Before anything is exported, the plan already says which op each layer will beco
 a Linear is an ONNX MatMul / a TFLite FULLY_CONNECTED, a Conv a Conv / CONV_2D, an Embedding a
 Gather / GATHER; weight bits + symmetry give the dtype, granularity and group size the grouping,
 the activation mode the `act`. Static activations are uint8 in ONNX (ORT fuses integer MatMul only
-for uint8) and int8 in TFLite, as docs/architecture.md fixes.
+for uint8) and int8 in TFLite, as docs/architecture.md fixes; symmetric static activations are int8
+in ONNX too (zero point 0, what TensorRT requires).
 
 quant.json layers are read leniently (a list of tables with `name`, or a table keyed by name;
 weight fields flat or under `weight`, activation as a string or a table with `mode`), because the
@@ -48,11 +49,11 @@ def read_plan(qdir_or_json: str | Path | dict) -> list[dict]:
     return layers
 
 
-def _act_mode(layer: dict) -> tuple[str, int]:
+def _act_mode(layer: dict) -> tuple[str, int, bool]:
     act = layer.get("activation", layer.get("act", "none"))
     if isinstance(act, dict):
-        return str(act.get("mode", "none")), int(act.get("bits", 8))
-    return str(act or "none"), 8
+        return str(act.get("mode", "none")), int(act.get("bits", 8)), bool(act.get("symmetric", False))
+    return str(act or "none"), 8, False
 
 
 def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
@@ -62,7 +63,7 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
     kind = _KINDS.get(str(layer.get("kind", layer.get("type", "linear"))).lower())
     if kind is None:
         raise EdgeqError(f"{at}.kind: {layer.get('kind', layer.get('type'))!r} is not one of: linear, conv, embedding")
-    op = KIND_OPS[fmt][kind]
+    op = KIND_OPS[fmt][kind][0]
     w: dict[str, Any] = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
     bits = w.get("bits", w.get("weight_bits"))
     if bits is None or layer.get("skip") or layer.get("quantized") is False or int(bits) >= 16:
@@ -76,13 +77,14 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
     group = w.get("group_size") if gran == "group" else None
     if gran not in ("tensor", "channel", "group"):
         raise EdgeqError(f"{at}.granularity: {gran!r} is not one of: tensor, channel, group")
-    mode, abits = _act_mode(layer)
+    mode, abits, act_sym = _act_mode(layer)
     if mode in ("none", "float", "fp32"):
         act = "fp32"
     elif mode == "dynamic":
         act = "dynamic"
     elif mode == "static":
-        act = "int16" if abits == 16 else ("uint8" if fmt == "onnx" else "int8")
+        # ONNX: uint8 asymmetric unless the recipe asks for symmetric activations (int8, zero point 0).
+        act = "int16" if abits == 16 else ("uint8" if fmt == "onnx" and not act_sym else "int8")
     else:
         raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: none, dynamic, static")
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)

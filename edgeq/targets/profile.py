@@ -108,16 +108,18 @@ class WeightOption:
     act: str
     granularity: str
     group_size: int | None = None
+    op: str = ""
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "dtype": self.dtype, "act": self.act,
-                "granularity": self.granularity, "group_size": self.group_size}
+        return {"bits": self.bits, "dtype": self.dtype, "act": self.act, "granularity": self.granularity,
+                "group_size": self.group_size, "op": self.op}
 
 
-# Layer kinds (as in quant.json) -> the op each format renders them as.
+# Layer kinds (as in quant.json) -> the ops a format can render them as; the first is the default
+# rendering (what an exporter writes unless told otherwise).
 KIND_OPS = {
-    "onnx": {"linear": "MatMul", "conv": "Conv", "embedding": "Gather"},
-    "tflite": {"linear": "FULLY_CONNECTED", "conv": "CONV_2D", "embedding": "GATHER"},
+    "onnx": {"linear": ("MatMul", "MatMulNBits"), "conv": ("Conv",), "embedding": ("Gather", "GatherBlockQuantized")},
+    "tflite": {"linear": ("FULLY_CONNECTED",), "conv": ("CONV_2D",), "embedding": ("GATHER",)},
 }
 
 
@@ -162,8 +164,8 @@ class TargetProfile:
         to fallbacks when the user allows them.
         """
         rt = self.runtime(runtime, fmt)
-        op = KIND_OPS[rt.format].get(kind)
-        if op is None:
+        ops = KIND_OPS[rt.format].get(kind)
+        if ops is None:
             raise EdgeqError(f"kind: {kind!r} is not one of: {', '.join(KIND_OPS[rt.format])}")
         acts = tuple(acts) if acts is not None else ("fp32", "dynamic", "int8", "uint8")
         wanted = set(support)
@@ -172,9 +174,11 @@ class TargetProfile:
             for dtype in ("int2", "uint2", "int4", "uint4", "int8", "uint8"):
                 for gran in ("tensor", "channel", "group"):
                     for gs in (CANDIDATE_GROUP_SIZES if gran == "group" else (None,)):
-                        use = OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=gs)
-                        if rt.classify(use).support in wanted:
-                            out.append(WeightOption(use.weight_bits, dtype, act, gran, gs))
+                        for op in ops:
+                            use = OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=gs)
+                            if rt.classify(use).support in wanted:
+                                out.append(WeightOption(use.weight_bits, dtype, act, gran, gs, op))
+                                break
         return out
 
     def supported_weight_bits(self, runtime: str | None = None, fmt: str | None = None, kind: str = "linear",
@@ -226,7 +230,7 @@ def load_profile_file(path: str | os.PathLike) -> TargetProfile:
         raise EdgeqError(f"{path}: not valid TOML: {exc}") from None
     data = validate(data, str(path))
     if data["name"] != path.stem:
-        raise EdgeqError(f"{path}.name: {data['name']!r} must equal the file name {path.stem!r}")
+        raise EdgeqError(f"{path}: name: {data['name']!r} must equal the file name {path.stem!r}")
     runtimes = {}
     for rname, rt in data["runtimes"].items():
         runtimes[rname] = Runtime(

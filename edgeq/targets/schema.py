@@ -91,21 +91,23 @@ def _table(spec: dict[str, tuple[Check, bool]], fact: bool = True) -> Check:
     full = dict(spec)
     if fact:
         full.setdefault("source", (_source, True))
+        full.setdefault("note", (_str, False))
 
     def check(value: Any, where: str) -> dict:
         if not isinstance(value, dict):
-            raise _fail(where, f"expected a table, got {type(value).__name__}")
+            raise _fail(where or "top level", f"expected a table, got {type(value).__name__}")
+        at = (lambda k: f"{where}.{k}") if where else (lambda k: k)  # noqa: E731
         unknown = sorted(set(value) - set(full))
         if unknown:
-            raise _fail(f"{where}.{unknown[0]}", f"unknown key (allowed here: {', '.join(sorted(full))})")
+            raise _fail(at(unknown[0]), f"unknown key (allowed here: {', '.join(sorted(full))})")
         out = {}
         for key, (checker, required) in full.items():
             if key not in value:
                 if required:
                     what = "a fact without a source" if key == "source" else "missing required key"
-                    raise _fail(f"{where}.{key}", what)
+                    raise _fail(at(key), what)
                 continue
-            out[key] = checker(value[key], f"{where}.{key}")
+            out[key] = checker(value[key], at(key))
         return out
 
     return check
@@ -157,7 +159,6 @@ SPEC = _table({
         "lacks": (_list_of(_str), False),
         "optional": (_list_of(_str), False),
         "clock_ghz": (_num, False),
-        "note": (_str, False),
     }), True),
     "gpu": (_table({
         "model": (_str, True),
@@ -167,7 +168,6 @@ SPEC = _table({
         "tensor_cores": (_bool, False),
         "int8": (_bool, True),
         "fp16": (_bool, True),
-        "note": (_str, False),
     }), False),
     "memory": (_table({
         "ram_gib": (_list_of(_num), True),
@@ -179,7 +179,6 @@ SPEC = _table({
         "kernel": (_str, False),
         "python": (_str, False),
         "bsp": (_str, False),
-        "note": (_str, False),
     }), True),
     "power": (_table({
         "sensor": (_choice(POWER_SENSORS), True),
@@ -187,23 +186,29 @@ SPEC = _table({
         "rails": (_list_of(_str), False),
         "read": (_str, False),
         "meter": (_str, False),
-        "note": (_str, False),
     }), True),
     "runtimes": (_map_of(_RUNTIME), True),
 }, fact=False)
 
 
 def validate(data: Any, where: str) -> dict:
-    """Validate a parsed profile; `where` names the file. Returns the checked data."""
-    out = SPEC(data, where)
+    """Validate a parsed profile; `where` (the file) prefixes every error: `FILE: key.path: problem`."""
+    try:
+        return _validate(data)
+    except EdgeqError as exc:
+        raise EdgeqError(f"{where}: {exc}") from None
+
+
+def _validate(data: Any) -> dict:
+    out = SPEC(data, "")
     if out["schema"] != SCHEMA_VERSION:
-        raise _fail(f"{where}.schema", f"{out['schema']} is not a supported schema version ({SCHEMA_VERSION})")
+        raise _fail("schema", f"{out['schema']} is not a supported schema version ({SCHEMA_VERSION})")
     power = out["power"]
     if power["sensor"] != "none" and "input_rail" not in power:
-        raise _fail(f"{where}.power.input_rail", f"required when sensor = {power['sensor']!r}")
+        raise _fail("power.input_rail", f"required when sensor = {power['sensor']!r}")
     for rname, rt in out["runtimes"].items():
         for i, rule in enumerate(rt["ops"]):
-            at = f"{where}.runtimes.{rname}.ops[{i}]"
+            at = f"runtimes.{rname}.ops[{i}]"
             if rule["support"] == "fallback" and "fallback_to" not in rule:
                 raise _fail(f"{at}.fallback_to", "required when support = 'fallback' (what it falls back to)")
             if rule["support"] != "native" and "why" not in rule:

@@ -43,8 +43,13 @@ class OpUse:
                 "group_size": self.group_size, "node": self.node}
 
 
-def recipe_name(weight: str, granularity: str | None, group_size: int | None, act: str) -> str:
-    """A short recipe name in edgeq's grammar: w<bits>[-g<N>][a8|-dyn], e.g. w8, w4-g32, w8a8, w8-dyn."""
+def recipe_name(weight: str, granularity: str | None, group_size: int | None, act: str, fmt: str = "") -> str:
+    """A short recipe name in edgeq's grammar: w<bits>[-g<N>|-t][a8[-sym]|a16|-dyn].
+
+    `w8` 8-bit per-channel weights, float activations; `w4-g32` 4-bit weights in groups of 32;
+    `w8a8` static 8-bit activations (uint8 in ONNX, int8 in TFLite); `w8a8-sym` static symmetric
+    int8 activations in ONNX (zero point 0, what TensorRT needs); `w8-dyn` dynamic activations.
+    """
     if weight in ("none", "fp32", "fp16", "bf16"):
         return "float"
     name = f"w{_BITS[weight]}"
@@ -52,8 +57,10 @@ def recipe_name(weight: str, granularity: str | None, group_size: int | None, ac
         name += f"-g{group_size}"
     elif granularity == "tensor":
         name += "-t"
-    if act in ("int8", "uint8"):
+    if act == "uint8" or (act == "int8" and fmt != "onnx"):
         name += "a8"
+    elif act == "int8":
+        name += "a8-sym"
     elif act == "int16":
         name += "a16"
     elif act == "dynamic":

@@ -1,0 +1,36 @@
+"""`edgeq export QDIR|MODEL --format onnx|tflite [--variant V] -o FILE`."""
+
+from __future__ import annotations
+
+import click
+
+from .common import check_new_output, emit_json, json_option
+
+
+@click.command()
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), required=True, help="Output format.")
+@click.option("--variant", default=None, help="Rendering (default follows the recipe): onnx fp32|int8|dynamic-int8|weight-only; tflite fp32|dynamic-int8|int8|int4.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="File to write (FILE.json is written beside it).")
+@click.option("--target", default=None, help="Board profile to check the export against (see `edgeq targets list`).")
+@click.option("--allow-fallback", is_flag=True, help="With --target: export even where the board falls back to slower kernels (recorded in FILE.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@json_option
+def export(source, fmt, variant, output, target, allow_fallback, overwrite, as_json):
+    """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
+    from ..export import export as run_export
+
+    check_new_output(output, overwrite)
+    options = {}
+    if target:
+        options.update(target=target, allow_fallback=allow_fallback)
+    meta = run_export(source, fmt, output, variant=variant, **options)
+    if as_json:
+        emit_json(meta)
+        return
+    parity = meta.get("parity") or {}
+    click.echo(
+        f"{output}: {meta['format']} {meta['variant']}, {meta['size_bytes'] / 1e6:.2f} MB, exact={meta['exact']}, "
+        f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "
+        f"top1_agree={parity.get('top1_agree')}"
+    )

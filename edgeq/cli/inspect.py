@@ -1,0 +1,58 @@
+"""`edgeq inspect QDIR`: the per-layer decisions of a quantized model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import EdgeqError
+from .common import emit_json, json_option
+
+
+@click.command()
+@click.argument("target")
+@click.option("--activations", is_flag=True, help="Measure per-layer input kurtosis and the W4A16/W16A4/W4A4 error split.")
+@click.option("--calib", default=None, help="Data for --activations (default enwiki / images).")
+@json_option
+def inspect(target, activations, calib, as_json):
+    """Show TARGET's per-layer bits, groups, activation modes and sizes (TARGET: a QDIR, or a model with --activations)."""
+    from ..fileio import read_json
+    from ..quantize.qmodel import is_qdir
+
+    if activations:
+        from ..quantize.diagnostics import activation_report
+
+        report = activation_report(target, calib=calib)
+        if as_json:
+            emit_json(report)
+        else:
+            _print_activation_report(report)
+        return
+    if not is_qdir(target):
+        raise EdgeqError(f"inspect: {target!r} is not a quantized-model directory (no quant.json)")
+    summary = read_json(Path(target) / "quant.json")
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"{summary['model']}  recipe={summary['recipe']}  avg_bits={summary['avg_bits']}  "
+               f"{summary['bytes_before'] / 1e6:.2f} MB -> {summary['bytes_after'] / 1e6:.2f} MB "
+               f"({100 * summary['size_reduction']:.1f}% smaller)")
+    name_w = max([len(layer["name"]) for layer in summary["layers"]] + [5])
+    click.echo(f"{'layer':<{name_w}}  {'shape':>11}  {'weights':<10} {'act':<9} {'method':<6} {'gamma':>5} {'bytes':>10}")
+    for layer in summary["layers"]:
+        w, a = layer["weight"], layer["activation"]
+        g = {"tensor": "t", "channel": "c"}.get(w["granularity"], f"g{w['group_size']}")
+        wname = f"w{w['bits']}{'s' if w['symmetric'] else 'a'}-{g}"
+        act = f"{a['mode']}{a['bits'] if a['mode'] != 'none' else ''}"
+        shape = "x".join(str(s) for s in layer["shape"][:2])
+        click.echo(f"{layer['name']:<{name_w}}  {shape:>11}  {wname:<10} {act:<9} {layer['method']:<6} {layer['gamma']:>5.2f} {layer['bytes_quant']:>10}")
+
+
+def _print_activation_report(report) -> None:
+    rows = report.get("layers", [])
+    for row in rows:
+        click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    for key, value in report.items():
+        if key != "layers":
+            click.echo(f"{key}: {value}")

@@ -1,0 +1,59 @@
+"""`edgeq quantize MODEL --recipe R [--calib DATA] -o QDIR`."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from .common import check_new_output, emit_json, json_option, progress
+
+
+@click.command()
+@click.argument("model")
+@click.option("--recipe", "-r", required=True, help="Preset name (see `edgeq recipes`), a .toml/.yaml recipe file, or `auto`.")
+@click.option("--calib", "calib", default=None, help="Calibration data: enwiki, pydoc, images, a text file, an image folder or a .npy array.")
+@click.option("--samples", type=click.IntRange(1, 4096), default=None, help="Calibration samples (default: the recipe's).")
+@click.option("--seq-len", type=click.IntRange(8, 32768), default=None, help="Calibration window length in tokens (default: the recipe's).")
+@click.option("--target", default=None, help="With --recipe auto: the board profile whose bit-widths are allowed.")
+@click.option("--budget", default=None, help="With --recipe auto: size budget, e.g. 60MB, 4.5bits or 25%.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Quantized-model directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
+@json_option
+def quantize(model, recipe, calib, samples, seq_len, target, budget, output, overwrite, as_json):
+    """Quantize MODEL (a built-in name, a Hugging Face directory or package.module:factory)."""
+    from ..models import load_model
+    from ..models.inputs import calibration_batches
+    from ..quantize.ptq import quantize_model
+    from ..recipe import load_recipe
+
+    check_new_output(output, overwrite)
+    start = time.perf_counter()
+    if recipe == "auto":
+        from ..quantize.mixed import quantize_auto
+
+        qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, progress=progress)
+    else:
+        rec = load_recipe(recipe)
+        bundle = load_model(model)
+        batches = None
+        if rec.needs_calibration or calib:
+            n = samples or rec.calibration.samples
+            batches = calibration_batches(bundle, calib, n, seq_len or rec.calibration.seq_len)
+        qm = quantize_model(bundle, rec, batches, progress=progress)
+    qm.save(output, overwrite=overwrite)
+    summary = qm.summary()
+    result = {
+        "output": str(output), "model": summary["model"], "recipe": summary["recipe"],
+        "layers": len(summary["layers"]), "avg_bits": summary["avg_bits"],
+        "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"],
+        "size_reduction": summary["size_reduction"], "seconds": round(time.perf_counter() - start, 2),
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(
+            f"{result['output']}: {result['layers']} layers quantized with {result['recipe']}, avg {result['avg_bits']} bits/weight, "
+            f"{result['bytes_before'] / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB "
+            f"({100 * result['size_reduction']:.1f}% smaller) in {result['seconds']} s"
+        )

@@ -1,0 +1,260 @@
+"""TFLite export: fp32, dynamic-int8, int8 (full integer) and int4 (blockwise), carrying edgeq's grids exactly.
+
+Pipeline: the quantized model is rendered as float layers with its dequantized weights and
+converted once with litert-torch (`tflite_graph`, cached); ai-edge-quantizer then quantizes only
+edgeq's layers with min/max overrides that reproduce edgeq's scales bit for bit (`tflite_quant`);
+the file is read back and compared per layer (`tflite_check`), and run in LiteRT with XNNPACK
+against the PyTorch simulation for parity. A grid TFLite cannot hold is refused up front with the
+nearest variant or recipe that works: this module never re-quantizes anything on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EdgeqError, choice_error
+from . import register_exporter
+from .meta import held_back_inputs, parity_metrics, write_export_meta
+
+VARIANTS = ("fp32", "dynamic-int8", "int8", "int4")
+DEFAULT_SEQ_LEN = 64
+
+# Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation, per variant: (cos_min, top1_agree).
+# fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
+# kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
+# each row to asymmetric int8 where the simulation uses one uint8 grid per tensor (or float
+# activations for weight-only layers), and full-integer kernels requantize each layer's output to
+# int8 (a grid calibrated at export; the simulation keeps outputs float).
+TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85)}
+
+# What each variant needs at run time. Verified here: ai-edge-litert 2.3 with XNNPACK. The older
+# bounds come from the TFLite schema history (INT4 tensors, BlockwiseQuantization) and are stated
+# as such, not tested on those versions.
+RUNTIME_MIN = {
+    "fp32": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14", "basis": "builtin float ops only"},
+    "dynamic-int8": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14",
+                     "basis": "hybrid FULLY_CONNECTED/CONV_2D with per-channel int8 weights (TF >= 2.3)"},
+    "int8": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14",
+             "basis": "full-integer int8 kernels, per-channel weights (TF >= 2.3)"},
+    "int4": {"ai-edge-litert": "2.0", "tflite-runtime": None,
+             "basis": "INT4 weights with BlockwiseQuantization (fp16 block scales) postdate tflite-runtime 2.14; "
+                      "per-channel INT4 only needs an INT4-aware runtime"},
+}
+CONVENTIONS = {
+    "int8_weights": "symmetric narrow range [-127, 127], zero point 0, float32 scale per output channel",
+    "int4_weights": "symmetric [-8, 7], scale = absmax / 7, zero point 0; blockwise scales stored as fp16 holding bf16 values",
+    "int8_activations": "static: int8 per-tensor, zero point = edgeq's uint8 zero point - 128 (same real grid)",
+    "dynamic_activations": "LiteRT hybrid kernels: per-row asymmetric int8 computed at run time",
+}
+
+
+def default_variant(qm) -> str:
+    """The variant a quantized model's recipe asks for (fp32 without one)."""
+    if qm is None:
+        return "fp32"
+    decisions = [m.decision for m in qm.layers().values()]
+    if any(d.activation.mode == "static" for d in decisions):
+        return "int8"
+    if any(d.weight.bits <= 4 for d in decisions):
+        return "int4"
+    return "dynamic-int8"
+
+
+def check_representable(qm, variant: str) -> None:
+    """Refuse grids the variant cannot hold, naming what would work. Never re-quantizes."""
+    if variant == "fp32":
+        return
+    if qm is None:
+        raise EdgeqError(f"tflite: variant {variant!r} needs a quantized-model directory (edgeq quantize first); "
+                         "a model reference exports as --variant fp32")
+    for name, m in qm.layers().items():
+        d, w, a = m.decision, m.decision.weight, m.decision.activation
+        where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
+        if not w.symmetric:
+            raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
+                             f"re-quantize with symmetric = true (e.g. recipe {'w4-g128' if w.bits <= 4 else 'w8'})")
+        if w.bits not in (4, 8):
+            raise EdgeqError(f"{where}: LiteRT has no {w.bits}-bit weight kernels; nearest: recipe w4-g128 (--variant int4)")
+        if a.quantized and a.bits != 8:
+            raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8 (--variant int8) "
+                             "or w8 (--variant dynamic-int8)")
+        if variant == "int8":
+            if w.bits != 8 or a.mode != "static":
+                raise EdgeqError(f"{where}: --variant int8 (full integer) needs 8-bit weights with static activations "
+                                 f"in every layer; use recipe w8a8, or --variant {default_variant(qm)} for this model")
+            if a.symmetric:
+                raise EdgeqError(f"{where}: static activations are rendered from edgeq's asymmetric uint8 grid; "
+                                 "re-quantize with activation.symmetric = false (recipe w8a8)")
+        else:
+            if a.mode == "static":
+                raise EdgeqError(f"{where}: static activations need --variant int8 (a dynamic variant would drop the grid)")
+            if variant == "dynamic-int8" and w.bits != 8:
+                raise EdgeqError(f"{where}: --variant dynamic-int8 needs 8-bit weights; use --variant int4")
+        if w.granularity == "group":
+            if w.bits != 4 or d.kind != "linear":
+                raise EdgeqError(f"{where}: LiteRT's blockwise weights are INT4 on fully-connected layers only; "
+                                 "use granularity = 'channel'")
+            from .tflite_quant import BLOCK_SIZES
+
+            if w.group_size not in BLOCK_SIZES:
+                near = min(BLOCK_SIZES, key=lambda b: abs(b - w.group_size))
+                raise EdgeqError(f"{where}: LiteRT has blockwise INT4 for block sizes {', '.join(map(str, BLOCK_SIZES))}, "
+                                 f"not {w.group_size}; re-quantize with group_size = {near} (e.g. recipe w4-g{near if near in (64, 128) else 128})")
+            if d.shape[1] % w.group_size:
+                raise EdgeqError(f"{where}: input width {d.shape[1]} is not a multiple of the block size {w.group_size} "
+                                 "(LiteRT has no short last block); choose a group size dividing it")
+            s = m.scale.detach().float().numpy()
+            if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+                raise EdgeqError(f"{where}: its block scales are not exact in LiteRT's fp16/bf16 block-scale storage; "
+                                 "re-quantize with scale_dtype = 'bf16' (recipe w4-g128)")
+        if d.kind == "conv2d" and w.bits != 8:
+            raise EdgeqError(f"{where}: INT4 convolutions are not rendered; quantize convolutions to 8 bits (--variant dynamic-int8/int8)")
+
+
+def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
+    """Held-back inputs in the graph's fixed shape (encoder sentences padded with mask 0)."""
+    inputs = held_back_inputs(bundle, seq_len=seq_len)
+    if bundle.kind != "encoder":
+        return inputs
+    out = []
+    for ids, mask in inputs:
+        n = min(ids.shape[1], seq_len)
+        pid, pmask = torch.zeros(1, seq_len, dtype=ids.dtype), torch.zeros(1, seq_len, dtype=mask.dtype)
+        pid[:, :n], pmask[:, :n] = ids[:, :n], mask[:, :n]
+        out.append((pid, pmask))
+    return out
+
+
+def _calibration(bundle, seq_len: int, samples: int) -> list[dict]:
+    from ..models.inputs import calibration_batches
+    from .tflite_graph import example_inputs
+
+    batches = calibration_batches(bundle, None, samples, seq_len, batch_size=1)
+    if bundle.kind == "encoder":
+        padded = []
+        for ids, mask in batches:
+            n = min(ids.shape[1], seq_len)
+            pid, pmask = torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, seq_len, dtype=torch.long)
+            pid[:, :n], pmask[:, :n] = ids[:, :n], mask[:, :n]
+            padded.append((pid, pmask))
+        batches = padded
+    ex = example_inputs(bundle, seq_len)
+    dtypes = [np.int32 if not t.is_floating_point() else np.float32 for t in ex]
+    return [{f"args_{i}": np.asarray(t.numpy(), dtype=dt) for i, (t, dt) in enumerate(zip(b, dtypes))} for b in batches]
+
+
+def _input_meta(runner, bundle) -> list[dict]:
+    specs = runner.input_specs()
+    if bundle.kind in ("causal-lm", "encoder") and specs:
+        vocab = getattr(bundle.tokenizer, "vocab_size", None) or getattr(getattr(bundle.module, "config", None), "vocab_size", None)
+        if vocab:
+            specs[0]["range"] = [0, int(vocab) - 1]
+        specs[0]["role"] = "input_ids"
+        if bundle.kind == "encoder" and len(specs) > 1:
+            specs[1]["role"] = "attention_mask"
+            specs[1]["range"] = [0, 1]
+    return specs
+
+
+@register_exporter("tflite", ".tflite")
+def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, variant: str | None = None,
+                  seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int = 8, cache: bool = True, **options) -> dict:
+    """Write `out` (.tflite) and `out.json`; returns the metadata.
+
+    Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
+    `calib_samples` (int8 only: batches used to calibrate the int8 output grids TFLite requantizes
+    each layer's output to), `cache` (reuse a converted float graph of the same architecture).
+    """
+    from ..fileio import atomic_path
+    from .tflite_graph import float_graph
+    from .tflite_runtime import TfliteRunner, runtime_version
+
+    if options:
+        raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} (allowed: seq_len, calib_samples, cache)")
+    out = Path(out)
+    variant = variant or default_variant(qm)
+    if variant not in VARIANTS:
+        raise choice_error("variant", variant, VARIANTS)
+    check_representable(qm, variant)
+    b = qm.bundle if qm is not None else bundle
+    model = b.module.eval()
+    layers = qm.layers() if qm is not None else {}
+
+    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache)
+    t0 = time.perf_counter()
+    if variant == "fp32":
+        buf = float_buf
+    else:
+        from .tflite_quant import quantize
+
+        calib = _calibration(b, seq_len, calib_samples) if variant == "int8" else None
+        buf = quantize(float_buf, layers, ops, variant == "int8", calib)
+    quantize_s = time.perf_counter() - t0
+
+    check = None
+    if layers and variant != "fp32":
+        from .tflite_check import read_back
+
+        check = read_back(buf, layers)
+
+    runner = TfliteRunner(buf, threads=1)
+    inputs = _parity_inputs(b, seq_len)
+    with torch.no_grad():
+        from .tflite_graph import graph_module
+
+        ref_module = graph_module(b, model)
+        ref = [ref_module(*x).float().numpy() for x in inputs]
+    got = [runner(*[t.numpy() for t in x])[0] for x in inputs]
+    parity = parity_metrics(ref, got)
+    cos_tol, top1_tol = TOLERANCE[variant]
+    parity.update({"reference": "PyTorch simulation" if qm is not None else "PyTorch fp32",
+                   "runtime": f"{runtime_version()} XNNPACK, 1 thread",
+                   "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
+                   "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol)})
+
+    if variant == "fp32":
+        exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
+    else:
+        exact = bool(check["exact"])
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(buf)
+    extra = {
+        "seq_len": seq_len if b.kind in ("causal-lm", "encoder") else None,
+        "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len} if b.kind == "causal-lm" else None,
+                  "decode": None,
+                  "decode_note": ("no decode-step signature: litert-torch 0.10's generic convert exports a fixed-shape "
+                                  "prefill graph; a KV-cache decode signature needs its generative re-authoring API")
+                  if b.kind == "causal-lm" else None},
+        "runtime_min": {**RUNTIME_MIN[variant], "tested": f"{runtime_version()} (XNNPACK)"},
+        "conventions": CONVENTIONS,
+        "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
+                                                "per_layer": check["layers"]},
+        "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2)},
+        "tools": _tool_versions(),
+    }
+    if variant == "int8":
+        extra["output_grids"] = ("each integer layer's output is requantized to int8 on a grid ai-edge-quantizer "
+                                 f"calibrated on {calib_samples} calibration inputs (not part of the edgeq simulation)")
+    try:
+        return write_export_meta(out, fmt="tflite", variant=variant, model=b.reference,
+                                 qdir=source if qm is not None else None, recipe=qm.recipe.name if qm is not None else None,
+                                 exact=exact, parity=parity, inputs=_input_meta(runner, b), extra=extra)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+
+
+def _tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,132 @@
+"""Read a quantized TFLite flatbuffer back and compare its integers and scales with edgeq's, per layer.
+
+This is the proof behind `exact: true`: each layer's weight tensor (found by its `edgeq/<layer>/weight`
+name) must hold edgeq's integers in TFLite's layout, its scales must equal edgeq's float32 scales
+bit for bit (blockwise scales are stored as fp16 and compared after widening), zero points must be
+0, and a static layer's input tensor must carry the layer's activation grid as int8 (zp - 128).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..quantize.modules import QuantLinear
+
+
+def _int_layout(module) -> np.ndarray:
+    """edgeq's integers in TFLite's weight layout."""
+    q = module.qweight.detach().to(torch.int16).numpy()
+    if isinstance(module, QuantLinear):
+        return q
+    shape = module.decision.shape  # [out, in/groups, kh, kw]
+    q = q.reshape(shape)
+    if module.conv_args["groups"] == 1:
+        return q.transpose(0, 2, 3, 1)
+    return q.transpose(1, 2, 3, 0)
+
+
+def _unpack_int4(raw: np.ndarray, n: int) -> np.ndarray:
+    """TFLite packs int4 two per byte, low nibble first."""
+    b = raw.astype(np.int16)
+    q = np.stack([b & 0xF, (b >> 4) & 0xF], axis=-1).reshape(-1)[:n]
+    return np.where(q >= 8, q - 16, q)
+
+
+def _tensor_ints(model_t, tensor) -> np.ndarray | None:
+    s = _schema()
+    raw = model_t.buffers[tensor.buffer].data
+    if raw is None:
+        return None
+    raw = np.asarray(raw, dtype=np.uint8)
+    n = int(np.prod(tensor.shape))
+    if tensor.type == s.TensorType.INT8:
+        return raw.view(np.int8).astype(np.int16).reshape(tuple(tensor.shape))
+    if tensor.type == s.TensorType.INT4:
+        return _unpack_int4(raw, n).reshape(tuple(tensor.shape))
+    return None
+
+
+def _schema():
+    from .tflite_graph import schema
+
+    return schema()
+
+
+def _fp16_scales(model_t, sg, index: int) -> np.ndarray:
+    t = sg.tensors[index]
+    raw = np.asarray(model_t.buffers[t.buffer].data, dtype=np.uint8)
+    dtype = np.float16 if t.type == _schema().TensorType.FLOAT16 else np.float32
+    return raw.view(dtype).astype(np.float32).reshape(tuple(t.shape))
+
+
+def read_back(buf: bytes, layers: dict) -> dict:
+    """Per-layer comparison; returns {"exact": bool, "layers": {name: {...}}, "mismatches": [...]}."""
+    from .tflite_graph import op_names, read_model
+
+    s = _schema()
+    model_t = read_model(buf)
+    codes = op_names(model_t)
+    tensors = {}
+    consumers = {}
+    for sg in model_t.subgraphs:
+        for i, t in enumerate(sg.tensors):
+            if t.name:
+                tensors[t.name.decode()] = (sg, i)
+        for op in sg.operators:
+            if len(op.inputs) > 1 and op.inputs[1] >= 0:
+                consumers[(id(sg), op.inputs[1])] = (op, codes[op.opcodeIndex])
+    report, mismatches = {}, []
+    for name, m in layers.items():
+        d = m.decision
+        entry = {"bits": d.weight.bits, "granularity": d.weight.granularity}
+        found = tensors.get(f"edgeq/{name}/weight")
+        if found is None:
+            mismatches.append(f"{name}: weight tensor not found")
+            report[name] = {**entry, "ints": False, "scales": False}
+            continue
+        sg, ti = found
+        t = sg.tensors[ti]
+        ints = _tensor_ints(model_t, t)
+        want = _int_layout(m)
+        entry["tflite_type"] = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type)
+        entry["ints"] = bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))
+        qp = t.quantization
+        edgeq_scale = m.scale.detach().to(torch.float32).numpy()
+        if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
+            det = qp.details
+            got = _fp16_scales(model_t, sg, det.scales)
+            entry["block_size"] = int(det.blockSize)
+            entry["scale_storage"] = "fp16 (bf16 precision)"
+            zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints))
+            entry["scales"] = bool(got.shape == edgeq_scale.shape and np.array_equal(got, edgeq_scale) and zp_ok
+                                   and det.blockSize == d.weight.group_size)
+        elif qp is not None and qp.scale is not None:
+            got = np.asarray(qp.scale, dtype=np.float32)
+            want_s = edgeq_scale[:1, 0] if d.weight.granularity == "tensor" else edgeq_scale[:, 0]
+            zps = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else [0])
+            entry["scale_storage"] = "fp32"
+            entry["scales"] = bool(got.shape == want_s.shape and np.array_equal(got.view(np.uint32), want_s.view(np.uint32))
+                                   and not np.any(zps))
+        else:
+            entry["scales"] = False
+        if d.activation.mode == "static":
+            entry["act"] = _act_matches(model_t, sg, consumers, ti, m)
+        for key in ("ints", "scales", "act"):
+            if entry.get(key) is False:
+                mismatches.append(f"{name}: {key} differ")
+        report[name] = entry
+    return {"exact": not mismatches, "layers": report, "mismatches": mismatches}
+
+
+def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
+    op, _ = consumers.get((id(sg), weight_index), (None, None))
+    if op is None:
+        return False
+    qp = sg.tensors[op.inputs[0]].quantization
+    if qp is None or qp.scale is None or len(qp.scale) != 1:
+        return False
+    s = np.float32(m.act_scale.item())
+    z = int(m.act_zero_point.item()) - 128
+    return bool(np.float32(qp.scale[0]).view(np.uint32) == s.view(np.uint32) and int(qp.zeroPoint[0]) == z
+                and sg.tensors[op.inputs[0]].type == _schema().TensorType.INT8)

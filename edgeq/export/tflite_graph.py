@@ -1,0 +1,288 @@
+"""The float TFLite graph an export starts from: PyTorch -> litert-torch -> labelled flatbuffer.
+
+A quantized model is rendered as plain float layers holding its dequantized weights `(q - zp) *
+scale` (never its fake-quant simulation), converted once with litert-torch, and each edgeq layer
+is found in the flatbuffer by the exact bytes of its weight. Its weight tensor is renamed
+`edgeq/<layer>/weight` and its output `edgeq/<layer>`, so later steps (ai-edge-quantizer recipes,
+read-back) address layers by edgeq's names and never by the converter's mangled scopes.
+
+Conversion is slow (about a minute even for a toy model), so the labelled float graph is cached
+by architecture and float contents; a quantized model with the same architecture gets the cached
+graph with its own dequantized weights written into the labelled buffers. This module must never
+change a weight's values: a layer whose bytes are not found is an error, not a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgeqError
+from ..quantize.modules import QuantConv2d, QuantLinear, quant_layers, set_module
+
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+GRAPH_VERSION = 1  # bump when the rendering or labelling changes, to invalidate cached graphs
+
+
+def schema():
+    from ai_edge_litert import schema_py_generated
+
+    return schema_py_generated
+
+
+# ---- PyTorch side ---------------------------------------------------------------------------
+
+class _DequantConv(torch.nn.Module):
+    """A QuantConv2d as a float conv with its dequantized weight (TF-style static padding kept)."""
+
+    def __init__(self, q: QuantConv2d):
+        super().__init__()
+        self.static_padding = q.static_padding
+        self.conv_args = q.conv_args
+        self.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
+        self.bias = q.bias
+
+    def forward(self, x):
+        if self.static_padding is not None:
+            x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, **self.conv_args)
+
+
+def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
+    lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    lin.weight = torch.nn.Parameter(q.weight_2d().detach().clone(), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = q.bias
+    return lin
+
+
+@contextlib.contextmanager
+def float_rendering(model: torch.nn.Module):
+    """Temporarily swap every quantized layer for a float layer with its dequantized weight."""
+    layers = quant_layers(model)
+    try:
+        for name, q in layers.items():
+            set_module(model, name, _dequant_linear(q) if isinstance(q, QuantLinear) else _DequantConv(q))
+        yield model
+    finally:
+        for name, q in layers.items():
+            set_module(model, name, q)
+
+
+class _LogitsLM(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _FirstOutput(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, *args):
+        out = self.m(*args)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return getattr(out, "logits", out)
+
+
+def graph_module(bundle, model: torch.nn.Module) -> torch.nn.Module:
+    """The module a file is exported from: positional inputs, the main output (logits) first."""
+    if bundle.kind == "causal-lm":
+        return _LogitsLM(model).eval()
+    if bundle.kind == "encoder":
+        return _Encoder(model).eval()
+    return _FirstOutput(model).eval()
+
+
+def example_inputs(bundle, seq_len: int) -> tuple:
+    """Fixed-shape example inputs: TFLite graphs here are static (token models use `seq_len`)."""
+    if bundle.kind == "causal-lm":
+        return (torch.zeros(1, seq_len, dtype=torch.long),)
+    if bundle.kind == "encoder":
+        return (torch.zeros(1, seq_len, dtype=torch.long), torch.ones(1, seq_len, dtype=torch.long))
+    if not bundle.example_inputs:
+        raise EdgeqError(f"tflite: model {bundle.reference!r} has no example inputs to fix the graph's shapes")
+    return tuple(t[:1] for t in bundle.example_inputs)
+
+
+def tflite_weight(module) -> np.ndarray:
+    """A quantized layer's dequantized weight in TFLite's layout (FC [out, in]; conv OHWI; depthwise 1HWO)."""
+    w = module.weight.detach().to(torch.float32).numpy()
+    if isinstance(module, QuantLinear):
+        return np.ascontiguousarray(w)
+    if module.conv_args["groups"] == 1:
+        return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+    if module.conv_args["groups"] == module.in_channels == module.out_channels:
+        return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
+    raise EdgeqError(f"tflite: layer {module.decision.name}: grouped convolutions other than depthwise have no TFLite kernel")
+
+
+# ---- flatbuffer side ------------------------------------------------------------------------
+
+def read_model(buf: bytes):
+    s = schema()
+    return s.ModelT.InitFromObj(s.Model.GetRootAs(buf, 0))
+
+
+def write_model(model_t) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model_t.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def op_names(model_t) -> list[str]:
+    s = schema()
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    return [names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), str(oc.builtinCode)) for oc in model_t.operatorCodes]
+
+
+def weight_ops(model_t):
+    """(subgraph, op, op name) for every op with a weight input, in graph order."""
+    codes = op_names(model_t)
+    for sg in model_t.subgraphs:
+        for op in sg.operators:
+            name = codes[op.opcodeIndex]
+            if name in WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
+                yield sg, op, name
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
+
+
+def label_layers(model_t, weights: dict[str, np.ndarray]) -> dict[str, str]:
+    """Rename each layer's weight/output tensors after the layer; returns layer -> TFLite op name.
+
+    Layers are found by the exact bytes of their float weight. A layer found nowhere (the converter
+    changed its weight, e.g. folded a BatchNorm into it) or twice with different ops is an error.
+    """
+    by_digest: dict[str, list[str]] = {}
+    for name, w in weights.items():
+        by_digest.setdefault(_digest(w), []).append(name)
+    found: dict[str, str] = {}
+    for sg, op, opname in weight_ops(model_t):
+        wt = sg.tensors[op.inputs[1]]
+        data = model_t.buffers[wt.buffer].data
+        if data is None or wt.type != schema().TensorType.FLOAT32:
+            continue
+        names = by_digest.get(hashlib.sha1(bytes(np.asarray(data, dtype=np.uint8))).hexdigest())
+        if not names:
+            continue
+        name = names.pop(0)  # identical weights: graph order decides, any assignment is byte-identical
+        wt.name = f"edgeq/{name}/weight".encode()
+        sg.tensors[op.outputs[0]].name = f"edgeq/{name}".encode()
+        found[name] = opname
+    missing = [n for n in weights if n not in found]
+    if missing:
+        raise EdgeqError(f"tflite: the converter changed the weight of layer {missing[0]!r} (and {len(missing) - 1} more), "
+                         "e.g. by folding a BatchNorm into it; its integers cannot be carried exactly. "
+                         "Fold such layers before quantizing, or export --variant fp32")
+    return found
+
+
+def set_weights(model_t, weights: dict[str, np.ndarray]) -> None:
+    """Write each layer's float weight into its labelled buffer (shapes must agree)."""
+    for sg, op, _ in weight_ops(model_t):
+        wt = sg.tensors[op.inputs[1]]
+        name = wt.name.decode()
+        if name.startswith("edgeq/") and name.endswith("/weight"):
+            layer = name[len("edgeq/"):-len("/weight")]
+            w = weights[layer]
+            assert list(wt.shape) == list(w.shape), (layer, list(wt.shape), w.shape)
+            model_t.buffers[wt.buffer].data = np.frombuffer(np.ascontiguousarray(w, dtype=np.float32).tobytes(), dtype=np.uint8)
+
+
+def _float_digest(model: torch.nn.Module) -> str:
+    """Hash of every float tensor outside the quantized layers (biases included)."""
+    h = hashlib.sha256()
+    qnames = set(quant_layers(model))
+    for k, v in sorted(model.state_dict().items()):
+        layer = k.rpartition(".")[0]
+        if layer in qnames and not k.endswith(".bias"):
+            continue
+        if v.is_floating_point():
+            h.update(k.encode())
+            h.update(v.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def graph_key(bundle, model: torch.nn.Module, seq_len: int) -> str:
+    layers = {n: [type(m).__name__, list(m.decision.shape)] for n, m in quant_layers(model).items()}
+    ex = [list(t.shape) + [str(t.dtype)] for t in example_inputs(bundle, seq_len)]
+    import litert_torch
+
+    text = json.dumps([GRAPH_VERSION, bundle.reference, bundle.kind, layers, ex, _float_digest(model),
+                       torch.__version__, getattr(litert_torch, "__version__", "?")], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True) -> tuple[bytes, dict[str, str], float]:
+    """The labelled float TFLite graph of `model` with its dequantized weights.
+
+    Returns (flatbuffer bytes, layer -> op name, conversion seconds; 0 when cached).
+    """
+    import time
+
+    from ..cache import cache_dir
+    from ..fileio import write_bytes_atomic, write_json_atomic, read_json
+
+    layers = quant_layers(model)
+    weights = {n: tflite_weight(m) for n, m in layers.items()}
+    key = graph_key(bundle, model, seq_len)
+    cached = cache_dir("tflite-graphs") / f"{key}.tflite"
+    index = cached.with_suffix(".json")
+    if cache and cached.is_file() and index.is_file():
+        model_t = read_model(cached.read_bytes())
+        set_weights(model_t, weights)
+        return write_model(model_t), read_json(index)["layers"], 0.0
+    t0 = time.perf_counter()
+    buf = convert(bundle, model, seq_len)
+    seconds = time.perf_counter() - t0
+    model_t = read_model(buf)
+    found = label_layers(model_t, weights)
+    out = write_model(model_t)
+    if cache:
+        write_bytes_atomic(cached, out)
+        write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "layers": found})
+    return out, found, seconds
+
+
+def convert(bundle, model: torch.nn.Module, seq_len: int) -> bytes:
+    """litert-torch conversion of the float rendering of `model` (one `serving_default` signature)."""
+    import tempfile
+
+    import litert_torch
+
+    with float_rendering(model), torch.no_grad():
+        module = graph_module(bundle, model)
+        try:
+            edge = litert_torch.convert(module, example_inputs(bundle, seq_len))
+        except Exception as exc:  # the converter fails in many ways on unsupported ops
+            raise EdgeqError(f"tflite: litert-torch cannot convert {bundle.reference!r}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        with tempfile.TemporaryDirectory(prefix="edgeq-tflite-") as tmp:
+            path = Path(tmp) / "float.tflite"
+            edge.export(str(path))
+            return path.read_bytes()

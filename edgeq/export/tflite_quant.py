@@ -1,0 +1,130 @@
+"""edgeq's grids as ai-edge-quantizer instructions: one recipe entry and one min/max override per layer.
+
+ai-edge-quantizer computes a symmetric scale as `bound / qmax` and an asymmetric one as
+`(max - min) / (2^b - 1)` in float64. Handing it `bound = qmax * scale` (exact in float64 for a
+float32 scale) therefore gives back edgeq's scale bit for bit, and the integers it rounds from the
+dequantized float weight `q * scale` are edgeq's integers. Static activation grids go the same way
+(uint8 zero point z -> int8 z - 128, the same real grid). Only FC / conv layers edgeq quantized are
+named in the recipe; every other op stays float (never the "quantize everything" trap).
+The read-back in `tflite_check` is what proves the result; nothing here is trusted without it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..errors import EdgeqError
+
+ALGORITHM = "min_max_uniform_quantize"
+BLOCK_SIZES = (32, 64, 128, 256)  # ai-edge-quantizer's BLOCKWISE_* granularities (LiteRT blockwise kernels)
+
+
+def _granularity(decision) -> str:
+    w = decision.weight
+    if w.granularity == "group":
+        return f"BLOCKWISE_{w.group_size}"
+    return "CHANNELWISE" if w.granularity == "channel" else "TENSORWISE"
+
+
+def op_config(decision, static: bool) -> dict:
+    """The ai-edge-quantizer op config rendering one edgeq layer decision."""
+    w = decision.weight
+    cfg = {
+        "weight_tensor_config": {"num_bits": w.bits, "symmetric": True, "granularity": _granularity(decision), "dtype": "INT"},
+        "compute_precision": "INTEGER",
+        "explicit_dequantize": False,
+        "skip_checks": False,
+        "min_weight_elements": 0,
+    }
+    if static:
+        cfg["activation_tensor_config"] = {"num_bits": 8, "symmetric": False, "granularity": "TENSORWISE", "dtype": "INT"}
+    return cfg
+
+
+def recipe(layers: dict, ops: dict[str, str], static: bool) -> list[dict]:
+    """One entry per quantized layer, matched by the exact output name `edgeq/<layer>`."""
+    return [{"regex": f"^edgeq/{re.escape(name)}$", "operation": ops[name], "algorithm_key": ALGORITHM,
+             "op_config": op_config(m.decision, static)} for name, m in layers.items()]
+
+
+def weight_override(module, op: str, tfl_shape: tuple) -> dict:
+    """min/max for a weight such that ai-edge-quantizer derives edgeq's scales exactly."""
+    d = module.decision
+    qmax = 2 ** (d.weight.bits - 1) - 1
+    bound = module.scale.detach().double().numpy() * qmax  # [out, n_groups]; exact in float64
+    if d.weight.granularity == "group":
+        shape = bound.shape  # [out, in / block] = ai-edge-quantizer's blockwise min/max shape for FC
+    elif d.weight.granularity == "tensor":
+        bound = bound[:1, :1]
+        shape = (1,) * len(tfl_shape)
+    elif op == "DEPTHWISE_CONV_2D":
+        shape = (1, 1, 1, tfl_shape[3])
+    else:
+        shape = (tfl_shape[0],) + (1,) * (len(tfl_shape) - 1)
+    bound = bound.reshape(shape)
+    return {"min": -bound, "max": bound}
+
+
+def act_override(module) -> dict:
+    """min/max for a static input grid: uint8 (scale s, zero point z) is int8 (s, z - 128)."""
+    s = float(module.act_scale)
+    z = int(module.act_zero_point)
+    return {"min": np.array(-z * s, dtype=np.float64), "max": np.array((255 - z) * s, dtype=np.float64)}
+
+
+def input_tensor_names(model_t, names: list[str]) -> dict[str, str]:
+    """layer -> the name of its op's activation input tensor in the float graph."""
+    from .tflite_graph import weight_ops
+
+    out = {}
+    for sg, op, _ in weight_ops(model_t):
+        oname = sg.tensors[op.outputs[0]].name.decode()
+        if oname.startswith("edgeq/") and oname[len("edgeq/"):] in names:
+            out[oname[len("edgeq/"):]] = sg.tensors[op.inputs[0]].name.decode()
+    return out
+
+
+def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: list[dict] | None) -> bytes:
+    """Apply edgeq's grids to the labelled float graph with ai-edge-quantizer; returns the flatbuffer."""
+    from ai_edge_quantizer import quantizer
+
+    from .tflite_graph import read_model
+
+    qt = quantizer.Quantizer(bytearray(float_buf))
+    qt.load_quantization_recipe(recipe(layers, ops, static))
+    model_t = read_model(float_buf)
+    shapes = {}
+    for sg, op, _ in _weight_ops(model_t):
+        shapes[sg.tensors[op.inputs[1]].name.decode()] = tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
+    qsvs: dict = {}
+    if static:
+        qsvs = dict(qt.calibrate({"serving_default": calibration or []}, num_threads=1))
+        inputs = input_tensor_names(model_t, list(layers))
+        for name, m in layers.items():
+            grid = act_override(m)
+            prev = qsvs.get(inputs[name], {}).get("_edgeq")
+            if prev is not None and prev != name and not _same(qsvs[inputs[name]], grid):
+                raise EdgeqError(f"tflite: layers {prev!r} and {name!r} read the same tensor with different static grids; "
+                                 "TFLite holds one grid per tensor (re-quantize with one activation grid for them)")
+            qsvs[inputs[name]] = {**grid, "_edgeq": name}
+    for name, m in layers.items():
+        wname = f"edgeq/{name}/weight"
+        qsvs[wname] = weight_override(m, ops[name], shapes[wname])
+    qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
+    try:
+        result = qt.quantize(qsvs, enable_progress_report=False)
+    except (ValueError, RuntimeError) as exc:
+        raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
+    return bytes(result.quantized_model)
+
+
+def _weight_ops(model_t):
+    from .tflite_graph import weight_ops
+
+    return weight_ops(model_t)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return np.array_equal(a["min"], b["min"]) and np.array_equal(a["max"], b["max"])

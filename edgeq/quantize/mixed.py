@@ -1,0 +1,322 @@
+"""Hardware-aware mixed precision: the `auto` recipe (`edgeq quantize --recipe auto`).
+
+    qm = auto_quantize(bundle, target="rpi5", budget="4.5bits", calib_batches=batches)
+    qm.save("out/")   # recipe.toml has one exact-name rule per layer; quant.json["mixed"] the reasons
+
+Stages: `analyze` (fold norms, Fisher sensitivity, weight variance, input kurtosis and the
+predicted loss of every layer at every candidate bit-width) -> `plan` (bits per layer under the
+budget: closed-form rate-distortion start, integer greedy / Lagrangian refinement; see allocate.py)
+-> `quantize_model` with the resulting per-layer recipe -> measured loss. `analyze` is separate so
+one analysis serves many budgets (tools/bench_mixed.py).
+
+The bit-widths come from the target profile (the weight formats its runtime runs natively for a
+Linear with the chosen activation mode) or from an explicit `allowed_bits`; Linear layers are the
+candidates (a tied LM head stays float and shared with the embedding; convolutions are left float).
+This module never changes the core's byte accounting: sizes are computed exactly as quant.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+
+from ..errors import EdgeqError, choice_error
+from ..models import ModelBundle
+from ..recipe import ActSpec, QuantRecipe, WeightSpec
+from .allocate import Allocation, Choice, LayerOptions, allocate
+from .budget import Budget, parse_budget
+from .methods import METHODS
+from .qmodel import QuantizedModel, model_float_bytes
+from .sensitivity import LayerSensitivity, Objective, fisher_sensitivity, mean_loss, measure_layers, predicted_loss
+from .transforms import fold_norms, head_name, is_tied
+
+AUTO_RECIPE = "auto"
+MEASURE = ("none", "model", "layers")
+ALL_BITS = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    """How `auto` chooses: the format of each bit-width, what is measured, which layers are forced."""
+
+    group_size: int | None = 128  # for bits < 8; None = per channel
+    symmetric: bool = True
+    eight_bit_granularity: str = "channel"  # 8-bit layers: channel, or group (with group_size)
+    activation: str = "none"  # none (weight-only) | dynamic (int8 per token, on the fly)
+    method: str = "rtn"  # how the chosen bits are applied: rtn | gptq
+    runtime: str | None = None  # the target's runtime to ask (default: its default runtime)
+    allow_fallback: bool = False  # also use bit-widths the runtime runs only through a fallback
+    outlier_kurtosis: float | None = None  # force layers whose input kurtosis exceeds this to 8-bit
+    measure: str = "model"  # none | model (the final model's loss) | layers (also each layer alone)
+    skip: str | None = None  # regex of layer names to keep float
+    sensitivity_batches: int | None = None  # use only the first N calibration batches for the analysis
+
+    def __post_init__(self):
+        if self.activation not in ("none", "dynamic"):
+            raise choice_error("mixed.activation", self.activation, ("none", "dynamic"))
+        if self.method not in METHODS:
+            raise choice_error("mixed.method", self.method, sorted(METHODS))
+        if self.measure not in MEASURE:
+            raise choice_error("mixed.measure", self.measure, MEASURE)
+        if self.eight_bit_granularity not in ("channel", "group"):
+            raise choice_error("mixed.eight_bit_granularity", self.eight_bit_granularity, ("channel", "group"))
+        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise EdgeqError(f"--group-size: {self.group_size} is not a power of two >= 8")
+
+
+@dataclass
+class Analysis:
+    """Everything measured before bits are chosen; reusable across budgets for the same model."""
+
+    layers: dict[str, LayerSensitivity]
+    specs: dict[int, WeightSpec]  # bits -> weight format
+    table: dict[str, dict[int, float]]  # layer -> bits -> predicted loss increase
+    bytes_table: dict[str, dict[int, int]]  # layer -> bits -> stored bytes (quant.json accounting)
+    fixed_bytes: int  # every float tensor that stays float (candidates' weights excluded)
+    fp32_bytes: int  # the float model's size (quant.json bytes_before)
+    base_loss: float
+    objective: str
+    forced: list[str] = field(default_factory=list)
+    target: dict = field(default_factory=dict)
+
+
+def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, options: MixedOptions) -> tuple[dict[int, WeightSpec], dict]:
+    """bits -> WeightSpec that mixed precision may use; from the target profile and/or an explicit set.
+
+    The one place that asks a board profile which weight formats run natively for a Linear
+    (`TargetProfile.weight_options`); an explicit set narrows the target's set.
+    """
+    explicit = None
+    if allowed_bits is not None:
+        explicit = sorted({int(b) for b in allowed_bits})
+        bad = [b for b in explicit if b not in ALL_BITS]
+        if bad or not explicit:
+            raise EdgeqError(f"--bits: {bad[0] if bad else 'empty'!r} is not a bit-width mixed precision uses (allowed: {', '.join(map(str, ALL_BITS))})")
+    gs = options.group_size
+    if target is None:
+        if explicit is None:
+            raise EdgeqError("--recipe auto: pass --target NAME or an explicit --bits set (e.g. --bits 2,3,4,8)")
+        specs = {b: _spec(b, options, "group" if (b < 8 or options.eight_bit_granularity == "group") and gs else "channel", gs)
+                 for b in explicit}
+        return specs, {"name": None, "bits": explicit, "source": "--bits"}
+    from ..targets import load_profile
+
+    profile = load_profile(target)
+    act = "fp32" if options.activation == "none" else "dynamic"
+    support = ("native", "fallback") if options.allow_fallback else ("native",)
+    runtime = profile.runtime(options.runtime).name
+    opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
+    specs = {}
+    for bits in sorted({o.bits for o in opts}):
+        if explicit is not None and bits not in explicit:
+            continue
+        mine = [o for o in opts if o.bits == bits and o.dtype.startswith("int" if options.symmetric else "uint")]
+        if not mine:
+            continue
+        grans = {(o.granularity, o.group_size) for o in mine}
+        prefer_group = bits < 8 or options.eight_bit_granularity == "group"
+        if prefer_group and gs is not None and ("group", gs) in grans:
+            specs[bits] = _spec(bits, options, "group", gs)
+        elif ("channel", None) in grans:
+            specs[bits] = _spec(bits, options, "channel", None)
+        elif any(g == "group" for g, _ in grans):
+            sizes = sorted(s for g, s in grans if g == "group")
+            pick = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(gs or 128)), -s))
+            specs[bits] = _spec(bits, options, "group", pick)
+    if not specs:
+        raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {'/'.join(map(str, explicit or []))}"
+                         f"{'' if explicit else ''} {'signed' if options.symmetric else 'unsigned'} weight format natively "
+                         f"for a Linear with activations {act} (try --activation dynamic, --allow-fallback or other --bits)")
+    info = {"name": profile.name, "runtime": runtime, "activation": act, "support": list(support),
+            "bits": sorted(specs), "source": profile.path}
+    return specs, info
+
+
+def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None) -> WeightSpec:
+    sym = options.symmetric or bits == 8  # 8-bit is symmetric by edgeq's convention (LiteRT narrow range)
+    return WeightSpec.from_dict({"bits": bits, "symmetric": sym, "granularity": granularity,
+                                 **({"group_size": group_size} if granularity == "group" else {})})
+
+
+def candidate_layers(model: torch.nn.Module, options: MixedOptions) -> list[str]:
+    """Linear layers mixed precision chooses bits for (a tied head stays float: untying would add bytes)."""
+    import re
+
+    head = head_name(model)
+    tied = is_tied(model)
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if tied and name == head:
+            continue
+        if options.skip and re.search(options.skip, name):
+            continue
+        out.append(name)
+    return out
+
+
+def spec_bytes(shape: tuple, spec: WeightSpec, act: ActSpec | None = None) -> int:
+    """Stored bytes of one layer, as `qmodel.layer_bytes` counts them (integers + scales + zero points)."""
+    out, numel = shape[0], math.prod(shape)
+    cols = numel // out
+    groups = math.ceil(cols / spec.group_size) if spec.granularity == "group" else 1
+    n_scales = out * groups  # per-tensor scales are stored expanded to one per row, as rtn does
+    scale_bytes = 2 if spec.scale_dtype == "bf16" else 4
+    zp_bits = 0 if spec.symmetric else spec.bits
+    meta = n_scales * scale_bytes + math.ceil(n_scales * zp_bits / 8)
+    if act is not None and act.mode == "static":
+        meta += 5
+    return math.ceil(numel * spec.bits / 8) + meta
+
+
+def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], options: MixedOptions = MixedOptions(),
+            progress=None) -> Analysis:
+    """Fold norms (as quantize_model will), then measure every candidate layer's sensitivity."""
+    model = bundle.module.eval()
+    batches = list(calib_batches or [])
+    if not batches:
+        raise EdgeqError("--recipe auto needs calibration data to measure layer sensitivity: pass --calib")
+    if options.sensitivity_batches:
+        batches = batches[: options.sensitivity_batches]
+    fp32_bytes = model_float_bytes(model)
+    fold_norms(model)
+    names = candidate_layers(model, options)
+    if not names:
+        raise EdgeqError(f"--recipe auto: {bundle.reference!r} has no Linear layer to quantize")
+    objective = Objective(bundle.is_lm)
+    with torch.no_grad():
+        base = mean_loss(model, batches, objective)
+    sens = fisher_sensitivity(model, names, batches, objective, progress)
+    table, bytes_table = {}, {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        table[name] = {b: predicted_loss(sens[name], w, s) for b, s in specs.items()}
+        bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in specs.items()}
+    cand_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in names)
+    forced = []
+    if options.outlier_kurtosis is not None:
+        forced = [n for n in names if sens[n].kurtosis > options.outlier_kurtosis]
+    return Analysis(sens, specs, table, bytes_table, fp32_bytes - cand_bytes, fp32_bytes, base, objective.name, forced)
+
+
+def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
+    """Bits per layer under `budget` from an analysis (no model needed)."""
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    params = sum(s.params for s in analysis.layers.values())
+    layers = []
+    for name, s in analysis.layers.items():
+        choices = sorted((Choice(b, analysis.bytes_table[name][b], analysis.table[name][b]) for b in analysis.specs),
+                         key=lambda c: (c.bytes, c.bits))
+        layers.append(LayerOptions(name, s.params, max(s.sensitivity * s.variance, 1e-30), choices, fixed=name in analysis.forced))
+    limit = budget.max_total_bytes(analysis.fixed_bytes, params, analysis.fp32_bytes)
+    return allocate(layers, analysis.fixed_bytes, limit)
+
+
+def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptions, name: str = AUTO_RECIPE) -> QuantRecipe:
+    """One exact-name rule per layer, in the model's order."""
+    import re
+
+    act = {"mode": "none"} if options.activation == "none" else {"mode": "dynamic", "granularity": "token"}
+    rules = []
+    for layer in analysis.layers:
+        spec = analysis.specs[allocation.picks[layer].bits]
+        w = {k: v for k, v in spec.__dict__.items() if v is not None}
+        rules.append({"match": f"^{re.escape(layer)}$", "weight": w, "activation": act, "method": options.method})
+    bits = sorted({c.bits for c in allocation.picks.values()})
+    return QuantRecipe.from_dict({
+        "name": name,
+        "description": f"auto mixed precision (bits {bits}, {allocation.details['avg_bits']:.3f} avg bits) from Fisher sensitivity x weight variance",
+        "rules": rules,
+        "untie_head": False,
+    })
+
+
+def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget, calib_batches,
+                  allowed_bits: Iterable[int] | None = None, options: MixedOptions = MixedOptions(),
+                  analysis: Analysis | None = None, progress=None) -> QuantizedModel:
+    """Quantize `bundle` in place with per-layer bits chosen under `budget` from the target's bit set.
+
+    `budget`: "60MB" | "4.5bits" | "25%" (see budget.py). `target`: a profile name, or None with
+    `allowed_bits`. `analysis`: a previous `analyze` result for the same model (skips the Fisher pass).
+    quant.json gets a `mixed` table: per-layer bits, sensitivity, variance, kurtosis, predicted and
+    measured loss, the budget and the solver's record.
+    """
+    from .ptq import quantize_model
+
+    budget = parse_budget(budget) if not isinstance(budget, Budget) else budget
+    batches = list(calib_batches or [])
+    if analysis is None:
+        specs, target_info = allowed_bit_specs(target, allowed_bits, options)
+        analysis = analyze(bundle, batches, specs, options, progress)
+        analysis.target = target_info
+    else:
+        fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
+    allocation = plan(analysis, budget)
+    recipe = build_recipe(analysis, allocation, options)
+    measure_set = batches[: options.sensitivity_batches] if options.sensitivity_batches else batches
+    objective = Objective(bundle.is_lm)
+    alone = {}
+    if options.measure == "layers":
+        plan_specs = {n: analysis.specs[c.bits] for n, c in allocation.picks.items()}
+        base = mean_loss(bundle.module, measure_set, objective)
+        alone = measure_layers(bundle.module, plan_specs, measure_set, objective, base, progress)
+    if options.measure != "none" and not bundle.is_lm:
+        mean_loss(bundle.module, measure_set, objective)  # keep the float outputs as the reference
+    qm = quantize_model(bundle, recipe, batches, progress)
+    summary = qm.summary()
+    measured = mean_loss(qm.model, measure_set, objective) if options.measure != "none" else None
+    qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone)
+    return qm
+
+
+def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options: MixedOptions, summary: dict,
+            measured: float | None, alone: dict) -> dict:
+    layers = {}
+    for name, s in analysis.layers.items():
+        c = allocation.picks[name]
+        layers[name] = {
+            "bits": c.bits,
+            "closed_form_bits": round(allocation.closed_form_bits.get(name, float(c.bits)), 4),
+            "forced_8bit": name in analysis.forced,
+            "sensitivity": s.sensitivity,
+            "variance": s.variance,
+            "importance": s.sensitivity * s.variance,
+            "input_kurtosis": round(s.kurtosis, 3),
+            "predicted_loss": c.loss,
+            "predicted_loss_by_bits": {str(b): v for b, v in analysis.table[name].items()},
+            **({"measured_loss": alone[name]} if name in alone else {}),
+        }
+    out = {
+        "budget": budget.to_dict(),
+        "budget_max_bytes": budget.max_total_bytes(analysis.fixed_bytes, sum(s.params for s in analysis.layers.values()), analysis.fp32_bytes),
+        "target": analysis.target,
+        "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
+        "options": {k: v for k, v in options.__dict__.items()},
+        "objective": analysis.objective,
+        "sensitivity_method": "empirical Fisher diagonal from per-token gradients (hooks), predicted loss = 0.5*sum F*(Wq-W)^2 for RTN",
+        "allocation": {"strategy": allocation.strategy, **allocation.details},
+        "avg_bits": summary["avg_bits"],
+        "bytes_after": summary["bytes_after"],
+        "base_loss": analysis.base_loss,
+        "predicted_loss_increase": allocation.predicted_loss,
+        "layers": layers,
+    }
+    if measured is not None:
+        out["measured_loss"] = measured
+        out["measured_loss_increase"] = measured - analysis.base_loss
+    if alone:
+        out["predicted_vs_measured_spearman"] = _spearman([layers[n]["predicted_loss"] for n in alone], list(alone.values()))
+    return out
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = torch.tensor(a).argsort().argsort().float(), torch.tensor(b).argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den else None

@@ -1,0 +1,282 @@
+"""Quantization-aware training layers and the prepare / convert pair around them.
+
+`prepare_qat(bundle, recipe, method)` folds norms exactly as PTQ does, then wraps every Linear the
+recipe quantizes in a trainable fake-quant layer of the chosen QAT method (registry `QAT_METHODS`:
+`lsq` here, `lr-qat` in lrqat.py, `pb-llm` in pbllm.py). Every method starts from the
+round-to-nearest grid of the recipe (scales from `compute_qparams`, gamma included).
+`convert_qat(prepared)` turns the trained layers into ordinary `QuantLinear` integers + scales, so
+the result is the same quantized-model directory PTQ writes and exports unchanged.
+
+The training forward of every method computes exactly `(q - zp) * scale` with the integers the
+conversion stores (rounding uses an exact straight-through form), so conversion is bit-exact.
+This module never trains: the loop, data and checkpoints live in qat_loop.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgeqError, choice_error
+from ..models import ModelBundle
+from ..recipe import QuantRecipe, Rule
+from .modules import LayerDecision, QuantLinear, set_module
+from .primitives import (
+    compute_qparams,
+    dynamic_fake_quant_act,
+    expand_groups,
+    fake_quant_act,
+    qrange,
+    round_ste,
+    storage_dtype,
+)
+
+# name -> wrapper class taking (name, linear, rule, act_qparams, options)
+QAT_METHODS: dict[str, type] = {}
+
+
+def register_qat(name: str) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        QAT_METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def scale_ste(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Positive scales, rounded to what the file stores (bf16) in the forward, straight-through in the backward."""
+    s = scale.clamp_min(1e-12)
+    if scale_dtype == "bf16":
+        return s.to(torch.bfloat16).to(torch.float32).detach() + (s - s.detach())
+    return s
+
+
+def initial_grid(w: torch.Tensor, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RTN grid of `rule` for weight [out, in], scales and zero points shaped [out, n_groups]."""
+    spec = rule.weight
+    scale, zp = compute_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, rule.gamma, spec.scale_dtype)
+    if scale.shape[0] == 1:
+        scale, zp = scale.expand(w.shape[0], scale.shape[1]).contiguous(), zp.expand(w.shape[0], zp.shape[1]).contiguous()
+    return scale, zp
+
+
+class QATLayer(torch.nn.Module):
+    """Shared parts of QAT linears: the rule, the bias and the activation quantizer.
+
+    Static activation scales are LSQ-learnable too (initialised from calibration).
+    """
+
+    method = "qat"
+
+    def __init__(self, name: str, linear: torch.nn.Linear, rule: Rule, act_qparams=None):
+        super().__init__()
+        self.name, self.rule = name, rule
+        self.out_features, self.in_features = linear.weight.shape
+        self.group_size = rule.weight.group_size if rule.weight.granularity == "group" else None
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+        if rule.activation.mode == "static":
+            if act_qparams is None:
+                raise EdgeqError(f"layer {name}: static activations need calibration data for QAT")
+            self.act_scale = torch.nn.Parameter(act_qparams[0].reshape(()).float().clone())
+            self.register_buffer("act_zero_point", act_qparams[1].reshape(()).to(torch.int16))
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.rule.activation
+        if act.mode == "static":
+            return fake_quant_act(x, self.act_scale.clamp_min(1e-12), self.act_zero_point, act.bits, act.symmetric)
+        if act.mode == "dynamic":
+            return dynamic_fake_quant_act(x, act.bits, per_token=act.granularity == "token", symmetric=act.symmetric,
+                                          group_size=act.group_size if act.granularity == "group" else None)
+        return x
+
+    @staticmethod
+    def needs_hessian(options: dict) -> bool:
+        """Whether `prepare_qat` must collect the layer's input Hessian (PB-LLM's criterion)."""
+        return False
+
+    def weight_hat(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.weight_hat(), self.bias)
+
+    def integers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, scale, zero_point) the conversion stores; `(q - zp) * scale` equals `weight_hat()`."""
+        raise NotImplementedError
+
+    def to_quant_linear(self) -> QuantLinear:
+        with torch.no_grad():
+            q, scale, zp = self.integers()
+            spec = self.rule.weight
+            q = q.to(storage_dtype(spec.bits, spec.symmetric))
+            act = (None, None)
+            if self.rule.activation.mode == "static":
+                act = (self.act_scale.detach().clamp_min(1e-12).clone(), self.act_zero_point.clone())
+            decision = LayerDecision(self.name, "linear", spec, self.rule.activation, f"qat-{self.method}",
+                                     self.rule.gamma, (self.out_features, self.in_features))
+            return QuantLinear(decision, q, scale.detach().float().contiguous(), zp, self.bias, *act)
+
+
+@register_qat("lsq")
+class LSQLinear(QATLayer):
+    """Full QAT: latent float weights (STE through the rounding) and LSQ learnable scales.
+
+    The scale gradient is LSQ's: -w/s + round(w/s) inside the grid, qmin - zp or qmax - zp where
+    clipped. Zero points stay at their initial (RTN) value. The range multiplier gamma is therefore
+    learnable too: it only sets the initial scale, which training then moves.
+    """
+
+    method = "lsq"
+
+    def __init__(self, name, linear, rule, act_qparams=None, options=None):
+        super().__init__(name, linear, rule, act_qparams)
+        w = linear.weight.detach().float()
+        self.weight = torch.nn.Parameter(w.clone())
+        if rule.weight.quantized:
+            scale, zp = initial_grid(w, rule)
+            self.scale = torch.nn.Parameter(scale)
+            self.register_buffer("zero_point", zp)
+
+    def _grid(self):
+        spec = self.rule.weight
+        s = expand_groups(scale_ste(self.scale, spec.scale_dtype), self.in_features, self.group_size)
+        z = expand_groups(self.zero_point.float(), self.in_features, self.group_size)
+        return s, z
+
+    def _q(self, s, z):
+        spec = self.rule.weight
+        if spec.bits == 1:
+            return torch.where(self.weight >= 0, 1.0, -1.0) + (self.weight - self.weight.detach())
+        qmin, qmax = qrange(spec.bits, spec.symmetric)
+        return torch.clamp(round_ste(self.weight / s) + z, qmin, qmax)
+
+    def weight_hat(self) -> torch.Tensor:
+        if not self.rule.weight.quantized:
+            return self.weight
+        s, z = self._grid()
+        return (self._q(s, z) - z) * s
+
+    def integers(self):
+        if not self.rule.weight.quantized:  # W16: the float weight itself on the identity grid
+            ones = torch.ones(self.out_features, 1)
+            return self.weight.detach().clone(), ones, torch.zeros_like(ones, dtype=torch.int16)
+        s, z = self._grid()
+        scale = scale_ste(self.scale, self.rule.weight.scale_dtype).detach()
+        return self._q(s, z).detach(), scale, self.zero_point.clone()
+
+
+@dataclass
+class PreparedQAT:
+    """A model whose quantized layers are QAT wrappers, plus what conversion needs to write the QDIR."""
+
+    bundle: ModelBundle
+    recipe: QuantRecipe
+    method: str
+    layers: dict[str, QATLayer]
+    bytes_before: int
+    untied: bool
+    folded: list
+    options: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.module
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", calib_batches=None,
+                options: dict | None = None) -> PreparedQAT:
+    """Fold norms, then wrap every Linear the recipe quantizes in the QAT layer of `method`.
+
+    Everything outside the wrapped layers is frozen (embeddings, norms, biases); only what each
+    method declares trainable gets gradients.
+    """
+    from . import lrqat, pbllm  # noqa: F401  (register their QAT layers)
+    from .observers import ActObserver
+    from .ptq import plan
+    from .qmodel import model_float_bytes
+    from .transforms import fold_norms, head_name, is_tied, untie_head
+
+    if method not in QAT_METHODS:
+        raise choice_error("method", method, sorted(QAT_METHODS))
+    import dataclasses
+
+    options = {**dataclasses.asdict(recipe.pbllm), **(options or {})}
+    model = bundle.module.eval()
+    bytes_before = model_float_bytes(model)
+    head = head_name(model)
+    untied = bool(head and is_tied(model) and recipe.untie_head and recipe.rule_for(head) is not None and untie_head(model))
+    folded = fold_norms(model) if recipe.fold_norms else []
+    targets = plan(model, recipe)
+    if not targets:
+        raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear layer of {bundle.reference!r}")
+    bad = [n for n, (kind, _) in targets.items() if kind != "linear"]
+    if bad:
+        raise EdgeqError(f"qat: only Linear layers are trained with QAT; {bad[0]} is a {targets[bad[0]][0]} (skip it in the recipe)")
+    needs_obs = {n for n, (_, r) in targets.items() if r.activation.mode == "static"}
+    needs_hessian = {n for n in targets} if QAT_METHODS[method].needs_hessian(options) else set()
+    stats = _observe(model, needs_obs | needs_hessian, needs_obs, needs_hessian, calib_batches, ActObserver)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name, (_, rule) in targets.items():
+        obs, hess = stats.get(name, (None, None))
+        act = None
+        if obs is not None:
+            a = rule.activation
+            act = obs.qparams(a.calibration, a.bits, a.symmetric, a.percentile)
+        opts = dict(options, hessian=hess)
+        layer = QAT_METHODS[method](name, model.get_submodule(name), rule, act, opts)
+        set_module(model, name, layer)
+        layers[name] = layer
+    return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options)
+
+
+def _observe(model, names, obs_names, hess_names, batches, ActObserver) -> dict:
+    """Activation observers and Hessians at the inputs of `names`, from one float pass over `batches`."""
+    if not names:
+        return {}
+    if not batches:
+        raise EdgeqError("qat: this recipe/method needs calibration data (static activations or a Hessian criterion)")
+    from .observers import HessianAccumulator
+
+    out, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        obs = ActObserver() if name in obs_names else None
+        acc = HessianAccumulator(module.weight.shape[1]) if name in hess_names else None
+        out[name] = (obs, acc)
+
+        def hook(mod, args, obs=obs, acc=acc):
+            if obs is not None:
+                obs.observe(args[0])
+            if acc is not None:
+                acc.add(args[0])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (o, a.result() if a is not None else None) for n, (o, a) in out.items()}
+
+
+def convert_qat(prepared: PreparedQAT, extra: dict | None = None):
+    """Replace every QAT layer by its `QuantLinear` (integers + learned scales): a `QuantizedModel`."""
+    from .qmodel import QuantizedModel
+
+    model = prepared.model
+    for name, layer in prepared.layers.items():
+        set_module(model, name, layer.to_quant_linear())
+    model.eval()
+    return QuantizedModel(prepared.bundle, prepared.recipe, prepared.bytes_before, prepared.untied, prepared.folded,
+                          dict(extra or {}))

@@ -1,0 +1,178 @@
+"""Fixtures for agent tests: tiny seeded models and real agents on 127.0.0.1 with port 0."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq.agent.client import AgentClient
+from edgeq.agent.server import READY_PREFIX
+
+FAST = {"runs": 10, "min_seconds": 0.05, "warmup_min": 2, "warmup_max": 10}
+
+
+def make_onnx(path: Path, *, hidden: int = 16, external: str | None = None, seed: int = 0) -> Path:
+    """x[batch, sequence, hidden] @ W -> y; W optionally in external data named `external`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((hidden, hidden)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", hidden])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def make_token_onnx(path: Path) -> Path:
+    """Token ids [batch, sequence] int64 -> Gather from an embedding: integer inputs with a range."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32), "E")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"])], "tok",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [emb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+class AgentProc:
+    """`edgeq agent serve` as a real child process on 127.0.0.1:0; can be killed and restarted."""
+
+    def __init__(self, root: Path, extra: list[str] | None = None, host: str = "127.0.0.1",
+                 netns: str | None = None):
+        self.root = root
+        self.data_dir = root / "data"
+        self.token = secrets.token_urlsafe(24)
+        self.token_file = root / "token"
+        self.token_file.write_text(self.token)
+        os.chmod(self.token_file, 0o600)
+        self.extra = extra or []
+        self.host = host
+        self.netns = netns
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.scheme = "https" if "--tls-cert" in self.extra else "http"
+
+    def start(self, port: int = 0) -> "AgentProc":
+        cmd = [sys.executable, "-m", "edgeq.cli.main", "agent", "serve", "--host", self.host,
+               "--port", str(port), "--token-file", str(self.token_file), "--data-dir",
+               str(self.data_dir), "--power-meter", "none", *self.extra]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        self.log = open(self.root / "agent.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        timer = threading.Timer(60, self.proc.kill)
+        timer.start()
+        line = self.proc.stdout.readline()
+        timer.cancel()
+        assert line.startswith(READY_PREFIX), (line, (self.root / "agent.log").read_text()[-2000:])
+        self.url = line.split()[1]
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def client(self, token: str | None = None, **kw) -> AgentClient:
+        return AgentClient(self.url, self.token if token is None else token, **kw)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no chance to clean up."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.log.close()
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    started: list[AgentProc] = []
+
+    def make(extra: list[str] | None = None, name: str = "agent", **kw) -> AgentProc:
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        a = AgentProc(root, extra, **kw).start()
+        started.append(a)
+        return a
+
+    yield make
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_agent(tmp_path_factory):
+    """One agent for the read-mostly security tests of a module (small upload cap: 64 KiB)."""
+    root = tmp_path_factory.mktemp("shared-agent")
+    a = AgentProc(root, ["--max-upload-mb", str(64 / 1024)]).start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return make_onnx(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite(pytestconfig) -> Path:
+    """A tiny TFLite model converted with litert_torch once and cached across sessions."""
+    cache = Path(pytestconfig.cache.mkdir("edgeq-agent-tflite"))
+    path = cache / "tiny.tflite"
+    if path.exists():
+        return path
+    try:
+        import litert_torch
+        import torch
+    except ImportError:
+        pytest.skip("litert_torch not installed: cannot build a TFLite model")
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    edge = litert_torch.convert(module, (torch.randn(1, 16),))
+    tmp = cache / "tiny.tflite.tmp"
+    edge.export(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def run_job(client: AgentClient, model: Path, config: dict | None = None, job_id: str | None = None,
+            files: list[Path] = (), metadata: dict | None = None, timeout_s: float = 120) -> dict:
+    """Upload, submit and wait; returns the result document."""
+    from edgeq.fileio import sha256_file
+
+    sha = client.upload(model)
+    refs = [{"name": f.name, "sha256": client.upload(f)} for f in files]
+    job_id = job_id or f"t-{secrets.token_hex(6)}"
+    client.submit(job_id, {"name": model.name, "sha256": sha}, refs, metadata, {**FAST, **(config or {})})
+    return client.wait(job_id, poll_s=0.1, timeout_s=timeout_s)

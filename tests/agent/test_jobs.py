@@ -1,0 +1,172 @@
+"""Jobs on a real agent: measurements, malformed models, external data, memory and time limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq.agent.onnxcheck import check_external_data, external_locations
+from edgeq.errors import EdgeqError
+
+from .conftest import make_onnx, make_token_onnx, run_job
+
+
+def test_onnx_result_has_every_measurement(shared_agent, tiny_onnx):
+    r = run_job(shared_agent.client(), tiny_onnx, {"runs": 30, "min_seconds": 0.2})
+    assert r["state"] == "done" and r["status"] == "valid", r.get("error")
+    lat = r["latency_ms"]
+    assert lat["n"] == len(lat["raw"]) >= 30 and lat["seconds"] >= 0.2
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert lat["ci95_median"][0] <= lat["p50"] <= lat["ci95_median"][1]
+    assert r["size_bytes"] == tiny_onnx.stat().st_size
+    assert r["load_ms"] > 0 and r["first_inference_ms"] > 0 and r["warmup"]["runs"] >= 2
+    assert r["runtime"]["name"] == "onnxruntime" and r["runtime"]["provider"] == "CPUExecutionProvider"
+    assert r["peak_rss_mb"] > 10 and r["threads"] == 1
+    assert r["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 64, 16],
+                            "dims": {"batch": 1, "sequence": 64}, "range": None, "from": "model signature"}]
+    assert r["power"]["energy_per_inference_mj"] is None and r["power"]["reason"]
+    fp = r["fingerprint"]
+    assert fp["kernel"] and fp["python"] and fp["runtimes"]["onnxruntime"]
+    assert "before" in r["conditions"] and "after" in r["conditions"]
+
+
+def test_metadata_inputs_and_dims(shared_agent, tmp_path):
+    model = make_token_onnx(tmp_path / "tok.onnx")
+    meta = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "sequence"], "range": [0, 50]}]}
+    r = run_job(shared_agent.client(), model, {"dims": {"sequence": 7}}, metadata=meta)
+    assert r["status"] == "valid", r.get("error")
+    assert r["inputs"][0]["shape"] == [1, 7] and r["inputs"][0]["range"] == [0, 50]
+
+
+def test_run_under_minimum_is_invalid_not_dropped(shared_agent, tiny_onnx):
+    r = run_job(shared_agent.client(), tiny_onnx, {"runs": 10**6, "min_seconds": 5.0, "max_seconds": 0.1})
+    assert r["state"] == "done" and r["status"] == "invalid"
+    assert any("minimum is 1000000" in x for x in r["invalid_reasons"])
+    assert any("shorter than the minimum" in x for x in r["invalid_reasons"])
+    assert r["latency_ms"]["n"] == len(r["latency_ms"]["raw"]) > 0
+
+
+def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
+    pytest.importorskip("ai_edge_litert")
+    r = run_job(shared_agent.client(), tiny_tflite)
+    assert r["status"] == "valid", r.get("error")
+    assert r["runtime"]["name"] == "litert" and r["runtime"]["provider"] == "XNNPACK delegate"
+    assert r["inputs"][0]["shape"] == [1, 16]
+
+
+def _malformed(tmp: Path, tiny_onnx: Path) -> list[Path]:
+    from onnx import TensorProto, helper
+
+    good = tiny_onnx.read_bytes()
+    rng = np.random.default_rng(0)
+    out = []
+
+    def put(name, data):
+        p = tmp / name
+        p.write_bytes(data)
+        out.append(p)
+
+    put("truncated.onnx", good[: len(good) // 2])
+    put("empty.onnx", b"")
+    put("random.onnx", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    fuzzed = bytearray(good)
+    fuzzed[2:40] = rng.integers(0, 256, 38, dtype=np.uint8).tobytes()
+    put("fuzzed.onnx", bytes(fuzzed))
+    put("varint.onnx", b"\x3a" + b"\xff" * 11)
+    huge = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[2**40, 2**40], raw_data=b"\0" * 16)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2**40])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [huge])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    put("absurd_tensor.onnx", m.SerializeToString())
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2**31, 2**31])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    put("absurd_input.onnx", m.SerializeToString())
+    put("random.tflite", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    put("bad_flatbuffer.tflite", b"\x1c\x00\x00\x00TFL3" + b"\xff" * 200)
+    put("truncated.tflite", b"\x10\x00\x00\x00TFL3\x00\x00")
+    return out
+
+
+def test_ten_malformed_models_fail_cleanly(shared_agent, tiny_onnx, tmp_path):
+    client = shared_agent.client()
+    models = _malformed(tmp_path, tiny_onnx)
+    assert len(models) == 10
+    for model in models:
+        r = run_job(client, model)
+        assert r["state"] == "failed" and r["status"] == "failed", (model.name, r.get("status"))
+        assert r["error"], model.name
+    assert run_job(client, tiny_onnx)["status"] == "valid"  # still serving and measuring
+
+
+def _external_with_location(tmp: Path, location: str) -> tuple[Path, Path]:
+    import onnx
+
+    model = make_onnx(tmp / "ext.onnx", external="weights.bin")
+    proto = onnx.load(str(model), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    bad = tmp / "bad.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    return bad, tmp / "weights.bin"
+
+
+def test_external_data_inside_job_dir_works(shared_agent, tmp_path):
+    model = make_onnx(tmp_path / "ext.onnx", external="weights.bin")
+    assert external_locations(model) == ["weights.bin"]
+    r = run_job(shared_agent.client(), model, files=[tmp_path / "weights.bin"])
+    assert r["status"] == "valid", r.get("error")
+    assert r["size_bytes"] == model.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+
+
+@pytest.mark.parametrize("location,expect", [("../weights.bin", "leaves the job directory"),
+                                             ("/etc/hostname", "absolute location"),
+                                             ("sub/../../weights.bin", "leaves the job directory")])
+def test_external_data_outside_job_dir_refused(shared_agent, tmp_path, location, expect):
+    bad, weights = _external_with_location(tmp_path, location)
+    r = run_job(shared_agent.client(), bad, files=[weights])
+    assert r["status"] == "failed" and expect in r["error"]
+
+
+def test_external_data_symlink_refused(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    bad, weights = _external_with_location(tmp_path, "link.bin")
+    os.replace(bad, job / "bad.onnx")
+    (job / "link.bin").symlink_to(weights)
+    with pytest.raises(EdgeqError, match="symlink"):
+        check_external_data(job / "bad.onnx", job)
+    (job / "link.bin").unlink()
+    (job / "link.bin").symlink_to("/etc/hostname")
+    with pytest.raises(EdgeqError, match="symlink"):
+        check_external_data(job / "bad.onnx", job)
+
+
+def test_memory_limit(shared_agent, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [256, 1024, 1024])  # 1 GiB of float
+    g = helper.make_graph([helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+                           helper.make_node("Add", ["big", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "big.onnx"))
+    r = run_job(shared_agent.client(), tmp_path / "big.onnx", {"memory_mb": 600})
+    assert r["status"] == "failed" and "memory limit" in r["error"], r["error"]
+
+
+def test_time_limit(shared_agent, tiny_onnx):
+    r = run_job(shared_agent.client(), tiny_onnx, {"timeout_s": 1.5, "min_seconds": 60, "max_seconds": 120})
+    assert r["status"] == "failed" and "time limit exceeded" in r["error"]
+    assert run_job(shared_agent.client(), tiny_onnx)["status"] == "valid"

@@ -1,0 +1,120 @@
+"""Host side: `edgeq profile`, `edgeq results`, the devices file, the store, and import hygiene."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeq import store
+from edgeq.agent import host
+from edgeq.cli.main import main
+from edgeq.errors import EdgeqError
+from edgeq.fileio import sha256_file, write_json_atomic
+
+from .conftest import make_token_onnx
+
+FAST_ARGS = ["--runs", "10", "--min-seconds", "0.05"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_profile_local_stores_results_tied_to_export_json(tmp_path, capsys, tiny_onnx):
+    model = tmp_path / "tiny.onnx"
+    model.write_bytes(tiny_onnx.read_bytes())
+    meta = {"format": "onnx", "variant": "w8a8", "sha256": sha256_file(model),
+            "source": {"model": "tiny", "qdir": "q", "quant_json_sha256": "c" * 64},
+            "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", "sequence", 16]}]}
+    write_json_atomic(tmp_path / "tiny.onnx.json", meta)
+    tok = make_token_onnx(tmp_path / "tok.onnx")
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(capsys, "profile", str(model), str(tok), "--local", "--db", str(db), "--json",
+                         "--dim", "sequence=8", *FAST_ARGS)
+    assert code == 0, err
+    summaries = json.loads(out)
+    assert [s["status"] for s in summaries] == ["valid", "valid"]
+    assert summaries[0]["result"]["inputs"][0]["shape"] == [1, 8, 16]
+    rows = store.list_results(db)
+    assert len(rows) == 2
+    row = next(r for r in rows if r.artifact_sha256 == meta["sha256"])
+    assert row.variant == "w8a8" and row.quant_json_sha256 == "c" * 64 and row.model_ref == "tiny"
+    assert row.export_json == meta and row.fingerprint["python"] and row.fingerprint_sha256
+    assert row.n_runs == len(row.result["latency_ms"]["raw"]) and row.p50_ms > 0
+
+    code, out, _ = cli(capsys, "results", "list", "--db", str(db), "--json")
+    assert code == 0 and len(json.loads(out)) == 2
+    code, out, _ = cli(capsys, "results", "show", str(row.id), "--db", str(db), "--json")
+    assert code == 0 and json.loads(out)["artifact_sha256"] == meta["sha256"]
+    code, out, _ = cli(capsys, "results", "list", "--db", str(db))
+    assert "w8a8" in out and "valid" in out
+    code, _, err = cli(capsys, "results", "show", "999", "--db", str(db))
+    assert code == 2 and "999" in err
+
+
+def test_profile_two_devices_in_parallel_via_devices_file(tmp_path, capsys, agent_factory, tiny_onnx,
+                                                          monkeypatch):
+    a, b = agent_factory(name="a"), agent_factory(name="b")
+    devices = tmp_path / "devices.toml"
+    devices.write_text(f'[devices.board-a]\nurl = "{a.url}"\ntoken_file = "{a.token_file}"\n\n'
+                       f'[devices.board-b]\nurl = "{b.url}"\ntoken_file = "{b.token_file}"\n')
+    db = tmp_path / "env.sqlite"
+    monkeypatch.setenv("EDGEQ_DB", str(db))
+    monkeypatch.setenv("EDGEQ_DEVICES", str(devices))
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--device", "board-a", "--device", "board-b", *FAST_ARGS)
+    assert code == 0, err
+    assert "[board-a]" in err and "[board-b]" in err  # live progress
+    assert {r.device for r in store.list_results()} == {"board-a", "board-b"}
+    # a URL device with --token-file
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--device", a.url, "--token-file", str(a.token_file),
+                         *FAST_ARGS)
+    assert code == 0, err
+    assert len(store.list_results(device=a.url)) == 1
+
+
+def test_device_errors(tmp_path, capsys, tiny_onnx):
+    devices = tmp_path / "devices.toml"
+    devices.write_text('[devices.x]\nurl = "http://127.0.0.1:1"\npassword = "no"\n')
+    with pytest.raises(EdgeqError, match="allows only"):
+        host.load_devices(devices)
+    devices.write_text('[devices.x]\nurl = "http://127.0.0.1:9"\n')
+    code, _, err = cli(capsys, "profile", str(tiny_onnx), "--device", "nope", "--devices-file", str(devices))
+    assert code == 2 and "neither a URL nor a name" in err
+    code, _, err = cli(capsys, "profile", str(tiny_onnx))
+    assert code == 2 and "--device" in err
+    token = tmp_path / "t"
+    token.write_text("a" * 32)
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--device", "http://127.0.0.1:9", "--token-file",
+                         str(token), "--db", str(tmp_path / "x.sqlite"))
+    assert code == 1 and "connection refused" in out
+    assert store.list_results(tmp_path / "x.sqlite") == []
+
+
+def test_store_evals_and_validation(tmp_path):
+    db = tmp_path / "s.sqlite"
+    rid = store.record_eval(db, target_sha256="a" * 64, target_path="m.onnx", model_ref="tiny", task="ppl",
+                            metrics={"ppl": 19.8}, data="enwiki:8k", meta={"windows": 16})
+    rows = store.list_evals(db, target_sha256="a" * 8)
+    assert rows[0].id == rid and rows[0].metrics == {"ppl": 19.8} and rows[0].meta == {"windows": 16}
+    assert store.list_evals(db, task="top1") == []
+    with pytest.raises(EdgeqError, match="status"):
+        store.record_result(db, {"artifact_sha256": "a" * 64, "status": "done"}, device="d")
+    with pytest.raises(EdgeqError, match="artifact_sha256"):
+        store.record_result(db, {"status": "valid"}, device="d")
+    assert store.resolve_db_path("x.sqlite") == Path("x.sqlite")
+
+
+def test_agent_modules_import_no_heavy_packages():
+    code = ("import sys\n"
+            "import edgeq.agent.server, edgeq.agent.runner, edgeq.agent.meters, edgeq.agent.onnxcheck\n"
+            "import edgeq.agent.runtimes, edgeq.cli.agent, edgeq.cli.main\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch', 'transformers', 'onnx', 'tensorflow', 'litert_torch'})\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

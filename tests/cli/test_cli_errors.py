@@ -1,0 +1,62 @@
+"""CLI user errors: one line on stderr, exit code 2, nothing left behind."""
+
+import pytest
+
+from edgeq.cli.main import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "tiny-llama", "--recipe", "w9"], "neither a preset"),
+    (["quantize", "no-such-model", "--recipe", "w8"], "is not a built-in name"),
+    (["quantize", "factories:broken_factory", "--recipe", "w8"], "factory 'factories:broken_factory' failed"),
+    (["quantize", "factories:not_a_module", "--recipe", "w8"], "not a torch.nn.Module"),
+    (["quantize", "nosuchpkg.mod:make", "--recipe", "w8"], "cannot import 'nosuchpkg.mod'"),
+    (["quantize", "tiny-llama", "--recipe", "w4-g128", "--calib", "/no/such/file.txt"], "is not a built-in corpus"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tmp_path, tiny_llama_ref):
+    out = tmp_path / "qdir"
+    code, _, err = _run(capsys, *argv, "-o", str(out))
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0 and err.startswith("edgeq: error:")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left either
+
+
+def test_existing_output_is_kept(capsys, tmp_path, tiny_llama_ref):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "quantize", "tiny-llama", "--recipe", "w8", "-o", str(out))
+    assert code == 2 and "already exists" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_quantize_then_inspect_and_eval(capsys, tmp_path, tiny_llama_ref):
+    import json
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-llama", "--recipe", "w4-g128-rtn", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layers"] == 28 and 4 < result["avg_bits"] < 5
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.3.mlp.down_proj" in table and "w4s-g128" in table
+    assert main(["eval", str(out), "--count", "2", "--seq-len", "64", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["label"] == "sim" and ev["task"] == "ppl" and ev["metrics"]["tokens"] == 2 * 63
+    assert main(["eval", str(out), "--task", "top1"]) == 2
+    assert "does not apply to a causal-lm" in capsys.readouterr().err
+
+
+def test_recipes_lists_presets(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("w8a8", "w8", "w4-g128", "w4-g64", "w4-g128-rtn", "auto"):
+        assert name in out

@@ -1,0 +1,97 @@
+"""Round trips with error bounds for the pure quantization primitives."""
+
+import pytest
+import torch
+
+from edgeq.quantize import primitives as P
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity,group", [("tensor", None), ("channel", None), ("group", 32)])
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, granularity, group):
+    torch.manual_seed(0)
+    w = torch.randn(16, 96)
+    scale, zp = P.compute_qparams(w, bits, symmetric, granularity, group)
+    gs = group if granularity == "group" else None
+    if granularity == "tensor":
+        scale, zp = scale.expand(16, 1), zp.expand(16, 1)
+    q = P.quantize(w, scale, zp, bits, symmetric, gs)
+    qmin, qmax = P.qrange(bits, symmetric)
+    assert q.min() >= qmin and q.max() <= qmax
+    assert torch.equal(q, q.round())
+    err = (P.dequantize(q, scale, zp, gs) - w).abs()
+    step = P.expand_groups(scale, w.shape[1], gs)
+    assert torch.all(err <= step / 2 + 1e-6)
+
+
+def test_symmetric_int8_never_uses_minus_128_and_int4_uses_absmax_over_7():
+    w = torch.tensor([[-1.0, 0.5, 1.0, -0.25]])
+    scale, zp = P.compute_qparams(w, 8, True, "channel")
+    q = P.quantize(w, scale, zp, 8, True)
+    assert q.min() == -127 and torch.all(zp == 0)
+    scale4, _ = P.compute_qparams(w, 4, True, "channel")
+    assert torch.allclose(scale4, torch.tensor([[1.0 / 7]]))
+
+
+def test_short_last_group_and_bf16_scales():
+    torch.manual_seed(1)
+    w = torch.randn(4, 72)  # 72 = 2 groups of 32 + 8
+    scale, zp = P.compute_qparams(w, 4, True, "group", 32, scale_dtype="bf16")
+    assert scale.shape == (4, 3)
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())
+    q = P.quantize(w, scale, zp, 4, True, 32)
+    assert (P.dequantize(q, scale, zp, 32) - w).abs().max() <= scale.max()  # bf16 rounding may clip by < 1 step
+
+
+def test_gamma_shrinks_the_range():
+    w = torch.randn(8, 64)
+    s1, _ = P.compute_qparams(w, 4, True, "channel", gamma=1.0)
+    s2, _ = P.compute_qparams(w, 4, True, "channel", gamma=0.8)
+    assert torch.allclose(s2, 0.8 * s1)
+
+
+def test_asymmetric_zero_point_makes_zero_exact():
+    w = torch.rand(8, 64) + 0.1  # all positive: range widened to include 0
+    scale, zp = P.compute_qparams(w, 4, False, "channel")
+    z = torch.zeros(8, 1)
+    q0 = P.quantize(z, scale, zp, 4, False)
+    assert torch.all(P.dequantize(q0, scale, zp) == 0)
+
+
+def test_fake_quant_straight_through_gradients():
+    w = torch.randn(4, 16, requires_grad=True)
+    scale, zp = P.compute_qparams(w, 4, True, "channel")
+    scale = scale.clone().requires_grad_(True)
+    out = P.fake_quant(w, scale, zp, 4, True)
+    out.sum().backward()
+    inside = (w / scale).abs() <= 7
+    assert torch.all(w.grad[inside] == 1.0)  # STE: identity inside the clip range
+    # LSQ: d out / d s = round(w/s) - w/s inside the range
+    expected = (torch.round(w / scale) - w / scale).detach().sum(dim=1, keepdim=True)
+    assert torch.allclose(scale.grad, expected, atol=1e-5)
+
+
+def test_dynamic_activation_grid_matches_onnxruntime_formula():
+    x = torch.tensor([[-1.0, 0.2, 3.0]])
+    scale, zp = P.act_qparams(x.min(), x.max())
+    assert torch.isclose(scale, torch.tensor(4.0 / 255))
+    assert zp.item() == round(1.0 / (4.0 / 255))
+    y = P.dynamic_fake_quant_act(x)
+    assert (y - x).abs().max() <= scale / 2 + 1e-6
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int4_pack_round_trip(signed):
+    lo, hi = (-8, 7) if signed else (0, 15)
+    q = torch.randint(lo, hi + 1, (5, 33), dtype=torch.int16).to(torch.int8 if signed else torch.uint8)
+    packed = P.pack_int4(q)
+    assert packed.shape == (5, 17)
+    assert torch.equal(P.unpack_int4(packed, 33, signed), q)
+
+
+def test_binary_weights_use_mean_abs():
+    w = torch.tensor([[0.5, -1.5, 1.0, -1.0]])
+    scale, zp = P.compute_qparams(w, 1, True, "channel")
+    assert torch.allclose(scale, torch.tensor([[1.0]]))
+    assert torch.equal(P.quantize(w, scale, zp, 1, True), torch.tensor([[1.0, -1.0, 1.0, -1.0]]))

@@ -1,0 +1,60 @@
+"""Recipes are data: presets load, bad files fail with one clear message naming the field."""
+
+import pytest
+
+from edgeq.errors import EdgeqError
+from edgeq.recipe import QuantRecipe, load_recipe, preset_names
+
+
+def test_required_presets_exist_and_load():
+    names = preset_names()
+    for required in ("w8a8", "w8", "w4-g128", "w4-g64", "w4-g128-rtn"):
+        assert required in names
+        recipe = load_recipe(required)
+        assert recipe.rule_for("model.layers.0.mlp.down_proj") is not None
+        assert recipe.rule_for("lm_head") is None  # the head stays float in presets
+    assert load_recipe("w4-g64").rule_for("x").method == "gptq"
+    assert load_recipe("w8a8").rule_for("x").activation.mode == "static"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"rules": [{"match": ".*", "wieght": {}}]}, "unknown key 'wieght'"),
+    ({"rules": [{"match": ".*", "weight": {"bits": 9}}]}, "bits: 9 is not an integer in [1, 8]"),
+    ({"rules": [{"match": ".*", "weight": {"granularity": "group", "group_size": 100}}]}, "not a power of two"),
+    ({"rules": [{"match": "(", "weight": {}}]}, "is not a regular expression"),
+    ({"rules": [{"match": ".*", "method": "magic"}]}, "method: 'magic' is not one of"),
+    ({"rules": [{"match": ".*", "activation": {"mode": "static", "granularity": "token"}}]}, "static activations are per-tensor"),
+    ({"rules": []}, "non-empty list of rules"),
+    ({"rules": [{"match": ".*"}], "extra": 1}, "unknown key 'extra'"),
+])
+def test_invalid_recipes_name_the_field(data, message):
+    with pytest.raises(EdgeqError, match=None) as err:
+        QuantRecipe.from_dict(data)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_recipe_files_toml_and_yaml(tmp_path):
+    toml = tmp_path / "r.toml"
+    toml.write_text('[[rules]]\nmatch = "fc"\nweight = { bits = 4, granularity = "group", group_size = 32 }\n')
+    assert load_recipe(toml).rule_for("model.fc").weight.group_size == 32
+    assert load_recipe(toml).rule_for("conv") is None
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("rules:\n  - match: '.*'\n    weight: {bits: 3}\n")
+    assert load_recipe(yaml).rules[0].weight.bits == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rules = [")
+    with pytest.raises(EdgeqError, match="cannot parse"):
+        load_recipe(bad)
+    with pytest.raises(EdgeqError, match="neither a preset"):
+        load_recipe("w9")
+
+
+def test_recipe_round_trips_through_toml(tmp_path):
+    from edgeq.recipe import dump_recipe_toml
+
+    recipe = load_recipe("w4-g128")
+    path = tmp_path / "again.toml"
+    path.write_text(dump_recipe_toml(recipe))
+    again = load_recipe(path)
+    assert again.rules == recipe.rules and again.gptq == recipe.gptq
