@@ -44,6 +44,7 @@ class AgentClient:
         self.url, self.token, self.timeout, self.retries = url.rstrip("/"), token, timeout, retries
         self._host, self._port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
         self._ssl = None
+        self._answered = False
         if parsed.scheme == "https":
             ctx = ssl.create_default_context(cafile=ca_file)
             if client_cert:
@@ -65,8 +66,10 @@ class AgentClient:
         if isinstance(exc, (socket.timeout, TimeoutError)):
             return AgentError(f"agent {self.url}: no answer within {self.timeout:g} s (network down or agent hung)")
         if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                            http.client.BadStatusLine)):
-            hint = " (if the agent requires TLS, use an https:// URL)" if self._ssl is None else ""
+                            http.client.BadStatusLine, http.client.IncompleteRead)):
+            # a plaintext request to a TLS agent is dropped at once: say so, unless we talked before
+            hint = (" (if the agent requires TLS, use an https:// URL)"
+                    if self._ssl is None and not self._answered else "")
             return AgentError(f"agent {self.url}: connection closed by the agent{hint}")
         return AgentError(f"agent {self.url}: {type(exc).__name__}: {exc}")
 
@@ -88,7 +91,10 @@ class AgentClient:
                 if size < 0 or size > cap:
                     raise AgentError(f"agent {self.url}: answer of {size} bytes refused (cap {cap})")
                 data = resp.read(size)
+                if len(data) != size:  # the agent died while answering
+                    raise http.client.IncompleteRead(data, size - len(data))
                 status = resp.status
+                self._answered = True
                 break
             except AgentError:
                 raise

@@ -214,6 +214,49 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
     return sorted(summaries, key=lambda s: order[(s["device"], s["artifact"])])
 
 
+def profile_local(artifacts: list[str | os.PathLike], *, db: str | os.PathLike | None = None,
+                  runs: int = 50, min_seconds: float = 1.0, threads: int = 1,
+                  dims: dict[str, int] | None = None, on_progress: ProgressFn | None = None) -> list[dict]:
+    """Start a local agent (loopback, port 0, fresh token), profile `artifacts`, stop it.
+
+    The one call `edgeq demo` needs; results are stored in `db` (default: $EDGEQ_DB or the user
+    data dir) and returned as summaries (see `profile`); `summary_table` prints them.
+    """
+    from .protocol import check_config
+
+    config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads,
+                           "dims": dims or {}, "max_seconds": max(60.0, min_seconds * 4)})
+    with LocalAgent() as agent:
+        return profile(artifacts, [agent.device()], config, None if db is None else str(db),
+                       on_progress=on_progress)
+
+
+def summary_table(summaries: list[dict]) -> str:
+    """A plain-text table of `profile` summaries: one line per (device, artifact), then errors."""
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    lines = [f"{'device':<12} {'artifact':<30} {'status':<8} {'p50 ms':>9} {'95% CI of median':>21} "
+             f"{'p99 ms':>9} {'n':>7} {'RSS MB':>7} {'runtime / provider':<34} {'mJ/inf':>8}"]
+    notes = []
+    for s in summaries:
+        r = s["result"] or {}
+        lat = r.get("latency_ms") or {}
+        ci = lat.get("ci95_median") or [None, None]
+        rt = r.get("runtime") or {}
+        p = r.get("power") or {}
+        runtime = f"{rt.get('name', '-')} / {rt.get('provider', '-')}"
+        lines.append(f"{s['device'][:12]:<12} {Path(s['artifact']).name[:30]:<30} {s['status']:<8} "
+                     f"{fmt(lat.get('p50')):>9} {'[' + fmt(ci[0]) + ', ' + fmt(ci[1]) + ']':>21} "
+                     f"{fmt(lat.get('p99')):>9} {lat.get('n', '-'):>7} {fmt(r.get('peak_rss_mb'), '{:.0f}'):>7} "
+                     f"{runtime[:34]:<34} {fmt(p.get('energy_per_inference_mj')):>8}")
+        if s["error"]:
+            notes.append(f"{s['device']} {Path(s['artifact']).name}: error: {s['error']}")
+        for reason in r.get("invalid_reasons") or []:
+            notes.append(f"{s['device']} {Path(s['artifact']).name}: INVALID: {reason}")
+        if not s["error"] and p.get("reason"):
+            notes.append(f"{s['device']} {Path(s['artifact']).name}: power: {p['reason']}")
+    return "\n".join(lines + sorted(set(notes)))
+
+
 class LocalAgent:
     """`edgeq agent serve` on 127.0.0.1, port 0, with a fresh token, in a child process."""
 

@@ -17,7 +17,10 @@ limits); name files outside the job directory (file names are plain base names, 
 data must stay inside the job directory: `../`, absolute paths and symlinks are refused before
 loading); choose the power meter or any command (that is agent-side configuration only);
 exhaust memory with a body (every body is size-capped BEFORE it is buffered: Content-Length is
-required and checked, then the body is streamed with a hard cap).
+required and checked, then the body is streamed with a hard cap); exhaust threads or the queue
+(at most 64 concurrent connections, each with a socket timeout; at most 256 queued jobs -> 429).
+What the token does NOT protect against: a holder of the token can fill the disk with uploads up
+to the cap each (artifacts are content-addressed and kept) and keep the board busy.
 
 Transport
 ---------

@@ -7,7 +7,9 @@ It reads JOB_DIR/job.json, writes JOB_DIR/progress.json while it works and JOB_D
 load (fresh process; the OS page cache is not dropped); first inference; warm-up until the median
 of a window of 5 is within `warmup_tolerance` of the previous window; idle power baseline of the
 planned length; timed runs until BOTH `runs` and `min_seconds` are met (or `max_seconds` passes,
-which makes the run INVALID). Every raw latency is kept. It never loads torch.
+which makes the run INVALID). Every raw latency is kept. A power meter, when there is one, is
+sampled on a thread of this process (about 20 reads a second; its small cost is inside the
+timed numbers, the same for every model). It never loads torch.
 """
 
 from __future__ import annotations

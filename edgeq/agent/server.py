@@ -33,6 +33,8 @@ from . import protocol as P
 from .journal import Journal
 
 READY_PREFIX = "EDGEQ_AGENT_LISTENING"
+MAX_CONNECTIONS = 64     # concurrent connections; more are closed at once (no thread per flood)
+MAX_QUEUED_JOBS = 256
 _CHUNK = 1 << 20
 
 
@@ -141,6 +143,8 @@ class Agent:
                        if not self.artifact_path(ref["sha256"]).is_file()]
             if missing:
                 raise P.ProtocolError(f"artifacts not uploaded yet: {missing}", 409)
+            if self._queue.qsize() >= MAX_QUEUED_JOBS:
+                raise P.ProtocolError(f"the agent already has {MAX_QUEUED_JOBS} jobs queued; retry later", 429)
             if self.journal.insert(job_id, fingerprint, request["artifact"]["sha256"], request):
                 self._queue.put(job_id)
                 return 201, self.view(self.journal.get(job_id))
@@ -421,6 +425,7 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, cfg: AgentConfig):
         self.agent = Agent(cfg)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.ssl_context = None
         if cfg.tls_cert:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -433,6 +438,18 @@ class AgentServer(http.server.ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.address_family = family
         super().__init__((cfg.host, cfg.port), _Handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def finish_request(self, request, client_address):
         request.settimeout(self.agent.cfg.request_timeout_s)

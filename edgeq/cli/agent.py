@@ -27,8 +27,9 @@ def agent() -> None:
 @click.option("--max-memory-mb", type=int, default=None, help="Address-space limit per job (default 80% of RAM).")
 @click.option("--power-meter", default="auto", show_default=True,
               help="auto, none, jetson-ina3221, rpi5-pmic, hwmon, rapl, or command:<cmd printing watts>.")
+@click.option("--sysfs-root", default="/", hidden=True, help="Read sensors under this root (tests: recorded trees).")
 def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_job_seconds,
-          max_memory_mb, power_meter) -> None:
+          max_memory_mb, power_meter, sysfs_root) -> None:
     """Serve protocol v1 until SIGTERM; prints 'EDGEQ_AGENT_LISTENING <url>' when ready."""
     from ..agent import protocol
     from ..agent.server import AgentConfig, read_token_file, serve as run
@@ -42,5 +43,6 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         tls_cert=Path(tls_cert) if tls_cert else None, tls_key=Path(tls_key) if tls_key else None,
         client_ca=Path(client_ca) if client_ca else None,
         max_upload_bytes=int(max_upload_mb * (1 << 20)) if max_upload_mb else protocol.DEFAULT_MAX_UPLOAD_BYTES,
-        max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter)
+        max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter,
+        sysfs_root=sysfs_root)
     run(cfg)

@@ -24,20 +24,6 @@ def _progress_printer():
     return show
 
 
-def _row(s: dict) -> str:
-    r = s["result"] or {}
-    lat = r.get("latency_ms") or {}
-    rt = r.get("runtime") or {}
-    p = r.get("power") or {}
-    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-    return (f"{s['device']:<12} {s['artifact'].split('/')[-1]:<28} {s['status']:<8} "
-            f"{fmt(lat.get('p50'))} [{fmt((lat.get('ci95_median') or [None])[0])}, "
-            f"{fmt((lat.get('ci95_median') or [None, None])[1])}] p99 {fmt(lat.get('p99'))} ms  "
-            f"n={lat.get('n', '-')}  rss {fmt(r.get('peak_rss_mb'), '{:.0f}')} MB  "
-            f"{rt.get('name', '-')} {rt.get('provider', '')}  "
-            f"energy {fmt(p.get('energy_per_inference_mj'))} mJ")
-
-
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", "devices", multiple=True, help="Device name (devices file) or agent URL; repeatable.")
@@ -74,10 +60,5 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
     if as_json:
         click.echo(json.dumps(summaries, indent=1, default=str))
     else:
-        for s in summaries:
-            click.echo(_row(s))
-            if s["error"]:
-                click.echo(f"  error: {s['error']}")
-            for reason in (s["result"] or {}).get("invalid_reasons") or []:
-                click.echo(f"  INVALID: {reason}")
+        click.echo(host.summary_table(summaries))
     return 0 if all(s["status"] in ("valid", "invalid") for s in summaries) else 1

@@ -33,12 +33,21 @@ def _unpack_int4(raw: np.ndarray, n: int) -> np.ndarray:
     return np.where(q >= 8, q - 16, q)
 
 
-def _tensor_ints(model_t, tensor) -> np.ndarray | None:
+def buffer_bytes(model_t, index: int, buf: bytes) -> np.ndarray | None:
+    """A buffer's bytes, inline or (large models, ai-edge-quantizer's output) at an offset past the flatbuffer."""
+    b = model_t.buffers[index]
+    if b.data is not None:
+        return np.asarray(b.data, dtype=np.uint8)
+    if getattr(b, "offset", 0) > 1 and b.size:
+        return np.frombuffer(buf, dtype=np.uint8, count=b.size, offset=b.offset)
+    return None
+
+
+def _tensor_ints(model_t, tensor, buf: bytes) -> np.ndarray | None:
     s = _schema()
-    raw = model_t.buffers[tensor.buffer].data
+    raw = buffer_bytes(model_t, tensor.buffer, buf)
     if raw is None:
         return None
-    raw = np.asarray(raw, dtype=np.uint8)
     n = int(np.prod(tensor.shape))
     if tensor.type == s.TensorType.INT8:
         return raw.view(np.int8).astype(np.int16).reshape(tuple(tensor.shape))
@@ -53,9 +62,9 @@ def _schema():
     return schema()
 
 
-def _fp16_scales(model_t, sg, index: int) -> np.ndarray:
+def _fp16_scales(model_t, sg, index: int, buf: bytes) -> np.ndarray:
     t = sg.tensors[index]
-    raw = np.asarray(model_t.buffers[t.buffer].data, dtype=np.uint8)
+    raw = buffer_bytes(model_t, t.buffer, buf)
     dtype = np.float16 if t.type == _schema().TensorType.FLOAT16 else np.float32
     return raw.view(dtype).astype(np.float32).reshape(tuple(t.shape))
 
@@ -87,7 +96,7 @@ def read_back(buf: bytes, layers: dict) -> dict:
             continue
         sg, ti = found
         t = sg.tensors[ti]
-        ints = _tensor_ints(model_t, t)
+        ints = _tensor_ints(model_t, t, buf)
         want = _int_layout(m)
         entry["tflite_type"] = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type)
         entry["ints"] = bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))
@@ -95,10 +104,10 @@ def read_back(buf: bytes, layers: dict) -> dict:
         edgeq_scale = m.scale.detach().to(torch.float32).numpy()
         if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
             det = qp.details
-            got = _fp16_scales(model_t, sg, det.scales)
+            got = _fp16_scales(model_t, sg, det.scales, buf)
             entry["block_size"] = int(det.blockSize)
             entry["scale_storage"] = "fp16 (bf16 precision)"
-            zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints))
+            zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints, buf))
             entry["scales"] = bool(got.shape == edgeq_scale.shape and np.array_equal(got, edgeq_scale) and zp_ok
                                    and det.blockSize == d.weight.group_size)
         elif qp is not None and qp.scale is not None:

@@ -231,10 +231,10 @@ def _float_digest(model: torch.nn.Module) -> str:
 def graph_key(bundle, model: torch.nn.Module, seq_len: int) -> str:
     layers = {n: [type(m).__name__, list(m.decision.shape)] for n, m in quant_layers(model).items()}
     ex = [list(t.shape) + [str(t.dtype)] for t in example_inputs(bundle, seq_len)]
-    import litert_torch
+    from importlib.metadata import version
 
     text = json.dumps([GRAPH_VERSION, bundle.reference, bundle.kind, layers, ex, _float_digest(model),
-                       torch.__version__, getattr(litert_torch, "__version__", "?")], sort_keys=True)
+                       torch.__version__, version("litert-torch")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

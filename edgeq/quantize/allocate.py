@@ -10,8 +10,10 @@ stored bytes, predicted loss increase). The allocator
 2. snaps that to the allowed set and repairs it with exact bytes and the measured/predicted
    distortion table: downgrade the cheapest-to-lose layer while over budget, then upgrade the layer
    with the best loss reduction per byte while it fits;
-3. independently solves the multiple-choice knapsack by Lagrangian relaxation (min D + lambda*bytes,
-   bisection on lambda) followed by the same greedy fill, and keeps whichever plan predicts less loss.
+3. independently solves the multiple-choice knapsack two more ways: Lagrangian relaxation
+   (min D + lambda*bytes, bisection on lambda) and dynamic programming over the budget cut into
+   `DP_BINS` slots (sizes rounded up, so its plan always fits), each followed by the same greedy
+   fill of the leftover bytes, and keeps whichever plan predicts the least loss.
 
 Never raises for internal reasons; a budget below the smallest possible plan is an EdgeqError.
 """
@@ -21,7 +23,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import EdgeqError
+
+DP_BINS = 4096
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ def allocate(layers: list[LayerOptions], fixed_bytes: int, max_total_bytes: floa
     smallest = sum(opts[0].bytes for opts in options.values())
     if smallest > budget:
         raise EdgeqError(
-            f"--budget: too small: the smallest plan (every layer at its lowest allowed bit-width) needs "
+            f"--budget: too small: the smallest plan (every layer at its lowest allowed bit-width, forced "
+            f"layers at 8) needs "
             f"{fixed_bytes + smallest:,} bytes, over the budget of {int(max_total_bytes):,} bytes; "
             "raise the budget or allow fewer bits (--bits)")
     params = sum(layer.params for layer in layers)
@@ -111,6 +118,9 @@ def allocate(layers: list[LayerOptions], fixed_bytes: int, max_total_bytes: floa
         "closed-form+greedy": _greedy(options, _repair(options, start, budget), budget),
         "lagrangian+greedy": _greedy(options, _lagrangian(options, budget), budget),
     }
+    dp = _knapsack(options, budget)
+    if dp is not None:
+        plans["knapsack-dp+greedy"] = _greedy(options, dp, budget)
     strategy, pick = min(plans.items(), key=lambda kv: (_loss(options, kv[1]), kv[0]))
     picks = {name: options[name][k] for name, k in pick.items()}
     layer_bytes = sum(c.bytes for c in picks.values())
@@ -190,3 +200,39 @@ def _lagrangian(options, budget: float) -> dict:
             break
     pick = solve(hi)
     return _repair(options, pick, budget)  # fp safety: lam large enough always reaches the smallest plan
+
+
+def _knapsack(options, budget: float, bins: int = DP_BINS) -> dict | None:
+    """Multiple-choice knapsack by dynamic programming on sizes rounded up to budget/bins (None if nothing fits)."""
+    if budget <= 0:
+        return None
+    unit = budget / bins
+    names = list(options)
+    inf = float("inf")
+    dp = np.full(bins + 1, inf)
+    dp[0] = 0.0
+    dp = np.minimum.accumulate(dp)
+    picks = np.zeros((len(names), bins + 1), dtype=np.int16)
+    for i, n in enumerate(names):
+        new = np.full(bins + 1, inf)
+        arg = np.zeros(bins + 1, dtype=np.int16)
+        for k, c in enumerate(options[n]):
+            cost = math.ceil(c.bytes / unit - 1e-9)
+            if cost > bins:
+                continue
+            cand = np.full(bins + 1, inf)
+            cand[cost:] = dp[: bins + 1 - cost] + c.loss
+            better = cand < new
+            new[better], arg[better] = cand[better], k
+        dp, picks[i] = new, arg
+    if not np.isfinite(dp[bins]):
+        return None
+    pick, cap = {}, bins
+    best_cap = int(np.argmin(dp))  # dp is not monotone (exact sizes); take the best reachable capacity
+    cap = best_cap
+    for i in range(len(names) - 1, -1, -1):
+        k = int(picks[i, cap])
+        pick[names[i]] = k
+        cap -= math.ceil(options[names[i]][k].bytes / unit - 1e-9)
+    assert cap >= 0
+    return pick

@@ -11,6 +11,7 @@ record in the export metadata. Never silent: every fallback is in the result.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -163,8 +164,17 @@ def nearest(use: OpUse, rt: Runtime) -> str:
     over fewer, then the closest group size, then per-channel; then other activation modes; else
     keep the op in float.
     """
-    if use.weight in ("none", "fp32", "fp16", "bf16"):
-        return "" if rt.classify(replace(use, act="fp32")).support != "native" else "float"
+    def native(u: OpUse) -> bool:
+        return rt.classify(u).support == "native"
+
+    as_float = replace(use, act="fp32", weight="none" if use.weight == "none" else "fp32",
+                       granularity=None, group_size=None)
+    if use.weight in ("none", "fp32", "fp16", "bf16") or not _alternative_ops(use.op, rt.format, True):
+        # Not a quantized layer (Add, Softmax, a Q/DQ...): other activations, else keep it float.
+        for act in _ACT_NEAR.get(use.act, ())[1:]:
+            if act not in ("fp32", "dynamic") and native(replace(use, act=act)):
+                return f"{act} activations"
+        return "float" if native(as_float) else ""
     for alt in _alternative_ops(use.op, rt.format):
         if rt.classify(replace(use, op=alt)).support == "native":
             return f"{recipe_name(use.weight, use.granularity, use.group_size, use.act, rt.format)} as {alt}" + (
@@ -178,7 +188,7 @@ def nearest(use: OpUse, rt: Runtime) -> str:
             for dtype in ((f"int{dbits}", f"uint{dbits}") if signed else (f"uint{dbits}", f"int{dbits}")):
                 for gran, group in [("group", g) for g in CANDIDATE_GROUP_SIZES] + [("channel", None), ("tensor", None)]:
                     cand = replace(use, act=act, weight=dtype, granularity=gran, group_size=group)
-                    if cand == use or rt.classify(cand).support != "native":
+                    if cand == use or not native(cand):
                         continue
                     cost = (ai * 1000 + (0 if dbits == bits else (10 if dbits > bits else 100) * abs(dbits - bits))
                             + (0 if dtype.startswith("u") != signed else 1)
@@ -186,18 +196,18 @@ def nearest(use: OpUse, rt: Runtime) -> str:
                     if best is None or cost < best[0]:
                         best = (cost, cand)
     if best is None:
-        return "float" if rt.classify(replace(use, act="fp32", weight="fp32", granularity=None,
-                                              group_size=None)).support == "native" else ""
+        return "float" if native(as_float) else ""
     c = best[1]
     return recipe_name(c.weight, c.granularity, c.group_size, c.act, rt.format)
 
 
-def _alternative_ops(op: str, fmt: str) -> list[str]:
+def _alternative_ops(op: str, fmt: str, include_self: bool = False) -> list[str]:
+    """The other ops the same layer kind renders as (MatMul <-> MatMulNBits); [] for non-layer ops."""
     from .profile import KIND_OPS
 
     for ops in KIND_OPS.get(fmt, {}).values():
         if op in ops:
-            return [o for o in ops if o != op]
+            return [o for o in ops if include_self or o != op]
     return []
 
 
@@ -249,7 +259,15 @@ def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: 
     if bad or (falls and not allow_fallback):
         raise EdgeqError(_refusal(report, bad or falls, bool(bad)))
     return GateResult(report.target, report.runtime, report.format, report.status,
-                      [{k: v for k, v in r.to_dict().items() if k != "source"} for r in falls])
+                      [_fallback_record(r) for r in falls])
+
+
+def _fallback_record(row: Row, max_nodes: int = 20) -> dict:
+    """A fallback row as export metadata: no sources, at most `max_nodes` node names."""
+    rec = {k: v for k, v in row.to_dict().items() if k != "source"}
+    if len(row.nodes) > max_nodes:
+        rec["nodes"] = row.nodes[:max_nodes] + [f"... {len(row.nodes) - max_nodes} more"]
+    return rec
 
 
 def _refusal(report: CheckReport, rows: list[Row], unsupported: bool) -> str:
@@ -266,7 +284,5 @@ def _refusal(report: CheckReport, rows: list[Row], unsupported: bool) -> str:
 
 def _strictness(name: str) -> tuple:
     """Order recipe names so the most conservative (most bits) comes last."""
-    import re
-
     m = re.match(r"w(\d+)", name)
     return (int(m.group(1)) if m else 99, name)

@@ -190,17 +190,18 @@ def _node_use(g: _Graph, node) -> OpUse | None:
     if node.op_type in CONST_LAYOUT and all((not i) or i in g.const or g.weight(i) for i in inputs):
         return None  # constant-folded at load time: not an op at run time
     folded: tuple = weight[3] if weight else ()
-    act = "none"
-    via: tuple = ()
-    for i, name in enumerate(inputs):
-        if not name or i == widx or name in g.const:
-            continue
-        act, via = g.act(name)
-        folded += via
-        break
-    if via and widx is None and not _output_quantized(g, node):
-        act, via = "fp32", ()  # DQ -> op without Q: the DQ runs alone, then the float op
-        folded = weight[3] if weight else ()
+    act, vias = "none", ()
+    data = [(i, n) for i, n in enumerate(inputs) if n and i != widx and n not in g.const]
+    for k, (_, name) in enumerate(data):
+        mode, via = g.act(name)
+        act = mode if k == 0 else act
+        vias += via
+    # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops only as a whole
+    # QDQ unit with a quantized output: otherwise the DQ runs alone and the op runs in float.
+    if vias and node.op_type not in WEIGHT_INPUT and not _output_quantized(g, node):
+        act = g.types.get(data[0][1], "fp32")
+    else:
+        folded += vias
     if node.op_type in DYNAMIC_OPS:
         act = "dynamic"
     wdtype, gran, group = (weight[0], weight[1], weight[2]) if weight else ("none", None, None)

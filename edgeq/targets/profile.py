@@ -96,7 +96,8 @@ class Runtime:
         for rule in self.rules:
             if rule.matches(use):
                 return Verdict(rule.support, rule.kernel, rule.fallback_to, rule.why, rule.source)
-        return Verdict("unsupported", why=f"no rule of runtime {self.name!r} covers {use.op} {use.signature}")
+        return Verdict("unsupported", why=f"the profile does not describe {use.op} [{use.signature}] for "
+                                          f"{self.name} (no rule matches; treated as unsupported)")
 
 
 @dataclass(frozen=True)
