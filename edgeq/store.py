@@ -410,3 +410,30 @@ def list_evals(db_path: str | os.PathLike | None = None, *, target_sha256: str |
         conn.row_factory = sqlite3.Row
         rows = conn.execute(sql, args).fetchall()
     return [EvalRecord(**_decode(r, _JSON_EVAL_COLUMNS)) for r in rows]
+
+
+def reference_sha256(model_ref: str) -> str:
+    """A stable key for a float model reference that has no file: sha256 of "model-ref:" + the reference."""
+    return hashlib.sha256(f"model-ref:{model_ref}".encode("utf-8")).hexdigest()
+
+
+def record_eval_result(db_path: str | os.PathLike | None, result: dict) -> int:
+    """Store one `edgeq.evaluate.evaluate()` result and return its row id.
+
+    The target's file hash (or quant.json hash for a quantized directory) is the key; a float
+    model reference has no file, so it is keyed by `reference_sha256(model)` (meta records that).
+    """
+    missing = [k for k in ("task", "metrics") if k not in result]
+    if missing:
+        raise EdgeqError(f"eval result: missing keys {missing}")
+    meta = {k: v for k, v in result.items() if k not in ("sha256", "target", "model", "task", "metrics", "data")}
+    sha = result.get("sha256")
+    if not sha:
+        ref = result.get("model") or result.get("target")
+        if not ref:
+            raise EdgeqError("eval result: has neither a sha256 nor a model reference to key it by")
+        sha = reference_sha256(str(ref))
+        meta["sha256_of"] = "model reference (no file)"
+    return record_eval(db_path, target_sha256=sha, target_path=result.get("target"),
+                       model_ref=result.get("model"), task=result["task"], metrics=result["metrics"],
+                       data=result.get("data"), meta=meta)

@@ -2,7 +2,8 @@
 
 Every failure becomes an `AgentError` (an EdgeqError) whose message names the agent and says
 what happened: refused, unreachable, lost mid-job, TLS mismatch, or the agent's own refusal.
-Only idempotent GETs are retried, briefly; a submit is safe to repeat because job ids are.
+GETs and submits are retried briefly on transport errors: a submit is safe to repeat because
+job ids are idempotent.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class AgentClient:
         hdrs = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         if length is not None:
             hdrs["Content-Length"] = str(length)
-        attempts = self.retries if method == "GET" else 1
+        # GETs and job submits are idempotent (job ids are); a streamed upload is not replayable
+        attempts = self.retries if method in ("GET", "POST") else 1
         for attempt in range(attempts):
             conn = self._connection()
             try:

@@ -79,6 +79,7 @@ FINAL_STATES = frozenset({"done", "failed", "aborted"})
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+RESERVED_NAMES = frozenset({"job.json", "progress.json", "result.json", "runner.log"})  # the agent's own
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "runs": 50,
@@ -149,6 +150,8 @@ def _check_file_ref(ref: Any, field: str) -> dict:
     name, sha = ref["name"], ref["sha256"]
     if not isinstance(name, str) or not FILE_NAME_RE.match(name) or name in (".", ".."):
         raise ProtocolError(f"{field}.name: {name!r} must be a plain file name (letters, digits, _ . -)")
+    if name in RESERVED_NAMES:
+        raise ProtocolError(f"{field}.name: {name!r} is reserved for the agent's own files")
     if not isinstance(sha, str) or not SHA256_RE.match(sha):
         raise ProtocolError(f"{field}.sha256: {sha!r} is not a lowercase hex sha256")
     return {"name": name, "sha256": sha}

@@ -15,7 +15,6 @@ timed numbers, the same for every model). It never loads torch.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time

@@ -115,8 +115,26 @@ class LiteRtModel:
                         "shape": [None if int(s) < 0 else int(s) for s in sig]})
         return out
 
+    def _input_details(self, names: list[str]) -> dict[str, dict]:
+        """Input details by feed name: tensor name, else signature input name, else position."""
+        inputs = self.interpreter.get_input_details()
+        by_name = {d["name"]: d for d in inputs}
+        by_index = {d["index"]: d for d in inputs}
+        if all(n in by_name for n in names):
+            return by_name
+        try:  # signature names (`args_0`) differ from tensor names (`serving_default_args_0:0`)
+            for sig in self.interpreter._get_full_signature_list().values():
+                idx = sig.get("inputs", {})
+                if all(n in idx for n in names):
+                    return {n: by_index[idx[n]] for n in names}
+        except (AttributeError, KeyError):
+            pass
+        if len(names) == len(inputs):
+            return dict(zip(names, inputs))
+        raise EdgeqError(f"inputs: {names} do not match the model's inputs {sorted(by_name)}")
+
     def prepare(self, feeds: dict[str, np.ndarray]) -> None:
-        details = {d["name"]: d for d in self.interpreter.get_input_details()}
+        details = self._input_details(list(feeds))
         resized = False
         for name, arr in feeds.items():
             if list(details[name]["shape"]) != list(arr.shape):
@@ -125,6 +143,9 @@ class LiteRtModel:
         if resized:
             self.interpreter.allocate_tensors()
         for name, arr in feeds.items():
+            want = np.dtype(details[name]["dtype"])
+            if arr.dtype != want:
+                raise EdgeqError(f"inputs: {name} is {arr.dtype} in the metadata but {want} in the model")
             self.interpreter.set_tensor(details[name]["index"], arr)
         self._outputs = [d["index"] for d in self.interpreter.get_output_details()]
 

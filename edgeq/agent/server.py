@@ -1,274 +1,33 @@
-"""The agent's HTTP(S) server: authenticates, caps, stores artifacts, journals and runs jobs.
+"""The agent's HTTP(S) server: authenticates, caps, stores artifacts and hands jobs to `jobs.py`.
 
 The protocol and trust model are in `protocol.py`. This module never deserialises anything but
 JSON, never reads a body before the token and the size cap are checked, and never runs a model in
-its own process: each job runs in `runner.py` as a child with memory and time limits, one job at
-a time so measurements do not disturb each other.
+its own process.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import hashlib
 import hmac
 import http.server
 import json
 import os
-import queue
-import resource
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from ..errors import EdgeqError
-from ..fileio import write_json_atomic
 from . import protocol as P
-from .journal import Journal
+from .jobs import Agent, AgentConfig, read_token_file
+
+__all__ = ["AgentConfig", "AgentServer", "READY_PREFIX", "read_token_file", "serve"]
 
 READY_PREFIX = "EDGEQ_AGENT_LISTENING"
 MAX_CONNECTIONS = 64     # concurrent connections; more are closed at once (no thread per flood)
-MAX_QUEUED_JOBS = 256
 _CHUNK = 1 << 20
-
-
-@dataclasses.dataclass
-class AgentConfig:
-    """Everything `edgeq agent serve` decides; none of it can be changed by a host."""
-
-    token: str
-    data_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8765
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    client_ca: Path | None = None
-    max_upload_bytes: int = P.DEFAULT_MAX_UPLOAD_BYTES
-    max_job_seconds: float = 900.0
-    max_memory_mb: int | None = None  # None: 80% of physical memory
-    power_meter: str = "auto"
-    sysfs_root: str = "/"
-    request_timeout_s: float = 60.0
-
-    def __post_init__(self):
-        if len(self.token) < P.MIN_TOKEN_CHARS:
-            raise EdgeqError(f"token: must be at least {P.MIN_TOKEN_CHARS} characters, got {len(self.token)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise EdgeqError("tls: --tls-cert and --tls-key must be given together")
-        if self.client_ca is not None and self.tls_cert is None:
-            raise EdgeqError("tls: --client-ca needs --tls-cert and --tls-key")
-        if self.max_memory_mb is None:
-            pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            self.max_memory_mb = int(pages * 0.8) >> 20
-
-
-def read_token_file(path: str | os.PathLike) -> str:
-    """The token in a file (surrounding whitespace stripped); refuses short tokens."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise EdgeqError(f"token file: cannot read {path}: {exc.strerror}") from None
-    if len(token) < P.MIN_TOKEN_CHARS:
-        raise EdgeqError(f"token file: {path} holds {len(token)} characters; at least {P.MIN_TOKEN_CHARS} are needed")
-    return token
-
-
-def _runner_limits(memory_mb: int, cpu_seconds: int):
-    """preexec_fn for the runner: die with the agent, own process group, memory and CPU limits."""
-
-    def apply():
-        os.setpgrp()
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the agent
-        except OSError:
-            pass
-        mem = memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
-
-    return apply
-
-
-class Agent:
-    """Job bookkeeping and the single worker thread that runs jobs in order."""
-
-    def __init__(self, cfg: AgentConfig):
-        self.cfg = cfg
-        self.data_dir = Path(cfg.data_dir)
-        (self.data_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(self.data_dir / "journal.sqlite")
-        self.recovered = self.journal.recover()
-        for tmp in (self.data_dir / "artifacts").glob(".upload-*"):
-            tmp.unlink(missing_ok=True)
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._proc: subprocess.Popen | None = None
-        self._stopping = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="edgeq-worker", daemon=True)
-        from . import fingerprint, meters
-
-        meter, reason = meters.detect(cfg.power_meter, cfg.sysfs_root)
-        self.info = {"protocol": P.PROTOCOL_VERSION, "type": "info", "agent": "edgeq",
-                     "version": fingerprint.runtime_versions().get("edgeq"),
-                     "fingerprint": fingerprint.fingerprint(),
-                     "power_meter": meter.describe() if meter else None, "power_reason": reason,
-                     "max_upload_bytes": cfg.max_upload_bytes, "max_job_seconds": cfg.max_job_seconds,
-                     "max_memory_mb": cfg.max_memory_mb}
-        self._worker.start()
-
-    # ----- artifacts
-    def artifact_path(self, sha: str) -> Path:
-        return self.data_dir / "artifacts" / sha
-
-    # ----- jobs
-    def submit(self, request: dict) -> tuple[int, dict]:
-        job_id = request["job_id"]
-        fingerprint = P.request_fingerprint(request)
-        for _ in range(2):
-            existing = self.journal.get(job_id)
-            if existing is not None:
-                if existing["request_sha256"] != fingerprint:
-                    raise P.ProtocolError(
-                        f"job_id: {job_id!r} was already used for a different request (artifact "
-                        f"{existing['artifact_sha256'][:12]}); job ids cannot be reused", 409)
-                return 200, self.view(existing)
-            missing = [ref["name"] for ref in [request["artifact"], *request["files"]]
-                       if not self.artifact_path(ref["sha256"]).is_file()]
-            if missing:
-                raise P.ProtocolError(f"artifacts not uploaded yet: {missing}", 409)
-            if self._queue.qsize() >= MAX_QUEUED_JOBS:
-                raise P.ProtocolError(f"the agent already has {MAX_QUEUED_JOBS} jobs queued; retry later", 429)
-            if self.journal.insert(job_id, fingerprint, request["artifact"]["sha256"], request):
-                self._queue.put(job_id)
-                return 201, self.view(self.journal.get(job_id))
-        raise P.ProtocolError(f"job_id: {job_id!r} could not be stored", 500)
-
-    def view(self, job: dict) -> dict:
-        out = {"protocol": P.PROTOCOL_VERSION, "type": "job", "job_id": job["job_id"],
-               "state": job["state"], "artifact_sha256": job["artifact_sha256"],
-               "created": job["created"], "started": job["started"], "finished": job["finished"],
-               "error": job["error"]}
-        if job["state"] == "running":
-            try:
-                out["progress"] = json.loads((self.data_dir / "jobs" / job["job_id"] / "progress.json").read_text())
-            except (OSError, ValueError):
-                out["progress"] = None
-        return out
-
-    def _prepare_dir(self, job_id: str, request: dict) -> Path:
-        job_dir = self.data_dir / "jobs" / job_id
-        if job_dir.exists():
-            shutil.rmtree(job_dir)
-        job_dir.mkdir(parents=True)
-        for ref in [request["artifact"], *request["files"]]:
-            src, dst = self.artifact_path(ref["sha256"]), job_dir / ref["name"]
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-        job = {**request, "power_meter": self.cfg.power_meter, "sysfs_root": self.cfg.sysfs_root}
-        write_json_atomic(job_dir / "job.json", job)
-        return job_dir
-
-    def _run(self, job_id: str) -> tuple[str, dict | None, str | None]:
-        job = self.journal.get(job_id)
-        request = job["request"]
-        cfg = request["config"]
-        timeout = min(cfg.get("timeout_s") or self.cfg.max_job_seconds, self.cfg.max_job_seconds)
-        memory = min(cfg.get("memory_mb") or self.cfg.max_memory_mb, self.cfg.max_memory_mb)
-        job_dir = self._prepare_dir(job_id, request)
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
-        env["OMP_NUM_THREADS"] = str(cfg["threads"])
-        with open(job_dir / "runner.log", "wb") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeq.agent.runner", str(job_dir)], cwd=job_dir, env=env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_runner_limits(memory, int(timeout) + 1))
-            try:
-                code = self._proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._kill()
-                return "failed", None, f"time limit exceeded: the job ran longer than {timeout:g} s and was killed"
-            finally:
-                self._proc = None
-        if self._stopping.is_set():
-            return "aborted", None, "the agent was stopped while this job was running"
-        result = None
-        try:
-            result = json.loads((job_dir / "result.json").read_text())
-        except (OSError, ValueError):
-            pass
-        for ref in [request["artifact"], *request["files"]]:
-            (job_dir / ref["name"]).unlink(missing_ok=True)
-        if code < 0:
-            sig = signal.Signals(-code).name
-            hint = f" (memory limit {memory} MB or CPU limit {int(timeout) + 1} s)" if sig in (
-                "SIGKILL", "SIGABRT", "SIGSEGV", "SIGXCPU", "SIGBUS") else ""
-            tail = (job_dir / "runner.log").read_bytes()[-300:].decode("utf-8", "replace").strip()
-            return "failed", None, f"the runner was killed by {sig}{hint}: {tail[-200:]}"
-        if result is None:
-            return "failed", None, f"the runner exited with code {code} without a result"
-        if result.get("status") == "failed" or code != 0:
-            err = result.get("error") or f"the runner exited with code {code}"
-            if "memory" in err.lower() or "alloc" in err.lower():
-                err = f"{err} (memory limit {memory} MB)"
-            return "failed", {**result, "status": "failed", "error": err}, err
-        return "done", result, None
-
-    def _work(self) -> None:
-        for job_id in self.journal.queued():
-            self._queue.put(job_id)
-        while not self._stopping.is_set():
-            job_id = self._queue.get()
-            if job_id is None or self._stopping.is_set():
-                return
-            if not self.journal.start(job_id):
-                continue
-            try:
-                state, result, error = self._run(job_id)
-            except Exception as exc:  # the agent must keep serving whatever one job does
-                state, result, error = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
-            if result is None:
-                result = {"status": "aborted" if state == "aborted" else "failed", "error": error}
-            result.update({"protocol": P.PROTOCOL_VERSION, "type": "result", "job_id": job_id, "state": state,
-                           "error": error})
-            self.journal.finish(job_id, state, result, error)
-
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-    def stop(self) -> None:
-        """Kill a running job (it becomes aborted) and stop the worker."""
-        self._stopping.set()
-        self._kill()
-        self._queue.put(None)
-        self._worker.join(timeout=10)
-        self.journal.recover()
-        self.journal.close()
-
-    def result(self, job_id: str) -> dict:
-        job = self.journal.get(job_id)
-        if job is None:
-            raise P.ProtocolError(f"job_id: {job_id!r} is not known to this agent", 404)
-        if job["state"] not in P.FINAL_STATES:
-            raise P.ProtocolError(f"job {job_id!r} is {job['state']}; no result yet", 409)
-        if job["result"] is None:
-            return {"protocol": P.PROTOCOL_VERSION, "type": "result", "job_id": job_id,
-                    "state": job["state"], "status": job["state"], "error": job["error"]}
-        return job["result"]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -300,7 +59,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str) -> None:
         # the body may be unread: never reuse this connection
-        self._send(status, {"protocol": P.PROTOCOL_VERSION, "type": "error", "error": message}, close=True)
+        try:
+            self._send(status, {"protocol": P.PROTOCOL_VERSION, "type": "error", "error": message}, close=True)
+        except OSError:
+            self.close_connection = True
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -356,6 +118,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(exc.status, str(exc))
         except EdgeqError as exc:
             self._error(400, str(exc))
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True  # the peer went away; nothing to answer
+        except Exception as exc:  # keep serving; say what broke without leaking internals
+            sys.stderr.write(f"edgeq-agent: internal error on {method} {self.path}: {exc!r}\n")
+            self._error(500, f"internal agent error ({type(exc).__name__})")
 
     def _get_artifact(self, sha: str) -> None:
         path = self.agent.artifact_path(sha)
@@ -422,6 +189,7 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog; the default 5 drops bursts of clients
 
     def __init__(self, cfg: AgentConfig):
         self.agent = Agent(cfg)

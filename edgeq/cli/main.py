@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("evaluate", "eval_cmd", "Evaluate a model, quantized directory or exported file."),
     "inspect": ("inspect", "inspect", "Show a quantized model's per-layer decisions."),
     "recipes": ("recipes", "recipes", "List the built-in recipes."),
+    "qat": ("qat", "qat", "Quantization-aware training (LSQ, LR-QAT, PB-LLM) into a quantized-model directory."),
     "demo": ("demo", "demo", "Run the main job end-to-end on built-in defaults."),
     "targets": ("targets", "targets", "List and show board profiles (CPU, runtimes, native ops)."),
     "check": ("check", "check", "Check an exported file or quantized directory against a board profile."),

@@ -169,8 +169,6 @@ def tiny_tflite(pytestconfig) -> Path:
 def run_job(client: AgentClient, model: Path, config: dict | None = None, job_id: str | None = None,
             files: list[Path] = (), metadata: dict | None = None, timeout_s: float = 120) -> dict:
     """Upload, submit and wait; returns the result document."""
-    from edgeq.fileio import sha256_file
-
     sha = client.upload(model)
     refs = [{"name": f.name, "sha256": client.upload(f)} for f in files]
     job_id = job_id or f"t-{secrets.token_hex(6)}"

@@ -55,6 +55,11 @@ def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     assert r["status"] == "valid", r.get("error")
     assert r["runtime"]["name"] == "litert" and r["runtime"]["provider"] == "XNNPACK delegate"
     assert r["inputs"][0]["shape"] == [1, 16]
+    # export metadata names signature inputs (`args_0`), not tensor names (`serving_default_args_0:0`)
+    meta = {"inputs": [{"name": "args_0", "dtype": "float32", "shape": ["batch", 16]}]}
+    r = run_job(shared_agent.client(), tiny_tflite, metadata=meta)
+    assert r["status"] == "valid", r.get("error")
+    assert r["inputs"][0]["name"] == "args_0" and r["inputs"][0]["from"] == "metadata"
 
 
 def _malformed(tmp: Path, tiny_onnx: Path) -> list[Path]:
@@ -170,3 +175,28 @@ def test_time_limit(shared_agent, tiny_onnx):
     r = run_job(shared_agent.client(), tiny_onnx, {"timeout_s": 1.5, "min_seconds": 60, "max_seconds": 120})
     assert r["status"] == "failed" and "time limit exceeded" in r["error"]
     assert run_job(shared_agent.client(), tiny_onnx)["status"] == "valid"
+
+
+def test_power_through_the_runner_on_recorded_jetson_tree(agent_factory, tiny_onnx):
+    tree = Path(__file__).parent / "fixtures" / "sysfs" / "jetson-orin-nx"
+    agent = agent_factory(["--power-meter", "auto", "--sysfs-root", str(tree)])
+    assert agent.client().info()["power_meter"]["meter"] == "jetson-ina3221"
+    r = run_job(agent.client(), tiny_onnx, {"min_seconds": 0.3})
+    p = r["power"]
+    assert p["meter"] == "jetson-ina3221" and p["reason"] is None, p
+    assert p["mean_w"] == pytest.approx(5072 * 1456 / 1e6)
+    n, seconds = r["latency_ms"]["n"], r["latency_ms"]["seconds"]
+    assert p["energy_per_inference_mj"] == pytest.approx(p["mean_w"] * seconds / n * 1e3, rel=1e-6)
+    assert p["energy_per_inference_net_mj"] == pytest.approx(0.0, abs=1e-9)  # constant: idle == busy
+    assert p["baseline_s"] >= 0.3 and p["samples"] >= 5 and p["rate_hz"] == 20.0
+
+
+def test_power_from_external_command(agent_factory, tiny_onnx):
+    import sys
+
+    cmd = f"command:{sys.executable} -c \"import random; print(2.5 + random.random() * 0.01)\""
+    agent = agent_factory(["--power-meter", cmd])
+    r = run_job(agent.client(), tiny_onnx, {"min_seconds": 0.3})
+    assert r["power"]["meter"] == "command" and r["power"]["mean_w"] == pytest.approx(2.505, abs=0.01)
+    r = run_job(agent.client(), tiny_onnx, {"power": False})
+    assert r["power"]["mean_w"] is None and "not requested" in r["power"]["reason"]

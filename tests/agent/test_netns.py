@@ -18,7 +18,6 @@ from edgeq import store
 from edgeq.agent import host
 
 from .conftest import FAST, AgentProc
-from .test_crash import wait_running
 
 pytestmark = pytest.mark.netns
 
@@ -61,7 +60,7 @@ def test_link_cut_mid_run_reports_clear_error_and_stores_nothing(netns, tmp_path
         assert agent.url.startswith(f"http://{AGENT_IP}:")
         db = tmp_path / "results.sqlite"
         device = host.Device(name="nsboard", url=agent.url, token_file=str(agent.token_file))
-        config = {**FAST, "min_seconds": 8.0, "max_seconds": 20.0}
+        config = {**FAST, "min_seconds": 5.0, "max_seconds": 20.0}
         out: list = []
         running = threading.Event()
 

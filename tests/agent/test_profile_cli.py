@@ -118,3 +118,11 @@ def test_agent_modules_import_no_heavy_packages():
             "{'torch', 'transformers', 'onnx', 'tensorflow', 'litert_torch'})\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):
+    db = tmp_path / "demo.sqlite"
+    summaries = host.profile_local([tiny_onnx], db=db, runs=10, min_seconds=0.05)
+    assert summaries[0]["status"] == "valid" and summaries[0]["row_id"] == store.list_results(db)[0].id
+    table = host.summary_table(summaries)
+    assert "tiny.onnx" in table and "valid" in table and "CPUExecutionProvider" in table

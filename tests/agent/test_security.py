@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,9 @@ def test_bad_submit_fields_refused(shared_agent, tiny_onnx):
     for job_id, artifact, config, expect in bad:
         with pytest.raises(AgentError, match=expect):
             client.submit(job_id, artifact, [], None, config)
+    # an external-data name that would alias the agent's own files in the job directory
+    with pytest.raises(AgentError, match="reserved"):
+        client.submit("ok5", {"name": "m.onnx", "sha256": sha}, [{"name": "runner.log", "sha256": sha}], None, {})
 
 
 def test_same_job_id_50_times_runs_once(shared_agent, tiny_onnx):
@@ -157,25 +161,14 @@ def test_same_job_id_50_times_runs_once(shared_agent, tiny_onnx):
         client.submit("same-id", art, [], None, {**FAST, "runs": 11})
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
+    """A CA, server and client certificate made by the script shipped in targets/tls/."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not installed")
     d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=edgeq test CA",
-             cwd=d)
-    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=d)
-    _openssl("req", *ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=edgeq host", cwd=d)
-    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "client.pem", "-days", "1", cwd=d)
+    script = Path(__file__).resolve().parents[2] / "targets" / "tls" / "make-certs.sh"
+    subprocess.run(["bash", str(script), str(d), "127.0.0.1", "localhost"], check=True, capture_output=True)
     return d
 
 
