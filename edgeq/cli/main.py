@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "agent": ("agent", "agent", "Run the on-device agent (on a board; no torch needed)."),
     "profile": ("profile", "profile", "Profile exported files on boards (or --local) and store the results."),
     "results": ("results", "results", "List or show stored profiling results."),
+    "report": ("report", "report", "Write an HTML / Markdown / JSON report of variants x boards from the results database."),
 }
 
 

@@ -89,10 +89,12 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def detect_format(path: Path) -> str:
-    """onnx | tflite | qdir, from the path's suffix or content."""
+def detect_format(path: Path, fmt: str | None = None) -> str:
+    """onnx | tflite | qdir, from the path's suffix (`fmt` names a file's format, e.g. a temp file)."""
     if path.is_dir():
         return "qdir"
+    if fmt in ("onnx", "tflite") and path.name != "quant.json":
+        return fmt
     if path.suffix.lower() == ".onnx":
         return "onnx"
     if path.suffix.lower() == ".tflite":
@@ -107,7 +109,7 @@ def uses_of(thing: str | os.PathLike, fmt: str | None = None) -> tuple[str, list
     path = Path(thing)
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
-    kind = detect_format(path)
+    kind = detect_format(path, fmt)
     if kind == "onnx":
         from .onnx_graph import onnx_uses
 
@@ -144,7 +146,7 @@ def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: 
         rt = prof.runtime(runtime, fmt)
         return CheckReport(prof.name, rt.name, rt.format, "<plan>", classify(thing, rt))
     path = Path(thing)
-    if fmt is None and runtime is not None and detect_format(path) == "qdir":
+    if fmt is None and runtime is not None and path.exists() and detect_format(path) == "qdir":
         fmt = prof.runtime(runtime).format
     fmt, uses = uses_of(path, fmt)
     rt = prof.runtime(runtime, fmt)
@@ -169,12 +171,15 @@ def nearest(use: OpUse, rt: Runtime) -> str:
 
     as_float = replace(use, act="fp32", weight="none" if use.weight == "none" else "fp32",
                        granularity=None, group_size=None)
-    if use.weight in ("none", "fp32", "fp16", "bf16") or not _alternative_ops(use.op, rt.format, True):
+    if use.weight in ("none", "fp32", "fp16", "bf16") or not _is_layer(use.op, rt.format):
         # Not a quantized layer (Add, Softmax, a Q/DQ...): other activations, else keep it float.
         for act in _ACT_NEAR.get(use.act, ())[1:]:
             if act not in ("fp32", "dynamic") and native(replace(use, act=act)):
                 return f"{act} activations"
         return "float" if native(as_float) else ""
+    if rt.format == "onnx" and use.act == "dynamic" and use.granularity == "group" and use.op in ("MatMul", "MatMulNBits"):
+        if native(replace(use, act="fp32")):  # the same file at MatMulNBits accuracy level 0
+            return f"{recipe_name(use.weight, use.granularity, use.group_size, 'fp32', 'onnx')} with accuracy_level 0"
     for alt in _alternative_ops(use.op, rt.format):
         if rt.classify(replace(use, op=alt)).support == "native":
             return f"{recipe_name(use.weight, use.granularity, use.group_size, use.act, rt.format)} as {alt}" + (
@@ -201,13 +206,28 @@ def nearest(use: OpUse, rt: Runtime) -> str:
     return recipe_name(c.weight, c.granularity, c.group_size, c.act, rt.format)
 
 
-def _alternative_ops(op: str, fmt: str, include_self: bool = False) -> list[str]:
-    """The other ops the same layer kind renders as (MatMul <-> MatMulNBits); [] for non-layer ops."""
+# Weight-bearing ops besides the layer renderings of KIND_OPS: a recipe's bits apply to them.
+_OTHER_LAYER_OPS = {
+    "onnx": {"Gemm", "ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Attention", "LSTM", "GRU"},
+    "tflite": {"DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D", "BATCH_MATMUL", "EMBEDDING_LOOKUP",
+               "UNIDIRECTIONAL_SEQUENCE_LSTM", "LSTM"},
+}
+
+
+def _is_layer(op: str, fmt: str) -> bool:
+    from .profile import KIND_OPS
+
+    return op in _OTHER_LAYER_OPS.get(fmt, ()) or any(op in ops for ops in KIND_OPS.get(fmt, {}).values())
+
+
+def _alternative_ops(op: str, fmt: str) -> list[str]:
+    """The other ops the same layer kind renders as (MatMul <-> MatMulNBits)."""
     from .profile import KIND_OPS
 
     for ops in KIND_OPS.get(fmt, {}).values():
         if op in ops:
-            return [o for o in ops if include_self or o != op]
+            return [o for o in ops if o != op]
     return []
 
 

@@ -10,6 +10,7 @@ disk). Needs the `onnx` package (host extra); this module is imported only when 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import EdgeqError
@@ -30,6 +31,9 @@ DYNAMIC_OPS = {"DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
 # Layout ops a runtime folds away when their data input is constant.
 CONST_LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"}
 QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# ORT's session option for the MatMulNBits it fuses from DQ + MatMul, and its default value.
+ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+ORT_DEFAULT_ACCURACY_LEVEL = 4
 
 
 def _dtype_names() -> dict[int, str]:
@@ -45,6 +49,7 @@ def _dtype_names() -> dict[int, str]:
 
 class _Graph:
     def __init__(self, graph, dtypes: dict[int, str]):
+        self.level = ORT_DEFAULT_ACCURACY_LEVEL
         self.types: dict[str, str] = {}
         self.dims: dict[str, int] = {}
         self.numel: dict[str, int] = {}
@@ -151,10 +156,26 @@ def load_model(path: str | Path):
     return model
 
 
-def onnx_uses(path: str | Path) -> list[OpUse]:
-    """Every op of the main graph (subgraphs of If/Loop are not walked) as an `OpUse`."""
+def accuracy_level(path: str | Path) -> int:
+    """The MatMulNBits accuracy level a file will run at: from its FILE.json, else ORT's default (4)."""
+    meta = Path(str(path) + ".json")
+    try:
+        config = json.loads(meta.read_text(encoding="utf-8")).get("session_config") or {}
+        return int(config.get(ACCURACY_LEVEL_KEY, ORT_DEFAULT_ACCURACY_LEVEL))
+    except (OSError, ValueError, AttributeError):
+        return ORT_DEFAULT_ACCURACY_LEVEL
+
+
+def onnx_uses(path: str | Path, level: int | None = None) -> list[OpUse]:
+    """Every op of the main graph (subgraphs of If/Loop are not walked) as an `OpUse`.
+
+    `level`: the MatMulNBits accuracy level the session will use (default: `accuracy_level(path)`);
+    4-bit blocked DequantizeLinear + MatMul, which ORT fuses into MatMulNBits, then runs with
+    `dynamic` activations (level 4, int8 compute) or `fp32` ones (levels 0-1).
+    """
     model = load_model(path)
     g = _Graph(model.graph, _dtype_names())
+    g.level = accuracy_level(path) if level is None else level
     uses: list[OpUse] = []
     folded: set[str] = set()
     for node in model.graph.node:
@@ -209,6 +230,9 @@ def _node_use(g: _Graph, node) -> OpUse | None:
         q = WEIGHT_QPARAM_INPUT[node.op_type]
         qname = inputs[q] if q < len(inputs) else ""
         gran = "channel" if qname and g.numel.get(qname, 1) > 1 else "tensor"
+    if (node.op_type == "MatMul" and act == "fp32" and wdtype in ("int4", "uint4") and gran == "group"
+            and group and group >= 16 and not group & (group - 1)):
+        act = "dynamic" if g.level == 4 else "fp32"  # fused into MatMulNBits at the session's level
     if node.op_type == "MatMulNBits":
         attrs = {a.name: a for a in node.attribute}
         bits = attrs["bits"].i if "bits" in attrs else 4

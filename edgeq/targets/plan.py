@@ -3,7 +3,8 @@
 Before anything is exported, the plan already says which op each layer will become in a format:
 a Linear is an ONNX MatMul / a TFLite FULLY_CONNECTED, a Conv a Conv / CONV_2D, an Embedding a
 Gather / GATHER; weight bits + symmetry give the dtype, granularity and group size the grouping,
-the activation mode the `act`. Static activations are uint8 in ONNX (ORT fuses integer MatMul only
+the activation mode the `act` (weight-only layers are `fp32` in ONNX, `dynamic` in TFLite, where
+edgeq exports them as dynamic-range ops). Static activations are uint8 in ONNX (ORT fuses integer MatMul only
 for uint8) and int8 in TFLite, as docs/architecture.md fixes; symmetric static activations are int8
 in ONNX too (zero point 0, what TensorRT requires).
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..errors import EdgeqError
 from .profile import KIND_OPS
-from .uses import OpUse
+from .uses import RECIPE_ACT_MODES, OpUse, op_act
 
 _KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
           "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
@@ -56,6 +57,14 @@ def _act_mode(layer: dict) -> tuple[str, int, bool]:
     return str(act or "none"), 8, False
 
 
+def container_bits(bits: int, fmt: str) -> int:
+    """The storage width a `bits`-bit weight is exported in: ONNX has INT4 and INT8 containers
+    (2- and 3-bit values live in INT4), TFLite INT2, INT4 and INT8."""
+    if bits <= 2 and fmt == "tflite":
+        return 2
+    return 4 if bits <= 4 else 8
+
+
 def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
     """The op one layer becomes in `fmt` (onnx|tflite)."""
     name = str(layer.get("name", "?"))
@@ -68,25 +77,19 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
     bits = w.get("bits", w.get("weight_bits"))
     if bits is None or layer.get("skip") or layer.get("quantized") is False or int(bits) >= 16:
         return OpUse(op=op, act="fp32", weight="fp32", node=name)
-    bits = int(bits)
     symmetric = bool(w.get("symmetric", True))
     signed = symmetric or fmt == "tflite"
-    dtype = f"{'int' if signed else 'uint'}{bits}"
+    dtype = f"{'int' if signed else 'uint'}{container_bits(int(bits), fmt)}"
     gran = str(w.get("granularity", "channel"))
     gran = "group" if gran in ("group", "block") else gran
     group = w.get("group_size") if gran == "group" else None
     if gran not in ("tensor", "channel", "group"):
         raise EdgeqError(f"{at}.granularity: {gran!r} is not one of: tensor, channel, group")
     mode, abits, act_sym = _act_mode(layer)
-    if mode in ("none", "float", "fp32"):
-        act = "fp32"
-    elif mode == "dynamic":
-        act = "dynamic"
-    elif mode == "static":
-        # ONNX: uint8 asymmetric unless the recipe asks for symmetric activations (int8, zero point 0).
-        act = "int16" if abits == 16 else ("uint8" if fmt == "onnx" and not act_sym else "int8")
-    else:
-        raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: none, dynamic, static")
+    mode = "none" if mode in ("float", "fp32") else mode
+    if mode not in RECIPE_ACT_MODES:
+        raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: {', '.join(RECIPE_ACT_MODES)}")
+    act = op_act(mode, fmt, abits, act_sym)
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)
 
 

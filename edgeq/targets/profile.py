@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from ..errors import EdgeqError
 from .schema import validate
-from .uses import CANDIDATE_GROUP_SIZES, OpUse
+from .uses import CANDIDATE_GROUP_SIZES, OpUse, op_act
 
 ENV_VAR = "EDGEQ_PROFILES"
 
@@ -162,13 +162,17 @@ class TargetProfile:
         """Every (bits, dtype, granularity, group, activation) a `kind` layer can use on `runtime`.
 
         Mixed precision asks this for the bit-widths it may choose from; `support` widens the answer
-        to fallbacks when the user allows them.
+        to fallbacks when the user allows them. `acts` takes op-level modes (fp32, dynamic, int8,
+        uint8) or a recipe's activation modes (none, dynamic, static), which are translated to what
+        edgeq's exporter writes for the runtime's format (weight-only TFLite is dynamic-range).
         """
         rt = self.runtime(runtime, fmt)
         ops = KIND_OPS[rt.format].get(kind)
         if ops is None:
             raise EdgeqError(f"kind: {kind!r} is not one of: {', '.join(KIND_OPS[rt.format])}")
-        acts = tuple(acts) if acts is not None else ("fp32", "dynamic", "int8", "uint8")
+        # Recipe modes (none / dynamic / static) are translated to what the export writes for this format.
+        acts = tuple(dict.fromkeys(op_act(a, rt.format) for a in acts)) if acts is not None else (
+            "fp32", "dynamic", "int8", "uint8")
         wanted = set(support)
         out = []
         for act in acts:

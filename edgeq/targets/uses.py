@@ -43,6 +43,25 @@ class OpUse:
                 "group_size": self.group_size, "node": self.node}
 
 
+RECIPE_ACT_MODES = ("none", "dynamic", "static")
+
+
+def op_act(mode: str, fmt: str, bits: int = 8, symmetric: bool = False) -> str:
+    """The `act` a recipe activation mode (none | dynamic | static) becomes when exported to `fmt`.
+
+    Weight-only (`none`) is fp32 in ONNX (DequantizeLinear + MatMul) and `dynamic` in TFLite, where
+    edgeq exports it as ai-edge-quantizer dynamic-range ops; static is uint8 in ONNX (int8 when
+    symmetric) and int8 in TFLite (docs/architecture.md).
+    """
+    if mode == "none":
+        return "dynamic" if fmt == "tflite" else "fp32"
+    if mode == "dynamic":
+        return "dynamic"
+    if mode == "static":
+        return "int16" if bits == 16 else ("uint8" if fmt == "onnx" and not symmetric else "int8")
+    return mode  # already an op-level act (fp32, int8, ...)
+
+
 def recipe_name(weight: str, granularity: str | None, group_size: int | None, act: str, fmt: str = "") -> str:
     """A short recipe name in edgeq's grammar: w<bits>[-g<N>|-t][a8[-sym]|a16|-dyn].
 

@@ -87,33 +87,79 @@ def onnx_fixtures(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def _tiny_tflite(path: Path) -> Path:
+    """x[1,64] -> FULLY_CONNECTED(32, relu) -> FULLY_CONNECTED(16) -> SOFTMAX, written with the schema's object API.
+
+    Built by hand (seeded) rather than converted from PyTorch: the converter stack takes tens of
+    seconds to import, this takes milliseconds and gives the same ops.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    rng = np.random.default_rng(0)
+    model = s.ModelT()
+    model.version, model.description, model.buffers = 3, "edgeq test fixture", [s.BufferT()]
+
+    def tensor(name, shape, data=None):
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), s.TensorType.FLOAT32, 0
+        if data is not None:
+            buf = s.BufferT()
+            buf.data = np.frombuffer(data.astype(np.float32).tobytes(), np.uint8).tolist()
+            model.buffers.append(buf)
+            t.buffer = len(model.buffers) - 1
+        return t
+
+    def operator(code, inputs, outputs, options_type, options):
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code, inputs, outputs
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+        return op
+
+    sg = s.SubGraphT()
+    sg.tensors = [tensor("x", (1, 64)), tensor("fc1/w", (32, 64), rng.standard_normal((32, 64)) * 0.1),
+                  tensor("fc1/b", (32,), np.zeros(32)), tensor("h", (1, 32)),
+                  tensor("fc2/w", (16, 32), rng.standard_normal((16, 32)) * 0.1), tensor("fc2/b", (16,), np.zeros(16)),
+                  tensor("h2", (1, 16)), tensor("y", (1, 16))]
+    model.operatorCodes = []
+    for code in (s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.SOFTMAX):
+        oc = s.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, code, 1
+        model.operatorCodes.append(oc)
+    relu, none = s.FullyConnectedOptionsT(), s.FullyConnectedOptionsT()
+    relu.fusedActivationFunction = s.ActivationFunctionType.RELU
+    softmax = s.SoftmaxOptionsT()
+    softmax.beta = 1.0
+    fc = s.BuiltinOptions.FullyConnectedOptions
+    sg.operators = [operator(0, [0, 1, 2], [3], fc, relu), operator(0, [3, 4, 5], [6], fc, none),
+                    operator(1, [6], [7], s.BuiltinOptions.SoftmaxOptions, softmax)]
+    sg.inputs, sg.outputs, sg.name = [0], [7], "main"
+    model.subgraphs = [sg]
+    sig, tin, tout = s.SignatureDefT(), s.TensorMapT(), s.TensorMapT()
+    tin.name, tin.tensorIndex, tout.name, tout.tensorIndex = "args_0", 0, "output_0", 7
+    sig.signatureKey, sig.subgraphIndex, sig.inputs, sig.outputs = "serving_default", 0, [tin], [tout]
+    model.signatureDefs = [sig]
+    builder = flatbuffers.Builder(4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path
+
+
 @pytest.fixture(scope="session")
 def tflite_fixture(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Linear-ReLU-Linear-Softmax converted with litert_torch: fp32, dynamic_wi8, dynamic_wi4b32."""
-    torch = pytest.importorskip("torch")
-    litert_torch = pytest.importorskip("litert_torch")
+    """The tiny TFLite model as fp32 and quantized by ai-edge-quantizer (dynamic_wi8, dynamic_wi4b32)."""
+    pytest.importorskip("ai_edge_litert")
     pytest.importorskip("ai_edge_quantizer")
     from ai_edge_quantizer import quantizer, recipe
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(64, 32)
-            self.fc2 = torch.nn.Linear(32, 16)
-
-        def forward(self, x):
-            return torch.softmax(self.fc2(torch.relu(self.fc1(x))), dim=-1)
-
     out = tmp_path_factory.mktemp("tflite")
-    torch.manual_seed(0)
     try:
-        litert_torch.convert(Tiny().eval(), (torch.randn(1, 64),)).export(str(out / "fp32.tflite"))
-        paths = {"fp32": out / "fp32.tflite"}
+        paths = {"fp32": _tiny_tflite(out / "fp32.tflite")}
         for name, rec in (("wi8", recipe.dynamic_wi8_afp32()), ("wi4b32", recipe.dynamic_wi4b32_afp32())):
-            qt = quantizer.Quantizer(str(out / "fp32.tflite"))
+            qt = quantizer.Quantizer(str(paths["fp32"]))
             qt.load_quantization_recipe(rec)
             qt.quantize().export_model(str(out / f"{name}.tflite"), overwrite=True)
             paths[name] = out / f"{name}.tflite"
-    except Exception as exc:  # the converter stack is large; a broken install must not fail the suite
+    except Exception as exc:  # a broken LiteRT install must not fail the suite
         pytest.skip(f"cannot build the TFLite fixture here: {type(exc).__name__}: {exc}")
     return paths

@@ -25,9 +25,10 @@ def test_qdq_int8_matmul_is_native(onnx_fixtures, profile_dir):
 
 
 def test_int4_blocked_dequantize_matmul_is_unsupported(onnx_fixtures, profile_dir):
+    # No FILE.json: ORT fuses it into MatMulNBits at its default accuracy level 4 (int8 compute).
     report = check(onnx_fixtures["int4_block"], "testboard")
     (row,) = report.rows
-    assert (row.op, row.signature, row.verdict.support) == ("MatMul", "act=fp32 w=int4/g32", "unsupported")
+    assert (row.op, row.signature, row.verdict.support) == ("MatMul", "act=dynamic w=int4/g32", "unsupported")
     assert row.verdict.why == "no int4 kernel"
     assert row.suggestion == "w8"
     assert report.exit_code == 1
@@ -113,7 +114,7 @@ def test_gate_on_op_uses_and_unknown_ops(profile_dir):
     uses = [OpUse("MatMul", "fp32", "int4", "group", 128, node="l0"), OpUse("Erf", "fp16", node="e")]
     with pytest.raises(EdgeqError) as exc:
         gate_export(uses, "testboard", runtime="ort")
-    assert "Erf [act=fp16]" in str(exc.value) and "no rule" in str(exc.value)
+    assert "Erf [act=fp16]" in str(exc.value) and "no rule matches" in str(exc.value)
     prof = load_profile("testboard")
     assert prof.classify(OpUse("Relu", "fp32"), "ort").support == "native"
 
@@ -133,3 +134,77 @@ def test_bad_inputs(tmp_path, profile_dir):
         check(tmp_path, "testboard", runtime="ort")
     with pytest.raises(EdgeqError, match="not a runtime of testboard"):
         check(tmp_path, "testboard", runtime="tensorrt")
+
+
+def test_bundled_suggestions(onnx_fixtures, monkeypatch):
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    # rpi4: the fused INT4 path falls back; MatMulNBits at accuracy level 0 is the native rendering.
+    with pytest.raises(EdgeqError, match=r"nearest working recipe: w4-g32 with accuracy_level 0"):
+        gate_export(onnx_fixtures["int4_block"], "rpi4")
+    meta = gate_export(onnx_fixtures["int4_block"], "rpi4", allow_fallback=True).to_metadata()
+    assert meta["target"]["status"] == "fallback" and meta["fallbacks"][0]["nodes"] == ["mm_int4"]
+    # TensorRT: uint8 activations do not build; symmetric int8 activations do.
+    with pytest.raises(EdgeqError, match=r"has no kernel in tensorrt on jetson-orin-nano.*nearest working recipe: w8a8-sym"):
+        gate_export(onnx_fixtures["qdq_int8"], "jetson-orin-nano")
+    # Jetson Nano's TensorRT has no INT8 at all: keep it float (FP16).
+    with pytest.raises(EdgeqError, match=r"nearest working recipe: float"):
+        gate_export(onnx_fixtures["qdq_int8"], "jetson-nano", runtime="tensorrt")
+
+
+def test_plan_static_activations_per_format(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    layer = {"name": "fc", "kind": "linear", "bits": 8, "granularity": "channel",
+             "activation": {"mode": "static", "bits": 8}}
+    sym = dict(layer, name="fc_sym", activation={"mode": "static", "bits": 8, "symmetric": True})
+    qdir = _qdir(tmp_path, [layer, sym])
+    onnx_rows = _rows(check(qdir, "jetson-orin-nano", runtime="tensorrt"))
+    assert onnx_rows[("MatMul", "act=uint8 w=int8/channel")][0] == "unsupported"
+    assert onnx_rows[("MatMul", "act=int8 w=int8/channel")][0] == "native"
+    tfl_rows = _rows(check(qdir, "rpi5", runtime="litert-xnnpack"))
+    assert tfl_rows == {("FULLY_CONNECTED", "act=int8 w=int8/channel"): ("native", 2, ["fc", "fc_sym"])}
+
+
+def test_plan_from_real_layer_decisions(tmp_path, monkeypatch):
+    """quant.json entries as edgeq.quantize writes them (LayerDecision.to_dict())."""
+    modules = pytest.importorskip("edgeq.quantize.modules")
+    from edgeq.recipe import ActSpec, WeightSpec
+
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    w4 = modules.LayerDecision("blocks.0.fc", "linear", WeightSpec(bits=4, granularity="group", group_size=32),
+                               ActSpec(mode="none"), "rtn", 1.0, (64, 64))
+    c8 = modules.LayerDecision("conv", "conv2d", WeightSpec(bits=8), ActSpec(mode="static"), "rtn", 1.0, (8, 3, 3, 3))
+    qdir = _qdir(tmp_path, [w4.to_dict(), c8.to_dict()])
+    onnx_rows = _rows(check(qdir, "rpi5", runtime="onnxruntime-cpu"))
+    assert onnx_rows == {("MatMul", "act=fp32 w=int4/g32"): ("native", 1, ["blocks.0.fc"]),
+                         ("Conv", "act=uint8 w=int8/channel"): ("native", 1, ["conv"])}
+    tfl_rows = _rows(check(qdir, "rpi4", runtime="litert-xnnpack"))
+    assert tfl_rows[("FULLY_CONNECTED", "act=dynamic w=int4/g32")][0] == "native"
+    assert tfl_rows[("CONV_2D", "act=int8 w=int8/channel")][0] == "native"
+
+
+def test_gate_on_a_temp_file_with_explicit_format(onnx_fixtures, tmp_path, profile_dir):
+    # An exporter gates the file it wrote under a temporary name before renaming it into place.
+    tmp = tmp_path / ".model.onnx.1234.tmp"
+    tmp.write_bytes(onnx_fixtures["qdq_int8"].read_bytes())
+    result = gate_export(tmp, "testboard", fmt="onnx")
+    assert result.to_metadata()["target"]["status"] == "native"
+
+
+def test_accuracy_level_from_export_metadata(onnx_fixtures, tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(onnx_fixtures["int4_block"].read_bytes())
+    assert _rows(check(model, "rpi4"))[("MatMul", "act=dynamic w=int4/g32")][0] == "fallback"
+    # edgeq's exporter records the level it checked parity with; level 0 runs CompFp32 natively.
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"session_config": {"session.qdq_matmulnbits_accuracy_level": "0"}}))
+    assert _rows(check(model, "rpi4"))[("MatMul", "act=fp32 w=int4/g32")][0] == "native"
+
+
+def test_plan_low_bit_containers(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    qdir = _qdir(tmp_path, [{"name": "fc", "kind": "linear", "weight": {"bits": 3, "granularity": "group", "group_size": 32},
+                             "activation": {"mode": "none"}}])
+    assert _rows(check(qdir, "rpi5", runtime="onnxruntime-cpu"))[("MatMul", "act=fp32 w=int4/g32")][0] == "native"
+    prof = load_profile("rpi4")
+    assert prof.supported_weight_bits("litert-xnnpack", acts=["none"]) == [4, 8]  # weight-only TFLite = dynamic range
+    assert prof.supported_weight_bits("onnxruntime-cpu", acts=["none"]) == [4]
