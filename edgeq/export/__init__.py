@@ -36,8 +36,15 @@ def _load_exporters() -> None:
             raise
 
 
-def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = None, **options) -> dict:
-    """Export `source` (QDIR or model reference) to `out`; returns the written metadata."""
+def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = None, target: str | None = None,
+           allow_fallback: bool = False, **options) -> dict:
+    """Export `source` (QDIR or model reference) to `out`; returns the written metadata.
+
+    With `target`, the recipe is checked against the board profile before converting and the
+    written graph after; an unsupported op (or a fallback without `allow_fallback`) raises
+    EdgeqError naming the nearest recipe that works, and no file is left behind. What was
+    checked, and any allowed fallback, is recorded in FILE.json under `target` / `fallbacks`.
+    """
     from ..quantize.qmodel import is_qdir, load_quantized
     from ..models import load_model
 
@@ -48,8 +55,37 @@ def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = 
     out = Path(out)
     if out.suffix != suffix:
         raise EdgeqError(f"output: {str(out)!r} should end in {suffix} for format {fmt}")
+    if target:
+        from ..targets import gate_export
+
+        if is_qdir(source):
+            gate_export(str(source), target, allow_fallback=allow_fallback, fmt=fmt)
     if is_qdir(source):
         qm, bundle = load_quantized(source), None
     else:
         qm, bundle = None, load_model(str(source))
-    return fn(qm=qm, bundle=bundle, source=str(source), out=out, variant=variant, **options)
+    meta = fn(qm=qm, bundle=bundle, source=str(source), out=out, variant=variant, **options)
+    if target:
+        meta = _gate_written(out, fmt, target, allow_fallback, meta)
+    return meta
+
+
+def _gate_written(out: Path, fmt: str, target: str, allow_fallback: bool, meta: dict) -> dict:
+    """Check the file as written; remove it (and its companions) if the board cannot run it."""
+    from ..fileio import write_json_atomic
+    from ..targets import gate_export
+
+    meta_path = Path(str(out) + ".json")
+    try:
+        gate = gate_export(str(out), target, allow_fallback=allow_fallback, fmt=fmt)
+    except Exception:
+        for f in [out, meta_path] + [out.parent / c["name"] for c in meta.get("files", [])]:
+            f.unlink(missing_ok=True)
+        for extra in (meta.get("graph") or {}).values():
+            if isinstance(extra, str) and extra != out.name:
+                (out.parent / extra).unlink(missing_ok=True)
+                Path(str(out.parent / extra) + ".json").unlink(missing_ok=True)
+        raise
+    meta.update(gate.to_metadata())
+    write_json_atomic(meta_path, meta)
+    return meta

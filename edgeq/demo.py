@@ -1,0 +1,102 @@
+"""The main job end to end on built-in defaults (`make demo` / `edgeq demo`).
+
+Quantize the bundled LM to INT8 and INT4, export every variant to ONNX and TFLite, evaluate the
+exported files in their runtimes, profile them on a local agent, store everything in a results
+database and write the report. Each step is the same library call the CLI commands make.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+# (name, recipe or None for FP32, ONNX variant, TFLite variant)
+VARIANTS = (
+    ("fp32", None, "fp32", "fp32"),
+    ("w8", "w8", "dynamic-int8", "dynamic-int8"),
+    ("w8a8", "w8a8", "int8", "int8"),
+    ("w4-g128", "w4-g128", "weight-only", "int4"),
+)
+
+
+@dataclass
+class DemoRow:
+    variant: str
+    fmt: str
+    path: str
+    size_mb: float
+    exact: bool | None
+    top1_parity: float | None
+    ppl: float | None = None
+    p50_ms: float | None = None
+    status: str = ""
+    notes: list = field(default_factory=list)
+
+
+def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: int = 8, calib_samples: int = 16,
+             runs: int = 50, say: Callable[[str], None] = print, progress=None) -> tuple[list[DemoRow], Path]:
+    from .agent.host import profile_local, summary_table
+    from .evaluate import evaluate
+    from .export import export
+    from .models import load_model
+    from .models.inputs import calibration_batches
+    from .quantize.ptq import quantize_model
+    from .recipe import load_recipe
+    from .report import write_report
+    from .store import record_eval_result
+
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "results.sqlite"
+    rows: list[DemoRow] = []
+    for name, recipe_name, onnx_variant, tflite_variant in VARIANTS:
+        source = model
+        if recipe_name:
+            qdir = out / f"{name}.q"
+            if not (qdir / "quant.json").is_file():
+                start = time.perf_counter()
+                recipe = load_recipe(recipe_name)
+                bundle = load_model(model)
+                batches = calibration_batches(bundle, None, calib_samples, recipe.calibration.seq_len) if recipe.needs_calibration else None
+                quantize_model(bundle, recipe, batches, progress=progress).save(qdir, overwrite=True)
+                say(f"quantized {model} with {recipe_name} in {time.perf_counter() - start:.0f} s -> {qdir}")
+            source = str(qdir)
+        for fmt, variant in (("onnx", onnx_variant), ("tflite", tflite_variant)):
+            if fmt not in formats:
+                continue
+            path = out / f"{name}.{fmt}"
+            start = time.perf_counter()
+            meta = export(source, fmt, path, variant=variant)
+            parity = meta.get("parity") or {}
+            say(f"exported {path.name} ({meta['size_bytes'] / 1e6:.1f} MB, exact={meta['exact']}, "
+                f"top1 parity {parity.get('top1_agree')}) in {time.perf_counter() - start:.0f} s")
+            result = evaluate(str(path), count=eval_windows)
+            record_eval_result(db, result)
+            rows.append(DemoRow(name, fmt, str(path), meta["size_bytes"] / 1e6, meta["exact"], parity.get("top1_agree"),
+                                ppl=result["metrics"].get("ppl")))
+            say(f"evaluated {path.name}: ppl {result['metrics'].get('ppl'):.3f} on {eval_windows} windows")
+    summaries = profile_local([r.path for r in rows], db=db, runs=runs)
+    say(summary_table(summaries))
+    by_path = {s["artifact"]: s for s in summaries}
+    for r in rows:
+        s = by_path.get(r.path) or {}
+        lat = ((s.get("result") or {}).get("latency_ms") or {})
+        r.p50_ms, r.status = lat.get("p50"), s.get("status", "")
+    report = write_report(db, out / "report.html")
+    return rows, report
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    fp32 = {r.fmt: r for r in rows if r.variant == "fp32"}
+    lines = [f"{'variant':<9} {'format':<7} {'size MB':>8} {'reduction':>9} {'ppl':>8} {'Δppl':>7} {'exact':>6} "
+             f"{'parity top1':>11} {'p50 ms':>8} {'speedup':>7} {'status':<8}"]
+    for r in rows:
+        base = fp32.get(r.fmt)
+        red = f"{100 * (1 - r.size_mb / base.size_mb):.0f}%" if base else "-"
+        dppl = f"{100 * (r.ppl / base.ppl - 1):+.1f}%" if base and r.ppl and base.ppl else "-"
+        speed = f"{base.p50_ms / r.p50_ms:.2f}x" if base and base.p50_ms and r.p50_ms else "-"
+        lines.append(f"{r.variant:<9} {r.fmt:<7} {r.size_mb:>8.1f} {red:>9} {r.ppl or float('nan'):>8.3f} {dppl:>7} "
+                     f"{str(r.exact):>6} {r.top1_parity if r.top1_parity is not None else '-':>11} "
+                     f"{(r.p50_ms or float('nan')):>8.2f} {speed:>7} {r.status:<8}")
+    return "\n".join(lines)
