@@ -1,0 +1,219 @@
+"""Report maths on synthetic stored rows: ratios, Pareto membership, flags and the summary by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeq import store
+from edgeq.errors import EdgeqError
+from edgeq.report import build_compare, build_report
+from edgeq.report.compare import ci_overlap, pareto_front
+from edgeq.report.gather import parse_since
+
+M = "synthetic-model"
+
+
+def _meta(sha: str, size: int, recipe: str | None) -> dict:
+    qdir = None if recipe is None else f"/nonexistent/{sha}.qdir"
+    return {"format": "onnx", "variant": "fp32" if recipe is None else "int8", "sha256": sha, "size_bytes": size,
+            "source": {"model": M, "qdir": qdir, "quant_json_sha256": None if qdir is None else "0" * 64},
+            "recipe": recipe, "exact": True, "parity": {"max_abs": 0.5, "cos_min": 0.99, "top1_agree": 1.0}}
+
+
+def _result(sha: str, p50: float, ci: tuple, energy: float | None, *, threads: int = 1, governor: str = "performance",
+            status: str = "valid", reasons: tuple = (), version: str = "1.32.0") -> dict:
+    return {"status": status, "artifact_sha256": sha, "format": "onnx", "threads": threads,
+            "invalid_reasons": list(reasons), "size_bytes": 1,
+            "runtime": {"name": "onnxruntime", "version": version, "provider": "CPUExecutionProvider"},
+            "latency_ms": {"n": 100, "p50": p50, "p90": p50 * 1.2, "p99": p50 * 1.5, "ci95_median": list(ci)},
+            "peak_rss_mb": 50.0,
+            "power": {"energy_per_inference_mj": energy, "energy_per_inference_net_mj": None,
+                      "mean_w": None if energy is None else 3.0,
+                      "reason": None if energy is not None else "no power sensor found", "meter": "ina3221"},
+            "fingerprint": {"cpu_model": "Cortex-A76", "governor": {"cpu0": governor, "cpu1": governor}}}
+
+
+# name -> (sha, size bytes, recipe, ppl)
+ARTS = {"fp32": ("a" * 64, 1000, None, 10.0), "int8": ("b" * 64, 300, "w8a8", 10.5),
+        "int4": ("c" * 64, 200, "w4a16", 11.0), "bad": ("d" * 64, 250, "w4-g128", 12.0)}
+
+
+def _add(db, name, device, *args, **kw) -> int:
+    sha, size, recipe, _ = ARTS[name]
+    return store.record_result(db, _result(sha, *args, **kw), device=device, artifact_path=f"/x/{name}.onnx",
+                               export_meta=_meta(sha, size, recipe))
+
+
+@pytest.fixture
+def synth_db(tmp_path):
+    db = tmp_path / "synth.sqlite"
+    ids = {
+        "fp32": _add(db, "fp32", "pi5", 10.0, (9.8, 10.2), 50.0),
+        "int8": _add(db, "int8", "pi5", 5.0, (4.9, 5.1), 20.0),
+        "int4": _add(db, "int4", "pi5", 8.0, (7.9, 8.1), 30.0),
+        "bad": _add(db, "bad", "pi5", 9.0, (8.5, 9.9), 40.0),
+        "pi4_fp32": _add(db, "fp32", "pi4", 20.0, (19.0, 21.0), None),
+        "pi4_int8": _add(db, "int8", "pi4", 12.0, (11.0, 13.0), None, governor="ondemand"),
+        "pi4_int4": _add(db, "int4", "pi4", 15.0, (14.0, 16.0), None, status="invalid",
+                         reasons=("only 3 timed runs, the minimum is 50",)),
+    }
+    store.record_result(db, {"status": "failed", "error": "memory limit exceeded", "artifact_sha256": "e" * 64},
+                        device="pi4")
+    for name, (sha, _, _, ppl) in ARTS.items():
+        store.record_eval(db, target_sha256=sha, target_path=None, model_ref=M, task="ppl",
+                          metrics={"ppl": ppl}, data="enwiki")
+    return db, ids
+
+
+def _cols(doc):
+    (model,) = doc["models"]
+    return {c["id"]: c for c in model["columns"]}, model
+
+
+def test_ratios_quality_and_size_by_hand(synth_db):
+    db, ids = synth_db
+    cols, _ = _cols(build_report(db))
+    int8, int4 = cols[ids["int8"]], cols[ids["int4"]]
+    assert int8["bits"] == "INT8" and int4["bits"] == "INT4" and cols[ids["fp32"]]["bits"] == "FP32"
+    assert int8["vs_fp32"]["baseline_id"] == ids["fp32"]
+    assert int8["vs_fp32"]["speedup_p50"] == pytest.approx(10.0 / 5.0)
+    assert int8["vs_fp32"]["speedup_p90"] == pytest.approx(12.0 / 6.0)
+    assert int8["vs_fp32"]["energy_ratio"] == pytest.approx(20.0 / 50.0)
+    assert int8["vs_fp32"]["latency_significant"] is True
+    assert int4["vs_fp32"]["speedup_p50"] == pytest.approx(1.25)
+    assert int4["vs_fp32"]["energy_ratio"] == pytest.approx(0.6)
+    assert int8["size"]["file_reduction_vs_fp32"] == pytest.approx(0.7)
+    assert int4["size"]["file_reduction_vs_fp32"] == pytest.approx(0.8)
+    assert int8["quality_delta"]["delta"] == pytest.approx(0.5)
+    assert int8["quality_delta"]["delta_pct"] == pytest.approx(5.0)
+    assert int8["size"]["weights_size_reduction"] is None
+    assert "no longer exists" in int8["size"]["quant_note"]
+    bad = cols[ids["bad"]]
+    assert bad["vs_fp32"]["latency_significant"] is False  # [8.5, 9.9] overlaps [9.8, 10.2]
+    pi4 = cols[ids["pi4_fp32"]]
+    assert pi4["energy"]["per_inference_mj"] is None and pi4["energy"]["reason"] == "no power sensor found"
+
+
+def test_pareto_membership_by_hand(synth_db):
+    db, ids = synth_db
+    _, model = _cols(build_report(db))
+    p = model["pareto"]
+    pi5 = [g for g in p["latency"] if g.startswith("pi5")]
+    assert len(pi5) == 1
+    assert set(p["latency"][pi5[0]]) == {ids["fp32"], ids["int8"]}
+    assert set(p["energy"][pi5[0]]) == {ids["fp32"], ids["int8"]}
+    assert set(p["size"]) == {ARTS[n][0] for n in ("fp32", "int8", "int4")}  # 'bad' is bigger and worse than int4
+    assert ids["pi4_int4"] in p["excluded"]  # INVALID
+    # pi4: the ondemand int8 run is its own envelope group, so it is not ranked against performance runs
+    assert any("ondemand" in g for g in p["latency"])
+
+
+def test_incomparable_runs_flagged_and_kept_out_unless_forced(synth_db):
+    db, ids = synth_db
+    doc = build_report(db)
+    cols, _ = _cols(doc)
+    gov = cols[ids["pi4_int8"]]["vs_fp32"]
+    assert any("governor differs" in f for f in gov["flags"])
+    assert gov["excluded"] and gov["speedup_p50"] is None
+    inv = cols[ids["pi4_int4"]]["vs_fp32"]
+    assert any("INVALID" in f for f in inv["flags"]) and inv["speedup_p50"] is None
+    assert {f["id"] for f in doc["flagged"]} == {ids["pi4_int8"], ids["pi4_int4"]}
+    assert [s["status"] for s in doc["skipped_runs"]] == ["failed"]
+    forced = _cols(build_report(db, force=True))[0]
+    g = forced[ids["pi4_int8"]]["vs_fp32"]
+    assert g["forced"] and g["speedup_p50"] == pytest.approx(20.0 / 12.0)
+    assert forced[ids["pi4_int8"]]["vs_fp32"]["energy_ratio"] is None  # not measured on pi4: stays missing
+
+
+def test_summary_by_hand(synth_db):
+    db, ids = synth_db
+    rows = {(r["device"], r["id"]): r for r in build_report(db)["summary"]}
+    r8 = rows[("pi5", ids["int8"])]
+    assert (r8["bits"], r8["baseline_id"]) == ("INT8", ids["fp32"])
+    assert r8["size_reduction"] == pytest.approx(0.7)
+    assert r8["quality_delta"] == pytest.approx(0.5)
+    assert r8["latency_reduction"] == pytest.approx(0.5)
+    assert r8["energy_reduction"] == pytest.approx(0.6)
+    r4 = rows[("pi5", ids["int4"])]
+    assert r4["bits"] == "INT4" and r4["latency_reduction"] == pytest.approx(0.2)
+    assert r4["energy_reduction"] == pytest.approx(0.4)
+    assert rows[("pi4", ids["pi4_int8"])]["excluded"]
+    assert rows[("pi4", ids["pi4_int8"])]["energy_reduction"] is None
+
+
+def test_filters(synth_db):
+    db, ids = synth_db
+    doc = build_report(db, device="pi4")
+    assert {c["device"] for c in doc["models"][0]["columns"]} == {"pi4"}
+    assert build_report(db, model="other")["models"] == []
+    assert build_report(db, since="2999-01-01")["models"] == []
+    assert len(build_report(db, since="2000-01-01T00:00:00Z")["models"][0]["columns"]) == 7
+    with pytest.raises(EdgeqError, match="--since"):
+        build_report(db, since="yesterday")
+    with pytest.raises(EdgeqError, match="does not exist"):
+        build_report(db.parent / "missing.sqlite")
+
+
+def test_compare_two_runs(synth_db):
+    db, ids = synth_db
+    d = build_compare(db, ids["fp32"], ids["int8"])
+    assert d["diff"]["p50_diff_ms"] == pytest.approx(-5.0)
+    assert d["diff"]["p50_ratio"] == pytest.approx(0.5)
+    assert d["diff"]["energy_diff_mj"] == pytest.approx(-30.0)
+    assert d["diff"]["significant"] is True and not d["same_artifact"]
+    d2 = build_compare(db, ids["fp32"], ids["bad"])
+    assert d2["diff"]["significant"] is False
+    d3 = build_compare(db, ids["pi4_fp32"], ids["pi4_int8"])
+    assert any("governor" in f for f in d3["envelope_flags"])
+    with pytest.raises(EdgeqError, match="not in the database"):
+        build_compare(db, ids["fp32"], 9999)
+
+
+def test_pareto_front_and_ci_overlap_units():
+    pts = [("a", 10.0, 5.0), ("b", 11.0, 4.0), ("c", 12.0, 4.0), ("d", 10.0, 5.0), ("e", 9.0, 9.0)]
+    assert pareto_front(pts, higher_is_better=False) == {"a", "b", "d", "e"}  # c: same cost as b, worse ppl
+    assert pareto_front(pts, higher_is_better=True) == {"c"}  # c has the highest quality at the lowest cost
+    assert pareto_front([], True) == set()
+    assert ci_overlap((1.0, 2.0), (2.0, 3.0)) is True
+    assert ci_overlap((1.0, 2.0), (2.1, 3.0)) is False
+    assert ci_overlap((None, 2.0), (1.0, 3.0)) is None
+    assert parse_since("2026-11-23").tzinfo is not None
+
+
+def test_record_eval_result_maps_evaluate_output(tmp_path):
+    db = tmp_path / "e.sqlite"
+    base = {"label": "onnx", "model": "tiny-llama", "task": "ppl", "data": "enwiki", "metrics": {"ppl": 3.5},
+            "seconds": 1.2, "threads": 1}
+    store.record_eval_result(db, {**base, "target": "/x/m.onnx", "sha256": "f" * 64})
+    store.record_eval_result(db, {**base, "target": "tiny-llama", "label": "fp32", "sha256": None})
+    ref, file_ = store.list_evals(db)
+    assert (file_.target_sha256, file_.target_path, file_.model_ref, file_.task) == ("f" * 64, "/x/m.onnx",
+                                                                                   "tiny-llama", "ppl")
+    assert file_.metrics == {"ppl": 3.5} and file_.data == "enwiki"
+    assert file_.meta == {"label": "onnx", "seconds": 1.2, "threads": 1}
+    assert ref.target_sha256 == store.reference_sha256("tiny-llama")
+    assert ref.meta["sha256_of"] == "model reference (no file)"
+
+
+def test_runtime_version_mismatch_is_flagged(tmp_path):
+    db = tmp_path / "v.sqlite"
+    base = _add(db, "fp32", "jetson", 10.0, (9.0, 11.0), None)
+    new = _add(db, "int8", "jetson", 5.0, (4.0, 6.0), None, version="1.33.0")
+    (model,) = build_report(db)["models"]
+    (col,) = [c for c in model["columns"] if c["id"] == new]
+    assert col["vs_fp32"]["baseline_id"] == base
+    assert col["vs_fp32"]["flags"] == [f"runtime_version differs: 1.33.0 (#{new}) vs 1.32.0 (#{base})"]
+    assert col["vs_fp32"]["speedup_p50"] is None
+    assert col["quality"] is None  # no eval stored: shown as not measured, never guessed
+    assert col["quality_delta"]["delta"] is None
+
+
+def test_empty_database_gives_an_empty_report(tmp_path):
+    db = tmp_path / "empty.sqlite"
+    store.list_results(db)  # creates the schema, no rows
+    doc = build_report(db)
+    assert doc["models"] == [] and doc["summary"] == [] and doc["flagged"] == []
+    from edgeq.report.render import to_html, to_markdown
+
+    assert "No runs in the database match the filters" in to_html(doc)
+    assert "No INT8 or INT4 runs" in to_markdown(doc)
