@@ -217,10 +217,15 @@ class QuantRecipe:
     fold_norms: bool = True
     untie_head: bool = True
     pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)
+    smoothing: float = 0.0  # SmoothQuant alpha for layers with quantized activations; 0 = off
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
-        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm"])
+        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm",
+                                  "smoothing"])
+        smoothing = data.get("smoothing", 0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+            raise EdgeqError(f"{where}.smoothing: {smoothing!r} is not a number in [0, 1) (SmoothQuant alpha; 0 = off)")
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
             raise EdgeqError(f"{where}.rules: a recipe needs a non-empty list of rules")
@@ -233,6 +238,7 @@ class QuantRecipe:
             fold_norms=bool(data.get("fold_norms", True)),
             untie_head=bool(data.get("untie_head", True)),
             pbllm=PBLLMOptions.from_dict(data.get("pbllm", {})),
+            smoothing=float(smoothing),
         )
 
     def to_dict(self) -> dict:
@@ -249,7 +255,7 @@ class QuantRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(
+        return self.smoothing > 0 or any(
             not r.skip and (r.method != "rtn" or r.activation.mode == "static") for r in self.rules
         )
 

@@ -21,7 +21,7 @@ from .methods import METHODS, LayerStats
 from .modules import LayerDecision, QuantConv2d, QuantLinear, set_module
 from .observers import ActObserver, HessianAccumulator
 from .qmodel import QuantizedModel, model_float_bytes
-from .transforms import fold_norms, head_name, is_tied, untie_head
+from .transforms import fold_norms, head_name, is_tied, smooth, untie_head
 
 
 class _Stop(Exception):
@@ -72,17 +72,41 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     targets = plan(model, recipe)
     if not targets:
         raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
-    needs_data = any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
+    needs_data = recipe.smoothing > 0 or any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
     batches = list(calib_batches) if calib_batches is not None else []
     if needs_data and not batches:
-        raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ or static activations): pass --calib")
+        raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ, static activations or smoothing): pass --calib")
+    smoothed = []
+    if recipe.smoothing > 0:
+        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized}
+        smoothed = smooth(model, _channel_absmax(model, with_acts, batches), recipe.smoothing, with_acts)
     with torch.no_grad():
         if needs_data:
             _calibrated(model, targets, recipe, batches, progress)
         else:
             for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
                 _replace(model, name, kind, rule, LayerStats(), recipe)
-    return QuantizedModel(bundle, recipe, bytes_before, untied, folded)
+    extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing} if smoothed else {}
+    return QuantizedModel(bundle, recipe, bytes_before, untied, folded, extra)
+
+
+@torch.no_grad()
+def _channel_absmax(model, names, batches) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| at each named layer over the calibration batches."""
+    out, handles = {}, []
+    for name in names:
+        def hook(mod, args, name=name):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+            out[name] = x if name not in out else torch.maximum(out[name], x)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def _progress(items, progress, desc):

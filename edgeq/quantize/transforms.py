@@ -79,3 +79,52 @@ def fold_norms(model: torch.nn.Module) -> list[str]:
         gain.fill_(1.0)
         folded.append(norm_name)
     return folded
+
+
+def llama_smooth_groups(model: torch.nn.Module) -> list[tuple[str, str, list[str]]]:
+    """(kind, producer, [consumers]) pairs where a per-channel scale moves exactly between them.
+
+    `norm`: the pre-norm's gain divides, the q/k/v or gate/up columns multiply.
+    `rows`: up_proj's output rows divide (down_proj's input is act(gate) * up, elementwise),
+    down_proj's columns multiply.
+    """
+    groups = []
+    for norm, linears in llama_norm_groups(model):
+        if norm != "model.norm":
+            groups.append(("norm", norm, linears))
+    inner = getattr(model, "model", None)
+    for i, _ in enumerate(getattr(inner, "layers", []) or []):
+        base = f"model.layers.{i}.mlp"
+        groups.append(("rows", f"{base}.up_proj", [f"{base}.down_proj"]))
+    return groups
+
+
+@torch.no_grad()
+def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float,
+           targets: set[str]) -> list[str]:
+    """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, exactly.
+
+    For each group whose consumers are all quantized with activations, s_j =
+    max|X_j|^alpha / max|W_:,j|^(1 - alpha); the producer divides channel j by s_j and the
+    consumers' column j is multiplied by it, so the float function is unchanged while the
+    consumers' inputs lose their outlier channels. Returns the consumers that were smoothed.
+    """
+    smoothed = []
+    for kind, producer, consumers in llama_smooth_groups(model):
+        if not all(c in targets and c in act_absmax for c in consumers):
+            continue
+        x_max = act_absmax[consumers[0]].float().clamp_min(1e-5)
+        w_max = torch.stack([model.get_submodule(c).weight.abs().amax(dim=0) for c in consumers]).amax(dim=0).clamp_min(1e-5)
+        s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
+        prod = model.get_submodule(producer)
+        if kind == "norm":
+            prod.weight.div_(s.to(prod.weight.dtype))
+        else:
+            prod.weight.div_(s[:, None].to(prod.weight.dtype))
+            if prod.bias is not None:
+                prod.bias.div_(s)
+        for c in consumers:
+            lin = model.get_submodule(c)
+            lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+        smoothed.extend(consumers)
+    return smoothed

@@ -112,3 +112,29 @@ def test_group_size_on_conv_is_refused():
     recipe = QuantRecipe.from_dict({"rules": [{"match": "conv", "weight": {"bits": 4, "granularity": "group", "group_size": 16}}]})
     with pytest.raises(EdgeqError, match="granularity = 'channel' for convolutions"):
         quantize_model(bundle, recipe)
+
+
+def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
+    from edgeq.quantize.transforms import smooth
+
+    bundle = load_model(tiny_llama_ref)
+    model = bundle.module
+    fold_norms(model)
+    ids = _ids()
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    gen = torch.Generator().manual_seed(0)
+    absmax = {n: torch.rand(model.get_submodule(n).in_features, generator=gen) * 50 + 0.1 for n in names}
+    with torch.no_grad():
+        before = model(ids).logits
+        done = smooth(model, absmax, 0.5, names)
+        after = model(ids).logits
+    assert len(done) == 4 * 6  # q, k, v, gate, up, down in each of 4 blocks
+    assert torch.allclose(before, after, atol=1e-3, rtol=1e-3)
+    assert not torch.all(model.model.layers[0].input_layernorm.weight == 1)  # the scale moved into the norm
+
+    recipe = QuantRecipe.from_dict({"smoothing": 0.5, "rules": [
+        {"match": "lm_head", "skip": True},
+        {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "static"}}]})
+    b2 = load_model(tiny_llama_ref)
+    qm = quantize_model(b2, recipe, calibration_batches(b2, "enwiki", 2, 64))
+    assert qm.summary()["smoothed_layers"] == 24
