@@ -82,6 +82,16 @@ class Analysis:
     forced: list[str] = field(default_factory=list)
     target: dict = field(default_factory=dict)
 
+    def restrict(self, bits: Iterable[int]) -> "Analysis":
+        """The same analysis with fewer candidate bit-widths (e.g. another target's set)."""
+        keep = sorted(set(bits) & set(self.specs))
+        if not keep:
+            raise EdgeqError(f"--bits: none of {sorted(set(bits))} was analysed (analysed: {sorted(self.specs)})")
+        return replace(self, specs={b: self.specs[b] for b in keep},
+                       table={n: {b: t[b] for b in keep} for n, t in self.table.items()},
+                       bytes_table={n: {b: t[b] for b in keep} for n, t in self.bytes_table.items()},
+                       target={**self.target, "bits": keep})
+
 
 def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, options: MixedOptions) -> tuple[dict[int, WeightSpec], dict]:
     """bits -> WeightSpec that mixed precision may use; from the target profile and/or an explicit set.
@@ -113,7 +123,8 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
     for bits in sorted({o.bits for o in opts}):
         if explicit is not None and bits not in explicit:
             continue
-        mine = [o for o in opts if o.bits == bits and o.dtype.startswith("int" if options.symmetric else "uint")]
+        signed = options.symmetric or bits == 8  # 8-bit weights are always symmetric (see _spec)
+        mine = [o for o in opts if o.bits == bits and o.dtype.startswith("int" if signed else "uint")]
         if not mine:
             continue
         grans = {(o.granularity, o.group_size) for o in mine}
@@ -127,9 +138,11 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
             pick = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(gs or 128)), -s))
             specs[bits] = _spec(bits, options, "group", pick)
     if not specs:
-        raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {'/'.join(map(str, explicit or []))}"
-                         f"{'' if explicit else ''} {'signed' if options.symmetric else 'unsigned'} weight format natively "
-                         f"for a Linear with activations {act} (try --activation dynamic, --allow-fallback or other --bits)")
+        wanted = f"{','.join(map(str, explicit))}-bit " if explicit else ""
+        hints = ["--allow-fallback", "--bits with other widths"] + (
+            ["--activation dynamic"] if options.activation == "none" else ["--activation none"])
+        raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {wanted}{'signed' if options.symmetric else 'unsigned'} "
+                         f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
     info = {"name": profile.name, "runtime": runtime, "activation": act, "support": list(support),
             "bits": sorted(specs), "source": profile.path}
     return specs, info
@@ -320,3 +333,36 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / den if den else None
+
+
+def parse_bits(text: str | Iterable[int] | None) -> list[int] | None:
+    """`--bits 2,3,4,8` -> [2, 3, 4, 8]; None stays None (the target decides)."""
+    if text is None or not isinstance(text, str):
+        return None if text is None else sorted({int(b) for b in text})
+    try:
+        bits = sorted({int(b) for b in text.replace(" ", "").split(",") if b})
+    except ValueError:
+        raise EdgeqError(f"--bits: {text!r} is not a comma-separated list of bit-widths (e.g. 2,3,4,8)") from None
+    bad = [b for b in bits if b not in ALL_BITS]
+    if not bits or bad:
+        raise EdgeqError(f"--bits: {text!r} is not a set of bit-widths from {', '.join(map(str, ALL_BITS))}")
+    return bits
+
+
+def quantize_auto(model: str, target: str | None = None, budget: str | None = None, calib: str | None = None,
+                  samples: int | None = None, seq_len: int | None = None, bits: str | Iterable[int] | None = None,
+                  options: MixedOptions | None = None, progress=None) -> QuantizedModel:
+    """What `edgeq quantize MODEL --recipe auto` runs: load, calibrate, `auto_quantize`."""
+    from ..models import load_model
+    from ..models.inputs import calibration_batches
+
+    if not budget:
+        raise EdgeqError("--recipe auto needs --budget: a size (60MB), an average bit-width (4.5bits) or a share of fp32 (25%)")
+    parsed = parse_budget(budget)  # fail fast, before loading the model
+    allowed = parse_bits(bits)
+    options = options or MixedOptions()
+    allowed_bit_specs(target, allowed, options)  # a bad --target / --bits fails before the model loads
+    bundle = load_model(model)
+    # batch size 1: the Fisher pass keeps every layer's input for one batch in memory
+    batches = calibration_batches(bundle, calib, samples or 8, seq_len or 512, batch_size=1)
+    return auto_quantize(bundle, target, parsed, batches, allowed, options, progress=progress)

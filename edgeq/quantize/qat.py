@@ -169,6 +169,17 @@ class LSQLinear(QATLayer):
         return self._q(s, z).detach(), scale, self.zero_point.clone()
 
 
+@register_qat("scales")
+class ScalesOnlyLinear(LSQLinear):
+    """LSQ with the weights frozen: only the scales (and static activation scales) train."""
+
+    method = "scales"
+
+    def __init__(self, name, linear, rule, act_qparams=None, options=None):
+        super().__init__(name, linear, rule, act_qparams, options)
+        self.weight.requires_grad_(False)
+
+
 @dataclass
 class PreparedQAT:
     """A model whose quantized layers are QAT wrappers, plus what conversion needs to write the QDIR."""
@@ -207,6 +218,9 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         raise choice_error("method", method, sorted(QAT_METHODS))
     import dataclasses
 
+    if getattr(recipe, "smoothing", 0.0):
+        raise EdgeqError(f"recipe {recipe.name!r}: smoothing (SmoothQuant) is a PTQ transform that edgeq qat does not apply; "
+                         "set smoothing = 0 for QAT (LSQ scales and 8-bit FC2 inputs address the same outliers)")
     options = {**dataclasses.asdict(recipe.pbllm), **(options or {})}
     model = bundle.module.eval()
     bytes_before = model_float_bytes(model)

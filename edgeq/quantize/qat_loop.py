@@ -38,7 +38,7 @@ class QATConfig:
     steps: int = 100
     method: str = "lsq"
     lr: float = 1e-4  # latent weights / low-rank factors
-    scale_lr: float = 1e-3  # scales (LSQ) and static activation scales
+    scale_lr: float = 1e-2  # scales (LSQ) and static activation scales, relative to each tensor's mean scale
     batch: int = 4
     seq_len: int = 128
     seed: int = 0
@@ -48,6 +48,7 @@ class QATConfig:
     grad_checkpoint: bool = True  # lr-qat
     calib_samples: int = 16  # static activations / Hessian criterion
     eval_windows: int = 8
+    threads: int = 1  # part of the configuration: float reduction order (and so resume exactness) depends on it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +82,7 @@ def build(config: QATConfig):
     from .qat import QAT_METHODS, prepare_qat
 
     config.validate()
+    torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     bundle = load_model(config.model)
     if not bundle.is_lm:
@@ -100,10 +102,13 @@ def build(config: QATConfig):
     params = prepared.trainable()
     if not params:
         raise EdgeqError(f"qat: recipe {recipe.name!r} with method {config.method!r} leaves nothing to train")
-    groups = [
-        {"params": [p for n, p in params.items() if not is_scale(n)], "lr": config.lr, "base_lr": config.lr},
-        {"params": [p for n, p in params.items() if is_scale(n)], "lr": config.scale_lr, "base_lr": config.scale_lr},
-    ]
+    # Adam moves every parameter by about lr per step whatever its gradient, so a scale's learning
+    # rate is relative: scale_lr times the tensor's mean scale (1e-2 = about 1% per step).
+    groups = [{"params": [p for n, p in params.items() if not is_scale(n)], "lr": config.lr, "base_lr": config.lr}]
+    for n, p in params.items():
+        if is_scale(n):
+            rel = config.scale_lr * float(p.detach().abs().mean())
+            groups.append({"params": [p], "lr": rel, "base_lr": rel})
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     windows = lm_windows(bundle.tokenizer, config.data, "calibration", config.seq_len, config.steps * config.batch, seed=config.seed)
     return prepared, opt, windows
@@ -193,11 +198,11 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        history.append(round(float(loss), 6))
+        history.append(round(loss.item(), 6))
         timed += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
             save_checkpoint(checkpoint_dir, config, prepared, opt, done, history)

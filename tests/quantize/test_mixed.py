@@ -1,0 +1,292 @@
+"""Mixed precision (`--recipe auto`): budget parsing, the allocator, byte accounting and a seeded toy model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from edgeq.errors import EdgeqError
+from edgeq.models import ModelBundle
+from edgeq.quantize.allocate import Choice, LayerOptions, allocate, closed_form_bits
+from edgeq.quantize.budget import parse_budget
+from edgeq.quantize.mixed import MixedOptions, allowed_bit_specs, auto_quantize, spec_bytes
+from edgeq.quantize.ptq import quantize_model
+from edgeq.recipe import QuantRecipe, load_recipe
+
+# ---------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("text, kind, value", [
+    ("60MB", "bytes", 60e6), ("60 MiB", "bytes", 60 * 2**20), ("512kB", "bytes", 512e3), ("123456B", "bytes", 123456),
+    ("4.5bits", "bits", 4.5), ("3bit", "bits", 3.0), ("25%", "percent", 25.0), ("12.5 %", "percent", 12.5),
+])
+def test_parse_budget_forms(text, kind, value):
+    b = parse_budget(text)
+    assert (b.kind, b.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "is not a size"), ("lots", "is not a size"), ("60", "has no unit"), ("60XB", "unit 'XB'"),
+    ("0%", "share in (0%, 100%]"), ("150%", "share in (0%, 100%]"), ("0.5bits", "[1, 16] bits"), ("0MB", "positive size"),
+    ("-3MB", "is not a size"),
+])
+def test_parse_budget_errors_are_one_line(text, needle):
+    with pytest.raises(EdgeqError) as exc:
+        parse_budget(text)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("--budget:") and needle in msg
+
+
+def test_auto_is_not_a_file_recipe():
+    with pytest.raises(EdgeqError, match="computed per model"):
+        load_recipe("auto")
+
+
+# ---------------------------------------------------------------- allocator
+
+
+def _layers(seed: int, n: int = 6, bits=(2, 3, 4, 8)) -> list[LayerOptions]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        params = rng.choice([1024, 4096, 16384])
+        s = 10 ** rng.uniform(-3, 1)
+        choices = [Choice(b, params * b // 8 + params // 32 * 4, s * params * 2.0 ** (-2 * b)) for b in bits]
+        out.append(LayerOptions(f"l{i}", params, s, choices))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocator_respects_budget_and_bit_set(seed):
+    layers = _layers(seed)
+    lo = sum(c.bytes for layer in layers for c in layer.choices if c.bits == 2)
+    hi = sum(c.bytes for layer in layers for c in layer.choices if c.bits == 8)
+    budget = 100 + lo + (hi - lo) * random.Random(seed).uniform(0.05, 0.9)
+    alloc = allocate(layers, 100, budget)
+    assert alloc.total_bytes <= budget
+    assert alloc.total_bytes == 100 + sum(c.bytes for c in alloc.picks.values())
+    assert all(c.bits in (2, 3, 4, 8) for c in alloc.picks.values())
+    # exhaustive optimum over 4^6 plans: the heuristic is within 10% of it and beats the best uniform plan
+    best = min(sum(c.loss for c in combo) for combo in itertools.product(*(layer.choices for layer in layers))
+               if 100 + sum(c.bytes for c in combo) <= budget)
+    assert alloc.predicted_loss <= best * 1.10 + 1e-12
+    uniform = [sum(c.loss for layer in layers for c in layer.choices if c.bits == b) for b in (2, 3, 4, 8)
+               if 100 + sum(c.bytes for layer in layers for c in layer.choices if c.bits == b) <= budget]
+    assert alloc.predicted_loss <= min(uniform) + 1e-12
+
+
+def test_allocator_rejects_a_budget_below_the_smallest_plan():
+    layers = _layers(0)
+    lo = sum(c.bytes for layer in layers for c in layer.choices if c.bits == 2)
+    with pytest.raises(EdgeqError, match="too small"):
+        allocate(layers, 100, 100 + lo - 1)
+
+
+def test_forced_layers_keep_their_largest_choice():
+    layers = _layers(1)
+    layers[0].fixed = True
+    lo = sum(c.bytes for layer in layers for c in layer.choices if c.bits == 2)
+    alloc = allocate(layers, 0, lo + layers[0].choices[-1].bytes)
+    assert alloc.picks["l0"].bits == 8
+
+
+def test_closed_form_follows_importance_and_keeps_the_average():
+    layers = _layers(2)
+    cf = closed_form_bits(layers, 4.0, 2, 8)
+    total = sum(layer.params for layer in layers)
+    assert sum(layer.params * cf[layer.name] for layer in layers) / total == pytest.approx(4.0, abs=1e-6)
+    by_importance = sorted(layers, key=lambda layer: layer.importance)
+    assert [cf[layer.name] for layer in by_importance] == sorted(cf[layer.name] for layer in by_importance)
+
+
+# ---------------------------------------------------------------- the toy model
+
+
+class Toy(torch.nn.Module):
+    """A residual MLP whose `sens` branch is amplified 20x: errors in it dominate the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.sens = (torch.nn.Linear(128, 128) for _ in range(4))
+
+    def forward(self, x):
+        h = x + torch.relu(self.a(x))
+        h = h + torch.relu(self.b(h))
+        h = h + torch.relu(self.c(h))
+        return h + 20.0 * self.sens(x)
+
+
+def _toy() -> ModelBundle:
+    torch.manual_seed(0)
+    model = Toy().eval()
+    return ModelBundle(model, "generic", "toy", example_inputs=(torch.randn(2, 128),))
+
+
+def _batches(seed: int, n: int = 4) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(64, 128, generator=g),) for _ in range(n)]
+
+
+def _output_mse(qmodel, reference, batches) -> float:
+    with torch.no_grad():
+        return sum(float((qmodel(*b) - reference(*b)).pow(2).mean()) for b in batches) / len(batches)
+
+
+def _uniform(bits: int, group: int) -> QuantRecipe:
+    return QuantRecipe.from_dict({"name": f"w{bits}", "rules": [
+        {"match": ".*", "weight": {"bits": bits, "granularity": "group", "group_size": group}}]})
+
+
+def test_mixed_beats_uniform_at_equal_size_on_the_toy_model(tmp_path):
+    reference = _toy().module
+    held_out = _batches(99)
+    uniform = quantize_model(_toy(), _uniform(4, 32))
+    u_sum = uniform.summary()
+    u_mse = _output_mse(uniform.model, reference, held_out)
+
+    opts = MixedOptions(group_size=32, measure="layers")
+    mixed = auto_quantize(_toy(), None, f"{u_sum['bytes_after']}B", _batches(1), allowed_bits=[2, 3, 4, 8], options=opts)
+    m_sum = mixed.summary()
+    m_mse = _output_mse(mixed.model, reference, held_out)
+
+    assert m_sum["bytes_after"] <= u_sum["bytes_after"]
+    bits = {layer["name"]: layer["weight"]["bits"] for layer in m_sum["layers"]}
+    assert set(bits.values()) <= {2, 3, 4, 8}
+    assert bits["sens"] == 8 and max(bits[n] for n in "abc") < 4
+    assert m_mse < 0.5 * u_mse, (m_mse, u_mse)
+    rec = m_sum["mixed"]
+    assert rec["layers"]["sens"]["sensitivity"] > 10 * max(rec["layers"][n]["sensitivity"] for n in "abc")
+    for entry in rec["layers"].values():
+        assert {"bits", "sensitivity", "variance", "predicted_loss", "measured_loss", "input_kurtosis"} <= set(entry)
+    # the Fisher prediction tracks the measured single-layer loss on this model
+    assert rec["predicted_vs_measured_spearman"] > 0.5
+    assert rec["measured_loss_increase"] == pytest.approx(_output_mse(mixed.model, reference, _batches(1)), rel=1e-4)
+
+    # the directory round-trips with the mixed record in quant.json and the same integers
+    out = mixed.save(tmp_path / "q")
+    data = json.loads((out / "quant.json").read_text())
+    assert data["avg_bits"] == m_sum["avg_bits"] and data["mixed"]["layers"]["sens"]["bits"] == 8
+
+
+def test_budget_in_bits_matches_quant_json_avg_bits():
+    qm = auto_quantize(_toy(), None, "3.2bits", _batches(1), allowed_bits=[2, 3, 4, 8],
+                       options=MixedOptions(group_size=32, measure="none"))
+    s = qm.summary()
+    assert s["avg_bits"] <= 3.2
+    assert s["mixed"]["bytes_after"] == s["bytes_after"]
+    assert "measured_loss" not in s["mixed"]
+
+
+def test_spec_bytes_is_quant_json_accounting():
+    qm = auto_quantize(_toy(), None, "5bits", _batches(1), allowed_bits=[3, 5, 8],
+                       options=MixedOptions(group_size=32, symmetric=False, measure="none"))
+    s = qm.summary()
+    for layer in s["layers"]:
+        from edgeq.recipe import WeightSpec
+
+        assert spec_bytes(tuple(layer["shape"]), WeightSpec(**layer["weight"])) == layer["bytes_quant"]
+    assert {layer["weight"]["symmetric"] for layer in s["layers"] if layer["weight"]["bits"] < 8} <= {False}
+
+
+def test_outlier_inputs_force_eight_bits():
+    bundle = _toy()
+    outliers = torch.where(torch.rand(128, generator=torch.Generator().manual_seed(0)) < 0.02, 50.0, 1.0)
+    batches = [(b[0] * outliers,) for b in _batches(1)]
+    # a and sens read the outlier input directly; the residual stream dilutes it for b and c
+    qm = auto_quantize(bundle, None, "6.5bits", batches, allowed_bits=[2, 3, 8],
+                       options=MixedOptions(group_size=32, outlier_kurtosis=170.0, measure="none"))
+    rec = qm.summary()["mixed"]["layers"]
+    assert rec["a"]["input_kurtosis"] > 170 > rec["b"]["input_kurtosis"]
+    for entry in rec.values():
+        assert entry["forced_8bit"] == (entry["input_kurtosis"] > 170.0)
+        assert entry["bits"] == 8 or not entry["forced_8bit"]
+    assert any(e["forced_8bit"] for e in rec.values())
+
+
+def test_no_target_and_no_bits_is_a_user_error():
+    with pytest.raises(EdgeqError, match="--target NAME or an explicit --bits"):
+        auto_quantize(_toy(), None, "4bits", _batches(1))
+    with pytest.raises(EdgeqError, match="--bits: 7"):
+        allowed_bit_specs(None, [4, 7], MixedOptions())
+    with pytest.raises(EdgeqError, match="needs calibration data"):
+        auto_quantize(_toy(), None, "4bits", [], allowed_bits=[4, 8])
+
+
+def test_target_bits_come_from_the_profile_and_run_natively():
+    from edgeq.targets import load_profile
+    from edgeq.targets.plan import plan_uses
+    from edgeq.targets.profile import KIND_OPS
+    from edgeq.targets.uses import OpUse
+
+    profile = load_profile("rpi5")
+    for act in ("none", "dynamic"):
+        opts = MixedOptions(activation=act, measure="none")
+        native = set(profile.supported_weight_bits(acts=("fp32" if act == "none" else "dynamic",)))
+        specs, info = allowed_bit_specs("rpi5", None, opts)
+        assert set(specs) and set(specs) <= native and info["name"] == "rpi5"
+        if not specs.keys() & {2, 3, 4, 8}:
+            continue
+    specs, _ = allowed_bit_specs("rpi5", None, MixedOptions(activation="dynamic"))
+    qm = auto_quantize(_toy(), "rpi5", "90%", _batches(1), options=MixedOptions(activation="dynamic", measure="none"))
+    rt = profile.runtime()
+    for use in plan_uses(qm.summary(), rt.format):
+        verdicts = {rt.classify(OpUse(op, use.act, use.weight, use.granularity, use.group_size)).support
+                    for op in KIND_OPS[rt.format]["linear"]}
+        assert "native" in verdicts, use
+
+
+def test_parse_bits():
+    from edgeq.quantize.mixed import parse_bits
+
+    assert parse_bits("8,2, 4,4") == [2, 4, 8] and parse_bits(None) is None
+    for bad in ("4,x", "7", ""):
+        with pytest.raises(EdgeqError, match="^--bits:"):
+            parse_bits(bad)
+
+
+@pytest.mark.slow
+def test_quantize_auto_is_what_the_cli_calls(tmp_path):
+    from edgeq.quantize.mixed import quantize_auto
+
+    with pytest.raises(EdgeqError, match="needs --budget"):
+        quantize_auto("tiny-llama", bits="4,8")
+    with pytest.raises(EdgeqError, match="^--budget:"):
+        quantize_auto("tiny-llama", budget="lots", bits="4,8")
+    qm = quantize_auto("tiny-llama", budget="5bits", calib="enwiki", samples=2, seq_len=64, bits="2,4,8",
+                       options=MixedOptions(group_size=32, measure="model"))
+    s = qm.summary()
+    assert s["avg_bits"] <= 5 and s["recipe"] == "auto"
+    assert {layer["weight"]["bits"] for layer in s["layers"]} <= {2, 4, 8}
+    assert s["mixed"]["measured_loss"] > 0 and s["mixed"]["base_loss"] > 0
+    out = qm.save(tmp_path / "q")
+    from edgeq.quantize.qmodel import load_quantized
+
+    again = load_quantized(out)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, qm.model(ids).logits)
+
+
+def test_one_analysis_serves_many_budgets_and_bit_sets():
+    from edgeq.quantize.mixed import analyze, plan
+
+    opts = MixedOptions(group_size=32, measure="none")
+    specs, _ = allowed_bit_specs(None, [2, 3, 4, 8], opts)
+    analysis = analyze(_toy(), _batches(1), specs, opts)
+    narrow = analysis.restrict([4, 8])
+    assert set(narrow.specs) == {4, 8} and all(set(t) == {4, 8} for t in narrow.table.values())
+    sizes = []
+    for budget in ("3bits", "4.5bits", "6bits"):
+        alloc = plan(analysis, budget)
+        sizes.append(alloc.layer_bytes)
+        qm = auto_quantize(_toy(), None, budget, _batches(1), options=opts, analysis=analysis)
+        s = qm.summary()
+        assert s["bytes_after"] == alloc.total_bytes and s["avg_bits"] <= float(budget[:-4])
+    assert sizes == sorted(sizes)
+    assert {c.bits for c in plan(narrow, "6bits").picks.values()} <= {4, 8}
+    with pytest.raises(EdgeqError, match="too small"):
+        plan(narrow, "3bits")

@@ -1,0 +1,120 @@
+"""QAT on the toy LM: loss goes down from the PTQ start, resume == uninterrupted, LR-QAT / PB-LLM QDIRs reload exactly."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeq.quantize.qat_loop import QATConfig, run_qat, train
+from edgeq.quantize.qmodel import load_quantized
+
+pytestmark = pytest.mark.slow
+
+
+def _recipe(tmp_path, text, name="r.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+W2 = """
+[[rules]]
+match = "lm_head$"
+skip = true
+[[rules]]
+match = ".*"
+weight = { bits = 2, symmetric = true, granularity = "channel" }
+"""
+
+
+def _ids(n=2, length=48):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_lsq_qat_lowers_loss_from_its_rtn_start(tiny_llama_ref, tmp_path):
+    cfg = QATConfig(model=tiny_llama_ref, recipe=_recipe(tmp_path, W2), steps=12, lr=1e-4, scale_lr=3e-2, batch=4, seq_len=64,
+                    eval_windows=4)
+    qm = run_qat(cfg, tmp_path / "q")
+    rec = json.loads((tmp_path / "q" / "quant.json").read_text())["qat"]
+    assert rec["eval_loss_end"] < rec["eval_loss_start"] - 0.05
+    assert rec["merge_check"]["bit_exact"]
+    assert {layer["method"] for layer in json.loads((tmp_path / "q" / "quant.json").read_text())["layers"]} == {"qat-lsq"}
+    back = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(back.model(_ids()).logits, qm.model(_ids()).logits)
+
+
+def test_resume_gives_the_same_result_as_not_stopping(tiny_llama_ref, tmp_path):
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w4a4-fc2a8", steps=4, lr=1e-3, batch=2, seq_len=32, eval_windows=0)
+    full, rec_full = train(cfg)
+    ckpt = tmp_path / "ckpt"
+    _, rec_a = train(cfg, ckpt, checkpoint_every=1, stop_after=2)
+    assert rec_a["steps_done"] == 2 and (ckpt / "state.safetensors").is_file()
+    resumed, rec_b = train(cfg, ckpt, resume=True)
+    assert rec_b["train_loss"] == rec_full["train_loss"]
+    a, b = full.trainable(), resumed.trainable()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_configuration(tiny_llama_ref, tmp_path):
+    from edgeq.errors import EdgeqError
+
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w4a16", steps=3, batch=1, seq_len=16, eval_windows=0)
+    train(cfg, tmp_path / "ckpt", checkpoint_every=1, stop_after=1)
+    with pytest.raises(EdgeqError, match="different settings"):
+        train(QATConfig(**{**cfg.to_dict(), "lr": 0.5}), tmp_path / "ckpt", resume=True)
+
+
+def test_cli_lrqat_writes_a_qdir_that_reloads_identically(tiny_llama_ref, tmp_path):
+    from edgeq.cli.main import cli
+
+    out = tmp_path / "lr"
+    res = CliRunner().invoke(cli, ["qat", tiny_llama_ref, "--recipe", "w4a16", "--method", "lr-qat", "--rank", "4",
+                                   "--base-dtype", "q4.4", "--steps", "3", "--batch", "2", "--seq-len", "32",
+                                   "--checkpoint-every", "1", "-o", str(out), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert result["bit_exact_merge"] and result["steps"] == 3
+    summary = json.loads((out / "quant.json").read_text())
+    assert summary["qat"]["merge_check"]["max_abs_diff"] == 0.0
+    assert summary["qat"]["config"]["base_dtype"] == "q4.4"
+    assert summary["avg_bits"] < 4.5
+    assert (tmp_path / "lr.ckpt" / "state.json").is_file()
+    qm = load_quantized(out)
+    again = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(qm.model(_ids()).logits, again.model(_ids()).logits)
+    layer = qm.layers()["model.layers.0.mlp.down_proj"]
+    assert layer.decision.method == "qat-lr-qat" and layer.qweight.dtype == torch.int8
+
+
+def test_pbllm_ptq_and_qat_record_honest_bits(tiny_llama_ref, tmp_path):
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+
+    bundle = load_model(tiny_llama_ref)
+    qm = quantize_model(bundle, load_recipe("pb-llm"), calibration_batches(bundle, "enwiki", 4, 64))
+    qm.save(tmp_path / "pb")
+    layers = json.loads((tmp_path / "pb" / "quant.json").read_text())["layers"]
+    rec = layers[0]["pb-llm"]
+    from edgeq.quantize.pbllm import pb_accounting
+
+    rows, cols = layers[0]["shape"]
+    assert rec["criterion"] == "hessian" and rec["bits_per_weight"] == pb_accounting(rows, cols, 0.1)["bits_per_weight"]
+    assert rec["bits_per_weight"] > 0.9 + 0.8 + 1.0  # binary + salient + mask bitmap
+    assert layers[0]["weight"]["bits"] == 8  # the stored (exported) form
+    # the binarized 90% are +-k_row on each INT8 row (k_row: the row's most common magnitude)
+    q = qm.layers()[layers[0]["name"]].qweight.abs()
+    binary = sum(int(torch.unique(row, return_counts=True)[1].max()) for row in q)
+    assert binary >= 0.9 * q.numel() - 1
+
+    cfg = QATConfig(model=tiny_llama_ref, recipe="pb-llm", method="pb-llm", steps=2, batch=2, seq_len=32, eval_windows=0,
+                    calib_samples=4)
+    qat = run_qat(cfg, tmp_path / "pbqat")
+    entry = json.loads((tmp_path / "pbqat" / "quant.json").read_text())["layers"][0]
+    assert entry["method"] == "qat-pb-llm" and "bits_per_weight" in entry["qat-pb-llm"]
+    assert qat.extra["qat"]["merge_check"]["bit_exact"]

@@ -1,0 +1,91 @@
+"""Training memory and step time of full QAT (LSQ) vs LR-QAT vs scales-only on a real-size model (SmolLM2-135M).
+
+A few steps only (no quality claim): each method in its own process, 1 torch thread; peak RSS is
+the process high-water mark, `rss_growth_mb` its growth during training (after the model is loaded
+and prepared), `qat_state_mb` the stored tensors of the QAT layers plus gradient and two AdamW
+moments per trainable value. Writes benchmarks/qat_memory.json and .md.
+    .venv/bin/python tools/qat_memory.py --model smollm2-135m --steps 3 --batch 1 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one(cfg: dict) -> dict:
+    import torch
+
+    from edgeq.quantize.qat_loop import QATConfig, build, lr_at
+
+    config = QATConfig(**cfg)
+    prepared, opt, windows = build(config)
+    model = prepared.model
+    model.train()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(config.steps):
+        t = time.perf_counter()
+        ids = torch.from_numpy(windows[step * config.batch : (step + 1) * config.batch].copy())
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    trainable = sum(p.numel() for p in prepared.trainable().values())
+    stored = sum(t.numel() * t.element_size() for m in prepared.layers.values() for t in list(m.parameters()) + list(m.buffers()))
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": config.method, "rank": config.rank if config.method == "lr-qat" else None, "base_dtype": config.base_dtype,
+            "trainable_params": trainable, "qat_state_mb": round((stored + 12 * trainable) / 2**20, 1),
+            "peak_rss_mb": round(rss1 / 1024, 1), "rss_growth_mb": round((rss1 - rss0) / 1024, 1),
+            "step_seconds_median": round(sorted(times)[len(times) // 2], 2), "steps": config.steps, "last_loss": round(loss.item(), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--recipe", default="w4a16")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_memory"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(one(json.loads(a.one))))
+        return
+    base = dict(model=a.model, recipe=a.recipe, steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_windows=0)
+    configs = [dict(base, method="lsq", lr=1e-4), dict(base, method="lr-qat", lr=1e-3, rank=16),
+               dict(base, method="lr-qat", lr=1e-3, rank=16, base_dtype="q4.4"), dict(base, method="scales", lr=1e-4)]
+    runs, t0 = [], time.time()
+    for cfg in configs:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"run failed: {cfg}")
+        runs.append(json.loads(line[0][7:]))
+        print(json.dumps(runs[-1]), flush=True)
+    out = {"command": " ".join([Path(sys.executable).name, "tools/qat_memory.py"] + sys.argv[1:]), "model": a.model, "recipe": a.recipe,
+           "scale_note": f"{a.steps} training steps of {a.batch} x {a.seq_len} tokens per method, 1 thread, 2 shared CPU cores "
+                         "(other jobs running: step times are noisy); memory and speed only, no quality claim",
+           "wall_seconds": round(time.time() - t0, 1), "runs": runs}
+    Path(a.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# QAT training memory on {a.model} ({a.recipe})", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".", "",
+             "| method | rank | base dtype | trainable params | QAT-layer state MB | peak RSS MB | RSS growth in training MB | step s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['method']} | {r['rank'] or ''} | {r['base_dtype'] if r['method'] == 'lr-qat' else ''} | {r['trainable_params']} | "
+                     f"{r['qat_state_mb']} | {r['peak_rss_mb']} | {r['rss_growth_mb']} | {r['step_seconds_median']} |")
+    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
