@@ -21,13 +21,13 @@ def inspect(target, activations, calib, as_json):
     from ..quantize.qmodel import is_qdir
 
     if activations:
-        from ..quantize.diagnostics import activation_report
+        from ..quantize.diagnostics import activation_report, format_diagnostics
 
         report = activation_report(target, calib=calib)
         if as_json:
             emit_json(report)
         else:
-            _print_activation_report(report)
+            click.echo(format_diagnostics(report))
         return
     if not is_qdir(target):
         raise EdgeqError(f"inspect: {target!r} is not a quantized-model directory (no quant.json)")
@@ -48,11 +48,3 @@ def inspect(target, activations, calib, as_json):
         shape = "x".join(str(s) for s in layer["shape"][:2])
         click.echo(f"{layer['name']:<{name_w}}  {shape:>11}  {wname:<10} {act:<9} {layer['method']:<6} {layer['gamma']:>5.2f} {layer['bytes_quant']:>10}")
 
-
-def _print_activation_report(report) -> None:
-    rows = report.get("layers", [])
-    for row in rows:
-        click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    for key, value in report.items():
-        if key != "layers":
-            click.echo(f"{key}: {value}")
