@@ -104,6 +104,8 @@ class ActSpec:
             raise choice_error(f"{where}.calibration", spec.calibration, CALIBRATIONS)
         if not 50.0 < float(spec.percentile) <= 100.0:
             raise EdgeqError(f"{where}.percentile: {spec.percentile} is not in (50, 100]")
+        if spec.mode == "static" and spec.bits > 8:
+            raise EdgeqError(f"{where}.bits: static activations are at most 8-bit (got {spec.bits}); use mode = 'dynamic' for wider grids")
         if spec.mode == "static" and spec.granularity != "tensor":
             raise EdgeqError(f"{where}: static activations are per-tensor (per-token and group-wise are dynamic)")
         if spec.granularity == "group":

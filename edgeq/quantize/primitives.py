@@ -159,11 +159,11 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, symmetric: bo
         qmax = 2 ** (bits - 1) - 1
         scale = torch.maximum(hi, -lo) / qmax
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        return scale, torch.zeros_like(scale, dtype=torch.int16)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     qmax = 2**bits - 1
     scale = (hi - lo) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int16)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
     return scale, zp
 
 

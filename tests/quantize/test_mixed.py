@@ -288,5 +288,11 @@ def test_one_analysis_serves_many_budgets_and_bit_sets():
         assert s["bytes_after"] == alloc.total_bytes and s["avg_bits"] <= float(budget[:-4])
     assert sizes == sorted(sizes)
     assert {c.bits for c in plan(narrow, "6bits").picks.values()} <= {4, 8}
+    # measured on other batches than the analysis: the base loss is re-measured on those batches
+    qm = auto_quantize(_toy(), None, "4bits", _batches(5), options=MixedOptions(group_size=32, measure="model"),
+                       analysis=analysis)
+    rec = qm.summary()["mixed"]
+    assert rec["base_loss"] == 0.0  # the float model against its own outputs
+    assert rec["measured_loss_increase"] == pytest.approx(_output_mse(qm.model, _toy().module, _batches(5)), rel=1e-4)
     with pytest.raises(EdgeqError, match="too small"):
         plan(narrow, "3bits")

@@ -62,9 +62,12 @@ def test_presets_on_tiny_llama_save_and_reload_bit_exactly(preset, tiny_llama_re
 def test_static_activations_get_a_calibrated_uint8_grid(tiny_llama_ref):
     bundle = load_model(tiny_llama_ref)
     qm = quantize_model(bundle, load_recipe("w8a8"), calibration_batches(bundle, "enwiki", 4, 64))
-    layer = qm.model.model.layers[0].mlp.down_proj
+    layer = qm.model.model.layers[0].mlp.up_proj
     assert isinstance(layer, QuantLinear)
     assert 0 <= int(layer.act_zero_point) <= 255 and float(layer.act_scale) > 0
+    down = qm.model.model.layers[0].mlp.down_proj  # the outlier-heavy FC2 input is quantized per token at run time
+    assert down.decision.activation.mode == "dynamic" and down.decision.activation.granularity == "token"
+    assert qm.summary()["smoothed_layers"] == 4 * 6
 
 
 def test_quality_of_int8_is_close_to_fp32(tiny_llama_ref):

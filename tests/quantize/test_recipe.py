@@ -8,13 +8,15 @@ from edgeq.recipe import QuantRecipe, load_recipe, preset_names
 
 def test_required_presets_exist_and_load():
     names = preset_names()
-    for required in ("w8a8", "w8", "w4-g128", "w4-g64", "w4-g128-rtn"):
+    for required in ("w8a8", "w8a8-static", "w8", "w4-g128", "w4-g64", "w4-g128-rtn"):
         assert required in names
         recipe = load_recipe(required)
         assert recipe.rule_for("model.layers.0.mlp.down_proj") is not None
         assert recipe.rule_for("lm_head") is None  # the head stays float in presets
     assert load_recipe("w4-g64").rule_for("x").method == "gptq"
     assert load_recipe("w8a8").rule_for("x").activation.mode == "static"
+    assert load_recipe("w8a8").rule_for("model.layers.0.mlp.down_proj").activation.granularity == "token"
+    assert load_recipe("w8a8-static").rule_for("model.layers.0.mlp.down_proj").activation.mode == "static"
 
 
 @pytest.mark.parametrize("data,message", [

@@ -1,0 +1,237 @@
+"""ONNX export: one quantized model (or a float model) in, one .onnx file + FILE.onnx.json out.
+
+Variants (the default follows the source):
+- `fp32`: the float model (source is a model reference, no quantized directory);
+- `int8`: static QDQ, uint8 activations on each layer's calibrated grid, 8-bit weights (stored as
+  uint8 = int8 + 128 by default, see `int8_weights`: exact in ORT's integer kernels on every CPU);
+- `dynamic-int8`: activations quantized per call (ORT quantize_dynamic's graph structure);
+- `weight-only`: DequantizeLinear weights (INT8 per channel, or opset-21 blocked INT4/UINT4 that
+  ONNX Runtime fuses into MatMulNBits; 2-3 bit values live in 4-bit containers), float activations.
+Decoder LMs get two graphs: FILE.onnx (prefill: input_ids -> logits + present key/values) and
+FILE.decode.onnx (one token + past key/values -> logits + presents).
+
+Every export reads its integers back from the written file and compares them bitwise with the
+quantized model (`exact`), and runs the file in ONNX Runtime against the PyTorch simulation on
+held-back inputs (`parity`). Files are written into a temporary directory beside the output and
+renamed into place only when everything succeeded; the JSON goes last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import EdgeqError, choice_error
+from . import register_exporter
+from .meta import held_back_inputs, parity_metrics, write_export_meta
+from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
+from .onnx_quant import LayerQ, quantize_graph, read_back
+from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
+from ..quantize.qmodel import is_qdir
+
+VARIANTS = ("fp32", "int8", "dynamic-int8", "weight-only")
+EXTERNAL_DATA_BYTES = 256 << 20  # above this, tensors go to one FILE.onnx.data beside the file
+# Minimum ONNX Runtime versions: opset 21 (ONNX 1.16) came with ORT 1.18 (PR #19745); INT4/UINT4
+# DequantizeLinear (PR #20362) and blocked DequantizeLinear (PR #20901) with ORT 1.19.
+RUNTIME_MIN_OPSET21 = "1.18"
+RUNTIME_MIN_INT4_BLOCKED = "1.19"
+
+
+def default_variant(qm) -> str:
+    """The variant a source implies: fp32 without quantization, else from its activation modes."""
+    if qm is None:
+        return "fp32"
+    modes = {m.decision.activation.mode for m in qm.layers().values()}
+    if "static" in modes:
+        return "int8"
+    if "dynamic" in modes:
+        return "dynamic-int8"
+    return "weight-only"
+
+
+def _check_variant(variant: str | None, qm) -> str:
+    implied = default_variant(qm)
+    variant = variant or implied
+    if variant not in VARIANTS:
+        raise choice_error("variant", variant, VARIANTS)
+    if variant != implied:
+        what = "a model reference (no quantized directory)" if qm is None else f"recipe {qm.recipe.name!r}"
+        raise EdgeqError(f"variant: {variant!r} does not match {what}, which exports as {implied!r} "
+                         "(the file must compute what the quantized model computes)")
+    return variant
+
+
+@register_exporter("onnx", ".onnx")
+def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.onnx"), variant: str | None = None, *,
+                decode: bool = True, accuracy_level: int | None = 0, external_data: bool | None = None,
+                int8_weights: str = "uint8",
+                parity_samples: int = 4, parity_seq_len: int = 64, threads: int = 1) -> dict:
+    """Export to `out` (.onnx); returns the metadata written to `out`.json.
+
+    Options: `decode` (decoder LMs: also write the KV-cache decode-step graph), `accuracy_level`
+    (ONNX Runtime's MatMulNBits accuracy level recorded for 4-bit files and used for parity; 0 =
+    float activations, exact; None = the runtime's default), `external_data` (None: automatic
+    above 256 MB), `int8_weights` ("uint8", the default: 8-bit weights of layers with quantized activations
+    stored as edgeq's int8 + 128 with zero point 128, the same real values, which ONNX Runtime's
+    u8u8 integer kernels compute exactly on every CPU; "int8": as ORT's own quantizer writes them,
+    but its u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI, which wrecked
+    SmolLM2's logits on this host),
+    `parity_samples` / `parity_seq_len` (held-back inputs), `threads` (for parity).
+    """
+    out = Path(out)
+    if int8_weights not in ("int8", "uint8"):
+        raise choice_error("int8_weights", int8_weights, ("int8", "uint8"))
+    variant = _check_variant(variant, qm)
+    bundle = qm.bundle if qm is not None else bundle
+    layers = [LayerQ.from_module(n, m) for n, m in qm.layers().items()] if qm is not None else []
+    t0 = time.perf_counter()
+    specs = graph_specs(bundle, with_decode=decode)
+    with dequantized(bundle.module):
+        protos = [export_graph(s) for s in specs]
+    results = [quantize_graph(p, layers, PREFIX, int8_weights) for p in protos]
+    rendered = [r for r, _ in results]
+    unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
+    names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
+    four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)
+    session_config = {ACCURACY_LEVEL_KEY: str(accuracy_level)} if four_bit and accuracy_level is not None else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        written = []
+        big = sum(len(t.raw_data) for t in protos[0].graph.initializer) > EXTERNAL_DATA_BYTES
+        use_external = big if external_data is None else bool(external_data)
+        for spec, proto in zip(specs, protos):
+            path = tmp / names[spec.role]
+            _save(proto, path, use_external)
+            written.append(path)
+        export_s = time.perf_counter() - t0
+        layer_checks = []
+        for spec, path, rs in zip(specs, written, rendered):
+            checks = read_back(onnx.load(str(path)), rs, layers)
+            for c in checks:
+                c["graph"] = spec.role
+            layer_checks += checks
+        exact = all(c["exact"] for c in layer_checks) if qm is not None else None
+        parity = _parity(bundle, specs, written, session_config, threads, parity_samples, parity_seq_len)
+        main = tmp / out.name
+        companions = [p for p in sorted(tmp.iterdir()) if p != main]
+        extra = {
+            "opset": OPSET,
+            "graph": {s.role: names[s.role] for s in specs} if bundle.kind == "causal-lm" else None,
+            "decode_graph": bool(decode) if bundle.kind == "causal-lm" else None,
+            "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(r.blocked for rs in rendered for r in rs)
+                            else RUNTIME_MIN_OPSET21},
+            "session_config": session_config,
+            "external_data": use_external,
+            "layers": layer_checks,
+            "layers_exact": sum(c["exact"] for c in layer_checks),
+            "layers_not_in_graph": unused,  # quantized, but nothing the graph returns uses them
+            "containers": _container_notes(qm, rendered[0]) if qm is not None else None,
+            "export_s": round(export_s, 3),
+            "int8_weights": int8_weights,
+            "host_note": _host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
+        }
+        meta = write_export_meta(main, fmt="onnx", variant=variant, model=bundle.reference,
+                                 qdir=source if qm is not None and is_qdir(source) else None, recipe=qm.recipe.name if qm is not None else None,
+                                 exact=exact, parity=parity, inputs=_inputs_meta(bundle, written[0]), extra=extra,
+                                 files=companions)
+        mode = 0o666 & ~_umask()  # onnx writes external data 0600; give every file ordinary permissions
+        for p in [*companions, main, Path(str(main) + ".json")]:
+            os.chmod(p, mode)
+        for p in companions:
+            os.replace(p, out.parent / p.name)
+        os.replace(main, out)
+        os.replace(Path(str(main) + ".json"), Path(str(out) + ".json"))
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host_note() -> str | None:
+    """Why INT8-activation parity can be lower on this host than on the board."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    if "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "avx512vnni"}:
+        return ("host CPU has AVX2 without VNNI: ONNX Runtime's u8s8 integer kernels saturate int16 pair sums here, "
+                "so parity is measured lower than the file's arithmetic; int8_weights='uint8' avoids it")
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _container_notes(qm, rendered) -> dict:
+    """bits -> how the values are stored, so nobody mistakes a 4-bit container for 4-bit values."""
+    notes = {}
+    by_name = {r.layer: r for r in rendered}
+    for name, m in qm.layers().items():
+        r = by_name.get(name)
+        bits = m.decision.weight.bits
+        if r is not None:
+            notes.setdefault(str(bits), set()).add(r.container)
+    return {bits: sorted(c) for bits, c in notes.items()}
+
+
+def _inputs_meta(bundle, path: Path) -> list[dict]:
+    model = onnx.load(str(path), load_external_data=False)
+    elem = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32"}
+    vocab = None
+    if bundle.kind in ("causal-lm", "encoder"):
+        config = getattr(bundle.module, "config", None)
+        vocab = getattr(config, "vocab_size", None) or getattr(bundle.tokenizer, "vocab_size", None)
+    result = []
+    for inp in model.graph.input:
+        t = inp.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        entry = {"name": inp.name, "dtype": elem.get(t.elem_type, str(t.elem_type)), "shape": shape}
+        if inp.name == "input_ids" and vocab:
+            entry["range"] = [0, int(vocab)]
+        if inp.name == "attention_mask":
+            entry["range"] = [0, 2]
+        result.append(entry)
+    return result
+
+
+def _parity(bundle, specs, paths, session_config, threads, samples, seq_len) -> dict:
+    """ONNX Runtime vs the PyTorch simulation on held-back inputs (first output: logits / embeddings)."""
+    inputs = held_back_inputs(bundle, count=samples, seq_len=seq_len)
+    main = OnnxRunner(paths[0], threads=threads, session_config=session_config)
+    ref, got = [], []
+    for sample in inputs:
+        ref.append(torch_outputs(specs[0], sample)[0])
+        got.append(main(*[t.numpy() for t in sample])[0])
+    parity = parity_metrics(ref, got)
+    parity["inputs"] = f"{len(inputs)} held-back samples from the evaluation split" + (
+        f", {seq_len} tokens each" if bundle.kind == "causal-lm" else "")
+    parity["session_config"] = session_config
+    if len(specs) > 1 and specs[1].role == "decode":
+        # the decode step must give what the prefill graph gives for the same position
+        dec = OnnxRunner(paths[1], threads=threads, session_config=session_config)
+        worst = 0.0
+        for sample in inputs[:2]:
+            ids = sample[0].numpy()
+            full = main(ids)[0][:, -1]
+            prefix = main(ids[:, :-1])
+            step = dec(ids[:, -1:], *prefix[1:])[0][:, -1]
+            worst = max(worst, float(np.max(np.abs(step - full))))
+        parity["decode_vs_prefill_max_abs"] = worst
+    return parity

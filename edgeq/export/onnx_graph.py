@@ -1,0 +1,228 @@
+"""Float ONNX graphs of a model (torch side of the ONNX exporter).
+
+The quantized layers are swapped for plain float layers holding their dequantized weights, the
+model is wrapped so its inputs and outputs are flat tensors (`input_ids` -> `logits` plus present
+key/values for decoder LMs; a decode step that also takes past key/values), and exported with
+`torch.onnx.export(dynamo=True)` WITHOUT the onnxscript optimizer: that keeps every parameter as
+an initializer named after its module (`model.<layer>.weight`), which is how `onnx_quant` finds
+each layer's weight. ONNX Runtime does the constant folding when it loads the file.
+
+Exports are slow (tens of seconds even for tiny models), so the graph of a given architecture is
+exported once per process and re-bound to another model's tensors by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgeqError
+from ..quantize.modules import QuantConv2d, QuantLinear, quant_layers, set_module
+
+OPSET = 21
+PREFIX = "model"  # the wrapper's attribute holding the model: initializers are named "model.<fqn>"
+_CACHE: dict[str, onnx.ModelProto] = {}  # structural key -> graph whose bound initializers are emptied
+_CACHE_SIZE = 4
+
+
+def _float_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
+    # a plain nn.Linear, so the float and the quantized model share one graph structure (and cache entry)
+    out_f, in_f = weight.shape
+    lin = torch.nn.Linear(in_f, out_f, bias=bias is not None)
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = bias
+    return lin
+
+
+class _FloatConv(torch.nn.Module):
+    def __init__(self, q: QuantConv2d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
+        self.bias = q.bias
+        self.conv_args = q.conv_args
+        self.static_padding = q.static_padding
+
+    def forward(self, x):
+        if self.static_padding is not None:
+            x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, **self.conv_args)
+
+
+@contextlib.contextmanager
+def dequantized(model: torch.nn.Module):
+    """Temporarily replace QuantLinear / QuantConv2d by float layers holding `(q - zp) * scale`."""
+    originals = quant_layers(model)
+    try:
+        for name, m in originals.items():
+            new = _float_linear(m.weight_2d().detach().clone(), m.bias) if isinstance(m, QuantLinear) else _FloatConv(m)
+            set_module(model, name, new)
+        yield originals
+    finally:
+        for name, m in originals.items():
+            set_module(model, name, m)
+
+
+# --- wrappers: flat tensors in, flat tensors out ------------------------------------------------
+
+def _flat_cache(cache) -> list[torch.Tensor]:
+    flat = []
+    for layer in cache.layers:
+        flat += [layer.keys, layer.values]
+    return flat
+
+
+class LMPrefill(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, use_cache=True)
+        return (out.logits, *_flat_cache(out.past_key_values))
+
+
+class LMDecode(torch.nn.Module):
+    """One decode step: the new token's id and the flat past keys/values -> logits and presents."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], config=self.model.config)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past[0].shape[2]
+        out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
+        return (out.logits, *_flat_cache(out.past_key_values))
+
+
+class FirstOutput(torch.nn.Module):
+    """Encoders and other models: positional inputs -> the first output (logits / last hidden state)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        out = self.model(*args)
+        if hasattr(out, "logits"):
+            return out.logits
+        if hasattr(out, "last_hidden_state"):
+            return out.last_hidden_state
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class GraphSpec:
+    """What one ONNX graph of a model takes and returns."""
+
+    role: str  # prefill | decode | model
+    wrapper: torch.nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple
+
+
+def kv_names(n_layers: int, kind: str) -> list[str]:
+    return [f"{kind}.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def graph_specs(bundle, with_decode: bool = True) -> list[GraphSpec]:
+    """The graphs to export for a bundle: prefill (+ decode) for decoder LMs, one graph otherwise."""
+    Dim = torch.export.Dim
+    batch = Dim("batch")
+    model = bundle.module
+    if bundle.kind == "causal-lm":
+        n = model.config.num_hidden_layers
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.long)
+        seq = Dim("sequence", min=2)
+        specs = [GraphSpec("prefill", LMPrefill(model), (ids,), ["input_ids"], ["logits"] + kv_names(n, "present"),
+                           ({0: batch, 1: seq},))]
+        if with_decode:
+            with torch.no_grad():
+                past = tuple(t.contiguous() for t in LMPrefill(model)(ids)[1:])
+            past_len = Dim("past_sequence")
+            # the step takes exactly one new token: sdpa's causal flag must be a Python bool when tracing
+            specs.append(GraphSpec("decode", LMDecode(model), (ids[:, :1], past), ["input_ids"] + kv_names(n, "past"),
+                                   ["logits"] + kv_names(n, "present"), ({0: batch}, tuple({0: batch, 2: past_len} for _ in past))))
+        return specs
+    # a batch of 2: torch.export specializes a dimension it sees as 1 and would refuse a dynamic batch
+    example = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in bundle.example_inputs)
+    if not example:
+        raise EdgeqError(f"export: model {bundle.reference!r} has no example inputs (return (module, inputs) from the factory)")
+    if bundle.kind == "encoder":
+        names = ["input_ids", "attention_mask"][: len(example)]
+        seq = Dim("sequence")
+        dyn = tuple({0: batch, 1: seq} for _ in example)
+    else:
+        names = [f"input_{i}" if i else "input" for i in range(len(example))]
+        dyn = tuple({0: batch} for _ in example)
+    out_name = "last_hidden_state" if bundle.kind == "encoder" else "logits" if bundle.kind == "image" else "output"
+    # FirstOutput takes *args: torch.export sees one positional (the tuple), so the shapes nest once more
+    return [GraphSpec("model", FirstOutput(model), example, names, [out_name], (dyn,))]
+
+
+def _structure_key(spec: GraphSpec) -> str:
+    model = spec.wrapper.model
+    config = getattr(model, "config", None)
+    parts = [spec.role, type(model).__module__, type(model).__qualname__, str(spec.wrapper),
+             config.to_json_string() if config is not None and hasattr(config, "to_json_string") else "",
+             json.dumps(spec.input_names), json.dumps(spec.output_names),
+             [(tuple(a.shape), str(a.dtype)) for a in torch.utils._pytree.tree_leaves(spec.args)],
+             [(k, tuple(v.shape), str(v.dtype)) for k, v in spec.wrapper.state_dict().items()]]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def export_graph(spec: GraphSpec) -> onnx.ModelProto:
+    """The float ONNX graph of `spec` (opset 21), its initializers bound to the wrapped model's tensors."""
+    state = {k: v for k, v in spec.wrapper.state_dict(keep_vars=False).items()}
+    key = _structure_key(spec)
+    cached = _CACHE.get(key)
+    if cached is None:
+        spec.wrapper.eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.onnx.export(spec.wrapper, spec.args, dynamo=True, opset_version=OPSET, optimize=False,
+                                            input_names=spec.input_names, output_names=spec.output_names,
+                                            dynamic_shapes=spec.dynamic_shapes, verbose=False)
+            except Exception as exc:  # torch.export fails in many ways on user models
+                raise EdgeqError(f"export: torch.onnx.export failed for the {spec.role} graph: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        proto = program.model_proto
+        template = onnx.ModelProto()
+        template.CopyFrom(proto)
+        for init in template.graph.initializer:
+            if init.name in state:
+                init.ClearField("raw_data")
+        _CACHE[key] = template
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        return proto
+    proto = onnx.ModelProto()
+    proto.CopyFrom(cached)
+    for init in proto.graph.initializer:
+        if init.name in state:
+            arr = state[init.name].detach().cpu().numpy()
+            assert tuple(init.dims) == arr.shape, f"{init.name}: cached graph shape {tuple(init.dims)} != {arr.shape}"
+            init.raw_data = np.ascontiguousarray(arr).tobytes()
+    return proto
+
+
+def torch_outputs(spec: GraphSpec, inputs: tuple) -> list[np.ndarray]:
+    """Run the wrapper in PyTorch (the simulation when the model holds quantized layers)."""
+    with torch.no_grad():
+        out = spec.wrapper(*inputs)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().cpu().numpy() for o in out]

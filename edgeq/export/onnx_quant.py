@@ -1,0 +1,353 @@
+"""Graph surgery that puts edgeq's integers into a float ONNX graph, and reads them back.
+
+Pure onnx + numpy (no torch). For each quantized layer the float weight initializer
+`model.<layer>.weight` is replaced by integers, scales and zero points:
+- weight-only and static layers: `DequantizeLinear(int weight, scale, zero point)`; when the
+  weight feeds a `Transpose` (how the exporter writes `nn.Linear` as MatMul), the integers are
+  stored transposed ([in, out]) and the Transpose disappears, so ONNX Runtime sees DQ -> MatMul
+  and fuses integer kernels (MatMulNBits for 4-bit blocks). Per-channel: axis = the output axis;
+  groups: opset-21 blocked DQ along the input axis. 2..4-bit values use INT4/UINT4 containers.
+- static activations: `QuantizeLinear -> DequantizeLinear` (uint8, the layer's own grid) on the
+  compute node's input.
+- dynamic activations on a MatMul: the structure ORT's own `quantize_dynamic` writes
+  (DynamicQuantizeLinear, MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into
+  DynamicQuantizeMatMul; on Conv/Gemm or grouped weights: DynamicQuantizeLinear -> DequantizeLinear
+  on the input (same numbers, float kernel).
+Dequantization is `(q - zp) * scale` everywhere, exactly the simulation's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import EdgeqError
+
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+PASSIVE_OPS = ("Shape", "Size")
+
+
+@dataclass
+class LayerQ:
+    """One quantized layer's tensors, as numpy (copied from a QuantLinear / QuantConv2d)."""
+
+    name: str
+    kind: str  # linear | conv2d
+    q: np.ndarray  # int8 / uint8 [out, in*kh*kw]
+    scale: np.ndarray  # float32 [out, n_groups]
+    zero_point: np.ndarray  # int16 [out, n_groups]
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    act_mode: str = "none"
+    act_bits: int = 8
+    act_symmetric: bool = False
+    act_granularity: str = "tensor"
+    act_scale: np.ndarray | None = None
+    act_zero_point: np.ndarray | None = None
+    weight_shape: tuple = ()
+
+    @classmethod
+    def from_module(cls, name: str, m) -> "LayerQ":
+        d = m.decision
+        a = d.activation
+        return cls(name, d.kind, m.qweight.cpu().numpy(), m.scale.cpu().numpy(), m.zero_point.cpu().numpy(),
+                   d.weight.bits, d.weight.symmetric, d.group_size, a.mode, a.bits, a.symmetric, a.granularity,
+                   m.act_scale.cpu().numpy() if a.mode == "static" else None,
+                   m.act_zero_point.cpu().numpy() if a.mode == "static" else None, tuple(d.shape))
+
+
+@dataclass
+class Rendered:
+    """Where a layer's integers ended up in the graph (for read-back and the metadata)."""
+
+    layer: str
+    op: str  # DequantizeLinear | MatMulInteger
+    weight: str
+    scale: str
+    zero_point: str
+    layout: str  # oi ([out, in...]) | io (transposed, [in, out])
+    container: str  # int4 | uint4 | int8 | uint8
+    blocked: bool
+    activation: str
+    offset: int = 0  # stored integer = edgeq's integer + offset (uint8 re-encoding of int8 weights)
+    nodes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "nodes"}
+
+
+def container(bits: int, symmetric: bool) -> tuple[str, int, type]:
+    if bits <= 4:
+        return ("int4", TensorProto.INT4, ml_dtypes.int4) if symmetric else ("uint4", TensorProto.UINT4, ml_dtypes.uint4)
+    return ("int8", TensorProto.INT8, np.int8) if symmetric else ("uint8", TensorProto.UINT8, np.uint8)
+
+
+class _Graph:
+    """Indexes over a GraphProto, and the edits to apply in one pass at the end."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consumers: dict[str, list] = {}
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                self.consumers.setdefault(name, []).append((node, i))
+        self.before: dict[int, list] = {}  # id(node) -> nodes to emit before it
+        self.after: dict[int, list] = {}  # id(node) -> nodes to emit after it
+        self.producer = {o: node for node in graph.node for o in node.output}
+        self.dynamic: dict[str, tuple] = {}  # tensor -> outputs of its one DynamicQuantizeLinear
+        self.replace: dict[int, list] = {}  # id(node) -> nodes to emit instead
+        self.head: list = []  # weight DQ nodes (inputs are all initializers)
+        self.new_inits: list = []
+        self.drop_inits: set[str] = set()
+        self.names = {n for node in graph.node for n in node.output} | set(self.inits)
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def add_init(self, array: np.ndarray, base: str) -> str:
+        name = self.unique(base)
+        self.new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def dynamic_quant(self, x: str, layer: str) -> tuple[tuple, str | None]:
+        """One DynamicQuantizeLinear per tensor, shared by every layer reading it (as ORT's quantizer does)."""
+        if x in self.dynamic:
+            return self.dynamic[x], None
+        outs = tuple(self.unique(f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
+        name = self.unique(f"{layer}/input_dynamic_q")
+        node = helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)
+        producer = self.producer.get(x)
+        if producer is None:
+            self.head.append(node)  # a graph input
+        else:
+            self.after.setdefault(id(producer), []).append(node)
+        self.dynamic[x] = outs
+        return outs, name
+
+    def commit(self) -> None:
+        nodes = list(self.head)
+        for node in self.graph.node:
+            nodes += self.before.get(id(node), [])
+            nodes += self.replace.get(id(node), [node])
+            nodes += self.after.get(id(node), [])
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        keep = [t for t in self.graph.initializer if t.name not in self.drop_inits]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep + self.new_inits)
+
+
+def _transpose_consumers(g: _Graph, name: str) -> list | None:
+    """The Transpose nodes that are a weight's only consumers (2-D, perm [1, 0]), else None."""
+    cons = g.consumers.get(name, [])
+    if not cons:
+        return None
+    for node, _ in cons:
+        if node.op_type != "Transpose":
+            return None
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if perm and perm[0] != [1, 0]:
+            return None
+    return [node for node, _ in cons]
+
+
+def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "model",
+                   int8_weights: str = "int8") -> tuple[list[Rendered], list[str]]:
+    """Replace each layer's float weight in `model` (in place).
+
+    Returns where the integers went, and the layers absent from this graph (the exporter drops
+    layers whose output nothing uses, e.g. BERT's pooler when the graph returns hidden states).
+    `int8_weights="uint8"` stores symmetric 5..8-bit weights as uint8 with zero point 128 (the same
+    real values): ONNX Runtime's u8s8 integer kernels saturate int16 pair sums on x86 CPUs without
+    VNNI (AVX2 only), its u8u8 kernels do not.
+    """
+    g = _Graph(model.graph)
+    g.u8 = int8_weights == "uint8"
+    rendered, absent = [], []
+    for lq in layers:
+        wname = f"{prefix}.{lq.name}.weight"
+        if wname not in g.inits:
+            absent.append(lq.name)
+            continue
+        rendered.append(_render_layer(g, lq, wname))
+    if layers and len(absent) == len(layers):
+        raise EdgeqError(f"export: none of the {len(layers)} quantized layers' weights is in the ONNX graph "
+                         f"(looked for initializers named like {prefix}.{layers[0].name}.weight)")
+    _fold_float_transposes(g)
+    g.commit()
+    return rendered, absent
+
+
+def _fold_float_transposes(g: _Graph) -> None:
+    """Store float weights that only feed Transpose already transposed (ORT's own quantizers need MatMul(x, initializer))."""
+    for name, init in list(g.inits.items()):
+        if name in g.drop_inits or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+            continue
+        transposes = _transpose_consumers(g, name)
+        if not transposes or any(id(t) in g.replace for t in transposes):
+            continue
+        arr = np.ascontiguousarray(numpy_helper.to_array(init).T)
+        tname = g.unique(name + "_T")
+        for t in transposes:
+            g.replace[id(t)] = []
+            for node, idx in g.consumers.get(t.output[0], []):
+                node.input[idx] = tname
+        g.drop_inits.add(name)
+        g.new_inits.append(numpy_helper.from_array(arr, tname))
+
+
+def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
+    transposes = _transpose_consumers(g, wname) if lq.kind == "linear" else None
+    layout = "io" if transposes else "oi"
+    g.drop_inits.add(wname)
+    if transposes:
+        outputs = [t.output[0] for t in transposes]
+        for t in transposes:
+            g.replace[id(t)] = []
+        compute = [c for out in outputs for c in g.consumers.get(out, [])]
+    else:
+        outputs = [wname]
+        compute = list(g.consumers.get(wname, []))
+    # Shape/Size only look at the weight's shape (TF-style "same" padding computes it): they read the DQ output
+    passive = [(n, i) for n, i in compute if n.op_type in PASSIVE_OPS]
+    compute = [(n, i) for n, i in compute if n.op_type not in PASSIVE_OPS]
+    if not compute or any(node.op_type not in COMPUTE_OPS or idx != 1 for node, idx in compute):
+        ops = sorted({f"{n.op_type}[{i}]" for n, i in compute + passive})
+        raise EdgeqError(f"export: layer {lq.name!r}: its weight feeds {ops}, not MatMul/Gemm/Conv; cannot place its integers")
+    if lq.act_mode == "dynamic" and lq.act_granularity == "token":
+        raise EdgeqError(f"export: layer {lq.name!r} has per-token dynamic activations; ONNX DynamicQuantizeLinear is per-tensor")
+    if lq.act_mode == "static" and (lq.act_bits != 8 or lq.act_symmetric):
+        raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8), "
+                         f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
+    matmul_integer = (lq.act_mode == "dynamic" and layout == "io" and lq.group_size is None and not passive
+                      and all(n.op_type == "MatMul" for n, _ in compute))
+    if matmul_integer:
+        return _render_matmul_integer(g, lq, compute, outputs)
+    return _render_dq(g, lq, layout, outputs, compute, passive)
+
+
+def _weight_arrays(lq: LayerQ, layout: str, bits_container: int, u8: bool = False):
+    """Integers, scale and zero point in the layout and dtype the graph stores (and the offset added)."""
+    offset = 128 if u8 and bits_container > 4 and lq.symmetric else 0
+    name, _, np_type = container(bits_container, lq.symmetric and not offset)
+    q = lq.q.astype(np.int16) + offset
+    zp = lq.zero_point.astype(np.int16) + offset
+    scale = lq.scale.astype(np.float32)
+    blocked = lq.group_size is not None
+    if lq.kind == "conv2d":
+        q = q.reshape(lq.weight_shape)
+    if layout == "io":
+        q = q.T
+        scale, zp = (scale.T, zp.T) if blocked else (scale[:, 0], zp[:, 0])
+    elif not blocked:
+        scale, zp = scale[:, 0], zp[:, 0]
+    return name, np.ascontiguousarray(q.astype(np_type)), np.ascontiguousarray(scale), np.ascontiguousarray(zp.astype(np_type)), blocked, offset
+
+
+def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: list, passive: list = ()) -> Rendered:
+    ctype, q, scale, zp, blocked, offset = _weight_arrays(lq, layout, lq.bits, g.u8 and lq.act_mode != "none")
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    axis = (1 if blocked else 0) if layout == "oi" else (0 if blocked else 1)
+    attrs = {"axis": axis}
+    if blocked:
+        attrs["block_size"] = lq.group_size
+    w = g.unique(f"{lq.name}.weight_dq")
+    dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [w], name=g.unique(f"{lq.name}/weight_dq"), **attrs)
+    g.head.append(dq)
+    nodes = [dq.name]
+    for node, idx in [*compute, *passive]:
+        node.input[idx] = w
+    if lq.act_mode == "static":
+        asn = g.add_init(lq.act_scale.reshape(()).astype(np.float32), f"{lq.name}.act_scale")
+        azn = g.add_init(lq.act_zero_point.reshape(()).astype(np.uint8), f"{lq.name}.act_zero_point")
+        for node, _ in compute:
+            xq, xdq = g.unique(f"{lq.name}.input_q"), g.unique(f"{lq.name}.input_dq")
+            qn_, dqn_ = g.unique(f"{lq.name}/input_q"), g.unique(f"{lq.name}/input_dq")
+            g.before.setdefault(id(node), []).extend([
+                helper.make_node("QuantizeLinear", [node.input[0], asn, azn], [xq], name=qn_),
+                helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_)])
+            node.input[0] = xdq
+            nodes += [qn_, dqn_]
+    elif lq.act_mode == "dynamic":
+        for node, _ in compute:
+            (xq, xs, xz), qn_ = g.dynamic_quant(node.input[0], lq.name)
+            xdq, dqn_ = g.unique(f"{lq.name}.input_dq"), g.unique(f"{lq.name}/input_dq")
+            g.before.setdefault(id(node), []).append(helper.make_node("DequantizeLinear", [xq, xs, xz], [xdq], name=dqn_))
+            node.input[0] = xdq
+            nodes += [n for n in (qn_, dqn_) if n]
+    return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
+
+
+def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:
+    """ORT quantize_dynamic's structure: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
+    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    nodes = []
+    for node, _ in compute:
+        x, y = node.input[0], node.output[0]
+        (xq, xs, xz), qname = g.dynamic_quant(x, lq.name)
+        s, yi, yf = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_cast"))
+        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul")]
+        g.replace[id(node)] = [
+            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
+            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[1]),
+            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [yf, s], [y], name=names[3]),
+        ]
+        nodes += ([qname] if qname else []) + names
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic", offset, nodes)
+
+
+def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[LayerQ]) -> list[dict]:
+    """Compare the integers, scales and zero points stored in `model` with the layers' own, bitwise."""
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {lq.name: lq for lq in layers}
+    results = []
+    for r in rendered:
+        lq = by_name[r.layer]
+        out = {"layer": r.layer, "op": r.op, "container": r.container, "layout": r.layout, "blocked": r.blocked,
+               "activation": r.activation, "offset": r.offset,
+               "tensors": {"weight": r.weight, "scale": r.scale, "zero_point": r.zero_point}}
+        try:
+            q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)
+            scale = numpy_helper.to_array(inits[r.scale]).astype(np.float32)
+            zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
+            q = q - r.offset
+        except KeyError as exc:
+            out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")
+            results.append(out)
+            continue
+        if r.layout == "io":
+            q = q.T
+            scale, zp = (scale.T, zp.T) if r.blocked else (scale[:, None], zp[:, None])
+        elif not r.blocked:
+            scale, zp = scale[:, None], zp[:, None]
+        q = q.reshape(q.shape[0], -1)
+        out["ints"] = q.shape == lq.q.shape and bool(np.array_equal(q, lq.q.astype(np.int16)))
+        out["scales"] = scale.shape == lq.scale.shape and bool(np.array_equal(scale.view(np.uint32), lq.scale.astype(np.float32).view(np.uint32)))
+        out["zero_points"] = zp.shape == lq.zero_point.shape and bool(np.array_equal(zp, lq.zero_point.astype(np.int16)))
+        if lq.act_mode == "static":
+            node_inputs = {n.name: list(n.input) for n in model.graph.node}
+            qnodes = [node_inputs.get(n) for n in r.nodes if n.startswith(f"{r.layer}/input_q")]
+            ok = bool(qnodes) and all(
+                inp is not None
+                and numpy_helper.to_array(inits[inp[1]]).astype(np.float32).view(np.uint32) == lq.act_scale.astype(np.float32).view(np.uint32)
+                and int(numpy_helper.to_array(inits[inp[2]])) == int(lq.act_zero_point) for inp in qnodes)
+            out["act_qparams"] = bool(ok)
+        out["exact"] = all(out.get(k, True) for k in ("ints", "scales", "zero_points", "act_qparams"))
+        results.append(out)
+    return results
