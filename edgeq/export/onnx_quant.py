@@ -224,12 +224,14 @@ def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
     if not compute or any(node.op_type not in COMPUTE_OPS or idx != 1 for node, idx in compute):
         ops = sorted({f"{n.op_type}[{i}]" for n, i in compute + passive})
         raise EdgeqError(f"export: layer {lq.name!r}: its weight feeds {ops}, not MatMul/Gemm/Conv; cannot place its integers")
-    if lq.act_mode == "dynamic" and lq.act_granularity == "token":
-        raise EdgeqError(f"export: layer {lq.name!r} has per-token dynamic activations; ONNX DynamicQuantizeLinear is per-tensor")
+    if lq.act_mode == "dynamic" and lq.act_granularity not in ("tensor", "token"):
+        raise EdgeqError(f"export: layer {lq.name!r} has {lq.act_granularity}-wise dynamic activations; ONNX renders "
+                         "per-tensor and per-token dynamic activations only")
     if lq.act_mode == "static" and (lq.act_bits != 8 or lq.act_symmetric):
         raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8), "
                          f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
-    matmul_integer = (lq.act_mode == "dynamic" and layout == "io" and lq.group_size is None and not passive
+    matmul_integer = (lq.act_mode == "dynamic" and lq.act_granularity == "tensor" and layout == "io"
+                      and lq.group_size is None and not passive
                       and all(n.op_type == "MatMul" for n, _ in compute))
     if matmul_integer:
         return _render_matmul_integer(g, lq, compute, outputs)
@@ -280,6 +282,12 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
                 helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_)])
             node.input[0] = xdq
             nodes += [qn_, dqn_]
+    elif lq.act_mode == "dynamic" and lq.act_granularity == "token":
+        for node, _ in compute:
+            xdq, made = _per_token_fake_quant(g, node.input[0], lq)
+            g.before.setdefault(id(node), []).extend(made)
+            node.input[0] = xdq
+            nodes += [n.name for n in made]
     elif lq.act_mode == "dynamic":
         for node, _ in compute:
             (xq, xs, xz), qn_ = g.dynamic_quant(node.input[0], lq.name)
@@ -288,6 +296,34 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
             node.input[0] = xdq
             nodes += [n for n in (qn_, dqn_) if n]
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
+
+
+def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ) -> tuple[str, list]:
+    """Per-token dynamic uint8 quantize-dequantize of `x` as float ops, exactly the simulation's grid.
+
+    ONNX has no per-row DynamicQuantizeLinear, so the grid is computed per token (the last axis
+    reduced): range widened to include 0, scale = (hi - lo) / 255 (1 where the row is all zero),
+    zero point rounded half to even and clipped, q = clip(round(x / scale) + zp, 0, 255), then
+    (q - zp) * scale. The MatMul itself runs in float on these values.
+    """
+    qmax = float(2**lq.act_bits - 1)
+    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in
+         (("zero", 0.0), ("one", 1.0), ("qmax", qmax))}
+    axes = g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")
+    made, t = [], lambda s: g.unique(f"{lq.name}.token_{s}")
+
+    def op(kind, inputs, **attrs):
+        out = t(kind.lower())
+        made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
+        return out
+
+    lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), c["zero"]])
+    hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), c["zero"]])
+    raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
+    scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
+    zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
+    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
+    return op("Mul", [op("Sub", [q, zp]), scale]), made
 
 
 def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:
