@@ -19,7 +19,7 @@ VARIANTS = (
     ("fp32", None, "fp32", "fp32"),
     ("w8", "w8", "dynamic-int8", "dynamic-int8"),
     ("w8a8", "w8a8", "int8", None),
-    ("w4-g128", "w4-g128", "weight-only", "int4"),
+    ("w4-g64", "w4-g64", "weight-only", "int4"),  # SmolLM2 widths (576) split into LiteRT blocks of 64, not 128
 )
 
 

@@ -10,6 +10,8 @@ nearest variant or recipe that works: this module never re-quantizes anything on
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -31,18 +33,18 @@ DEFAULT_SEQ_LEN = 64
 # int8 (a grid calibrated at export; the simulation keeps outputs float).
 TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85)}
 
-# What each variant needs at run time. Verified here: ai-edge-litert 2.3 with XNNPACK. The older
-# bounds come from the TFLite schema history (INT4 tensors, BlockwiseQuantization) and are stated
-# as such, not tested on those versions.
+# What each variant needs at run time. Measured here: every variant runs correctly in ai-edge-litert
+# 2.3 with XNNPACK. In tflite-runtime 2.14 (its last release; run with numpy 1.26) fp32 and full-integer
+# int8 files give the same outputs, while dynamic-int8 and int4 files (hybrid kernels) load and run but
+# give wrong outputs (cosine < 0.9 vs ai-edge-litert on tiny-llama and a small CNN): they need ai-edge-litert.
+# Older ai-edge-litert releases were not tested.
 RUNTIME_MIN = {
-    "fp32": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14", "basis": "builtin float ops only"},
-    "dynamic-int8": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14",
-                     "basis": "hybrid FULLY_CONNECTED/CONV_2D with per-channel int8 weights (TF >= 2.3)"},
-    "int8": {"ai-edge-litert": "1.0", "tflite-runtime": "2.14",
-             "basis": "full-integer int8 kernels, per-channel weights (TF >= 2.3)"},
-    "int4": {"ai-edge-litert": "2.0", "tflite-runtime": None,
-             "basis": "INT4 weights with BlockwiseQuantization (fp16 block scales) postdate tflite-runtime 2.14; "
-                      "per-channel INT4 only needs an INT4-aware runtime"},
+    "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
+    "int8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs up to integer rounding)"},
+    "dynamic-int8": {"ai-edge-litert": "2.3 (tested)",
+                     "tflite-runtime": None, "note": "tflite-runtime 2.14 runs the file with wrong results (hybrid kernels)"},
+    "int4": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None,
+             "note": "INT4 blockwise (BlockwiseQuantization, fp16 block scales): tflite-runtime 2.14 runs it with wrong results"},
 }
 CONVENTIONS = {
     "int8_weights": "symmetric narrow range [-127, 127], zero point 0, float32 scale per output channel",
@@ -80,15 +82,15 @@ def check_representable(qm, variant: str) -> None:
         if w.bits not in (4, 8):
             raise EdgeqError(f"{where}: LiteRT has no {w.bits}-bit weight kernels; nearest: recipe w4-g128 (--variant int4)")
         if a.quantized and a.bits != 8:
-            raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8 (--variant int8) "
+            raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8-static (--variant int8) "
                              "or w8 (--variant dynamic-int8)")
         if variant == "int8":
             if w.bits != 8 or a.mode != "static":
                 raise EdgeqError(f"{where}: --variant int8 (full integer) needs 8-bit weights with static activations "
-                                 f"in every layer; use recipe w8a8, or --variant {default_variant(qm)} for this model")
+                                 f"in every layer; use recipe w8a8-static, or --variant {default_variant(qm)} for this model")
             if a.symmetric:
                 raise EdgeqError(f"{where}: static activations are rendered from edgeq's asymmetric uint8 grid; "
-                                 "re-quantize with activation.symmetric = false (recipe w8a8)")
+                                 "re-quantize with activation.symmetric = false (recipe w8a8-static)")
         else:
             if a.mode == "static":
                 raise EdgeqError(f"{where}: static activations need --variant int8 (a dynamic variant would drop the grid)")
@@ -105,8 +107,10 @@ def check_representable(qm, variant: str) -> None:
                 raise EdgeqError(f"{where}: LiteRT has blockwise INT4 for block sizes {', '.join(map(str, BLOCK_SIZES))}, "
                                  f"not {w.group_size}; re-quantize with group_size = {near} (e.g. recipe w4-g{near if near in (64, 128) else 128})")
             if d.shape[1] % w.group_size:
+                fits = [b for b in BLOCK_SIZES if d.shape[1] % b == 0]
+                hint = f"re-quantize with group_size = {max(fits)} (e.g. recipe w4-g{max(fits)})" if fits else "use granularity = 'channel'"
                 raise EdgeqError(f"{where}: input width {d.shape[1]} is not a multiple of the block size {w.group_size} "
-                                 "(LiteRT has no short last block); choose a group size dividing it")
+                                 f"(LiteRT has no short last block); {hint}")
             s = m.scale.detach().float().numpy()
             if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
                 raise EdgeqError(f"{where}: its block scales are not exact in LiteRT's fp16/bf16 block-scale storage; "
@@ -127,6 +131,21 @@ def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
         pid[:, :n], pmask[:, :n] = ids[:, :n], mask[:, :n]
         out.append((pid, pmask))
     return out
+
+
+@contextlib.contextmanager
+def _float_activations(layers: dict):
+    """The simulation with its activation quantization off: the reference for an fp32 rendering of a QDIR."""
+    from ..recipe import ActSpec
+
+    saved = {n: m.decision for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.decision = dataclasses.replace(m.decision, activation=ActSpec())
+        yield
+    finally:
+        for n, m in layers.items():
+            m.decision = saved[n]
 
 
 def _calibration(bundle, seq_len: int, samples: int) -> list[dict]:
@@ -168,13 +187,15 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
     `calib_samples` (int8 only: batches used to calibrate the int8 output grids TFLite requantizes
     each layer's output to), `cache` (reuse a converted float graph of the same architecture).
+    Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
-    from .tflite_graph import float_graph
+    from .tflite_graph import bn_folds, example_inputs, float_graph, rendered_scale
     from .tflite_runtime import TfliteRunner, runtime_version
 
     if options:
-        raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} (allowed: seq_len, calib_samples, cache)")
+        raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} "
+                         "(allowed: seq_len, calib_samples, cache)")
     out = Path(out)
     variant = variant or default_variant(qm)
     if variant not in VARIANTS:
@@ -184,7 +205,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     model = b.module.eval()
     layers = qm.layers() if qm is not None else {}
 
-    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache)
+    folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
+    scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
+    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache, folds=folds)
     t0 = time.perf_counter()
     if variant == "fp32":
         buf = float_buf
@@ -192,18 +215,19 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         from .tflite_quant import quantize
 
         calib = _calibration(b, seq_len, calib_samples) if variant == "int8" else None
-        buf = quantize(float_buf, layers, ops, variant == "int8", calib)
+        buf = quantize(float_buf, layers, ops, variant == "int8", calib, scales)
     quantize_s = time.perf_counter() - t0
 
     check = None
     if layers and variant != "fp32":
         from .tflite_check import read_back
 
-        check = read_back(buf, layers)
+        check = read_back(buf, layers, scales)
 
     runner = TfliteRunner(buf, threads=1)
     inputs = _parity_inputs(b, seq_len)
-    with torch.no_grad():
+    float_acts = variant == "fp32" and qm is not None
+    with torch.no_grad(), (_float_activations(layers) if float_acts else contextlib.nullcontext()):
         from .tflite_graph import graph_module
 
         ref_module = graph_module(b, model)
@@ -211,7 +235,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     got = [runner(*[t.numpy() for t in x])[0] for x in inputs]
     parity = parity_metrics(ref, got)
     cos_tol, top1_tol = TOLERANCE[variant]
-    parity.update({"reference": "PyTorch simulation" if qm is not None else "PyTorch fp32",
+    reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
+    parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
                    "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol)})
@@ -219,7 +244,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
     else:
-        exact = bool(check["exact"])
+        # a folded BatchNorm leaves edgeq's integers intact but scales them: exact only without folds
+        exact = bool(check["exact"]) and not folds
     with atomic_path(out) as tmp:
         tmp.write_bytes(buf)
     extra = {
@@ -234,8 +260,14 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
                                                 "per_layer": check["layers"]},
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2)},
+        "exact_integers": None if check is None else bool(check["exact"]),
+        "bn_folded": {n: f.norm for n, f in folds.items()} or None,
         "tools": _tool_versions(),
     }
+    if folds:
+        extra["scale_note"] = ("TFLite has no separate BatchNorm: each BatchNorm after a quantized conv is folded on "
+                               "edgeq's grid, so the file holds edgeq's integers with scales fp32(scale * gamma / "
+                               "sqrt(var + eps)) (read back bitwise as such); exact is false because the scales are not edgeq's")
     if variant == "int8":
         extra["output_grids"] = ("each integer layer's output is requantized to int8 on a grid ai-edge-quantizer "
                                  f"calibrated on {calib_samples} calibration inputs (not part of the edgeq simulation)")

@@ -69,8 +69,12 @@ def _fp16_scales(model_t, sg, index: int, buf: bytes) -> np.ndarray:
     return raw.view(dtype).astype(np.float32).reshape(tuple(t.shape))
 
 
-def read_back(buf: bytes, layers: dict) -> dict:
-    """Per-layer comparison; returns {"exact": bool, "layers": {name: {...}}, "mismatches": [...]}."""
+def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
+    """Per-layer comparison; returns {"exact": bool, "layers": {name: {...}}, "mismatches": [...]}.
+
+    `scales` overrides the scales expected for some layers (a conv with a folded BatchNorm holds
+    edgeq's scales times the norm's factor); by default every layer must hold edgeq's own.
+    """
     from .tflite_graph import op_names, read_model
 
     s = _schema()
@@ -98,10 +102,15 @@ def read_back(buf: bytes, layers: dict) -> dict:
         t = sg.tensors[ti]
         ints = _tensor_ints(model_t, t, buf)
         want = _int_layout(m)
+        qp = t.quantization
+        edgeq_scale = (scales or {}).get(name, m.scale).detach().to(torch.float32).numpy()
+        if np.any(edgeq_scale < 0):  # a folded negative BatchNorm gain: TFLite holds |scale| and negated integers
+            sign = np.sign(edgeq_scale[:, 0]).astype(np.int16)
+            depthwise = want.ndim == 4 and m.conv_args["groups"] != 1
+            want = want * (sign.reshape(1, 1, 1, -1) if depthwise else sign.reshape((-1,) + (1,) * (want.ndim - 1)))
+            edgeq_scale = np.abs(edgeq_scale)
         entry["tflite_type"] = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type)
         entry["ints"] = bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))
-        qp = t.quantization
-        edgeq_scale = m.scale.detach().to(torch.float32).numpy()
         if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
             det = qp.details
             got = _fp16_scales(model_t, sg, det.scales, buf)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantLinear, quant_layers, set_module
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
-GRAPH_VERSION = 1  # bump when the rendering or labelling changes, to invalidate cached graphs
+GRAPH_VERSION = 1  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
@@ -39,14 +40,22 @@ def schema():
 # ---- PyTorch side ---------------------------------------------------------------------------
 
 class _DequantConv(torch.nn.Module):
-    """A QuantConv2d as a float conv with its dequantized weight (TF-style static padding kept)."""
+    """A QuantConv2d as a float conv with its dequantized weight (TF-style static padding kept).
 
-    def __init__(self, q: QuantConv2d):
+    With `fold` (a BatchNorm's per-channel factor and shift) the norm is folded here, on edgeq's
+    grid: the weight is `q * fp32(scale * factor)`, so the converter finds nothing left to fold and
+    the file holds edgeq's integers with scales scaled by the BatchNorm factor.
+    """
+
+    def __init__(self, q: QuantConv2d, fold=None):
         super().__init__()
         self.static_padding = q.static_padding
         self.conv_args = q.conv_args
-        self.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
-        self.bias = q.bias
+        self.weight = torch.nn.Parameter(render_weight(q, fold), requires_grad=False)
+        bias = q.bias.detach() if q.bias is not None else None
+        if fold is not None:
+            bias = fold.shift if bias is None else bias * fold.factor + fold.shift
+        self.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
 
     def forward(self, x):
         if self.static_padding is not None:
@@ -54,25 +63,115 @@ class _DequantConv(torch.nn.Module):
         return F.conv2d(x, self.weight, self.bias, **self.conv_args)
 
 
+def rendered_scale(q, fold=None) -> torch.Tensor:
+    """The scales the file holds for a layer: edgeq's, times a folded BatchNorm factor if any."""
+    if fold is None:
+        return q.scale.detach().to(torch.float32)
+    return (q.scale.detach().to(torch.float32) * fold.factor[:, None]).to(torch.float32)
+
+
+def render_weight(q, fold=None) -> torch.Tensor:
+    """The float weight in PyTorch layout: `(q - zp) * scale` with the rendered scale."""
+    from ..quantize.primitives import dequantize
+
+    w = dequantize(q.qweight, rendered_scale(q, fold), q.zero_point, q.decision.group_size)
+    return w.reshape(q.decision.shape).detach().clone()
+
+
+@dataclass(frozen=True)
+class BnFold:
+    """An eval-mode BatchNorm2d folded into the conv before it: y = conv(x) * factor + shift."""
+
+    norm: str
+    factor: torch.Tensor
+    shift: torch.Tensor
+
+
+def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
+    """conv layer -> (factor, shift) of the eval-mode BatchNorm2d reading its output, found by tracing one call."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    convs = {n: m for n, m in quant_layers(model).items() if isinstance(m, QuantConv2d)}
+    if not norms or not convs:
+        return {}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
+
+    def pre(mod, a, n):
+        hit = produced.get(id(a[0]))
+        if hit is not None and hit[1] is a[0]:
+            pairs[hit[0]] = n
+
+    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)) for n, m in norms.items()]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    folds = {}
+    for conv, norm in pairs.items():
+        bn = norms[norm]
+        if bn.training or bn.running_var is None:
+            continue
+        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
+        folds[conv] = BnFold(norm, factor.detach().float(), shift.detach().float())
+    return folds
+
+
+class _UnfoldableRMSNorm(torch.nn.Module):
+    """An RMSNorm whose gain the converter cannot fold into the next layer's weight.
+
+    LiteRT's converter fuses a constant MUL feeding FULLY_CONNECTED into its weight, which would
+    change edgeq's integers when norm gains are kept unfolded (the INT4 presets keep them). Here the
+    gain multiplies the per-token rsqrt first, so the MUL feeding the layer has no constant operand.
+    """
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * self.weight)).to(x.dtype)
+
+
+def _rms_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules()
+            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
 def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
     lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
-    lin.weight = torch.nn.Parameter(q.weight_2d().detach().clone(), requires_grad=False)
+    lin.weight = torch.nn.Parameter(render_weight(q), requires_grad=False)
     if q.bias is not None:
         lin.bias = q.bias
     return lin
 
 
 @contextlib.contextmanager
-def float_rendering(model: torch.nn.Module):
-    """Temporarily swap every quantized layer for a float layer with its dequantized weight."""
+def float_rendering(model: torch.nn.Module, folds: dict | None = None):
+    """Temporarily swap every quantized layer for a float layer with its dequantized weight
+    (and each BatchNorm in `folds` for an identity, its factor folded into the conv before it)."""
+    folds = folds or {}
     layers = quant_layers(model)
+    norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
+    rms = _rms_norms(model) if layers else {}
     try:
         for name, q in layers.items():
-            set_module(model, name, _dequant_linear(q) if isinstance(q, QuantLinear) else _DequantConv(q))
+            set_module(model, name, _dequant_linear(q) if isinstance(q, QuantLinear) else _DequantConv(q, folds.get(name)))
+        for n in norms:
+            set_module(model, n, torch.nn.Identity())
+        for n, m in rms.items():
+            set_module(model, n, _UnfoldableRMSNorm(m))
         yield model
     finally:
         for name, q in layers.items():
             set_module(model, name, q)
+        for n, m in {**norms, **rms}.items():
+            set_module(model, n, m)
 
 
 class _LogitsLM(torch.nn.Module):
@@ -125,9 +224,9 @@ def example_inputs(bundle, seq_len: int) -> tuple:
     return tuple(t[:1] for t in bundle.example_inputs)
 
 
-def tflite_weight(module) -> np.ndarray:
+def tflite_weight(module, fold=None) -> np.ndarray:
     """A quantized layer's dequantized weight in TFLite's layout (FC [out, in]; conv OHWI; depthwise 1HWO)."""
-    w = module.weight.detach().to(torch.float32).numpy()
+    w = render_weight(module, fold).to(torch.float32).numpy()
     if isinstance(module, QuantLinear):
         return np.ascontiguousarray(w)
     if module.conv_args["groups"] == 1:
@@ -228,18 +327,19 @@ def _float_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def graph_key(bundle, model: torch.nn.Module, seq_len: int) -> str:
+def graph_key(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None) -> str:
     layers = {n: [type(m).__name__, list(m.decision.shape)] for n, m in quant_layers(model).items()}
     ex = [list(t.shape) + [str(t.dtype)] for t in example_inputs(bundle, seq_len)]
     from importlib.metadata import version
 
-    text = json.dumps([GRAPH_VERSION, bundle.reference, bundle.kind, layers, ex, _float_digest(model),
+    text = json.dumps([GRAPH_VERSION, sorted(folds or {}), bundle.reference, bundle.kind, layers, ex, _float_digest(model),
                        torch.__version__, version("litert-torch")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True) -> tuple[bytes, dict[str, str], float]:
-    """The labelled float TFLite graph of `model` with its dequantized weights.
+def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True, folds: dict | None = None
+                ) -> tuple[bytes, dict[str, str], float]:
+    """The labelled float TFLite graph of `model` with its dequantized weights (BatchNorms in `folds` folded).
 
     Returns (flatbuffer bytes, layer -> op name, conversion seconds; 0 when cached).
     """
@@ -249,8 +349,9 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     from ..fileio import write_bytes_atomic, write_json_atomic, read_json
 
     layers = quant_layers(model)
-    weights = {n: tflite_weight(m) for n, m in layers.items()}
-    key = graph_key(bundle, model, seq_len)
+    folds = folds or {}
+    weights = {n: tflite_weight(m, folds.get(n)) for n, m in layers.items()}
+    key = graph_key(bundle, model, seq_len, folds)
     cached = cache_dir("tflite-graphs") / f"{key}.tflite"
     index = cached.with_suffix(".json")
     if cache and cached.is_file() and index.is_file():
@@ -258,7 +359,7 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
         set_weights(model_t, weights)
         return write_model(model_t), read_json(index)["layers"], 0.0
     t0 = time.perf_counter()
-    buf = convert(bundle, model, seq_len)
+    buf = convert(bundle, model, seq_len, folds)
     seconds = time.perf_counter() - t0
     model_t = read_model(buf)
     found = label_layers(model_t, weights)
@@ -269,13 +370,13 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     return out, found, seconds
 
 
-def convert(bundle, model: torch.nn.Module, seq_len: int) -> bytes:
+def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None) -> bytes:
     """litert-torch conversion of the float rendering of `model` (one `serving_default` signature)."""
     import tempfile
 
     import litert_torch
 
-    with float_rendering(model), torch.no_grad():
+    with float_rendering(model, folds), torch.no_grad():
         module = graph_module(bundle, model)
         try:
             edge = litert_torch.convert(module, example_inputs(bundle, seq_len))

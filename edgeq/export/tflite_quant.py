@@ -49,11 +49,13 @@ def recipe(layers: dict, ops: dict[str, str], static: bool) -> list[dict]:
              "op_config": op_config(m.decision, static)} for name, m in layers.items()]
 
 
-def weight_override(module, op: str, tfl_shape: tuple) -> dict:
-    """min/max for a weight such that ai-edge-quantizer derives edgeq's scales exactly."""
+def weight_override(module, op: str, tfl_shape: tuple, scale) -> dict:
+    """min/max for a weight such that ai-edge-quantizer derives `scale` (the layer's rendered scales) exactly."""
     d = module.decision
     qmax = 2 ** (d.weight.bits - 1) - 1
-    bound = module.scale.detach().double().numpy() * qmax  # [out, n_groups]; exact in float64
+    # [out, n_groups]; exact in float64. A folded BatchNorm with a negative gain gives a negative
+    # rendered scale: TFLite keeps |scale| and the quantizer negates that channel's integers.
+    bound = np.abs(scale.detach().double().numpy()) * qmax
     if d.weight.granularity == "group":
         shape = bound.shape  # [out, in / block] = ai-edge-quantizer's blockwise min/max shape for FC
     elif d.weight.granularity == "tensor":
@@ -86,17 +88,21 @@ def input_tensor_names(model_t, names: list[str]) -> dict[str, str]:
     return out
 
 
-def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: list[dict] | None) -> bytes:
-    """Apply edgeq's grids to the labelled float graph with ai-edge-quantizer; returns the flatbuffer."""
+def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: list[dict] | None,
+             scales: dict) -> bytes:
+    """Apply edgeq's grids to the labelled float graph with ai-edge-quantizer; returns the flatbuffer.
+
+    `scales` are the weight scales each layer is rendered with (edgeq's, or times a folded BatchNorm factor).
+    """
     from ai_edge_quantizer import quantizer
 
-    from .tflite_graph import read_model
+    from .tflite_graph import read_model, weight_ops
 
     qt = quantizer.Quantizer(bytearray(float_buf))
     qt.load_quantization_recipe(recipe(layers, ops, static))
     model_t = read_model(float_buf)
     shapes = {}
-    for sg, op, _ in _weight_ops(model_t):
+    for sg, op, _ in weight_ops(model_t):
         shapes[sg.tensors[op.inputs[1]].name.decode()] = tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
     qsvs: dict = {}
     if static:
@@ -111,19 +117,13 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
             qsvs[inputs[name]] = {**grid, "_edgeq": name}
     for name, m in layers.items():
         wname = f"edgeq/{name}/weight"
-        qsvs[wname] = weight_override(m, ops[name], shapes[wname])
+        qsvs[wname] = weight_override(m, ops[name], shapes[wname], scales[name])
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
-        result = qt.quantize(qsvs, enable_progress_report=False)
+        result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:
         raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
     return bytes(result.quantized_model)
-
-
-def _weight_ops(model_t):
-    from .tflite_graph import weight_ops
-
-    return weight_ops(model_t)
 
 
 def _same(a: dict, b: dict) -> bool:

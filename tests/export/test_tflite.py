@@ -1,0 +1,235 @@
+"""TFLite export: every variant on tiny-llama and a small CNN, read back bitwise and run in LiteRT.
+
+Conversions are slow (litert-torch), so each model architecture is converted once per session
+(the exporter's graph cache does the rest) and every test reads the same exported files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("ai_edge_quantizer")
+
+from edgeq.errors import EdgeqError  # noqa: E402
+from edgeq.export import export  # noqa: E402
+from edgeq.models import load_model  # noqa: E402
+from edgeq.models.inputs import calibration_batches  # noqa: E402
+from edgeq.quantize.ptq import quantize_model  # noqa: E402
+from edgeq.quantize.qmodel import load_quantized  # noqa: E402
+from edgeq.recipe import QuantRecipe, load_recipe  # noqa: E402
+
+CNN = "tests.export.tflite_cnn:small_cnn"
+
+pytestmark = pytest.mark.slow
+
+
+def _qdir(root: Path, model: str, recipe, name: str) -> Path:
+    bundle = load_model(model)
+    recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    calib = None
+    if recipe.needs_calibration:
+        calib = calibration_batches(bundle, None, 8, 128 if bundle.is_lm else 0)
+    return quantize_model(bundle, recipe, calib).save(root / name)
+
+
+def _custom(rules: list[dict], name: str = "custom") -> QuantRecipe:
+    return QuantRecipe.from_dict({"name": name, "rules": rules})
+
+
+CNN_MIXED = _custom([
+    {"match": "head$", "weight": {"bits": 4, "granularity": "channel", "scale_dtype": "bf16"}, "activation": {"mode": "dynamic"}},
+    {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic"}},
+], "cnn-mixed")
+
+# (model, recipe, variant passed to export: None = the recipe's default)
+CASES = {
+    "llama-fp32": ("tiny-llama", "w8", "fp32"),
+    "llama-dynamic-int8": ("tiny-llama", "w8", None),
+    "llama-int8": ("tiny-llama", "w8a8-static", None),
+    "llama-int4": ("tiny-llama", "w4-g128-rtn", None),
+    "cnn-fp32": (CNN, None, None),
+    "cnn-dynamic-int8": (CNN, "w8", None),
+    "cnn-int8": (CNN, "w8a8", None),
+    "cnn-int4": (CNN, CNN_MIXED, None),
+}
+EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict[str, tuple[Path, dict, Path | None]]:
+    """case -> (file, metadata, qdir) for every case, exported once."""
+    root = tmp_path_factory.mktemp("tflite")
+    qdirs: dict = {}
+    out = {}
+    for case, (model, recipe, variant) in CASES.items():
+        qdir = None
+        if recipe is not None:
+            key = (model, recipe if isinstance(recipe, str) else recipe.name)
+            if key not in qdirs:
+                qdirs[key] = _qdir(root, model, recipe, f"q-{len(qdirs)}")
+            qdir = qdirs[key]
+        path = root / f"{case}.tflite"
+        meta = export(qdir or model, "tflite", path, variant=variant)
+        out[case] = (path, meta, qdir)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_variant_metadata_and_parity(exported, case):
+    path, meta, qdir = exported[case]
+    assert meta["variant"] == EXPECTED_VARIANT[case]
+    on_disk = json.loads(Path(str(path) + ".json").read_text())
+    assert on_disk["sha256"] == meta["sha256"] and on_disk["size_bytes"] == path.stat().st_size
+    for key in ("format", "source", "recipe", "exact", "parity", "inputs", "runtime_min"):
+        assert key in on_disk, key
+    assert on_disk["format"] == "tflite"
+    parity = meta["parity"]
+    assert parity["within_tolerance"], parity
+    assert parity["cos_min"] >= parity["tolerance"]["cos_min"]
+    if meta["variant"] == "fp32":
+        assert parity["max_abs"] < 1e-2 and parity["cos_min"] > 0.99999  # float reassociation only
+    else:
+        assert meta["exact"] is True, meta["readback"]["mismatches"]
+        assert meta["readback"]["layers"] == len(load_quantized(qdir).layers())
+
+
+def test_quantized_files_are_smaller_than_fp32(exported):
+    fp32 = exported["llama-fp32"][0].stat().st_size
+    assert exported["llama-dynamic-int8"][0].stat().st_size < 0.5 * fp32
+    assert exported["llama-int4"][0].stat().st_size < exported["llama-dynamic-int8"][0].stat().st_size
+
+
+def _interpreter_weights(path: Path) -> dict[str, dict]:
+    """Weight tensors and their quantization as LiteRT's own interpreter reports them (an independent reader)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+    out = {}
+    for d in it.get_tensor_details():
+        if d["name"].startswith("edgeq/") and d["name"].endswith("/weight"):
+            out[d["name"][6:-7]] = {"dtype": d["dtype"], "q": d["quantization_parameters"],
+                                    "data": it.get_tensor(d["index"]) if d["dtype"] == np.int8 else None}
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama-dynamic-int8", "llama-int8", "cnn-int8"])
+def test_int8_weights_read_back_bitwise_by_litert(exported, case):
+    path, _, qdir = exported[case]
+    qm = load_quantized(qdir)
+    seen = _interpreter_weights(path)
+    assert set(seen) == set(qm.layers())
+    for name, m in qm.layers().items():
+        got = seen[name]
+        assert got["dtype"] == np.int8
+        scales = np.asarray(got["q"]["scales"], dtype=np.float32)
+        assert np.array_equal(scales.view(np.uint32), m.scale[:, 0].numpy().view(np.uint32)), name
+        assert not np.any(got["q"]["zero_points"])
+        q = got["data"]
+        want = m.qweight.numpy().astype(np.int8)
+        if q.ndim == 4:  # conv OHWI / depthwise 1HWO back to edgeq's [out, in*kh*kw]
+            q = q.transpose(0, 3, 1, 2) if m.conv_args["groups"] == 1 else q.transpose(3, 0, 1, 2)
+            q = q.reshape(q.shape[0], -1)
+        assert np.array_equal(q, want), name
+        assert q.min() >= -127  # narrow range
+
+
+def test_int4_blockwise_read_back(exported):
+    from edgeq.export.tflite_check import read_back
+
+    path, meta, qdir = exported["llama-int4"]
+    qm = load_quantized(qdir)
+    report = read_back(path.read_bytes(), qm.layers())
+    assert report["exact"], report["mismatches"]
+    layer = next(iter(report["layers"].values()))
+    assert layer["tflite_type"] == "INT4" and layer["block_size"] == 128
+    # a corrupted copy must be caught: flip one weight nibble of the first layer, in place in the file
+    from edgeq.export.tflite_graph import read_model
+
+    raw = bytearray(path.read_bytes())
+    model_t = read_model(bytes(raw))
+    name = next(iter(qm.layers()))
+    tensor = next(t for sg in model_t.subgraphs for t in sg.tensors if t.name == f"edgeq/{name}/weight".encode())
+    buffer = model_t.buffers[tensor.buffer]
+    assert buffer.data is None and buffer.offset > 0  # ai-edge-quantizer stores constants past the flatbuffer
+    raw[buffer.offset] ^= 0x01
+    bad = read_back(bytes(raw), qm.layers())
+    assert not bad["exact"] and any(m.startswith(f"{name}: ints") for m in bad["mismatches"])
+
+
+def test_int8_activation_grids_are_edgeqs(exported):
+    _, meta, qdir = exported["llama-int8"]
+    assert all(entry["act"] for entry in meta["readback"]["per_layer"].values())
+    assert "output_grids" in meta
+
+
+def test_runner_matches_simulation_and_checks_shapes(exported):
+    from edgeq.export.tflite_runtime import TfliteRunner
+
+    path, meta, qdir = exported["llama-dynamic-int8"]
+    runner = TfliteRunner(path, threads=2)
+    assert [s["shape"] for s in runner.input_specs()] == [[1, 64]]
+    assert meta["inputs"][0]["range"] == [0, 255]
+    from edgeq.data import lm_windows
+    from edgeq.models.tokenizers import ByteTokenizer
+
+    ids = lm_windows(ByteTokenizer(), "enwiki", "evaluation", 64, 6)[5:6]  # a window the export's parity did not use
+    logits = runner(ids)[0]
+    assert logits.shape == (1, 64, 256)
+    with torch.no_grad():
+        ref = load_quantized(qdir).model(torch.from_numpy(ids)).logits.numpy()
+    cos = (ref * logits).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(logits, axis=-1))
+    # hybrid kernels quantize each row, the simulation the whole tensor: close, not equal
+    assert cos.mean() > 0.995 and cos.min() > 0.98
+    with pytest.raises(EdgeqError, match="shape"):
+        runner(ids[:, :32])
+
+
+def test_fp32_from_model_reference(exported):
+    meta = exported["cnn-fp32"][1]
+    assert meta["inputs"][0]["shape"] == [1, 3, 224, 224] and meta["exact"] is None
+
+
+# ---- unsupported combinations: the promised error, and no file left behind --------------------
+
+W = {"match": "lm_head$", "skip": True}
+REFUSED = {
+    "int3": (_custom([W, {"match": ".*", "weight": {"bits": 3, "granularity": "group", "group_size": 128, "scale_dtype": "bf16"}}]),
+             None, r"no 3-bit weight kernels.*w4-g128"),
+    "asym-int4": (_custom([W, {"match": ".*", "weight": {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 128, "scale_dtype": "bf16"}}]),
+                  None, r"symmetric.*w4-g128"),
+    "group16": (_custom([W, {"match": ".*", "weight": {"bits": 4, "granularity": "group", "group_size": 16, "scale_dtype": "bf16"}}]),
+                None, r"block sizes 32, 64, 128, 256.*group_size = 32"),
+    "fp32-scales": (_custom([W, {"match": ".*", "weight": {"bits": 4, "granularity": "group", "group_size": 64}}]),
+                    None, r"fp16/bf16.*scale_dtype = 'bf16'"),
+    "int4-acts": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic", "bits": 4}}]),
+                  None, r"4-bit activations.*w8a8"),
+    "int8-from-dynamic": ("w8", "int8", r"full integer.*w8a8"),
+    "dynamic-from-static": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "static"}}]),
+                            "dynamic-int8", r"static activations need --variant int8"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_combinations_refused(tmp_path, case):
+    recipe, variant, pattern = REFUSED[case]
+    qdir = _qdir(tmp_path, "tiny-llama", recipe, "q")
+    out = tmp_path / "model.tflite"
+    with pytest.raises(EdgeqError, match=pattern):
+        export(qdir, "tflite", out, variant=variant)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.tflite")]
+
+
+def test_quantized_variant_needs_a_qdir(tmp_path):
+    with pytest.raises(EdgeqError, match="needs a quantized-model directory"):
+        export(CNN, "tflite", tmp_path / "m.tflite", variant="int8")
+    with pytest.raises(EdgeqError, match="variant"):
+        export(CNN, "tflite", tmp_path / "m.tflite", variant="int2")
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,312 @@
+"""Benchmark: edgeq's TFLite variants vs ai-edge-quantizer's own recipes (issue 3 item 8). Not a test.
+
+    .venv/bin/python tools/bench_tflite.py --model smollm2-135m --out benchmarks/tflite_smollm2
+    .venv/bin/python tools/bench_tflite.py --model efficientnet-lite0 --out benchmarks/tflite_efficientnet
+
+One run per model, on the same float graph and the same data:
+- edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8 (int8, full
+  integer) and, for language models, w4-g64 (int4 blockwise, GPTQ; SmolLM2's width 576 rules out blocks
+  of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
+- ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
+  applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs).
+Quality: language models: perplexity on 16 evaluation windows of 512 tokens of enwiki
+(`lm_windows(tok, "enwiki", "evaluation", 512, 16)`) and next-token top-1 agreement with the FP32 file;
+images: top-1 agreement and mean KL(fp32 || variant) on 64 evaluation images. Latency: one full forward of
+the file's input shape in LiteRT with XNNPACK, at 1 and 2 threads, variants interleaved round-robin, median of
+--reps after 3 warm-up calls. Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgeq.export import export  # noqa: E402
+from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
+from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+
+COMMANDS: list[str] = []  # every run that contributed rows (a run resumes the previous one's results)
+AEQ_RECIPES = ("dynamic_wi8_afp32", "weight_only_wi4_afp32", "dynamic_wi4b32_afp32", "static_wi8_ai8")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_qdir(model: str, recipe_name: str, work: Path) -> tuple[Path, float | None]:
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+
+    qdir = work / f"{model}-{Path(recipe_name).stem}"
+    if (qdir / "quant.json").is_file():
+        log(f"reuse {qdir}")
+        return qdir, None
+    t0 = time.perf_counter()
+    bundle = load_model(model)
+    recipe = load_recipe(recipe_name)
+    calib = None
+    if recipe.needs_calibration:
+        calib = calibration_batches(bundle, None, recipe.calibration.samples, recipe.calibration.seq_len)
+    quantize_model(bundle, recipe, calib).save(qdir, overwrite=True)
+    return qdir, time.perf_counter() - t0
+
+
+def aeq_quantize(fp32: Path, recipe_name: str, out: Path, calibration: list[dict]) -> float:
+    from ai_edge_quantizer import quantizer, recipe
+
+    t0 = time.perf_counter()
+    qt = quantizer.Quantizer(str(fp32))
+    qt.load_quantization_recipe(getattr(recipe, recipe_name)())
+    result = None
+    if qt.need_calibration:
+        result = qt.calibrate({"serving_default": calibration}, num_threads=2)
+    q = qt.quantize(result, enable_progress_report=False)
+    out.write_bytes(bytes(q.quantized_model))
+    return time.perf_counter() - t0
+
+
+def lm_quality(path: Path, windows: np.ndarray, ref_top1: list | None) -> tuple[dict, list]:
+    runner = TfliteRunner(path, threads=2)
+    nll, count, top1s, agree = 0.0, 0, [], 0
+    for i, w in enumerate(windows):
+        logits = runner(w[None, :].astype(np.int64))[0][0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+        count += len(w) - 1
+        top1 = logits.argmax(-1)
+        top1s.append(top1)
+        if ref_top1 is not None:
+            agree += int((top1 == ref_top1[i]).sum())
+    total = sum(len(t) for t in top1s)
+    return {"ppl": float(np.exp(nll / count)), "top1_agree_fp32": agree / total if ref_top1 is not None else 1.0}, top1s
+
+
+def image_quality(path: Path, images: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    runner = TfliteRunner(path, threads=2)
+    logits = np.concatenate([runner(images[i : i + 1])[0] for i in range(len(images))]).astype(np.float64)
+    if ref is None:
+        return {"top1_agree_fp32": 1.0, "kl_fp32": 0.0}, logits
+
+    def logsoftmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = logsoftmax(ref), logsoftmax(logits)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    return {"top1_agree_fp32": float(np.mean(ref.argmax(-1) == logits.argmax(-1))), "kl_fp32": kl}, logits
+
+
+def latency(files: dict[str, Path], example: list[np.ndarray], threads: int, reps: int) -> dict[str, dict]:
+    runners = {name: TfliteRunner(p, threads=threads) for name, p in files.items()}
+    for r in runners.values():
+        for _ in range(3):
+            r(*example)
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    names = list(runners)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate so no variant always runs first
+        for n in order:
+            t0 = time.perf_counter()
+            runners[n](*example)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    del runners
+    gc.collect()
+    return {n: {"median_ms": statistics.median(t), "p10_ms": float(np.percentile(t, 10)), "p90_ms": float(np.percentile(t, 90)),
+                "n": len(t)} for n, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
+    ap.add_argument("--work", default="/tmp/edgeq-bench-tflite", help="QDIRs and .tflite files")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--int4-recipe", default="w4-g64",
+                    help="edgeq INT4 recipe (SmolLM2's width 576 is not a multiple of 128: LiteRT has no short last block)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
+    ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
+    ap.add_argument("--no-aeq", action="store_true", help="skip ai-edge-quantizer's recipes (another run's output has them)")
+    ap.add_argument("--reuse-graphs", action="store_true",
+                    help="reuse litert-torch graphs cached by earlier exports (convert_s is then 0: see the cached export's FILE.json)")
+    args = ap.parse_args()
+    command = "  ".join([".venv/bin/python tools/bench_tflite.py"] + sys.argv[1:])
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+
+    from edgeq import data
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+
+    bundle = load_model(args.model)
+    is_lm = bundle.kind == "causal-lm"
+    recipes = {"w8": "dynamic-int8", "w8a8": "int8"}
+    if is_lm:
+        recipes[args.int4_recipe] = "int4"
+    # rows finished by an earlier run (same model and sequence length) are kept: the run resumes
+    previous = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").is_file() else {}
+    keep = previous.get("model") == args.model and previous.get("seq_len") in (args.seq_len, None)
+    global COMMANDS
+    COMMANDS = (previous.get("commands", []) if keep else []) + [command]
+    rows: dict[str, dict] = {n: r for n, r in previous.get("rows", {}).items() if keep and "error" not in r}
+    files: dict[str, Path] = {n: Path(r["file"]) for n, r in rows.items() if Path(r.get("file", "")).is_file()}
+    rows = {n: r for n, r in rows.items() if n in files}
+
+    fp32 = work / f"{args.model}-fp32.tflite"
+    if "fp32" not in rows and fp32.is_file() and Path(f"{fp32}.json").is_file() and args.reuse_graphs:
+        meta = json.loads(Path(f"{fp32}.json").read_text())  # an earlier run's conversion: keep its file and seconds
+        files["fp32"] = fp32
+        rows["fp32"] = {"tool": "litert-torch", "variant": "fp32", "convert_s": meta["timing_s"]["convert"], "quantize_s": 0.0}
+    if "fp32" not in rows:
+        log("fp32: litert-torch conversion of the float model")
+        meta = export(args.model, "tflite", fp32, variant="fp32", seq_len=args.seq_len, cache=args.reuse_graphs)
+        files["fp32"] = fp32
+        rows["fp32"] = {"tool": "litert-torch", "variant": "fp32", "convert_s": meta["timing_s"]["convert"], "quantize_s": 0.0}
+    else:
+        meta = json.loads(Path(f"{fp32}.json").read_text())
+
+    for recipe_name, variant in recipes.items():
+        name = f"edgeq {variant} ({Path(recipe_name).stem})"
+        if name in rows or (args.only is not None and Path(recipe_name).stem not in args.only):
+            continue
+        log(f"edgeq {recipe_name} -> {variant}")
+        qdir, qs = make_qdir(args.model, recipe_name, work)
+        path = work / f"{args.model}-edgeq-{variant}.tflite"
+        if args.reuse_graphs and Path(f"{path}.json").is_file() and json.loads(Path(f"{path}.json").read_text())["source"]["qdir"] == str(qdir.resolve()):
+            m = json.loads(Path(f"{path}.json").read_text())  # exported by an earlier run from the same QDIR
+        else:
+            m = export(qdir, "tflite", path, seq_len=args.seq_len)
+        files[name] = path
+        rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": m["exact"],
+                      "edgeq_quantize_s": None if qs is None else round(qs, 1), "convert_s": m["timing_s"]["convert"],
+                      "quantize_s": m["timing_s"]["quantize"], "parity_vs_simulation": m["parity"]}
+
+    calib_batches = calibration_batches(bundle, None, 8, args.seq_len, batch_size=1)
+    calibration = [{"args_0": np.asarray(b[0].numpy(), dtype=np.int32 if is_lm else np.float32)} for b in calib_batches]
+    for r in () if args.no_aeq else AEQ_RECIPES:
+        path = work / f"{args.model}-aeq-{r}.tflite"
+        name = f"aeq {r}"
+        if name in rows:
+            continue
+        log(f"ai-edge-quantizer {r}")
+        try:
+            secs = aeq_quantize(fp32, r, path, calibration)
+        except Exception as exc:  # record a recipe that fails on this model instead of stopping the run
+            rows[name] = {"tool": "ai-edge-quantizer", "variant": r, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            log(f"  failed: {rows[name]['error']}")
+            continue
+        files[name] = path
+        rows[name] = {"tool": "ai-edge-quantizer", "variant": r, "convert_s": rows["fp32"]["convert_s"], "quantize_s": round(secs, 2)}
+
+    for name, path in files.items():
+        rows[name]["size_mb"] = round(path.stat().st_size / 1e6, 2)
+        rows[name]["file"] = str(path)
+
+    log("quality")
+    if is_lm:
+        windows = data.lm_windows(bundle.tokenizer, "enwiki", "evaluation", 512, 16)
+        q, ref_top1 = lm_quality(files["fp32"], windows, None)
+        rows["fp32"].update(q)
+        for name, path in files.items():
+            if name != "fp32" and "ppl" not in rows[name]:
+                log(f"  {name}")
+                rows[name].update(lm_quality(path, windows, ref_top1)[0])
+                save(out, command, args, bundle, meta, rows, is_lm)
+        example = [windows[0][None, : args.seq_len].astype(np.int64)]
+    else:
+        images = data.images("images", 64, bundle.info.get("image_size", 224), split="evaluation")
+        q, ref = image_quality(files["fp32"], images, None)
+        rows["fp32"].update(q)
+        for name, path in files.items():
+            if name != "fp32" and "kl_fp32" not in rows[name]:
+                rows[name].update(image_quality(path, images, ref)[0])
+        example = [images[:1]]
+
+    for threads in () if args.skip_latency else (1, 2):
+        log(f"latency, {threads} thread(s), {args.reps} reps interleaved over {len(files)} files")
+        for name, lat in latency(files, example, threads, args.reps).items():
+            rows[name][f"latency_{threads}t"] = lat
+    save(out, command, args, bundle, meta, rows, is_lm)
+    log(f"wrote {out}.json / .md")
+
+
+def save(out: Path, command: str, args, bundle, meta: dict, rows: dict, is_lm: bool) -> None:
+    result = {"command": command, "commands": COMMANDS, "model": args.model, "seq_len": args.seq_len if bundle.kind in ("causal-lm", "encoder") else None,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+                          "python": platform.python_version()},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "tools": meta.get("tools"), "rows": rows, "targets": targets(rows, is_lm)}
+    write_json_atomic(Path(f"{out}.json"), result)
+    write_text_atomic(Path(f"{out}.md"), markdown(result, is_lm))
+
+
+def targets(rows: dict, is_lm: bool) -> dict:
+    def get(prefix):
+        return next((r for n, r in rows.items() if n.startswith(prefix) and "error" not in r), None)
+
+    out = {}
+    dyn, aeq_dyn = get("edgeq dynamic-int8"), get("aeq dynamic_wi8_afp32")
+    if dyn and aeq_dyn and "latency_1t" in dyn and "latency_1t" in aeq_dyn:
+        ratio = dyn["latency_1t"]["median_ms"] / aeq_dyn["latency_1t"]["median_ms"]
+        out["dynamic_int8_latency_ratio_vs_aeq_1t"] = {"value": round(ratio, 3), "target": "<= 1.05", "met": ratio <= 1.05}
+    full, aeq_static = get("edgeq int8"), get("aeq static_wi8_ai8")
+    if full and "top1_agree_fp32" in full:
+        out["int8_top1_agree_fp32"] = {"value": full["top1_agree_fp32"], "target": ">= 0.99" if is_lm else "report",
+                                       "met": full["top1_agree_fp32"] >= 0.99}
+        if aeq_static and ("ppl" if is_lm else "kl_fp32") in aeq_static:
+            key = "ppl" if is_lm else "kl_fp32"
+            better = full[key] < aeq_static[key]
+            out["int8_better_than_static_wi8_ai8"] = {"edgeq": full[key], "aeq": aeq_static[key], "metric": key, "met": better}
+    int4, aeq4 = get("edgeq int4"), get("aeq dynamic_wi4b32_afp32")
+    if is_lm and int4 and aeq4 and "ppl" in int4 and "ppl" in aeq4:
+        out["int4_ppl_below_dynamic_wi4b32"] = {"edgeq": int4["ppl"], "aeq": aeq4["ppl"], "met": int4["ppl"] < aeq4["ppl"]}
+        out["int4_size_not_larger"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"], "met": int4["size_mb"] <= aeq4["size_mb"]}
+    return out
+
+
+def markdown(result: dict, is_lm: bool) -> str:
+    q = ["ppl", "top1_agree_fp32"] if is_lm else ["top1_agree_fp32", "kl_fp32"]
+    head = ["file", "exact", *q, "size MB", "convert s", "quantize s", "ms 1 thread", "ms 2 threads"]
+    lines = [f"# TFLite variants on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", *result["commands"], "```", "",
+             f"Created {result['created']} on {result['machine']['cores']} cores (shared). Latency: median of "
+             f"{next(iter(result['rows'].values())).get('latency_1t', {}).get('n')} interleaved calls after warm-up, LiteRT "
+             "XNNPACK" + (f", one {result['seq_len']}-token prefill." if is_lm else ", one image."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in result["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * (len(head) - 2))
+            continue
+
+        def f(v, nd=3):
+            return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+        lines.append("| " + " | ".join([name, f(r.get("exact")), *[f(r.get(k), 4) for k in q], f(r.get("size_mb"), 1),
+                                        f(r.get("convert_s"), 1), f(r.get("quantize_s"), 1),
+                                        f(r.get("latency_1t", {}).get("median_ms"), 1), f(r.get("latency_2t", {}).get("median_ms"), 1)]) + " |")
+    lines += ["", "## Targets", ""]
+    for k, v in result["targets"].items():
+        lines.append(f"- {k}: {json.dumps(v)}")
+    lines += ["", "convert s: litert-torch conversion (edgeq variants share one cached float graph of the quantized "
+              "model's architecture, so only the first pays it; ai-edge-quantizer recipes start from the FP32 file). "
+              "quantize s: the TFLite quantization step only (edgeq's own PTQ time is in the JSON as edgeq_quantize_s).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
