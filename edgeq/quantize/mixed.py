@@ -262,32 +262,34 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
 
     budget = parse_budget(budget) if not isinstance(budget, Budget) else budget
     batches = list(calib_batches or [])
+    measure_set = batches[: options.sensitivity_batches] if options.sensitivity_batches else batches
+    objective = Objective(bundle.is_lm)
+    base = None
     if analysis is None:
         specs, target_info = allowed_bit_specs(target, allowed_bits, options)
         analysis = analyze(bundle, batches, specs, options, progress)
         analysis.target = target_info
+        base = analysis.base_loss  # measured on the same batches as measure_set
     else:
         fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
     allocation = plan(analysis, budget)
     recipe = build_recipe(analysis, allocation, options)
-    measure_set = batches[: options.sensitivity_batches] if options.sensitivity_batches else batches
-    objective = Objective(bundle.is_lm)
     alone = {}
+    if options.measure != "none" and (base is None or not bundle.is_lm):
+        # the float loss on these batches; for non-LMs this also records the float outputs the loss compares with
+        base = mean_loss(bundle.module, measure_set, objective)
     if options.measure == "layers":
         plan_specs = {n: analysis.specs[c.bits] for n, c in allocation.picks.items()}
-        base = mean_loss(bundle.module, measure_set, objective)
         alone = measure_layers(bundle.module, plan_specs, measure_set, objective, base, progress)
-    if options.measure != "none" and not bundle.is_lm:
-        mean_loss(bundle.module, measure_set, objective)  # keep the float outputs as the reference
     qm = quantize_model(bundle, recipe, batches, progress)
     summary = qm.summary()
     measured = mean_loss(qm.model, measure_set, objective) if options.measure != "none" else None
-    qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone)
+    qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone, base)
     return qm
 
 
 def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options: MixedOptions, summary: dict,
-            measured: float | None, alone: dict) -> dict:
+            measured: float | None, alone: dict, base: float | None) -> dict:
     layers = {}
     for name, s in analysis.layers.items():
         c = allocation.picks[name]
@@ -314,13 +316,14 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
         "allocation": {"strategy": allocation.strategy, **allocation.details},
         "avg_bits": summary["avg_bits"],
         "bytes_after": summary["bytes_after"],
-        "base_loss": analysis.base_loss,
+        "analysis_base_loss": analysis.base_loss,
         "predicted_loss_increase": allocation.predicted_loss,
         "layers": layers,
     }
     if measured is not None:
+        out["base_loss"] = base  # the float model on the same batches as measured_loss
         out["measured_loss"] = measured
-        out["measured_loss_increase"] = measured - analysis.base_loss
+        out["measured_loss_increase"] = measured - base
     if alone:
         out["predicted_vs_measured_spearman"] = _spearman([layers[n]["predicted_loss"] for n in alone], list(alone.values()))
     return out
