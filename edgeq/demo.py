@@ -38,7 +38,7 @@ class DemoRow:
 
 
 def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: int = 8, calib_samples: int = 16,
-             runs: int = 50, say: Callable[[str], None] = print, progress=None) -> tuple[list[DemoRow], Path]:
+             runs: int = 50, seq_len: int = 128, say: Callable[[str], None] = print, progress=None) -> tuple[list[DemoRow], Path]:
     from .agent.host import profile_local, summary_table
     from .evaluate import evaluate
     from .export import export
@@ -69,16 +69,18 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
                 continue
             path = out / f"{name}.{fmt}"
             start = time.perf_counter()
-            meta = export(source, fmt, path, variant=variant)
+            options = {"seq_len": seq_len} if fmt == "tflite" else {}  # TFLite graphs have a fixed length
+            meta = export(source, fmt, path, variant=variant, **options)
             parity = meta.get("parity") or {}
             say(f"exported {path.name} ({meta['size_bytes'] / 1e6:.1f} MB, exact={meta['exact']}, "
                 f"top1 parity {parity.get('top1_agree')}) in {time.perf_counter() - start:.0f} s")
-            result = evaluate(str(path), count=eval_windows)
+            result = evaluate(str(path), count=eval_windows, seq_len=seq_len)
             record_eval_result(db, result)
             rows.append(DemoRow(name, fmt, str(path), meta["size_bytes"] / 1e6, meta["exact"], parity.get("top1_agree"),
                                 ppl=result["metrics"].get("ppl")))
-            say(f"evaluated {path.name}: ppl {result['metrics'].get('ppl'):.3f} on {eval_windows} windows")
-    summaries = profile_local([r.path for r in rows], db=db, runs=runs)
+            say(f"evaluated {path.name}: ppl {result['metrics'].get('ppl'):.3f} on {eval_windows} windows of {seq_len} tokens")
+    # one sequence length everywhere: TFLite graphs are fixed-length, and latencies should compare
+    summaries = profile_local([r.path for r in rows], db=db, runs=runs, dims={"sequence": seq_len})
     say(summary_table(summaries))
     by_path = {s["artifact"]: s for s in summaries}
     for r in rows:

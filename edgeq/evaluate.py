@@ -34,6 +34,7 @@ class Target:
     path: str
     sha256: str | None
     bundle: object = None
+    fixed_seq_len: int | None = None  # a file exported for one sequence length (TFLite graphs are static)
 
 
 def resolve_target(target: str, threads: int = 1) -> Target:
@@ -51,7 +52,8 @@ def resolve_target(target: str, threads: int = 1) -> Target:
             raise EdgeqError(f"eval: {meta_path.name} does not name its source model")
         runner = _runner(path, threads)
         kind = _kind_of(reference)
-        return Target(lambda *xs: runner(*xs)[0], kind, reference, path.suffix[1:], str(path), sha256_file(path))
+        return Target(lambda *xs: runner(*xs)[0], kind, reference, path.suffix[1:], str(path), sha256_file(path),
+                      fixed_seq_len=_fixed_seq_len(meta))
     if path.suffix in (".onnx", ".tflite"):
         raise EdgeqError(f"eval: file {str(path)!r} does not exist")
     import torch
@@ -74,6 +76,15 @@ def resolve_target(target: str, threads: int = 1) -> Target:
         return out.float().numpy()
 
     return Target(forward, bundle.kind, bundle.reference, label, str(path) if label == "sim" else target, sha, bundle)
+
+
+def _fixed_seq_len(meta: dict) -> int | None:
+    """The sequence length a file was exported for, when its first input has a fixed one."""
+    inputs = meta.get("inputs") or []
+    shape = inputs[0].get("shape") if inputs else None
+    if shape and len(shape) >= 2 and isinstance(shape[1], int):
+        return shape[1]
+    return None
 
 
 def _first_tensor(out):
@@ -143,13 +154,16 @@ def evaluate(target: str, task: str | None = None, data: str | None = None, coun
         from .models import load_model
 
         tokenizer = t.bundle.tokenizer if t.bundle is not None else load_model(t.reference).tokenizer
+        if t.fixed_seq_len and t.fixed_seq_len != seq_len:
+            raise EdgeqError(f"eval: {t.path} was exported for sequences of {t.fixed_seq_len} tokens; "
+                             f"pass --seq-len {t.fixed_seq_len} (or export with seq_len={seq_len})")
         windows = datamod.lm_windows(tokenizer, source, "evaluation", seq_len, count or 16)
         metrics = perplexity(t.forward, windows)
     else:
         metrics = _against_fp32(t, task, source, count)
     return {
         "target": t.path, "label": t.label, "model": t.reference, "sha256": t.sha256, "task": task,
-        "data": source, "metrics": metrics, "seconds": round(time.perf_counter() - start, 3), "threads": threads,
+        "data": source, "seq_len": seq_len if task == "ppl" else None, "metrics": metrics, "seconds": round(time.perf_counter() - start, 3), "threads": threads,
     }
 
 

@@ -52,3 +52,11 @@ def test_calibration_and_evaluation_windows_are_disjoint(tiny_llama_ref):
     cal = data.lm_windows(tok, "enwiki", "calibration", 64, 50, seed=3)
     joined = stream[:half].tobytes()
     assert all(w.tobytes() in joined for w in cal[:5])
+
+
+def test_fixed_length_files_are_recognised_from_their_metadata():
+    from edgeq.evaluate import _fixed_seq_len
+
+    assert _fixed_seq_len({"inputs": [{"name": "ids", "shape": [1, 64]}]}) == 64
+    assert _fixed_seq_len({"inputs": [{"name": "ids", "shape": ["batch", "sequence"]}]}) is None
+    assert _fixed_seq_len({}) is None
