@@ -17,10 +17,11 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--seq-len", type=click.IntRange(8, 32768), default=None, help="Calibration window length in tokens (default: the recipe's).")
 @click.option("--target", default=None, help="With --recipe auto: the board profile whose bit-widths are allowed.")
 @click.option("--budget", default=None, help="With --recipe auto: size budget, e.g. 60MB, 4.5bits or 25%.")
+@click.option("--bits", default=None, help="With --recipe auto: allowed weight bit-widths, e.g. 2,3,4,8 (narrows the target's set).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
 @json_option
-def quantize(model, recipe, calib, samples, seq_len, target, budget, output, overwrite, as_json):
+def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, output, overwrite, as_json):
     """Quantize MODEL (a built-in name, a Hugging Face directory or package.module:factory)."""
     from ..models import load_model
     from ..models.inputs import calibration_batches
@@ -32,7 +33,8 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, output, ove
     if recipe == "auto":
         from ..quantize.mixed import quantize_auto
 
-        qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, progress=progress)
+        qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, bits=bits,
+                          progress=progress)
     else:
         rec = load_recipe(recipe)
         bundle = load_model(model)
