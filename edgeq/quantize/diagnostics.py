@@ -66,15 +66,10 @@ def input_kurtosis(model: torch.nn.Module, batches) -> dict[str, dict]:
     from .modules import _QuantBase
 
     mods = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, _QuantBase))}
+    from .observers import feed_observing_inputs
+
     stats = {n: _Moments() for n in mods}
-    handles = [m.register_forward_pre_hook(lambda mod, args, st=stats[n]: st.add(args[0])) for n, m in mods.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    feed_observing_inputs(model, {m: stats[n].add for n, m in mods.items()}, batches)
     return {n: s.result() for n, s in stats.items() if s.n}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .primitives import act_qparams, fake_quant_act
@@ -65,3 +67,16 @@ class HessianAccumulator:
 
     def result(self) -> torch.Tensor:
         return self.H.to(torch.float32)
+
+
+@torch.no_grad()
+def feed_observing_inputs(model: torch.nn.Module, observers: dict[torch.nn.Module, Callable[[torch.Tensor], None]],
+                          batches) -> None:
+    """Run `batches` through `model`, handing each observed module's first input to its callback."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, fn=fn: fn(args[0])) for m, fn in observers.items()]
+    try:
+        for batch in batches:
+            model(*batch)
+    finally:
+        for h in handles:
+            h.remove()

@@ -93,19 +93,15 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
 @torch.no_grad()
 def _channel_absmax(model, names, batches) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| at each named layer over the calibration batches."""
-    out, handles = {}, []
-    for name in names:
-        def hook(mod, args, name=name):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            out[name] = x if name not in out else torch.maximum(out[name], x)
+    from .observers import feed_observing_inputs
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    out = {}
+
+    def absmax(name, x):
+        x = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        out[name] = x if name not in out else torch.maximum(out[name], x)
+
+    feed_observing_inputs(model, {model.get_submodule(n): (lambda x, n=n: absmax(n, x)) for n in names}, batches)
     return out
 
 

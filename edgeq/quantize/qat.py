@@ -258,29 +258,23 @@ def _observe(model, names, obs_names, hess_names, batches, ActObserver) -> dict:
         return {}
     if not batches:
         raise EdgeqError("qat: this recipe/method needs calibration data (static activations or a Hessian criterion)")
-    from .observers import HessianAccumulator
+    from .observers import HessianAccumulator, feed_observing_inputs
 
-    out, handles = {}, []
+    out, callbacks = {}, {}
     for name in names:
         module = model.get_submodule(name)
         obs = ActObserver() if name in obs_names else None
         acc = HessianAccumulator(module.weight.shape[1]) if name in hess_names else None
         out[name] = (obs, acc)
 
-        def hook(mod, args, obs=obs, acc=acc):
+        def observe(x, obs=obs, acc=acc):
             if obs is not None:
-                obs.observe(args[0])
+                obs.observe(x)
             if acc is not None:
-                acc.add(args[0])
+                acc.add(x)
 
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+        callbacks[module] = observe
+    feed_observing_inputs(model, callbacks, batches)
     return {n: (o, a.result() if a is not None else None) for n, (o, a) in out.items()}
 
 
