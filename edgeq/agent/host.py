@@ -257,6 +257,18 @@ def summary_table(summaries: list[dict]) -> str:
     return "\n".join(lines + sorted(set(notes)))
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Ask a child to exit (SIGTERM), and kill it if it has not within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class LocalAgent:
     """`edgeq agent serve` on 127.0.0.1, port 0, with a fresh token, in a child process."""
 
@@ -300,13 +312,8 @@ class LocalAgent:
         return Device(name="local", url=self.url, token_file=str(self.token_file))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self._tmp.cleanup()
 
     def __enter__(self) -> "LocalAgent":

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeq.agent.host import stop_process
 from edgeq.agent.client import AgentClient
 from edgeq.agent.server import READY_PREFIX
 
@@ -103,14 +104,8 @@ class AgentProc:
         self.log.close()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc:
+            stop_process(self.proc)
             self.log.close()
 
 
