@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from pathlib import Path
 
@@ -49,6 +50,72 @@ def parity_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
         rows += a2.shape[0]
     return {"max_abs": max_abs, "cos_min": cos_min, "top1_agree": agree / rows if rows else None, "rows": rows,
             "samples": len(reference)}
+
+
+NOISE_REL = 1e-6
+
+
+@contextlib.contextmanager
+def perturbed_quant_inputs(model: torch.nn.Module, rel: float = NOISE_REL, seed: int = 0):
+    """Multiply every quantized layer's input by (1 + rel * N(0, 1)) while inside.
+
+    Float reassociation in a runtime (other matmul blocking, fused kernels) changes activations by
+    about this much; where a value then sits on a rounding tie of an activation grid it lands one
+    step away, and a deep model can carry that step to its outputs. Running the simulation against
+    itself this way measures how far apart two faithful renderings of the same integers can be.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module, args):
+        x = args[0]
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
+        return (x * (1 + rel * noise), *args[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if hasattr(m, "decision")]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def noise_floor(model: torch.nn.Module, run, inputs: list, reference: list[np.ndarray]) -> dict | None:
+    """Parity of the simulation with itself under `perturbed_quant_inputs` (None without quantized layers).
+
+    `run(sample)` returns the first output of the wrapper being exported, as numpy.
+    """
+    with torch.no_grad(), perturbed_quant_inputs(model) as hooked:
+        if not hooked:
+            return None
+        perturbed = [run(x) for x in inputs]
+    floor = parity_metrics(reference, perturbed)
+    floor["method"] = (f"the PyTorch simulation against itself with every quantized layer's input multiplied by "
+                       f"(1 + {NOISE_REL:g} N(0,1)): how far float reassociation alone moves the outputs")
+    return floor
+
+
+def lm_nll(logits: list[np.ndarray], inputs: list[tuple]) -> float:
+    """Mean next-token negative log-likelihood of a causal LM's logits on its own input ids."""
+    total, count = 0.0, 0
+    for lg, sample in zip(logits, inputs):
+        ids = np.asarray(sample[0]).reshape(-1)
+        lg = np.asarray(lg, dtype=np.float64).reshape(-1, lg.shape[-1])[: len(ids) - 1]
+        m = lg.max(axis=1, keepdims=True)
+        logp = lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
+        total -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return total / max(count, 1)
+
+
+def add_quality_context(parity: dict, model, run, inputs: list, reference: list, got: list, causal_lm: bool) -> dict:
+    """Put a file's parity next to what it means: the simulation's noise floor, and for LMs the NLL of both."""
+    floor = noise_floor(model, run, inputs, reference)
+    if floor is not None:
+        parity["noise_floor"] = floor
+    if causal_lm:
+        parity["nll"] = {"simulation": lm_nll(reference, inputs), "file": lm_nll(got, inputs),
+                         "tokens": sum(int(np.asarray(x[0]).size) - 1 for x in inputs)}
+    return parity
 
 
 def write_export_meta(out: Path, *, fmt: str, variant: str, model: str, qdir: str | None, recipe: str | None,

@@ -29,7 +29,7 @@ import onnx
 
 from ..errors import EdgeqError, choice_error
 from . import register_exporter
-from .meta import held_back_inputs, parity_metrics, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, quantize_graph, read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
@@ -220,6 +220,8 @@ def _parity(bundle, specs, paths, session_config, threads, samples, seq_len) -> 
         ref.append(torch_outputs(specs[0], sample)[0])
         got.append(main(*[t.numpy() for t in sample])[0])
     parity = parity_metrics(ref, got)
+    add_quality_context(parity, specs[0].wrapper, lambda x: torch_outputs(specs[0], x)[0], inputs, ref, got,
+                        bundle.kind == "causal-lm")
     parity["inputs"] = f"{len(inputs)} held-back samples from the evaluation split" + (
         f", {seq_len} tokens each" if bundle.kind == "causal-lm" else "")
     parity["session_config"] = session_config

@@ -9,10 +9,14 @@ Pure onnx + numpy (no torch). For each quantized layer the float weight initiali
   groups: opset-21 blocked DQ along the input axis. 2..4-bit values use INT4/UINT4 containers.
 - static activations: `QuantizeLinear -> DequantizeLinear` (uint8, the layer's own grid) on the
   compute node's input.
-- dynamic activations on a MatMul: the structure ORT's own `quantize_dynamic` writes
+- dynamic per-tensor activations on a MatMul: the structure ORT's own `quantize_dynamic` writes
   (DynamicQuantizeLinear, MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into
   DynamicQuantizeMatMul; on Conv/Gemm or grouped weights: DynamicQuantizeLinear -> DequantizeLinear
   on the input (same numbers, float kernel).
+- dynamic per-token activations on a MatMul: each row's uint8 grid computed with float ops, then
+  MatMulInteger on the integers with the row zero points taken out afterwards
+  (`zp_x * colsum(w - zp_w)`, int32, exact), then the two scales; ONNX has no per-row
+  DynamicQuantizeLinear and ORT's MatMulInteger takes only a scalar activation zero point.
 Dequantization is `(q - zp) * scale` everywhere, exactly the simulation's.
 """
 
@@ -100,7 +104,7 @@ class _Graph:
         self.before: dict[int, list] = {}  # id(node) -> nodes to emit before it
         self.after: dict[int, list] = {}  # id(node) -> nodes to emit after it
         self.producer = {o: node for node in graph.node for o in node.output}
-        self.dynamic: dict[str, tuple] = {}  # tensor -> outputs of its one DynamicQuantizeLinear
+        self.dynamic: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one dynamic quantization
         self.replace: dict[int, list] = {}  # id(node) -> nodes to emit instead
         self.head: list = []  # weight DQ nodes (inputs are all initializers)
         self.new_inits: list = []
@@ -121,8 +125,8 @@ class _Graph:
 
     def dynamic_quant(self, x: str, layer: str) -> tuple[tuple, str | None]:
         """One DynamicQuantizeLinear per tensor, shared by every layer reading it (as ORT's quantizer does)."""
-        if x in self.dynamic:
-            return self.dynamic[x], None
+        if (x, "tensor") in self.dynamic:
+            return self.dynamic[(x, "tensor")], None
         outs = tuple(self.unique(f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
         name = self.unique(f"{layer}/input_dynamic_q")
         node = helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)
@@ -131,8 +135,15 @@ class _Graph:
             self.head.append(node)  # a graph input
         else:
             self.after.setdefault(id(producer), []).append(node)
-        self.dynamic[x] = outs
+        self.dynamic[(x, "tensor")] = outs
         return outs, name
+
+    def emit_after_producer(self, x: str, nodes: list) -> None:
+        producer = self.producer.get(x)
+        if producer is None:
+            self.head.extend(nodes)
+        else:
+            self.after.setdefault(id(producer), []).extend(nodes)
 
     def commit(self) -> None:
         nodes = list(self.head)
@@ -227,12 +238,17 @@ def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
     if lq.act_mode == "dynamic" and lq.act_granularity not in ("tensor", "token"):
         raise EdgeqError(f"export: layer {lq.name!r} has {lq.act_granularity}-wise dynamic activations; ONNX renders "
                          "per-tensor and per-token dynamic activations only")
+    if lq.act_mode == "dynamic" and lq.act_symmetric:
+        raise EdgeqError(f"export: layer {lq.name!r} has symmetric dynamic activations; ONNX renders asymmetric "
+                         "(uint8-style) dynamic grids only")
     if lq.act_mode == "static" and (lq.act_bits != 8 or lq.act_symmetric):
         raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8), "
                          f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
-    matmul_integer = (lq.act_mode == "dynamic" and lq.act_granularity == "tensor" and layout == "io"
-                      and lq.group_size is None and not passive
+    matmul_integer = (lq.act_mode == "dynamic" and lq.act_bits == 8 and not lq.act_symmetric and layout == "io"
+                      and lq.group_size is None and lq.bits <= 8 and not passive
                       and all(n.op_type == "MatMul" for n, _ in compute))
+    if matmul_integer and lq.act_granularity == "token":
+        return _render_matmul_integer_token(g, lq, compute)
     if matmul_integer:
         return _render_matmul_integer(g, lq, compute, outputs)
     return _render_dq(g, lq, layout, outputs, compute, passive)
@@ -282,9 +298,9 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
                 helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_)])
             node.input[0] = xdq
             nodes += [qn_, dqn_]
-    elif lq.act_mode == "dynamic" and lq.act_granularity == "token":
+    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8):
         for node, _ in compute:
-            xdq, made = _per_token_fake_quant(g, node.input[0], lq)
+            xdq, made = _per_token_fake_quant(g, node.input[0], lq, per_token=lq.act_granularity == "token")
             g.before.setdefault(id(node), []).extend(made)
             node.input[0] = xdq
             nodes += [n.name for n in made]
@@ -298,18 +314,18 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
 
 
-def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ) -> tuple[str, list]:
-    """Per-token dynamic uint8 quantize-dequantize of `x` as float ops, exactly the simulation's grid.
+def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ, per_token: bool = True) -> tuple[str, list]:
+    """Dynamic b-bit quantize-dequantize of `x` as float ops, exactly the simulation's grid.
 
-    ONNX has no per-row DynamicQuantizeLinear, so the grid is computed per token (the last axis
-    reduced): range widened to include 0, scale = (hi - lo) / 255 (1 where the row is all zero),
+    For grids ONNX has no operator for (per row; fewer than 8 bits): the grid is computed per
+    token (the last axis reduced) or over the whole tensor: range widened to include 0, scale = (hi - lo) / 255 (1 where the row is all zero),
     zero point rounded half to even and clipped, q = clip(round(x / scale) + zp, 0, 255), then
     (q - zp) * scale. The MatMul itself runs in float on these values.
     """
     qmax = float(2**lq.act_bits - 1)
     c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in
          (("zero", 0.0), ("one", 1.0), ("qmax", qmax))}
-    axes = g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")
+    axes = g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes") if per_token else None
     made, t = [], lambda s: g.unique(f"{lq.name}.token_{s}")
 
     def op(kind, inputs, **attrs):
@@ -317,13 +333,73 @@ def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ) -> tuple[str, list]:
         made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
         return out
 
-    lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), c["zero"]])
-    hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), c["zero"]])
+    reduce_in = [x, axes] if per_token else [x]
+    lo = op("Min", [op("ReduceMin", reduce_in, keepdims=1), c["zero"]])
+    hi = op("Max", [op("ReduceMax", reduce_in, keepdims=1), c["zero"]])
     raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
     scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
     zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
     q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
     return op("Mul", [op("Sub", [q, zp]), scale]), made
+
+
+def _token_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
+    """Per-row uint8 quantization of `x` (integers, scale, float zero point), shared by every layer reading `x`."""
+    if (x, "token") in g.dynamic:
+        return g.dynamic[(x, "token")], []
+    made: list = []
+    t = lambda s: g.unique(f"{x}_token_{s}")  # noqa: E731
+
+    def op(kind, inputs, out=None, **attrs):
+        out = out or t(kind.lower())
+        made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
+        return out
+
+    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{x}_token_{k}") for k, v in (("zero", 0.0), ("one", 1.0), ("qmax", 255.0))}
+    axes = g.add_init(np.array([-1], dtype=np.int64), f"{x}_token_axes")
+    lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), c["zero"]])
+    hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), c["zero"]])
+    raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
+    scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
+    zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
+    qf = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
+    q = op("Cast", [qf], to=TensorProto.UINT8)
+    g.emit_after_producer(x, made)
+    g.dynamic[(x, "token")] = (q, scale, zp)
+    return (q, scale, zp), [n.name for n in made]
+
+
+def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
+    """Per-token dynamic uint8 activations x 8-bit weights in MatMulInteger, row zero points corrected in int32.
+
+    y = s_x[row] * s_w[col] * (sum_k q_x q_w' - zp_x[row] * colsum(q_w')[col]), q_w' = q_w - zp_w:
+    the same integers the simulation multiplies, summed exactly.
+    """
+    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1).astype(np.int32)
+    cn = g.add_init(colsum, f"{lq.name}.colsum")
+    nodes = []
+    for node, _ in compute:
+        (xq, xs, xz), grid_nodes = _token_grid(g, node.input[0], lq)
+        y = node.output[0]
+        outs = [g.unique(f"{lq.name}.{n}") for n in ("output_int32", "zp_int32", "zp_colsum", "output_centered",
+                                                     "output_float", "output_wscaled")]
+        names = [g.unique(f"{lq.name}/{n}") for n in ("matmul_integer", "zp_cast", "zp_colsum", "zp_sub", "cast",
+                                                      "weight_scale", "mul")]
+        g.replace[id(node)] = [
+            helper.make_node("MatMulInteger", [xq, qn, "", zn], [outs[0]], name=names[0]),
+            helper.make_node("Cast", [xz], [outs[1]], name=names[1], to=TensorProto.INT32),
+            helper.make_node("Mul", [outs[1], cn], [outs[2]], name=names[2]),
+            helper.make_node("Sub", [outs[0], outs[2]], [outs[3]], name=names[3]),
+            helper.make_node("Cast", [outs[3]], [outs[4]], name=names[4], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [outs[4], sn], [outs[5]], name=names[5]),
+            helper.make_node("Mul", [outs[5], xs], [y], name=names[6]),
+        ]
+        nodes += grid_nodes + names
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
 
 
 def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import EdgeqError, choice_error
 from . import register_exporter
-from .meta import held_back_inputs, parity_metrics, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 
 VARIANTS = ("fp32", "dynamic-int8", "int8", "int4")
 DEFAULT_SEQ_LEN = 64
@@ -234,6 +234,10 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         ref = [ref_module(*x).float().numpy() for x in inputs]
     got = [runner(*[t.numpy() for t in x])[0] for x in inputs]
     parity = parity_metrics(ref, got)
+    if not float_acts:
+        with torch.no_grad():
+            add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
+                                b.kind == "causal-lm")
     cos_tol, top1_tol = TOLERANCE[variant]
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference,

@@ -10,6 +10,7 @@ pass over the whole model. Models without repeated blocks are calibrated in one 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -125,7 +126,11 @@ def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
     if rule.activation.mode == "static":
         a = rule.activation
         act_scale, act_zp = stats.observer.qparams(a.calibration, a.bits, a.symmetric, a.percentile)
-    decision = LayerDecision(name, kind, rule.weight, rule.activation, rule.method, rule.gamma, shape)
+    activation = rule.activation
+    if kind == "conv2d" and activation.mode == "dynamic" and activation.granularity != "tensor":
+        # a convolution's input has no token axis: its dynamic grid is the whole tensor (recorded so)
+        activation = dataclasses.replace(activation, granularity="tensor", group_size=None)
+    decision = LayerDecision(name, kind, rule.weight, activation, rule.method, rule.gamma, shape)
     if kind == "linear":
         new = QuantLinear(decision, q, scale, zp, module.bias, act_scale, act_zp)
     else:

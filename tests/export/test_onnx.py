@@ -44,10 +44,21 @@ weight = { bits = 3, symmetric = false, granularity = "group", group_size = 32 }
 match = ".*"
 weight = { bits = 8, symmetric = true, granularity = "channel" }
 """
+PER_TENSOR_DYNAMIC = """
+description = "INT8 per-channel weights, one dynamic INT8 grid per tensor (ONNX Runtime quantize_dynamic's structure)"
+[[rules]]
+match = "lm_head$"
+skip = true
+[[rules]]
+match = ".*"
+weight = { bits = 8, symmetric = true, granularity = "channel" }
+activation = { mode = "dynamic", bits = 8 }
+"""
 CASES = {
     "fp32": (None, "fp32"),
     "w8a8": ("w8a8", "int8"),
     "w8": ("w8", "dynamic-int8"),
+    "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
     "w4-g128-rtn": ("w4-g128-rtn", "weight-only"),
     "w3a-g32-w8c": (MIXED_LOW_BITS, "weight-only"),
 }
@@ -56,7 +67,7 @@ EXACT_FLOAT = ("fp32", "w4-g128-rtn", "w3a-g32-w8c")
 
 def _recipe(spec: str, tmp: Path):
     if "\n" in spec:
-        path = tmp / "w3a-g32-w8c.toml"
+        path = tmp / f"inline-{abs(hash(spec))}.toml"
         path.write_text(spec)
         return load_recipe(path)
     return load_recipe(spec)
@@ -146,6 +157,13 @@ def test_parity_with_simulation(tiny_exports, name):
         assert p["max_abs"] < 1e-3 and p["top1_agree"] == 1.0
     else:
         assert p["max_abs"] < 0.1 and p["cos_min"] >= 0.9999 and p["top1_agree"] >= 0.98
+    # the file's quality on the parity samples is the simulation's
+    assert p["nll"]["tokens"] == 4 * 63 and abs(p["nll"]["file"] - p["nll"]["simulation"]) < 1e-3 * p["nll"]["simulation"]
+    if name == "fp32":
+        assert "noise_floor" not in p  # nothing quantized, nothing to perturb
+    else:  # the simulation against itself under 1e-6 input noise: same rows, a different (possibly zero) divergence
+        floor = p["noise_floor"]
+        assert floor["rows"] == p["rows"] and 0.99 <= floor["cos_min"] <= 1.0 and "1e-06" in floor["method"]
 
 
 def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
@@ -160,13 +178,14 @@ def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
-@pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "DynamicQuantizeMatMul"),
-                                         ("w4-g128-rtn", "MatMulNBits")])
+@pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulInteger"),
+                                         ("w8-tensor", "DynamicQuantizeMatMul"), ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
+    """Every quantized layer runs an integer kernel (per-token layers: MatMulInteger + int32 zero-point correction)."""
     qdir, out, meta = tiny_exports[name]
     ops = _fused_ops(out, tmp_path, meta["session_config"])
     n_layers = len(load_quantized(qdir).layers())
-    integer = ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] + ops["MatMulNBits"]
+    integer = ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] + ops["MatMulNBits"] + ops["MatMulInteger"]
     assert ops[fused] > 0 and integer == n_layers, dict(ops)
     assert ops["MatMul"] == 4 * 2 + 1  # attention scores and values per layer, and the float lm_head
 
@@ -183,7 +202,7 @@ def test_decode_step_matches_prefill(tiny_exports, name):
     prefix = prefill(ids[:, :-1])
     step = decode(ids[:, -1:], *prefix[1:])
     assert step[1].shape[2] == ids.shape[1]  # the presents grew by one position
-    if name == "w8":
+    if name in ("w8", "w8-tensor"):
         # dynamic activations are quantized on the range of what each call sees (one token here),
         # so compare with the simulation's own decode step, not with the prefill
         from edgeq.export.onnx_graph import LMDecode
@@ -195,7 +214,7 @@ def test_decode_step_matches_prefill(tiny_exports, name):
         assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.999 and a.argmax() == b.argmax()
     else:
         np.testing.assert_allclose(step[0][:, -1], full[0][:, -1], atol=1e-3)
-    assert meta["parity"]["decode_vs_prefill_max_abs"] < (1.0 if name == "w8" else 1e-3)
+    assert meta["parity"]["decode_vs_prefill_max_abs"] < (1.0 if name.startswith("w8-") else 1e-3)
 
 
 @pytest.fixture(scope="session")
@@ -313,3 +332,19 @@ def test_runner_checks_arity_and_casts(tiny_exports):
     assert logits.shape == (1, 3, 256) and logits.dtype == np.float32
     with pytest.raises(ValueError, match="takes 1 inputs"):
         runner(np.zeros((1, 3), np.int64), np.ones((1, 3), np.int64))
+
+
+def test_noise_floor_perturbs_only_inside(tiny_exports):
+    """perturbed_quant_inputs hooks every quantized layer, changes the outputs, and leaves nothing behind."""
+    from edgeq.export.meta import perturbed_quant_inputs
+
+    qdir, _, _ = tiny_exports["w8"]
+    model = load_quantized(qdir).model.eval()
+    ids = torch.tensor([list(b"The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        base = model(ids).logits
+        with perturbed_quant_inputs(model) as hooked:
+            perturbed = model(ids).logits
+        after = model(ids).logits
+    assert hooked == len(load_quantized(qdir).layers())
+    assert not torch.equal(base, perturbed) and torch.equal(base, after)
