@@ -220,11 +220,20 @@ class QuantRecipe:
     untie_head: bool = True
     pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)
     smoothing: float = 0.0  # SmoothQuant alpha for layers with quantized activations; 0 = off
+    # the input embedding's weight grid (rows = tokens; RTN). None keeps it float. A tied LM head without
+    # its own rule shares these integers (one stored copy).
+    embedding: WeightSpec | None = None
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
         _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm",
-                                  "smoothing"])
+                                  "smoothing", "embedding"])
+        embedding = None
+        if "embedding" in data:
+            embedding = WeightSpec.from_dict(data["embedding"], f"{where}.embedding")
+            if not 2 <= embedding.bits <= 8:
+                raise EdgeqError(f"{where}.embedding.bits: embeddings are quantized to 2..8 bits (got {embedding.bits}); "
+                                 "leave the table out to keep them float")
         smoothing = data.get("smoothing", 0.0)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
             raise EdgeqError(f"{where}.smoothing: {smoothing!r} is not a number in [0, 1) (SmoothQuant alpha; 0 = off)")
@@ -241,11 +250,16 @@ class QuantRecipe:
             untie_head=bool(data.get("untie_head", True)),
             pbllm=PBLLMOptions.from_dict(data.get("pbllm", {})),
             smoothing=float(smoothing),
+            embedding=embedding,
         )
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["rules"] = [_drop_none(r) for r in out["rules"]]
+        if out["embedding"] is None:
+            del out["embedding"]
+        else:
+            out["embedding"] = _drop_none(out["embedding"])
         return out
 
     def rule_for(self, module_name: str) -> Rule | None:

@@ -68,10 +68,13 @@ def perturbed_quant_inputs(model: torch.nn.Module, rel: float = NOISE_REL, seed:
 
     def hook(module, args):
         x = args[0]
+        if not x.is_floating_point():  # an embedding's token ids
+            return None
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
         return (x * (1 + rel * noise), *args[1:])
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if hasattr(m, "decision")]
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if hasattr(m, "decision") and m.decision.kind != "embedding"]
     try:
         yield len(handles)
     finally:

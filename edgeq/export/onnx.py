@@ -89,7 +89,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         raise choice_error("int8_weights", int8_weights, ("int8", "uint8"))
     variant = _check_variant(variant, qm)
     bundle = qm.bundle if qm is not None else bundle
-    layers = [LayerQ.from_module(n, m) for n, m in qm.layers().items()] if qm is not None else []
+    layers = LayerQ.from_model(qm.layers()) if qm is not None else []
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
     with dequantized(bundle.module):

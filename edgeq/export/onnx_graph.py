@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeqError
-from ..quantize.modules import QuantConv2d, QuantLinear, quant_layers, set_module
+from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
 OPSET = 21
 PREFIX = "model"  # the wrapper's attribute holding the model: initializers are named "model.<fqn>"
@@ -37,7 +37,7 @@ def _float_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
     # a plain nn.Linear, so the float and the quantized model share one graph structure (and cache entry)
     out_f, in_f = weight.shape
     lin = torch.nn.Linear(in_f, out_f, bias=bias is not None)
-    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    lin.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         lin.bias = bias
     return lin
@@ -62,8 +62,19 @@ def dequantized(model: torch.nn.Module):
     """Temporarily replace QuantLinear / QuantConv2d by float layers holding `(q - zp) * scale`."""
     originals = quant_layers(model)
     try:
+        shared: dict[int, torch.nn.Parameter] = {}  # id(qweight) -> float weight: a tied head stays tied in the graph
         for name, m in originals.items():
-            new = _float_linear(m.weight_2d().detach().clone(), m.bias) if isinstance(m, QuantLinear) else _FloatConv(m)
+            if isinstance(m, (QuantLinear, QuantEmbedding)):
+                weight = shared.get(id(m.qweight))
+                if weight is None:
+                    weight = shared[id(m.qweight)] = torch.nn.Parameter(m.weight_2d().detach().clone(), requires_grad=False)
+                if isinstance(m, QuantEmbedding):
+                    new = torch.nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, _weight=weight, _freeze=True)
+                    new.weight = weight  # the very Parameter a tied head holds: one initializer in the graph
+                else:
+                    new = _float_linear(weight, m.bias)
+            else:
+                new = _FloatConv(m)
             set_module(model, name, new)
         yield originals
     finally:
@@ -173,6 +184,14 @@ def graph_specs(bundle, with_decode: bool = True) -> list[GraphSpec]:
     return [GraphSpec("model", FirstOutput(model), example, names, [out_name], (dyn,))]
 
 
+def _tied_groups(module: torch.nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (a tied head exports as one initializer)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
 def _structure_key(spec: GraphSpec) -> str:
     model = spec.wrapper.model
     config = getattr(model, "config", None)
@@ -180,7 +199,7 @@ def _structure_key(spec: GraphSpec) -> str:
              config.to_json_string() if config is not None and hasattr(config, "to_json_string") else "",
              json.dumps(spec.input_names), json.dumps(spec.output_names),
              [(tuple(a.shape), str(a.dtype)) for a in torch.utils._pytree.tree_leaves(spec.args)],
-             [(k, tuple(v.shape), str(v.dtype)) for k, v in spec.wrapper.state_dict().items()]]
+             [(k, tuple(v.shape), str(v.dtype)) for k, v in spec.wrapper.state_dict().items()], _tied_groups(spec.wrapper)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 

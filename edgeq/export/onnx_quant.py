@@ -54,6 +54,8 @@ class LayerQ:
     act_scale: np.ndarray | None = None
     act_zero_point: np.ndarray | None = None
     weight_shape: tuple = ()
+    tied: bool = False  # computes with another layer's integers (a tied LM head): rendered with that layer
+    aliases: tuple = ()  # layers tied to this one: the graph may name the shared initializer after them
 
     @classmethod
     def from_module(cls, name: str, m) -> "LayerQ":
@@ -63,6 +65,19 @@ class LayerQ:
                    d.weight.bits, d.weight.symmetric, d.group_size, a.mode, a.bits, a.symmetric, a.granularity,
                    m.act_scale.cpu().numpy() if a.mode == "static" else None,
                    m.act_zero_point.cpu().numpy() if a.mode == "static" else None, tuple(d.shape))
+
+    @classmethod
+    def from_model(cls, layers: dict) -> list["LayerQ"]:
+        """Every quantized layer of a model, tied heads marked and listed as aliases of their source."""
+        from ..quantize.modules import TIED_METHOD
+
+        out = {n: cls.from_module(n, m) for n, m in layers.items()}
+        for n, m in layers.items():
+            if m.decision.method == TIED_METHOD:
+                src = next(s for s, o in layers.items() if o is not m and o.qweight is m.qweight)
+                out[n].tied = True
+                out[src].aliases += (n,)
+        return list(out.values())
 
 
 @dataclass
@@ -186,11 +201,13 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
     g.u8 = int8_weights == "uint8"
     rendered, absent = [], []
     for lq in layers:
-        wname = f"{prefix}.{lq.name}.weight"
-        if wname not in g.inits:
+        if lq.tied:
+            continue  # rendered with the layer it shares its integers with
+        wname = next((w for w in (f"{prefix}.{n}.weight" for n in (lq.name, *lq.aliases)) if w in g.inits), None)
+        if wname is None:
             absent.append(lq.name)
             continue
-        rendered.append(_render_layer(g, lq, wname))
+        rendered.append(_render_embedding(g, lq, wname) if lq.kind == "embedding" else _render_layer(g, lq, wname))
     if layers and len(absent) == len(layers):
         raise EdgeqError(f"export: none of the {len(layers)} quantized layers' weights is in the ONNX graph "
                          f"(looked for initializers named like {prefix}.{layers[0].name}.weight)")
@@ -341,6 +358,59 @@ def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ, per_token: bool = True)
     zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
     q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
     return op("Mul", [op("Sub", [q, zp]), scale]), made
+
+
+def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
+    """An integer embedding table (and the tied head reading it).
+
+    8-bit per-row tables: `Gather` picks the integer rows and their scales and zero points, and
+    `(q - zp) * scale` dequantizes only the looked-up rows. Lower bits and groups: one
+    `DequantizeLinear` of the table feeds the Gather. A tied head reads the same table through
+    `DequantizeLinear` (per-row axis 0, the head's output channels), so the file holds one copy.
+    """
+    ctype, q, scale, zp, blocked, _ = _weight_arrays(lq, "oi", lq.bits)
+    g.drop_inits.add(wname)
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    consumers = list(g.consumers.get(wname, []))
+    gathers = [(n, i) for n, i in consumers if n.op_type == "Gather" and i == 0]
+    others = [(n, i) for n, i in consumers if (n, i) not in gathers]
+    bad = sorted({n.op_type for n, _ in others if n.op_type not in ("Transpose", *COMPUTE_OPS)})
+    if bad:
+        raise EdgeqError(f"export: embedding {lq.name!r}: its table feeds {bad}; cannot place its integers")
+    nodes = []
+    row_gather = lq.bits > 4 and not blocked
+    if others or not row_gather:
+        attrs = {"axis": 1, "block_size": lq.group_size} if blocked else {"axis": 0}
+        w = g.unique(f"{lq.name}.weight_dq")
+        dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [w], name=g.unique(f"{lq.name}/weight_dq"), **attrs)
+        g.head.append(dq)
+        nodes.append(dq.name)
+        for node, idx in (others if row_gather else consumers):
+            node.input[idx] = w
+    if row_gather:
+        for node, _ in gathers:
+            ids, out = node.input[1], node.output[0]
+            t = {k: g.unique(f"{lq.name}.rows_{k}") for k in
+                 ("q", "qf", "zp", "zpf", "zp_col", "centered", "scale", "scale_col")}
+            names = [g.unique(f"{lq.name}/rows_{k}") for k in
+                     ("gather_q", "cast_q", "gather_zp", "cast_zp", "unsqueeze_zp", "sub", "gather_scale", "unsqueeze_scale", "mul")]
+            axes = g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.rows_axes")
+            g.replace[id(node)] = [
+                helper.make_node("Gather", [qn, ids], [t["q"]], name=names[0], axis=0),
+                helper.make_node("Cast", [t["q"]], [t["qf"]], name=names[1], to=TensorProto.FLOAT),
+                helper.make_node("Gather", [zn, ids], [t["zp"]], name=names[2], axis=0),
+                helper.make_node("Cast", [t["zp"]], [t["zpf"]], name=names[3], to=TensorProto.FLOAT),
+                helper.make_node("Unsqueeze", [t["zpf"], axes], [t["zp_col"]], name=names[4]),
+                helper.make_node("Sub", [t["qf"], t["zp_col"]], [t["centered"]], name=names[5]),
+                helper.make_node("Gather", [sn, ids], [t["scale"]], name=names[6], axis=0),
+                helper.make_node("Unsqueeze", [t["scale"], axes], [t["scale_col"]], name=names[7]),
+                helper.make_node("Mul", [t["centered"], t["scale_col"]], [out], name=names[8]),
+            ]
+            nodes += names
+    op = "Gather" if row_gather else "DequantizeLinear"
+    return Rendered(lq.name, op, qn, sn, zn, "oi", ctype, blocked, "none", 0, nodes)
 
 
 def _token_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:

@@ -17,12 +17,15 @@ from ..recipe import ActSpec, WeightSpec
 from .primitives import dequantize, dynamic_fake_quant_act, fake_quant_act
 
 
+TIED_METHOD = "tied"  # a LM head computing with its tied embedding's integers (stored once, with the embedding)
+
+
 @dataclass
 class LayerDecision:
     """One layer's quantization decision (the tensors live in the module's buffers)."""
 
     name: str
-    kind: str  # linear | conv2d
+    kind: str  # linear | conv2d | embedding
     weight: WeightSpec
     activation: ActSpec
     method: str
@@ -111,6 +114,23 @@ class QuantConv2d(_QuantBase):
         if self.static_padding is not None:
             x = self.static_padding(x)
         return F.conv2d(self.quant_input(x), self.weight, self.bias, **self.conv_args)
+
+
+class QuantEmbedding(_QuantBase):
+    """An input embedding whose table is held as integers (one row per token, its own scale per row or group)."""
+
+    def __init__(self, decision: LayerDecision, qweight, scale, zero_point, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = decision.shape
+        self.padding_idx = padding_idx
+        self._init_quant(decision, qweight, scale, zero_point, None, None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_2d()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_2d(), self.padding_idx)
 
 
 def quant_layers(model: torch.nn.Module) -> dict[str, _QuantBase]:

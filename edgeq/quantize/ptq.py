@@ -17,12 +17,12 @@ import torch
 
 from ..errors import EdgeqError
 from ..models import ModelBundle
-from ..recipe import QuantRecipe, Rule
+from ..recipe import ActSpec, QuantRecipe, Rule
 from .methods import METHODS, LayerStats
-from .modules import LayerDecision, QuantConv2d, QuantLinear, set_module
+from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantLinear, set_module
 from .observers import ActObserver, HessianAccumulator
 from .qmodel import QuantizedModel, model_float_bytes
-from .transforms import fold_norms, head_name, is_tied, smooth, untie_head
+from .transforms import fold_norms, head_and_embedding, head_name, is_tied, smooth, untie_head
 
 
 class _Stop(Exception):
@@ -70,8 +70,9 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     if head and is_tied(model) and recipe.untie_head and recipe.rule_for(head) is not None:
         untied = untie_head(model)
     folded = fold_norms(model) if recipe.fold_norms else []
+    embedded = quantize_embedding(model, recipe.embedding) if recipe.embedding is not None else []
     targets = plan(model, recipe)
-    if not targets:
+    if not targets and not embedded:
         raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
     needs_data = recipe.smoothing > 0 or any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
     batches = list(calib_batches) if calib_batches is not None else []
@@ -89,6 +90,41 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
                 _replace(model, name, kind, rule, LayerStats(), recipe)
     extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing} if smoothed else {}
     return QuantizedModel(bundle, recipe, bytes_before, untied, folded, extra)
+
+
+@torch.no_grad()
+def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
+    """Replace the input embedding by a QuantEmbedding on `spec`'s grid (RTN over each row).
+
+    A still-tied LM head (no rule of its own, so not untied) becomes a QuantLinear over the very
+    same integers: the model keeps one table, as the float model did. Returns the names replaced.
+    """
+    from .methods import rtn
+    from .modules import QuantEmbedding
+    from .primitives import storage_dtype
+
+    head, emb = head_and_embedding(model)
+    if not isinstance(emb, torch.nn.Embedding):
+        raise EdgeqError("recipe.embedding: this model has no torch.nn.Embedding input embedding to quantize")
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names[id(emb)]
+    tied = head is not None and is_tied(model)
+    w = emb.weight.detach().float()
+    rule = Rule(match=name, weight=spec)
+    q, scale, zp = rtn(w, rule, LayerStats(), None)
+    q = q.to(storage_dtype(spec.bits, spec.symmetric))
+    decision = LayerDecision(name, "embedding", spec, ActSpec(), "rtn", 1.0, tuple(w.shape))
+    new = QuantEmbedding(decision, q, scale, zp, emb.padding_idx)
+    set_module(model, name, new)
+    replaced = [name]
+    if tied:
+        hname = names[id(head)]
+        if head.bias is not None:
+            raise EdgeqError(f"recipe.embedding: the tied head {hname} has a bias; untie it with a rule of its own")
+        hdecision = LayerDecision(hname, "linear", spec, ActSpec(), TIED_METHOD, 1.0, tuple(w.shape))
+        set_module(model, hname, QuantLinear(hdecision, new.qweight, new.scale, new.zero_point))
+        replaced.append(hname)
+    return replaced
 
 
 @torch.no_grad()

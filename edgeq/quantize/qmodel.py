@@ -21,7 +21,7 @@ from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic, writ
 from ..models import ModelBundle, load_model
 from ..recipe import QuantRecipe, dump_recipe_toml, load_recipe
 from .methods import METHOD_RECORDS
-from .modules import LayerDecision, QuantConv2d, QuantLinear, quant_layers, set_module
+from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 from .transforms import untie_head
 
 FORMAT_VERSION = 1
@@ -52,6 +52,10 @@ class QuantizedModel:
             d = m.decision
             numel = math.prod(d.shape)
             entry = d.to_dict()
+            if d.method == TIED_METHOD:  # its integers are the embedding's, counted there
+                entry.update(bytes_quant=0, bytes_scales=0, bytes_fp32=0, params=numel, tied_to=tied_source(self.model, m))
+                layers.append(entry)
+                continue
             entry.update(layer_bytes(m))
             record = METHOD_RECORDS.get(d.method)
             if record is not None:  # method-specific accounting (e.g. PB-LLM's real bits per weight)
@@ -90,6 +94,8 @@ class QuantizedModel:
             save_file({k: v.contiguous() for k, v in floats.items()}, tmp / "float.safetensors")
             tensors = {}
             for name, m in self.layers().items():
+                if m.decision.method == TIED_METHOD:  # shares the embedding's tensors (safetensors stores each once)
+                    continue
                 for b in QUANT_BUFFERS:
                     if hasattr(m, b):
                         tensors[f"{name}.{b}"] = getattr(m, b).contiguous()
@@ -103,6 +109,14 @@ class QuantizedModel:
             })
             write_json_atomic(tmp / "quant.json", self.summary())
         return Path(out)
+
+
+def tied_source(model: torch.nn.Module, m) -> str:
+    """The name of the quantized layer whose integers a tied head `m` shares."""
+    for name, other in quant_layers(model).items():
+        if other is not m and other.qweight is m.qweight:
+            return name
+    raise EdgeqError(f"quantized model: tied layer {m.decision.name} shares no other layer's integers")
 
 
 def layer_bytes(m) -> dict:
@@ -162,7 +176,12 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
         name = d.name
         orig = model.get_submodule(name)
         args = {b: tensors.get(f"{name}.{b}") for b in QUANT_BUFFERS}
-        if d.kind == "linear":
+        if d.method == TIED_METHOD:
+            src = model.get_submodule(entry["tied_to"])
+            new = QuantLinear(d, src.qweight, src.scale, src.zero_point)
+        elif d.kind == "embedding":
+            new = QuantEmbedding(d, args["qweight"], args["scale"], args["zero_point"], getattr(orig, "padding_idx", None))
+        elif d.kind == "linear":
             new = QuantLinear(d, args["qweight"], args["scale"], args["zero_point"], orig.bias, args["act_scale"], args["act_zero_point"])
         else:
             new = QuantConv2d(d, orig, args["qweight"], args["scale"], args["zero_point"], args["act_scale"], args["act_zero_point"])

@@ -1,0 +1,120 @@
+"""Quantized input embeddings: the recipe's [embedding] table, a tied LM head sharing its integers,
+the QDIR round trip with one stored copy, and the ONNX rendering (Gather of integer rows, the head
+through DequantizeLinear of the same table)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeq.errors import EdgeqError
+from edgeq.export import export
+from edgeq.export.onnx_runtime import OnnxRunner
+from edgeq.models import load_model
+from edgeq.quantize.modules import QuantEmbedding, QuantLinear
+from edgeq.quantize.ptq import quantize_model
+from edgeq.quantize.qmodel import load_quantized
+from edgeq.recipe import QuantRecipe
+
+RULES = [{"match": "lm_head$", "skip": True},
+         {"match": ".*", "weight": {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "scale_dtype": "bf16"}}]
+
+
+def _recipe(**embedding) -> QuantRecipe:
+    return QuantRecipe.from_dict({"name": "w4-emb", "fold_norms": False, "rules": RULES, "embedding": embedding})
+
+
+def _tied_tiny_llama():
+    bundle = load_model("tiny-llama")
+    model = bundle.module
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def tied_qdir(tmp_path_factory, tiny_llama_ref):
+    bundle = _tied_tiny_llama()
+    qm = quantize_model(bundle, _recipe(bits=8))
+    qdir = tmp_path_factory.mktemp("emb") / "q"
+    qm.save(qdir)
+    return qm, qdir
+
+
+def test_tied_head_shares_the_embedding_integers(tied_qdir):
+    qm, qdir = tied_qdir
+    emb, head = qm.model.model.embed_tokens, qm.model.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.qweight is emb.qweight and head.decision.method == "tied"
+    q = emb.qweight.float()
+    assert emb.qweight.dtype == torch.int8 and q.abs().max() <= 127
+    ids = torch.tensor([[3, 7, 255]])
+    assert torch.equal(emb(ids)[0], q[ids[0]] * emb.scale[ids[0]])  # (q - 0) * per-row scale
+    summary = qm.summary()
+    entries = {e["name"]: e for e in summary["layers"]}
+    assert entries["lm_head"]["tied_to"] == "model.embed_tokens" and entries["lm_head"]["bytes_quant"] == 0
+    assert entries["model.embed_tokens"]["bytes_quant"] == 256 * 128 + 256 * 4  # int8 table + fp32 row scales
+    assert summary["bytes_after"] == sum(e["bytes_quant"] for e in summary["layers"]) + _float_bytes(qm)
+
+
+def _float_bytes(qm) -> int:
+    from edgeq.quantize.qmodel import unique_float_tensors
+
+    return sum(t.numel() * t.element_size() for t in unique_float_tensors(qm.model).values())
+
+
+def test_qdir_round_trip_keeps_one_table(tied_qdir):
+    from safetensors.numpy import load_file
+
+    qm, qdir = tied_qdir
+    stored = load_file(qdir / "layers.safetensors")
+    assert "model.embed_tokens.qweight" in stored and not any(k.startswith("lm_head.") for k in stored)
+    back = load_quantized(qdir)
+    assert back.model.lm_head.qweight is back.model.model.embed_tokens.qweight
+    ids = torch.tensor([list(b"embedding tables")])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, qm.model(ids).logits)
+
+
+def test_onnx_export_is_exact_with_one_table(tied_qdir, tmp_path):
+    _, qdir = tied_qdir
+    out = tmp_path / "emb.onnx"
+    meta = export(qdir, "onnx", out, decode=False)
+    assert meta["exact"] is True and meta["parity"]["max_abs"] < 1e-3 and meta["parity"]["top1_agree"] == 1.0
+    entry = next(e for e in meta["layers"] if e["layer"] == "model.embed_tokens")
+    assert entry["op"] == "Gather" and entry["container"] == "int8" and entry["exact"]
+    assert all(e["layer"] != "lm_head" for e in meta["layers"])  # rendered with the table it shares
+    model = onnx.load(str(out))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 256 * 128]
+    assert floats == []  # no float copy of the table or the head
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gather") >= 3  # integer rows, their zero points and scales
+    q = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == entry["tensors"]["weight"]))
+    assert np.array_equal(q, load_quantized(qdir).model.model.embed_tokens.qweight.numpy())
+    ids = np.array([list(b"The embedding is int8.")], dtype=np.int64)
+    got = OnnxRunner(out)(ids)[0]
+    with torch.no_grad():
+        ref = load_quantized(qdir).model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+def test_low_bit_embedding_exports_through_dequantize(tiny_llama_ref, tmp_path):
+    bundle = load_model(tiny_llama_ref)
+    qm = quantize_model(bundle, _recipe(bits=4, granularity="group", group_size=32))
+    qdir = tmp_path / "q4"
+    qm.save(qdir)
+    meta = export(qdir, "onnx", tmp_path / "e4.onnx", decode=False)
+    entry = next(e for e in meta["layers"] if e["layer"] == "model.embed_tokens")
+    assert meta["exact"] is True and entry["op"] == "DequantizeLinear" and entry["blocked"] and entry["container"] == "int4"
+    assert meta["parity"]["max_abs"] < 1e-3
+
+
+def test_embedding_spec_is_validated():
+    with pytest.raises(EdgeqError, match=r"embedding\.bits"):
+        _recipe(bits=1)
+    with pytest.raises(EdgeqError, match=r"embedding: unknown key 'mode'"):
+        _recipe(bits=8, mode="dynamic")
+    assert "embedding" not in QuantRecipe.from_dict({"rules": RULES}).to_dict()
