@@ -6,6 +6,7 @@ import time
 
 import click
 
+from ..errors import EdgeqError
 from .common import check_new_output, emit_json, json_option, progress
 
 
@@ -18,10 +19,12 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--target", default=None, help="With --recipe auto: the board profile whose bit-widths are allowed.")
 @click.option("--budget", default=None, help="With --recipe auto: size budget, e.g. 60MB, 4.5bits or 25%.")
 @click.option("--bits", default=None, help="With --recipe auto: allowed weight bit-widths, e.g. 2,3,4,8 (narrows the target's set).")
+@click.option("--embedding-bits", type=click.IntRange(2, 8), default=None,
+              help="With --recipe auto: also quantize the input embedding per row (a tied head shares it). Default: float.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
 @json_option
-def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, output, overwrite, as_json):
+def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, embedding_bits, output, overwrite, as_json):
     """Quantize MODEL (a built-in name, a Hugging Face directory or package.module:factory)."""
     from ..models import load_model
     from ..models.inputs import calibration_batches
@@ -33,9 +36,13 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, outpu
     if recipe == "auto":
         from ..quantize.mixed import quantize_auto
 
+        from ..quantize.mixed import MixedOptions
+
         qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, bits=bits,
-                          progress=progress)
+                          options=MixedOptions(embedding_bits=embedding_bits), progress=progress)
     else:
+        if embedding_bits is not None:
+            raise EdgeqError("--embedding-bits is for --recipe auto; a recipe file sets its own [embedding] table")
         rec = load_recipe(recipe)
         bundle = load_model(model)
         batches = None

@@ -76,6 +76,9 @@ def check_representable(qm, variant: str) -> None:
     for name, m in qm.layers().items():
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
+        if d.kind == "embedding":
+            raise EdgeqError(f"{where}: quantized embedding tables are not rendered in TFLite yet; export --format onnx, "
+                             "or leave the recipe's [embedding] table out")
         if not w.symmetric:
             raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
                              f"re-quantize with symmetric = true (e.g. recipe {'w4-g128' if w.bits <= 4 else 'w8'})")

@@ -53,6 +53,7 @@ class MixedOptions:
     measure: str = "model"  # none | model (the final model's loss) | layers (also each layer alone)
     skip: str | None = None  # regex of layer names to keep float
     sensitivity_batches: int | None = None  # use only the first N calibration batches for the analysis
+    embedding_bits: int | None = None  # also quantize the input embedding (and a tied head with it) per row; None = float
 
     def __post_init__(self):
         if self.activation not in ("none", "dynamic"):
@@ -61,6 +62,8 @@ class MixedOptions:
             raise choice_error("mixed.method", self.method, sorted(METHODS))
         if self.measure not in MEASURE:
             raise choice_error("mixed.measure", self.measure, MEASURE)
+        if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
+            raise EdgeqError(f"--embedding-bits: {self.embedding_bits} is not in 2..8")
         if self.eight_bit_granularity not in ("channel", "group"):
             raise choice_error("mixed.eight_bit_granularity", self.eight_bit_granularity, ("channel", "group"))
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
@@ -240,12 +243,22 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
         w = {k: v for k, v in spec.__dict__.items() if v is not None}
         rules.append({"match": f"^{re.escape(layer)}$", "weight": w, "activation": act, "method": options.method})
     bits = sorted({c.bits for c in allocation.picks.values()})
+    extra = {"embedding": {"bits": options.embedding_bits, "symmetric": True, "granularity": "channel"}} \
+        if options.embedding_bits is not None else {}
     return QuantRecipe.from_dict({
         "name": name,
         "description": f"auto mixed precision (bits {bits}, {allocation.details['avg_bits']:.3f} avg bits) from Fisher sensitivity x weight variance",
         "rules": rules,
         "untie_head": False,
+        **extra,
     })
+
+
+def embedding_bytes(model: torch.nn.Module, bits: int | None) -> int:
+    """The input embedding table's stored bytes: fp32 (bits None), or b-bit rows plus one fp32 scale per row."""
+    emb = model.get_input_embeddings()
+    rows, cols = emb.weight.shape
+    return rows * cols * 4 if bits is None else math.ceil(rows * cols * bits / 8) + rows * 4
 
 
 def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget, calib_batches,
@@ -272,6 +285,10 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         base = analysis.base_loss  # measured on the same batches as measure_set
     else:
         fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
+    if options.embedding_bits is not None:
+        # the table leaves the float part of the budget at its integer size (what quant.json will count)
+        analysis = replace(analysis, fixed_bytes=analysis.fixed_bytes - embedding_bytes(bundle.module, None)
+                                       + embedding_bytes(bundle.module, options.embedding_bits))
     allocation = plan(analysis, budget)
     recipe = build_recipe(analysis, allocation, options)
     alone = {}

@@ -118,3 +118,11 @@ def test_embedding_spec_is_validated():
     with pytest.raises(EdgeqError, match=r"embedding: unknown key 'mode'"):
         _recipe(bits=8, mode="dynamic")
     assert "embedding" not in QuantRecipe.from_dict({"rules": RULES}).to_dict()
+
+
+def test_tflite_refuses_quantized_embeddings(tied_qdir, tmp_path):
+    _, qdir = tied_qdir
+    out = tmp_path / "emb.tflite"
+    with pytest.raises(EdgeqError, match="quantized embedding tables are not rendered in TFLite yet; export --format onnx"):
+        export(qdir, "tflite", out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -296,3 +296,26 @@ def test_one_analysis_serves_many_budgets_and_bit_sets():
     assert rec["measured_loss_increase"] == pytest.approx(_output_mse(qm.model, _toy().module, _batches(5)), rel=1e-4)
     with pytest.raises(EdgeqError, match="too small"):
         plan(narrow, "3bits")
+
+
+def test_auto_with_an_integer_embedding_fits_a_share_budget(tmp_path):
+    """--embedding-bits: the table is counted at its integer size, so a share-of-fp32 budget holds in quant.json."""
+    from edgeq.quantize.mixed import quantize_auto
+
+    qm = quantize_auto("tiny-llama", budget="25%", calib="enwiki", samples=2, seq_len=64, bits="2,4,8",
+                       options=MixedOptions(group_size=32, measure="none", embedding_bits=8))
+    s = qm.summary()
+    emb = next(e for e in s["layers"] if e["kind"] == "embedding")
+    assert emb["weight"]["bits"] == 8 and emb["bytes_quant"] == 256 * 128 + 256 * 4
+    assert s["bytes_after"] <= 0.25 * s["bytes_before"] and qm.recipe.embedding.bits == 8
+    with pytest.raises(EdgeqError, match="embedding-bits"):
+        MixedOptions(embedding_bits=1)
+
+
+def test_embedding_bits_needs_auto(tmp_path, capsys):
+    from edgeq.cli.main import main
+
+    out = tmp_path / "q"
+    code = main(["quantize", "tiny-llama", "--recipe", "w8", "--embedding-bits", "8", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--embedding-bits is for --recipe auto" in err and not out.exists()
