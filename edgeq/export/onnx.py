@@ -99,7 +99,10 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)
-    session_config = {ACCURACY_LEVEL_KEY: str(accuracy_level)} if four_bit and accuracy_level is not None else {}
+    # ONNX Runtime fuses weight-only DequantizeLinear -> MatMul into MatMulNBits (4-bit blocks, and 8-bit per channel
+    # too), whose default accuracy level quantizes the activations: the level is pinned wherever that can happen
+    weight_only = any(r.op == "DequantizeLinear" and r.activation == "none" for rs in rendered for r in rs)
+    session_config = {ACCURACY_LEVEL_KEY: str(accuracy_level)} if weight_only and accuracy_level is not None else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

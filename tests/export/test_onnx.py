@@ -54,6 +54,15 @@ match = ".*"
 weight = { bits = 8, symmetric = true, granularity = "channel" }
 activation = { mode = "dynamic", bits = 8 }
 """
+WEIGHT_ONLY_INT8 = """
+description = "INT8 per-channel weights, float activations (ORT fuses these into 8-bit MatMulNBits)"
+[[rules]]
+match = "lm_head$"
+skip = true
+[[rules]]
+match = ".*"
+weight = { bits = 8, symmetric = true, granularity = "channel" }
+"""
 CASES = {
     "fp32": (None, "fp32"),
     "w8a8": ("w8a8", "int8"),
@@ -61,8 +70,9 @@ CASES = {
     "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
     "w4-g128-rtn": ("w4-g128-rtn", "weight-only"),
     "w3a-g32-w8c": (MIXED_LOW_BITS, "weight-only"),
+    "w8-weight-only": (WEIGHT_ONLY_INT8, "weight-only"),
 }
-EXACT_FLOAT = ("fp32", "w4-g128-rtn", "w3a-g32-w8c")
+EXACT_FLOAT = ("fp32", "w4-g128-rtn", "w3a-g32-w8c", "w8-weight-only")
 
 
 def _recipe(spec: str, tmp: Path):
@@ -112,8 +122,8 @@ def test_metadata_and_files(tiny_exports, name):
         n_layers = len(load_quantized(qdir).layers())
         assert meta["layers_exact"] == len(meta["layers"]) == 2 * n_layers  # prefill and decode graphs
         assert meta["source"]["quant_json_sha256"]
-    four_bit = name in ("w4-g128-rtn", "w3a-g32-w8c")
-    assert meta["session_config"] == ({"session.qdq_matmulnbits_accuracy_level": "0"} if four_bit else {})
+    weight_only = CASES[name][1] == "weight-only"  # MatMulNBits' accuracy level pinned to float activations
+    assert meta["session_config"] == ({"session.qdq_matmulnbits_accuracy_level": "0"} if weight_only else {})
     if name == "w3a-g32-w8c":
         assert meta["containers"] == {"3": ["uint4"], "8": ["int8"]}
 
