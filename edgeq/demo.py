@@ -19,7 +19,8 @@ VARIANTS = (
     ("fp32", None, "fp32", "fp32"),
     ("w8", "w8", "dynamic-int8", "dynamic-int8"),
     ("w8a8", "w8a8", "int8", None),
-    ("w4-g64", "w4-g64", "weight-only", "int4"),  # SmolLM2 widths (576) split into LiteRT blocks of 64, not 128
+    ("w4-g64", "w4-g64", "weight-only", None),  # full-range INT4 (16 levels): ONNX Runtime's grid
+    ("w4-litert", "w4-g64-litert", None, "int4"),  # LiteRT's absmax/7 grid; SmolLM2 widths (576) need blocks of 64
 )
 
 

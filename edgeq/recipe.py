@@ -48,6 +48,7 @@ class WeightSpec:
     granularity: str = "channel"
     group_size: int | None = None
     scale_dtype: str = "fp32"
+    range: str = "narrow"  # symmetric grids: narrow (absmax -> 2^(b-1)-1, LiteRT) | full (all 2^b levels, ONNX only)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "weight") -> "WeightSpec":
@@ -65,6 +66,10 @@ class WeightSpec:
             raise EdgeqError(f"{where}.group_size: only allowed with granularity = 'group'")
         if spec.scale_dtype not in SCALE_DTYPES:
             raise choice_error(f"{where}.scale_dtype", spec.scale_dtype, SCALE_DTYPES)
+        if spec.range not in ("narrow", "full"):
+            raise choice_error(f"{where}.range", spec.range, ("narrow", "full"))
+        if spec.range == "full" and not (spec.symmetric and 2 <= spec.bits <= 8):
+            raise EdgeqError(f"{where}.range: 'full' is for symmetric 2..8-bit grids")
         if spec.bits == 1 and not spec.symmetric:
             raise EdgeqError(f"{where}: 1-bit weights are binary (symmetric = true)")
         return spec
@@ -78,7 +83,8 @@ class WeightSpec:
         if not self.quantized:
             return "w16-float"
         g = {"tensor": "t", "channel": "c"}.get(self.granularity, f"g{self.group_size}")
-        return f"w{self.bits}{'s' if self.symmetric else 'a'}-{g}"
+        kind = ("f" if self.range == "full" else "s") if self.symmetric else "a"
+        return f"w{self.bits}{kind}-{g}"
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,13 @@ def check_representable(qm, variant: str) -> None:
                              "or leave the recipe's [embedding] table out")
         if not w.symmetric:
             raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
-                             f"re-quantize with symmetric = true (e.g. recipe {'w4-g128' if w.bits <= 4 else 'w8'})")
+                             f"re-quantize with symmetric = true (e.g. recipe {'w4-g128-litert' if w.bits <= 4 else 'w8'})")
         if w.bits not in (4, 8):
-            raise EdgeqError(f"{where}: LiteRT has no {w.bits}-bit weight kernels; nearest: recipe w4-g128 (--variant int4)")
+            raise EdgeqError(f"{where}: LiteRT has no {w.bits}-bit weight kernels; nearest: recipe w4-g128-litert (--variant int4)")
+        if w.range == "full":
+            raise EdgeqError(f"{where}: full-range INT4/INT8 grids (signed scales, all 2^b levels) are ONNX Runtime's convention; "
+                             f"LiteRT scales absmax to 2^(b-1)-1: re-quantize with range = 'narrow' "
+                             f"(recipe w4-g{64 if (w.group_size or 128) <= 64 else 128}-litert)")
         if a.quantized and a.bits != 8:
             raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8-static (--variant int8) "
                              "or w8 (--variant dynamic-int8)")
@@ -108,16 +112,16 @@ def check_representable(qm, variant: str) -> None:
             if w.group_size not in BLOCK_SIZES:
                 near = min(BLOCK_SIZES, key=lambda b: abs(b - w.group_size))
                 raise EdgeqError(f"{where}: LiteRT has blockwise INT4 for block sizes {', '.join(map(str, BLOCK_SIZES))}, "
-                                 f"not {w.group_size}; re-quantize with group_size = {near} (e.g. recipe w4-g{near if near in (64, 128) else 128})")
+                                 f"not {w.group_size}; re-quantize with group_size = {near} (e.g. recipe w4-g{near if near in (64, 128) else 128}-litert)")
             if d.shape[1] % w.group_size:
                 fits = [b for b in BLOCK_SIZES if d.shape[1] % b == 0]
-                hint = f"re-quantize with group_size = {max(fits)} (e.g. recipe w4-g{max(fits)})" if fits else "use granularity = 'channel'"
+                hint = f"re-quantize with group_size = {max(fits)} (e.g. recipe w4-g{max(fits)}-litert)" if fits else "use granularity = 'channel'"
                 raise EdgeqError(f"{where}: input width {d.shape[1]} is not a multiple of the block size {w.group_size} "
                                  f"(LiteRT has no short last block); {hint}")
             s = m.scale.detach().float().numpy()
             if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
                 raise EdgeqError(f"{where}: its block scales are not exact in LiteRT's fp16/bf16 block-scale storage; "
-                                 "re-quantize with scale_dtype = 'bf16' (recipe w4-g128)")
+                                 "re-quantize with scale_dtype = 'bf16' (recipe w4-g128-litert)")
         if d.kind == "conv2d" and w.bits != 8:
             raise EdgeqError(f"{where}: INT4 convolutions are not rendered; quantize convolutions to 8 bits (--variant dynamic-int8/int8)")
 

@@ -27,7 +27,7 @@ def gptq(weight: torch.Tensor, rule, stats: LayerStats, recipe):
 
     def params(w: torch.Tensor):
         scale, zp = compute_qparams(w, spec.bits, spec.symmetric, "channel" if gs else spec.granularity, None,
-                                    rule.gamma, spec.scale_dtype)
+                                    rule.gamma, spec.scale_dtype, full_range=spec.range == "full")
         if scale.shape[0] == 1:
             scale, zp = scale.expand(rows, 1), zp.expand(rows, 1)
         return scale, zp

@@ -50,7 +50,8 @@ def weight_group_size(spec) -> int | None:
 def rtn(weight: torch.Tensor, rule, stats: LayerStats, recipe):
     """Round to nearest on the grid of the layer's own range (times gamma)."""
     spec = rule.weight
-    scale, zp = compute_qparams(weight, spec.bits, spec.symmetric, spec.granularity, spec.group_size, rule.gamma, spec.scale_dtype)
+    scale, zp = compute_qparams(weight, spec.bits, spec.symmetric, spec.granularity, spec.group_size, rule.gamma, spec.scale_dtype,
+                                 full_range=spec.range == "full")
     gs = weight_group_size(spec)
     if spec.granularity == "tensor":
         scale, zp = scale.expand(weight.shape[0], 1).contiguous(), zp.expand(weight.shape[0], 1).contiguous()

@@ -84,8 +84,15 @@ def compute_qparams(
     group_size: int | None = None,
     gamma: float = 1.0,
     scale_dtype: str = "fp32",
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for a 2-D weight [out, in]: both shaped [out or 1, n_groups]."""
+    """Scale and zero point for a 2-D weight [out, in]: both shaped [out or 1, n_groups].
+
+    Symmetric grids scale absmax to the largest positive integer (2^(b-1) - 1: LiteRT's convention)
+    unless `full_range`: then the group's largest-magnitude value maps exactly to the most negative
+    integer -2^(b-1) (the scale takes that value's sign, ONNX Runtime MatMulNBits' convention), so
+    all 2^b levels are used.
+    """
     w = w.detach().to(torch.float32)
     if granularity == "tensor":
         g = w.reshape(1, 1, -1)
@@ -98,6 +105,11 @@ def compute_qparams(
         zp = torch.zeros_like(scale, dtype=torch.int16)
     elif bits == 1:
         scale = g.abs().mean(dim=-1).clamp_min(eps)
+        zp = torch.zeros_like(scale, dtype=torch.int16)
+    elif symmetric and full_range:
+        idx = g.abs().argmax(dim=-1, keepdim=True)
+        extreme = torch.gather(g, -1, idx).squeeze(-1) * gamma
+        scale = torch.where(extreme.abs() < eps, torch.full_like(extreme, -eps), extreme) / qmin
         zp = torch.zeros_like(scale, dtype=torch.int16)
     elif symmetric:
         absmax = g.abs().amax(dim=-1) * gamma

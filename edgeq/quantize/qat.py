@@ -57,7 +57,8 @@ def scale_ste(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
 def initial_grid(w: torch.Tensor, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
     """The RTN grid of `rule` for weight [out, in], scales and zero points shaped [out, n_groups]."""
     spec = rule.weight
-    scale, zp = compute_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, rule.gamma, spec.scale_dtype)
+    scale, zp = compute_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, rule.gamma, spec.scale_dtype,
+                                 full_range=spec.range == "full")
     if scale.shape[0] == 1:
         scale, zp = scale.expand(w.shape[0], scale.shape[1]).contiguous(), zp.expand(w.shape[0], zp.shape[1]).contiguous()
     return scale, zp

@@ -190,7 +190,8 @@ def weight_error(weight: torch.Tensor, spec, gamma: float = 1.0) -> torch.Tensor
     """W_q - W for round-to-nearest on `spec`'s grid."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     gs = spec.group_size if spec.granularity == "group" else None
-    scale, zp = compute_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, gamma, spec.scale_dtype)
+    scale, zp = compute_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, gamma, spec.scale_dtype,
+                                 full_range=spec.range == "full")
     if spec.granularity == "tensor":
         scale, zp = scale.expand(w.shape[0], 1), zp.expand(w.shape[0], 1)
     return dequantize(quantize(w, scale, zp, spec.bits, spec.symmetric, gs), scale, zp, gs) - w

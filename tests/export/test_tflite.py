@@ -53,7 +53,7 @@ CASES = {
     "llama-fp32": ("tiny-llama", "w8", "fp32"),
     "llama-dynamic-int8": ("tiny-llama", "w8", None),
     "llama-int8": ("tiny-llama", "w8a8-static", None),
-    "llama-int4": ("tiny-llama", "w4-g128-rtn", None),
+    "llama-int4": ("tiny-llama", "w4-g128-litert", None),
     "cnn-fp32": (CNN, None, None),
     "cnn-dynamic-int8": (CNN, "w8", None),
     "cnn-int8": (CNN, "w8a8", None),
@@ -201,9 +201,9 @@ def test_fp32_from_model_reference(exported):
 W = {"match": "lm_head$", "skip": True}
 REFUSED = {
     "int3": (_custom([W, {"match": ".*", "weight": {"bits": 3, "granularity": "group", "group_size": 128, "scale_dtype": "bf16"}}]),
-             None, r"no 3-bit weight kernels.*w4-g128"),
+             None, r"no 3-bit weight kernels.*w4-g128-litert"),
     "asym-int4": (_custom([W, {"match": ".*", "weight": {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 128, "scale_dtype": "bf16"}}]),
-                  None, r"symmetric.*w4-g128"),
+                  None, r"symmetric.*w4-g128-litert"),
     "group16": (_custom([W, {"match": ".*", "weight": {"bits": 4, "granularity": "group", "group_size": 16, "scale_dtype": "bf16"}}]),
                 None, r"block sizes 32, 64, 128, 256.*group_size = 32"),
     "fp32-scales": (_custom([W, {"match": ".*", "weight": {"bits": 4, "granularity": "group", "group_size": 64}}]),
@@ -211,6 +211,7 @@ REFUSED = {
     "int4-acts": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic", "bits": 4}}]),
                   None, r"4-bit activations.*w8a8"),
     "int8-from-dynamic": ("w8", "int8", r"full integer.*w8a8"),
+    "full-range-int4": ("w4-g128-rtn", None, r"full-range INT4.*recipe w4-g128-litert"),
     "dynamic-from-static": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "static"}}]),
                             "dynamic-int8", r"static activations need --variant int8"),
 }

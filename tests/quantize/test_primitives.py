@@ -95,3 +95,21 @@ def test_binary_weights_use_mean_abs():
     scale, zp = P.compute_qparams(w, 1, True, "channel")
     assert torch.allclose(scale, torch.tensor([[1.0]]))
     assert torch.equal(P.quantize(w, scale, zp, 1, True), torch.tensor([[1.0, -1.0, 1.0, -1.0]]))
+
+
+def test_full_range_grid_uses_all_levels_and_maps_the_extreme_exactly():
+    """range = 'full': the largest-magnitude value of each group lands on -2^(b-1) (signed scale)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    w[0, 5] = 9.0  # a positive extreme: its group's scale turns negative
+    scale, zp = P.compute_qparams(w, 4, True, "group", 64, full_range=True)
+    q = P.quantize(w, scale, zp, 4, True, 64)
+    assert scale[0, 0] < 0 and q[0, 5] == -8 and (zp == 0).all()
+    assert q.min() == -8 and q.max() <= 7 and len(torch.unique(q)) == 16
+    back = P.dequantize(q, scale, zp, 64)
+    assert back[0, 5] == pytest.approx(9.0, rel=1e-6)
+    narrow_scale, _ = P.compute_qparams(w, 4, True, "group", 64)
+    assert torch.allclose(scale.abs() * 8, narrow_scale * 7)  # step absmax/8 instead of absmax/7
+    err_full = (back - w).abs().mean()
+    err_narrow = (P.dequantize(P.quantize(w, narrow_scale, zp, 4, True, 64), narrow_scale, zp, 64) - w).abs().mean()
+    assert err_full < err_narrow
