@@ -5,7 +5,7 @@
 
 One run per model, on the same float graph and the same data:
 - edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8 (int8, full
-  integer) and, for language models, w4-g64 (int4 blockwise, GPTQ; SmolLM2's width 576 rules out blocks
+  integer) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
   of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
 - ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
   applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs).
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/edgeq-bench-tflite", help="QDIRs and .tflite files")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--int4-recipe", default="w4-g64",
+    ap.add_argument("--int4-recipe", default="w4-g64-litert",
                     help="edgeq INT4 recipe (SmolLM2's width 576 is not a multiple of 128: LiteRT has no short last block)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
