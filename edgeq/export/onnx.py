@@ -31,7 +31,8 @@ from ..errors import EdgeqError, choice_error
 from . import register_exporter
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
-from .onnx_quant import LayerQ, quantize_graph, read_back
+from .onnx_quant import LayerQ, quantize_graph
+from .onnx_readback import read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
 from ..quantize.qmodel import is_qdir
 

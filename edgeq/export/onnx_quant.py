@@ -1,4 +1,4 @@
-"""Graph surgery that puts edgeq's integers into a float ONNX graph, and reads them back.
+"""Graph surgery that puts edgeq's integers into a float ONNX graph (onnx_readback.py checks them).
 
 Pure onnx + numpy (no torch). For each quantized layer the float weight initializer
 `model.<layer>.weight` is replaced by integers, scales and zero points:
@@ -70,13 +70,13 @@ class LayerQ:
     def from_model(cls, layers: dict) -> list["LayerQ"]:
         """Every quantized layer of a model, tied heads marked and listed as aliases of their source."""
         from ..quantize.modules import TIED_METHOD
+        from ..quantize.qmodel import tied_source
 
         out = {n: cls.from_module(n, m) for n, m in layers.items()}
         for n, m in layers.items():
             if m.decision.method == TIED_METHOD:
-                src = next(s for s, o in layers.items() if o is not m and o.qweight is m.qweight)
                 out[n].tied = True
-                out[src].aliases += (n,)
+                out[tied_source(layers, m)].aliases += (n,)
         return list(out.values())
 
 
@@ -144,16 +144,12 @@ class _Graph:
             return self.dynamic[(x, "tensor")], None
         outs = tuple(self.unique(f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
         name = self.unique(f"{layer}/input_dynamic_q")
-        node = helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)
-        producer = self.producer.get(x)
-        if producer is None:
-            self.head.append(node)  # a graph input
-        else:
-            self.after.setdefault(id(producer), []).append(node)
+        self.emit_after_producer(x, [helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)])
         self.dynamic[(x, "tensor")] = outs
         return outs, name
 
     def emit_after_producer(self, x: str, nodes: list) -> None:
+        """Place `nodes` right after the node producing `x` (at the head for a graph input)."""
         producer = self.producer.get(x)
         if producer is None:
             self.head.extend(nodes)
@@ -331,33 +327,40 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
 
 
-def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ, per_token: bool = True) -> tuple[str, list]:
-    """Dynamic b-bit quantize-dequantize of `x` as float ops, exactly the simulation's grid.
+def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, str, str, list]:
+    """The simulation's dynamic asymmetric b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
 
-    For grids ONNX has no operator for (per row; fewer than 8 bits): the grid is computed per
-    token (the last axis reduced) or over the whole tensor: range widened to include 0, scale = (hi - lo) / 255 (1 where the row is all zero),
-    zero point rounded half to even and clipped, q = clip(round(x / scale) + zp, 0, 255), then
-    (q - zp) * scale. The MatMul itself runs in float on these values.
+    Per token (the last axis reduced) or over the whole tensor: range widened to include 0,
+    scale = (hi - lo) / (2^b - 1) (1 where the range is zero), zero point rounded half to even and
+    clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). The nodes are returned, not placed.
     """
-    qmax = float(2**lq.act_bits - 1)
     c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in
-         (("zero", 0.0), ("one", 1.0), ("qmax", qmax))}
-    axes = g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes") if per_token else None
-    made, t = [], lambda s: g.unique(f"{lq.name}.token_{s}")
+         (("zero", 0.0), ("one", 1.0), ("qmax", float(2**lq.act_bits - 1)))}
+    made = []
 
     def op(kind, inputs, **attrs):
-        out = t(kind.lower())
+        out = g.unique(f"{lq.name}.token_{kind.lower()}")
         made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
         return out
 
-    reduce_in = [x, axes] if per_token else [x]
+    reduce_in = [x, g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else [x]
     lo = op("Min", [op("ReduceMin", reduce_in, keepdims=1), c["zero"]])
     hi = op("Max", [op("ReduceMax", reduce_in, keepdims=1), c["zero"]])
     raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
     scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
     zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
     q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
-    return op("Mul", [op("Sub", [q, zp]), scale]), made
+    return q, scale, zp, made
+
+
+def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ, per_token: bool = True) -> tuple[str, list]:
+    """Dynamic quantize-dequantize `(q - zp) * scale` of `x` for grids ONNX has no operator for (per row;
+    fewer than 8 bits); the MatMul then runs in float on these values."""
+    q, scale, zp, made = _dynamic_grid(g, x, lq, per_token)
+    centered, out = g.unique(f"{lq.name}.token_centered"), g.unique(f"{lq.name}.token_dq")
+    made += [helper.make_node("Sub", [q, zp], [centered], name=g.unique(f"{lq.name}/token_sub")),
+             helper.make_node("Mul", [centered, scale], [out], name=g.unique(f"{lq.name}/token_mul"))]
+    return out, made
 
 
 def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
@@ -417,23 +420,9 @@ def _token_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     """Per-row uint8 quantization of `x` (integers, scale, float zero point), shared by every layer reading `x`."""
     if (x, "token") in g.dynamic:
         return g.dynamic[(x, "token")], []
-    made: list = []
-    t = lambda s: g.unique(f"{x}_token_{s}")  # noqa: E731
-
-    def op(kind, inputs, out=None, **attrs):
-        out = out or t(kind.lower())
-        made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
-        return out
-
-    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{x}_token_{k}") for k, v in (("zero", 0.0), ("one", 1.0), ("qmax", 255.0))}
-    axes = g.add_init(np.array([-1], dtype=np.int64), f"{x}_token_axes")
-    lo = op("Min", [op("ReduceMin", [x, axes], keepdims=1), c["zero"]])
-    hi = op("Max", [op("ReduceMax", [x, axes], keepdims=1), c["zero"]])
-    raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
-    scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
-    zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
-    qf = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
-    q = op("Cast", [qf], to=TensorProto.UINT8)
+    qf, scale, zp, made = _dynamic_grid(g, x, lq, per_token=True)
+    q = g.unique(f"{lq.name}.token_uint8")
+    made.append(helper.make_node("Cast", [qf], [q], name=g.unique(f"{lq.name}/token_cast"), to=TensorProto.UINT8))
     g.emit_after_producer(x, made)
     g.dynamic[(x, "token")] = (q, scale, zp)
     return (q, scale, zp), [n.name for n in made]
@@ -492,44 +481,3 @@ def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[s
         ]
         nodes += ([qname] if qname else []) + names
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic", offset, nodes)
-
-
-def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[LayerQ]) -> list[dict]:
-    """Compare the integers, scales and zero points stored in `model` with the layers' own, bitwise."""
-    inits = {t.name: t for t in model.graph.initializer}
-    by_name = {lq.name: lq for lq in layers}
-    results = []
-    for r in rendered:
-        lq = by_name[r.layer]
-        out = {"layer": r.layer, "op": r.op, "container": r.container, "layout": r.layout, "blocked": r.blocked,
-               "activation": r.activation, "offset": r.offset,
-               "tensors": {"weight": r.weight, "scale": r.scale, "zero_point": r.zero_point}}
-        try:
-            q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)
-            scale = numpy_helper.to_array(inits[r.scale]).astype(np.float32)
-            zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
-            q = q - r.offset
-        except KeyError as exc:
-            out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")
-            results.append(out)
-            continue
-        if r.layout == "io":
-            q = q.T
-            scale, zp = (scale.T, zp.T) if r.blocked else (scale[:, None], zp[:, None])
-        elif not r.blocked:
-            scale, zp = scale[:, None], zp[:, None]
-        q = q.reshape(q.shape[0], -1)
-        out["ints"] = q.shape == lq.q.shape and bool(np.array_equal(q, lq.q.astype(np.int16)))
-        out["scales"] = scale.shape == lq.scale.shape and bool(np.array_equal(scale.view(np.uint32), lq.scale.astype(np.float32).view(np.uint32)))
-        out["zero_points"] = zp.shape == lq.zero_point.shape and bool(np.array_equal(zp, lq.zero_point.astype(np.int16)))
-        if lq.act_mode == "static":
-            node_inputs = {n.name: list(n.input) for n in model.graph.node}
-            qnodes = [node_inputs.get(n) for n in r.nodes if n.startswith(f"{r.layer}/input_q")]
-            ok = bool(qnodes) and all(
-                inp is not None
-                and numpy_helper.to_array(inits[inp[1]]).astype(np.float32).view(np.uint32) == lq.act_scale.astype(np.float32).view(np.uint32)
-                and int(numpy_helper.to_array(inits[inp[2]])) == int(lq.act_zero_point) for inp in qnodes)
-            out["act_qparams"] = bool(ok)
-        out["exact"] = all(out.get(k, True) for k in ("ints", "scales", "zero_points", "act_qparams"))
-        results.append(out)
-    return results

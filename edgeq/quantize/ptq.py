@@ -106,8 +106,7 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
     head, emb = head_and_embedding(model)
     if not isinstance(emb, torch.nn.Embedding):
         raise EdgeqError("recipe.embedding: this model has no torch.nn.Embedding input embedding to quantize")
-    names = {id(m): n for n, m in model.named_modules()}
-    name = names[id(emb)]
+    name = next(n for n, m in model.named_modules() if m is emb)
     tied = head is not None and is_tied(model)
     w = emb.weight.detach().float()
     rule = Rule(match=name, weight=spec)
@@ -118,7 +117,7 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
     set_module(model, name, new)
     replaced = [name]
     if tied:
-        hname = names[id(head)]
+        hname = head_name(model)
         if head.bias is not None:
             raise EdgeqError(f"recipe.embedding: the tied head {hname} has a bias; untie it with a rule of its own")
         hdecision = LayerDecision(hname, "linear", spec, ActSpec(), TIED_METHOD, 1.0, tuple(w.shape))

@@ -48,12 +48,13 @@ class QuantizedModel:
         """quant.json: per-layer decisions and sizes, average bits and whole-model size reduction."""
         layers, q_bytes, q_params, q_bits = [], 0, 0, 0.0
         replaced = set()
-        for name, m in self.layers().items():
+        quantized = self.layers()
+        for name, m in quantized.items():
             d = m.decision
             numel = math.prod(d.shape)
             entry = d.to_dict()
             if d.method == TIED_METHOD:  # its integers are the embedding's, counted there
-                entry.update(bytes_quant=0, bytes_scales=0, bytes_fp32=0, params=numel, tied_to=tied_source(self.model, m))
+                entry.update(bytes_quant=0, bytes_scales=0, bytes_fp32=0, params=numel, tied_to=tied_source(quantized, m))
                 layers.append(entry)
                 continue
             entry.update(layer_bytes(m))
@@ -111,9 +112,9 @@ class QuantizedModel:
         return Path(out)
 
 
-def tied_source(model: torch.nn.Module, m) -> str:
-    """The name of the quantized layer whose integers a tied head `m` shares."""
-    for name, other in quant_layers(model).items():
+def tied_source(layers: dict, m) -> str:
+    """The name of the quantized layer (in `layers`, name -> module) whose integers a tied head `m` shares."""
+    for name, other in layers.items():
         if other is not m and other.qweight is m.qweight:
             return name
     raise EdgeqError(f"quantized model: tied layer {m.decision.name} shares no other layer's integers")

@@ -44,25 +44,18 @@ weight = { bits = 3, symmetric = false, granularity = "group", group_size = 32 }
 match = ".*"
 weight = { bits = 8, symmetric = true, granularity = "channel" }
 """
-PER_TENSOR_DYNAMIC = """
-description = "INT8 per-channel weights, one dynamic INT8 grid per tensor (ONNX Runtime quantize_dynamic's structure)"
-[[rules]]
-match = "lm_head$"
-skip = true
-[[rules]]
-match = ".*"
-weight = { bits = 8, symmetric = true, granularity = "channel" }
-activation = { mode = "dynamic", bits = 8 }
-"""
-WEIGHT_ONLY_INT8 = """
-description = "INT8 per-channel weights, float activations (ORT fuses these into 8-bit MatMulNBits)"
-[[rules]]
-match = "lm_head$"
-skip = true
-[[rules]]
-match = ".*"
-weight = { bits = 8, symmetric = true, granularity = "channel" }
-"""
+
+
+def _int8_recipe(description: str, activation: str = "") -> str:
+    """INT8 per-channel weights on every layer but the head, with an optional activation line."""
+    return (f'description = "{description}"\n[[rules]]\nmatch = "lm_head$"\nskip = true\n[[rules]]\nmatch = ".*"\n'
+            f'weight = {{ bits = 8, symmetric = true, granularity = "channel" }}\n{activation}')
+
+
+PER_TENSOR_DYNAMIC = _int8_recipe("INT8 per-channel weights, one dynamic INT8 grid per tensor (ONNX Runtime quantize_dynamic's structure)",
+                                  'activation = { mode = "dynamic", bits = 8 }\n')
+WEIGHT_ONLY_INT8 = _int8_recipe("INT8 per-channel weights, float activations (ORT fuses these into 8-bit MatMulNBits)")
+
 CASES = {
     "fp32": (None, "fp32"),
     "w8a8": ("w8a8", "int8"),

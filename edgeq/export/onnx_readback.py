@@ -1,0 +1,50 @@
+"""Read an exported ONNX file's integers, scales and zero points back and compare them with edgeq's, bitwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .onnx_quant import LayerQ, Rendered
+
+
+def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[LayerQ]) -> list[dict]:
+    """Compare the integers, scales and zero points stored in `model` with the layers' own, bitwise."""
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {lq.name: lq for lq in layers}
+    results = []
+    for r in rendered:
+        lq = by_name[r.layer]
+        out = {"layer": r.layer, "op": r.op, "container": r.container, "layout": r.layout, "blocked": r.blocked,
+               "activation": r.activation, "offset": r.offset,
+               "tensors": {"weight": r.weight, "scale": r.scale, "zero_point": r.zero_point}}
+        try:
+            q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)
+            scale = numpy_helper.to_array(inits[r.scale]).astype(np.float32)
+            zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
+            q = q - r.offset
+        except KeyError as exc:
+            out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")
+            results.append(out)
+            continue
+        if r.layout == "io":
+            q = q.T
+            scale, zp = (scale.T, zp.T) if r.blocked else (scale[:, None], zp[:, None])
+        elif not r.blocked:
+            scale, zp = scale[:, None], zp[:, None]
+        q = q.reshape(q.shape[0], -1)
+        out["ints"] = q.shape == lq.q.shape and bool(np.array_equal(q, lq.q.astype(np.int16)))
+        out["scales"] = scale.shape == lq.scale.shape and bool(np.array_equal(scale.view(np.uint32), lq.scale.astype(np.float32).view(np.uint32)))
+        out["zero_points"] = zp.shape == lq.zero_point.shape and bool(np.array_equal(zp, lq.zero_point.astype(np.int16)))
+        if lq.act_mode == "static":
+            node_inputs = {n.name: list(n.input) for n in model.graph.node}
+            qnodes = [node_inputs.get(n) for n in r.nodes if n.startswith(f"{r.layer}/input_q")]
+            ok = bool(qnodes) and all(
+                inp is not None
+                and numpy_helper.to_array(inits[inp[1]]).astype(np.float32).view(np.uint32) == lq.act_scale.astype(np.float32).view(np.uint32)
+                and int(numpy_helper.to_array(inits[inp[2]])) == int(lq.act_zero_point) for inp in qnodes)
+            out["act_qparams"] = bool(ok)
+        out["exact"] = all(out.get(k, True) for k in ("ints", "scales", "zero_points", "act_qparams"))
+        results.append(out)
+    return results
