@@ -161,11 +161,17 @@ class Rule:
         )
 
 
+VALUE_HESSIANS = ("attention", "input")
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    # "attention": a value projection's Hessian is built from its inputs averaged by the attention
+    # weights that mix its outputs (what the attention output sees); "input": from its raw inputs
+    value_hessian: str = "attention"
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "gptq") -> "GPTQOptions":
@@ -174,6 +180,8 @@ class GPTQOptions:
         if not 0.0 < opts.damp < 1.0:
             raise EdgeqError(f"{where}.damp: {opts.damp} is not in (0, 1)")
         _int_in(f"{where}.block_size", opts.block_size, 1, 4096)
+        if opts.value_hessian not in VALUE_HESSIANS:
+            raise EdgeqError(f"{where}.value_hessian: {opts.value_hessian!r} is not one of {', '.join(VALUE_HESSIANS)}")
         return opts
 
 

@@ -4,7 +4,7 @@
     .venv/bin/python tools/bench_tflite.py --model efficientnet-lite0 --out benchmarks/tflite_efficientnet
 
 One run per model, on the same float graph and the same data:
-- edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8 (int8, full
+- edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8-static (int8, full
   integer) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
   of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
 - ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
@@ -156,7 +156,7 @@ def main() -> None:
 
     bundle = load_model(args.model)
     is_lm = bundle.kind == "causal-lm"
-    recipes = {"w8": "dynamic-int8", "w8a8": "int8"}
+    recipes = {"w8": "dynamic-int8", "w8a8-static": "int8"}  # full integer needs static activations in every layer
     if is_lm:
         recipes[args.int4_recipe] = "int4"
     # rows finished by an earlier run (same model and sequence length) are kept: the run resumes

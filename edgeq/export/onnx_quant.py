@@ -251,15 +251,14 @@ def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
     if lq.act_mode == "dynamic" and lq.act_granularity not in ("tensor", "token"):
         raise EdgeqError(f"export: layer {lq.name!r} has {lq.act_granularity}-wise dynamic activations; ONNX renders "
                          "per-tensor and per-token dynamic activations only")
-    if lq.act_mode == "dynamic" and lq.act_symmetric:
-        raise EdgeqError(f"export: layer {lq.name!r} has symmetric dynamic activations; ONNX renders asymmetric "
-                         "(uint8-style) dynamic grids only")
     if lq.act_mode == "static" and (lq.act_bits != 8 or lq.act_symmetric):
         raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8), "
                          f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
-    matmul_integer = (lq.act_mode == "dynamic" and lq.act_bits == 8 and not lq.act_symmetric and layout == "io"
+    matmul_integer = (lq.act_mode == "dynamic" and lq.act_bits == 8 and layout == "io"
                       and lq.group_size is None and lq.bits <= 8 and not passive
                       and all(n.op_type == "MatMul" for n, _ in compute))
+    if matmul_integer and lq.act_symmetric:
+        return _render_matmul_integer_symmetric(g, lq, compute)
     if matmul_integer and lq.act_granularity == "token":
         return _render_matmul_integer_token(g, lq, compute)
     if matmul_integer:
@@ -311,7 +310,7 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
                 helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_)])
             node.input[0] = xdq
             nodes += [qn_, dqn_]
-    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8):
+    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8 or lq.act_symmetric):
         for node, _ in compute:
             xdq, made = _per_token_fake_quant(g, node.input[0], lq, per_token=lq.act_granularity == "token")
             g.before.setdefault(id(node), []).extend(made)
@@ -328,14 +327,17 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
 
 
 def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, str, str, list]:
-    """The simulation's dynamic asymmetric b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
+    """The simulation's dynamic b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
 
-    Per token (the last axis reduced) or over the whole tensor: range widened to include 0,
-    scale = (hi - lo) / (2^b - 1) (1 where the range is zero), zero point rounded half to even and
-    clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). The nodes are returned, not placed.
+    Per token (the last axis reduced) or over the whole tensor. Asymmetric: range widened to
+    include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to even and clipped,
+    q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| / (2^(b-1) - 1), zero
+    point 0, q = clip(round(x / scale), -qmax, qmax). A zero range gives scale 1. The nodes are
+    returned, not placed.
     """
+    qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
     c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in
-         (("zero", 0.0), ("one", 1.0), ("qmax", float(2**lq.act_bits - 1)))}
+         (("zero", 0.0), ("one", 1.0), ("qmax", qmax), ("qmin", -qmax if lq.act_symmetric else 0.0))}
     made = []
 
     def op(kind, inputs, **attrs):
@@ -343,9 +345,13 @@ def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, 
         made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
         return out
 
-    reduce_in = [x, g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else [x]
-    lo = op("Min", [op("ReduceMin", reduce_in, keepdims=1), c["zero"]])
-    hi = op("Max", [op("ReduceMax", reduce_in, keepdims=1), c["zero"]])
+    axes = [g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else []
+    if lq.act_symmetric:
+        raw = op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=1), c["qmax"]])
+        scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
+        return op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]), scale, c["zero"], made
+    lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=1), c["zero"]])
+    hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=1), c["zero"]])
     raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
     scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
     zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
@@ -459,6 +465,50 @@ def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Render
         ]
         nodes += grid_nodes + names
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
+
+
+def _symmetric_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
+    """Symmetric int8 quantization of `x` per row (or per tensor) stored as uint8 q + 128 (zero point
+    128, a scalar MatMulInteger accepts), shared by every layer reading `x` on the same grid."""
+    key = (x, f"{lq.act_granularity}-symmetric")
+    if key in g.dynamic:
+        return g.dynamic[key], []
+    qf, scale, _, made = _dynamic_grid(g, x, lq, per_token=lq.act_granularity == "token")
+    offset = g.add_init(np.array(128.0, dtype=np.float32), f"{lq.name}.token_offset")
+    shifted, q = g.unique(f"{lq.name}.token_shifted"), g.unique(f"{lq.name}.token_uint8")
+    made += [helper.make_node("Add", [qf, offset], [shifted], name=g.unique(f"{lq.name}/token_shift")),
+             helper.make_node("Cast", [shifted], [q], name=g.unique(f"{lq.name}/token_cast"), to=TensorProto.UINT8)]
+    g.emit_after_producer(x, made)
+    zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
+    g.dynamic[key] = (q, scale, zp)
+    return (q, scale, zp), [n.name for n in made]
+
+
+def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
+    """Symmetric dynamic int8 activations (per token or tensor) x 8-bit weights in MatMulInteger.
+
+    The activation integers are shifted into uint8 with one zero point, 128, so nothing needs
+    correcting: y = s_x[row] * s_w[col] * sum_k q_x q_w', the integers the simulation multiplies.
+    """
+    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    nodes = []
+    for node, _ in compute:
+        (xq, xs, xz), grid_nodes = _symmetric_grid(g, node.input[0], lq)
+        y = node.output[0]
+        yi, yf, yw = (g.unique(f"{lq.name}.{n}") for n in ("output_int32", "output_float", "output_wscaled"))
+        names = [g.unique(f"{lq.name}/{n}") for n in ("matmul_integer", "cast", "weight_scale", "mul")]
+        g.replace[id(node)] = [
+            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[0]),
+            helper.make_node("Cast", [yi], [yf], name=names[1], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [yf, sn], [yw], name=names[2]),
+            helper.make_node("Mul", [yw, xs], [y], name=names[3]),
+        ]
+        nodes += grid_nodes + names
+    mode = "dynamic-token" if lq.act_granularity == "token" else "dynamic"
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, mode, offset, nodes)
 
 
 def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:

@@ -20,6 +20,7 @@ class LayerStats:
 
     hessian: torch.Tensor | None = None
     observer: object | None = None
+    hessian_kind: str | None = None  # a value projection's: "attention" (mixed by attention weights) or "input"
 
 
 class Method(Protocol):

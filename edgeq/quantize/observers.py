@@ -51,14 +51,15 @@ class ActObserver:
 
 
 class HessianAccumulator:
-    """GPTQ's H = 2/n * sum(x x^T) over the rows of a layer's input, accumulated in float64."""
+    """GPTQ's H = 2/n * sum(x x^T) over the rows of a layer's input, accumulated in float32 as the
+    GPTQ reference does (float64 matmuls took twice as long on SmolLM2's calibration)."""
 
     def __init__(self, columns: int):
-        self.H = torch.zeros(columns, columns, dtype=torch.float64)
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         rows = x.shape[0]
         self.H *= self.n / (self.n + rows)
         self.n += rows

@@ -82,13 +82,17 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     if recipe.smoothing > 0:
         with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized}
         smoothed = smooth(model, _channel_absmax(model, with_acts, batches), recipe.smoothing, with_acts)
+    hessian_kinds = {}
     with torch.no_grad():
         if needs_data:
-            _calibrated(model, targets, recipe, batches, progress)
+            hessian_kinds = _calibrated(model, targets, recipe, batches, progress)
         else:
             for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
                 _replace(model, name, kind, rule, LayerStats(), recipe)
     extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing} if smoothed else {}
+    if hessian_kinds:
+        # how many value projections got the attention-mixed Hessian ("attention") or fell back ("input")
+        extra["gptq_value_hessians"] = {k: list(hessian_kinds.values()).count(k) for k in sorted(set(hessian_kinds.values()))}
     return QuantizedModel(bundle, recipe, bytes_before, untied, folded, extra)
 
 
@@ -174,10 +178,18 @@ def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
 
 
 @contextlib.contextmanager
-def _observing(model, names, targets):
-    """Hooks collecting Hessians / activation ranges at the inputs of `names`."""
+def _observing(model, names, targets, recipe):
+    """Hooks collecting Hessians / activation ranges at the inputs of `names`.
+
+    A value projection's GPTQ Hessian (recipe.gptq.value_hessian = "attention", with the model
+    running eager attention) is built from its inputs mixed by the attention weights, the rows
+    the attention output is made of: an error in the value of a token most queries attend to (an
+    attention sink) costs in proportion. Its plain input Hessian underweights such tokens (one per
+    window on SmolLM2, where GPTQ's v_proj then lost to round-to-nearest).
+    """
     stats = {}
     handles = []
+    last: dict = {}  # the input most recently added to a Hessian, and that Hessian
     for name in names:
         kind, rule = targets[name]
         module = model.get_submodule(name)
@@ -185,13 +197,17 @@ def _observing(model, names, targets):
         acc = HessianAccumulator(_columns(module, kind)) if METHODS[rule.method][1] else None
         obs = ActObserver() if rule.activation.mode == "static" else None
         stats[name] = (st, acc, obs)
+        attention = _attention_of(model, name) if acc is not None and recipe.gptq.value_hessian == "attention" else None
+        if attention is not None:
+            handles += _attention_weighted(module, attention, acc, st)
+            acc = None
 
-        def hook(mod, args, kind=kind, acc=acc, obs=obs):
+        def hook(mod, args, name=name, kind=kind, adds=acc is not None, obs=obs):
             x = args[0]
             if obs is not None:
                 obs.observe(x)
-            if acc is not None:
-                acc.add(_unfold(x, mod) if kind == "conv2d" else x)
+            if adds:
+                _add_shared(stats, name, kind, mod, x, last)
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -199,6 +215,61 @@ def _observing(model, names, targets):
     finally:
         for h in handles:
             h.remove()
+
+
+def _add_shared(stats, name, kind, module, x, last) -> None:
+    """Add `x` to layer `name`'s Hessian; linear layers reading the very same input tensor (q/k/v,
+    gate/up) share one Hessian, accumulated once."""
+    st, acc, obs = stats[name]
+    if kind == "linear" and x is last.get("x"):
+        if acc is last["acc"]:
+            return
+        if acc.n == 0:
+            stats[name] = (st, last["acc"], obs)
+            return
+    acc.add(_unfold(x, module) if kind == "conv2d" else x)
+    last.update(x=x, acc=acc)
+
+
+def _attention_of(model, name) -> torch.nn.Module | None:
+    """The attention module whose value projection `name` is (Hugging Face layout `...attn.v_proj`)."""
+    parent, _, child = name.rpartition(".")
+    return model.get_submodule(parent) if child == "v_proj" and parent else None
+
+
+def _attention_weighted(v_proj, attention, acc, st: LayerStats) -> list:
+    """Hooks adding sum_j a_hij x_j (every head h, query i) to `acc`; raw inputs if no weights come out."""
+    pending = []
+
+    def keep_input(mod, args):
+        pending.append(args[0])
+
+    def add_mixed(mod, args, out):
+        x = pending.pop()
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if torch.is_tensor(weights) and weights.dim() == 4 and weights.shape[-1] == x.shape[-2]:
+            acc.add(weights.to(x.dtype) @ x.unsqueeze(1))
+            st.hessian_kind = "attention"
+        else:
+            acc.add(x)
+            st.hessian_kind = "input"
+
+    return [v_proj.register_forward_pre_hook(keep_input), attention.register_forward_hook(add_mixed)]
+
+
+@contextlib.contextmanager
+def _eager_attention(model, wanted: bool):
+    """Hugging Face models run eager attention (which returns its weights) while `wanted`."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if not wanted or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _columns(module, kind) -> int:
@@ -215,35 +286,50 @@ def _unfold(x, conv):
     return cols.transpose(1, 2)
 
 
-def _finish(model, names, targets, stats, recipe, progress):
+def _finish(model, names, targets, stats, recipe, progress) -> dict[str, str]:
+    kinds = {}
     for name in _progress(names, progress, "quantize"):
         kind, rule = targets[name]
         st, acc, obs = stats[name]
         st.hessian = acc.result() if acc is not None else None
         st.observer = obs
         _replace(model, name, kind, rule, st, recipe)
+        if st.hessian_kind is not None:
+            kinds[name] = st.hessian_kind
+    return kinds
 
 
-def _calibrated(model, targets, recipe, batches, progress) -> None:
-    blocks = find_blocks(model)
-    done: set[str] = set()
-    if blocks is not None:
-        prefix, block_list = blocks
-        inputs = _capture_block_inputs(model, block_list[0], batches)
-        for i, block in enumerate(_progress(list(block_list), progress, "blocks")):
-            names = [n for n in targets if n.startswith(f"{prefix}.{i}.")]
-            with _observing(model, names, targets) as stats:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-            _finish(model, names, targets, stats, recipe, None)
-            done.update(names)
-            inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
-    rest = [n for n in targets if n not in done]
-    if rest:
-        with _observing(model, rest, targets) as stats:
-            for batch in batches:
-                model(*batch)
-        _finish(model, rest, targets, stats, recipe, progress if blocks is None else None)
+def _calibrated(model, targets, recipe, batches, progress) -> dict[str, str]:
+    """Calibrate and quantize every target; returns the kind of Hessian each value projection got."""
+    weighted = recipe.gptq.value_hessian == "attention" and any(
+        METHODS[rule.method][1] and _attention_of(model, n) is not None for n, (_, rule) in targets.items())
+    hessian_kinds = {}
+    with _eager_attention(model, weighted):
+        blocks = find_blocks(model)
+        done: set[str] = set()
+        if blocks is not None:
+            prefix, block_list = blocks
+            inputs = _capture_block_inputs(model, block_list[0], batches)
+            for i, block in enumerate(_progress(list(block_list), progress, "blocks")):
+                names = [n for n in targets if n.startswith(f"{prefix}.{i}.")]
+                with _observing(model, names, targets, recipe) as stats:
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                hessian_kinds.update(_finish(model, names, targets, stats, recipe, None))
+                done.update(names)
+                inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
+        rest = [n for n in targets if n not in done]
+        if rest:
+            with _observing(model, rest, targets, recipe) as stats:
+                for batch in batches:
+                    model(*batch, **no_cache(model))
+            hessian_kinds.update(_finish(model, rest, targets, stats, recipe, progress if blocks is None else None))
+    return hessian_kinds
+
+
+def no_cache(model) -> dict:
+    """Forward kwargs turning off a Hugging Face model's KV cache (calibration re-runs blocks)."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 def _with_hidden(args, kwargs, hidden):
@@ -268,7 +354,7 @@ def _capture_block_inputs(model, first_block, batches) -> list:
     try:
         for batch in batches:
             try:
-                model(*batch)
+                model(*batch, **no_cache(model))
             except _Stop:
                 pass
     finally:

@@ -54,6 +54,10 @@ def _int8_recipe(description: str, activation: str = "") -> str:
 
 PER_TENSOR_DYNAMIC = _int8_recipe("INT8 per-channel weights, one dynamic INT8 grid per tensor (ONNX Runtime quantize_dynamic's structure)",
                                   'activation = { mode = "dynamic", bits = 8 }\n')
+SYMMETRIC_TOKEN = _int8_recipe("INT8 per-channel weights, symmetric dynamic INT8 activations per token",
+                               'activation = { mode = "dynamic", bits = 8, granularity = "token", symmetric = true }\n')
+SYMMETRIC_TENSOR = _int8_recipe("INT8 per-channel weights, one symmetric dynamic INT8 grid per tensor",
+                                'activation = { mode = "dynamic", bits = 8, symmetric = true }\n')
 WEIGHT_ONLY_INT8 = _int8_recipe("INT8 per-channel weights, float activations (ORT fuses these into 8-bit MatMulNBits)")
 
 CASES = {
@@ -61,6 +65,8 @@ CASES = {
     "w8a8": ("w8a8", "int8"),
     "w8": ("w8", "dynamic-int8"),
     "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
+    "w8-sym-token": (SYMMETRIC_TOKEN, "dynamic-int8"),
+    "w8-sym-tensor": (SYMMETRIC_TENSOR, "dynamic-int8"),
     "w4-g128-rtn": ("w4-g128-rtn", "weight-only"),
     "w3a-g32-w8c": (MIXED_LOW_BITS, "weight-only"),
     "w8-weight-only": (WEIGHT_ONLY_INT8, "weight-only"),
@@ -182,7 +188,8 @@ def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
 
 
 @pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulInteger"),
-                                         ("w8-tensor", "DynamicQuantizeMatMul"), ("w4-g128-rtn", "MatMulNBits")])
+                                         ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulInteger"),
+                                         ("w8-sym-tensor", "MatMulInteger"), ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
     """Every quantized layer runs an integer kernel (per-token layers: MatMulInteger + int32 zero-point correction)."""
     qdir, out, meta = tiny_exports[name]
@@ -205,7 +212,7 @@ def test_decode_step_matches_prefill(tiny_exports, name):
     prefix = prefill(ids[:, :-1])
     step = decode(ids[:, -1:], *prefix[1:])
     assert step[1].shape[2] == ids.shape[1]  # the presents grew by one position
-    if name in ("w8", "w8-tensor"):
+    if name.startswith("w8") and CASES[name][1] == "dynamic-int8":
         # dynamic activations are quantized on the range of what each call sees (one token here),
         # so compare with the simulation's own decode step, not with the prefill
         from edgeq.export.onnx_graph import LMDecode

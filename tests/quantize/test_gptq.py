@@ -48,3 +48,71 @@ def test_gptq_integers_stay_on_grid_and_hessian_is_exact():
     q, scale, zp = METHODS["gptq"][0](w, recipe.rules[0], LayerStats(hessian=H), recipe)
     assert q.min() >= -8 and q.max() <= 7 and torch.equal(q, q.round())
     assert scale.shape == (8, 2)
+
+
+def test_value_projection_hessian_mixes_inputs_by_attention(tiny_llama_ref):
+    """v_proj's Hessian is built from sum_j a_hij x_j, what the attention output is made of."""
+    from edgeq.models import load_model
+    from edgeq.quantize.ptq import _eager_attention, _observing, no_cache, plan
+
+    model = load_model(tiny_llama_ref).module.eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    recipe = _recipe(4, 32, True)
+    name = "model.layers.1.self_attn.v_proj"
+    targets = {n: t for n, t in plan(model, recipe).items() if n == name}
+    seen = {}
+    hook = model.get_submodule(name).register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    with torch.no_grad(), _eager_attention(model, True):
+        weights = model(ids, output_attentions=True, use_cache=False).attentions[1]
+        with _observing(model, [name], targets, recipe) as stats:
+            model(ids, **no_cache(model))
+    hook.remove()
+    mixed = (weights @ seen["x"].unsqueeze(1)).reshape(-1, seen["x"].shape[-1]).double()
+    st, acc, _ = stats[name]
+    assert st.hessian_kind == "attention"
+    assert torch.allclose(acc.result().double(), 2 * mixed.T @ mixed / mixed.shape[0], rtol=1e-4, atol=1e-6)
+    assert model.config._attn_implementation != "eager"  # restored after calibration
+
+
+@pytest.mark.parametrize("value_hessian", ["attention", "input"])
+def test_quant_json_records_the_value_hessian(value_hessian, tiny_llama_ref):
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+
+    bundle = load_model(tiny_llama_ref)
+    recipe = QuantRecipe.from_dict({"rules": [{"match": "layers", "method": "gptq", "weight": {"bits": 4, "granularity": "group", "group_size": 32}}],
+                                    "gptq": {"value_hessian": value_hessian}})
+    qm = quantize_model(bundle, recipe, calibration_batches(bundle, "enwiki", 4, 64))
+    layers = bundle.module.config.num_hidden_layers
+    assert qm.extra.get("gptq_value_hessians") == ({"attention": layers} if value_hessian == "attention" else None)
+
+
+def test_unknown_value_hessian_is_refused():
+    from edgeq.errors import EdgeqError
+
+    with pytest.raises(EdgeqError, match="value_hessian"):
+        QuantRecipe.from_dict({"rules": [{"match": ".*"}], "gptq": {"value_hessian": "output"}})
+
+
+def test_layers_reading_one_input_share_one_hessian(tiny_llama_ref):
+    """q/k read the same tensor (one Hessian, accumulated once); o_proj reads another."""
+    from edgeq.models import load_model
+    from edgeq.quantize.ptq import _observing, plan
+
+    model = load_model(tiny_llama_ref).module.eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    recipe = _recipe(4, 32, True)
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qko"]
+    targets = {n: t for n, t in plan(model, recipe).items() if n in names}
+    seen = {}
+    hook = model.get_submodule(names[0]).register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    with torch.no_grad(), _observing(model, names, targets, recipe) as stats:
+        model(ids, use_cache=False)
+        model(ids, use_cache=False)
+    hook.remove()
+    (_, q_acc, _), (_, k_acc, _), (_, o_acc, _) = (stats[n] for n in names)
+    assert q_acc is k_acc and o_acc is not q_acc
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    assert q_acc.n == 2 * x.shape[0]  # each call's rows once, not once per layer
+    assert torch.allclose(q_acc.result().double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
