@@ -26,6 +26,7 @@ import math
 import torch
 
 from ..errors import EdgeqError
+from .gptq import one_thread
 from .methods import METHOD_RECORDS, LayerStats, register_method
 from .qat import QATLayer, register_qat
 
@@ -123,7 +124,11 @@ def _pb(weight: torch.Tensor, rule, stats: LayerStats, recipe, gptq: bool):
     w = weight.detach().float()
     mask = salient_mask(w, opts.salient_fraction, opts.criterion, stats.hessian, opts.damp)
     scale, k, _ = pb_grid(w, mask)
-    q = pb_gptq(w, stats.hessian, mask, scale, k, opts.damp) if gptq else pb_quantize(w, mask, scale, k)
+    if gptq:
+        with one_thread():
+            q = pb_gptq(w, stats.hessian, mask, scale, k, opts.damp)
+    else:
+        q = pb_quantize(w, mask, scale, k)
     return q, scale, torch.zeros_like(scale, dtype=torch.int16)
 
 
