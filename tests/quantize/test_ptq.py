@@ -38,7 +38,7 @@ def test_presets_on_tiny_llama_save_and_reload_bit_exactly(preset, tiny_llama_re
     batches = calibration_batches(bundle, "enwiki", 4, 64) if recipe.needs_calibration else None
     qm = quantize_model(bundle, recipe, batches)
     layers = quant_layers(qm.model)
-    head = preset == "w8"  # w8 quantizes the (untied) LM head as ONNX Runtime's quantize_dynamic does; the others keep it float
+    head = preset in ("w8", "w8a8")  # INT8 presets quantize the LM head (as ONNX Runtime does); INT4 ones keep it float
     assert len(layers) == 4 * 7 + head  # every linear of every block
     assert ("lm_head" in layers) == head
     ids = _ids()
