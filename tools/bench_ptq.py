@@ -874,9 +874,11 @@ def main() -> None:
     lat_keys = [k for k in keys if rows[k].get("file") and k not in ppl_failed]
     lat_path = work / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.is_file() else {}
-    if lat.get("keys") != lat_keys:
+    # timings are reused only for the very same files (a re-made step writes new files)
+    stamps = {k: os.stat(rows[k]["file"]).st_mtime_ns for k in lat_keys}
+    if lat.get("keys") != lat_keys or lat.get("file_mtimes_ns") != stamps:
         prompt = wins[0][None, : args.prompt_len].astype(np.int64)
-        lat = {"keys": lat_keys}
+        lat = {"keys": lat_keys, "file_mtimes_ns": stamps}
         for threads in (1, 2):
             log(f"latency: {threads} thread(s), {len(lat_keys)} variants, {args.reps} reps interleaved")
             lat[str(threads)] = latency(rows, list(lat_keys), prompt, threads, args.reps, args.warmup)

@@ -336,8 +336,8 @@ def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, 
     returned, not placed.
     """
     qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
-    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in
-         (("zero", 0.0), ("one", 1.0), ("qmax", qmax), ("qmin", -qmax if lq.act_symmetric else 0.0))}
+    constants = (("zero", 0.0), ("one", 1.0), ("qmax", qmax)) + ((("qmin", -qmax),) if lq.act_symmetric else ())
+    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in constants}
     made = []
 
     def op(kind, inputs, **attrs):

@@ -74,7 +74,8 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     targets = plan(model, recipe)
     if not targets and not embedded:
         raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
-    needs_data = recipe.smoothing > 0 or any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
+    needs_stats = any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
+    needs_data = recipe.smoothing > 0 or needs_stats
     batches = list(calib_batches) if calib_batches is not None else []
     if needs_data and not batches:
         raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ, static activations or smoothing): pass --calib")
@@ -84,7 +85,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
         smoothed = smooth(model, _channel_absmax(model, with_acts, batches), recipe.smoothing, with_acts)
     hessian_kinds = {}
     with torch.no_grad():
-        if needs_data:
+        if needs_stats:  # (smoothing alone has used the data already)
             hessian_kinds = _calibrated(model, targets, recipe, batches, progress)
         else:
             for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
