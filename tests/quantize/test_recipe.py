@@ -12,7 +12,8 @@ def test_required_presets_exist_and_load():
         assert required in names
         recipe = load_recipe(required)
         assert recipe.rule_for("model.layers.0.mlp.down_proj") is not None
-        assert recipe.rule_for("lm_head") is None  # the head stays float in presets
+        head = recipe.rule_for("lm_head")  # INT8 presets quantize the head with per-token inputs (as ORT does); the others keep it float
+        assert (head.weight.bits, head.activation.granularity) == (8, "token") if required in ("w8", "w8a8") else head is None
     assert load_recipe("w4-g64").rule_for("x").method == "gptq"
     assert load_recipe("w8a8").rule_for("x").activation.mode == "static"
     assert load_recipe("w8a8").rule_for("model.layers.0.mlp.down_proj").activation.granularity == "token"
