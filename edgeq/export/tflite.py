@@ -28,8 +28,8 @@ DEFAULT_SEQ_LEN = 64
 # Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation, per variant: (cos_min, top1_agree).
 # fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
 # kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
-# each row to asymmetric int8 where the simulation uses one uint8 grid per tensor (or float
-# activations for weight-only layers), and full-integer kernels requantize each layer's output to
+# each row to asymmetric int8 where the simulation uses the recipe's grid (w8: symmetric per token;
+# float activations for weight-only layers), and full-integer kernels requantize each layer's output to
 # int8 (a grid calibrated at export; the simulation keeps outputs float).
 TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85)}
 
