@@ -422,16 +422,31 @@ def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
     return Rendered(lq.name, op, qn, sn, zn, "oi", ctype, blocked, "none", 0, nodes)
 
 
-def _token_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
-    """Per-row uint8 quantization of `x` (integers, scale, float zero point), shared by every layer reading `x`."""
-    if (x, "token") in g.dynamic:
-        return g.dynamic[(x, "token")], []
-    qf, scale, zp, made = _dynamic_grid(g, x, lq, per_token=True)
+def _integer_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
+    """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point), shared by every layer
+    reading `x` on the same grid. Asymmetric per-row grids keep their float row zero points (taken
+    out after MatMulInteger); symmetric grids are shifted by 128 so one scalar zero point serves."""
+    key = (x, lq.act_granularity, lq.act_symmetric)
+    if key in g.dynamic:
+        return g.dynamic[key], []
+    qf, scale, zp, made = _dynamic_grid(g, x, lq, per_token=lq.act_granularity == "token")
     q = g.unique(f"{lq.name}.token_uint8")
+    if lq.act_symmetric:
+        shifted = g.unique(f"{lq.name}.token_shifted")
+        offset = g.add_init(np.array(128.0, dtype=np.float32), f"{lq.name}.token_offset")
+        made.append(helper.make_node("Add", [qf, offset], [shifted], name=g.unique(f"{lq.name}/token_shift")))
+        qf, zp = shifted, g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
     made.append(helper.make_node("Cast", [qf], [q], name=g.unique(f"{lq.name}/token_cast"), to=TensorProto.UINT8))
     g.emit_after_producer(x, made)
-    g.dynamic[(x, "token")] = (q, scale, zp)
+    g.dynamic[key] = (q, scale, zp)
     return (q, scale, zp), [n.name for n in made]
+
+
+def _integer_weight(g: _Graph, lq: LayerQ) -> tuple:
+    """The layer's 8-bit integers, scales and zero points as [in, out] initializers for MatMulInteger:
+    (container type, offset, integers, scale, zero point names)."""
+    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
+    return ctype, offset, g.add_init(q, f"{lq.name}.qweight"), g.add_init(scale, f"{lq.name}.scale"), g.add_init(zp, f"{lq.name}.zero_point")
 
 
 def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
@@ -440,15 +455,12 @@ def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Render
     y = s_x[row] * s_w[col] * (sum_k q_x q_w' - zp_x[row] * colsum(q_w')[col]), q_w' = q_w - zp_w:
     the same integers the simulation multiplies, summed exactly.
     """
-    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
-    qn = g.add_init(q, f"{lq.name}.qweight")
-    sn = g.add_init(scale, f"{lq.name}.scale")
-    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
     colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1).astype(np.int32)
     cn = g.add_init(colsum, f"{lq.name}.colsum")
     nodes = []
     for node, _ in compute:
-        (xq, xs, xz), grid_nodes = _token_grid(g, node.input[0], lq)
+        (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
         y = node.output[0]
         outs = [g.unique(f"{lq.name}.{n}") for n in ("output_int32", "zp_int32", "zp_colsum", "output_centered",
                                                      "output_float", "output_wscaled")]
@@ -467,36 +479,16 @@ def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Render
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
 
 
-def _symmetric_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
-    """Symmetric int8 quantization of `x` per row (or per tensor) stored as uint8 q + 128 (zero point
-    128, a scalar MatMulInteger accepts), shared by every layer reading `x` on the same grid."""
-    key = (x, f"{lq.act_granularity}-symmetric")
-    if key in g.dynamic:
-        return g.dynamic[key], []
-    qf, scale, _, made = _dynamic_grid(g, x, lq, per_token=lq.act_granularity == "token")
-    offset = g.add_init(np.array(128.0, dtype=np.float32), f"{lq.name}.token_offset")
-    shifted, q = g.unique(f"{lq.name}.token_shifted"), g.unique(f"{lq.name}.token_uint8")
-    made += [helper.make_node("Add", [qf, offset], [shifted], name=g.unique(f"{lq.name}/token_shift")),
-             helper.make_node("Cast", [shifted], [q], name=g.unique(f"{lq.name}/token_cast"), to=TensorProto.UINT8)]
-    g.emit_after_producer(x, made)
-    zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
-    g.dynamic[key] = (q, scale, zp)
-    return (q, scale, zp), [n.name for n in made]
-
-
 def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
     """Symmetric dynamic int8 activations (per token or tensor) x 8-bit weights in MatMulInteger.
 
     The activation integers are shifted into uint8 with one zero point, 128, so nothing needs
     correcting: y = s_x[row] * s_w[col] * sum_k q_x q_w', the integers the simulation multiplies.
     """
-    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
-    qn = g.add_init(q, f"{lq.name}.qweight")
-    sn = g.add_init(scale, f"{lq.name}.scale")
-    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
     nodes = []
     for node, _ in compute:
-        (xq, xs, xz), grid_nodes = _symmetric_grid(g, node.input[0], lq)
+        (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
         y = node.output[0]
         yi, yf, yw = (g.unique(f"{lq.name}.{n}") for n in ("output_int32", "output_float", "output_wscaled"))
         names = [g.unique(f"{lq.name}/{n}") for n in ("matmul_integer", "cast", "weight_scale", "mul")]
@@ -513,10 +505,7 @@ def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Re
 
 def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:
     """ORT quantize_dynamic's structure: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
-    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
-    qn = g.add_init(q, f"{lq.name}.qweight")
-    sn = g.add_init(scale, f"{lq.name}.scale")
-    zn = g.add_init(zp, f"{lq.name}.zero_point")
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
     nodes = []
     for node, _ in compute:
         x, y = node.input[0], node.output[0]
