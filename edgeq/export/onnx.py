@@ -39,7 +39,8 @@ from ..quantize.qmodel import is_qdir
 VARIANTS = ("fp32", "int8", "dynamic-int8", "weight-only")
 EXTERNAL_DATA_BYTES = 256 << 20  # above this, tensors go to one FILE.onnx.data beside the file
 # Minimum ONNX Runtime versions: opset 21 (ONNX 1.16) came with ORT 1.18 (PR #19745); INT4/UINT4
-# DequantizeLinear (PR #20362) and blocked DequantizeLinear (PR #20901) with ORT 1.19.
+# DequantizeLinear (PR #20362), blocked DequantizeLinear (PR #20901) and blocked QuantizeLinear (PR #20977, per-token
+# dynamic grids) with ORT 1.19.
 RUNTIME_MIN_OPSET21 = "1.18"
 RUNTIME_MIN_INT4_BLOCKED = "1.19"
 
@@ -129,8 +130,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "opset": OPSET,
             "graph": {s.role: names[s.role] for s in specs} if bundle.kind == "causal-lm" else None,
             "decode_graph": bool(decode) if bundle.kind == "causal-lm" else None,
-            "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(r.blocked for rs in rendered for r in rs)
-                            else RUNTIME_MIN_OPSET21},
+            "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(
+                r.blocked or r.activation == "dynamic-token" for rs in rendered for r in rs) else RUNTIME_MIN_OPSET21},
             "session_config": session_config,
             "external_data": use_external,
             "layers": layer_checks,

@@ -13,10 +13,12 @@ Pure onnx + numpy (no torch). For each quantized layer the float weight initiali
   (DynamicQuantizeLinear, MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into
   DynamicQuantizeMatMul; on Conv/Gemm or grouped weights: DynamicQuantizeLinear -> DequantizeLinear
   on the input (same numbers, float kernel).
-- dynamic per-token activations on a MatMul: each row's uint8 grid computed with float ops, then
-  MatMulInteger on the integers with the row zero points taken out afterwards
-  (`zp_x * colsum(w - zp_w)`, int32, exact), then the two scales; ONNX has no per-row
-  DynamicQuantizeLinear and ORT's MatMulInteger takes only a scalar activation zero point.
+- dynamic per-token activations on a MatMul: each row's scale (and zero point) from float ops, the
+  integers from one QuantizeLinear with a block per row. Symmetric grids are shifted into uint8
+  (+128, one scalar zero point) and the layer is MatMulInteger, Cast and Mul by x_scale * w_scale,
+  which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero points, taken out
+  after MatMulInteger (`zp_x * colsum(w - zp_w)`, int32, exact), since ORT's MatMulInteger takes
+  only a scalar activation zero point.
 Dequantization is `(q - zp) * scale` everywhere, exactly the simulation's.
 """
 
@@ -326,17 +328,25 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
 
 
-def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, str, str, list]:
+# the smallest positive float32: the scale of an all-zero row (its integers are 0 whatever the scale; the
+# simulation uses 1), as one Max instead of Equal + Where; every other scale is at least this already
+_TINY = float(np.nextafter(np.float32(0), np.float32(1)))
+# QuantizeLinear(scale, _HUGE, 128) is 128 in the scale's shape: a blocked QuantizeLinear needs a zero point
+# shaped like its scale, and no finite scale divided by the largest float rounds to anything but 0
+_HUGE = float(np.finfo(np.float32).max)
+
+
+def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str, list]:
     """The simulation's dynamic b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
 
-    Per token (the last axis reduced) or over the whole tensor. Asymmetric: range widened to
-    include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to even and clipped,
-    q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| / (2^(b-1) - 1), zero
-    point 0, q = clip(round(x / scale), -qmax, qmax). A zero range gives scale 1. The nodes are
-    returned, not placed.
+    Per token (the last axis reduced, kept as size 1) or over the whole tensor (a scalar).
+    Asymmetric: range widened to include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to
+    even and clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| /
+    (2^(b-1) - 1), zero point 0, q = clip(round(x / scale), -qmax, qmax). `integers=False` stops after
+    the scale and zero point (q is None). The nodes are returned, not placed.
     """
     qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
-    constants = (("zero", 0.0), ("one", 1.0), ("qmax", qmax)) + ((("qmin", -qmax),) if lq.act_symmetric else ())
+    constants = (("zero", 0.0), ("tiny", _TINY), ("qmax", qmax)) + ((("qmin", -qmax),) if lq.act_symmetric else ())
     c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in constants}
     made = []
 
@@ -346,16 +356,16 @@ def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool) -> tuple[str, 
         return out
 
     axes = [g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else []
+    keep = int(per_token)
     if lq.act_symmetric:
-        raw = op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=1), c["qmax"]])
-        scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
-        return op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]), scale, c["zero"], made
-    lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=1), c["zero"]])
-    hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=1), c["zero"]])
-    raw = op("Div", [op("Sub", [hi, lo]), c["qmax"]])
-    scale = op("Where", [op("Equal", [raw, c["zero"]]), c["one"], raw])
+        scale = op("Max", [op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=keep), c["qmax"]]), c["tiny"]])
+        q = op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]) if integers else None
+        return q, scale, c["zero"], made
+    lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=keep), c["zero"]])
+    hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=keep), c["zero"]])
+    scale = op("Max", [op("Div", [op("Sub", [hi, lo]), c["qmax"]]), c["tiny"]])
     zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
-    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]])
+    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]]) if integers else None
     return q, scale, zp, made
 
 
@@ -423,20 +433,35 @@ def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
 
 
 def _integer_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
-    """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point), shared by every layer
-    reading `x` on the same grid. Asymmetric per-row grids keep their float row zero points (taken
-    out after MatMulInteger); symmetric grids are shifted by 128 so one scalar zero point serves."""
+    """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point for MatMulInteger), shared
+    by every layer reading `x` on the same grid.
+
+    The scale (and an asymmetric grid's zero point) come from `_dynamic_grid`'s float ops; one
+    QuantizeLinear then makes the integers: blocked along the last axis with one block per row for
+    per-token grids (opset 21), per tensor otherwise. Its round(x / scale) + zero point, saturated,
+    is the simulation's clip(round(x / scale) + zp). Symmetric grids are shifted by 128 so one scalar
+    zero point serves MatMulInteger (and ORT fuses it with the scales into MatMulIntegerToFloat);
+    asymmetric per-row grids keep their row zero points (taken out after MatMulInteger).
+    """
     key = (x, lq.act_granularity, lq.act_symmetric)
     if key in g.dynamic:
         return g.dynamic[key], []
-    qf, scale, zp, made = _dynamic_grid(g, x, lq, per_token=lq.act_granularity == "token")
+    per_token = lq.act_granularity == "token"
+    _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
     q = g.unique(f"{lq.name}.token_uint8")
     if lq.act_symmetric:
-        shifted = g.unique(f"{lq.name}.token_shifted")
-        offset = g.add_init(np.array(128.0, dtype=np.float32), f"{lq.name}.token_offset")
-        made.append(helper.make_node("Add", [qf, offset], [shifted], name=g.unique(f"{lq.name}/token_shift")))
-        qf, zp = shifted, g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
-    made.append(helper.make_node("Cast", [qf], [q], name=g.unique(f"{lq.name}/token_cast"), to=TensorProto.UINT8))
+        zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
+        q_zp = zp
+        if per_token:
+            huge = g.add_init(np.array(_HUGE, dtype=np.float32), f"{lq.name}.token_huge")
+            q_zp = g.unique(f"{lq.name}.token_row_zero_point")
+            made.append(helper.make_node("QuantizeLinear", [scale, huge, zp], [q_zp], name=g.unique(f"{lq.name}/token_row_zero_point")))
+    else:
+        q_zp = g.unique(f"{lq.name}.token_zero_point_uint8")
+        made.append(helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8))
+        zp = q_zp
+    attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
+    made.append(helper.make_node("QuantizeLinear", [x, scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
     g.emit_after_producer(x, made)
     g.dynamic[key] = (q, scale, zp)
     return (q, scale, zp), [n.name for n in made]
@@ -490,13 +515,14 @@ def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Re
     for node, _ in compute:
         (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
         y = node.output[0]
-        yi, yf, yw = (g.unique(f"{lq.name}.{n}") for n in ("output_int32", "output_float", "output_wscaled"))
-        names = [g.unique(f"{lq.name}/{n}") for n in ("matmul_integer", "cast", "weight_scale", "mul")]
+        s, yi, yf = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_float"))
+        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul")]
+        # Mul(Cast(MatMulInteger), Mul(x scale, w scale)): the pattern ORT fuses into one MatMulIntegerToFloat
         g.replace[id(node)] = [
-            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[0]),
-            helper.make_node("Cast", [yi], [yf], name=names[1], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [yf, sn], [yw], name=names[2]),
-            helper.make_node("Mul", [yw, xs], [y], name=names[3]),
+            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
+            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[1]),
+            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [yf, s], [y], name=names[3]),
         ]
         nodes += grid_nodes + names
     mode = "dynamic-token" if lq.act_granularity == "token" else "dynamic"

@@ -187,18 +187,23 @@ def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
-@pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulInteger"),
-                                         ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulInteger"),
-                                         ("w8-sym-tensor", "MatMulInteger"), ("w4-g128-rtn", "MatMulNBits")])
+@pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulIntegerToFloat"),
+                                         ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulIntegerToFloat"),
+                                         ("w8-sym-tensor", "MatMulIntegerToFloat"), ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
-    """Every quantized layer runs an integer kernel (per-token layers: MatMulInteger + int32 zero-point correction)."""
+    """Every quantized layer runs an integer kernel (asymmetric per-token layers: MatMulInteger + int32 zero-point
+    correction; symmetric ones fuse with their scales into MatMulIntegerToFloat)."""
     qdir, out, meta = tiny_exports[name]
     ops = _fused_ops(out, tmp_path, meta["session_config"])
     n_layers = len(load_quantized(qdir).layers())
     integer = ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] + ops["MatMulNBits"] + ops["MatMulInteger"]
     assert ops[fused] > 0 and integer == n_layers, dict(ops)
+    asymmetric_token = [n for n, m in load_quantized(qdir).layers().items() if m.decision.activation.mode == "dynamic"
+                        and m.decision.activation.granularity == "token" and not m.decision.activation.symmetric]
+    assert ops["MatMulInteger"] == len(asymmetric_token)  # w8a8's down_proj and head: their row zero points need int32
     float_head = "lm_head" not in load_quantized(qdir).layers()
-    assert ops["MatMul"] == 4 * 2 + float_head  # attention scores and values per layer, and a float lm_head
+    # attention scores and values per layer (scores fused with their scale once CastLike is gone), and a float lm_head
+    assert ops["MatMul"] + ops["FusedMatMul"] == 4 * 2 + float_head and ops["FusedMatMul"] == 4
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -359,3 +364,55 @@ def test_noise_floor_perturbs_only_inside(tiny_exports):
         after = model(ids).logits
     assert hooked == len(load_quantized(qdir).layers())
     assert not torch.equal(base, perturbed) and torch.equal(base, after)
+
+
+@pytest.mark.parametrize("symmetric, granularity", [(True, "token"), (False, "token"), (True, "tensor")])
+def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
+    """The dynamic INT8 grid ONNX computes (float ops for the scale, QuantizeLinear for the integers)
+    gives the simulation's integers on rows built to catch it out: exact rounding ties, an all-zero
+    row, all-negative and outlier rows; and the layer's output is the simulation's."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeq.export.onnx_quant import LayerQ, quantize_graph
+    from edgeq.quantize.primitives import act_qparams, dynamic_fake_quant_act
+
+    k, n = 64, 24
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, k)).astype(np.float32)
+    x[0, 1] = 0.0
+    x[0, 2] = (np.arange(k) % 50 - 25 + 0.5) * 0.25  # every x / scale a tie (scale 0.25 once 31.75 = 127 * 0.25)
+    x[0, 2, 0] = 127 * 0.25
+    x[1, 0] = -np.abs(x[1, 0])
+    x[1, 3, 5] = 300.0
+    q = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
+    scale = rng.uniform(1e-3, 1e-2, size=(n, 1)).astype(np.float32)
+    lq = LayerQ("l", "linear", q, scale, np.zeros((n, 1), np.int16), 8, True, None, act_mode="dynamic",
+                act_symmetric=symmetric, act_granularity=granularity)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["model.l.weight"], ["w_t"], perm=[1, 0]), helper.make_node("MatMul", ["x", "w_t"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+        [numpy_helper.from_array((q * scale).astype(np.float32), "model.l.weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    rendered, _ = quantize_graph(model, [lq], int8_weights="uint8")
+    integers = next(o for node in model.graph.node if node.name.endswith("/token_quantize") for o in node.output)
+    model.graph.output.append(helper.make_tensor_value_info(integers, TensorProto.UINT8, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    y, got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    xt = torch.from_numpy(x)
+    per_token = granularity == "token"
+    lo, hi = (xt.amin(-1, keepdim=True), xt.amax(-1, keepdim=True)) if per_token else (xt.amin(), xt.amax())
+    s, zp = act_qparams(lo, hi, 8, symmetric)
+    qmin, qmax = (-127, 127) if symmetric else (0, 255)
+    want = torch.clamp(torch.round(xt / s) + zp, qmin, qmax).numpy() + (128 if symmetric else 0)
+    assert np.array_equal(got.astype(np.int32), want.astype(np.int32))
+    if per_token:
+        assert len(set(got[0, 1].tolist())) == 1  # the all-zero row: every integer its zero point
+        if symmetric:  # the tie row really sits on ties (scale 31.75 / 127 = 0.25 exactly)
+            assert ((xt[0, 2] / s[0, 2]).numpy() % 1 == 0.5).sum() > k // 2
+    sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy(q * scale).T
+    assert np.allclose(y, sim.numpy(), rtol=1e-5, atol=1e-5)
+    assert rendered[0].op == "MatMulInteger"
