@@ -72,7 +72,7 @@ def _check_variant(variant: str | None, qm) -> str:
 @register_exporter("onnx", ".onnx")
 def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.onnx"), variant: str | None = None, *,
                 decode: bool = True, accuracy_level: int | None = 0, external_data: bool | None = None,
-                int8_weights: str = "uint8",
+                int8_weights: str = "uint8", graph_cache: bool = True,
                 parity_samples: int = 4, parity_seq_len: int = 64, threads: int = 1) -> dict:
     """Export to `out` (.onnx); returns the metadata written to `out`.json.
 
@@ -84,6 +84,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     u8u8 integer kernels compute exactly on every CPU; "int8": as ORT's own quantizer writes them,
     but its u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI, which wrecked
     SmolLM2's logits on this host),
+    `graph_cache` (False: trace the float graph even when this process or the user cache holds it),
     `parity_samples` / `parity_seq_len` (held-back inputs), `threads` (for parity).
     """
     out = Path(out)
@@ -95,7 +96,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
     with dequantized(bundle.module):
-        protos = [export_graph(s) for s in specs]
+        graphs = [export_graph(s, cache=graph_cache) for s in specs]
+    protos = [p for p, _ in graphs]
     results = [quantize_graph(p, layers, PREFIX, int8_weights) for p in protos]
     rendered = [r for r, _ in results]
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
@@ -139,6 +141,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "layers_not_in_graph": unused,  # quantized, but nothing the graph returns uses them
             "containers": _container_notes(qm, rendered[0]) if qm is not None else None,
             "export_s": round(export_s, 3),
+            "float_graph": {s.role: source for s, (_, source) in zip(specs, graphs)},  # traced | process | disk (cache)
             "int8_weights": int8_weights,
             "host_note": _host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
         }

@@ -7,17 +7,24 @@ key/values for decoder LMs; a decode step that also takes past key/values), and 
 an initializer named after its module (`model.<layer>.weight`), which is how `onnx_quant` finds
 each layer's weight. ONNX Runtime does the constant folding when it loads the file.
 
-Exports are slow (tens of seconds even for tiny models), so the graph of a given architecture is
-exported once per process and re-bound to another model's tensors by name.
+Exports are slow (tens of seconds even for tiny models, ~2 minutes per graph for SmolLM2-135M on
+2 cores), so the graph of a given architecture is traced once and re-bound to another model's
+tensors by name: kept per process, and on disk (the user cache, `onnx-graphs/`) for models whose
+code comes from installed packages, keyed by the structure, the code's source files and the
+versions of torch, onnx, onnxscript and transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
+import sysconfig
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -198,47 +205,99 @@ def _structure_key(spec: GraphSpec) -> str:
     config = getattr(model, "config", None)
     parts = [spec.role, type(model).__module__, type(model).__qualname__, str(spec.wrapper),
              config.to_json_string() if config is not None and hasattr(config, "to_json_string") else "",
+             getattr(config, "_attn_implementation", None),
              json.dumps(spec.input_names), json.dumps(spec.output_names),
              [(tuple(a.shape), str(a.dtype)) for a in torch.utils._pytree.tree_leaves(spec.args)],
              [(k, tuple(v.shape), str(v.dtype)) for k, v in spec.wrapper.state_dict().items()], _tied_groups(spec.wrapper)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def export_graph(spec: GraphSpec) -> onnx.ModelProto:
-    """The float ONNX graph of `spec` (opset 21), its initializers bound to the wrapped model's tensors."""
-    state = {k: v for k, v in spec.wrapper.state_dict(keep_vars=False).items()}
-    key = _structure_key(spec)
-    cached = _CACHE.get(key)
-    if cached is None:
-        spec.wrapper.eval()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            try:
-                program = torch.onnx.export(spec.wrapper, spec.args, dynamo=True, opset_version=OPSET, optimize=False,
-                                            input_names=spec.input_names, output_names=spec.output_names,
-                                            dynamic_shapes=spec.dynamic_shapes, verbose=False)
-            except Exception as exc:  # torch.export fails in many ways on user models
-                raise EdgeqError(f"export: torch.onnx.export failed for the {spec.role} graph: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        proto = program.model_proto
-        _cast_like_to_cast(proto.graph)
-        template = onnx.ModelProto()
-        template.CopyFrom(proto)
-        for init in template.graph.initializer:
-            if init.name in state:
-                init.ClearField("raw_data")
-        _CACHE[key] = template
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        return proto
+def _disk_key(spec: GraphSpec, key: str) -> str | None:
+    """The on-disk cache key of a graph, or None when its code is not all from installed packages
+    (a user's own module could change without changing anything the key sees)."""
+    roots = [Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")] + [Path(__file__).resolve().parents[1]]
+    files = set()
+    for m in spec.wrapper.modules():
+        try:
+            path = Path(inspect.getsourcefile(type(m)) or "").resolve()
+        except TypeError:
+            return None
+        if not path.is_file() or not any(path.is_relative_to(r) for r in roots):
+            return None
+        files.add(path)
+    h = hashlib.sha256(key.encode())
+    for path in sorted({*files, Path(__file__).resolve()}):
+        h.update(str(path).encode() + path.read_bytes())
+    for dist in ("torch", "onnx", "onnxscript", "transformers"):
+        try:
+            h.update(f"{dist}={version(dist)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{dist}=none".encode())
+    return h.hexdigest()[:24]
+
+
+def _bind(template: onnx.ModelProto, state: dict) -> onnx.ModelProto:
     proto = onnx.ModelProto()
-    proto.CopyFrom(cached)
+    proto.CopyFrom(template)
     for init in proto.graph.initializer:
         if init.name in state:
             arr = state[init.name].detach().cpu().numpy()
-            assert tuple(init.dims) == arr.shape, f"{init.name}: cached graph shape {tuple(init.dims)} != {arr.shape}"
+            if tuple(init.dims) != arr.shape:
+                raise EdgeqError(f"export: cached graph: {init.name} has shape {tuple(init.dims)}, the model {arr.shape}")
             init.raw_data = np.ascontiguousarray(arr).tobytes()
     return proto
+
+
+def export_graph(spec: GraphSpec, cache: bool = True) -> tuple[onnx.ModelProto, str]:
+    """The float ONNX graph of `spec` (opset 21), its initializers bound to the wrapped model's tensors,
+    and where it came from: "traced", "process" (traced earlier in this process) or "disk".
+
+    `cache=False` traces even when a cache holds the graph (the trace still refreshes both caches).
+    """
+    from ..cache import cache_dir
+    from ..fileio import write_bytes_atomic
+
+    state = {k: v for k, v in spec.wrapper.state_dict(keep_vars=False).items()}
+    key = _structure_key(spec)
+    if cache and key in _CACHE:
+        return _bind(_CACHE[key], state), "process"
+    disk_key = _disk_key(spec, key)
+    disk = cache_dir("onnx-graphs") / f"{disk_key}.onnx" if disk_key else None
+    if cache and disk is not None and disk.is_file():
+        try:
+            template = onnx.load_model_from_string(disk.read_bytes())
+        except Exception:  # unreadable (truncated by a full disk, a protobuf change): trace it again
+            template = None
+        if template is not None:
+            _remember(key, template)
+            return _bind(template, state), "disk"
+    spec.wrapper.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(spec.wrapper, spec.args, dynamo=True, opset_version=OPSET, optimize=False,
+                                        input_names=spec.input_names, output_names=spec.output_names,
+                                        dynamic_shapes=spec.dynamic_shapes, verbose=False)
+        except Exception as exc:  # torch.export fails in many ways on user models
+            raise EdgeqError(f"export: torch.onnx.export failed for the {spec.role} graph: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    proto = program.model_proto
+    _cast_like_to_cast(proto.graph)
+    template = onnx.ModelProto()
+    template.CopyFrom(proto)
+    for init in template.graph.initializer:
+        if init.name in state:
+            init.ClearField("raw_data")
+    _remember(key, template)
+    if disk is not None:
+        write_bytes_atomic(disk, template.SerializeToString())
+    return proto, "traced"
+
+
+def _remember(key: str, template: onnx.ModelProto) -> None:
+    _CACHE[key] = template
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
 
 
 def _cast_like_to_cast(graph: onnx.GraphProto) -> None:

@@ -416,3 +416,23 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
     sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy(q * scale).T
     assert np.allclose(y, sim.numpy(), rtol=1e-5, atol=1e-5)
     assert rendered[0].op == "MatMulInteger"
+
+
+def test_float_graph_from_disk_cache_gives_the_same_file(tiny_exports, tmp_path):
+    """The traced float graph is kept in the user cache (keyed by structure, code and versions); a fresh
+    process reading it writes byte-identical files. A module:factory model (user code) is never
+    cached on disk, since its source could change under the same structure."""
+    from edgeq.export import onnx_graph
+    from edgeq.models import load_model
+
+    qdir, out, meta = tiny_exports["w8"]
+    assert set(meta["float_graph"]) == {"prefill", "decode"}
+    onnx_graph._CACHE.clear()  # as a new process
+    again = export(qdir, "onnx", tmp_path / "again.onnx")
+    assert again["float_graph"] == {"prefill": "disk", "decode": "disk"}
+    assert again["sha256"] == meta["sha256"] and [f["sha256"] for f in again["files"]] == [f["sha256"] for f in meta["files"]]
+    traced = export(qdir, "onnx", tmp_path / "traced.onnx", decode=False, graph_cache=False)
+    assert traced["float_graph"] == {"prefill": "traced"}
+    cnn = load_model("tests.export.onnx_cnn:small_cnn")
+    spec = onnx_graph.graph_specs(cnn)[0]
+    assert onnx_graph._disk_key(spec, onnx_graph._structure_key(spec)) is None
