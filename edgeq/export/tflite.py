@@ -77,8 +77,12 @@ def check_representable(qm, variant: str) -> None:
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
         if d.kind == "embedding":
-            raise EdgeqError(f"{where}: quantized embedding tables are not rendered in TFLite yet; export --format onnx, "
-                             "or leave the recipe's [embedding] table out")
+            if variant == "int8":
+                raise EdgeqError(f"{where}: a full-integer (--variant int8) graph keeps its embedding table float here; "
+                                 "leave the recipe's [embedding] table out, or export --variant dynamic-int8 / int4")
+            if w.granularity != "channel":
+                raise EdgeqError(f"{where}: LiteRT's quantized EMBEDDING_LOOKUP is rendered with one scale per row; "
+                                 "re-quantize the [embedding] table with granularity = 'channel'")
         if not w.symmetric:
             raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
                              f"re-quantize with symmetric = true (e.g. recipe {'w4-g128-litert' if w.bits <= 4 else 'w8'})")

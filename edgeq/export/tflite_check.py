@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quantize.modules import QuantLinear
+from ..quantize.modules import QuantEmbedding, QuantLinear
 
 
 def _int_layout(module) -> np.ndarray:
     """edgeq's integers in TFLite's weight layout."""
     q = module.qweight.detach().to(torch.int16).numpy()
-    if isinstance(module, QuantLinear):
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
         return q
     shape = module.decision.shape  # [out, in/groups, kh, kw]
     q = q.reshape(shape)
@@ -83,17 +83,17 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     tensors = {}
     consumers = {}
     for sg in model_t.subgraphs:
-        for i, t in enumerate(sg.tensors):
-            if t.name:
-                tensors[t.name.decode()] = (sg, i)
         for op in sg.operators:
             if len(op.inputs) > 1 and op.inputs[1] >= 0:
                 consumers[(id(sg), op.inputs[1])] = (op, codes[op.opcodeIndex])
+                out = sg.tensors[op.outputs[0]].name.decode() if op.outputs and op.outputs[0] >= 0 else ""
+                if out.startswith("edgeq/"):  # the layer's op: its weight (a tied head's is the embedding table)
+                    tensors[out[len("edgeq/"):]] = (sg, op.inputs[1])
     report, mismatches = {}, []
     for name, m in layers.items():
         d = m.decision
         entry = {"bits": d.weight.bits, "granularity": d.weight.granularity}
-        found = tensors.get(f"edgeq/{name}/weight")
+        found = tensors.get(name)
         if found is None:
             mismatches.append(f"{name}: weight tensor not found")
             report[name] = {**entry, "ints": False, "scales": False}

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeqError
-from ..quantize.modules import QuantConv2d, QuantLinear, quant_layers, set_module
+from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
-WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
 GRAPH_VERSION = 1  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
@@ -143,6 +143,15 @@ def _rms_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
+def _dequant_module(q, fold=None) -> torch.nn.Module:
+    """The float layer rendering a quantized one: its dequantized weight in a plain module."""
+    if isinstance(q, QuantEmbedding):
+        return torch.nn.Embedding(q.num_embeddings, q.embedding_dim, q.padding_idx, _weight=render_weight(q), _freeze=True)
+    if isinstance(q, QuantLinear):
+        return _dequant_linear(q)
+    return _DequantConv(q, fold)
+
+
 def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
     lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
     lin.weight = torch.nn.Parameter(render_weight(q), requires_grad=False)
@@ -161,7 +170,7 @@ def float_rendering(model: torch.nn.Module, folds: dict | None = None):
     rms = _rms_norms(model) if layers else {}
     try:
         for name, q in layers.items():
-            set_module(model, name, _dequant_linear(q) if isinstance(q, QuantLinear) else _DequantConv(q, folds.get(name)))
+            set_module(model, name, _dequant_module(q, folds.get(name)))
         for n in norms:
             set_module(model, n, torch.nn.Identity())
         for n, m in rms.items():
@@ -225,9 +234,10 @@ def example_inputs(bundle, seq_len: int) -> tuple:
 
 
 def tflite_weight(module, fold=None) -> np.ndarray:
-    """A quantized layer's dequantized weight in TFLite's layout (FC [out, in]; conv OHWI; depthwise 1HWO)."""
+    """A quantized layer's dequantized weight in TFLite's layout (FC [out, in]; embedding table [rows, dim];
+    conv OHWI; depthwise 1HWO)."""
     w = render_weight(module, fold).to(torch.float32).numpy()
-    if isinstance(module, QuantLinear):
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
         return np.ascontiguousarray(w)
     if module.conv_args["groups"] == 1:
         return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
@@ -271,12 +281,15 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
 
 
-def label_layers(model_t, weights: dict[str, np.ndarray]) -> dict[str, str]:
+def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] | None = None) -> dict[str, str]:
     """Rename each layer's weight/output tensors after the layer; returns layer -> TFLite op name.
 
     Layers are found by the exact bytes of their float weight. A layer found nowhere (the converter
-    changed its weight, e.g. folded a BatchNorm into it) or twice with different ops is an error.
+    changed its weight, e.g. folded a BatchNorm into it) is an error. Identical weights go in graph
+    order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
+    table are one tensor in the converted graph: it keeps the first layer's label (`weight_tensor`).
     """
+    kinds = kinds or {}
     by_digest: dict[str, list[str]] = {}
     for name, w in weights.items():
         by_digest.setdefault(_digest(w), []).append(name)
@@ -289,8 +302,11 @@ def label_layers(model_t, weights: dict[str, np.ndarray]) -> dict[str, str]:
         names = by_digest.get(hashlib.sha1(bytes(np.asarray(data, dtype=np.uint8))).hexdigest())
         if not names:
             continue
-        name = names.pop(0)  # identical weights: graph order decides, any assignment is byte-identical
-        wt.name = f"edgeq/{name}/weight".encode()
+        lookup = opname == "EMBEDDING_LOOKUP"
+        name = next((n for n in names if (kinds.get(n) == "embedding") == lookup), names[0])
+        names.remove(name)  # identical weights: any assignment is byte-identical
+        if not wt.name.startswith(b"edgeq/"):
+            wt.name = f"edgeq/{name}/weight".encode()
         sg.tensors[op.outputs[0]].name = f"edgeq/{name}".encode()
         found[name] = opname
     missing = [n for n in weights if n not in found]
@@ -299,6 +315,14 @@ def label_layers(model_t, weights: dict[str, np.ndarray]) -> dict[str, str]:
                          "e.g. by folding a BatchNorm into it; its integers cannot be carried exactly. "
                          "Fold such layers before quantizing, or export --variant fp32")
     return found
+
+
+def weight_tensor(model_t, layer: str) -> str:
+    """The name of the weight tensor `layer`'s op reads (a tied head's is its embedding table's)."""
+    for sg, op, _ in weight_ops(model_t):
+        if sg.tensors[op.outputs[0]].name.decode() == f"edgeq/{layer}":
+            return sg.tensors[op.inputs[1]].name.decode()
+    raise EdgeqError(f"tflite: layer {layer!r} has no labelled op in the graph")
 
 
 def set_weights(model_t, weights: dict[str, np.ndarray]) -> None:
@@ -362,7 +386,7 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     buf = convert(bundle, model, seq_len, folds)
     seconds = time.perf_counter() - t0
     model_t = read_model(buf)
-    found = label_layers(model_t, weights)
+    found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()})
     out = write_model(model_t)
     if cache:
         write_bytes_atomic(cached, out)

@@ -96,7 +96,7 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     """
     from ai_edge_quantizer import quantizer
 
-    from .tflite_graph import read_model, weight_ops
+    from .tflite_graph import read_model, weight_ops, weight_tensor
 
     qt = quantizer.Quantizer(bytearray(float_buf))
     qt.load_quantization_recipe(recipe(layers, ops, static))
@@ -116,7 +116,7 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
                                  "TFLite holds one grid per tensor (re-quantize with one activation grid for them)")
             qsvs[inputs[name]] = {**grid, "_edgeq": name}
     for name, m in layers.items():
-        wname = f"edgeq/{name}/weight"
+        wname = weight_tensor(model_t, name)  # a tied head's is its embedding table's: the same override twice
         qsvs[wname] = weight_override(m, ops[name], shapes[wname], scales[name])
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
@@ -128,3 +128,4 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
 
 def _same(a: dict, b: dict) -> bool:
     return np.array_equal(a["min"], b["min"]) and np.array_equal(a["max"], b["max"])
+

@@ -1,6 +1,7 @@
 """Quantized input embeddings: the recipe's [embedding] table, a tied LM head sharing its integers,
-the QDIR round trip with one stored copy, and the ONNX rendering (Gather of integer rows, the head
-through DequantizeLinear of the same table)."""
+the QDIR round trip with one stored copy, the ONNX rendering (Gather of integer rows, the head
+through DequantizeLinear of the same table) and the TFLite one (EMBEDDING_LOOKUP and the head on one
+int8 tensor)."""
 
 from __future__ import annotations
 
@@ -120,9 +121,36 @@ def test_embedding_spec_is_validated():
     assert "embedding" not in QuantRecipe.from_dict({"rules": RULES}).to_dict()
 
 
-def test_tflite_refuses_quantized_embeddings(tied_qdir, tmp_path):
+def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, tmp_path):
+    """EMBEDDING_LOOKUP and the tied head's FULLY_CONNECTED read one int8 table with edgeq's integers
+    and row scales (read back bitwise); full-integer TFLite refuses, naming what works."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.export.tflite_graph import op_names, read_model, schema
+
     _, qdir = tied_qdir
     out = tmp_path / "emb.tflite"
-    with pytest.raises(EdgeqError, match="quantized embedding tables are not rendered in TFLite yet; export --format onnx"):
-        export(qdir, "tflite", out)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    meta = export(qdir, "tflite", out)
+    per = meta["readback"]["per_layer"]
+    assert meta["variant"] == "int4" and meta["exact"] is True and meta["parity"]["within_tolerance"]
+    assert per["model.embed_tokens"]["tflite_type"] == "INT8" and per["lm_head"]["ints"] and per["lm_head"]["scales"]
+    model_t = read_model(out.read_bytes())
+    sg = model_t.subgraphs[0]
+    codes = op_names(model_t)
+    table = {op.inputs[1] for op in sg.operators if codes[op.opcodeIndex] in ("EMBEDDING_LOOKUP", "FULLY_CONNECTED")
+             and list(sg.tensors[op.inputs[1]].shape) == [256, 128]}
+    assert len(table) == 1 and sg.tensors[table.pop()].type == schema().TensorType.INT8  # one table, int8
+    with pytest.raises(EdgeqError, match="full-integer"):
+        export(qdir, "tflite", tmp_path / "full.tflite", variant="int8")
+    assert not (tmp_path / "full.tflite").exists()
+
+
+def test_tflite_int4_embedding_table(tmp_path):
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    qm = quantize_model(_tied_tiny_llama(), _recipe(bits=4))
+    qm.save(tmp_path / "q4")
+    meta = export(tmp_path / "q4", "tflite", tmp_path / "e4.tflite")
+    per = meta["readback"]["per_layer"]
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"]
+    assert per["model.embed_tokens"]["tflite_type"] == per["lm_head"]["tflite_type"] == "INT4"
