@@ -80,9 +80,6 @@ def check_representable(qm, variant: str) -> None:
             if variant == "int8":
                 raise EdgeqError(f"{where}: a full-integer (--variant int8) graph keeps its embedding table float here; "
                                  "leave the recipe's [embedding] table out, or export --variant dynamic-int8 / int4")
-            if w.granularity != "channel":
-                raise EdgeqError(f"{where}: LiteRT's quantized EMBEDDING_LOOKUP is rendered with one scale per row; "
-                                 "re-quantize the [embedding] table with granularity = 'channel'")
         if not w.symmetric:
             raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
                              f"re-quantize with symmetric = true (e.g. recipe {'w4-g128-litert' if w.bits <= 4 else 'w8'})")
@@ -108,9 +105,9 @@ def check_representable(qm, variant: str) -> None:
             if variant == "dynamic-int8" and w.bits != 8:
                 raise EdgeqError(f"{where}: --variant dynamic-int8 needs 8-bit weights; use --variant int4")
         if w.granularity == "group":
-            if w.bits != 4 or d.kind != "linear":
-                raise EdgeqError(f"{where}: LiteRT's blockwise weights are INT4 on fully-connected layers only; "
-                                 "use granularity = 'channel'")
+            if w.bits != 4 or d.kind not in ("linear", "embedding"):
+                raise EdgeqError(f"{where}: LiteRT's blockwise weights are INT4 on fully-connected layers and embedding "
+                                 "tables only; use granularity = 'channel'")
             from .tflite_quant import BLOCK_SIZES
 
             if w.group_size not in BLOCK_SIZES:

@@ -145,12 +145,14 @@ def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, 
     assert not (tmp_path / "full.tflite").exists()
 
 
-def test_tflite_int4_embedding_table(tmp_path):
+@pytest.mark.parametrize("spec", [{}, {"granularity": "group", "group_size": 64, "scale_dtype": "bf16"}], ids=["row", "block64"])
+def test_tflite_int4_embedding_table(tmp_path, spec):
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
-    qm = quantize_model(_tied_tiny_llama(), _recipe(bits=4))
+    qm = quantize_model(_tied_tiny_llama(), _recipe(bits=4, **spec))
     qm.save(tmp_path / "q4")
     meta = export(tmp_path / "q4", "tflite", tmp_path / "e4.tflite")
     per = meta["readback"]["per_layer"]
     assert meta["exact"] is True and meta["parity"]["within_tolerance"]
     assert per["model.embed_tokens"]["tflite_type"] == per["lm_head"]["tflite_type"] == "INT4"
+    assert per["lm_head"].get("block_size") == spec.get("group_size")
