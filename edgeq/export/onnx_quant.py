@@ -336,17 +336,20 @@ _TINY = float(np.nextafter(np.float32(0), np.float32(1)))
 _HUGE = float(np.finfo(np.float32).max)
 
 
-def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str, list]:
+def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str | None, list]:
     """The simulation's dynamic b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
 
     Per token (the last axis reduced, kept as size 1) or over the whole tensor (a scalar).
     Asymmetric: range widened to include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to
     even and clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| /
     (2^(b-1) - 1), zero point 0, q = clip(round(x / scale), -qmax, qmax). `integers=False` stops after
-    the scale and zero point (q is None). The nodes are returned, not placed.
+    the scale and zero point (q is None, and so is a symmetric grid's zero point). The nodes are
+    returned, not placed.
     """
     qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
-    constants = (("zero", 0.0), ("tiny", _TINY), ("qmax", qmax)) + ((("qmin", -qmax),) if lq.act_symmetric else ())
+    # only the constants the ops below use (ONNX Runtime warns about unused initializers)
+    constants = (("tiny", _TINY), ("qmax", qmax)) + ((("zero", 0.0),) if integers or not lq.act_symmetric else ()) + (
+        (("qmin", -qmax),) if lq.act_symmetric and integers else ())
     c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in constants}
     made = []
 
@@ -359,8 +362,9 @@ def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool
     keep = int(per_token)
     if lq.act_symmetric:
         scale = op("Max", [op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=keep), c["qmax"]]), c["tiny"]])
-        q = op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]) if integers else None
-        return q, scale, c["zero"], made
+        if not integers:
+            return None, scale, None, made
+        return op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]), scale, c["zero"], made
     lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=keep), c["zero"]])
     hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=keep), c["zero"]])
     scale = op("Max", [op("Div", [op("Sub", [hi, lo]), c["qmax"]]), c["tiny"]])
