@@ -1,6 +1,7 @@
 """QAT on the toy LM: loss goes down from the PTQ start, resume == uninterrupted, LR-QAT / PB-LLM QDIRs reload exactly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,30 @@ def test_pbllm_ptq_and_qat_record_honest_bits(tiny_llama_ref, tmp_path):
     entry = json.loads((tmp_path / "pbqat" / "quant.json").read_text())["layers"][0]
     assert entry["method"] == "qat-pb-llm" and "bits_per_weight" in entry["qat-pb-llm"]
     assert qat.extra["qat"]["merge_check"]["bit_exact"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+@pytest.mark.parametrize("fixed", [False, True])
+def test_freed_training_temporaries_leave_the_process(fixed):
+    """With glibc's default the freed [out, in]-sized blocks stay resident (the threshold grew past them);
+    with edgeq qat's fixed mmap threshold they go back to the OS."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from edgeq.quantize.qat_loop import return_freed_memory
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
+if {fixed}:
+    assert return_freed_memory()
+a = torch.ones(10 << 18); del a  # a freed 10 MB block: glibc's default threshold grows past 8 MB
+before = rss()
+blocks = [torch.ones(8 << 18) for _ in range(30)]  # 240 MB of 8 MB blocks, touched
+keep = blocks[-1]
+del blocks
+print(rss() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    held_mb = int(out.stdout.strip())
+    assert (held_mb < 40) if fixed else (held_mb > 150), held_mb
