@@ -44,6 +44,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+DEFAULT_RECIPES = {"dynamic-int8": "w8", "int8": "w8a8-static", "int4": "w4-g64-litert"}  # their files keep the short name
+
+
 def make_qdir(model: str, recipe_name: str, work: Path) -> tuple[Path, float | None]:
     from edgeq.models import load_model
     from edgeq.models.inputs import calibration_batches
@@ -136,8 +139,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/edgeq-bench-tflite", help="QDIRs and .tflite files")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--int4-recipe", default="w4-g64-litert",
-                    help="edgeq INT4 recipe (SmolLM2's width 576 is not a multiple of 128: LiteRT has no short last block)")
+    ap.add_argument("--int4-recipe", nargs="+", default=["w4-g64-litert"],
+                    help="recipe(s) (preset names or TOML paths) for the int4 rows (default w4-g64-litert)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
     ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
@@ -158,7 +161,7 @@ def main() -> None:
     is_lm = bundle.kind == "causal-lm"
     recipes = {"w8": "dynamic-int8", "w8a8-static": "int8"}  # full integer needs static activations in every layer
     if is_lm:
-        recipes[args.int4_recipe] = "int4"
+        recipes.update({r: "int4" for r in args.int4_recipe})
     # rows finished by an earlier run (same model and sequence length) are kept: the run resumes
     previous = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").is_file() else {}
     keep = previous.get("model") == args.model and previous.get("seq_len") in (args.seq_len, None)
@@ -187,7 +190,8 @@ def main() -> None:
             continue
         log(f"edgeq {recipe_name} -> {variant}")
         qdir, qs = make_qdir(args.model, recipe_name, work)
-        path = work / f"{args.model}-edgeq-{variant}.tflite"
+        stem = Path(recipe_name).stem
+        path = work / (f"{args.model}-edgeq-{variant}.tflite" if stem == DEFAULT_RECIPES[variant] else f"{args.model}-edgeq-{variant}-{stem}.tflite")
         if args.reuse_graphs and Path(f"{path}.json").is_file() and json.loads(Path(f"{path}.json").read_text())["source"]["qdir"] == str(qdir.resolve()):
             m = json.loads(Path(f"{path}.json").read_text())  # exported by an earlier run from the same QDIR
         else:
@@ -273,10 +277,14 @@ def targets(rows: dict, is_lm: bool) -> dict:
             key = "ppl" if is_lm else "kl_fp32"
             better = full[key] < aeq_static[key]
             out["int8_better_than_static_wi8_ai8"] = {"edgeq": full[key], "aeq": aeq_static[key], "metric": key, "met": better}
-    int4, aeq4 = get("edgeq int4"), get("aeq dynamic_wi4b32_afp32")
-    if is_lm and int4 and aeq4 and "ppl" in int4 and "ppl" in aeq4:
-        out["int4_ppl_below_dynamic_wi4b32"] = {"edgeq": int4["ppl"], "aeq": aeq4["ppl"], "met": int4["ppl"] < aeq4["ppl"]}
-        out["int4_size_not_larger"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"], "met": int4["size_mb"] <= aeq4["size_mb"]}
+    aeq4 = get("aeq dynamic_wi4b32_afp32")
+    for name, int4 in rows.items():  # every int4 row, each against the same ai-edge-quantizer file
+        if not (name.startswith("edgeq int4") and is_lm and aeq4 and "ppl" in int4 and "ppl" in aeq4):
+            continue
+        tag = "" if int4.get("recipe") == DEFAULT_RECIPES["int4"] else f" ({int4.get('recipe')})"
+        out[f"int4_ppl_below_dynamic_wi4b32{tag}"] = {"edgeq": int4["ppl"], "aeq": aeq4["ppl"], "met": int4["ppl"] < aeq4["ppl"]}
+        out[f"int4_size_not_larger{tag}"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"],
+                                             "met": int4["size_mb"] <= aeq4["size_mb"]}
     return out
 
 
