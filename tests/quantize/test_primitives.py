@@ -113,3 +113,15 @@ def test_full_range_grid_uses_all_levels_and_maps_the_extreme_exactly():
     err_full = (back - w).abs().mean()
     err_narrow = (P.dequantize(P.quantize(w, narrow_scale, zp, 4, True, 64), narrow_scale, zp, 64) - w).abs().mean()
     assert err_full < err_narrow
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 1000, 65537, 1 << 21])
+def test_tail_quantiles_are_torch_quantile(n):
+    """The percentile observer's quantiles (topk of the tails) equal torch.quantile value for value,
+    in the tails and in the middle (where it falls back to torch.quantile)."""
+    from edgeq.quantize.observers import tail_quantiles
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3 + torch.randn(n, generator=g).pow(5)  # heavy tails
+    for qs in ([1e-5, 1 - 1e-5], [1e-4, 0.9999], [0.001, 0.999], [0.3, 0.7], [0.0, 1.0]):
+        assert torch.equal(tail_quantiles(x, qs), torch.quantile(x, torch.tensor(qs))), (n, qs)
