@@ -663,7 +663,7 @@ NOTES = [
     "average right after each step is in the JSON (loadavg_after). Step times are wall clock under that contention.",
     "exact / parity: edgeq's export metadata: integers and scales read back bitwise from the file, and max |logits| difference "
     "between ONNX Runtime and the PyTorch simulation on held-back inputs.",
-    "quantize+export s of an edgeq step includes tracing its float ONNX graphs (prefill and decode, ~2 min each for "
+    "quantize+export s of an edgeq step includes tracing its float ONNX graphs (prefill and decode, about a minute each for "
     "SmolLM2 on 2 cores) unless the row says 'float graph cached': edgeq keeps traced graphs in the user cache, keyed by "
     "structure, code and versions, so every later export of that architecture skips the trace (ORT's rows start from "
     "edgeq's FP32 file, i.e. never pay it). --cold-graph forces the trace.",

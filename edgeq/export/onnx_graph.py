@@ -7,7 +7,7 @@ key/values for decoder LMs; a decode step that also takes past key/values), and 
 an initializer named after its module (`model.<layer>.weight`), which is how `onnx_quant` finds
 each layer's weight. ONNX Runtime does the constant folding when it loads the file.
 
-Exports are slow (tens of seconds even for tiny models, ~2 minutes per graph for SmolLM2-135M on
+Exports are slow (tens of seconds even for tiny models, about a minute per graph for SmolLM2-135M on
 2 cores), so the graph of a given architecture is traced once and re-bound to another model's
 tensors by name: kept per process, and on disk (the user cache, `onnx-graphs/`) for models whose
 code comes from installed packages, keyed by the structure, the code's source files and the

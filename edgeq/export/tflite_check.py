@@ -1,9 +1,10 @@
 """Read a quantized TFLite flatbuffer back and compare its integers and scales with edgeq's, per layer.
 
-This is the proof behind `exact: true`: each layer's weight tensor (found by its `edgeq/<layer>/weight`
-name) must hold edgeq's integers in TFLite's layout, its scales must equal edgeq's float32 scales
-bit for bit (blockwise scales are stored as fp16 and compared after widening), zero points must be
-0, and a static layer's input tensor must carry the layer's activation grid as int8 (zp - 128).
+This is the proof behind `exact: true`: each layer's weight tensor (the weight input of the op whose
+output is labelled `edgeq/<layer>`; a tied head's is its embedding table) must hold edgeq's integers
+in TFLite's layout, its scales must equal edgeq's float32 scales bit for bit (blockwise scales are
+stored as fp16 and compared after widening), zero points must be 0, and a static layer's input
+tensor must carry the layer's activation grid as int8 (zp - 128).
 """
 
 from __future__ import annotations

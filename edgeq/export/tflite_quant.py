@@ -128,4 +128,3 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
 
 def _same(a: dict, b: dict) -> bool:
     return np.array_equal(a["min"], b["min"]) and np.array_equal(a["max"], b["max"])
-
