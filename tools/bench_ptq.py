@@ -636,7 +636,9 @@ NOTES = [
     "edgeq rows: `quantize_model(bundle, load_recipe(R), calibration_batches(bundle, 'enwiki', N, L))` -> QDIR -> "
     "`export(QDIR, 'onnx', FILE)` (prefill + KV-cache decode graph, exact read-back and parity); quantize+export s is the "
     "whole step in a fresh process (model load, calibration, quantization, QDIR save, both graph exports, read-back, parity). "
-    "edgeq's recipes keep the (tied) head float.",
+    "edgeq's INT8 recipes quantize the LM head (untied, as ORT's quantizers do) and keep the input embedding float; its INT4 "
+    "recipes keep the (tied) head float. Decode graphs of recipes with per-token activation grids take batch 1 "
+    "(decode_batch in the export JSON): one row's grid is the tensor's, rendered as ORT's fused per-tensor kernels.",
     "ORT rows start from edgeq's fp32 export (both graphs). `quant_pre_process(skip_symbolic_shape=True)` (the default fails on "
     "symbolic shapes) folds the tied head's Transpose(embedding) into its own initializer, i.e. the head is untied for ORT "
     "(the file carries the embedding and the head separately); ORT's quantizers then quantize the head MatMul. "

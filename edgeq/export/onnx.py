@@ -8,7 +8,9 @@ Variants (the default follows the source):
 - `weight-only`: DequantizeLinear weights (INT8 per channel, or opset-21 blocked INT4/UINT4 that
   ONNX Runtime fuses into MatMulNBits; 2-3 bit values live in 4-bit containers), float activations.
 Decoder LMs get two graphs: FILE.onnx (prefill: input_ids -> logits + present key/values) and
-FILE.decode.onnx (one token + past key/values -> logits + presents).
+FILE.decode.onnx (one token + past key/values -> logits + presents). When layers quantize their
+inputs per token, the decode graph takes batch 1 (`decode_batch` in the JSON): each layer input is
+then one row, whose grid is the tensor's, and ONNX Runtime runs its fused per-tensor kernels.
 
 Every export reads its integers back from the written file and compares them bitwise with the
 quantized model (`exact`), and runs the file in ONNX Runtime against the PyTorch simulation on
@@ -98,7 +100,13 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     with dequantized(bundle.module):
         graphs = [export_graph(s, cache=graph_cache) for s in specs]
     protos = [p for p, _ in graphs]
-    results = [quantize_graph(p, layers, PREFIX, int8_weights) for p in protos]
+    # a decode step's per-token grids are one row each when its batch is 1: rendered per tensor (ORT's fused kernels)
+    batch_one = any(lq.act_mode == "dynamic" and lq.act_granularity == "token" for lq in layers)
+    results = [quantize_graph(p, layers, PREFIX, int8_weights, single_row=batch_one and s.role == "decode")
+               for s, p in zip(specs, protos)]
+    for s, p in zip(specs, protos):
+        if batch_one and s.role == "decode":
+            _fix_batch_one(p)
     rendered = [r for r, _ in results]
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
@@ -132,6 +140,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "opset": OPSET,
             "graph": {s.role: names[s.role] for s in specs} if bundle.kind == "causal-lm" else None,
             "decode_graph": bool(decode) if bundle.kind == "causal-lm" else None,
+            # 1: the decode graph takes one sequence (its per-token grids are rendered per tensor); None: any batch
+            "decode_batch": 1 if batch_one and any(s.role == "decode" for s in specs) else None,
             "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(
                 r.blocked or r.activation == "dynamic-token" for rs in rendered for r in rs) else RUNTIME_MIN_OPSET21},
             "session_config": session_config,
@@ -159,6 +169,20 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fix_batch_one(proto: onnx.ModelProto) -> None:
+    """Fix a graph's symbolic batch dimension (dim 0 of its first input) to 1 everywhere it is named,
+    so ONNX Runtime refuses any other batch with a shape error instead of computing other grids."""
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    param = dim0.dim_param
+    if not param:
+        return
+    for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in info.type.tensor_type.shape.dim:
+            if d.dim_param == param:
+                d.ClearField("dim_param")
+                d.dim_value = 1
 
 
 def _host_note() -> str | None:

@@ -14,17 +14,19 @@ Pure onnx + numpy (no torch). For each quantized layer the float weight initiali
   DynamicQuantizeMatMul; on Conv/Gemm or grouped weights: DynamicQuantizeLinear -> DequantizeLinear
   on the input (same numbers, float kernel).
 - dynamic per-token activations on a MatMul: each row's scale (and zero point) from float ops, the
-  integers from one QuantizeLinear with a block per row. Symmetric grids are shifted into uint8
+  integers from one QuantizeLinear with a block per row. In a graph whose every layer input is one
+  row (a batch-1 decode step, `single_row`), the token's grid is the tensor's grid, so these layers
+  are rendered like per-tensor ones (asymmetric 8-bit: ORT's own DynamicQuantizeMatMul structure). Symmetric grids are shifted into uint8
   (+128, one scalar zero point) and the layer is MatMulInteger, Cast and Mul by x_scale * w_scale,
-  which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero points, taken out
-  after MatMulInteger (`zp_x * colsum(w - zp_w)`, int32, exact), since ORT's MatMulInteger takes
-  only a scalar activation zero point.
+  which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero points: MatMulInteger
+  runs without them (ORT's takes only a scalar activation zero point), fused the same way, and
+  `(s_x zp_x) * (s_w colsum(w - zp_w))` is subtracted after it.
 Dequantization is `(q - zp) * scale` everywhere, exactly the simulation's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ml_dtypes
 import numpy as np
@@ -186,17 +188,21 @@ def _transpose_consumers(g: _Graph, name: str) -> list | None:
 
 
 def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "model",
-                   int8_weights: str = "int8") -> tuple[list[Rendered], list[str]]:
+                   int8_weights: str = "int8", single_row: bool = False) -> tuple[list[Rendered], list[str]]:
     """Replace each layer's float weight in `model` (in place).
 
     Returns where the integers went, and the layers absent from this graph (the exporter drops
     layers whose output nothing uses, e.g. BERT's pooler when the graph returns hidden states).
     `int8_weights="uint8"` stores symmetric 5..8-bit weights as uint8 with zero point 128 (the same
     real values): ONNX Runtime's u8s8 integer kernels saturate int16 pair sums on x86 CPUs without
-    VNNI (AVX2 only), its u8u8 kernels do not.
+    VNNI (AVX2 only), its u8u8 kernels do not. `single_row=True` promises that every quantized
+    layer's input holds one row (the caller fixes the graph's batch to 1 for a one-token decode step):
+    per-token grids are then rendered as per-tensor ones, the same numbers in fewer operators.
     """
     g = _Graph(model.graph)
     g.u8 = int8_weights == "uint8"
+    if single_row:
+        layers = [replace(lq, act_granularity="tensor") if lq.act_granularity == "token" else lq for lq in layers]
     rendered, absent = [], []
     for lq in layers:
         if lq.tied:
@@ -331,9 +337,6 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
 # the smallest positive float32: the scale of an all-zero row (its integers are 0 whatever the scale; the
 # simulation uses 1), as one Max instead of Equal + Where; every other scale is at least this already
 _TINY = float(np.nextafter(np.float32(0), np.float32(1)))
-# QuantizeLinear(scale, _HUGE, 128) is 128 in the scale's shape: a blocked QuantizeLinear needs a zero point
-# shaped like its scale, and no finite scale divided by the largest float rounds to anything but 0
-_HUGE = float(np.finfo(np.float32).max)
 
 
 def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str | None, list]:
@@ -441,9 +444,9 @@ def _integer_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     by every layer reading `x` on the same grid.
 
     The scale (and an asymmetric grid's zero point) come from `_dynamic_grid`'s float ops; one
-    QuantizeLinear then makes the integers: blocked along the last axis with one block per row for
-    per-token grids (opset 21), per tensor otherwise. Its round(x / scale) + zero point, saturated,
-    is the simulation's clip(round(x / scale) + zp). Symmetric grids are shifted by 128 so one scalar
+    QuantizeLinear then makes the integers: per tensor, or for per-token grids blocked along the last
+    axis with one block per row (opset 21), or (symmetric) per tensor with scale 1 on x / scale. Its
+    round(x / scale) + zero point, saturated, is the simulation's clip(round(x / scale) + zp). Symmetric grids are shifted by 128 so one scalar
     zero point serves MatMulInteger (and ORT fuses it with the scales into MatMulIntegerToFloat);
     asymmetric per-row grids keep their row zero points (taken out after MatMulInteger).
     """
@@ -453,19 +456,21 @@ def _integer_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     per_token = lq.act_granularity == "token"
     _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
     q = g.unique(f"{lq.name}.token_uint8")
+    attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
+    q_in, q_scale = x, scale
     if lq.act_symmetric:
-        zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
-        q_zp = zp
+        zp = q_zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
         if per_token:
-            huge = g.add_init(np.array(_HUGE, dtype=np.float32), f"{lq.name}.token_huge")
-            q_zp = g.unique(f"{lq.name}.token_row_zero_point")
-            made.append(helper.make_node("QuantizeLinear", [scale, huge, zp], [q_zp], name=g.unique(f"{lq.name}/token_row_zero_point")))
+            # x / scale by one Div, then a per-tensor QuantizeLinear with scale 1 (exact: y / 1 == y): cheaper in
+            # ONNX Runtime than a blocked QuantizeLinear and the zero-point tensor shaped like its scales
+            q_in, attrs = g.unique(f"{lq.name}.token_divided"), {}
+            q_scale = g.add_init(np.array(1.0, dtype=np.float32), f"{lq.name}.token_unit_scale")
+            made.append(helper.make_node("Div", [x, scale], [q_in], name=g.unique(f"{lq.name}/token_divide")))
     else:
         q_zp = g.unique(f"{lq.name}.token_zero_point_uint8")
         made.append(helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8))
         zp = q_zp
-    attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
-    made.append(helper.make_node("QuantizeLinear", [x, scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
+    made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
     g.emit_after_producer(x, made)
     g.dynamic[key] = (q, scale, zp)
     return (q, scale, zp), [n.name for n in made]
@@ -479,33 +484,48 @@ def _integer_weight(g: _Graph, lq: LayerQ) -> tuple:
 
 
 def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
-    """Per-token dynamic uint8 activations x 8-bit weights in MatMulInteger, row zero points corrected in int32.
+    """Per-token asymmetric uint8 activations x 8-bit weights: MatMulInteger on the integers without the rows'
+    zero points (ORT's MatMulInteger takes only a scalar one), fused with its scales into MatMulIntegerToFloat,
+    minus the zero points' term.
 
-    y = s_x[row] * s_w[col] * (sum_k q_x q_w' - zp_x[row] * colsum(q_w')[col]), q_w' = q_w - zp_w:
-    the same integers the simulation multiplies, summed exactly.
+    y = s_x[row] s_w[col] sum_k q_x q_w' - (s_x zp_x)[row] (s_w colsum(q_w'))[col], q_w' = q_w - zp_w: the
+    integers the simulation multiplies, summed exactly in int32; the zero-point term costs two passes over
+    the output in float (an int32 correction before the cast costs five and blocks the fusion).
     """
     ctype, offset, qn, sn, zn = _integer_weight(g, lq)
-    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1).astype(np.int32)
-    cn = g.add_init(colsum, f"{lq.name}.colsum")
+    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
+    wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
     nodes = []
     for node, _ in compute:
         (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
+        xzs, zp_nodes = _scaled_zero_point(g, node.input[0], xs, xz, lq.name)
         y = node.output[0]
-        outs = [g.unique(f"{lq.name}.{n}") for n in ("output_int32", "zp_int32", "zp_colsum", "output_centered",
-                                                     "output_float", "output_wscaled")]
-        names = [g.unique(f"{lq.name}/{n}") for n in ("matmul_integer", "zp_cast", "zp_colsum", "zp_sub", "cast",
-                                                      "weight_scale", "mul")]
+        s, yi, yf, ys, corr = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_float",
+                                                                    "output_scaled", "zp_term"))
+        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul", "zp_term", "zp_sub")]
         g.replace[id(node)] = [
-            helper.make_node("MatMulInteger", [xq, qn, "", zn], [outs[0]], name=names[0]),
-            helper.make_node("Cast", [xz], [outs[1]], name=names[1], to=TensorProto.INT32),
-            helper.make_node("Mul", [outs[1], cn], [outs[2]], name=names[2]),
-            helper.make_node("Sub", [outs[0], outs[2]], [outs[3]], name=names[3]),
-            helper.make_node("Cast", [outs[3]], [outs[4]], name=names[4], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [outs[4], sn], [outs[5]], name=names[5]),
-            helper.make_node("Mul", [outs[5], xs], [y], name=names[6]),
+            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
+            helper.make_node("MatMulInteger", [xq, qn, "", zn], [yi], name=names[1]),
+            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [yf, s], [ys], name=names[3]),
+            helper.make_node("Mul", [xzs, wc], [corr], name=names[4]),
+            helper.make_node("Sub", [ys, corr], [y], name=names[5]),
         ]
-        nodes += grid_nodes + names
+        nodes += grid_nodes + zp_nodes + names
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
+
+
+def _scaled_zero_point(g: _Graph, x: str, xs: str, xz: str, layer: str) -> tuple[str, list[str]]:
+    """s_x * zp_x per row of `x` (float), shared by every layer reading `x`."""
+    key = (x, "scaled_zero_point")
+    if key in g.dynamic:
+        return g.dynamic[key], []
+    zf, out = g.unique(f"{layer}.token_zero_point_float"), g.unique(f"{layer}.token_scaled_zero_point")
+    made = [helper.make_node("Cast", [xz], [zf], name=g.unique(f"{layer}/token_zero_point_float"), to=TensorProto.FLOAT),
+            helper.make_node("Mul", [xs, zf], [out], name=g.unique(f"{layer}/token_scaled_zero_point"))]
+    g.emit_after_producer(x, made)
+    g.dynamic[key] = out
+    return out, [n.name for n in made]
 
 
 def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Rendered:

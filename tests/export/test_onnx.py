@@ -191,19 +191,45 @@ def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
                                          ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulIntegerToFloat"),
                                          ("w8-sym-tensor", "MatMulIntegerToFloat"), ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
-    """Every quantized layer runs an integer kernel (asymmetric per-token layers: MatMulInteger + int32 zero-point
-    correction; symmetric ones fuse with their scales into MatMulIntegerToFloat)."""
+    """Every quantized layer runs an integer kernel: per-token layers fuse with their scales into MatMulIntegerToFloat
+    (asymmetric ones subtract their rows' zero-point term after it), per-tensor dynamic ones into DynamicQuantizeMatMul."""
     qdir, out, meta = tiny_exports[name]
     ops = _fused_ops(out, tmp_path, meta["session_config"])
     n_layers = len(load_quantized(qdir).layers())
     integer = ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] + ops["MatMulNBits"] + ops["MatMulInteger"]
     assert ops[fused] > 0 and integer == n_layers, dict(ops)
-    asymmetric_token = [n for n, m in load_quantized(qdir).layers().items() if m.decision.activation.mode == "dynamic"
-                        and m.decision.activation.granularity == "token" and not m.decision.activation.symmetric]
-    assert ops["MatMulInteger"] == len(asymmetric_token)  # w8a8's down_proj and head: their row zero points need int32
+    assert ops["MatMulInteger"] == 0
     float_head = "lm_head" not in load_quantized(qdir).layers()
     # attention scores and values per layer (scores fused with their scale once CastLike is gone), and a float lm_head
     assert ops["MatMul"] + ops["FusedMatMul"] == 4 * 2 + float_head and ops["FusedMatMul"] == 4
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_graph_renders_per_token_grids_per_tensor(tiny_exports, tmp_path, name):
+    """A one-token decode step of one sequence quantizes each layer input as one row: with the batch fixed to 1,
+    per-token grids are the tensor's and run as ORT's fused per-tensor kernels (no per-row grid operators)."""
+    import onnxruntime as ort
+
+    qdir, out, meta = tiny_exports[name]
+    decode = out.parent / meta["graph"]["decode"]
+    token = [] if qdir is None else [m for m in load_quantized(qdir).layers().values()
+                                     if m.decision.activation.mode == "dynamic" and m.decision.activation.granularity == "token"]
+    dims = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim][0]
+            for i in onnx.load(str(decode), load_external_data=False).graph.input]
+    if not token:
+        assert meta["decode_batch"] is None and set(dims) == {"batch"}
+        return
+    assert meta["decode_batch"] == 1 and set(dims) == {1}
+    ops = _fused_ops(decode, tmp_path, meta["session_config"])
+    asymmetric = sum(not m.decision.activation.symmetric for m in token)
+    assert ops["DynamicQuantizeMatMul"] == asymmetric and ops["MatMulInteger"] == 0, dict(ops)
+    blocked = [n for n in onnx.load(str(decode)).graph.node if n.op_type == "QuantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert blocked == []
+    runner = OnnxRunner(out)
+    prefix = runner(np.array([[5, 6, 7]] * 2, dtype=np.int64))
+    with pytest.raises(Exception, match="(?i)dimension"):  # a batch of 2 is refused, not computed on other grids
+        runner.decode_runner()(np.array([[8], [8]], dtype=np.int64), *prefix[1:])
 
 
 @pytest.mark.parametrize("name", list(CASES))
