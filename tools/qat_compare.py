@@ -61,49 +61,78 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 32])
+    ap.add_argument("--methods", nargs="+", default=["lsq", "scales", "lr-qat"], choices=["lsq", "scales", "lr-qat"])
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_compare"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (step times are then measured side by side)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--render", default=None, help="only re-render OUT.md from OUT.json")
     a = ap.parse_args()
+    if a.render:
+        Path(a.render + ".md").write_text(markdown(json.loads(Path(a.render + ".json").read_text())))
+        return
     if a.one:
         print("RESULT " + json.dumps(one(json.loads(a.one))))
         return
     runs, t0 = [], time.time()
     rdir = Path("/tmp/edgeq-qat-compare")
     rdir.mkdir(exist_ok=True)
+    all_jobs = []
     for bits in a.bits:
         rpath = rdir / f"w{bits}c.toml"
         rpath.write_text(recipe_text(bits))
         base = dict(model=a.model, recipe=str(rpath), steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_windows=a.eval_windows)
-        configs = [dict(base, method="lsq", lr=1e-4), dict(base, method="scales", lr=1e-4)]
-        configs += [dict(base, method="lr-qat", lr=1e-3, rank=r) for r in a.ranks]
-        for cfg in configs:
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps({"config": cfg, "bits": bits})],
-                                  capture_output=True, text=True, cwd=ROOT)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        configs = [dict(base, method=m, lr=1e-4) for m in ("lsq", "scales") if m in a.methods]
+        configs += [dict(base, method="lr-qat", lr=1e-3, rank=r) for r in a.ranks if "lr-qat" in a.methods]
+        all_jobs += [(cfg, bits) for cfg in configs]
+    # up to --jobs runs at once (each 1 torch thread): on 2 cores two runs take the time of one
+    for i in range(0, len(all_jobs), a.jobs):
+        procs = [(cfg, subprocess.Popen([sys.executable, __file__, "--one", json.dumps({"config": cfg, "bits": bits})],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+                 for cfg, bits in all_jobs[i:i + a.jobs]]
+        for cfg, proc in procs:
+            stdout, stderr = proc.communicate()
+            line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
-                print(proc.stderr[-2000:], file=sys.stderr)
+                print(stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"run failed: {cfg}")
             r = json.loads(line[0][7:])
             runs.append(r)
             print(json.dumps(r), flush=True)
     out = {"command": " ".join([Path(sys.executable).name, "tools/qat_compare.py"] + sys.argv[1:]), "model": a.model,
-           "scale_note": "tiny-llama (0.85M params, 4 layers) on 2 shared CPU cores, 1 thread; per-channel symmetric weights, "
-                         "float activations; eval = next-token loss on evaluation windows disjoint from training",
-           "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
+           "scale_note": f"{a.model} on a 2-core CPU, 1 torch thread per run; per-channel symmetric weights, float "
+                         "activations; eval = next-token loss on evaluation windows disjoint from training",
+           "jobs": a.jobs, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
            "wall_seconds": round(time.time() - t0, 1), "runs": runs}
     Path(a.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"# QAT comparison on {a.model}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
-             f"{a.steps} steps x {a.batch} x {a.seq_len} tokens; eval {a.eval_windows} windows of {a.seq_len}.", "",
+    Path(a.out + ".md").write_text(markdown(out))
+
+
+def markdown(out: dict) -> str:
+    """The Markdown table of a run's JSON (also: `python tools/qat_compare.py --render OUT` re-renders OUT.md)."""
+    runs, n = out["runs"], out["seq_len"]
+    lines = [f"# QAT comparison on {out['model']}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
+             f"{out['steps']} steps x {out['batch']} x {n} tokens; eval {out['eval_windows']} windows of {n}. "
+             f"Wall time {out['wall_seconds']} s.", "",
              "| bits | method | rank | ppl RTN start | ppl after | trainable params | QAT-layer state MB | peak RSS MB | step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| W{r['bits']} | {r['method']} | {r['rank'] or ''} | {r['ppl_rtn']:.4f} | {r['ppl']:.4f} | {r['trainable_params']} | "
                      f"{r['qat_state_mb']} | {r['peak_rss_mb']} | {r['step_seconds']} |")
-    lines += ["", "Peak RSS is dominated by the Python/transformers runtime at this model size; the QAT-layer state column "
-              "(stored tensors of the QAT layers + gradient and two AdamW moments per trainable value) is the memory that "
-              "scales with the model."]
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    lines += ["", "## LR-QAT against full QAT (target: ppl within 2% of LSQ's)", ""]
+    for r in (r for r in runs if r["method"] == "lr-qat"):
+        lsq = next((x for x in runs if x["method"] == "lsq" and x["bits"] == r["bits"]), None)
+        if lsq:
+            ratio = r["ppl"] / lsq["ppl"]
+            verdict = ("no comparison: full QAT did not improve on its RTN start" if lsq["ppl"] >= lsq["ppl_rtn"]
+                       else "met" if ratio <= 1.02 else "NOT met")
+            lines.append(f"- W{r['bits']} rank {r['rank']}: ppl {r['ppl']:.3f} vs LSQ {lsq['ppl']:.3f} = {ratio:.4f}x "
+                         f"({verdict}); whole-process peak RSS {r['peak_rss_mb'] / lsq['peak_rss_mb']:.2f}x LSQ's")
+    tiny = out["model"] == "tiny-llama"
+    lines += ["", ("Peak RSS is dominated by the Python/transformers runtime at this model size; the " if tiny else "The ")
+              + "QAT-layer state column (stored tensors of the QAT layers + gradient and two AdamW moments per trainable "
+              "value) is the memory that scales with the model; tools/qat_memory.py measures the training phase's own peak."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
