@@ -104,9 +104,6 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     batch_one = any(lq.act_mode == "dynamic" and lq.act_granularity == "token" for lq in layers)
     results = [quantize_graph(p, layers, PREFIX, int8_weights, single_row=batch_one and s.role == "decode")
                for s, p in zip(specs, protos)]
-    for s, p in zip(specs, protos):
-        if batch_one and s.role == "decode":
-            _fix_batch_one(p)
     rendered = [r for r, _ in results]
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
@@ -169,20 +166,6 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fix_batch_one(proto: onnx.ModelProto) -> None:
-    """Fix a graph's symbolic batch dimension (dim 0 of its first input) to 1 everywhere it is named,
-    so ONNX Runtime refuses any other batch with a shape error instead of computing other grids."""
-    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    param = dim0.dim_param
-    if not param:
-        return
-    for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for d in info.type.tensor_type.shape.dim:
-            if d.dim_param == param:
-                d.ClearField("dim_param")
-                d.dim_value = 1
 
 
 def _host_note() -> str | None:

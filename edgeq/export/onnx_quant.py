@@ -9,183 +9,27 @@ Pure onnx + numpy (no torch). For each quantized layer the float weight initiali
   groups: opset-21 blocked DQ along the input axis. 2..4-bit values use INT4/UINT4 containers.
 - static activations: `QuantizeLinear -> DequantizeLinear` (uint8, the layer's own grid) on the
   compute node's input.
-- dynamic per-tensor activations on a MatMul: the structure ORT's own `quantize_dynamic` writes
-  (DynamicQuantizeLinear, MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into
-  DynamicQuantizeMatMul; on Conv/Gemm or grouped weights: DynamicQuantizeLinear -> DequantizeLinear
-  on the input (same numbers, float kernel).
-- dynamic per-token activations on a MatMul: each row's scale (and zero point) from float ops, the
-  integers from one QuantizeLinear (a block per row, or for symmetric grids x / scale on scale 1).
-  In a graph whose every layer input is one row (a batch-1 decode step, `single_row`), the token's
-  grid is the tensor's, so these layers are rendered like per-tensor ones (asymmetric 8-bit: ORT's
-  own DynamicQuantizeMatMul structure). Symmetric grids are shifted into uint8 (+128, one scalar
-  zero point) and the layer is MatMulInteger, Cast and Mul by x_scale * w_scale,
-  which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero points: MatMulInteger
-  runs without them (ORT's takes only a scalar activation zero point), fused the same way, and
-  `(s_x zp_x) * (s_w colsum(w - zp_w))` is subtracted after it.
+- 8-bit dynamic activations (per tensor or per token) on a MatMul: integer kernels, see
+  onnx_dynamic.py. In a graph whose every layer input is one row (a batch-1 decode step,
+  `single_row`), the token's grid is the tensor's, so per-token layers are rendered like per-tensor
+  ones (asymmetric: ORT's own DynamicQuantizeMatMul structure). On Conv/Gemm or grouped weights:
+  DynamicQuantizeLinear -> DequantizeLinear on the input (same numbers, float kernel).
 Dequantization is `(q - zp) * scale` everywhere, exactly the simulation's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeqError
+from .onnx_dynamic import per_token_fake_quant, render_matmul_integer, render_matmul_integer_symmetric, render_matmul_integer_token
+from .onnx_edit import COMPUTE_OPS, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, transpose_consumers, weight_arrays
 
-COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
-PASSIVE_OPS = ("Shape", "Size")
-
-
-@dataclass
-class LayerQ:
-    """One quantized layer's tensors, as numpy (copied from a QuantLinear / QuantConv2d)."""
-
-    name: str
-    kind: str  # linear | conv2d
-    q: np.ndarray  # int8 / uint8 [out, in*kh*kw]
-    scale: np.ndarray  # float32 [out, n_groups]
-    zero_point: np.ndarray  # int16 [out, n_groups]
-    bits: int
-    symmetric: bool
-    group_size: int | None
-    act_mode: str = "none"
-    act_bits: int = 8
-    act_symmetric: bool = False
-    act_granularity: str = "tensor"
-    act_scale: np.ndarray | None = None
-    act_zero_point: np.ndarray | None = None
-    weight_shape: tuple = ()
-    tied: bool = False  # computes with another layer's integers (a tied LM head): rendered with that layer
-    aliases: tuple = ()  # layers tied to this one: the graph may name the shared initializer after them
-
-    @classmethod
-    def from_module(cls, name: str, m) -> "LayerQ":
-        d = m.decision
-        a = d.activation
-        return cls(name, d.kind, m.qweight.cpu().numpy(), m.scale.cpu().numpy(), m.zero_point.cpu().numpy(),
-                   d.weight.bits, d.weight.symmetric, d.group_size, a.mode, a.bits, a.symmetric, a.granularity,
-                   m.act_scale.cpu().numpy() if a.mode == "static" else None,
-                   m.act_zero_point.cpu().numpy() if a.mode == "static" else None, tuple(d.shape))
-
-    @classmethod
-    def from_model(cls, layers: dict) -> list["LayerQ"]:
-        """Every quantized layer of a model, tied heads marked and listed as aliases of their source."""
-        from ..quantize.modules import TIED_METHOD
-        from ..quantize.qmodel import tied_source
-
-        out = {n: cls.from_module(n, m) for n, m in layers.items()}
-        for n, m in layers.items():
-            if m.decision.method == TIED_METHOD:
-                out[n].tied = True
-                out[tied_source(layers, m)].aliases += (n,)
-        return list(out.values())
-
-
-@dataclass
-class Rendered:
-    """Where a layer's integers ended up in the graph (for read-back and the metadata)."""
-
-    layer: str
-    op: str  # DequantizeLinear | MatMulInteger
-    weight: str
-    scale: str
-    zero_point: str
-    layout: str  # oi ([out, in...]) | io (transposed, [in, out])
-    container: str  # int4 | uint4 | int8 | uint8
-    blocked: bool
-    activation: str
-    offset: int = 0  # stored integer = edgeq's integer + offset (uint8 re-encoding of int8 weights)
-    nodes: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "nodes"}
-
-
-def container(bits: int, symmetric: bool) -> tuple[str, int, type]:
-    if bits <= 4:
-        return ("int4", TensorProto.INT4, ml_dtypes.int4) if symmetric else ("uint4", TensorProto.UINT4, ml_dtypes.uint4)
-    return ("int8", TensorProto.INT8, np.int8) if symmetric else ("uint8", TensorProto.UINT8, np.uint8)
-
-
-class _Graph:
-    """Indexes over a GraphProto, and the edits to apply in one pass at the end."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.inits = {t.name: t for t in graph.initializer}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                self.consumers.setdefault(name, []).append((node, i))
-        self.before: dict[int, list] = {}  # id(node) -> nodes to emit before it
-        self.after: dict[int, list] = {}  # id(node) -> nodes to emit after it
-        self.producer = {o: node for node in graph.node for o in node.output}
-        self.dynamic: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one dynamic quantization
-        self.replace: dict[int, list] = {}  # id(node) -> nodes to emit instead
-        self.head: list = []  # weight DQ nodes (inputs are all initializers)
-        self.new_inits: list = []
-        self.drop_inits: set[str] = set()
-        self.names = {n for node in graph.node for n in node.output} | set(self.inits)
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
-
-    def add_init(self, array: np.ndarray, base: str) -> str:
-        name = self.unique(base)
-        self.new_inits.append(numpy_helper.from_array(array, name))
-        return name
-
-    def dynamic_quant(self, x: str, layer: str) -> tuple[tuple, str | None]:
-        """One DynamicQuantizeLinear per tensor, shared by every layer reading it (as ORT's quantizer does)."""
-        if (x, "tensor") in self.dynamic:
-            return self.dynamic[(x, "tensor")], None
-        outs = tuple(self.unique(f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
-        name = self.unique(f"{layer}/input_dynamic_q")
-        self.emit_after_producer(x, [helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)])
-        self.dynamic[(x, "tensor")] = outs
-        return outs, name
-
-    def emit_after_producer(self, x: str, nodes: list) -> None:
-        """Place `nodes` right after the node producing `x` (at the head for a graph input)."""
-        producer = self.producer.get(x)
-        if producer is None:
-            self.head.extend(nodes)
-        else:
-            self.after.setdefault(id(producer), []).extend(nodes)
-
-    def commit(self) -> None:
-        nodes = list(self.head)
-        for node in self.graph.node:
-            nodes += self.before.get(id(node), [])
-            nodes += self.replace.get(id(node), [node])
-            nodes += self.after.get(id(node), [])
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
-        keep = [t for t in self.graph.initializer if t.name not in self.drop_inits]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep + self.new_inits)
-
-
-def _transpose_consumers(g: _Graph, name: str) -> list | None:
-    """The Transpose nodes that are a weight's only consumers (2-D, perm [1, 0]), else None."""
-    cons = g.consumers.get(name, [])
-    if not cons:
-        return None
-    for node, _ in cons:
-        if node.op_type != "Transpose":
-            return None
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        if perm and perm[0] != [1, 0]:
-            return None
-    return [node for node, _ in cons]
+__all__ = ["LayerQ", "Rendered", "quantize_graph"]
 
 
 def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "model",
@@ -196,13 +40,14 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
     layers whose output nothing uses, e.g. BERT's pooler when the graph returns hidden states).
     `int8_weights="uint8"` stores symmetric 5..8-bit weights as uint8 with zero point 128 (the same
     real values): ONNX Runtime's u8s8 integer kernels saturate int16 pair sums on x86 CPUs without
-    VNNI (AVX2 only), its u8u8 kernels do not. `single_row=True` promises that every quantized
-    layer's input holds one row (the caller fixes the graph's batch to 1 for a one-token decode step):
-    per-token grids are then rendered as per-tensor ones, the same numbers in fewer operators.
+    VNNI (AVX2 only), its u8u8 kernels do not. `single_row=True` is for a one-token decode step: the
+    graph's batch is fixed to 1, so every quantized layer's input holds one row, and per-token grids
+    are rendered as per-tensor ones, the same numbers in fewer operators.
     """
-    g = _Graph(model.graph)
+    g = Graph(model.graph)
     g.u8 = int8_weights == "uint8"
     if single_row:
+        fix_batch_one(model)
         layers = [replace(lq, act_granularity="tensor") if lq.act_granularity == "token" else lq for lq in layers]
     rendered, absent = [], []
     for lq in layers:
@@ -221,12 +66,12 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
     return rendered, absent
 
 
-def _fold_float_transposes(g: _Graph) -> None:
+def _fold_float_transposes(g: Graph) -> None:
     """Store float weights that only feed Transpose already transposed (ORT's own quantizers need MatMul(x, initializer))."""
     for name, init in list(g.inits.items()):
         if name in g.drop_inits or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
             continue
-        transposes = _transpose_consumers(g, name)
+        transposes = transpose_consumers(g, name)
         if not transposes or any(id(t) in g.replace for t in transposes):
             continue
         arr = np.ascontiguousarray(numpy_helper.to_array(init).T)
@@ -239,8 +84,8 @@ def _fold_float_transposes(g: _Graph) -> None:
         g.new_inits.append(numpy_helper.from_array(arr, tname))
 
 
-def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
-    transposes = _transpose_consumers(g, wname) if lq.kind == "linear" else None
+def _render_layer(g: Graph, lq: LayerQ, wname: str) -> Rendered:
+    transposes = transpose_consumers(g, wname) if lq.kind == "linear" else None
     layout = "io" if transposes else "oi"
     g.drop_inits.add(wname)
     if transposes:
@@ -267,34 +112,16 @@ def _render_layer(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
                       and lq.group_size is None and lq.bits <= 8 and not passive
                       and all(n.op_type == "MatMul" for n, _ in compute))
     if matmul_integer and lq.act_symmetric:
-        return _render_matmul_integer_symmetric(g, lq, compute)
+        return render_matmul_integer_symmetric(g, lq, compute)
     if matmul_integer and lq.act_granularity == "token":
-        return _render_matmul_integer_token(g, lq, compute)
+        return render_matmul_integer_token(g, lq, compute)
     if matmul_integer:
-        return _render_matmul_integer(g, lq, compute, outputs)
+        return render_matmul_integer(g, lq, compute)
     return _render_dq(g, lq, layout, outputs, compute, passive)
 
 
-def _weight_arrays(lq: LayerQ, layout: str, bits_container: int, u8: bool = False):
-    """Integers, scale and zero point in the layout and dtype the graph stores (and the offset added)."""
-    offset = 128 if u8 and bits_container > 4 and lq.symmetric else 0
-    name, _, np_type = container(bits_container, lq.symmetric and not offset)
-    q = lq.q.astype(np.int16) + offset
-    zp = lq.zero_point.astype(np.int16) + offset
-    scale = lq.scale.astype(np.float32)
-    blocked = lq.group_size is not None
-    if lq.kind == "conv2d":
-        q = q.reshape(lq.weight_shape)
-    if layout == "io":
-        q = q.T
-        scale, zp = (scale.T, zp.T) if blocked else (scale[:, 0], zp[:, 0])
-    elif not blocked:
-        scale, zp = scale[:, 0], zp[:, 0]
-    return name, np.ascontiguousarray(q.astype(np_type)), np.ascontiguousarray(scale), np.ascontiguousarray(zp.astype(np_type)), blocked, offset
-
-
-def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: list, passive: list = ()) -> Rendered:
-    ctype, q, scale, zp, blocked, offset = _weight_arrays(lq, layout, lq.bits, g.u8 and lq.act_mode != "none")
+def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: list, passive: list = ()) -> Rendered:
+    ctype, q, scale, zp, blocked, offset = weight_arrays(lq, layout, lq.bits, g.u8 and lq.act_mode != "none")
     qn = g.add_init(q, f"{lq.name}.qweight")
     sn = g.add_init(scale, f"{lq.name}.scale")
     zn = g.add_init(zp, f"{lq.name}.zero_point")
@@ -321,7 +148,7 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
             nodes += [qn_, dqn_]
     elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8 or lq.act_symmetric):
         for node, _ in compute:
-            xdq, made = _per_token_fake_quant(g, node.input[0], lq, per_token=lq.act_granularity == "token")
+            xdq, made = per_token_fake_quant(g, node.input[0], lq, per_token=lq.act_granularity == "token")
             g.before.setdefault(id(node), []).extend(made)
             node.input[0] = xdq
             nodes += [n.name for n in made]
@@ -335,59 +162,7 @@ def _render_dq(g: _Graph, lq: LayerQ, layout: str, outputs: list[str], compute: 
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
 
 
-# the smallest positive float32: the scale of an all-zero row (its integers are 0 whatever the scale; the
-# simulation uses 1), as one Max instead of Equal + Where; every other scale is at least this already
-_TINY = float(np.nextafter(np.float32(0), np.float32(1)))
-
-
-def _dynamic_grid(g: _Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str | None, list]:
-    """The simulation's dynamic b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
-
-    Per token (the last axis reduced, kept as size 1) or over the whole tensor (a scalar).
-    Asymmetric: range widened to include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to
-    even and clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| /
-    (2^(b-1) - 1), zero point 0, q = clip(round(x / scale), -qmax, qmax). `integers=False` stops after
-    the scale and zero point (q is None, and so is a symmetric grid's zero point). The nodes are
-    returned, not placed.
-    """
-    qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
-    # only the constants the ops below use (ONNX Runtime warns about unused initializers)
-    constants = (("tiny", _TINY), ("qmax", qmax)) + ((("zero", 0.0),) if integers or not lq.act_symmetric else ()) + (
-        (("qmin", -qmax),) if lq.act_symmetric and integers else ())
-    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in constants}
-    made = []
-
-    def op(kind, inputs, **attrs):
-        out = g.unique(f"{lq.name}.token_{kind.lower()}")
-        made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
-        return out
-
-    axes = [g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else []
-    keep = int(per_token)
-    if lq.act_symmetric:
-        scale = op("Max", [op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=keep), c["qmax"]]), c["tiny"]])
-        if not integers:
-            return None, scale, None, made
-        return op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]), scale, c["zero"], made
-    lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=keep), c["zero"]])
-    hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=keep), c["zero"]])
-    scale = op("Max", [op("Div", [op("Sub", [hi, lo]), c["qmax"]]), c["tiny"]])
-    zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
-    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]]) if integers else None
-    return q, scale, zp, made
-
-
-def _per_token_fake_quant(g: _Graph, x: str, lq: LayerQ, per_token: bool = True) -> tuple[str, list]:
-    """Dynamic quantize-dequantize `(q - zp) * scale` of `x` for grids ONNX has no operator for (per row;
-    fewer than 8 bits); the MatMul then runs in float on these values."""
-    q, scale, zp, made = _dynamic_grid(g, x, lq, per_token)
-    centered, out = g.unique(f"{lq.name}.token_centered"), g.unique(f"{lq.name}.token_dq")
-    made += [helper.make_node("Sub", [q, zp], [centered], name=g.unique(f"{lq.name}/token_sub")),
-             helper.make_node("Mul", [centered, scale], [out], name=g.unique(f"{lq.name}/token_mul"))]
-    return out, made
-
-
-def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
+def _render_embedding(g: Graph, lq: LayerQ, wname: str) -> Rendered:
     """An integer embedding table (and the tied head reading it).
 
     8-bit per-row tables: `Gather` picks the integer rows and their scales and zero points, and
@@ -395,7 +170,7 @@ def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
     `DequantizeLinear` of the table feeds the Gather. A tied head reads the same table through
     `DequantizeLinear` (per-row axis 0, the head's output channels), so the file holds one copy.
     """
-    ctype, q, scale, zp, blocked, _ = _weight_arrays(lq, "oi", lq.bits)
+    ctype, q, scale, zp, blocked, _ = weight_arrays(lq, "oi", lq.bits)
     g.drop_inits.add(wname)
     qn = g.add_init(q, f"{lq.name}.qweight")
     sn = g.add_init(scale, f"{lq.name}.scale")
@@ -438,138 +213,3 @@ def _render_embedding(g: _Graph, lq: LayerQ, wname: str) -> Rendered:
             nodes += names
     op = "Gather" if row_gather else "DequantizeLinear"
     return Rendered(lq.name, op, qn, sn, zn, "oi", ctype, blocked, "none", 0, nodes)
-
-
-def _integer_grid(g: _Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
-    """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point for MatMulInteger), shared
-    by every layer reading `x` on the same grid.
-
-    The scale (and an asymmetric grid's zero point) come from `_dynamic_grid`'s float ops; one
-    QuantizeLinear then makes the integers: per tensor, or for per-token grids blocked along the last
-    axis with one block per row (opset 21), or (symmetric) per tensor with scale 1 on x / scale. Its
-    round(x / scale) + zero point, saturated, is the simulation's clip(round(x / scale) + zp).
-    Symmetric grids are shifted by 128 so one scalar zero point serves MatMulInteger (and ORT fuses it
-    with the scales into MatMulIntegerToFloat); asymmetric per-row grids keep their row zero points
-    (their term is subtracted after the layer).
-    """
-    key = (x, lq.act_granularity, lq.act_symmetric)
-    if key in g.dynamic:
-        return g.dynamic[key], []
-    per_token = lq.act_granularity == "token"
-    _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
-    q = g.unique(f"{lq.name}.token_uint8")
-    attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
-    q_in, q_scale = x, scale
-    if lq.act_symmetric:
-        zp = q_zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
-        if per_token:
-            # x / scale by one Div, then a per-tensor QuantizeLinear with scale 1 (exact: y / 1 == y): cheaper in
-            # ONNX Runtime than a blocked QuantizeLinear and the zero-point tensor shaped like its scales
-            q_in, attrs = g.unique(f"{lq.name}.token_divided"), {}
-            q_scale = g.add_init(np.array(1.0, dtype=np.float32), f"{lq.name}.token_unit_scale")
-            made.append(helper.make_node("Div", [x, scale], [q_in], name=g.unique(f"{lq.name}/token_divide")))
-    else:
-        q_zp = g.unique(f"{lq.name}.token_zero_point_uint8")
-        made.append(helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8))
-        zp = q_zp
-    made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
-    g.emit_after_producer(x, made)
-    g.dynamic[key] = (q, scale, zp)
-    return (q, scale, zp), [n.name for n in made]
-
-
-def _integer_weight(g: _Graph, lq: LayerQ) -> tuple:
-    """The layer's 8-bit integers, scales and zero points as [in, out] initializers for MatMulInteger:
-    (container type, offset, integers, scale, zero point names)."""
-    ctype, q, scale, zp, _, offset = _weight_arrays(lq, "io", 8, g.u8)
-    return ctype, offset, g.add_init(q, f"{lq.name}.qweight"), g.add_init(scale, f"{lq.name}.scale"), g.add_init(zp, f"{lq.name}.zero_point")
-
-
-def _render_matmul_integer_token(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
-    """Per-token asymmetric uint8 activations x 8-bit weights: MatMulInteger on the integers without the rows'
-    zero points (ORT's MatMulInteger takes only a scalar one), fused with its scales into MatMulIntegerToFloat,
-    minus the zero points' term.
-
-    y = s_x[row] s_w[col] sum_k q_x q_w' - (s_x zp_x)[row] (s_w colsum(q_w'))[col], q_w' = q_w - zp_w: the
-    simulation's integers, their products summed exactly in int32; the zero-point term is subtracted in
-    float (two passes over the output; an int32 correction before the cast cost five and blocked the
-    fusion, a 1.12x slower SmolLM2 prefill against ORT's quantize_dynamic file instead of 1.09x).
-    """
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
-    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
-    wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
-    nodes = []
-    for node, _ in compute:
-        (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
-        xzs, zp_nodes = _scaled_zero_point(g, node.input[0], xs, xz, lq.name)
-        y = node.output[0]
-        s, yi, yf, ys, corr = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_float",
-                                                                    "output_scaled", "zp_term"))
-        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul", "zp_term", "zp_sub")]
-        g.replace[id(node)] = [
-            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
-            helper.make_node("MatMulInteger", [xq, qn, "", zn], [yi], name=names[1]),
-            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [yf, s], [ys], name=names[3]),
-            helper.make_node("Mul", [xzs, wc], [corr], name=names[4]),
-            helper.make_node("Sub", [ys, corr], [y], name=names[5]),
-        ]
-        nodes += grid_nodes + zp_nodes + names
-    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
-
-
-def _scaled_zero_point(g: _Graph, x: str, xs: str, xz: str, layer: str) -> tuple[str, list[str]]:
-    """s_x * zp_x per row of `x` (float), shared by every layer reading `x`."""
-    key = (x, "scaled_zero_point")
-    if key in g.dynamic:
-        return g.dynamic[key], []
-    zf, out = g.unique(f"{layer}.token_zero_point_float"), g.unique(f"{layer}.token_scaled_zero_point")
-    made = [helper.make_node("Cast", [xz], [zf], name=g.unique(f"{layer}/token_zero_point_float"), to=TensorProto.FLOAT),
-            helper.make_node("Mul", [xs, zf], [out], name=g.unique(f"{layer}/token_scaled_zero_point"))]
-    g.emit_after_producer(x, made)
-    g.dynamic[key] = out
-    return out, [n.name for n in made]
-
-
-def _render_matmul_integer_symmetric(g: _Graph, lq: LayerQ, compute: list) -> Rendered:
-    """Symmetric dynamic int8 activations (per token or tensor) x 8-bit weights in MatMulInteger.
-
-    The activation integers are shifted into uint8 with one zero point, 128, so nothing needs
-    correcting: y = s_x[row] * s_w[col] * sum_k q_x q_w', the integers the simulation multiplies.
-    """
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
-    nodes = []
-    for node, _ in compute:
-        (xq, xs, xz), grid_nodes = _integer_grid(g, node.input[0], lq)
-        y = node.output[0]
-        s, yi, yf = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_float"))
-        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul")]
-        # Mul(Cast(MatMulInteger), Mul(x scale, w scale)): the pattern ORT fuses into one MatMulIntegerToFloat
-        g.replace[id(node)] = [
-            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
-            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[1]),
-            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [yf, s], [y], name=names[3]),
-        ]
-        nodes += grid_nodes + names
-    mode = "dynamic-token" if lq.act_granularity == "token" else "dynamic"
-    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, mode, offset, nodes)
-
-
-def _render_matmul_integer(g: _Graph, lq: LayerQ, compute: list, outputs: list[str]) -> Rendered:
-    """ORT quantize_dynamic's structure: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
-    nodes = []
-    for node, _ in compute:
-        x, y = node.input[0], node.output[0]
-        (xq, xs, xz), qname = g.dynamic_quant(x, lq.name)
-        s, yi, yf = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_cast"))
-        names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul")]
-        g.replace[id(node)] = [
-            helper.make_node("Mul", [xs, sn], [s], name=names[0]),
-            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[1]),
-            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [yf, s], [y], name=names[3]),
-        ]
-        nodes += ([qname] if qname else []) + names
-    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic", offset, nodes)

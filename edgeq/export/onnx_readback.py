@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_quant import LayerQ, Rendered
+from .onnx_edit import LayerQ, Rendered
 
 
 def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[LayerQ]) -> list[dict]:

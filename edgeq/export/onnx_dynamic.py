@@ -1,0 +1,184 @@
+"""Dynamic INT8 activations on a MatMul as ONNX Runtime integer kernels (called by onnx_quant.py).
+
+- per tensor: the structure ORT's own `quantize_dynamic` writes (DynamicQuantizeLinear,
+  MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into DynamicQuantizeMatMul.
+- per token: each row's scale (and zero point) from float ops, the integers from one QuantizeLinear
+  (a block per row, or for symmetric grids x / scale on scale 1). Symmetric grids are shifted into
+  uint8 (+128, one scalar zero point) and the layer is MatMulInteger, Cast and Mul by
+  x_scale * w_scale, which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero
+  points: MatMulInteger runs without them (ORT's takes only a scalar activation zero point), fused
+  the same way, and `(s_x zp_x) * (s_w colsum(w - zp_w))` is subtracted after it.
+- grids ONNX has no integer kernel for (fewer than 8 bits, per row on Conv/Gemm): quantize-dequantize
+  with float ops (`per_token_fake_quant`), the layer then computes in float.
+Dequantization is `(q - zp) * scale`, exactly the simulation's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from .onnx_edit import Graph, LayerQ, Rendered, weight_arrays
+
+# the smallest positive float32: the scale of an all-zero row (its integers are 0 whatever the scale; the
+# simulation uses 1), as one Max instead of Equal + Where; every other scale is at least this already
+_TINY = float(np.nextafter(np.float32(0), np.float32(1)))
+
+
+def _dynamic_grid(g: Graph, x: str, lq: LayerQ, per_token: bool, integers: bool = True) -> tuple[str | None, str, str | None, list]:
+    """The simulation's dynamic b-bit grid of `x` as float ops: (q as float, scale, zp, nodes).
+
+    Per token (the last axis reduced, kept as size 1) or over the whole tensor (a scalar).
+    Asymmetric: range widened to include 0, scale = (hi - lo) / (2^b - 1), zero point rounded half to
+    even and clipped, q = clip(round(x / scale) + zp, 0, 2^b - 1). Symmetric: scale = max|x| /
+    (2^(b-1) - 1), zero point 0, q = clip(round(x / scale), -qmax, qmax). `integers=False` stops after
+    the scale and zero point (q is None, and so is a symmetric grid's zero point). The nodes are
+    returned, not placed.
+    """
+    qmax = float(2 ** (lq.act_bits - 1) - 1 if lq.act_symmetric else 2**lq.act_bits - 1)
+    # only the constants the ops below use (ONNX Runtime warns about unused initializers)
+    constants = (("tiny", _TINY), ("qmax", qmax)) + ((("zero", 0.0),) if integers or not lq.act_symmetric else ()) + (
+        (("qmin", -qmax),) if lq.act_symmetric and integers else ())
+    c = {k: g.add_init(np.array(v, dtype=np.float32), f"{lq.name}.token_{k}") for k, v in constants}
+    made = []
+
+    def op(kind, inputs, **attrs):
+        out = g.unique(f"{lq.name}.token_{kind.lower()}")
+        made.append(helper.make_node(kind, inputs, [out], name=g.unique(f"{lq.name}/token_{kind.lower()}"), **attrs))
+        return out
+
+    axes = [g.add_init(np.array([-1], dtype=np.int64), f"{lq.name}.token_axes")] if per_token else []
+    keep = int(per_token)
+    if lq.act_symmetric:
+        scale = op("Max", [op("Div", [op("ReduceMax", [op("Abs", [x]), *axes], keepdims=keep), c["qmax"]]), c["tiny"]])
+        if not integers:
+            return None, scale, None, made
+        return op("Clip", [op("Round", [op("Div", [x, scale])]), c["qmin"], c["qmax"]]), scale, c["zero"], made
+    lo = op("Min", [op("ReduceMin", [x, *axes], keepdims=keep), c["zero"]])
+    hi = op("Max", [op("ReduceMax", [x, *axes], keepdims=keep), c["zero"]])
+    scale = op("Max", [op("Div", [op("Sub", [hi, lo]), c["qmax"]]), c["tiny"]])
+    zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo]), scale])]), c["zero"], c["qmax"]])
+    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, scale])]), zp]), c["zero"], c["qmax"]]) if integers else None
+    return q, scale, zp, made
+
+
+def per_token_fake_quant(g: Graph, x: str, lq: LayerQ, per_token: bool = True) -> tuple[str, list]:
+    """Dynamic quantize-dequantize `(q - zp) * scale` of `x` for grids ONNX has no operator for (per row;
+    fewer than 8 bits); the MatMul then runs in float on these values."""
+    q, scale, zp, made = _dynamic_grid(g, x, lq, per_token)
+    centered, out = g.unique(f"{lq.name}.token_centered"), g.unique(f"{lq.name}.token_dq")
+    made += [helper.make_node("Sub", [q, zp], [centered], name=g.unique(f"{lq.name}/token_sub")),
+             helper.make_node("Mul", [centered, scale], [out], name=g.unique(f"{lq.name}/token_mul"))]
+    return out, made
+
+
+def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
+    """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point for MatMulInteger, and for
+    asymmetric grids scale * zero point in float, else None), shared by every layer reading `x` on the
+    same grid.
+
+    The scale (and an asymmetric grid's zero point) come from `_dynamic_grid`'s float ops; one
+    QuantizeLinear then makes the integers: per tensor, or for per-token grids blocked along the last
+    axis with one block per row (opset 21), or (symmetric) per tensor with scale 1 on x / scale. Its
+    round(x / scale) + zero point, saturated, is the simulation's clip(round(x / scale) + zp).
+    Symmetric grids are shifted by 128 so one scalar zero point serves MatMulInteger (and ORT fuses it
+    with the scales into MatMulIntegerToFloat); asymmetric per-row grids keep their row zero points
+    (their term is subtracted after the layer).
+    """
+    key = (x, lq.act_granularity, lq.act_symmetric)
+    if key in g.dynamic:
+        return g.dynamic[key], []
+    per_token = lq.act_granularity == "token"
+    _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
+    q = g.unique(f"{lq.name}.token_uint8")
+    attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
+    q_in, q_scale, scaled_zp = x, scale, None
+    if lq.act_symmetric:
+        zp = q_zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
+        if per_token:
+            # x / scale by one Div, then a per-tensor QuantizeLinear with scale 1 (exact: y / 1 == y): cheaper in
+            # ONNX Runtime than a blocked QuantizeLinear and the zero-point tensor shaped like its scales
+            q_in, attrs = g.unique(f"{lq.name}.token_divided"), {}
+            q_scale = g.add_init(np.array(1.0, dtype=np.float32), f"{lq.name}.token_unit_scale")
+            made.append(helper.make_node("Div", [x, scale], [q_in], name=g.unique(f"{lq.name}/token_divide")))
+    else:
+        q_zp, scaled_zp = g.unique(f"{lq.name}.token_zero_point_uint8"), g.unique(f"{lq.name}.token_scaled_zero_point")
+        made += [helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8),
+                 helper.make_node("Mul", [scale, zp], [scaled_zp], name=g.unique(f"{lq.name}/token_scaled_zero_point"))]
+        zp = q_zp
+    made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
+    g.emit_after_producer(x, made)
+    g.dynamic[key] = (q, scale, zp, scaled_zp)
+    return g.dynamic[key], [n.name for n in made]
+
+
+def _integer_weight(g: Graph, lq: LayerQ) -> tuple:
+    """The layer's 8-bit integers, scales and zero points as [in, out] initializers for MatMulInteger:
+    (container type, offset, integers, scale, zero point names)."""
+    ctype, q, scale, zp, _, offset = weight_arrays(lq, "io", 8, g.u8)
+    return ctype, offset, g.add_init(q, f"{lq.name}.qweight"), g.add_init(scale, f"{lq.name}.scale"), g.add_init(zp, f"{lq.name}.zero_point")
+
+
+def _scaled_matmul_integer(g: Graph, lq: LayerQ, x: tuple[str, str, str], w: tuple[str, str, str], y: str) -> list:
+    """y = Cast(MatMulInteger(x, w)) * (x scale * w scale): the pattern ORT fuses into one MatMulIntegerToFloat.
+
+    `x` and `w` are (integers, scale, zero point) names; an empty zero point is 0."""
+    (xq, xs, xz), (qn, sn, zn) = x, w
+    s, yi, yf = (g.unique(f"{lq.name}.{n}") for n in ("scale_product", "output_int32", "output_float"))
+    names = [g.unique(f"{lq.name}/{n}") for n in ("scale_mul", "matmul_integer", "cast", "mul")]
+    return [helper.make_node("Mul", [xs, sn], [s], name=names[0]),
+            helper.make_node("MatMulInteger", [xq, qn, xz, zn], [yi], name=names[1]),
+            helper.make_node("Cast", [yi], [yf], name=names[2], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [yf, s], [y], name=names[3])]
+
+
+def render_matmul_integer_token(g: Graph, lq: LayerQ, compute: list) -> Rendered:
+    """Per-token asymmetric uint8 activations x 8-bit weights: MatMulInteger on the integers without the rows'
+    zero points (ORT's MatMulInteger takes only a scalar one), fused with its scales into MatMulIntegerToFloat,
+    minus the zero points' term.
+
+    y = s_x[row] s_w[col] sum_k q_x q_w' - (s_x zp_x)[row] (s_w colsum(q_w'))[col], q_w' = q_w - zp_w: the
+    simulation's integers, their products summed exactly in int32; the zero-point term is subtracted in
+    float (two passes over the output; an int32 correction before the cast cost five and blocked the
+    fusion, a 1.12x slower SmolLM2 prefill against ORT's quantize_dynamic file instead of 1.09x).
+    """
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
+    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
+    wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
+    nodes = []
+    for node, _ in compute:
+        (xq, xs, _, xzs), grid_nodes = _integer_grid(g, node.input[0], lq)
+        ys, corr = g.unique(f"{lq.name}.output_scaled"), g.unique(f"{lq.name}.zp_term")
+        made = _scaled_matmul_integer(g, lq, (xq, xs, ""), (qn, sn, zn), ys) + [
+            helper.make_node("Mul", [xzs, wc], [corr], name=g.unique(f"{lq.name}/zp_term")),
+            helper.make_node("Sub", [ys, corr], [node.output[0]], name=g.unique(f"{lq.name}/zp_sub"))]
+        g.replace[id(node)] = made
+        nodes += grid_nodes + [n.name for n in made]
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
+
+
+def render_matmul_integer_symmetric(g: Graph, lq: LayerQ, compute: list) -> Rendered:
+    """Symmetric dynamic int8 activations (per token or tensor) x 8-bit weights in MatMulInteger.
+
+    The activation integers are shifted into uint8 with one zero point, 128, so nothing needs
+    correcting: y = s_x[row] * s_w[col] * sum_k q_x q_w', the integers the simulation multiplies.
+    """
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
+    nodes = []
+    for node, _ in compute:
+        (xq, xs, xz, _), grid_nodes = _integer_grid(g, node.input[0], lq)
+        g.replace[id(node)] = made = _scaled_matmul_integer(g, lq, (xq, xs, xz), (qn, sn, zn), node.output[0])
+        nodes += grid_nodes + [n.name for n in made]
+    mode = "dynamic-token" if lq.act_granularity == "token" else "dynamic"
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, mode, offset, nodes)
+
+
+def render_matmul_integer(g: Graph, lq: LayerQ, compute: list) -> Rendered:
+    """ORT quantize_dynamic's structure: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
+    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
+    nodes = []
+    for node, _ in compute:
+        x_grid, qname = g.dynamic_quant(node.input[0], lq.name)
+        g.replace[id(node)] = made = _scaled_matmul_integer(g, lq, x_grid, (qn, sn, zn), node.output[0])
+        nodes += ([qname] if qname else []) + [n.name for n in made]
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic", offset, nodes)
