@@ -19,6 +19,7 @@ the file's input shape in LiteRT with XNNPACK, at 1 and 2 threads, variants inte
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -113,23 +114,27 @@ def image_quality(path: Path, images: np.ndarray, ref: np.ndarray | None) -> tup
     return {"top1_agree_fp32": float(np.mean(ref.argmax(-1) == logits.argmax(-1))), "kl_fp32": kl}, logits
 
 
-def latency(files: dict[str, Path], example: list[np.ndarray], threads: int, reps: int) -> dict[str, dict]:
-    runners = {name: TfliteRunner(p, threads=threads) for name, p in files.items()}
-    for r in runners.values():
-        for _ in range(3):
-            r(*example)
-    times: dict[str, list[float]] = {n: [] for n in runners}
-    names = list(runners)
+def interleaved(calls: dict, reps: int, warmup: int = 3) -> dict[str, dict]:
+    """Time each zero-argument call `reps` times, round-robin (rotated so none always runs first), after
+    `warmup` calls each; median and p10/p90 in ms. Empties `calls`."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    names = list(calls)
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate so no variant always runs first
-        for n in order:
+        for n in names[rep % len(names):] + names[: rep % len(names)]:
             t0 = time.perf_counter()
-            runners[n](*example)
+            calls[n]()
             times[n].append((time.perf_counter() - t0) * 1e3)
-    del runners
+    calls.clear()  # the interpreters go before the next measurement
     gc.collect()
     return {n: {"median_ms": statistics.median(t), "p10_ms": float(np.percentile(t, 10)), "p90_ms": float(np.percentile(t, 90)),
                 "n": len(t)} for n, t in times.items()}
+
+
+def latency(files: dict[str, Path], example: list[np.ndarray], threads: int, reps: int) -> dict[str, dict]:
+    return interleaved({n: functools.partial(TfliteRunner(p, threads=threads), *example) for n, p in files.items()}, reps)
 
 
 def main() -> None:

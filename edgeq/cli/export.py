@@ -14,16 +14,25 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--output", "-o", required=True, type=click.Path(), help="File to write (FILE.json is written beside it).")
 @click.option("--target", default=None, help="Board profile to check the export against (see `edgeq targets list`).")
 @click.option("--allow-fallback", is_flag=True, help="With --target: export even where the board falls back to slower kernels (recorded in FILE.json).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="TFLite: the fixed token count of a token model's graph (default 64).")
+@click.option("--cache-len", type=click.IntRange(min=0), default=None,
+              help="TFLite decoder LMs: KV-cache slots of the decode signature (default 256; 0: no decode signature).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
+    from ..errors import EdgeqError
     from ..export import export as run_export
 
     check_new_output(output, overwrite)
     options = {}
     if target:
         options.update(target=target, allow_fallback=allow_fallback)
+    for name, value in (("seq_len", seq_len), ("cache_len", cache_len)):
+        if value is not None:
+            if fmt != "tflite":
+                raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (ONNX graphs take any length)")
+            options[name] = value
     meta = run_export(source, fmt, output, variant=variant, **options)
     if as_json:
         emit_json(meta)

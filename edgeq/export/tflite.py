@@ -156,7 +156,69 @@ def _float_activations(layers: dict):
             m.decision = saved[n]
 
 
-def _calibration(bundle, seq_len: int, samples: int) -> list[dict]:
+def _decode_plan(bundle, model, cache_len: int | None) -> tuple[int, str | None]:
+    """(slots of the decode signature's cache, 0 for none; why there is none, if a decoder LM has none)."""
+    from .tflite_decode import DEFAULT_CACHE_LEN, unsupported_reason
+
+    if bundle.kind != "causal-lm":
+        if cache_len:
+            raise EdgeqError(f"tflite: cache_len applies to decoder LMs, not to {bundle.reference!r} (kind: {bundle.kind})")
+        return 0, None
+    if cache_len is not None and (not isinstance(cache_len, int) or isinstance(cache_len, bool) or cache_len < 0):
+        raise EdgeqError(f"tflite: cache_len must be a whole number >= 0 (0: no decode signature), not {cache_len!r}")
+    if cache_len == 0:
+        return 0, "no decode signature: exported with cache_len = 0"
+    reason = unsupported_reason(model, cache_len or DEFAULT_CACHE_LEN)
+    if reason:
+        if cache_len:
+            raise EdgeqError(f"tflite: no decode signature for {bundle.reference!r}: {reason}; or export with cache_len = 0")
+        return 0, f"no decode signature: {reason}"
+    return cache_len or DEFAULT_CACHE_LEN, None
+
+
+def _decode_meta(model, cache_len: int) -> dict:
+    from .tflite_decode import dims
+
+    n, _, kv_heads, head_dim = dims(model.config)
+    return {"signature": "decode", "cache_len": cache_len,
+            "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position = slot it writes)"]
+            + [f"{kind}_{i} [1, {kv_heads}, {cache_len}, {head_dim}] float32" for i in range(n) for kind in ("k", "v")],
+            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_{i} (updated)" for i in range(n) for kind in ("k", "v")],
+            "usage": "start from zero caches; each step feeds the previous step's caches back; keys are stored "
+                     "after rotary embedding; slots past input_pos are masked"}
+
+
+def _decode_input_meta(buf: bytes, bundle, cache_len: int) -> list[dict]:
+    """The decode signature's inputs for a profiler: a token id, the middle slot as its position (every step
+    attends over all slots, masked, so the position does not change the work), and caches."""
+    from .tflite_runtime import TfliteRunner
+
+    specs = _input_meta(TfliteRunner(buf, threads=1, signature="decode"), bundle)
+    specs[1].update(role="input_pos", range=[cache_len // 2, cache_len // 2])
+    for s in specs[2:]:
+        s["role"] = "kv_cache"
+    return specs
+
+
+def _decode_parity(buf: bytes, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int, steps: int = 16) -> dict:
+    """The decode signature run token by token from an empty cache over the first held-back sample's first
+    tokens, against the simulation's and the prefill signature's logits at the same positions."""
+    from .tflite_decode import run_steps
+    from .tflite_runtime import TfliteRunner
+
+    step = TfliteRunner(buf, threads=1, signature="decode")
+    n = min(steps, ids.shape[1], cache_len)
+    cache = [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
+    got, _ = run_steps(step, ids[:, :n], cache)
+    out = parity_metrics([ref[0, :n]], [got])
+    out["vs_prefill_max_abs"] = float(np.max(np.abs(got - prefill.reshape(ref.shape)[0, :n])))
+    out["inputs"] = f"{n} tokens of the first held-back sample, one step each from an empty cache"
+    return out
+
+
+def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int = 0) -> dict[str, list[dict]]:
+    """Calibration feeds per signature: the prefill's, and (decoder LMs with a decode signature) decode
+    steps at spread positions with the caches a PyTorch forward gives."""
     from ..models.inputs import calibration_batches
     from .tflite_graph import example_inputs
 
@@ -170,7 +232,20 @@ def _calibration(bundle, seq_len: int, samples: int) -> list[dict]:
             padded.append((pid, pmask))
         batches = padded
     ex = example_inputs(bundle, seq_len)
-    dtypes = [np.int32 if not t.is_floating_point() else np.float32 for t in ex]
+    out = {"serving_default": _feeds(batches, ex)}
+    if cache_len:
+        from .tflite_decode import calibration_steps, example_inputs as decode_inputs
+        from .tflite_graph import float_rendering
+
+        with float_rendering(model):
+            steps = calibration_steps(model, [b[0] for b in batches[:2]], cache_len, max(1, samples // 2))
+        out["decode"] = _feeds(steps, decode_inputs(model, cache_len))
+    return out
+
+
+def _feeds(batches: list[tuple], example: tuple) -> list[dict]:
+    """Positional tensors as litert-torch's `args_<i>` feeds (integers as int32)."""
+    dtypes = [np.int32 if not t.is_floating_point() else np.float32 for t in example]
     return [{f"args_{i}": np.asarray(t.numpy(), dtype=dt) for i, (t, dt) in enumerate(zip(b, dtypes))} for b in batches]
 
 
@@ -189,12 +264,14 @@ def _input_meta(runner, bundle) -> list[dict]:
 
 @register_exporter("tflite", ".tflite")
 def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, variant: str | None = None,
-                  seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int = 8, cache: bool = True, **options) -> dict:
+                  seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int = 8, cache: bool = True,
+                  cache_len: int | None = None, **options) -> dict:
     """Write `out` (.tflite) and `out.json`; returns the metadata.
 
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
     `calib_samples` (int8 only: batches used to calibrate the int8 output grids TFLite requantizes
-    each layer's output to), `cache` (reuse a converted float graph of the same architecture).
+    each layer's output to), `cache` (reuse a converted float graph of the same architecture),
+    `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256; 0: no decode signature).
     Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
@@ -203,7 +280,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
     if options:
         raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} "
-                         "(allowed: seq_len, calib_samples, cache)")
+                         "(allowed: seq_len, calib_samples, cache, cache_len)")
     out = Path(out)
     variant = variant or default_variant(qm)
     if variant not in VARIANTS:
@@ -212,17 +289,18 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     b = qm.bundle if qm is not None else bundle
     model = b.module.eval()
     layers = qm.layers() if qm is not None else {}
+    cache_len, decode_note = _decode_plan(b, model, cache_len)
 
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
-    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache, folds=folds)
+    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache, folds=folds, cache_len=cache_len)
     t0 = time.perf_counter()
     if variant == "fp32":
         buf = float_buf
     else:
         from .tflite_quant import quantize
 
-        calib = _calibration(b, seq_len, calib_samples) if variant == "int8" else None
+        calib = _calibration(b, seq_len, calib_samples, model, cache_len) if variant == "int8" else None
         buf = quantize(float_buf, layers, ops, variant == "int8", calib, scales)
     quantize_s = time.perf_counter() - t0
 
@@ -246,12 +324,17 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         with torch.no_grad():
             add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
                                 b.kind == "causal-lm")
+    signatures = None
+    if cache_len:
+        parity["decode"] = _decode_parity(buf, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(buf, b, cache_len)}}
     cos_tol, top1_tol = TOLERANCE[variant]
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
-                   "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol)})
+                   "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol
+                                            and parity.get("decode", {}).get("cos_min", 1.0) >= cos_tol)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
@@ -263,10 +346,10 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     extra = {
         "seq_len": seq_len if b.kind in ("causal-lm", "encoder") else None,
         "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len} if b.kind == "causal-lm" else None,
-                  "decode": None,
-                  "decode_note": ("no decode-step signature: litert-torch 0.10's generic convert exports a fixed-shape "
-                                  "prefill graph; a KV-cache decode signature needs its generative re-authoring API")
-                  if b.kind == "causal-lm" else None},
+                  "decode": _decode_meta(model, cache_len) if cache_len else None,
+                  "decode_note": decode_note},
+        # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
+        "signatures": signatures,
         "runtime_min": {**RUNTIME_MIN[variant], "tested": f"{runtime_version()} (XNNPACK)"},
         "conventions": CONVENTIONS,
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],

@@ -74,68 +74,80 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     """Per-layer comparison; returns {"exact": bool, "layers": {name: {...}}, "mismatches": [...]}.
 
     `scales` overrides the scales expected for some layers (a conv with a folded BatchNorm holds
-    edgeq's scales times the norm's factor); by default every layer must hold edgeq's own.
+    edgeq's scales times the norm's factor); by default every layer must hold edgeq's own. A file
+    with several signatures (prefill and decode) is checked in each subgraph.
     """
-    from .tflite_graph import op_names, read_model
+    from .tflite_graph import labelled, op_names, read_model
 
-    s = _schema()
     model_t = read_model(buf)
     codes = op_names(model_t)
-    tensors = {}
+    tensors: dict[str, list] = {}
     consumers = {}
     for sg in model_t.subgraphs:
         for op in sg.operators:
             if len(op.inputs) > 1 and op.inputs[1] >= 0:
                 consumers[(id(sg), op.inputs[1])] = (op, codes[op.opcodeIndex])
-                out = sg.tensors[op.outputs[0]].name.decode() if op.outputs and op.outputs[0] >= 0 else ""
-                if out.startswith("edgeq/"):  # the layer's op: its weight (a tied head's is the embedding table)
-                    tensors[out[len("edgeq/"):]] = (sg, op.inputs[1])
+                out = labelled(sg.tensors[op.outputs[0]].name) if op.outputs and op.outputs[0] >= 0 else None
+                if out is not None and not out[1]:  # the layer's op: its weight (a tied head's is the embedding table)
+                    tensors.setdefault(out[0], []).append((sg, op.inputs[1]))
     report, mismatches = {}, []
     for name, m in layers.items():
         d = m.decision
         entry = {"bits": d.weight.bits, "granularity": d.weight.granularity}
         found = tensors.get(name)
-        if found is None:
+        if not found:
             mismatches.append(f"{name}: weight tensor not found")
             report[name] = {**entry, "ints": False, "scales": False}
             continue
-        sg, ti = found
-        t = sg.tensors[ti]
-        ints = _tensor_ints(model_t, t, buf)
-        want = _int_layout(m)
-        qp = t.quantization
         edgeq_scale = (scales or {}).get(name, m.scale).detach().to(torch.float32).numpy()
-        if np.any(edgeq_scale < 0):  # a folded negative BatchNorm gain: TFLite holds |scale| and negated integers
-            sign = np.sign(edgeq_scale[:, 0]).astype(np.int16)
-            depthwise = want.ndim == 4 and m.conv_args["groups"] != 1
-            want = want * (sign.reshape(1, 1, 1, -1) if depthwise else sign.reshape((-1,) + (1,) * (want.ndim - 1)))
-            edgeq_scale = np.abs(edgeq_scale)
-        entry["tflite_type"] = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type)
-        entry["ints"] = bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))
-        if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
-            det = qp.details
-            got = _fp16_scales(model_t, sg, det.scales, buf)
-            entry["block_size"] = int(det.blockSize)
-            entry["scale_storage"] = "fp16 (bf16 precision)"
-            zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints, buf))
-            entry["scales"] = bool(got.shape == edgeq_scale.shape and np.array_equal(got, edgeq_scale) and zp_ok
-                                   and det.blockSize == d.weight.group_size)
-        elif qp is not None and qp.scale is not None:
-            got = np.asarray(qp.scale, dtype=np.float32)
-            want_s = edgeq_scale[:1, 0] if d.weight.granularity == "tensor" else edgeq_scale[:, 0]
-            zps = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else [0])
-            entry["scale_storage"] = "fp32"
-            entry["scales"] = bool(got.shape == want_s.shape and np.array_equal(got.view(np.uint32), want_s.view(np.uint32))
-                                   and not np.any(zps))
-        else:
-            entry["scales"] = False
-        if d.activation.mode == "static":
-            entry["act"] = _act_matches(model_t, sg, consumers, ti, m)
+        checks = [_check(model_t, sg, ti, m, edgeq_scale, consumers, buf) for sg, ti in found]
+        entry.update(checks[0])
+        if len(checks) > 1:
+            entry["subgraphs"] = len(checks)
         for key in ("ints", "scales", "act"):
-            if entry.get(key) is False:
-                mismatches.append(f"{name}: {key} differ")
+            bad = [i for i, c in enumerate(checks) if c.get(key) is False]
+            if bad:
+                mismatches.append(f"{name}: {key} differ" + (f" (subgraph {bad[0]})" if len(checks) > 1 else ""))
+                entry[key] = False
         report[name] = entry
     return {"exact": not mismatches, "layers": report, "mismatches": mismatches}
+
+
+def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes) -> dict:
+    """One weight tensor of layer `m` against edgeq's integers, scales (and static input grid)."""
+    s = _schema()
+    d = m.decision
+    t = sg.tensors[ti]
+    ints = _tensor_ints(model_t, t, buf)
+    want = _int_layout(m)
+    qp = t.quantization
+    if np.any(edgeq_scale < 0):  # a folded negative BatchNorm gain: TFLite holds |scale| and negated integers
+        sign = np.sign(edgeq_scale[:, 0]).astype(np.int16)
+        depthwise = want.ndim == 4 and m.conv_args["groups"] != 1
+        want = want * (sign.reshape(1, 1, 1, -1) if depthwise else sign.reshape((-1,) + (1,) * (want.ndim - 1)))
+        edgeq_scale = np.abs(edgeq_scale)
+    entry = {"tflite_type": {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type),
+             "ints": bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))}
+    if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
+        det = qp.details
+        got = _fp16_scales(model_t, sg, det.scales, buf)
+        entry["block_size"] = int(det.blockSize)
+        entry["scale_storage"] = "fp16 (bf16 precision)"
+        zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints, buf))
+        entry["scales"] = bool(got.shape == edgeq_scale.shape and np.array_equal(got, edgeq_scale) and zp_ok
+                               and det.blockSize == d.weight.group_size)
+    elif qp is not None and qp.scale is not None:
+        got = np.asarray(qp.scale, dtype=np.float32)
+        want_s = edgeq_scale[:1, 0] if d.weight.granularity == "tensor" else edgeq_scale[:, 0]
+        zps = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else [0])
+        entry["scale_storage"] = "fp32"
+        entry["scales"] = bool(got.shape == want_s.shape and np.array_equal(got.view(np.uint32), want_s.view(np.uint32))
+                               and not np.any(zps))
+    else:
+        entry["scales"] = False
+    if d.activation.mode == "static":
+        entry["act"] = _act_matches(model_t, sg, consumers, ti, m)
+    return entry
 
 
 def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:

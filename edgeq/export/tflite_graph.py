@@ -4,7 +4,10 @@ A quantized model is rendered as plain float layers holding its dequantized weig
 scale` (never its fake-quant simulation), converted once with litert-torch, and each edgeq layer
 is found in the flatbuffer by the exact bytes of its weight. Its weight tensor is renamed
 `edgeq/<layer>/weight` and its output `edgeq/<layer>`, so later steps (ai-edge-quantizer recipes,
-read-back) address layers by edgeq's names and never by the converter's mangled scopes.
+read-back) address layers by edgeq's names and never by the converter's mangled scopes. A file with
+a second signature (a decoder LM's decode step) has a second subgraph reading the same weight
+buffers; its tensors get the same labels with `@1` appended (ai-edge-quantizer wants every tensor
+name unique in the file).
 
 Conversion is slow (about a minute even for a toy model), so the labelled float graph is cached
 by architecture and float contents; a quantized model with the same architecture gets the cached
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 1  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 3  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
@@ -277,6 +281,20 @@ def weight_ops(model_t):
                 yield sg, op, name
 
 
+def label(layer: str, subgraph: int = 0, weight: bool = False) -> str:
+    """The name of a layer's output (or weight) tensor in subgraph `subgraph`."""
+    return f"edgeq/{layer}" + ("/weight" if weight else "") + (f"@{subgraph}" if subgraph else "")
+
+
+def labelled(name: str | bytes) -> tuple[str, bool] | None:
+    """(layer, is its weight) for a tensor name `label` made, else None."""
+    name = name.decode() if isinstance(name, bytes) else name
+    if not name.startswith("edgeq/"):
+        return None
+    name = re.sub(r"@\d+$", "", name[len("edgeq/"):])
+    return (name[:-len("/weight")], True) if name.endswith("/weight") else (name, False)
+
+
 def _digest(arr: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
 
@@ -284,17 +302,22 @@ def _digest(arr: np.ndarray) -> str:
 def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] | None = None) -> dict[str, str]:
     """Rename each layer's weight/output tensors after the layer; returns layer -> TFLite op name.
 
-    Layers are found by the exact bytes of their float weight. A layer found nowhere (the converter
+    Layers are found by the exact bytes of their float weight, in every subgraph (a decoder LM's
+    prefill and decode signatures). A layer found nowhere (the converter
     changed its weight, e.g. folded a BatchNorm into it) is an error. Identical weights go in graph
     order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
-    table are one tensor in the converted graph: it keeps the first layer's label (`weight_tensor`).
+    table are one tensor in the converted graph: it keeps the first layer's label (`weight_tensors`).
     """
     kinds = kinds or {}
-    by_digest: dict[str, list[str]] = {}
+    digests: dict[str, list[str]] = {}
     for name, w in weights.items():
-        by_digest.setdefault(_digest(w), []).append(name)
+        digests.setdefault(_digest(w), []).append(name)
     found: dict[str, str] = {}
+    index = {id(sg): k for k, sg in enumerate(model_t.subgraphs)}
+    by_digest, subgraph = {}, None
     for sg, op, opname in weight_ops(model_t):
+        if sg is not subgraph:  # each signature's subgraph reads every weight (one shared buffer each)
+            by_digest, subgraph = {k: list(v) for k, v in digests.items()}, sg
         wt = sg.tensors[op.inputs[1]]
         data = model_t.buffers[wt.buffer].data
         if data is None or wt.type != schema().TensorType.FLOAT32:
@@ -305,9 +328,9 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
         lookup = opname == "EMBEDDING_LOOKUP"
         name = next((n for n in names if (kinds.get(n) == "embedding") == lookup), names[0])
         names.remove(name)  # identical weights: any assignment is byte-identical
-        if not wt.name.startswith(b"edgeq/"):
-            wt.name = f"edgeq/{name}/weight".encode()
-        sg.tensors[op.outputs[0]].name = f"edgeq/{name}".encode()
+        if labelled(wt.name) is None:
+            wt.name = label(name, index[id(sg)], weight=True).encode()
+        sg.tensors[op.outputs[0]].name = label(name, index[id(sg)]).encode()
         found[name] = opname
     missing = [n for n in weights if n not in found]
     if missing:
@@ -317,21 +340,22 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
     return found
 
 
-def weight_tensor(model_t, layer: str) -> str:
-    """The name of the weight tensor `layer`'s op reads (a tied head's is its embedding table's)."""
-    for sg, op, _ in weight_ops(model_t):
-        if sg.tensors[op.outputs[0]].name.decode() == f"edgeq/{layer}":
-            return sg.tensors[op.inputs[1]].name.decode()
-    raise EdgeqError(f"tflite: layer {layer!r} has no labelled op in the graph")
+def weight_tensors(model_t, layer: str) -> list[str]:
+    """The names of the weight tensors `layer`'s ops read, one per subgraph (a tied head's is its embedding table's)."""
+    names = [sg.tensors[op.inputs[1]].name.decode() for sg, op, _ in weight_ops(model_t)
+             if labelled(sg.tensors[op.outputs[0]].name) == (layer, False)]
+    if not names:
+        raise EdgeqError(f"tflite: layer {layer!r} has no labelled op in the graph")
+    return names
 
 
 def set_weights(model_t, weights: dict[str, np.ndarray]) -> None:
     """Write each layer's float weight into its labelled buffer (shapes must agree)."""
     for sg, op, _ in weight_ops(model_t):
         wt = sg.tensors[op.inputs[1]]
-        name = wt.name.decode()
-        if name.startswith("edgeq/") and name.endswith("/weight"):
-            layer = name[len("edgeq/"):-len("/weight")]
+        found = labelled(wt.name)
+        if found is not None and found[1]:
+            layer = found[0]
             w = weights[layer]
             assert list(wt.shape) == list(w.shape), (layer, list(wt.shape), w.shape)
             model_t.buffers[wt.buffer].data = np.frombuffer(np.ascontiguousarray(w, dtype=np.float32).tobytes(), dtype=np.uint8)
@@ -351,19 +375,20 @@ def _float_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def graph_key(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None) -> str:
+def graph_key(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> str:
     layers = {n: [type(m).__name__, list(m.decision.shape)] for n, m in quant_layers(model).items()}
     ex = [list(t.shape) + [str(t.dtype)] for t in example_inputs(bundle, seq_len)]
     from importlib.metadata import version
 
     text = json.dumps([GRAPH_VERSION, sorted(folds or {}), bundle.reference, bundle.kind, layers, ex, _float_digest(model),
-                       torch.__version__, version("litert-torch")], sort_keys=True)
+                       torch.__version__, version("litert-torch"), cache_len], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True, folds: dict | None = None
-                ) -> tuple[bytes, dict[str, str], float]:
-    """The labelled float TFLite graph of `model` with its dequantized weights (BatchNorms in `folds` folded).
+def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True, folds: dict | None = None,
+                cache_len: int | None = None) -> tuple[bytes, dict[str, str], float]:
+    """The labelled float TFLite graph of `model` with its dequantized weights (BatchNorms in `folds` folded),
+    with a `decode` signature over a `cache_len`-slot KV cache when `cache_len` is given.
 
     Returns (flatbuffer bytes, layer -> op name, conversion seconds; 0 when cached).
     """
@@ -375,7 +400,7 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     layers = quant_layers(model)
     folds = folds or {}
     weights = {n: tflite_weight(m, folds.get(n)) for n, m in layers.items()}
-    key = graph_key(bundle, model, seq_len, folds)
+    key = graph_key(bundle, model, seq_len, folds, cache_len)
     cached = cache_dir("tflite-graphs") / f"{key}.tflite"
     index = cached.with_suffix(".json")
     if cache and cached.is_file() and index.is_file():
@@ -383,19 +408,20 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
         set_weights(model_t, weights)
         return write_model(model_t), read_json(index)["layers"], 0.0
     t0 = time.perf_counter()
-    buf = convert(bundle, model, seq_len, folds)
+    buf = convert(bundle, model, seq_len, folds, cache_len)
     seconds = time.perf_counter() - t0
     model_t = read_model(buf)
     found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()})
     out = write_model(model_t)
     if cache:
         write_bytes_atomic(cached, out)
-        write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "layers": found})
+        write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "cache_len": cache_len, "layers": found})
     return out, found, seconds
 
 
-def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None) -> bytes:
-    """litert-torch conversion of the float rendering of `model` (one `serving_default` signature)."""
+def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
+    """litert-torch conversion of the float rendering of `model`: a `serving_default` signature, and with
+    `cache_len` a `decode` signature (`tflite_decode.KVDecode`) reading the same weights."""
     import tempfile
 
     import litert_torch
@@ -403,7 +429,13 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
     with float_rendering(model, folds), torch.no_grad():
         module = graph_module(bundle, model)
         try:
-            edge = litert_torch.convert(module, example_inputs(bundle, seq_len))
+            if cache_len:
+                from .tflite_decode import KVDecode, example_inputs as decode_inputs
+
+                edge = (litert_torch.signature("serving_default", module, example_inputs(bundle, seq_len))
+                        .signature("decode", KVDecode(model, cache_len).eval(), decode_inputs(model, cache_len)).convert())
+            else:
+                edge = litert_torch.convert(module, example_inputs(bundle, seq_len))
         except Exception as exc:  # the converter fails in many ways on unsupported ops
             raise EdgeqError(f"tflite: litert-torch cannot convert {bundle.reference!r}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -44,8 +44,9 @@ def op_config(decision, static: bool) -> dict:
 
 
 def recipe(layers: dict, ops: dict[str, str], static: bool) -> list[dict]:
-    """One entry per quantized layer, matched by the op scope `edgeq/<layer>;` (its output name)."""
-    return [{"regex": f"^edgeq/{re.escape(name)};$", "operation": ops[name], "algorithm_key": ALGORITHM,
+    """One entry per quantized layer, matched by the op scope `edgeq/<layer>;` (its output name; `edgeq/<layer>@1;`
+    in a second signature's subgraph)."""
+    return [{"regex": f"^edgeq/{re.escape(name)}(@\\d+)?;$", "operation": ops[name], "algorithm_key": ALGORITHM,
              "op_config": op_config(m.decision, static)} for name, m in layers.items()]
 
 
@@ -76,27 +77,28 @@ def act_override(module) -> dict:
     return {"min": np.array(-z * s, dtype=np.float64), "max": np.array((255 - z) * s, dtype=np.float64)}
 
 
-def input_tensor_names(model_t, names: list[str]) -> dict[str, str]:
-    """layer -> the name of its op's activation input tensor in the float graph."""
-    from .tflite_graph import weight_ops
+def input_tensor_names(model_t, names: list[str]) -> dict[str, list[str]]:
+    """layer -> the names of its op's activation input tensor in the float graph, one per subgraph."""
+    from .tflite_graph import labelled, weight_ops
 
-    out = {}
+    out: dict[str, list[str]] = {}
     for sg, op, _ in weight_ops(model_t):
-        oname = sg.tensors[op.outputs[0]].name.decode()
-        if oname.startswith("edgeq/") and oname[len("edgeq/"):] in names:
-            out[oname[len("edgeq/"):]] = sg.tensors[op.inputs[0]].name.decode()
+        found = labelled(sg.tensors[op.outputs[0]].name)
+        if found is not None and not found[1] and found[0] in names:
+            out.setdefault(found[0], []).append(sg.tensors[op.inputs[0]].name.decode())
     return out
 
 
-def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: list[dict] | None,
+def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: dict[str, list[dict]] | None,
              scales: dict) -> bytes:
     """Apply edgeq's grids to the labelled float graph with ai-edge-quantizer; returns the flatbuffer.
 
-    `scales` are the weight scales each layer is rendered with (edgeq's, or times a folded BatchNorm factor).
+    `calibration` (static only) holds feeds per signature; `scales` are the weight scales each layer is
+    rendered with (edgeq's, or times a folded BatchNorm factor).
     """
     from ai_edge_quantizer import quantizer
 
-    from .tflite_graph import read_model, weight_ops, weight_tensor
+    from .tflite_graph import read_model, weight_ops, weight_tensors
 
     qt = quantizer.Quantizer(bytearray(float_buf))
     qt.load_quantization_recipe(recipe(layers, ops, static))
@@ -106,18 +108,20 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
         shapes[sg.tensors[op.inputs[1]].name.decode()] = tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
     qsvs: dict = {}
     if static:
-        qsvs = dict(qt.calibrate({"serving_default": calibration or []}, num_threads=1))
+        qsvs = dict(qt.calibrate(calibration or {"serving_default": []}, num_threads=1))
         inputs = input_tensor_names(model_t, list(layers))
         for name, m in layers.items():
             grid = act_override(m)
-            prev = qsvs.get(inputs[name], {}).get("_edgeq")
-            if prev is not None and prev != name and not _same(qsvs[inputs[name]], grid):
-                raise EdgeqError(f"tflite: layers {prev!r} and {name!r} read the same tensor with different static grids; "
-                                 "TFLite holds one grid per tensor (re-quantize with one activation grid for them)")
-            qsvs[inputs[name]] = {**grid, "_edgeq": name}
+            for tensor in inputs[name]:
+                prev = qsvs.get(tensor, {}).get("_edgeq")
+                if prev is not None and prev != name and not _same(qsvs[tensor], grid):
+                    raise EdgeqError(f"tflite: layers {prev!r} and {name!r} read the same tensor with different static grids; "
+                                     "TFLite holds one grid per tensor (re-quantize with one activation grid for them)")
+                qsvs[tensor] = {**grid, "_edgeq": name}
     for name, m in layers.items():
-        wname = weight_tensor(model_t, name)  # a tied head's is its embedding table's: the same override twice
-        qsvs[wname] = weight_override(m, ops[name], shapes[wname], scales[name])
+        # one per subgraph, all on one buffer; a tied head's is its embedding table's: the same override twice
+        for wname in weight_tensors(model_t, name):
+            qsvs[wname] = weight_override(m, ops[name], shapes[wname], scales[name])
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
         result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)

@@ -40,7 +40,7 @@ def runtime_version() -> str:
         return f"tflite-runtime {tflite_runtime.__version__}"
 
 
-def _arg_order(name: str) -> tuple:
+def arg_order(name: str) -> tuple:
     """litert-torch names positional inputs args_0, args_1, ...: sort by that number, not as text."""
     m = re.search(r"(\d+)$", name)
     return (int(m.group(1)) if m else 1 << 30, name)
@@ -66,10 +66,10 @@ class TfliteRunner:
         self.signature = signature
         self.runner = self.interpreter.get_signature_runner(signature)
         details = self.runner.get_input_details()
-        self.input_names = sorted(details, key=_arg_order)
+        self.input_names = sorted(details, key=arg_order)
         self.inputs = [details[n] for n in self.input_names]
         outs = self.runner.get_output_details()
-        self.output_names = sorted(outs, key=_arg_order)
+        self.output_names = sorted(outs, key=arg_order)
         self.threads = threads
 
     def input_specs(self) -> list[dict]:

@@ -191,6 +191,80 @@ def test_runner_matches_simulation_and_checks_shapes(exported):
         runner(ids[:, :32])
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("llama-")])
+def test_decode_signature_matches_simulation_and_prefill(exported, case):
+    """Every LM variant carries a KV-cache decode signature (default 256 slots) on the same weight buffers:
+    run token by token from an empty cache it gives the simulation's logits, and (except where LiteRT
+    requantizes outputs on grids calibrated per signature: full integer) the prefill signature's."""
+    from edgeq.export.tflite_graph import label, read_model
+
+    path, meta, qdir = exported[case]
+    decode = meta["graph"]["decode"]
+    assert decode["signature"] == "decode" and decode["cache_len"] == 256 and meta["graph"]["decode_note"] is None
+    parity = meta["parity"]["decode"]
+    assert parity["rows"] == 16 and parity["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
+    if meta["variant"] != "int8":
+        assert parity["vs_prefill_max_abs"] < 1e-4, parity
+    model_t = read_model(path.read_bytes())
+    assert len(model_t.subgraphs) == 2
+    tensors = [{t.name.decode(): t.buffer for t in sg.tensors} for sg in model_t.subgraphs]
+    for name in load_quantized(qdir).layers():
+        if label(name, 0, weight=True) in tensors[0]:  # a tied head reads its embedding table's tensor
+            assert tensors[0][label(name, 0, weight=True)] == tensors[1][label(name, 1, weight=True)], name  # one copy
+
+
+def test_decode_signature_generates_like_transformers(tmp_path):
+    """A user's greedy loop over the file's decode signature (prompt fed token by token, then its own
+    picks) writes the tokens Hugging Face's generate writes, at a cache length of our choosing."""
+    from edgeq.export.tflite_decode import run_steps
+    from edgeq.export.tflite_runtime import TfliteRunner
+
+    meta = export("tiny-llama", "tflite", tmp_path / "lm.tflite", seq_len=16, cache_len=32)
+    assert meta["graph"]["decode"]["cache_len"] == 32
+    step = TfliteRunner(tmp_path / "lm.tflite", signature="decode")
+    assert step.input_specs()[2]["shape"][2] == 32
+    model = load_model("tiny-llama").module.eval()
+    prompt = torch.tensor([[84, 104, 101, 32, 99, 105, 116, 121]])  # "The city"
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
+    cache = [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
+    logits, cache = run_steps(step, prompt.numpy(), cache)  # the prompt fills the cache, one step per token
+    got = [int(np.argmax(logits[-1]))]
+    for pos in range(prompt.shape[1], prompt.shape[1] + 11):
+        logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
+        got.append(int(np.argmax(logits[-1])))
+    assert got == want
+
+
+def test_decode_signature_options(tmp_path):
+    meta = export("tiny-llama", "tflite", tmp_path / "a.tflite", seq_len=16, cache_len=0)
+    assert meta["graph"]["decode"] is None and "cache_len = 0" in meta["graph"]["decode_note"]
+    from edgeq.export.tflite_runtime import TfliteRunner
+
+    with pytest.raises(EdgeqError, match="signature 'decode' is not one of: serving_default"):
+        TfliteRunner(tmp_path / "a.tflite", signature="decode")
+    with pytest.raises(EdgeqError, match="cache_len applies to decoder LMs"):
+        export(CNN, "tflite", tmp_path / "b.tflite", cache_len=8)
+    with pytest.raises(EdgeqError, match="cache_len must be a whole number"):
+        export("tiny-llama", "tflite", tmp_path / "c.tflite", cache_len=-1)
+    assert not (tmp_path / "b.tflite").exists() and not (tmp_path / "c.tflite").exists()
+
+
+def test_decode_signature_only_for_layouts_it_renders():
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    from edgeq.export.tflite_decode import unsupported_reason
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+    assert "model type 'gpt2' is not one" in unsupported_reason(gpt2, 32)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 vocab_size=64)
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=16, **small))
+    assert unsupported_reason(mistral, 16) is None
+    assert "sliding attention window (16) is shorter than the cache (32 slots)" in unsupported_reason(mistral, 32)
+    assert unsupported_reason(load_model("tiny-llama").module, 256) is None
+
+
 def test_fp32_from_model_reference(exported):
     meta = exported["cnn-fp32"][1]
     assert meta["inputs"][0]["shape"] == [1, 3, 224, 224] and meta["exact"] is None

@@ -1,0 +1,132 @@
+"""The KV-cache decode-step signature of a decoder LM's TFLite file.
+
+TFLite graphs are static, so the cache is too: `decode(input_ids [1, 1], input_pos [1], k_0, v_0, ...)
+-> (logits [1, 1, vocab], k_0', v_0', ...)` with every k/v shaped [1, kv_heads, cache_len, head_dim].
+The step writes the new token's key and value into slot `input_pos` (a one-hot blend, elementwise ops
+every LiteRT build has) and attends over slots 0..input_pos (the rest masked), the way litert-torch's
+generative models and Hugging Face's StaticCache do. Keys are stored after rotary embedding, as in
+Hugging Face's cache, so a cache filled by this signature or by a PyTorch prefill is the same.
+
+The step is written over the Hugging Face module's own layers (projections, norms, MLP, rotary
+embedding), so the float rendering of a quantized model (its dequantized weights) and the cached
+labelled graph work unchanged, and both signatures of the file read one copy of each weight.
+Llama-family layouts only (model types llama (SmolLM2 too), mistral, qwen2: q/k/v/o projections, pre-norms,
+gated MLP); anything else gets no decode signature and says why. The export checks the rendering anyway:
+16 decode steps against the simulation (`parity.decode`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DEFAULT_CACHE_LEN = 256
+FAMILY = ("llama", "mistral", "qwen2")  # Hugging Face model types with the layout below (checked, not assumed)
+
+
+def unsupported_reason(model: torch.nn.Module, cache_len: int) -> str | None:
+    """None if `model` has the layout `KVDecode` renders, else why not (one line)."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in FAMILY:
+        return f"model type {kind!r} is not one whose decode step is rendered ({', '.join(FAMILY)})"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
+        return f"{type(model).__name__} is not a Llama-family decoder (model.layers, rotary_emb, lm_head)"
+    need = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    for i, layer in enumerate(layers):
+        missing = [n for n in need if not hasattr(layer, n)]
+        missing += [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(getattr(layer, "self_attn", None), p)]
+        if missing:
+            return f"layer {i} has no {missing[0]} (a Llama-family layout is needed)"
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and window < cache_len:
+        return f"its sliding attention window ({window}) is shorter than the cache ({cache_len} slots); export with cache_len <= {window}"
+    return None
+
+
+def dims(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, kv heads, head dim)."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, kv, head_dim
+
+
+class KVDecode(torch.nn.Module):
+    """One decode step over a fixed-size cache (see the module docstring for the signature)."""
+
+    def __init__(self, model: torch.nn.Module, cache_len: int):
+        super().__init__()
+        self.model, self.cache_len = model, cache_len
+
+    def forward(self, input_ids, input_pos, *cache):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        inner = self.model.model
+        _, heads, kv_heads, head_dim = dims(self.model.config)
+        h = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(h, input_pos.reshape(1, 1))
+        slots = torch.arange(self.cache_len, dtype=input_pos.dtype)
+        here = (slots.reshape(1, 1, -1, 1) == input_pos.reshape(1, 1, 1, 1)).to(h.dtype)
+        mask = torch.where(slots.reshape(1, 1, 1, -1) <= input_pos.reshape(1, 1, 1, 1), 0.0, torch.finfo(h.dtype).min)
+        presents = []
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, 1, heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys = cache[2 * i] * (1 - here) + k * here
+            values = cache[2 * i + 1] * (1 - here) + v * here
+            presents += [keys, values]
+            # grouped-query attention without repeating the cache: query head h reads kv head h // (heads / kv_heads),
+            # so the one token's heads regroup as [1, kv_heads, heads / kv_heads, head_dim] (repeating the keys
+            # and values instead cost SmolLM2 ~100 ms a step in LiteRT at 256 slots)
+            q = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
+            scores = torch.matmul(q, keys.transpose(2, 3)) * getattr(attn, "scaling", head_dim ** -0.5) + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(1, 1, heads * head_dim)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return (self.model.lm_head(inner.norm(h)), *presents)
+
+
+def empty_cache(config, cache_len: int) -> tuple[torch.Tensor, ...]:
+    n, _, kv_heads, head_dim = dims(config)
+    return tuple(torch.zeros(1, kv_heads, cache_len, head_dim) for _ in range(2 * n))
+
+
+def example_inputs(model: torch.nn.Module, cache_len: int) -> tuple:
+    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *empty_cache(model.config, cache_len))
+
+
+def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cache_len: int, per_sequence: int) -> list[tuple]:
+    """Decode-step inputs with real caches: for a few positions p of each sequence, (token p, p, the keys
+    and values of tokens 0..p-1 from one PyTorch forward, zero past them)."""
+    out = []
+    with torch.no_grad():
+        for ids in sequences:
+            n = min(ids.shape[1], cache_len)
+            past = model(input_ids=ids[:, :n], use_cache=True).past_key_values
+            flat = [t for layer in past.layers for t in (layer.keys, layer.values)]
+            for p in np.linspace(0, n - 1, per_sequence).astype(int):
+                cache = []
+                for t in flat:
+                    c = torch.zeros(1, t.shape[1], cache_len, t.shape[3])
+                    c[:, :, :p] = t[:, :, :p]
+                    cache.append(c)
+                out.append((ids[:, p:p + 1], torch.tensor([int(p)]), *cache))
+    return out
+
+
+def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Feed `ids` [1, n] one token at a time, at positions start, start + 1, ..., through
+    `step(ids, pos, *cache) -> [logits, *cache]`; returns the logits [n, vocab] and the caches after."""
+    rows = []
+    for i in range(ids.shape[1]):
+        out = step(ids[:, i:i + 1], np.array([start + i]), *cache)
+        rows.append(np.asarray(out[0]).reshape(-1))
+        cache = out[1:]
+    return np.stack(rows), cache

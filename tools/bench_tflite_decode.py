@@ -1,0 +1,168 @@
+"""Benchmark: one-token decode steps of TFLite files (the `decode` signature), edgeq vs ai-edge-quantizer. Not a test.
+
+    .venv/bin/python tools/bench_tflite_decode.py --model smollm2-135m --out benchmarks/tflite_decode_smollm2
+
+One run, the same cache length for every file:
+- fp32: `edgeq export MODEL --format tflite` (litert-torch; prefill + decode signatures).
+- edgeq: the QDIRs of recipes w8 (dynamic-int8), w4-g64-litert and w4-g64-litert-emb4 (int4), made here with
+  the presets' calibration (or reused from --work, as bench_tflite.py makes them), exported with their decode signature.
+- ai-edge-quantizer: `dynamic_wi8_afp32` and `dynamic_wi4b32_afp32` applied to the fp32 file (both signatures).
+Quality of the decode signature: each file's next-token top-1 agreement with the fp32 file's decode signature over
+--tokens steps of an evaluation window, fed token by token from empty caches, and (edgeq files) the export's own
+`parity.decode` against the PyTorch simulation. Latency: one decode step at position cache_len / 2 (every step
+attends over all cache_len slots, masked: the position does not change the work) with the caches that window
+left, in LiteRT with XNNPACK at 1 and 2 threads, files interleaved round-robin, median of --reps after 3 warm-up
+calls; the time includes copying the caches in and out (what a generation loop over the signature pays).
+Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_tflite import interleaved, log, make_qdir  # noqa: E402
+
+from edgeq.export import export  # noqa: E402
+from edgeq.export.tflite_decode import run_steps  # noqa: E402
+from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
+from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+
+EDGEQ = {"w8": "dynamic-int8", "w4-g64-litert": "int4", "w4-g64-litert-emb4": "int4"}
+AEQ = ("dynamic_wi8_afp32", "dynamic_wi4b32_afp32")
+
+
+def aeq_quantize(fp32: Path, recipe_name: str, out: Path) -> float:
+    from ai_edge_quantizer import quantizer, recipe
+
+    t0 = time.perf_counter()
+    qt = quantizer.Quantizer(str(fp32))
+    qt.load_quantization_recipe(getattr(recipe, recipe_name)())
+    out.write_bytes(bytes(qt.quantize(None, enable_progress_report=False).quantized_model))
+    return time.perf_counter() - t0
+
+
+def zero_cache(step: TfliteRunner) -> list[np.ndarray]:
+    return [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
+
+
+def latency(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, reps: int) -> dict[str, dict]:
+    calls = {}
+    for n, p in files.items():
+        step = TfliteRunner(p, threads=threads, signature="decode")
+        _, cache = run_steps(step, ids[:, :pos], zero_cache(step))  # real caches for the timed step
+        calls[n] = functools.partial(step, ids[:, pos:pos + 1], np.array([pos]), *cache)
+    return interleaved(calls, reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
+    ap.add_argument("--work", default="/tmp/edgeq-bench-tflite", help="QDIRs and .tflite files")
+    ap.add_argument("--cache-len", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps compared with the fp32 file")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--recipes", nargs="+", default=list(EDGEQ), choices=list(EDGEQ))
+    args = ap.parse_args()
+    command = " ".join([".venv/bin/python tools/bench_tflite_decode.py"] + sys.argv[1:])
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from edgeq.data import lm_windows
+    from edgeq.models import load_model
+
+    bundle = load_model(args.model)
+    ids = lm_windows(bundle.tokenizer, "enwiki", "evaluation", args.cache_len, 1)[:1].astype(np.int64)
+    rows: dict[str, dict] = {}
+    files: dict[str, Path] = {}
+    fp32 = work / f"{args.model}-fp32-decode.tflite"
+    log("fp32: litert-torch conversion (prefill + decode)")
+    meta = export(args.model, "tflite", fp32, variant="fp32", cache_len=args.cache_len)
+    files["fp32"] = fp32
+    rows["fp32"] = {"tool": "litert-torch", "variant": "fp32", "convert_s": meta["timing_s"]["convert"],
+                    "parity_decode": meta["parity"]["decode"]}
+    for recipe_name in args.recipes:
+        variant = EDGEQ[recipe_name]
+        name = f"edgeq {variant} ({recipe_name})"
+        log(name)
+        qdir, _ = make_qdir(args.model, recipe_name, work)
+        path = work / f"{args.model}-edgeq-{recipe_name}-decode.tflite"
+        meta = export(qdir, "tflite", path, variant=variant, cache_len=args.cache_len)
+        files[name] = path
+        rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": meta["exact"],
+                      "convert_s": meta["timing_s"]["convert"], "quantize_s": meta["timing_s"]["quantize"],
+                      "parity_decode": meta["parity"]["decode"]}
+    for recipe_name in AEQ:
+        name = f"aeq {recipe_name}"
+        log(name)
+        path = work / f"{args.model}-aeq-{recipe_name}-decode.tflite"
+        files[name] = path
+        rows[name] = {"tool": "ai-edge-quantizer", "variant": recipe_name, "quantize_s": round(aeq_quantize(fp32, recipe_name, path), 2)}
+
+    log(f"decode quality: {args.tokens} steps against the fp32 file")
+    n = min(args.tokens, ids.shape[1])
+    ref = None
+    for name, path in files.items():
+        step = TfliteRunner(path, threads=2, signature="decode")
+        logits, _ = run_steps(step, ids[:, :n], zero_cache(step))
+        top1 = logits.argmax(-1)
+        ref = top1 if ref is None else ref
+        rows[name]["size_mb"] = round(path.stat().st_size / 1e6, 2)
+        rows[name]["decode_top1_agree_fp32"] = float(np.mean(top1 == ref))
+        rows[name]["file"] = str(path)
+    for threads in (1, 2):
+        log(f"latency, {threads} thread(s), {args.reps} reps interleaved over {len(files)} files")
+        for name, lat in latency(files, args.cache_len // 2, ids, threads, args.reps).items():
+            rows[name][f"decode_{threads}t"] = lat
+    result = {"command": command, "model": args.model, "cache_len": args.cache_len, "tokens": n,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cores": __import__("os").cpu_count(), "platform": platform.platform()},
+              "rows": rows, "targets": targets(rows)}
+    out = Path(args.out)
+    write_json_atomic(Path(f"{out}.json"), result)
+    write_text_atomic(Path(f"{out}.md"), markdown(result))
+    print(markdown(result))
+
+
+def targets(rows: dict) -> dict:
+    fp32 = rows["fp32"]
+    out = {}
+    for name, r in rows.items():
+        if r["tool"] == "edgeq" and r["variant"] == "int4":
+            for t in (1, 2):
+                speedup = fp32[f"decode_{t}t"]["median_ms"] / r[f"decode_{t}t"]["median_ms"]
+                out[f"int4_decode_speedup_vs_fp32_{t}t ({r['recipe']})"] = {"value": round(speedup, 2), "target": ">= 5", "met": speedup >= 5}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# TFLite decode step on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", result["command"], "```", "",
+             f"Created {result['created']} on {result['machine']['cores']} cores (shared). One decode step (the `decode` signature, "
+             f"{result['cache_len']} cache slots, caches copied in and out) in LiteRT with XNNPACK: median of "
+             f"{next(iter(result['rows'].values()))['decode_1t']['n']} interleaved calls after warm-up. Top-1: "
+             f"{result['tokens']} decode steps of an evaluation window from empty caches against the fp32 file's.", "",
+             "| file | exact | decode top1 vs fp32 | parity.decode cos_min (vs simulation) | size MB | ms 1 thread | ms 2 threads |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        par = r.get("parity_decode") or {}
+        lines.append(f"| {name} | {r.get('exact', '-')} | {r['decode_top1_agree_fp32']:.4f} | "
+                     f"{par.get('cos_min', float('nan')):.6f} | {r['size_mb']} | {r['decode_1t']['median_ms']:.2f} | "
+                     f"{r['decode_2t']['median_ms']:.2f} |")
+    lines += ["", "## Targets", ""] + [f"- {k}: {json.dumps(v)}" for k, v in result["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
