@@ -34,6 +34,8 @@ class DemoRow:
     top1_parity: float | None
     ppl: float | None = None
     p50_ms: float | None = None
+    decode_ms: float | None = None  # one token: ONNX's FILE.decode.onnx, TFLite's `decode` signature
+    decode_path: str | None = None
     status: str = ""
     notes: list = field(default_factory=list)
 
@@ -53,6 +55,7 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
     out.mkdir(parents=True, exist_ok=True)
     db = out / "results.sqlite"
     rows: list[DemoRow] = []
+    tflite_options = None
     for name, recipe_name, onnx_variant, tflite_variant in VARIANTS:
         source = model
         if recipe_name:
@@ -70,7 +73,9 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
                 continue
             path = out / f"{name}.{fmt}"
             start = time.perf_counter()
-            options = {"seq_len": seq_len} if fmt == "tflite" else {}  # TFLite graphs have a fixed length
+            if fmt == "tflite" and tflite_options is None:
+                tflite_options = _tflite_options(model, seq_len)
+            options = tflite_options if fmt == "tflite" else {}
             meta = export(source, fmt, path, variant=variant, **options)
             parity = meta.get("parity") or {}
             say(f"exported {path.name} ({meta['size_bytes'] / 1e6:.1f} MB, exact={meta['exact']}, "
@@ -78,24 +83,55 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
             result = evaluate(str(path), count=eval_windows, seq_len=seq_len)
             record_eval_result(db, result)
             rows.append(DemoRow(name, fmt, str(path), meta["size_bytes"] / 1e6, meta["exact"], parity.get("top1_agree"),
-                                ppl=result["metrics"].get("ppl")))
+                                ppl=result["metrics"].get("ppl"), decode_path=_decode_file(path, meta)))
             say(f"evaluated {path.name}: ppl {result['metrics'].get('ppl'):.3f} on {eval_windows} windows of {seq_len} tokens")
     # one sequence length everywhere: TFLite graphs are fixed-length, and latencies should compare
     summaries = profile_local([r.path for r in rows], db=db, runs=runs, dims={"sequence": seq_len})
-    say(summary_table(summaries))
-    by_path = {s["artifact"]: s for s in summaries}
+    # one decode step after seq_len tokens: ONNX's decode graph with seq_len past positions, TFLite's decode
+    # signature at slot seq_len of its 2 * seq_len slots (the middle one its FILE.json names)
+    onnx_steps = [r.decode_path for r in rows if r.decode_path and r.fmt == "onnx"]
+    tflite_steps = [r.decode_path for r in rows if r.decode_path and r.fmt == "tflite"]
+    decode = (profile_local(onnx_steps, db=db, runs=runs, dims={"sequence": seq_len}) if onnx_steps else []) + (
+        profile_local(tflite_steps, db=db, runs=runs, signature="decode") if tflite_steps else [])
+    say(summary_table(summaries + decode))
     for r in rows:
-        s = by_path.get(r.path) or {}
-        lat = ((s.get("result") or {}).get("latency_ms") or {})
-        r.p50_ms, r.status = lat.get("p50"), s.get("status", "")
+        r.p50_ms, r.status = _p50(summaries, r.path), next((s["status"] for s in summaries if s["artifact"] == r.path), "")
+        r.decode_ms = _p50(decode, r.decode_path) if r.decode_path else None
     report = write_report(db, out / "report.html")
     return rows, report
+
+
+def _tflite_options(model: str, seq_len: int) -> dict:
+    """TFLite graphs have a fixed length, and a decode signature a cache of fixed size: 2 * seq_len slots,
+    so the step its FILE.json names (the middle slot) comes after seq_len tokens, as the ONNX step's does."""
+    from .export.tflite_decode import unsupported_reason
+    from .models import load_model
+
+    bundle = load_model(model)
+    decodes = bundle.kind == "causal-lm" and unsupported_reason(bundle.module, 2 * seq_len) is None
+    return {"seq_len": seq_len, "cache_len": 2 * seq_len if decodes else 0}
+
+
+def _decode_file(path: Path, meta: dict) -> str | None:
+    """The file a decode step is timed from: FILE.decode.onnx beside an ONNX prefill graph, the TFLite file
+    itself when it has a `decode` signature; None for models without one."""
+    decode = (meta.get("graph") or {}).get("decode")  # ONNX: the decode graph's file name; TFLite: the signature
+    if not decode:
+        return None
+    if meta.get("format") == "tflite":
+        return str(path)
+    return str(path.with_name(decode)) if path.with_name(decode).is_file() else None
+
+
+def _p50(summaries: list[dict], path: str) -> float | None:
+    s = next((s for s in summaries if s["artifact"] == path), {})
+    return ((s.get("result") or {}).get("latency_ms") or {}).get("p50")
 
 
 def format_table(rows: list[DemoRow]) -> str:
     fp32 = {r.fmt: r for r in rows if r.variant == "fp32"}
     lines = [f"{'variant':<9} {'format':<7} {'size MB':>8} {'reduction':>9} {'ppl':>8} {'Δppl':>7} {'exact':>6} "
-             f"{'parity top1':>11} {'p50 ms':>8} {'speedup':>7} {'status':<8}"]
+             f"{'parity top1':>11} {'p50 ms':>8} {'speedup':>7} {'decode ms':>9} {'status':<8}"]
     for r in rows:
         base = fp32.get(r.fmt)
         red = f"{100 * (1 - r.size_mb / base.size_mb):.0f}%" if base else "-"
@@ -103,5 +139,5 @@ def format_table(rows: list[DemoRow]) -> str:
         speed = f"{base.p50_ms / r.p50_ms:.2f}x" if base and base.p50_ms and r.p50_ms else "-"
         lines.append(f"{r.variant:<9} {r.fmt:<7} {r.size_mb:>8.1f} {red:>9} {r.ppl or float('nan'):>8.3f} {dppl:>7} "
                      f"{str(r.exact):>6} {r.top1_parity if r.top1_parity is not None else '-':>11} "
-                     f"{(r.p50_ms or float('nan')):>8.2f} {speed:>7} {r.status:<8}")
+                     f"{(r.p50_ms or float('nan')):>8.2f} {speed:>7} {(r.decode_ms or float('nan')):>9.2f} {r.status:<8}")
     return "\n".join(lines)

@@ -126,6 +126,15 @@ def export_meta(artifact: Path) -> dict | None:
     return None
 
 
+def job_meta(meta: dict | None, signature: str | None) -> dict | None:
+    """The metadata a job gets: FILE.json, its `inputs` those of `signature` when one is named (a TFLite
+    file's `signatures`; without a spec for it the agent reads the signature's own inputs)."""
+    if signature is None or meta is None:
+        return meta
+    spec = ((meta.get("signatures") or {}).get(signature) or {}).get("inputs")
+    return {**meta, "inputs": spec}
+
+
 @dataclasses.dataclass(frozen=True)
 class Bundle:
     """What to upload for one artifact: the file, its external data, and its metadata."""
@@ -168,7 +177,7 @@ def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], confi
             for f, sha in b.files:
                 client.upload(f, sha)
             client.submit(job_id, {"name": b.path.name, "sha256": b.sha256},
-                          [{"name": f.name, "sha256": sha} for f, sha in b.files], b.meta, config)
+                          [{"name": f.name, "sha256": sha} for f, sha in b.files], job_meta(b.meta, config.get("signature")), config)
             result = client.wait(job_id, on_progress=(lambda job, n=b.path.name: on_progress(device.name, n, job))
                                  if on_progress else None)
             out.append((b, result, None))
@@ -216,15 +225,17 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
 
 def profile_local(artifacts: list[str | os.PathLike], *, db: str | os.PathLike | None = None,
                   runs: int = 50, min_seconds: float = 1.0, threads: int = 1,
-                  dims: dict[str, int] | None = None, on_progress: ProgressFn | None = None) -> list[dict]:
+                  dims: dict[str, int] | None = None, signature: str | None = None,
+                  on_progress: ProgressFn | None = None) -> list[dict]:
     """Start a local agent (loopback, port 0, fresh token), profile `artifacts`, stop it.
 
     The one call `edgeq demo` needs; results are stored in `db` (default: $EDGEQ_DB or the user
-    data dir) and returned as summaries (see `profile`); `summary_table` prints them.
+    data dir) and returned as summaries (see `profile`); `summary_table` prints them. `signature`
+    times that signature of TFLite files (e.g. `decode`).
     """
     from .protocol import check_config
 
-    config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads,
+    config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads, "signature": signature,
                            "dims": dims or {}, "max_seconds": max(60.0, min_seconds * 4)})
     with LocalAgent() as agent:
         return profile(artifacts, [agent.device()], config, None if db is None else str(db),
@@ -244,16 +255,18 @@ def summary_table(summaries: list[dict]) -> str:
         rt = r.get("runtime") or {}
         p = r.get("power") or {}
         runtime = f"{rt.get('name', '-')} / {rt.get('provider', '-')}"
-        lines.append(f"{s['device'][:12]:<12} {Path(s['artifact']).name[:30]:<30} {s['status']:<8} "
+        sig = ((r.get("config") or {}).get("signature"))
+        name = Path(s["artifact"]).name + (f" [{sig}]" if sig else "")
+        lines.append(f"{s['device'][:12]:<12} {name[:30]:<30} {s['status']:<8} "
                      f"{fmt(lat.get('p50')):>9} {'[' + fmt(ci[0]) + ', ' + fmt(ci[1]) + ']':>21} "
                      f"{fmt(lat.get('p99')):>9} {lat.get('n', '-'):>7} {fmt(r.get('peak_rss_mb'), '{:.0f}'):>7} "
                      f"{runtime[:34]:<34} {fmt(p.get('energy_per_inference_mj')):>8}")
         if s["error"]:
-            notes.append(f"{s['device']} {Path(s['artifact']).name}: error: {s['error']}")
+            notes.append(f"{s['device']} {name}: error: {s['error']}")
         for reason in r.get("invalid_reasons") or []:
-            notes.append(f"{s['device']} {Path(s['artifact']).name}: INVALID: {reason}")
+            notes.append(f"{s['device']} {name}: INVALID: {reason}")
         if not s["error"] and p.get("reason"):
-            notes.append(f"{s['device']} {Path(s['artifact']).name}: power: {p['reason']}")
+            notes.append(f"{s['device']} {name}: power: {p['reason']}")
     return "\n".join(lines + sorted(set(notes)))
 
 

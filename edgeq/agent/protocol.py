@@ -49,7 +49,8 @@ CONFIG keys (all optional, unknown keys refused): `runs` (minimum timed runs, de
 `warmup_min` (5), `warmup_max` (200), `warmup_tolerance` (0.05), `threads` (default 1),
 `seed` (0), `dims` (symbolic dim -> size, default batch 1, sequence 64), `timeout_s` (job wall
 limit, capped by the agent), `memory_mb` (job address-space limit, capped by the agent),
-`power` (bool, default true).
+`power` (bool, default true), `signature` (TFLite only: the signature to run, e.g. `decode`;
+default null = the file's first subgraph).
 
 RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 "invalid_reasons": [...], "error": str|null, "artifact_sha256", "format", "size_bytes",
@@ -94,7 +95,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "timeout_s": None,
     "memory_mb": None,
     "power": True,
+    "signature": None,
 }
+SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_DIMS = {"batch": 1, "sequence": 64}
 
 _NUMERIC_LIMITS = {
@@ -185,6 +188,8 @@ def check_config(config: Any) -> dict:
         raise ProtocolError("config.dims: must map dim names to integers in [1, 1048576]")
     if not isinstance(out["power"], bool):
         raise ProtocolError("config.power: must be true or false")
+    if out["signature"] is not None and not (isinstance(out["signature"], str) and SIGNATURE_RE.match(out["signature"])):
+        raise ProtocolError(f"config.signature: {out['signature']!r} must be null or match {SIGNATURE_RE.pattern}")
     return out
 
 

@@ -124,7 +124,8 @@ def measure(job_dir: Path) -> dict:
         result["external_data"] = check_external_data(artifact, job_dir)
     progress("loading")
     t = time.perf_counter_ns()
-    model = load(artifact, cfg["threads"])
+    model = load(artifact, cfg["threads"], cfg.get("signature"))
+    result["signature"] = cfg.get("signature")
     result["load_ms"] = (time.perf_counter_ns() - t) / 1e6
     result["runtime"] = model.runtime
     result["rss_after_load_mb"] = _peak_rss_mb()

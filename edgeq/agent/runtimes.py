@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeqError
+from ..export.tflite_runtime import arg_order
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -95,19 +96,32 @@ def _litert_interpreter():
 
 
 class LiteRtModel:
+    """A .tflite file in LiteRT: its first subgraph through the interpreter's tensors, or one named
+    signature (`decode` of a decoder LM's file) through its signature runner."""
+
     format = "tflite"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, signature: str | None = None):
         interpreter_cls, name, version = _litert_interpreter()
         with _CaptureStderr() as log:
             self.interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
+            self.runner = None
+            if signature is not None:
+                known = self.interpreter.get_signature_list()
+                if signature not in known:
+                    raise EdgeqError(f"signature: {signature!r} is not one of the file's: {', '.join(sorted(known)) or 'none'}")
+                self.runner = self.interpreter.get_signature_runner(signature)
         xnnpack = "XNNPACK" in log.text
         self.runtime = {"name": name, "version": version,
                         "provider": "XNNPACK delegate" if xnnpack else "builtin CPU kernels (no delegate)",
                         "load_log": log.text[-2000:]}
 
     def signature(self) -> list[dict]:
+        if self.runner is not None:
+            details = self.runner.get_input_details()
+            return [{"name": n, "dtype": np.dtype(d["dtype"]).name, "shape": [int(x) for x in d["shape"]]}
+                    for n, d in sorted(details.items(), key=lambda kv: arg_order(kv[0]))]
         out = []
         for d in self.interpreter.get_input_details():
             sig = d.get("shape_signature", d["shape"])
@@ -134,6 +148,16 @@ class LiteRtModel:
         raise EdgeqError(f"inputs: {names} do not match the model's inputs {sorted(by_name)}")
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        if self.runner is not None:
+            details = self.runner.get_input_details()
+            if set(feeds) != set(details):
+                raise EdgeqError(f"inputs: {sorted(feeds)} do not match the signature's inputs {sorted(details)}")
+            for name, arr in feeds.items():
+                if list(details[name]["shape"]) != list(arr.shape) or arr.dtype != np.dtype(details[name]["dtype"]):
+                    raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes "
+                                     f"{np.dtype(details[name]['dtype'])}{list(details[name]['shape'])}")
+            self._feeds = feeds
+            return
         details = self._input_details(list(feeds))
         resized = False
         for name, arr in feeds.items():
@@ -150,15 +174,20 @@ class LiteRtModel:
         self._outputs = [d["index"] for d in self.interpreter.get_output_details()]
 
     def run(self) -> None:
+        if self.runner is not None:
+            self.runner(**self._feeds)  # sets the inputs, invokes, copies the outputs out
+            return
         self.interpreter.invoke()
         for idx in self._outputs:
             self.interpreter.get_tensor(idx)
 
 
-def load(path: Path, threads: int):
-    """Load an .onnx or .tflite file with its runtime."""
+def load(path: Path, threads: int, signature: str | None = None):
+    """Load an .onnx or .tflite file with its runtime (a TFLite file's named `signature` if given)."""
+    if signature is not None and path.suffix != ".tflite":
+        raise EdgeqError(f"signature: {signature!r} applies to .tflite files; {path.name} is ONNX (one graph per file)")
     if path.suffix == ".onnx":
         return OrtModel(path, threads)
     if path.suffix == ".tflite":
-        return LiteRtModel(path, threads)
+        return LiteRtModel(path, threads, signature)
     raise EdgeqError(f"artifact: {path.name!r} must end with .onnx or .tflite")

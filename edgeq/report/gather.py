@@ -71,12 +71,21 @@ class Column:
         return self.result.device
 
     @property
+    def signature(self) -> str | None:
+        """The TFLite signature timed (`decode`), None for a file's default graph."""
+        return signature_of(self.result)
+
+    @property
     def sha(self) -> str:
         return self.result.artifact_sha256
 
     @property
     def size_bytes(self) -> int | None:
         return (self.export or {}).get("size_bytes") or self.result.size_bytes
+
+
+def signature_of(rec: store.ResultRecord) -> str | None:
+    return ((rec.result or {}).get("config") or {}).get("signature")
 
 
 def parse_since(text: str | None) -> _dt.datetime | None:
@@ -198,7 +207,8 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
             skipped.append({"id": rec.id, "device": rec.device, "artifact_sha256": rec.artifact_sha256,
                             "variant": rec.variant, "status": rec.status, "error": err})
             continue
-        key = (rec_model, rec.artifact_sha256, rec.device, rec.runtime, rec.runtime_version, rec.threads)
+        signature = signature_of(rec)  # a TFLite file's decode step is its own column
+        key = (rec_model, rec.artifact_sha256, rec.device, rec.runtime, rec.runtime_version, rec.threads, signature)
         counts[key] = counts.get(key, 0) + 1
         if key in columns:
             continue
@@ -206,7 +216,7 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
         bits, bits_source = bit_class(rec.export_json, quant)
         name = Path(rec.artifact_path).name if rec.artifact_path else rec.artifact_sha256[:12]
         columns[key] = Column(
-            result=rec, model=rec_model, variant=rec.variant or name,
+            result=rec, model=rec_model, variant=(rec.variant or name) + (f" [{signature}]" if signature else ""),
             fmt=rec.artifact_format or "?", bits=bits, bits_source=bits_source,
             is_fp32=is_fp32_export(rec.export_json), export=rec.export_json, quant=quant, quant_note=note,
             quality=quality_of(evals.get(rec.artifact_sha256, [])), superseded=0)

@@ -139,11 +139,10 @@ def tiny_onnx(tmp_path_factory) -> Path:
     return make_onnx(tmp_path_factory.mktemp("models") / "tiny.onnx")
 
 
-@pytest.fixture(scope="session")
-def tiny_tflite(pytestconfig) -> Path:
-    """A tiny TFLite model converted with litert_torch once and cached across sessions."""
+def _cached_tflite(pytestconfig, name: str, build) -> Path:
+    """A TFLite file made once by `build(torch, litert_torch)` (a converted model) and cached across sessions."""
     cache = Path(pytestconfig.cache.mkdir("edgeq-agent-tflite"))
-    path = cache / "tiny.tflite"
+    path = cache / name
     if path.exists():
         return path
     try:
@@ -151,14 +150,37 @@ def tiny_tflite(pytestconfig) -> Path:
         import torch
     except ImportError:
         pytest.skip("litert_torch not installed: cannot build a TFLite model")
-
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
-    edge = litert_torch.convert(module, (torch.randn(1, 16),))
-    tmp = cache / "tiny.tflite.tmp"
-    edge.export(str(tmp))
+    tmp = cache / f"{name}.tmp"
+    build(torch, litert_torch).export(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite(pytestconfig) -> Path:
+    """A tiny TFLite model converted with litert_torch."""
+    def build(torch, litert_torch):
+        module = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+        return litert_torch.convert(module, (torch.randn(1, 16),))
+
+    return _cached_tflite(pytestconfig, "tiny.tflite", build)
+
+
+@pytest.fixture(scope="session")
+def two_signature_tflite(pytestconfig) -> Path:
+    """A TFLite file with two signatures, as a decoder LM's export has: `serving_default` (x [1, 16]) and
+    `decode` (x [1, 4] float32, pos [1] int32)."""
+    def build(torch, litert_torch):
+        class Step(torch.nn.Module):
+            def forward(self, x, pos):
+                return x * 2 + pos.to(x.dtype)
+
+        first = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+        return (litert_torch.signature("serving_default", first, (torch.randn(1, 16),))
+                .signature("decode", Step().eval(), (torch.randn(1, 4), torch.tensor([3], dtype=torch.int32))).convert())
+
+    return _cached_tflite(pytestconfig, "two_signatures.tflite", build)
 
 
 def run_job(client: AgentClient, model: Path, config: dict | None = None, job_id: str | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeq.agent.client import AgentError
 from edgeq.agent.onnxcheck import check_external_data, external_locations
 from edgeq.errors import EdgeqError
 
@@ -60,6 +61,38 @@ def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     r = run_job(shared_agent.client(), tiny_tflite, metadata=meta)
     assert r["status"] == "valid", r.get("error")
     assert r["inputs"][0]["name"] == "args_0" and r["inputs"][0]["from"] == "metadata"
+
+
+def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
+    """`config.signature` times one signature of a multi-signature file (a decoder LM's `decode` step)
+    through LiteRT's signature runner; a name the file lacks, or a signature on ONNX, fails the job by name."""
+    pytest.importorskip("ai_edge_litert")
+    client = shared_agent.client()
+    r = run_job(client, two_signature_tflite)
+    assert r["status"] == "valid" and r["signature"] is None and [i["shape"] for i in r["inputs"]] == [[1, 16]]
+    meta = {"inputs": [{"name": "args_0", "dtype": "float32", "shape": [1, 4]},
+                       {"name": "args_1", "dtype": "int32", "shape": [1], "range": [7, 7]}]}
+    r = run_job(client, two_signature_tflite, {"signature": "decode"}, metadata=meta)
+    assert r["status"] == "valid", r.get("error")
+    assert r["signature"] == "decode" and r["latency_ms"]["n"] > 0
+    assert [(i["name"], i["shape"]) for i in r["inputs"]] == [("args_0", [1, 4]), ("args_1", [1])]
+    r = run_job(client, two_signature_tflite, {"signature": "decode"})  # no metadata: the signature's own inputs
+    assert r["status"] == "valid" and r["inputs"][1]["dtype"] == "int32" and r["inputs"][1]["from"] == "model signature"
+    r = run_job(client, two_signature_tflite, {"signature": "prefill"})
+    assert r["state"] == "failed" and "'prefill' is not one of the file's: decode, serving_default" in r["error"]
+    r = run_job(client, tiny_onnx, {"signature": "decode"})
+    assert r["state"] == "failed" and "applies to .tflite files" in r["error"]
+    with pytest.raises(AgentError, match="config.signature"):
+        run_job(client, two_signature_tflite, {"signature": "../decode"})
+
+
+def test_job_meta_takes_the_signatures_inputs():
+    from edgeq.agent.host import job_meta
+
+    meta = {"format": "tflite", "inputs": [{"name": "args_0"}], "signatures": {"decode": {"inputs": [{"name": "args_1"}]}}}
+    assert job_meta(meta, None) is meta
+    assert job_meta(meta, "decode")["inputs"] == [{"name": "args_1"}]
+    assert job_meta(meta, "other")["inputs"] is None and job_meta(None, "decode") is None
 
 
 def _malformed(tmp: Path, tiny_onnx: Path) -> list[Path]:

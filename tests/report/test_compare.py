@@ -208,6 +208,28 @@ def test_runtime_version_mismatch_is_flagged(tmp_path):
     assert col["quality_delta"]["delta"] is None
 
 
+def test_decode_signature_runs_are_their_own_columns(tmp_path):
+    """The prefill and the decode step of one TFLite file (same sha256) are two columns, each compared with
+    the FP32 file's run of the same signature."""
+    db = tmp_path / "s.sqlite"
+
+    def add(name, p50, signature):
+        sha, size, recipe, _ = ARTS[name]
+        result = {**_result(sha, p50, (p50 * 0.9, p50 * 1.1), None), "config": {"signature": signature}}
+        return store.record_result(db, result, device="pi5", artifact_path=f"/x/{name}.tflite",
+                                   export_meta=_meta(sha, size, recipe))
+
+    ids = {("fp32", None): add("fp32", 100.0, None), ("fp32", "decode"): add("fp32", 10.0, "decode"),
+           ("int8", None): add("int8", 50.0, None), ("int8", "decode"): add("int8", 2.0, "decode")}
+    (model,) = build_report(db)["models"]
+    cols = {c["id"]: c for c in model["columns"]}
+    assert set(cols) == set(ids.values())
+    assert cols[ids[("int8", "decode")]]["label"].startswith("int8 [decode]")
+    assert cols[ids[("int8", "decode")]]["vs_fp32"]["baseline_id"] == ids[("fp32", "decode")]
+    assert cols[ids[("int8", "decode")]]["vs_fp32"]["speedup_p50"] == pytest.approx(5.0)
+    assert cols[ids[("int8", None)]]["vs_fp32"]["baseline_id"] == ids[("fp32", None)]
+
+
 def test_empty_database_gives_an_empty_report(tmp_path):
     db = tmp_path / "empty.sqlite"
     store.list_results(db)  # creates the schema, no rows
