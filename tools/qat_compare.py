@@ -19,21 +19,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def recipe_text(bits: int) -> str:
-    return f"""name = "w{bits}-c"
+def recipe_text(bits: int, group: int | None = None) -> str:
+    grid = f'granularity = "group", group_size = {group}' if group else 'granularity = "channel"'
+    return f"""name = "w{bits}-{f'g{group}' if group else 'c'}"
 [[rules]]
 match = "lm_head$"
 skip = true
 [[rules]]
 match = ".*"
-weight = {{ bits = {bits}, symmetric = true, granularity = "channel" }}
+weight = {{ bits = {bits}, symmetric = true, {grid} }}
 """
 
 
 def one(args: dict) -> dict:
-    import torch
-
-    from edgeq.quantize.qat_loop import QATConfig, build, train
+    from edgeq.quantize.qat_loop import QATConfig, train
 
     cfg = QATConfig(**args["config"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -63,6 +62,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 32])
     ap.add_argument("--methods", nargs="+", default=["lsq", "scales", "lr-qat"], choices=["lsq", "scales", "lr-qat"])
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--group", type=int, default=None, help="weight groups of this size (default: one scale per output channel)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_compare"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (step times are then measured side by side)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -79,8 +79,8 @@ def main() -> None:
     rdir.mkdir(exist_ok=True)
     all_jobs = []
     for bits in a.bits:
-        rpath = rdir / f"w{bits}c.toml"
-        rpath.write_text(recipe_text(bits))
+        rpath = rdir / f"w{bits}{f'g{a.group}' if a.group else 'c'}.toml"
+        rpath.write_text(recipe_text(bits, a.group))
         base = dict(model=a.model, recipe=str(rpath), steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_windows=a.eval_windows)
         configs = [dict(base, method=m, lr=1e-4) for m in ("lsq", "scales") if m in a.methods]
         configs += [dict(base, method="lr-qat", lr=1e-3, rank=r) for r in a.ranks if "lr-qat" in a.methods]
@@ -100,7 +100,9 @@ def main() -> None:
             runs.append(r)
             print(json.dumps(r), flush=True)
     out = {"command": " ".join([Path(sys.executable).name, "tools/qat_compare.py"] + sys.argv[1:]), "model": a.model,
-           "scale_note": f"{a.model} on a 2-core CPU, 1 torch thread per run; per-channel symmetric weights, float "
+           "group": a.group,
+           "scale_note": f"{a.model} on a 2-core CPU, 1 torch thread per run; "
+                         f"{f'groups of {a.group}' if a.group else 'per-channel'} symmetric weights, float "
                          "activations; eval = next-token loss on evaluation windows disjoint from training",
            "jobs": a.jobs, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
            "wall_seconds": round(time.time() - t0, 1), "runs": runs}
@@ -113,7 +115,7 @@ def markdown(out: dict) -> str:
     runs, n = out["runs"], out["seq_len"]
     lines = [f"# QAT comparison on {out['model']}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
              f"{out['steps']} steps x {out['batch']} x {n} tokens; eval {out['eval_windows']} windows of {n}. "
-             f"Wall time {out['wall_seconds']} s.", "",
+             f"Wall time {out['wall_seconds']} s." + (f" {out['note']}" if out.get("note") else ""), "",
              "| bits | method | rank | ppl RTN start | ppl after | trainable params | QAT-layer state MB | peak RSS MB | step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
