@@ -94,6 +94,8 @@ def test_device_errors(tmp_path, capsys, tiny_onnx):
                          str(token), "--db", str(tmp_path / "x.sqlite"))
     assert code == 1 and "connection refused" in out
     assert store.list_results(tmp_path / "x.sqlite") == []
+    code, _, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--signature", "decode")
+    assert code == 2 and "--signature applies to .tflite files" in err
 
 
 def test_store_evals_and_validation(tmp_path):

@@ -18,6 +18,7 @@ def _run(capsys, *argv):
     (["quantize", "factories:not_a_module", "--recipe", "w8"], "not a torch.nn.Module"),
     (["quantize", "nosuchpkg.mod:make", "--recipe", "w8"], "cannot import 'nosuchpkg.mod'"),
     (["quantize", "tiny-llama", "--recipe", "w4-g128", "--calib", "/no/such/file.txt"], "is not a built-in corpus"),
+    (["export", "tiny-llama", "--format", "onnx", "--cache-len", "8"], "--cache-len applies to --format tflite"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tmp_path, tiny_llama_ref):
     out = tmp_path / "qdir"
