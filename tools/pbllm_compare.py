@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     import torch
 
-    from edgeq.data import lm_windows
     from edgeq.models import load_model
     from edgeq.models.inputs import calibration_batches
     from edgeq.quantize.ptq import quantize_model
@@ -34,7 +33,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "pbllm_compare"))
+    ap.add_argument("--render", default=None, help="only re-render OUT.md from OUT.json")
     a = ap.parse_args()
+    if a.render:
+        Path(a.render + ".md").write_text(markdown(json.loads(Path(a.render + ".json").read_text())))
+        return
     torch.set_num_threads(1)
     t0 = time.time()
     bundle = load_model(a.model)
@@ -62,17 +65,24 @@ def main() -> None:
                 run(f"{method} f={f} {crit}", [{"match": ".*", "weight": w8, "method": method}],
                     {"salient_fraction": f, "criterion": crit}, fraction=f, method=method, criterion=crit)
     out = {"command": " ".join([Path(sys.executable).name, "tools/pbllm_compare.py"] + sys.argv[1:]), "model": a.model,
-           "scale_note": "tiny-llama (0.85M params) on 2 shared CPU cores; all Linear layers but lm_head; PTQ only",
+           "scale_note": f"{a.model} ({sum(p.numel() for p in bundle.module.parameters()) / 1e6:.2f}M params) on 2 shared CPU "
+                         "cores; all Linear layers but lm_head; PTQ only",
            "calib_samples": a.calib_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
            "wall_seconds": round(time.time() - t0, 1), "rows": rows}
     Path(a.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"# PB-LLM PTQ on {a.model}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
-             f"Calibration {a.calib_samples} x {a.seq_len} tokens; perplexity on {a.eval_windows} disjoint evaluation windows.",
-             "bits/weight counts the mask as a dense 1-bit bitmap plus per-row alpha (fp32) and k (int8); the file stores INT8 rows.", "",
+    Path(a.out + ".md").write_text(markdown(out))
+
+
+def markdown(out: dict) -> str:
+    """The Markdown table of a run's JSON (also: `python tools/pbllm_compare.py --render OUT`)."""
+    lines = [f"# PB-LLM PTQ on {out['model']}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
+             f"Calibration {out['calib_samples']} x {out['seq_len']} tokens; perplexity on {out['eval_windows']} disjoint evaluation windows.",
+             "bits/weight counts the mask as a dense 1-bit bitmap plus per-row alpha (fp32) and k (int8); the file stores INT8 rows."
+             + (f" {out['note']}" if out.get("note") else ""), "",
              "| variant | ppl | bits/weight (mask incl.) | bits/weight (no mask) |", "|---|---|---|---|"]
-    for r in rows:
+    for r in out["rows"]:
         lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {r.get('bits_per_weight') or ''} | {r.get('bits_per_weight_no_mask') or ''} |")
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def one(args: dict) -> dict:
     state_mb = (stored + 3 * 4 * trainable) / 2**20
     return {
         "method": cfg.method, "rank": cfg.rank if cfg.method == "lr-qat" else None, "bits": args["bits"],
+        "base_dtype": cfg.base_dtype if cfg.method == "lr-qat" else None,
         "eval_loss_rtn": rec["eval_loss_start"], "eval_loss": rec["eval_loss_end"],
         "ppl_rtn": math.exp(rec["eval_loss_start"]), "ppl": math.exp(rec["eval_loss_end"]),
         "trainable_params": trainable, "qat_state_mb": round(state_mb, 3),
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lsq", "scales", "lr-qat"], choices=["lsq", "scales", "lr-qat"])
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--group", type=int, default=None, help="weight groups of this size (default: one scale per output channel)")
+    ap.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16", "q4.4", "int"], help="LR-QAT's frozen base Phi0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_compare"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (step times are then measured side by side)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -83,7 +85,7 @@ def main() -> None:
         rpath.write_text(recipe_text(bits, a.group))
         base = dict(model=a.model, recipe=str(rpath), steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_windows=a.eval_windows)
         configs = [dict(base, method=m, lr=1e-4) for m in ("lsq", "scales") if m in a.methods]
-        configs += [dict(base, method="lr-qat", lr=1e-3, rank=r) for r in a.ranks if "lr-qat" in a.methods]
+        configs += [dict(base, method="lr-qat", lr=1e-3, rank=r, base_dtype=a.base_dtype) for r in a.ranks if "lr-qat" in a.methods]
         all_jobs += [(cfg, bits) for cfg in configs]
     # up to --jobs runs at once (each 1 torch thread): on 2 cores two runs take the time of one
     for i in range(0, len(all_jobs), a.jobs):
@@ -119,7 +121,8 @@ def markdown(out: dict) -> str:
              "| bits | method | rank | ppl RTN start | ppl after | trainable params | QAT-layer state MB | peak RSS MB | step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| W{r['bits']} | {r['method']} | {r['rank'] or ''} | {r['ppl_rtn']:.4f} | {r['ppl']:.4f} | {r['trainable_params']} | "
+        method = r["method"] + (f" ({r['base_dtype']} base)" if r.get("base_dtype") not in (None, "fp32") else "")
+        lines.append(f"| W{r['bits']} | {method} | {r['rank'] or ''} | {r['ppl_rtn']:.4f} | {r['ppl']:.4f} | {r['trainable_params']} | "
                      f"{r['qat_state_mb']} | {r['peak_rss_mb']} | {r['step_seconds']} |")
     lines += ["", "## LR-QAT against full QAT (target: ppl within 2% of LSQ's)", ""]
     for r in (r for r in runs if r["method"] == "lr-qat"):
@@ -128,7 +131,8 @@ def markdown(out: dict) -> str:
             ratio = r["ppl"] / lsq["ppl"]
             verdict = ("no comparison: full QAT did not improve on its RTN start" if lsq["ppl"] >= lsq["ppl_rtn"]
                        else "met" if ratio <= 1.02 else "NOT met")
-            lines.append(f"- W{r['bits']} rank {r['rank']}: ppl {r['ppl']:.3f} vs LSQ {lsq['ppl']:.3f} = {ratio:.4f}x "
+            base = f" ({r['base_dtype']} base)" if r.get("base_dtype") not in (None, "fp32") else ""
+            lines.append(f"- W{r['bits']} rank {r['rank']}{base}: ppl {r['ppl']:.3f} vs LSQ {lsq['ppl']:.3f} = {ratio:.4f}x "
                          f"({verdict}); whole-process peak RSS {r['peak_rss_mb'] / lsq['peak_rss_mb']:.2f}x LSQ's")
     tiny = out["model"] == "tiny-llama"
     lines += ["", ("Peak RSS is dominated by the Python/transformers runtime at this model size; the " if tiny else "The ")

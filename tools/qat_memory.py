@@ -42,7 +42,7 @@ def one(cfg: dict) -> dict:
 
     import torch
 
-    from edgeq.quantize.qat_loop import QATConfig, build, lr_at
+    from edgeq.quantize.qat_loop import QATConfig, build
 
     config = QATConfig(**cfg)
     prepared, opt, windows = build(config)
@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr-qat", nargs="+", default=["16:fp32", "16:q4.4"], metavar="RANK:BASE",
+                    help="LR-QAT runs as rank:base_dtype (default 16:fp32 16:q4.4)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_memory"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -85,8 +87,9 @@ def main() -> None:
         print("RESULT " + json.dumps(one(json.loads(a.one))))
         return
     base = dict(model=a.model, recipe=a.recipe, steps=a.steps, batch=a.batch, seq_len=a.seq_len, eval_windows=0)
-    configs = [dict(base, method="lsq", lr=1e-4), dict(base, method="lr-qat", lr=1e-3, rank=16),
-               dict(base, method="lr-qat", lr=1e-3, rank=16, base_dtype="q4.4"), dict(base, method="scales", lr=1e-4)]
+    lr_qat = [(int(r), b) for r, b in (x.split(":", 1) for x in a.lr_qat)]
+    configs = ([dict(base, method="lsq", lr=1e-4)] + [dict(base, method="lr-qat", lr=1e-3, rank=r, base_dtype=b) for r, b in lr_qat]
+               + [dict(base, method="scales", lr=1e-4)])
     runs, t0 = [], time.time()
     for cfg in configs:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
