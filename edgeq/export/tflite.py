@@ -156,8 +156,9 @@ def _float_activations(layers: dict):
             m.decision = saved[n]
 
 
-def _decode_plan(bundle, model, cache_len: int | None) -> tuple[int, str | None]:
-    """(slots of the decode signature's cache, 0 for none; why there is none, if a decoder LM has none)."""
+def _decode_plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[int, str | None]:
+    """(slots of the decode signature's cache, 0 for none; why there is none, if a decoder LM has none).
+    The default is 256 slots, or seq_len if longer: the prefill signature fills the cache with its whole input."""
     from .tflite_decode import DEFAULT_CACHE_LEN, unsupported_reason
 
     if bundle.kind != "causal-lm":
@@ -168,12 +169,16 @@ def _decode_plan(bundle, model, cache_len: int | None) -> tuple[int, str | None]
         raise EdgeqError(f"tflite: cache_len must be a whole number >= 0 (0: no decode signature), not {cache_len!r}")
     if cache_len == 0:
         return 0, "no decode signature: exported with cache_len = 0"
-    reason = unsupported_reason(model, cache_len or DEFAULT_CACHE_LEN)
+    if cache_len is not None and cache_len < seq_len:
+        raise EdgeqError(f"tflite: cache_len ({cache_len}) must be at least seq_len ({seq_len}): the prefill signature "
+                         "writes its whole input into the cache (or cache_len = 0: no decode signature)")
+    slots = cache_len or max(DEFAULT_CACHE_LEN, seq_len)
+    reason = unsupported_reason(model, slots)
     if reason:
         if cache_len:
             raise EdgeqError(f"tflite: no decode signature for {bundle.reference!r}: {reason}; or export with cache_len = 0")
         return 0, f"no decode signature: {reason}"
-    return cache_len or DEFAULT_CACHE_LEN, None
+    return slots, None
 
 
 def _decode_meta(model, cache_len: int) -> dict:
@@ -184,7 +189,9 @@ def _decode_meta(model, cache_len: int) -> dict:
             "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position = slot it writes)"]
             + [f"{kind}_{i} [1, {kv_heads}, {cache_len}, {head_dim}] float32" for i in range(n) for kind in ("k", "v")],
             "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_{i} (updated)" for i in range(n) for kind in ("k", "v")],
-            "usage": "start from zero caches; each step feeds the previous step's caches back; keys are stored "
+            "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
+                     "and these caches; then decode from input_pos = the prompt's length, feeding each step's caches to "
+                     "the next (or start from zero caches and feed the prompt one step per token); keys are stored "
                      "after rotary embedding; slots past input_pos are masked"}
 
 
@@ -201,18 +208,27 @@ def _decode_input_meta(buf: bytes, bundle, cache_len: int) -> list[dict]:
 
 
 def _decode_parity(buf: bytes, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int, steps: int = 16) -> dict:
-    """The decode signature run token by token from an empty cache over the first held-back sample's first
-    tokens, against the simulation's and the prefill signature's logits at the same positions."""
+    """The decode signature against the simulation's logits at the same positions of the first held-back
+    sample: token by token from an empty cache over its first tokens, and continuing after the prefill
+    signature ran its first half (padded with zeros to the graph's length, as a shorter prompt is)."""
     from .tflite_decode import run_steps
     from .tflite_runtime import TfliteRunner
 
-    step = TfliteRunner(buf, threads=1, signature="decode")
+    step, first = TfliteRunner(buf, threads=1, signature="decode"), TfliteRunner(buf, threads=1)
     n = min(steps, ids.shape[1], cache_len)
     cache = [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
     got, _ = run_steps(step, ids[:, :n], cache)
     out = parity_metrics([ref[0, :n]], [got])
     out["vs_prefill_max_abs"] = float(np.max(np.abs(got - prefill.reshape(ref.shape)[0, :n])))
     out["inputs"] = f"{n} tokens of the first held-back sample, one step each from an empty cache"
+    half, seq = ids.shape[1] // 2, ids.shape[1]
+    k = min(steps, seq - half)
+    prompt = np.zeros_like(ids)
+    prompt[:, :half] = ids[:, :half]
+    cont, _ = run_steps(step, ids[:, half:half + k], first(prompt)[1:], start=half)
+    after = parity_metrics([ref[0, half:half + k]], [cont])
+    out["after_prefill"] = {**{key: after[key] for key in ("max_abs", "cos_min", "top1_agree", "rows")},
+                            "inputs": f"prefill of the first {half} tokens padded to {seq}, then {k} decode steps"}
     return out
 
 
@@ -271,7 +287,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
     `calib_samples` (int8 only: batches used to calibrate the int8 output grids TFLite requantizes
     each layer's output to), `cache` (reuse a converted float graph of the same architecture),
-    `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256; 0: no decode signature).
+    `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256 or seq_len if longer;
+    0: no decode signature).
     Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
@@ -289,7 +306,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     b = qm.bundle if qm is not None else bundle
     model = b.module.eval()
     layers = qm.layers() if qm is not None else {}
-    cache_len, decode_note = _decode_plan(b, model, cache_len)
+    cache_len, decode_note = _decode_plan(b, model, cache_len, seq_len)
 
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
@@ -334,7 +351,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
                    "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol
-                                            and parity.get("decode", {}).get("cos_min", 1.0) >= cos_tol)})
+                                            and parity.get("decode", {}).get("cos_min", 1.0) >= cos_tol
+                                            and parity.get("decode", {}).get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
@@ -345,7 +363,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         tmp.write_bytes(buf)
     extra = {
         "seq_len": seq_len if b.kind in ("causal-lm", "encoder") else None,
-        "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len} if b.kind == "causal-lm" else None,
+        "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len,
+                              "outputs": "logits, then the decode signature's caches" if cache_len else "logits"}
+                  if b.kind == "causal-lm" else None,
                   "decode": _decode_meta(model, cache_len) if cache_len else None,
                   "decode_note": decode_note},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)

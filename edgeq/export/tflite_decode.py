@@ -7,7 +7,8 @@ every LiteRT build has) and attends over slots 0..input_pos (the rest masked), t
 generative models and Hugging Face's StaticCache do. Keys are stored after rotary embedding, as in
 Hugging Face's cache, so a cache filled by this signature or by a PyTorch prefill is the same.
 
-The step is written over the Hugging Face module's own layers (projections, norms, MLP, rotary
+The file's prefill signature returns the caches too (`KVPrefill`), so a generation loop runs the prompt
+in one call and then decodes. The step is written over the Hugging Face module's own layers (projections, norms, MLP, rotary
 embedding), so the float rendering of a quantized model (its dequantized weights) and the cached
 labelled graph work unchanged, and both signatures of the file read one copy of each weight.
 Llama-family layouts only (model types llama (SmolLM2 too), mistral, qwen2: q/k/v/o projections, pre-norms,
@@ -52,6 +53,24 @@ def dims(config) -> tuple[int, int, int, int]:
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, heads, kv, head_dim
+
+
+class KVPrefill(torch.nn.Module):
+    """The prefill signature of a file with a decode signature: `input_ids [1, seq_len]` -> logits and the
+    caches, the prompt's keys and values in slots 0..seq_len-1 and zeros after. A shorter prompt is padded
+    at the end; decoding continues at its length, each step overwriting the padding's slot before the mask
+    lets it be read."""
+
+    def __init__(self, model: torch.nn.Module, cache_len: int):
+        super().__init__()
+        self.model, self.cache_len = model, cache_len
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, use_cache=True)
+        pad = self.cache_len - input_ids.shape[1]
+        caches = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for layer in out.past_key_values.layers
+                  for t in (layer.keys, layer.values)]
+        return (out.logits, *caches)
 
 
 class KVDecode(torch.nn.Module):

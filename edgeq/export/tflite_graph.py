@@ -32,7 +32,7 @@ from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 3  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 4  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
@@ -421,7 +421,8 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
 
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
     """litert-torch conversion of the float rendering of `model`: a `serving_default` signature, and with
-    `cache_len` a `decode` signature (`tflite_decode.KVDecode`) reading the same weights."""
+    `cache_len` one that also returns the KV caches (`tflite_decode.KVPrefill`) and a `decode` signature
+    (`tflite_decode.KVDecode`) reading the same weights."""
     import tempfile
 
     import litert_torch
@@ -430,9 +431,9 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
         module = graph_module(bundle, model)
         try:
             if cache_len:
-                from .tflite_decode import KVDecode, example_inputs as decode_inputs
+                from .tflite_decode import KVDecode, KVPrefill, example_inputs as decode_inputs
 
-                edge = (litert_torch.signature("serving_default", module, example_inputs(bundle, seq_len))
+                edge = (litert_torch.signature("serving_default", KVPrefill(model, cache_len).eval(), example_inputs(bundle, seq_len))
                         .signature("decode", KVDecode(model, cache_len).eval(), decode_inputs(model, cache_len)).convert())
             else:
                 edge = litert_torch.convert(module, example_inputs(bundle, seq_len))

@@ -203,6 +203,7 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     assert decode["signature"] == "decode" and decode["cache_len"] == 256 and meta["graph"]["decode_note"] is None
     parity = meta["parity"]["decode"]
     assert parity["rows"] == 16 and parity["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
+    assert parity["after_prefill"]["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
     if meta["variant"] != "int8":
         assert parity["vs_prefill_max_abs"] < 1e-4, parity
     model_t = read_model(path.read_bytes())
@@ -214,8 +215,9 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
 
 
 def test_decode_signature_generates_like_transformers(tmp_path):
-    """A user's greedy loop over the file's decode signature (prompt fed token by token, then its own
-    picks) writes the tokens Hugging Face's generate writes, at a cache length of our choosing."""
+    """A user's greedy loop over the file writes the tokens Hugging Face's generate writes, at a cache
+    length of our choosing: the prompt through the prefill signature (padded to its length) or one decode
+    step per token, then decode steps on its own picks."""
     from edgeq.export.tflite_decode import run_steps
     from edgeq.export.tflite_runtime import TfliteRunner
 
@@ -227,13 +229,18 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     prompt = torch.tensor([[84, 104, 101, 32, 99, 105, 116, 121]])  # "The city"
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
-    cache = [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
-    logits, cache = run_steps(step, prompt.numpy(), cache)  # the prompt fills the cache, one step per token
-    got = [int(np.argmax(logits[-1]))]
-    for pos in range(prompt.shape[1], prompt.shape[1] + 11):
-        logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
-        got.append(int(np.argmax(logits[-1])))
-    assert got == want
+    n = prompt.shape[1]
+    padded = np.zeros((1, 16), dtype=np.int64)
+    padded[:, :n] = prompt.numpy()
+    prefill = TfliteRunner(tmp_path / "lm.tflite")(padded)
+    assert len(prefill) == 1 + len(step.input_specs()) - 2 and prefill[1].shape == (1, 2, 32, 32)
+    stepped = run_steps(step, prompt.numpy(), [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]])
+    for logits, cache in ((prefill[0][0, n - 1:n], prefill[1:]), stepped):
+        got = [int(np.argmax(logits[-1]))]
+        for pos in range(n, n + 11):
+            logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
+            got.append(int(np.argmax(logits[-1])))
+        assert got == want
 
 
 def test_decode_signature_options(tmp_path):
@@ -247,6 +254,8 @@ def test_decode_signature_options(tmp_path):
         export(CNN, "tflite", tmp_path / "b.tflite", cache_len=8)
     with pytest.raises(EdgeqError, match="cache_len must be a whole number"):
         export("tiny-llama", "tflite", tmp_path / "c.tflite", cache_len=-1)
+    with pytest.raises(EdgeqError, match=r"cache_len \(8\) must be at least seq_len \(16\)"):
+        export("tiny-llama", "tflite", tmp_path / "c.tflite", seq_len=16, cache_len=8)
     assert not (tmp_path / "b.tflite").exists() and not (tmp_path / "c.tflite").exists()
 
 
