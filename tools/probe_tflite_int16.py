@@ -1,0 +1,121 @@
+"""Probe: how much of full-integer TFLite's loss on an LM comes from its 8-bit activation grids. Not a test.
+
+    .venv/bin/python tools/probe_tflite_int16.py --model smollm2-135m --out benchmarks/tflite_int16_probe_smollm2
+
+One run, one QDIR of recipe w8a8-static (made here, or reused from --work), one labelled float graph:
+- edgeq's `int8` variant (edgeq's int8 weights and static uint8 input grids; LiteRT requantizes every quantized
+  layer's output to int8 on a grid ai-edge-quantizer calibrates);
+- the same layers and the same int8 weights (edgeq's scales, read back exact) with 16-bit activations: TFLite's
+  16x8 full-integer mode, input and output grids calibrated by ai-edge-quantizer (min/max over the same
+  calibration inputs), not edgeq's.
+Quality: next-token top-1 agreement with the FP32 file over --windows evaluation windows of --seq-len tokens.
+This is a probe for the next step of the int8 variant (16-bit activation grids in recipes and the simulation),
+not an edgeq variant: its activation grids are not edgeq's. Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_tflite import make_qdir  # noqa: E402
+
+from edgeq.export import export  # noqa: E402
+from edgeq.export import tflite_quant  # noqa: E402
+from edgeq.export.tflite_check import read_back  # noqa: E402
+from edgeq.export.tflite_graph import float_graph, read_model, rendered_scale, weight_ops, weight_tensors  # noqa: E402
+from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
+from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def int16_activations(qm, seq_len: int, calib: list[dict]) -> tuple[bytes, dict]:
+    """edgeq's layers and int8 weights with 16-bit symmetric activations calibrated by ai-edge-quantizer."""
+    from ai_edge_quantizer import quantizer
+
+    layers, model = qm.layers(), qm.bundle.module.eval()
+    buf, ops, _ = float_graph(qm.bundle, model, seq_len, cache_len=0)
+    recipe = tflite_quant.recipe(layers, ops, static=True)
+    for entry in recipe:
+        entry["op_config"]["activation_tensor_config"] = {"num_bits": 16, "symmetric": True, "granularity": "TENSORWISE", "dtype": "INT"}
+    qt = quantizer.Quantizer(bytearray(buf))
+    qt.load_quantization_recipe(recipe)
+    qsvs = dict(qt.calibrate({"serving_default": calib}, num_threads=2))
+    model_t = read_model(buf)
+    shapes = {sg.tensors[op.inputs[1]].name.decode(): tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
+              for sg, op, _ in weight_ops(model_t)}
+    scales = {n: rendered_scale(m) for n, m in layers.items()}
+    for name, m in layers.items():
+        for wname in weight_tensors(model_t, name):
+            qsvs[wname] = tflite_quant.weight_override(m, ops[name], shapes[wname], scales[name])
+    out = bytes(qt.quantize(qsvs, enable_progress_report=False).quantized_model)
+    check = read_back(out, {n: m for n, m in layers.items()}, scales)
+    weights_exact = all(v["ints"] and v["scales"] for v in check["layers"].values())
+    return out, {"weights_exact": weights_exact}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/edgeq-bench-tflite")
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from edgeq.data import lm_windows
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.qmodel import load_quantized
+
+    qdir, _ = make_qdir(args.model, "w8a8-static", work)
+    qm = load_quantized(qdir)
+    fp32 = work / f"{args.model}-fp32-s{args.seq_len}.tflite"
+    export(args.model, "tflite", fp32, variant="fp32", seq_len=args.seq_len, cache_len=0)
+    windows = lm_windows(qm.bundle.tokenizer, "enwiki", "evaluation", args.seq_len, args.windows)
+    reference = TfliteRunner(fp32, threads=2)
+    ref_top1 = [reference(w[None].astype(np.int64))[0][0].argmax(-1) for w in windows]
+
+    def top1(buf_or_path) -> float:
+        r = TfliteRunner(buf_or_path, threads=2)
+        return float(np.mean([np.mean(r(w[None].astype(np.int64))[0][0].argmax(-1) == t) for w, t in zip(windows, ref_top1)]))
+
+    rows = {}
+    t0 = time.perf_counter()
+    int8 = work / f"{args.model}-edgeq-int8-s{args.seq_len}.tflite"
+    meta = export(qdir, "tflite", int8, variant="int8", seq_len=args.seq_len, cache_len=0, calib_samples=args.calib_samples)
+    rows["edgeq int8 (w8a8-static: int8 activations, int8 outputs)"] = {"top1_agree_fp32": top1(int8), "exact": meta["exact"],
+                                                                          "seconds": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
+    calib = [{"args_0": x[0].numpy().astype(np.int32)}
+             for x in calibration_batches(qm.bundle, None, args.calib_samples, args.seq_len, batch_size=1)]
+    buf, info = int16_activations(qm, args.seq_len, calib)
+    rows["edgeq int8 weights, 16-bit activations (16x8, grids calibrated by ai-edge-quantizer)"] = {
+        "top1_agree_fp32": top1(buf), "weights_exact": info["weights_exact"], "seconds": round(time.perf_counter() - t0, 1)}
+    result = {"command": " ".join([".venv/bin/python tools/probe_tflite_int16.py"] + sys.argv[1:]), "model": args.model,
+              "seq_len": args.seq_len, "windows": args.windows, "calib_samples": args.calib_samples,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    out = Path(args.out)
+    write_json_atomic(Path(f"{out}.json"), result)
+    lines = [f"# Full-integer TFLite on {args.model}: 8-bit vs 16-bit activations (probe)", "", "```", result["command"], "```", "",
+             f"Next-token top-1 agreement with the FP32 file, {args.windows} evaluation windows of {args.seq_len} tokens; "
+             f"{args.calib_samples} calibration inputs. The 16-bit row is not an edgeq variant: its activation grids are "
+             "ai-edge-quantizer's, not edgeq's (see the tool's docstring).", "",
+             "| file | top-1 vs fp32 | weights exact |", "|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['top1_agree_fp32']:.4f} | {r.get('exact', r.get('weights_exact'))} |")
+    write_text_atomic(Path(f"{out}.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
