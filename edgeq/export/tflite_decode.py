@@ -8,12 +8,12 @@ generative models and Hugging Face's StaticCache do. Keys are stored after rotar
 Hugging Face's cache, so a cache filled by this signature or by a PyTorch prefill is the same.
 
 The file's prefill signature returns the caches too (`KVPrefill`), so a generation loop runs the prompt
-in one call and then decodes. The step is written over the Hugging Face module's own layers (projections, norms, MLP, rotary
-embedding), so the float rendering of a quantized model (its dequantized weights) and the cached
-labelled graph work unchanged, and both signatures of the file read one copy of each weight.
-Llama-family layouts only (model types llama (SmolLM2 too), mistral, qwen2: q/k/v/o projections, pre-norms,
-gated MLP); anything else gets no decode signature and says why. The export checks the rendering anyway:
-16 decode steps against the simulation (`parity.decode`).
+in one call and then decodes. The step is written over the Hugging Face module's own layers
+(projections, norms, MLP, rotary embedding), so the float rendering of a quantized model (its
+dequantized weights) and the cached labelled graph work unchanged, and both signatures of the file read
+one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral, qwen2:
+q/k/v/o projections, pre-norms, gated MLP); anything else gets no decode signature and says why. The
+export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ is found in the flatbuffer by the exact bytes of its weight. Its weight tensor i
 `edgeq/<layer>/weight` and its output `edgeq/<layer>`, so later steps (ai-edge-quantizer recipes,
 read-back) address layers by edgeq's names and never by the converter's mangled scopes. A file with
 a second signature (a decoder LM's decode step) has a second subgraph reading the same weight
-buffers; its tensors get the same labels with `@1` appended (ai-edge-quantizer wants every tensor
-name unique in the file).
+buffers; its tensors get the same labels with `@<subgraph index>` appended (ai-edge-quantizer wants
+every tensor name unique in the file).
 
 Conversion is slow (about a minute even for a toy model), so the labelled float graph is cached
 by architecture and float contents; a quantized model with the same architecture gets the cached
@@ -303,8 +303,8 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
     """Rename each layer's weight/output tensors after the layer; returns layer -> TFLite op name.
 
     Layers are found by the exact bytes of their float weight, in every subgraph (a decoder LM's
-    prefill and decode signatures). A layer found nowhere (the converter
-    changed its weight, e.g. folded a BatchNorm into it) is an error. Identical weights go in graph
+    prefill and decode signatures). A layer found nowhere (the converter changed its weight, e.g.
+    folded a BatchNorm into it) is an error. Identical weights go in graph
     order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
     table are one tensor in the converted graph: it keeps the first layer's label (`weight_tensors`).
     """
