@@ -194,8 +194,9 @@ def test_runner_matches_simulation_and_checks_shapes(exported):
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("llama-")])
 def test_decode_signature_matches_simulation_and_prefill(exported, case):
     """Every LM variant carries a KV-cache decode signature (default 256 slots) on the same weight buffers:
-    run token by token from an empty cache it gives the simulation's logits, and (except where LiteRT
-    requantizes outputs on grids calibrated per signature: full integer) the prefill signature's."""
+    run token by token from an empty cache, or on after the prefill signature ran half the sample, it gives
+    the simulation's logits, and (except where LiteRT requantizes outputs on grids calibrated per
+    signature: full integer) the prefill signature's."""
     from edgeq.export.tflite_graph import label, read_model
 
     path, meta, qdir = exported[case]
