@@ -55,6 +55,7 @@ VARIANTS = {
     "edgeq-fp32": ("edgeq", "fp32", None),
     "edgeq-w8a8": ("edgeq", "int8 static QDQ (w8a8)", "w8a8"),
     "edgeq-w8": ("edgeq", "int8 dynamic (w8)", "w8"),
+    "edgeq-w8a16-acc4": ("edgeq", "int8 weights, ORT int8 activations at accuracy_level 4 (w8a16)", "w8a16"),
     "edgeq-w4-g128": ("edgeq", "int4 g128 sym full-range GPTQ (w4-g128)", "w4-g128"),
     "edgeq-w4-g128-rtn": ("edgeq", "int4 g128 sym full-range RTN (w4-g128-rtn)", "w4-g128-rtn"),
     "edgeq-w4-g64": ("edgeq", "int4 g64 sym full-range GPTQ (w4-g64)", "w4-g64"),
@@ -67,6 +68,7 @@ VARIANTS = {
     "ort-hqq-g128": ("onnxruntime", "MatMulNBits HQQ g128 (head int4)", None),
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
+EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}}  # options of `edgeq export` beyond the defaults
 
 
 def log(msg: str) -> None:
@@ -99,7 +101,8 @@ def step_edgeq(key: str, args, work: Path) -> dict:
         source = str(qdir)
         del bundle
         gc.collect()
-    meta = export(source, "onnx", out, decode=not (recipe_name is None and args.fp32_prefill_only), graph_cache=not args.cold_graph)
+    meta = export(source, "onnx", out, decode=not (recipe_name is None and args.fp32_prefill_only), graph_cache=not args.cold_graph,
+                  **EXPORT_OPTIONS.get(key, {}))
     total = time.perf_counter() - t0
     return {"file": str(out), "decode_file": str(out.parent / meta["graph"]["decode"]) if (meta.get("graph") or {}).get("decode") else None,
             "qdir": None if recipe_name is None else source, "quantize_s": round(quantize_s, 2),
@@ -470,7 +473,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count."""
     out = []
     dyn = ok(peer, "latency_1t")
-    for k in ("edgeq-w8", "edgeq-w8a8"):
+    for k in ("edgeq-w8", "edgeq-w8a8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
         if not (dyn and r):
             continue

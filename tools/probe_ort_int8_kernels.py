@@ -9,6 +9,8 @@ quantizes each row of the activations to int8 per block of the weight's block si
 Quality: perplexity on --windows enwiki evaluation windows of 512 tokens. Latency: bench_ptq's interleaved
 64-token prefill and 1-token decode step (median of --reps after warm-up) at 1 and 2 threads.
 This probes which ONNX Runtime kernel edgeq's INT8 rendering should target; none of these files is edgeq's.
+Caveat: no ORT pre-processing here, so quantize_dynamic leaves the tied LM head float and its file is slow;
+tools/bench_ptq.py (pre-processed, head quantized) is the comparison that counts.
 Writes OUT.json and OUT.md.
 """
 

@@ -17,9 +17,12 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="TFLite: the fixed token count of a token model's graph (default 64).")
 @click.option("--cache-len", type=click.IntRange(min=0), default=None,
               help="TFLite decoder LMs: KV-cache slots of the decode signature (default 256; 0: no decode signature).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="ONNX weight-only layers: ONNX Runtime's MatMulNBits accuracy level, recorded in FILE.json and used for "
+                   "parity (0, the default: float activations, exact; 4: int8 activations quantized per row-block at run time, fastest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
@@ -33,6 +36,10 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
             if fmt != "tflite":
                 raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (ONNX graphs take any length)")
             options[name] = value
+    if accuracy_level is not None:
+        if fmt != "onnx":
+            raise EdgeqError("export: --accuracy-level applies to --format onnx (ONNX Runtime's MatMulNBits)")
+        options["accuracy_level"] = accuracy_level
     meta = run_export(source, fmt, output, variant=variant, **options)
     if as_json:
         emit_json(meta)

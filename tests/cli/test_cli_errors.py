@@ -19,6 +19,7 @@ def _run(capsys, *argv):
     (["quantize", "nosuchpkg.mod:make", "--recipe", "w8"], "cannot import 'nosuchpkg.mod'"),
     (["quantize", "tiny-llama", "--recipe", "w4-g128", "--calib", "/no/such/file.txt"], "is not a built-in corpus"),
     (["export", "tiny-llama", "--format", "onnx", "--cache-len", "8"], "--cache-len applies to --format tflite"),
+    (["export", "tiny-llama", "--format", "tflite", "--accuracy-level", "4"], "--accuracy-level applies to --format onnx"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tmp_path, tiny_llama_ref):
     out = tmp_path / "qdir"
@@ -61,3 +62,18 @@ def test_recipes_lists_presets(capsys):
     out = capsys.readouterr().out
     for name in ("w8a8", "w8", "w4-g128", "w4-g64", "w4-g128-rtn", "auto"):
         assert name in out
+
+
+def test_w8a16_exports_with_int8_activations_in_onnx_runtime(capsys, tmp_path, tiny_llama_ref):
+    """`w8a16` + `--accuracy-level 4`: the file holds edgeq's INT8 weights bitwise and records the level ONNX
+    Runtime's MatMulNBits then quantizes activations at; parity is measured with it (level 0 would be float)."""
+    import json
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-llama", "--recipe", "w8a16", "-o", str(out)]) == 0
+    capsys.readouterr()
+    onnx_file = tmp_path / "w8.onnx"
+    assert main(["export", str(out), "--format", "onnx", "--accuracy-level", "4", "-o", str(onnx_file), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"} and meta["exact"] is True
+    assert meta["parity"]["top1_agree"] >= 0.9 and meta["parity"]["cos_min"] > 0.99
