@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_tflite import interleaved, log, make_qdir  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
-from edgeq.export.tflite_decode import run_steps  # noqa: E402
+from edgeq.export.tflite_decode import run_steps, zero_caches  # noqa: E402
 from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -53,15 +53,11 @@ def aeq_quantize(fp32: Path, recipe_name: str, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def zero_cache(step: TfliteRunner) -> list[np.ndarray]:
-    return [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
-
-
 def latency(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, reps: int) -> dict[str, dict]:
     calls = {}
     for n, p in files.items():
         step = TfliteRunner(p, threads=threads, signature="decode")
-        _, cache = run_steps(step, ids[:, :pos], zero_cache(step))  # real caches for the timed step
+        _, cache = run_steps(step, ids[:, :pos], zero_caches(step))  # real caches for the timed step
         calls[n] = functools.partial(step, ids[:, pos:pos + 1], np.array([pos]), *cache)
     return interleaved(calls, reps)
 
@@ -116,7 +112,7 @@ def main() -> None:
     ref = None
     for name, path in files.items():
         step = TfliteRunner(path, threads=2, signature="decode")
-        logits, _ = run_steps(step, ids[:, :n], zero_cache(step))
+        logits, _ = run_steps(step, ids[:, :n], zero_caches(step))
         top1 = logits.argmax(-1)
         ref = top1 if ref is None else ref
         rows[name]["size_mb"] = round(path.stat().st_size / 1e6, 2)

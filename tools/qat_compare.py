@@ -112,6 +112,11 @@ def main() -> None:
     Path(a.out + ".md").write_text(markdown(out))
 
 
+def _base(run: dict) -> str:
+    """` (q4.4 base)` for an LR-QAT run whose frozen base is not fp32, else nothing."""
+    return f" ({run['base_dtype']} base)" if run.get("base_dtype") not in (None, "fp32") else ""
+
+
 def markdown(out: dict) -> str:
     """The Markdown table of a run's JSON (also: `python tools/qat_compare.py --render OUT` re-renders OUT.md)."""
     runs, n = out["runs"], out["seq_len"]
@@ -121,7 +126,7 @@ def markdown(out: dict) -> str:
              "| bits | method | rank | ppl RTN start | ppl after | trainable params | QAT-layer state MB | peak RSS MB | step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        method = r["method"] + (f" ({r['base_dtype']} base)" if r.get("base_dtype") not in (None, "fp32") else "")
+        method = r["method"] + _base(r)
         lines.append(f"| W{r['bits']} | {method} | {r['rank'] or ''} | {r['ppl_rtn']:.4f} | {r['ppl']:.4f} | {r['trainable_params']} | "
                      f"{r['qat_state_mb']} | {r['peak_rss_mb']} | {r['step_seconds']} |")
     lines += ["", "## LR-QAT against full QAT (target: ppl within 2% of LSQ's)", ""]
@@ -131,8 +136,7 @@ def markdown(out: dict) -> str:
             ratio = r["ppl"] / lsq["ppl"]
             verdict = ("no comparison: full QAT did not improve on its RTN start" if lsq["ppl"] >= lsq["ppl_rtn"]
                        else "met" if ratio <= 1.02 else "NOT met")
-            base = f" ({r['base_dtype']} base)" if r.get("base_dtype") not in (None, "fp32") else ""
-            lines.append(f"- W{r['bits']} rank {r['rank']}{base}: ppl {r['ppl']:.3f} vs LSQ {lsq['ppl']:.3f} = {ratio:.4f}x "
+            lines.append(f"- W{r['bits']} rank {r['rank']}{_base(r)}: ppl {r['ppl']:.3f} vs LSQ {lsq['ppl']:.3f} = {ratio:.4f}x "
                          f"({verdict}); whole-process peak RSS {r['peak_rss_mb'] / lsq['peak_rss_mb']:.2f}x LSQ's")
     tiny = out["model"] == "tiny-llama"
     lines += ["", ("Peak RSS is dominated by the Python/transformers runtime at this model size; the " if tiny else "The ")

@@ -195,29 +195,26 @@ def _decode_meta(model, cache_len: int) -> dict:
                      "after rotary embedding; slots past input_pos are masked"}
 
 
-def _decode_input_meta(buf: bytes, bundle, cache_len: int) -> list[dict]:
+def _decode_input_meta(step, bundle, cache_len: int) -> list[dict]:
     """The decode signature's inputs for a profiler: a token id, the middle slot as its position (every step
     attends over all slots, masked, so the position does not change the work), and caches."""
-    from .tflite_runtime import TfliteRunner
-
-    specs = _input_meta(TfliteRunner(buf, threads=1, signature="decode"), bundle)
+    specs = _input_meta(step, bundle)
     specs[1].update(role="input_pos", range=[cache_len // 2, cache_len // 2])
     for s in specs[2:]:
         s["role"] = "kv_cache"
     return specs
 
 
-def _decode_parity(buf: bytes, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int, steps: int = 16) -> dict:
-    """The decode signature against the simulation's logits at the same positions of the first held-back
-    sample: token by token from an empty cache over its first tokens, and continuing after the prefill
-    signature ran its first half (padded with zeros to the graph's length, as a shorter prompt is)."""
-    from .tflite_decode import run_steps
-    from .tflite_runtime import TfliteRunner
+def _decode_parity(step, first, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int,
+                   steps: int = 16) -> dict:
+    """The decode signature (`step`) against the simulation's logits at the same positions of the first
+    held-back sample: token by token from an empty cache over its first tokens, and continuing after the
+    prefill signature (`first`) ran its first half (padded with zeros to the graph's length, as a shorter
+    prompt is)."""
+    from .tflite_decode import run_steps, zero_caches
 
-    step, first = TfliteRunner(buf, threads=1, signature="decode"), TfliteRunner(buf, threads=1)
     n = min(steps, ids.shape[1], cache_len)
-    cache = [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
-    got, _ = run_steps(step, ids[:, :n], cache)
+    got, _ = run_steps(step, ids[:, :n], zero_caches(step))
     out = parity_metrics([ref[0, :n]], [got])
     out["vs_prefill_max_abs"] = float(np.max(np.abs(got - prefill.reshape(ref.shape)[0, :n])))
     out["inputs"] = f"{n} tokens of the first held-back sample, one step each from an empty cache"
@@ -343,8 +340,10 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                                 b.kind == "causal-lm")
     signatures = None
     if cache_len:
-        parity["decode"] = _decode_parity(buf, inputs[0][0].numpy(), ref[0], got[0], cache_len)
-        signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(buf, b, cache_len)}}
+        step = TfliteRunner(buf, threads=1, signature="decode")
+        parity["decode"] = _decode_parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(step, b, cache_len)}}
+        del step
     cos_tol, top1_tol = TOLERANCE[variant]
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference,

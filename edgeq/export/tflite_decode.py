@@ -140,6 +140,11 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
     return out
 
 
+def zero_caches(step) -> list[np.ndarray]:
+    """Empty caches for a decode signature's runner (its inputs after the token and the position)."""
+    return [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
+
+
 def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Feed `ids` [1, n] one token at a time, at positions start, start + 1, ..., through
     `step(ids, pos, *cache) -> [logits, *cache]`; returns the logits [n, vocab] and the caches after."""
