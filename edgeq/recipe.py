@@ -110,8 +110,10 @@ class ActSpec:
             raise choice_error(f"{where}.calibration", spec.calibration, CALIBRATIONS)
         if not 50.0 < float(spec.percentile) <= 100.0:
             raise EdgeqError(f"{where}.percentile: {spec.percentile} is not in (50, 100]")
-        if spec.mode == "static" and spec.bits > 8:
-            raise EdgeqError(f"{where}.bits: static activations are at most 8-bit (got {spec.bits}); use mode = 'dynamic' for wider grids")
+        if spec.mode == "static" and spec.bits > 8 and (spec.bits != 16 or not spec.symmetric):
+            raise EdgeqError(f"{where}.bits: static activations are at most 8-bit, or 16-bit symmetric (int16, LiteRT's 16x8 "
+                             f"mode; got {spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'}); "
+                             "use mode = 'dynamic' for other wide grids")
         if spec.mode == "static" and spec.granularity != "tensor":
             raise EdgeqError(f"{where}: static activations are per-tensor (per-token and group-wise are dynamic)")
         if spec.granularity == "group":

@@ -5,7 +5,7 @@
 
 One run per model, on the same float graph and the same data:
 - edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8-static (int8, full
-  integer) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
+  integer), w8a16-static (int16x8: full integer with 16-bit activations) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
   of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
 - ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
   applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs).
@@ -45,7 +45,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-DEFAULT_RECIPES = {"dynamic-int8": "w8", "int8": "w8a8-static", "int4": "w4-g64-litert"}  # their files keep the short name
+DEFAULT_RECIPES = {"dynamic-int8": "w8", "int8": "w8a8-static", "int16x8": "w8a16-static", "int4": "w4-g64-litert"}  # their files keep the short name
 
 
 def make_qdir(model: str, recipe_name: str, work: Path) -> tuple[Path, float | None]:
@@ -164,7 +164,8 @@ def main() -> None:
 
     bundle = load_model(args.model)
     is_lm = bundle.kind == "causal-lm"
-    recipes = {"w8": "dynamic-int8", "w8a8-static": "int8"}  # full integer needs static activations in every layer
+    # full integer needs static activations in every layer: int8, or int16 (LiteRT's 16x8 mode)
+    recipes = {"w8": "dynamic-int8", "w8a8-static": "int8", "w8a16-static": "int16x8"}
     if is_lm:
         recipes.update({r: "int4" for r in args.int4_recipe})
     # rows finished by an earlier run (same model and sequence length) are kept: the run resumes

@@ -5,12 +5,13 @@
 One run, one QDIR of recipe w8a8-static (made here, or reused from --work), one labelled float graph:
 - edgeq's `int8` variant (edgeq's int8 weights and static uint8 input grids; LiteRT requantizes every quantized
   layer's output to int8 on a grid ai-edge-quantizer calibrates);
-- the same layers and the same int8 weights (edgeq's scales, read back exact) with 16-bit activations: TFLite's
+- edgeq's `int16x8` variant (recipe w8a16-static: its own int8 weights and static int16 input grids, min/max
+  calibrated by edgeq, no smoothing; outputs requantized to int16 on ai-edge-quantizer's grids);
+- the w8a8-static layers and int8 weights (edgeq's scales, read back exact) with 16-bit activations: TFLite's
   16x8 full-integer mode, input and output grids calibrated by ai-edge-quantizer (min/max over the same
-  calibration inputs), not edgeq's.
+  calibration inputs), not edgeq's: the probe that led to the int16x8 variant.
 Quality: next-token top-1 agreement with the FP32 file over --windows evaluation windows of --seq-len tokens.
-This is a probe for the next step of the int8 variant (16-bit activation grids in recipes and the simulation),
-not an edgeq variant: its activation grids are not edgeq's. Writes OUT.json and OUT.md.
+The last row is not an edgeq variant: its activation grids are not edgeq's. Writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_tflite import make_qdir  # noqa: E402
+from bench_tflite import latency, make_qdir  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export import tflite_quant  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=20, help="latency: interleaved calls per file at 1 thread (0: none)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,23 @@ def main() -> None:
     rows["edgeq int8 (w8a8-static: int8 activations, int8 outputs)"] = {"top1_agree_fp32": top1(int8), "exact": meta["exact"],
                                                                           "seconds": round(time.perf_counter() - t0, 1)}
     t0 = time.perf_counter()
+    qdir16, _ = make_qdir(args.model, "w8a16-static", work)
+    int16 = work / f"{args.model}-edgeq-int16x8-s{args.seq_len}.tflite"
+    meta = export(qdir16, "tflite", int16, variant="int16x8", seq_len=args.seq_len, cache_len=0, calib_samples=args.calib_samples)
+    rows["edgeq int16x8 (w8a16-static: edgeq's int8 weights and int16 input grids, int16 outputs)"] = {
+        "top1_agree_fp32": top1(int16), "exact": meta["exact"], "seconds": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
     calib = [{"args_0": x[0].numpy().astype(np.int32)}
              for x in calibration_batches(qm.bundle, None, args.calib_samples, args.seq_len, batch_size=1)]
     buf, info = int16_activations(qm, args.seq_len, calib)
-    rows["edgeq int8 weights, 16-bit activations (16x8, grids calibrated by ai-edge-quantizer)"] = {
-        "top1_agree_fp32": top1(buf), "weights_exact": info["weights_exact"], "seconds": round(time.perf_counter() - t0, 1)}
+    aeq16 = "edgeq int8 weights, 16-bit activations (16x8, grids calibrated by ai-edge-quantizer)"
+    rows[aeq16] = {"top1_agree_fp32": top1(buf), "weights_exact": info["weights_exact"], "seconds": round(time.perf_counter() - t0, 1)}
+    if args.reps:
+        files = dict(zip(["fp32", *rows], [fp32, int8, int16, buf]))
+        timed = latency(files, [windows[0][None].astype(np.int64)], threads=1, reps=args.reps)
+        rows = {"fp32 (litert-torch)": {"top1_agree_fp32": 1.0, "exact": None}, **rows}
+        for name, t in zip(rows, timed.values()):
+            rows[name]["prefill_ms_1t"] = round(t["median_ms"], 2)
     result = {"command": " ".join([".venv/bin/python tools/probe_tflite_int16.py"] + sys.argv[1:]), "model": args.model,
               "seq_len": args.seq_len, "windows": args.windows, "calib_samples": args.calib_samples,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
@@ -108,11 +122,14 @@ def main() -> None:
     write_json_atomic(Path(f"{out}.json"), result)
     lines = [f"# Full-integer TFLite on {args.model}: 8-bit vs 16-bit activations (probe)", "", "```", result["command"], "```", "",
              f"Next-token top-1 agreement with the FP32 file, {args.windows} evaluation windows of {args.seq_len} tokens; "
-             f"{args.calib_samples} calibration inputs. The 16-bit row is not an edgeq variant: its activation grids are "
+             f"{args.calib_samples} calibration inputs. The last row is not an edgeq variant: its activation grids are "
              "ai-edge-quantizer's, not edgeq's (see the tool's docstring).", "",
-             "| file | top-1 vs fp32 | weights exact |", "|---|---|---|"]
+             f"Latency: one {args.seq_len}-token prefill, LiteRT 1 thread (XNNPACK delegate applied; it takes no int16 ops), "
+             f"files interleaved, median of {args.reps}.", "",
+             "| file | top-1 vs fp32 | weights exact | prefill ms 1t |", "|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['top1_agree_fp32']:.4f} | {r.get('exact', r.get('weights_exact'))} |")
+        ms = r.get("prefill_ms_1t")
+        lines.append(f"| {name} | {r['top1_agree_fp32']:.4f} | {r.get('exact', r.get('weights_exact'))} | {'-' if ms is None else ms} |")
     write_text_atomic(Path(f"{out}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,4 +1,8 @@
-"""A small QAT scaling-law sweep: delta = k * D^gD * (log2 G)^gG / N^gN.
+"""A small QAT scaling-law sweep as QAT FINE-TUNING: delta = k * D^gD * (log2 G)^gG / N^gN.
+
+The law measured from scratch, as the issue asks, is tools/qat_scaling_scratch.py (benchmarks/qat_scaling.*);
+this sweep (benchmarks/qat_scaling_finetune*.md) starts QAT from an FP32-pretrained checkpoint instead, and
+shares its model sizes, recipes and fit with that tool.
 
 Protocol (reduced to what 2 shared CPU cores allow; see the JSON's `protocol`): byte-level
 Llama-style models of three sizes are pretrained in FP32 from scratch on the enwiki calibration
@@ -39,7 +43,7 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
-def recipe(w_bits, a_bits, group, fc2_bits=None):
+def recipe(w_bits, a_bits, group, fc2_bits=None, fold_norms=True):
     from edgeq.recipe import QuantRecipe
 
     def gran(g):
@@ -55,7 +59,7 @@ def recipe(w_bits, a_bits, group, fc2_bits=None):
     if fc2_bits:
         rules.append(rule("down_proj$", fc2_bits))
     rules.append(rule(".*", a_bits))
-    return QuantRecipe.from_dict({"name": "sweep", "rules": rules})
+    return QuantRecipe.from_dict({"name": "sweep", "rules": rules, "fold_norms": fold_norms})
 
 
 def effective_log2_group(model, group) -> float:
@@ -133,7 +137,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_scaling"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_scaling_finetune"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()

@@ -10,7 +10,7 @@ from .common import check_new_output, emit_json, json_option
 @click.command()
 @click.argument("source")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), required=True, help="Output format.")
-@click.option("--variant", default=None, help="Rendering (default follows the recipe): onnx fp32|int8|dynamic-int8|weight-only; tflite fp32|dynamic-int8|int8|int4.")
+@click.option("--variant", default=None, help="Rendering (default follows the recipe): onnx fp32|int8|int16x8|dynamic-int8|weight-only; tflite fp32|dynamic-int8|int8|int16x8|int4.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="File to write (FILE.json is written beside it).")
 @click.option("--target", default=None, help="Board profile to check the export against (see `edgeq targets list`).")
 @click.option("--allow-fallback", is_flag=True, help="With --target: export even where the board falls back to slower kernels (recorded in FILE.json).")

@@ -4,6 +4,10 @@ Variants (the default follows the source):
 - `fp32`: the float model (source is a model reference, no quantized directory);
 - `int8`: static QDQ, uint8 activations on each layer's calibrated grid, 8-bit weights (stored as
   uint8 = int8 + 128 by default, see `int8_weights`: exact in ORT's integer kernels on every CPU);
+- `int16x8`: static QDQ with int16 (symmetric, zero point 0) activations on each layer's calibrated
+  grid and 8-bit weights (recipe w8a16-static). ONNX Runtime has no int16 integer kernels: it computes
+  these layers in float on exactly the grid's values (the format is for LiteRT's 16x8 kernels; in
+  ONNX the file states and checks the same numbers);
 - `dynamic-int8`: activations quantized per call (ORT quantize_dynamic's graph structure);
 - `weight-only`: DequantizeLinear weights (INT8 per channel, or opset-21 blocked INT4/UINT4 that
   ONNX Runtime fuses into MatMulNBits; 2-3 bit values live in 4-bit containers), float activations.
@@ -38,7 +42,7 @@ from .onnx_readback import read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
 from ..quantize.qmodel import is_qdir
 
-VARIANTS = ("fp32", "int8", "dynamic-int8", "weight-only")
+VARIANTS = ("fp32", "int8", "int16x8", "dynamic-int8", "weight-only")
 EXTERNAL_DATA_BYTES = 256 << 20  # above this, tensors go to one FILE.onnx.data beside the file
 # Minimum ONNX Runtime versions: opset 21 (ONNX 1.16) came with ORT 1.18 (PR #19745); INT4/UINT4
 # DequantizeLinear (PR #20362), blocked DequantizeLinear (PR #20901) and blocked QuantizeLinear (PR #20977, per-token
@@ -51,9 +55,10 @@ def default_variant(qm) -> str:
     """The variant a source implies: fp32 without quantization, else from its activation modes."""
     if qm is None:
         return "fp32"
-    modes = {m.decision.activation.mode for m in qm.layers().values()}
+    acts = [m.decision.activation for m in qm.layers().values()]
+    modes = {a.mode for a in acts}
     if "static" in modes:
-        return "int8"
+        return "int16x8" if any(a.mode == "static" and a.bits == 16 for a in acts) else "int8"
     if "dynamic" in modes:
         return "dynamic-int8"
     return "weight-only"

@@ -7,8 +7,8 @@ Pure onnx + numpy (no torch). For each quantized layer the float weight initiali
   stored transposed ([in, out]) and the Transpose disappears, so ONNX Runtime sees DQ -> MatMul
   and fuses integer kernels (MatMulNBits for 4-bit blocks). Per-channel: axis = the output axis;
   groups: opset-21 blocked DQ along the input axis. 2..4-bit values use INT4/UINT4 containers.
-- static activations: `QuantizeLinear -> DequantizeLinear` (uint8, the layer's own grid) on the
-  compute node's input.
+- static activations: `QuantizeLinear -> DequantizeLinear` (uint8, or int16 for 16-bit symmetric
+  grids; the layer's own grid) on the compute node's input.
 - 8-bit dynamic activations (per tensor or per token) on a MatMul: integer kernels, see
   onnx_dynamic.py. In a graph whose every layer input is one row (a batch-1 decode step,
   `single_row`), the token's grid is the tensor's, so per-token layers are rendered like per-tensor
@@ -105,8 +105,8 @@ def _render_layer(g: Graph, lq: LayerQ, wname: str) -> Rendered:
     if lq.act_mode == "dynamic" and lq.act_granularity not in ("tensor", "token"):
         raise EdgeqError(f"export: layer {lq.name!r} has {lq.act_granularity}-wise dynamic activations; ONNX renders "
                          "per-tensor and per-token dynamic activations only")
-    if lq.act_mode == "static" and (lq.act_bits != 8 or lq.act_symmetric):
-        raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8), "
+    if lq.act_mode == "static" and (lq.act_bits, lq.act_symmetric) not in ((8, False), (16, True)):
+        raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8) or 16-bit symmetric (int16), "
                          f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
     matmul_integer = (lq.act_mode == "dynamic" and lq.act_bits == 8 and layout == "io"
                       and lq.group_size is None and lq.bits <= 8 and not passive
@@ -137,7 +137,9 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
         node.input[idx] = w
     if lq.act_mode == "static":
         asn = g.add_init(lq.act_scale.reshape(()).astype(np.float32), f"{lq.name}.act_scale")
-        azn = g.add_init(lq.act_zero_point.reshape(()).astype(np.uint8), f"{lq.name}.act_zero_point")
+        # the zero point's type is the integers' type: uint8, or int16 (zero point 0) for 16-bit symmetric grids
+        zp_type = np.int16 if lq.act_bits == 16 else np.uint8
+        azn = g.add_init(lq.act_zero_point.reshape(()).astype(zp_type), f"{lq.name}.act_zero_point")
         for node, _ in compute:
             xq, xdq = g.unique(f"{lq.name}.input_q"), g.unique(f"{lq.name}.input_dq")
             qn_, dqn_ = g.unique(f"{lq.name}/input_q"), g.unique(f"{lq.name}/input_dq")

@@ -22,7 +22,8 @@ from ..errors import EdgeqError, choice_error
 from . import register_exporter
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 
-VARIANTS = ("fp32", "dynamic-int8", "int8", "int4")
+VARIANTS = ("fp32", "dynamic-int8", "int8", "int16x8", "int4")
+FULL_INTEGER = {"int8": 8, "int16x8": 16}  # variant -> the static activation bits it holds
 DEFAULT_SEQ_LEN = 64
 
 # Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation, per variant: (cos_min, top1_agree).
@@ -30,8 +31,9 @@ DEFAULT_SEQ_LEN = 64
 # kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
 # each row to asymmetric int8 where the simulation uses the recipe's grid (w8: symmetric per token;
 # float activations for weight-only layers), and full-integer kernels requantize each layer's output to
-# int8 (a grid calibrated at export; the simulation keeps outputs float).
-TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85)}
+# int8 (a grid calibrated at export; the simulation keeps outputs float), int16 in 16x8 files.
+TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85),
+             "int16x8": (0.99, 0.9)}
 
 # What each variant needs at run time. Measured here: every variant runs correctly in ai-edge-litert
 # 2.3 with XNNPACK. In tflite-runtime 2.14 (its last release; run with numpy 1.26) fp32 and full-integer
@@ -41,6 +43,9 @@ TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99,
 RUNTIME_MIN = {
     "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
     "int8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs up to integer rounding)"},
+    "int16x8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None,
+                "note": "16x8 (int16 activations, int8 weights) runs on LiteRT's built-in kernels, not XNNPACK; "
+                        "tflite-runtime was not tested with it"},
     "dynamic-int8": {"ai-edge-litert": "2.3 (tested)",
                      "tflite-runtime": None, "note": "tflite-runtime 2.14 runs the file with wrong results (hybrid kernels)"},
     "int4": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None,
@@ -50,6 +55,7 @@ CONVENTIONS = {
     "int8_weights": "symmetric narrow range [-127, 127], zero point 0, float32 scale per output channel",
     "int4_weights": "symmetric [-8, 7], scale = absmax / 7, zero point 0; blockwise scales stored as fp16 holding bf16 values",
     "int8_activations": "static: int8 per-tensor, zero point = edgeq's uint8 zero point - 128 (same real grid)",
+    "int16_activations": "static (16x8): int16 per-tensor, symmetric, zero point 0, saturating at [-32768, 32767]",
     "dynamic_activations": "LiteRT hybrid kernels: per-row asymmetric int8 computed at run time",
 }
 
@@ -60,7 +66,7 @@ def default_variant(qm) -> str:
         return "fp32"
     decisions = [m.decision for m in qm.layers().values()]
     if any(d.activation.mode == "static" for d in decisions):
-        return "int8"
+        return "int16x8" if any(d.activation.mode == "static" and d.activation.bits == 16 for d in decisions) else "int8"
     if any(d.weight.bits <= 4 for d in decisions):
         return "int4"
     return "dynamic-int8"
@@ -77,8 +83,8 @@ def check_representable(qm, variant: str) -> None:
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
         if d.kind == "embedding":
-            if variant == "int8":
-                raise EdgeqError(f"{where}: a full-integer (--variant int8) graph keeps its embedding table float here; "
+            if variant in FULL_INTEGER:
+                raise EdgeqError(f"{where}: a full-integer (--variant {variant}) graph keeps its embedding table float here; "
                                  "leave the recipe's [embedding] table out, or export --variant dynamic-int8 / int4")
         if not w.symmetric:
             raise EdgeqError(f"{where}: LiteRT integer kernels need symmetric weights (zero point 0); "
@@ -89,19 +95,22 @@ def check_representable(qm, variant: str) -> None:
             raise EdgeqError(f"{where}: full-range INT4/INT8 grids (signed scales, all 2^b levels) are ONNX Runtime's convention; "
                              f"LiteRT scales absmax to 2^(b-1)-1: re-quantize with range = 'narrow' "
                              f"(recipe w4-g{64 if (w.group_size or 128) <= 64 else 128}-litert)")
-        if a.quantized and a.bits != 8:
-            raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8-static (--variant int8) "
-                             "or w8 (--variant dynamic-int8)")
-        if variant == "int8":
-            if w.bits != 8 or a.mode != "static":
-                raise EdgeqError(f"{where}: --variant int8 (full integer) needs 8-bit weights with static activations "
-                                 f"in every layer; use recipe w8a8-static, or --variant {default_variant(qm)} for this model")
-            if a.symmetric:
-                raise EdgeqError(f"{where}: static activations are rendered from edgeq's asymmetric uint8 grid; "
-                                 "re-quantize with activation.symmetric = false (recipe w8a8-static)")
+        if a.quantized and a.bits != 8 and not (a.mode == "static" and a.bits == 16):
+            raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8-static (--variant int8), "
+                             "w8a16-static (--variant int16x8) or w8 (--variant dynamic-int8)")
+        if variant in FULL_INTEGER:
+            bits = FULL_INTEGER[variant]
+            preset = "w8a8-static" if bits == 8 else "w8a16-static"
+            if w.bits != 8 or a.mode != "static" or a.bits != bits:
+                raise EdgeqError(f"{where}: --variant {variant} (full integer) needs 8-bit weights with static {bits}-bit activations "
+                                 f"in every layer; use recipe {preset}, or --variant {default_variant(qm)} for this model")
+            if a.symmetric != (bits == 16):
+                raise EdgeqError(f"{where}: LiteRT's {variant} activations are {'symmetric int16' if bits == 16 else 'asymmetric int8'}; "
+                                 f"re-quantize with activation.symmetric = {str(bits == 16).lower()} (recipe {preset})")
         else:
             if a.mode == "static":
-                raise EdgeqError(f"{where}: static activations need --variant int8 (a dynamic variant would drop the grid)")
+                raise EdgeqError(f"{where}: static activations need --variant {'int16x8' if a.bits == 16 else 'int8'} "
+                                 "(a dynamic variant would drop the grid)")
             if variant == "dynamic-int8" and w.bits != 8:
                 raise EdgeqError(f"{where}: --variant dynamic-int8 needs 8-bit weights; use --variant int4")
         if w.granularity == "group":
@@ -314,8 +323,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     else:
         from .tflite_quant import quantize
 
-        calib = _calibration(b, seq_len, calib_samples, model, cache_len) if variant == "int8" else None
-        buf = quantize(float_buf, layers, ops, variant == "int8", calib, scales)
+        static = variant in FULL_INTEGER
+        calib = _calibration(b, seq_len, calib_samples, model, cache_len) if static else None
+        buf = quantize(float_buf, layers, ops, static, calib, scales)
     quantize_s = time.perf_counter() - t0
 
     check = None
@@ -382,8 +392,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         extra["scale_note"] = ("TFLite has no separate BatchNorm: each BatchNorm after a quantized conv is folded on "
                                "edgeq's grid, so the file holds edgeq's integers with scales fp32(scale * gamma / "
                                "sqrt(var + eps)) (read back bitwise as such); exact is false because the scales are not edgeq's")
-    if variant == "int8":
-        extra["output_grids"] = ("each integer layer's output is requantized to int8 on a grid ai-edge-quantizer "
+    if variant in FULL_INTEGER:
+        extra["output_grids"] = (f"each integer layer's output is requantized to int{FULL_INTEGER[variant]} on a grid ai-edge-quantizer "
                                  f"calibrated on {calib_samples} calibration inputs (not part of the edgeq simulation)")
     try:
         return write_export_meta(out, fmt="tflite", variant=variant, model=b.reference,

@@ -158,6 +158,8 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
     if qp is None or qp.scale is None or len(qp.scale) != 1:
         return False
     s = np.float32(m.act_scale.item())
-    z = int(m.act_zero_point.item()) - 128
+    a = m.decision.activation
+    # int16 (16x8): symmetric, zero point 0; int8: edgeq's uint8 zero point - 128
+    z, kind = (0, _schema().TensorType.INT16) if a.bits == 16 else (int(m.act_zero_point.item()) - 128, _schema().TensorType.INT8)
     return bool(np.float32(qp.scale[0]).view(np.uint32) == s.view(np.uint32) and int(qp.zeroPoint[0]) == z
-                and sg.tensors[op.inputs[0]].type == _schema().TensorType.INT8)
+                and sg.tensors[op.inputs[0]].type == kind)

@@ -39,7 +39,8 @@ def op_config(decision, static: bool) -> dict:
         "min_weight_elements": 0,
     }
     if static:
-        cfg["activation_tensor_config"] = {"num_bits": 8, "symmetric": False, "granularity": "TENSORWISE", "dtype": "INT"}
+        a = decision.activation  # 8-bit asymmetric (int8) or 16-bit symmetric (LiteRT's 16x8 mode)
+        cfg["activation_tensor_config"] = {"num_bits": a.bits, "symmetric": a.symmetric, "granularity": "TENSORWISE", "dtype": "INT"}
     return cfg
 
 
@@ -71,8 +72,13 @@ def weight_override(module, op: str, tfl_shape: tuple, scale) -> dict:
 
 
 def act_override(module) -> dict:
-    """min/max for a static input grid: uint8 (scale s, zero point z) is int8 (s, z - 128)."""
+    """min/max for a static input grid: uint8 (scale s, zero point z) is int8 (s, z - 128); a symmetric
+    16-bit grid is +-32767 s (ai-edge-quantizer divides the bound by 32767, exactly in float64)."""
     s = float(module.act_scale)
+    a = module.decision.activation
+    if a.symmetric:
+        bound = (2 ** (a.bits - 1) - 1) * s
+        return {"min": np.array(-bound, dtype=np.float64), "max": np.array(bound, dtype=np.float64)}
     z = int(module.act_zero_point)
     return {"min": np.array(-z * s, dtype=np.float64), "max": np.array((255 - z) * s, dtype=np.float64)}
 

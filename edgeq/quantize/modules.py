@@ -68,7 +68,7 @@ class _QuantBase(torch.nn.Module):
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.decision.activation
         if act.mode == "static":
-            return fake_quant_act(x, self.act_scale, self.act_zero_point, act.bits, act.symmetric)
+            return fake_quant_act(x, self.act_scale, self.act_zero_point, act.bits, act.symmetric, narrow=False)
         if act.mode == "dynamic":
             return dynamic_fake_quant_act(x, act.bits, per_token=act.granularity == "token", symmetric=act.symmetric,
                                           group_size=act.group_size if act.granularity == "group" else None)

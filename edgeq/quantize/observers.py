@@ -67,7 +67,7 @@ class ActObserver:
         best, best_err = None, float("inf")
         for ratio in torch.linspace(0.2, 1.0, 33):
             scale, zp = act_qparams(self.lo * ratio, self.hi * ratio, bits, symmetric)
-            err = (fake_quant_act(sample, scale, zp, bits, symmetric) - sample).pow(2).mean().item()
+            err = (fake_quant_act(sample, scale, zp, bits, symmetric, narrow=False) - sample).pow(2).mean().item()
             if err < best_err:
                 best, best_err = (scale, zp), err
         return best

@@ -179,10 +179,16 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, symmetric: bo
     return scale, zp
 
 
-def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
-    """Quantize-dequantize activations on a given grid (STE through the rounding)."""
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int = 8, symmetric: bool = False,
+                   narrow: bool = True) -> torch.Tensor:
+    """Quantize-dequantize activations on a given grid (STE through the rounding).
+
+    Symmetric grids saturate at +-(2^(b-1) - 1) (`narrow`, the dynamic grids edgeq renders itself) or at
+    the signed container's [-2^(b-1), 2^(b-1) - 1] (`narrow=False`: static grids, where ONNX's
+    QuantizeLinear and LiteRT's Quantize op do the saturating).
+    """
     if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1
+        qmin, qmax = -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
     else:
         qmin, qmax = 0, 2**bits - 1
     z = zp.to(x.dtype)

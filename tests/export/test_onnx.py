@@ -63,6 +63,7 @@ WEIGHT_ONLY_INT8 = _int8_recipe("INT8 per-channel weights, float activations (OR
 CASES = {
     "fp32": (None, "fp32"),
     "w8a8": ("w8a8", "int8"),
+    "w8a16-static": ("w8a16-static", "int16x8"),
     "w8": ("w8", "dynamic-int8"),
     "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
     "w8-sym-token": (SYMMETRIC_TOKEN, "dynamic-int8"),
@@ -185,6 +186,22 @@ def _fused_ops(path: Path, tmp_path: Path, config: dict) -> collections.Counter:
         so.add_session_config_entry(k, v)
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_int16x8_inputs_are_int16_qdq_on_the_layers_grid(tiny_exports):
+    """16-bit static grids render as QuantizeLinear/DequantizeLinear with an int16 zero point of 0 and edgeq's scale
+    bitwise: ONNX Runtime has no int16 integer kernel, so the file states the grid and computes on its values."""
+    qdir, out, meta = tiny_exports["w8a16-static"]
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = load_quantized(qdir).layers()
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("/input_q")]
+    assert len(quantize) >= len(layers)
+    for node in quantize:
+        layer = node.name.rsplit("/", 1)[0]
+        scale, zp = inits[node.input[1]], inits[node.input[2]]
+        assert zp.dtype == np.int16 and int(zp) == 0, layer
+        assert scale.astype(np.float32).view(np.uint32) == np.float32(layers[layer].act_scale.item()).view(np.uint32), layer
 
 
 @pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulIntegerToFloat"),

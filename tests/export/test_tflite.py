@@ -53,10 +53,12 @@ CASES = {
     "llama-fp32": ("tiny-llama", "w8", "fp32"),
     "llama-dynamic-int8": ("tiny-llama", "w8", None),
     "llama-int8": ("tiny-llama", "w8a8-static", None),
+    "llama-int16x8": ("tiny-llama", "w8a16-static", None),
     "llama-int4": ("tiny-llama", "w4-g128-litert", None),
     "cnn-fp32": (CNN, None, None),
     "cnn-dynamic-int8": (CNN, "w8", None),
     "cnn-int8": (CNN, "w8a8", None),
+    "cnn-int16x8": (CNN, "w8a16-static", None),
     "cnn-int4": (CNN, CNN_MIXED, None),
 }
 EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES}
@@ -119,7 +121,7 @@ def _interpreter_weights(path: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("case", ["llama-dynamic-int8", "llama-int8", "cnn-int8"])
+@pytest.mark.parametrize("case", ["llama-dynamic-int8", "llama-int8", "llama-int16x8", "cnn-int8"])
 def test_int8_weights_read_back_bitwise_by_litert(exported, case):
     path, _, qdir = exported[case]
     qm = load_quantized(qdir)
@@ -138,6 +140,29 @@ def test_int8_weights_read_back_bitwise_by_litert(exported, case):
             q = q.reshape(q.shape[0], -1)
         assert np.array_equal(q, want), name
         assert q.min() >= -127  # narrow range
+
+
+def test_int16x8_input_grids_read_back_by_litert(exported):
+    """In the 16x8 file every layer reads an int16 input on edgeq's static grid (scale bitwise, zero point 0), as
+    LiteRT's own interpreter reports it, and its outputs are int16 too: nothing in the layer runs in float."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeq.export.tflite_graph import label
+
+    path, meta, qdir = exported["llama-int16x8"]
+    layers = load_quantized(qdir).layers()
+    it = Interpreter(model_path=str(path))
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    by_output = {details[op["outputs"][0]]["name"]: op for op in it._get_ops_details() if op["outputs"]}
+    for name, m in layers.items():
+        op = by_output[label(name)]
+        x, y = details[op["inputs"][0]], details[op["outputs"][0]]
+        assert x["dtype"] == np.int16 and y["dtype"] == np.int16, name
+        scale = np.asarray(x["quantization_parameters"]["scales"], dtype=np.float32)
+        assert scale.shape == (1,) and scale.view(np.uint32)[0] == np.float32(m.act_scale.item()).view(np.uint32), name
+        assert not np.any(x["quantization_parameters"]["zero_points"]), name
+    assert meta["conventions"]["int16_activations"].startswith("static (16x8)")
+    assert meta["runtime_min"]["tflite-runtime"] is None
 
 
 def test_int4_blockwise_read_back(exported):
@@ -205,7 +230,7 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     parity = meta["parity"]["decode"]
     assert parity["rows"] == 16 and parity["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
     assert parity["after_prefill"]["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
-    if meta["variant"] != "int8":
+    if meta["variant"] not in ("int8", "int16x8"):
         assert parity["vs_prefill_max_abs"] < 1e-4, parity
     model_t = read_model(path.read_bytes())
     assert len(model_t.subgraphs) == 2
@@ -295,6 +320,8 @@ REFUSED = {
     "int4-acts": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic", "bits": 4}}]),
                   None, r"4-bit activations.*w8a8"),
     "int8-from-dynamic": ("w8", "int8", r"full integer.*w8a8"),
+    "int8-from-int16": ("w8a16-static", "int8", r"static 8-bit activations.*w8a8-static.*int16x8"),
+    "int16x8-from-int8": ("w8a8-static", "int16x8", r"static 16-bit activations.*w8a16-static.*--variant int8"),
     "full-range-int4": ("w4-g128-rtn", None, r"full-range INT4.*recipe w4-g128-litert"),
     "dynamic-from-static": (_custom([W, {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "static"}}]),
                             "dynamic-int8", r"static activations need --variant int8"),

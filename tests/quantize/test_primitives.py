@@ -125,3 +125,12 @@ def test_tail_quantiles_are_torch_quantile(n):
     x = torch.randn(n, generator=g) * 3 + torch.randn(n, generator=g).pow(5)  # heavy tails
     for qs in ([1e-5, 1 - 1e-5], [1e-4, 0.9999], [0.001, 0.999], [0.3, 0.7], [0.0, 1.0]):
         assert torch.equal(tail_quantiles(x, qs), torch.quantile(x, torch.tensor(qs))), (n, qs)
+
+
+def test_static_symmetric_grid_saturates_at_the_container():
+    """Static grids saturate where QuantizeLinear / LiteRT's Quantize do (the int16 container's -32768); the dynamic
+    grids edgeq renders itself stop at -32767."""
+    scale, zp = torch.tensor(1.0), torch.tensor(0)
+    x = torch.tensor([-40000.0, -32767.6, 5.5, 40000.0])
+    assert P.fake_quant_act(x, scale, zp, 16, symmetric=True, narrow=False).tolist() == [-32768.0, -32768.0, 6.0, 32767.0]
+    assert P.fake_quant_act(x, scale, zp, 16, symmetric=True).tolist() == [-32767.0, -32767.0, 6.0, 32767.0]

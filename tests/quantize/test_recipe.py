@@ -27,6 +27,8 @@ def test_required_presets_exist_and_load():
     ({"rules": [{"match": "(", "weight": {}}]}, "is not a regular expression"),
     ({"rules": [{"match": ".*", "method": "magic"}]}, "method: 'magic' is not one of"),
     ({"rules": [{"match": ".*", "activation": {"mode": "static", "granularity": "token"}}]}, "static activations are per-tensor"),
+    ({"rules": [{"match": ".*", "activation": {"mode": "static", "bits": 16}}]}, "or 16-bit symmetric (int16, LiteRT's 16x8 mode; got 16-bit asymmetric)"),
+    ({"rules": [{"match": ".*", "activation": {"mode": "static", "bits": 12, "symmetric": True}}]}, "got 12-bit symmetric"),
     ({"rules": []}, "non-empty list of rules"),
     ({"rules": [{"match": ".*"}], "extra": 1}, "unknown key 'extra'"),
 ])
