@@ -55,8 +55,6 @@ VARIANTS = {
     "edgeq-fp32": ("edgeq", "fp32", None),
     "edgeq-w8a8": ("edgeq", "int8 static QDQ (w8a8)", "w8a8"),
     "edgeq-w8": ("edgeq", "int8 dynamic (w8)", "w8"),
-    "edgeq-w8-asym": ("edgeq", "int8 dynamic, asymmetric per-token activations (tools/bench_ptq_w8-asym.toml)",
-                      "tools/bench_ptq_w8-asym.toml"),
     "edgeq-w8a16-acc4": ("edgeq", "int8 weights, ORT int8 activations at accuracy_level 4 (w8a16)", "w8a16"),
     "edgeq-w4-g128": ("edgeq", "int4 g128 sym full-range GPTQ (w4-g128)", "w4-g128"),
     "edgeq-w4-g128-rtn": ("edgeq", "int4 g128 sym full-range RTN (w4-g128-rtn)", "w4-g128-rtn"),
@@ -95,7 +93,7 @@ def step_edgeq(key: str, args, work: Path) -> dict:
         from edgeq.recipe import load_recipe
 
         bundle = load_model(args.model)
-        recipe = load_recipe(ROOT / recipe_name if recipe_name.endswith(".toml") else recipe_name)  # a preset or a file here
+        recipe = load_recipe(recipe_name)
         batches = calibration_batches(bundle, "enwiki", args.calib_samples, args.calib_seq_len)
         qdir = work / "qdirs" / key
         quantize_model(bundle, recipe, batches).save(qdir, overwrite=True)
@@ -475,7 +473,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count."""
     out = []
     dyn = ok(peer, "latency_1t")
-    for k in ("edgeq-w8", "edgeq-w8-asym", "edgeq-w8a8", "edgeq-w8a16-acc4"):
+    for k in ("edgeq-w8", "edgeq-w8a8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
         if not (dyn and r):
             continue

@@ -12,7 +12,9 @@ Quality of the decode signature: each file's next-token top-1 agreement with the
 `parity.decode` against the PyTorch simulation. Latency: one decode step at position cache_len / 2 (every step
 attends over all cache_len slots, masked: the position does not change the work) with the caches that window
 left, in LiteRT with XNNPACK at 1 and 2 threads, files interleaved round-robin, median of --reps after 3 warm-up
-calls; the time includes copying the caches in and out (what a generation loop over the signature pays).
+calls. A step is what a generation loop pays with the caches kept in the interpreter's input buffers
+(`tflite_runtime.DecodeSession`): set the token and position, invoke, read the logits, write the token's key and
+value rows into the cache buffers in place. The signature returns only those rows, so no cache is copied.
 Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
 """
 
@@ -36,7 +38,7 @@ from bench_tflite import interleaved, log, make_qdir  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export.tflite_decode import run_steps, zero_caches  # noqa: E402
-from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
+from edgeq.export.tflite_runtime import DecodeSession, TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 EDGEQ = {"w8": "dynamic-int8", "w4-g64-litert": "int4", "w4-g64-litert-emb4": "int4"}
@@ -54,11 +56,17 @@ def aeq_quantize(fp32: Path, recipe_name: str, out: Path) -> float:
 
 
 def latency(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, reps: int) -> dict[str, dict]:
+    """One decode step at slot `pos` after real caches of the first `pos` tokens, as a generation loop runs it:
+    the caches stay in the interpreter's buffers, the step's new key/value rows are written in place
+    (DecodeSession); each timed call sets the token and position, invokes, reads the logits and writes the rows."""
     calls = {}
     for n, p in files.items():
         step = TfliteRunner(p, threads=threads, signature="decode")
         _, cache = run_steps(step, ids[:, :pos], zero_caches(step))  # real caches for the timed step
-        calls[n] = functools.partial(step, ids[:, pos:pos + 1], np.array([pos]), *cache)
+        session = DecodeSession(p, threads=threads)
+        session.reset(cache)
+        calls[n] = functools.partial(session.step, int(ids[0, pos]), pos)
+        del step
     return interleaved(calls, reps)
 
 

@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# 4 layers each; non-embedding parameters 0.20M / 0.44M / 0.79M / 1.23M / 2.08M
 SIZES = {"h64": dict(hidden_size=64, intermediate_size=192), "h96": dict(hidden_size=96, intermediate_size=288),
-         "h128": dict(hidden_size=128, intermediate_size=384)}
+         "h128": dict(hidden_size=128, intermediate_size=384), "h160": dict(hidden_size=160, intermediate_size=480),
+         "h208": dict(hidden_size=208, intermediate_size=624)}
 
 
 def make_model(size: str, seed: int):
@@ -130,7 +132,7 @@ def main() -> None:
     from edgeq.quantize.qat_loop import eval_loss, is_scale
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["h64", "h96", "h128"], choices=list(SIZES))
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--qat-steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)

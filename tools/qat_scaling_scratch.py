@@ -13,7 +13,7 @@ the same tokens. The fit uses the W4A4 points: Huber loss on log delta, L-BFGS o
 (log k, gD, gG, gN) in log space (tools/qat_scaling.fit). Per-layer input kurtosis of the FP32
 models, and how much the 8-bit FC2 input reduces delta, are recorded.
 
-    .venv/bin/python tools/qat_scaling_scratch.py --tokens 2000000 --jobs 2
+    .venv/bin/python tools/qat_scaling_scratch.py --jobs 2
 
 Finished runs are kept in ~/.cache/edgeq/qat_scaling/ (keyed by their settings), so an
 interrupted sweep resumes where it stopped.
@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from qat_scaling import SIZES, effective_log2_group, fit, make_model, non_embedding_params, recipe  # noqa: E402
 
-SIZES = {**SIZES, "h208": dict(hidden_size=208, intermediate_size=624)}
 # (label, weight bits, activation bits, group (None = per channel / per token), FC2 input bits)
 VARIANTS = [("FP32", None, None, 128, None), ("W4A4", 4, 4, 32, None), ("W4A4", 4, 4, 128, None), ("W4A4", 4, 4, None, None),
             ("W4A16", 4, None, 128, None), ("W16A4", None, 4, 128, None), ("W4A4-FC2A8", 4, 4, 128, 8)]
@@ -123,16 +122,25 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
         else:
             todo.append(job)
     print(f"{len(done)} runs cached, {len(todo)} to train", flush=True)
+    failed = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(train, job): job for job in todo}
         for fut in as_completed(futures):
-            job, res = futures[fut], fut.result()
+            job = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as exc:  # the other runs go on; this one is reported and the sweep fails at the end
+                failed.append(f"{job['size']} {job['variant'][0]} G={job['variant'][3]}: {type(exc).__name__}: {exc}")
+                print("FAILED " + failed[-1], flush=True)
+                continue
             path = CACHE / f"{job_key(job)}.json"
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res))
             tmp.replace(path)
             done[job_key(job)] = res
             print(json.dumps({k: res[k] for k in ("size", "variant", "group", "seconds")} | {"last": res["checkpoints"][-1]}), flush=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed (finished runs are cached; fix and re-run): {failed[0]}")
     return [done[job_key(job)] for job in jobs]
 
 
@@ -204,7 +212,7 @@ def render(out: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["h64", "h96", "h128", "h208"], choices=list(SIZES))
-    ap.add_argument("--tokens", type=int, default=2_000_000, help="D_max: training tokens of every run")
+    ap.add_argument("--tokens", type=int, default=1_000_000, help="D_max: training tokens of every run")
     ap.add_argument("--checkpoints", type=int, default=4, help="evaluate at D_max / 2^k for k < this")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)

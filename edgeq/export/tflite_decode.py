@@ -1,11 +1,15 @@
 """The KV-cache decode-step signature of a decoder LM's TFLite file.
 
 TFLite graphs are static, so the cache is too: `decode(input_ids [1, 1], input_pos [1], k_0, v_0, ...)
--> (logits [1, 1, vocab], k_0', v_0', ...)` with every k/v shaped [1, kv_heads, cache_len, head_dim].
-The step writes the new token's key and value into slot `input_pos` (a one-hot blend, elementwise ops
-every LiteRT build has) and attends over slots 0..input_pos (the rest masked), the way litert-torch's
-generative models and Hugging Face's StaticCache do. Keys are stored after rotary embedding, as in
-Hugging Face's cache, so a cache filled by this signature or by a PyTorch prefill is the same.
+-> (logits [1, 1, vocab], k_new_0, v_new_0, ...)` with every cache k/v shaped [1, kv_heads, cache_len,
+head_dim] and every new k/v [1, kv_heads, 1, head_dim]. The step attends over cache slots
+0..input_pos-1 (the rest masked) and over its own token's key and value, which it returns; the caller
+writes them into slot `input_pos` (`run_steps`, or in place in the interpreter's input buffers:
+`tflite_runtime.DecodeSession`). The graph only reads the caches: it neither copies them nor returns
+them, so a step moves a token's worth of data in and out, not two copies of the cache (SmolLM2 at 256
+slots: 11.8 MB each way, which cost more than the INT4 step's own compute through the Python signature
+runner). Keys are stored after rotary embedding, as in Hugging Face's cache, so a cache filled by this
+signature or by a PyTorch prefill is the same.
 
 The file's prefill signature returns the caches too (`KVPrefill`), so a generation loop runs the prompt
 in one call and then decodes. The step is written over the Hugging Face module's own layers
@@ -88,8 +92,7 @@ class KVDecode(torch.nn.Module):
         h = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(h, input_pos.reshape(1, 1))
         slots = torch.arange(self.cache_len, dtype=input_pos.dtype)
-        here = (slots.reshape(1, 1, -1, 1) == input_pos.reshape(1, 1, 1, 1)).to(h.dtype)
-        mask = torch.where(slots.reshape(1, 1, 1, -1) <= input_pos.reshape(1, 1, 1, 1), 0.0, torch.finfo(h.dtype).min)
+        mask = torch.where(slots.reshape(1, 1, 1, -1) < input_pos.reshape(1, 1, 1, 1), 0.0, torch.finfo(h.dtype).min)
         presents = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -98,15 +101,18 @@ class KVDecode(torch.nn.Module):
             k = attn.k_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys = cache[2 * i] * (1 - here) + k * here
-            values = cache[2 * i + 1] * (1 - here) + v * here
-            presents += [keys, values]
+            presents += [k, v]
             # grouped-query attention without repeating the cache: query head h reads kv head h // (heads / kv_heads),
             # so the one token's heads regroup as [1, kv_heads, heads / kv_heads, head_dim] (repeating the keys
             # and values instead cost SmolLM2 ~100 ms a step in LiteRT at 256 slots)
             q = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
-            scores = torch.matmul(q, keys.transpose(2, 3)) * getattr(attn, "scaling", head_dim ** -0.5) + mask
-            out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(1, 1, heads * head_dim)
+            scale = getattr(attn, "scaling", head_dim ** -0.5)
+            # one softmax over the cached slots and the token itself: scores [.., cache_len] and [.., 1]
+            scores = torch.cat([torch.matmul(q, cache[2 * i].transpose(2, 3)) * scale + mask,
+                                torch.matmul(q, k.transpose(2, 3)) * scale], dim=-1)
+            p = torch.softmax(scores, dim=-1)
+            out = torch.matmul(p[..., :self.cache_len], cache[2 * i + 1]) + p[..., self.cache_len:] * v
+            out = out.reshape(1, 1, heads * head_dim)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (self.model.lm_head(inner.norm(h)), *presents)
@@ -147,10 +153,13 @@ def zero_caches(step) -> list[np.ndarray]:
 
 def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Feed `ids` [1, n] one token at a time, at positions start, start + 1, ..., through
-    `step(ids, pos, *cache) -> [logits, *cache]`; returns the logits [n, vocab] and the caches after."""
+    `step(ids, pos, *cache) -> [logits, *new rows]`, writing each step's new keys and values into slot pos of
+    (copies of) the caches; returns the logits [n, vocab] and the caches after."""
+    cache = [np.array(c, dtype=np.float32) for c in cache]
     rows = []
     for i in range(ids.shape[1]):
         out = step(ids[:, i:i + 1], np.array([start + i]), *cache)
         rows.append(np.asarray(out[0]).reshape(-1))
-        cache = out[1:]
+        for c, new in zip(cache, out[1:]):
+            c[:, :, start + i] = np.asarray(new)[:, :, 0]
     return np.stack(rows), cache

@@ -89,3 +89,49 @@ class TfliteRunner:
             feed[name] = x.astype(d["dtype"], copy=False)
         out = self.runner(**feed)
         return [np.asarray(out[n]) for n in self.output_names]
+
+
+class DecodeSession:
+    """A decoder LM's `decode` signature run the way a generation loop on a board runs it: the KV caches live
+    in the interpreter's own input buffers, and each step sets the token and its position, invokes, and
+    writes the step's new keys and values into slot `pos` of those buffers in place. Nothing the size of a
+    cache is copied (the signature runner's call copies every input in and every output out).
+
+    Uses the signature runner's interpreter wrapper (`SetTensor` / `Invoke` / `GetTensor` / `tensor` on the
+    signature's subgraph), as ai-edge-litert and tflite-runtime 2.14 both have it.
+    """
+
+    def __init__(self, path: str | Path | bytes, threads: int = 1):
+        self.runner = TfliteRunner(path, threads=threads, signature="decode")
+        sig = self.runner.runner
+        try:
+            self._w, self._sg = sig._interpreter_wrapper, sig._subgraph_index
+            self._in = [sig._inputs[n] for n in self.runner.input_names]
+            outputs = dict(sig._outputs)
+            self._out = [outputs[n] for n in self.runner.output_names]
+        except (AttributeError, KeyError, TypeError):
+            raise EdgeqError("tflite: this LiteRT runtime's signature runner has no interpreter wrapper to run the decode "
+                             "signature in place; use TfliteRunner(path, signature='decode')") from None
+        self._w.AllocateTensors(self._sg)
+        self._dtypes = [np.dtype(d["dtype"]) for d in self.runner.inputs[:2]]
+        self.cache_len = int(self.runner.inputs[2]["shape"][2])
+
+    def _cache(self, j: int) -> np.ndarray:
+        """A view of cache input j (a fresh view each time: LiteRT may move buffers when it allocates)."""
+        return self._w.tensor(self._w, self._in[2 + j], self._sg)
+
+    def reset(self, caches: list[np.ndarray] | None = None) -> None:
+        """Zero the caches, or load `caches` (e.g. the prefill signature's outputs after the logits)."""
+        for j in range(len(self._in) - 2):
+            self._cache(j)[...] = 0.0 if caches is None else caches[j]
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        """Run token `token` at position `pos` (its key and value go to slot `pos`); returns its logits [vocab]."""
+        if not 0 <= pos < self.cache_len:
+            raise EdgeqError(f"tflite: position {pos} is outside the decode signature's {self.cache_len} cache slots")
+        self._w.SetTensor(self._in[0], np.array([[token]], dtype=self._dtypes[0]), self._sg)
+        self._w.SetTensor(self._in[1], np.array([pos], dtype=self._dtypes[1]), self._sg)
+        self._w.Invoke(self._sg)
+        for j, index in enumerate(self._out[1:]):
+            self._cache(j)[:, :, pos] = self._w.GetTensor(index, self._sg)[:, :, 0]
+        return self._w.GetTensor(self._out[0], self._sg).reshape(-1)

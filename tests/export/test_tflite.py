@@ -243,9 +243,10 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
 def test_decode_signature_generates_like_transformers(tmp_path):
     """A user's greedy loop over the file writes the tokens Hugging Face's generate writes, at a cache
     length of our choosing: the prompt through the prefill signature (padded to its length) or one decode
-    step per token, then decode steps on its own picks."""
+    step per token, then decode steps on its own picks; and with the caches kept in the interpreter's buffers
+    (DecodeSession: each step returns only its token's key and value, written in place)."""
     from edgeq.export.tflite_decode import run_steps
-    from edgeq.export.tflite_runtime import TfliteRunner
+    from edgeq.export.tflite_runtime import DecodeSession, TfliteRunner
 
     meta = export("tiny-llama", "tflite", tmp_path / "lm.tflite", seq_len=16, cache_len=32)
     assert meta["graph"]["decode"]["cache_len"] == 32
@@ -267,6 +268,15 @@ def test_decode_signature_generates_like_transformers(tmp_path):
             logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
             got.append(int(np.argmax(logits[-1])))
         assert got == want
+    assert [o.shape for o in step(np.array([[1]]), np.array([0]), *prefill[1:])[1:3]] == [(1, 2, 1, 32)] * 2  # new rows only
+    session = DecodeSession(tmp_path / "lm.tflite")
+    session.reset(prefill[1:])
+    got = [int(np.argmax(prefill[0][0, n - 1]))]
+    for pos in range(n, n + 11):
+        got.append(int(np.argmax(session.step(got[-1], pos))))
+    assert got == want
+    with pytest.raises(EdgeqError, match="position 32 is outside the decode signature's 32 cache slots"):
+        session.step(1, 32)
 
 
 def test_decode_signature_options(tmp_path):
