@@ -197,6 +197,9 @@ class PBLLMOptions:
     salient_fraction: float = 0.1
     criterion: str = "hessian"
     damp: float = 0.01
+    # where `edgeq qat --method pb-llm` starts: "gptq" = PB-GPTQ's integers (latent weights = the error-compensated
+    # values GPTQ binarized), "float" = the float weights binarized as they are (the paper's QAT start)
+    qat_init: str = "gptq"
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "pbllm") -> "PBLLMOptions":
@@ -208,6 +211,8 @@ class PBLLMOptions:
             raise choice_error(f"{where}.criterion", opts.criterion, PB_CRITERIA)
         if not 0.0 < opts.damp < 1.0:
             raise EdgeqError(f"{where}.damp: {opts.damp} is not in (0, 1)")
+        if opts.qat_init not in ("gptq", "float"):
+            raise choice_error(f"{where}.qat_init", opts.qat_init, ("gptq", "float"))
         return opts
 
 

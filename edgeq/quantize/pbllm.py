@@ -84,8 +84,10 @@ def pb_quantize(w: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, k: tor
 
 
 def pb_gptq(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, k: torch.Tensor,
-            damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """GPTQ column sweep over the fixed partial-binary grid (PB-GPTQ); returns the integers."""
+            damp: float = 0.01, block: int = 128, latent: bool = False):
+    """GPTQ column sweep over the fixed partial-binary grid (PB-GPTQ); returns the integers, and with `latent`
+    also each column as it was when quantized (after the error feedback of the columns before it: the
+    integers are `pb_quantize` of these values)."""
     W = W.detach().float().clone()
     rows, cols = W.shape
     H = H.float().clone()
@@ -95,6 +97,7 @@ def pb_gptq(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, scale: torch.T
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
+    L = torch.zeros_like(W) if latent else None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -104,11 +107,13 @@ def pb_gptq(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, scale: torch.T
             w = W1[:, i : i + 1]
             q = pb_quantize(w, mask[:, i1 + i : i1 + i + 1], scale, k)
             Q[:, i1 + i] = q[:, 0]
+            if latent:
+                L[:, i1 + i] = w[:, 0]
             err = (w - q * scale) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q
+    return (Q, L) if latent else Q
 
 
 def _check_rule(rule) -> None:
@@ -175,6 +180,8 @@ def _record(m, recipe) -> dict:
     cols = math.prod(m.decision.shape[1:])
     rec = pb_accounting(rows, cols, recipe.pbllm.salient_fraction)
     rec["criterion"] = recipe.pbllm.criterion
+    if m.decision.method == "qat-pb-llm":
+        rec["qat_init"] = recipe.pbllm.qat_init
     return rec
 
 
@@ -190,21 +197,28 @@ class PBLLMQATLinear(QATLayer):
 
     @staticmethod
     def needs_hessian(options: dict) -> bool:
-        return options.get("criterion", "hessian") == "hessian"
+        return options.get("criterion", "hessian") == "hessian" or options.get("qat_init", "gptq") == "gptq"
 
     def __init__(self, name, linear, rule, act_qparams=None, options=None):
         super().__init__(name, linear, rule, act_qparams)
         _check_rule(rule)
         options = options or {}
         w = linear.weight.detach().float()
+        damp = float(options.get("damp", 0.01))
         mask = salient_mask(w, float(options.get("salient_fraction", 0.1)), options.get("criterion", "hessian"),
-                            options.get("hessian"), float(options.get("damp", 0.01)))
+                            options.get("hessian"), damp)
         scale, k, _ = pb_grid(w, mask)
+        latent = w
+        if options.get("qat_init", "gptq") == "gptq":
+            # start from PB-GPTQ: its integers are pb_quantize of the error-compensated columns, so training from
+            # those values starts exactly at the PTQ result (salient integers frozen there, signs learnable)
+            with one_thread():
+                _, latent = pb_gptq(w, options["hessian"], mask, scale, k, damp, latent=True)
         self.register_buffer("mask", mask)
         self.register_buffer("scale", scale)
         self.register_buffer("k", k)
-        self.register_buffer("q_salient", pb_quantize(w, mask, scale, k).to(torch.int8))
-        self.weight = torch.nn.Parameter(w.clone())
+        self.register_buffer("q_salient", pb_quantize(latent, mask, scale, k).to(torch.int8))
+        self.weight = torch.nn.Parameter(latent.clone())
 
     def _q(self) -> torch.Tensor:
         sign = torch.where(self.weight >= 0, 1.0, -1.0) + (self.weight - self.weight.detach())

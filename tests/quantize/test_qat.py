@@ -118,6 +118,7 @@ def test_pbllm_ptq_and_qat_record_honest_bits(tiny_llama_ref, tmp_path):
     qat = run_qat(cfg, tmp_path / "pbqat")
     entry = json.loads((tmp_path / "pbqat" / "quant.json").read_text())["layers"][0]
     assert entry["method"] == "qat-pb-llm" and "bits_per_weight" in entry["qat-pb-llm"]
+    assert entry["qat-pb-llm"]["qat_init"] == "gptq"
     assert qat.extra["qat"]["merge_check"]["bit_exact"]
 
 

@@ -163,6 +163,27 @@ def test_pb_gptq_beats_plain_partial_binarization_on_output_error():
     assert err(pb_gptq(w, H, mask, scale, k)) < err(pb_quantize(w, mask, scale, k))
 
 
+@pytest.mark.parametrize("init", ["gptq", "float"])
+def test_pbllm_qat_starts_at_pb_gptq_or_at_the_binarized_floats(init):
+    """QAT's start is PB-GPTQ's integers bit for bit (its latent weights are the columns GPTQ binarized, so the
+    signs are GPTQ's), or with qat_init = "float" the float weights binarized as they are; salient integers frozen."""
+    from edgeq.quantize.pbllm import PBLLMQATLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 64) @ torch.randn(64, 64) * 0.3
+    lin = _linear(16, 64)
+    H = 2 * x.T @ x / len(x)
+    w = lin.weight.detach()
+    layer = PBLLMQATLinear("t", lin, _rule({"bits": 8, "symmetric": True, "granularity": "channel"}, method="pb-llm"),
+                           options={"salient_fraction": 0.2, "criterion": "hessian", "hessian": H, "qat_init": init})
+    mask = salient_mask(w, 0.2, "hessian", H)
+    scale, k, _ = pb_grid(w, mask)
+    want = pb_gptq(w, H, mask, scale, k) if init == "gptq" else pb_quantize(w, mask, scale, k)
+    q, got_scale, _ = layer.integers()
+    assert torch.equal(q, want) and torch.equal(got_scale, scale)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["weight"]  # salient integers are buffers
+
+
 def test_pbllm_bit_accounting_includes_the_mask():
     acc = pb_accounting(128, 384, 0.1)
     n = 128 * 384
