@@ -154,7 +154,7 @@ def targets(rows: dict) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# TFLite decode step on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", result["command"], "```", "",
              f"Created {result['created']} on {result['machine']['cores']} cores (shared). One decode step (the `decode` signature, "
-             f"{result['cache_len']} cache slots, caches copied in and out) in LiteRT with XNNPACK: median of "
+             f"{result['cache_len']} cache slots, caches kept in the interpreter's buffers, the step's key/value rows written in place: tflite_runtime.DecodeSession) in LiteRT with XNNPACK: median of "
              f"{next(iter(result['rows'].values()))['decode_1t']['n']} interleaved calls after warm-up. Top-1: "
              f"{result['tokens']} decode steps of an evaluation window from empty caches against the fp32 file's.", "",
              "| file | exact | decode top1 vs fp32 | parity.decode cos_min (vs simulation) | size MB | ms 1 thread | ms 2 threads |",

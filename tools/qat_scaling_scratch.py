@@ -166,7 +166,9 @@ def analyse(runs: list[dict]) -> dict:
     kurt = {r["size"]: r["kurtosis"] for r in runs if r["variant"] == "FP32" and not r.get("seed")}
     kurt_summary = {s: {"down_proj_mean": _mean(v for n, v in k.items() if "down_proj" in n),
                         "others_mean": _mean(v for n, v in k.items() if "down_proj" not in n)} for s, k in kurt.items()}
-    return {"fit": law, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2,
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    scale = {"median_abs_w4a4_delta": med([abs(r["delta"]) for r in w4a4]), "median_abs_seed_noise": med([abs(v) for v in noise.values()])}
+    return {"fit": law, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
             "fc2_reduction_median": sorted(reductions)[len(reductions) // 2] if reductions else None,
             "kurtosis": kurt, "kurtosis_summary": kurt_summary, "results": results, "fp32_seed_noise": noise,
             "fp_losses": {f"{s}@D={D}": v for (s, D), v in fp.items()}}
@@ -181,7 +183,14 @@ def render(out: dict) -> str:
     law = out["fit"]
     lines = ["# QAT scaling law from scratch", "", f"Command: `{out['command']}`", "", out["protocol"], "",
              f"Fit ({out['formula']}): " + (json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in law.items()}) if law else "too few positive points"),
-             f"(W4A4 points with delta <= 0, left out of the log-space fit: {out['fit_dropped_nonpositive_points']})", "",
+             f"(W4A4 points with delta <= 0, left out of the log-space fit: {out['fit_dropped_nonpositive_points']})", ""]
+    sn = out["signal_vs_noise"]
+    if sn["median_abs_seed_noise"] is not None:
+        verdict = ("the deltas are within the noise floor: the fit and the reductions below are NOT measurements of the law"
+                   if sn["median_abs_seed_noise"] >= 0.5 * sn["median_abs_w4a4_delta"] else "the deltas stand above the noise floor")
+        lines += [f"**Signal vs noise:** median |W4A4 delta| {sn['median_abs_w4a4_delta']:.4f} nats, median |FP32 seed-to-seed "
+                  f"difference| {sn['median_abs_seed_noise']:.4f}: {verdict}.", ""]
+    lines += [
              "FP32 eval loss (nats/byte) at each D:", "", "| model | N (non-emb) | " + " | ".join(f"D={D}" for D in out["D"]) + " |",
              "|---|---|" + "---|" * len(out["D"])]
     for size in out["sizes"]:
@@ -206,7 +215,8 @@ def render(out: dict) -> str:
     lines += ["", f"Median FC2A8 reduction over the points above: {'n/a' if med is None else f'{100 * med:.0f}%'} (the paper: 20-43%).", "",
               "Input kurtosis of the FP32 models after D_max (mean over layers): " + ", ".join(
                   f"{s}: down_proj {v['down_proj_mean']:.1f} vs others {v['others_mean']:.1f}" for s, v in out["kurtosis_summary"].items()),
-              "", f"Wall time {out['wall_seconds']:.0f} s; per-run training seconds in the JSON."]
+              "", f"Training time {sum(r['seconds'] for r in out['runs']):,.0f} s over {len(out['runs'])} runs (two at a time; per run in "
+              f"the JSON); this invocation {out['wall_seconds']:.0f} s (finished runs come from the cache)."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +245,7 @@ def main() -> None:
     jobs.sort(key=lambda j: -SIZES[j["size"]]["hidden_size"] * (2 if j["variant"][0] != "FP32" else 1))
     runs = run_all(jobs, a.jobs)
     D = [s * a.batch * a.seq_len for s in checkpoints(steps, a.checkpoints)]
-    out = {"command": " ".join([Path(sys.executable).name, "tools/qat_scaling_scratch.py"] + sys.argv[1:]),
+    out = {"command": " ".join([".venv/bin/python", "tools/qat_scaling_scratch.py"] + sys.argv[1:]),
            "protocol": (f"From scratch on 2 shared CPU cores (one thread per run): {len(a.sizes)} byte-level Llama models (4 layers, hidden "
                         f"{'/'.join(str(SIZES[s]['hidden_size']) for s in a.sizes)}), each trained {len(VARIANTS)} times from the same seeded "
                         f"initialisation on the same {steps} batches of {a.batch} x {a.seq_len} bytes (D_max = {steps * a.batch * a.seq_len:,} "
