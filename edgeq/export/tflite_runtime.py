@@ -98,7 +98,7 @@ class DecodeSession:
     cache is copied (the signature runner's call copies every input in and every output out).
 
     Uses the signature runner's interpreter wrapper (`SetTensor` / `Invoke` / `GetTensor` / `tensor` on the
-    signature's subgraph), as ai-edge-litert and tflite-runtime 2.14 both have it.
+    signature's subgraph), as ai-edge-litert 2.3 has it (tested); a runtime without it gets a clear error.
     """
 
     def __init__(self, path: str | Path | bytes, threads: int = 1):
