@@ -86,6 +86,23 @@ def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
         run_job(client, two_signature_tflite, {"signature": "../decode"})
 
 
+def test_signature_inputs_are_set_once(two_signature_tflite):
+    """A named signature is timed like a file's first subgraph: its inputs are set once when the job prepares, and
+    each run invokes and reads the outputs, so a decode step's megabytes of caches are not copied in per run."""
+    pytest.importorskip("ai_edge_litert")
+    import numpy as np
+
+    from edgeq.agent.runtimes import load
+
+    model = load(two_signature_tflite, 1, "decode")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    model.prepare({"args_0": x, "args_1": np.array([7], dtype=np.int32)})
+    assert model._signature_io is not None
+    model.run()
+    wrapper, subgraph, outputs = model._signature_io
+    np.testing.assert_array_equal(wrapper.GetTensor(outputs[0], subgraph), x * 2 + 7)
+
+
 def test_job_meta_takes_the_signatures_inputs():
     from edgeq.agent.host import job_meta
 
