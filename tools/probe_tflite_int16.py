@@ -6,7 +6,8 @@ One run, one QDIR of recipe w8a8-static (made here, or reused from --work), one 
 - edgeq's `int8` variant (edgeq's int8 weights and static uint8 input grids; LiteRT requantizes every quantized
   layer's output to int8 on a grid ai-edge-quantizer calibrates);
 - edgeq's `int16x8` variant (recipe w8a16-static: its own int8 weights and static int16 input grids, min/max
-  calibrated by edgeq, no smoothing; outputs requantized to int16 on ai-edge-quantizer's grids);
+  calibrated by edgeq, no smoothing; outputs requantized to int16 on ai-edge-quantizer's grids), with RTN int8
+  weights (the preset) and with GPTQ ones (tools/probe_tflite_w8a16-static-gptq.toml);
 - the w8a8-static layers and int8 weights (edgeq's scales, read back exact) with 16-bit activations: TFLite's
   16x8 full-integer mode, input and output grids calibrated by ai-edge-quantizer (min/max over the same
   calibration inputs), not edgeq's: the probe that led to the int16x8 variant.
@@ -97,12 +98,16 @@ def main() -> None:
     meta = export(qdir, "tflite", int8, variant="int8", seq_len=args.seq_len, cache_len=0, calib_samples=args.calib_samples)
     rows["edgeq int8 (w8a8-static: int8 activations, int8 outputs)"] = {"top1_agree_fp32": top1(int8), "exact": meta["exact"],
                                                                           "seconds": round(time.perf_counter() - t0, 1)}
-    t0 = time.perf_counter()
-    qdir16, _ = make_qdir(args.model, "w8a16-static", work)
-    int16 = work / f"{args.model}-edgeq-int16x8-s{args.seq_len}.tflite"
-    meta = export(qdir16, "tflite", int16, variant="int16x8", seq_len=args.seq_len, cache_len=0, calib_samples=args.calib_samples)
-    rows["edgeq int16x8 (w8a16-static: edgeq's int8 weights and int16 input grids, int16 outputs)"] = {
-        "top1_agree_fp32": top1(int16), "exact": meta["exact"], "seconds": round(time.perf_counter() - t0, 1)}
+    int16_files = []
+    for recipe_name, label in (("w8a16-static", "w8a16-static: edgeq's int8 weights (RTN) and int16 input grids, int16 outputs"),
+                               (str(ROOT / "tools" / "probe_tflite_w8a16-static-gptq.toml"), "the same with GPTQ int8 weights")):
+        t0 = time.perf_counter()
+        qdir16, _ = make_qdir(args.model, recipe_name, work)
+        int16 = work / f"{args.model}-edgeq-int16x8-{Path(recipe_name).stem}-s{args.seq_len}.tflite"
+        meta = export(qdir16, "tflite", int16, variant="int16x8", seq_len=args.seq_len, cache_len=0, calib_samples=args.calib_samples)
+        rows[f"edgeq int16x8 ({label})"] = {"top1_agree_fp32": top1(int16), "exact": meta["exact"],
+                                            "seconds": round(time.perf_counter() - t0, 1)}
+        int16_files.append(int16)
     t0 = time.perf_counter()
     calib = [{"args_0": x[0].numpy().astype(np.int32)}
              for x in calibration_batches(qm.bundle, None, args.calib_samples, args.seq_len, batch_size=1)]
@@ -110,7 +115,7 @@ def main() -> None:
     aeq16 = "edgeq int8 weights, 16-bit activations (16x8, grids calibrated by ai-edge-quantizer)"
     rows[aeq16] = {"top1_agree_fp32": top1(buf), "weights_exact": info["weights_exact"], "seconds": round(time.perf_counter() - t0, 1)}
     if args.reps:
-        files = dict(zip(["fp32", *rows], [fp32, int8, int16, buf]))
+        files = dict(zip(["fp32", *rows], [fp32, int8, *int16_files, buf]))
         timed = latency(files, [windows[0][None].astype(np.int64)], threads=1, reps=args.reps)
         rows = {"fp32 (litert-torch)": {"top1_agree_fp32": 1.0, "exact": None}, **rows}
         for name, t in zip(rows, timed.values()):

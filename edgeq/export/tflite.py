@@ -91,6 +91,9 @@ def check_representable(qm, variant: str) -> None:
                              f"re-quantize with symmetric = true (e.g. recipe {'w4-g128-litert' if w.bits <= 4 else 'w8'})")
         if w.bits not in (4, 8):
             raise EdgeqError(f"{where}: LiteRT has no {w.bits}-bit weight kernels; nearest: recipe w4-g128-litert (--variant int4)")
+        if w.bits == 8 and d.kind != "embedding" and int(m.qweight.min()) < -127:
+            raise EdgeqError(f"{where}: holds the integer -128, outside LiteRT's int8 weight range [-127, 127]; re-quantize "
+                             "(edgeq's quantizers keep 8-bit narrow grids inside it; this QDIR predates that for GPTQ)")
         if w.range == "full":
             raise EdgeqError(f"{where}: full-range INT4/INT8 grids (signed scales, all 2^b levels) are ONNX Runtime's convention; "
                              f"LiteRT scales absmax to 2^(b-1)-1: re-quantize with range = 'narrow' "

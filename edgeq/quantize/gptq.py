@@ -69,6 +69,10 @@ def _gptq(weight: torch.Tensor, rule, stats: LayerStats, recipe):
 
     Q = torch.zeros_like(W)
     B = opts.block_size
+    # error feedback can push a column past the absmax its scale came from, down to -2^(b-1); RTN never gets there.
+    # 8-bit narrow grids stop at -127: LiteRT's int8 weights are [-127, 127] (its int4 weights take -8, so 4-bit
+    # narrow grids keep the full signed range)
+    floor8 = spec.symmetric and spec.bits == 8 and spec.range == "narrow"
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
         W1 = W[:, i1:i2].clone()
@@ -85,6 +89,8 @@ def _gptq(weight: torch.Tensor, rule, stats: LayerStats, recipe):
             s, z = scale[:, g : g + 1], zp[:, g : g + 1]
             w = W1[:, i : i + 1]
             q = quantize(w, s, z, spec.bits, spec.symmetric)
+            if floor8:
+                q = q.clamp_min(-127.0)
             Q[:, i1 + i] = q[:, 0]
             err = (w - dequantize(q, s, z)) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]

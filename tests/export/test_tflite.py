@@ -349,6 +349,20 @@ def test_unsupported_combinations_refused(tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.tflite")]
 
 
+def test_int8_weight_outside_litert_range_refused(tmp_path):
+    """A QDIR holding -128 on an 8-bit weight grid (what GPTQ wrote before it kept 8-bit narrow grids in range) is
+    refused by name: LiteRT's int8 weights are [-127, 127] and the converter would clip it silently."""
+    bundle = load_model("tiny-llama")
+    recipe = load_recipe("w8")
+    qm = quantize_model(bundle, recipe, calibration_batches(bundle, None, 8, 128))
+    name, layer = next(iter(qm.layers().items()))
+    layer.qweight[0, 0] = -128
+    qdir = qm.save(tmp_path / "q")
+    with pytest.raises(EdgeqError, match=f"{name}.*holds the integer -128, outside LiteRT's int8 weight range"):
+        export(qdir, "tflite", tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+
+
 def test_quantized_variant_needs_a_qdir(tmp_path):
     with pytest.raises(EdgeqError, match="needs a quantized-model directory"):
         export(CNN, "tflite", tmp_path / "m.tflite", variant="int8")

@@ -116,3 +116,16 @@ def test_layers_reading_one_input_share_one_hessian(tiny_llama_ref):
     x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
     assert q_acc.n == 2 * x.shape[0]  # each call's rows once, not once per layer
     assert torch.allclose(q_acc.result().double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_keeps_8_bit_narrow_grids_inside_litert_int8(bits):
+    """Error feedback pushes columns past the absmax their scale came from. On 8-bit narrow grids GPTQ stops at -127
+    (LiteRT's int8 weights are [-127, 127]); 4-bit grids keep -8, which LiteRT's int4 weights hold."""
+    w, _, H = _layer_problem(seed=3)
+    w[:, 0] *= 20  # one dominant column: its error moves the others far
+    recipe = _recipe(bits, None, False)
+    fn, _ = METHODS["gptq"]
+    q, _, _ = fn(w, recipe.rules[0], LayerStats(hessian=H), recipe)
+    assert int(q.max()) == 2 ** (bits - 1) - 1
+    assert int(q.min()) == (-127 if bits == 8 else -8)
