@@ -37,8 +37,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_tflite import interleaved, log, make_qdir  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
-from edgeq.export.tflite_decode import run_steps, zero_caches  # noqa: E402
-from edgeq.export.tflite_runtime import DecodeSession, TfliteRunner  # noqa: E402
+from edgeq.export.tflite_runtime import DecodeSession  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 EDGEQ = {"w8": "dynamic-int8", "w4-g64-litert": "int4", "w4-g64-litert-emb4": "int4"}
@@ -61,12 +60,11 @@ def latency(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, rep
     (DecodeSession); each timed call sets the token and position, invokes, reads the logits and writes the rows."""
     calls = {}
     for n, p in files.items():
-        step = TfliteRunner(p, threads=threads, signature="decode")
-        _, cache = run_steps(step, ids[:, :pos], zero_caches(step))  # real caches for the timed step
         session = DecodeSession(p, threads=threads)
-        session.reset(cache)
+        session.reset()
+        for i in range(pos):  # real caches for the timed step
+            session.step(int(ids[0, i]), i)
         calls[n] = functools.partial(session.step, int(ids[0, pos]), pos)
-        del step
     return interleaved(calls, reps)
 
 
@@ -119,9 +117,9 @@ def main() -> None:
     n = min(args.tokens, ids.shape[1])
     ref = None
     for name, path in files.items():
-        step = TfliteRunner(path, threads=2, signature="decode")
-        logits, _ = run_steps(step, ids[:, :n], zero_caches(step))
-        top1 = logits.argmax(-1)
+        session = DecodeSession(path, threads=2)
+        session.reset()
+        top1 = np.array([session.step(int(ids[0, i]), i).argmax() for i in range(n)])
         ref = top1 if ref is None else ref
         rows[name]["size_mb"] = round(path.stat().st_size / 1e6, 2)
         rows[name]["decode_top1_agree_fp32"] = float(np.mean(top1 == ref))

@@ -33,7 +33,7 @@ from bench_tflite import latency, make_qdir  # noqa: E402
 from edgeq.export import export  # noqa: E402
 from edgeq.export import tflite_quant  # noqa: E402
 from edgeq.export.tflite_check import read_back  # noqa: E402
-from edgeq.export.tflite_graph import float_graph, read_model, rendered_scale, weight_ops, weight_tensors  # noqa: E402
+from edgeq.export.tflite_graph import float_graph, layer_ops, read_model, rendered_scale  # noqa: E402
 from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -50,13 +50,8 @@ def int16_activations(qm, seq_len: int, calib: list[dict]) -> tuple[bytes, dict]
     qt = quantizer.Quantizer(bytearray(buf))
     qt.load_quantization_recipe(recipe)
     qsvs = dict(qt.calibrate({"serving_default": calib}, num_threads=2))
-    model_t = read_model(buf)
-    shapes = {sg.tensors[op.inputs[1]].name.decode(): tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
-              for sg, op, _ in weight_ops(model_t)}
     scales = {n: rendered_scale(m) for n, m in layers.items()}
-    for name, m in layers.items():
-        for wname in weight_tensors(model_t, name):
-            qsvs[wname] = tflite_quant.weight_override(m, ops[name], shapes[wname], scales[name])
+    qsvs.update(tflite_quant.weight_overrides(layer_ops(read_model(buf), layers), layers, ops, scales))
     out = bytes(qt.quantize(qsvs, enable_progress_report=False).quantized_model)
     check = read_back(out, {n: m for n, m in layers.items()}, scales)
     weights_exact = all(v["ints"] and v["scales"] for v in check["layers"].values())

@@ -179,7 +179,7 @@ def analyse(runs: list[dict]) -> dict:
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     scale = {"median_abs_w4a4_delta": med([abs(r["delta"]) for r in w4a4]), "median_abs_seed_noise": med([abs(v) for v in noise.values()])}
     return {"fit": law, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
-            "fc2_reduction_median": sorted(reductions)[len(reductions) // 2] if reductions else None,
+            "fc2_reduction_median": med(reductions),
             "kurtosis": kurt, "kurtosis_summary": kurt_summary, "results": results, "fp32_seed_noise": noise,
             "fp_losses": {f"{s}@D={D}": v for (s, D), v in fp.items()}}
 

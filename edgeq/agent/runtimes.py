@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeqError
-from ..export.tflite_runtime import arg_order
+from ..export.tflite_runtime import arg_order, signature_io
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -179,15 +179,14 @@ class LiteRtModel:
         outputs (what benchmark_model times), not copying every input in again: a decode step's KV caches
         are megabytes. Returns (wrapper, subgraph, output indices), or None where the runtime's signature
         runner has no wrapper to do it with (each run then goes through the runner, inputs and all)."""
-        r = self.runner
-        try:
-            w, sg, inputs, outputs = r._interpreter_wrapper, r._subgraph_index, r._inputs, [i for _, i in r._outputs]
-        except (AttributeError, TypeError):
+        io = signature_io(self.runner)
+        if io is None:
             return None
+        w, sg, inputs, outputs = io
         w.AllocateTensors(sg)
         for name, arr in feeds.items():
             w.SetTensor(inputs[name], arr, sg)
-        return w, sg, outputs
+        return w, sg, list(outputs.values())
 
     def run(self) -> None:
         if self.runner is not None:

@@ -361,13 +361,14 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(step, b, cache_len)}}
         del step
     cos_tol, top1_tol = TOLERANCE[variant]
+    decode = parity.get("decode", {})
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
                    "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol
-                                            and parity.get("decode", {}).get("cos_min", 1.0) >= cos_tol
-                                            and parity.get("decode", {}).get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol)})
+                                            and decode.get("cos_min", 1.0) >= cos_tol
+                                            and decode.get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers

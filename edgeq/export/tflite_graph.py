@@ -306,7 +306,7 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
     prefill and decode signatures). A layer found nowhere (the converter changed its weight, e.g.
     folded a BatchNorm into it) is an error. Identical weights go in graph
     order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
-    table are one tensor in the converted graph: it keeps the first layer's label (`weight_tensors`).
+    table are one tensor in the converted graph: it keeps the first layer's label (`layer_ops`).
     """
     kinds = kinds or {}
     digests: dict[str, list[str]] = {}
@@ -340,13 +340,18 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
     return found
 
 
-def weight_tensors(model_t, layer: str) -> list[str]:
-    """The names of the weight tensors `layer`'s ops read, one per subgraph (a tied head's is its embedding table's)."""
-    names = [sg.tensors[op.inputs[1]].name.decode() for sg, op, _ in weight_ops(model_t)
-             if labelled(sg.tensors[op.outputs[0]].name) == (layer, False)]
-    if not names:
-        raise EdgeqError(f"tflite: layer {layer!r} has no labelled op in the graph")
-    return names
+def layer_ops(model_t, layers) -> dict[str, list[tuple]]:
+    """layer -> its labelled ops as (subgraph, op), one per subgraph, in one pass over the graph (a tied head's
+    op reads its embedding table's weight tensor)."""
+    out: dict[str, list[tuple]] = {}
+    for sg, op, _ in weight_ops(model_t):
+        found = labelled(sg.tensors[op.outputs[0]].name)
+        if found is not None and not found[1] and found[0] in layers:
+            out.setdefault(found[0], []).append((sg, op))
+    missing = [n for n in layers if n not in out]
+    if missing:
+        raise EdgeqError(f"tflite: layer {missing[0]!r} has no labelled op in the graph")
+    return out
 
 
 def set_weights(model_t, weights: dict[str, np.ndarray]) -> None:

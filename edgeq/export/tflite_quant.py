@@ -83,15 +83,14 @@ def act_override(module) -> dict:
     return {"min": np.array(-z * s, dtype=np.float64), "max": np.array((255 - z) * s, dtype=np.float64)}
 
 
-def input_tensor_names(model_t, names: list[str]) -> dict[str, list[str]]:
-    """layer -> the names of its op's activation input tensor in the float graph, one per subgraph."""
-    from .tflite_graph import labelled, weight_ops
-
-    out: dict[str, list[str]] = {}
-    for sg, op, _ in weight_ops(model_t):
-        found = labelled(sg.tensors[op.outputs[0]].name)
-        if found is not None and not found[1] and found[0] in names:
-            out.setdefault(found[0], []).append(sg.tensors[op.inputs[0]].name.decode())
+def weight_overrides(placed: dict[str, list[tuple]], layers: dict, ops: dict[str, str], scales: dict) -> dict:
+    """min/max for every weight tensor of every layer (`placed`: `tflite_graph.layer_ops`): one per subgraph, all
+    on one buffer; a tied head's is its embedding table's, the same override twice."""
+    out = {}
+    for name, found in placed.items():
+        for sg, op in found:
+            wt = sg.tensors[op.inputs[1]]
+            out[wt.name.decode()] = weight_override(layers[name], ops[name], tuple(int(x) for x in wt.shape), scales[name])
     return out
 
 
@@ -104,30 +103,24 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     """
     from ai_edge_quantizer import quantizer
 
-    from .tflite_graph import read_model, weight_ops, weight_tensors
+    from .tflite_graph import layer_ops, read_model
 
     qt = quantizer.Quantizer(bytearray(float_buf))
     qt.load_quantization_recipe(recipe(layers, ops, static))
-    model_t = read_model(float_buf)
-    shapes = {}
-    for sg, op, _ in weight_ops(model_t):
-        shapes[sg.tensors[op.inputs[1]].name.decode()] = tuple(int(x) for x in sg.tensors[op.inputs[1]].shape)
+    placed = layer_ops(read_model(float_buf), layers)
     qsvs: dict = {}
     if static:
         qsvs = dict(qt.calibrate(calibration or {"serving_default": []}, num_threads=1))
-        inputs = input_tensor_names(model_t, list(layers))
         for name, m in layers.items():
             grid = act_override(m)
-            for tensor in inputs[name]:
+            for sg, op in placed[name]:  # the op's activation input, in each subgraph
+                tensor = sg.tensors[op.inputs[0]].name.decode()
                 prev = qsvs.get(tensor, {}).get("_edgeq")
                 if prev is not None and prev != name and not _same(qsvs[tensor], grid):
                     raise EdgeqError(f"tflite: layers {prev!r} and {name!r} read the same tensor with different static grids; "
                                      "TFLite holds one grid per tensor (re-quantize with one activation grid for them)")
                 qsvs[tensor] = {**grid, "_edgeq": name}
-    for name, m in layers.items():
-        # one per subgraph, all on one buffer; a tied head's is its embedding table's: the same override twice
-        for wname in weight_tensors(model_t, name):
-            qsvs[wname] = weight_override(m, ops[name], shapes[wname], scales[name])
+    qsvs.update(weight_overrides(placed, layers, ops, scales))
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
         result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)

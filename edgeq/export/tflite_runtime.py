@@ -46,6 +46,17 @@ def arg_order(name: str) -> tuple:
     return (int(m.group(1)) if m else 1 << 30, name)
 
 
+def signature_io(runner) -> tuple | None:
+    """(interpreter wrapper, subgraph index, input tensor indices by name, output tensor indices by name) of a LiteRT
+    signature runner: what setting inputs once, invoking and reading outputs on the signature's subgraph needs,
+    without the copies the runner's call makes of every input and output. Reaches into the runner (ai-edge-litert
+    2.3, tested); None where a runtime's runner has no such wrapper."""
+    try:
+        return runner._interpreter_wrapper, runner._subgraph_index, dict(runner._inputs), dict(runner._outputs)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 class TfliteRunner:
     """One signature of a .tflite file, called like the PyTorch module: `runner(*arrays) -> [outputs]`."""
 
@@ -97,21 +108,18 @@ class DecodeSession:
     writes the step's new keys and values into slot `pos` of those buffers in place. Nothing the size of a
     cache is copied (the signature runner's call copies every input in and every output out).
 
-    Uses the signature runner's interpreter wrapper (`SetTensor` / `Invoke` / `GetTensor` / `tensor` on the
-    signature's subgraph), as ai-edge-litert 2.3 has it (tested); a runtime without it gets a clear error.
+    Uses the signature runner's interpreter wrapper (`signature_io`); a runtime without it gets a clear error.
     """
 
     def __init__(self, path: str | Path | bytes, threads: int = 1):
         self.runner = TfliteRunner(path, threads=threads, signature="decode")
-        sig = self.runner.runner
-        try:
-            self._w, self._sg = sig._interpreter_wrapper, sig._subgraph_index
-            self._in = [sig._inputs[n] for n in self.runner.input_names]
-            outputs = dict(sig._outputs)
-            self._out = [outputs[n] for n in self.runner.output_names]
-        except (AttributeError, KeyError, TypeError):
+        io = signature_io(self.runner.runner)
+        if io is None:
             raise EdgeqError("tflite: this LiteRT runtime's signature runner has no interpreter wrapper to run the decode "
-                             "signature in place; use TfliteRunner(path, signature='decode')") from None
+                             "signature in place; use TfliteRunner(path, signature='decode')")
+        self._w, self._sg, inputs, outputs = io
+        self._in = [inputs[n] for n in self.runner.input_names]
+        self._out = [outputs[n] for n in self.runner.output_names]
         self._w.AllocateTensors(self._sg)
         self._dtypes = [np.dtype(d["dtype"]) for d in self.runner.inputs[:2]]
         self.cache_len = int(self.runner.inputs[2]["shape"][2])
