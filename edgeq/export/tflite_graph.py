@@ -32,7 +32,7 @@ from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 5  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 6  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
