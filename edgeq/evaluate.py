@@ -175,9 +175,12 @@ def _against_fp32(t: Target, task: str, source: str, count: int | None) -> dict:
     if task == "cosine":
         bundle = ref.bundle
         texts = datamod.sentences(source, count or 64)
+        # a file exported for a fixed length (TFLite) gets every sentence padded to it, the padding masked out (the
+        # reference sees the same padded input; pooling reads the unmasked tokens only)
+        fixed = {"padding": "max_length", "max_length": t.fixed_seq_len} if t.fixed_seq_len else {"max_length": 128}
         cos = []
         for text in texts:
-            enc = bundle.tokenizer([text], return_tensors="np", truncation=True, max_length=128)
+            enc = bundle.tokenizer([text], return_tensors="np", truncation=True, **fixed)
             ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
             a = _mean_pool(ref.forward(ids, mask), mask)
             b = _mean_pool(t.forward(ids, mask), mask)

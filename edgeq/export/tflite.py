@@ -323,6 +323,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
     float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache, folds=folds, cache_len=cache_len)
+    # layers the outputs do not depend on are not in the file (the converter drops them; float_graph checked why)
+    unused = sorted(n for n in layers if n not in ops)
+    layers = {n: m for n, m in layers.items() if n in ops}
     t0 = time.perf_counter()
     if variant == "fp32":
         buf = float_buf
@@ -393,6 +396,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2)},
         "exact_integers": None if check is None else bool(check["exact"]),
         "bn_folded": {n: f.norm for n, f in folds.items()} or None,
+        "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them; the converter drops them"}
+        if unused else None,
         "tools": _tool_versions(),
     }
     if folds:

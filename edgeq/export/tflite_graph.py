@@ -142,9 +142,32 @@ class _UnfoldableRMSNorm(torch.nn.Module):
         return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * self.weight)).to(x.dtype)
 
 
-def _rms_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules()
-            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)}
+class _UnfoldableLayerNorm(torch.nn.Module):
+    """A LayerNorm over the last axis whose gain the converter cannot fold into the next layer's weight (BERT-style
+    encoders: every query/key/value and first FFN linear reads one), the same way as `_UnfoldableRMSNorm`; the
+    shift stays a constant ADD, which the converter may move into the next layer's bias, never its weight."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        y = centered * (torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def _gained_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The norms with a gain a converter could fold into the next layer: name -> their unfoldable rendering."""
+    out = {}
+    for n, m in model.named_modules():
+        if not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        if type(m).__name__.endswith("RMSNorm"):
+            out[n] = _UnfoldableRMSNorm(m)
+        elif isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
+            out[n] = _UnfoldableLayerNorm(m)
+    return out
 
 
 def _dequant_module(q, fold=None) -> torch.nn.Module:
@@ -167,23 +190,25 @@ def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
 @contextlib.contextmanager
 def float_rendering(model: torch.nn.Module, folds: dict | None = None):
     """Temporarily swap every quantized layer for a float layer with its dequantized weight
-    (and each BatchNorm in `folds` for an identity, its factor folded into the conv before it)."""
+    (each BatchNorm in `folds` for an identity, its factor folded into the conv before it, and each
+    RMSNorm / LayerNorm for a rendering whose gain the converter cannot fold into the next weight)."""
     folds = folds or {}
     layers = quant_layers(model)
     norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
-    rms = _rms_norms(model) if layers else {}
+    gained = _gained_norms(model) if layers else {}
+    originals = {n: model.get_submodule(n) for n in [*norms, *gained]}
     try:
         for name, q in layers.items():
             set_module(model, name, _dequant_module(q, folds.get(name)))
         for n in norms:
             set_module(model, n, torch.nn.Identity())
-        for n, m in rms.items():
-            set_module(model, n, _UnfoldableRMSNorm(m))
+        for n, m in gained.items():
+            set_module(model, n, m)
         yield model
     finally:
         for name, q in layers.items():
             set_module(model, name, q)
-        for n, m in {**norms, **rms}.items():
+        for n, m in originals.items():
             set_module(model, n, m)
 
 
@@ -215,6 +240,29 @@ class _FirstOutput(torch.nn.Module):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return getattr(out, "logits", out)
+
+
+def unused_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
+    """The quantized layers the exported module's outputs do not depend on (no gradient reaches them from one
+    forward of the example inputs): what the converter prunes."""
+    layers = quant_layers(model)
+    taps: dict[str, torch.Tensor] = {}
+
+    def tap(name):
+        def hook(_module, _args, out):
+            taps[name] = out.detach().requires_grad_()
+            return taps[name]
+        return hook
+
+    hooks = [m.register_forward_hook(tap(n)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            out = graph_module(bundle, model)(*example_inputs(bundle, seq_len))
+            reached = torch.autograd.grad(out.float().sum(), list(taps.values()), allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n for n, g in zip(taps, reached) if g is None} | (set(layers) - set(taps))
 
 
 def graph_module(bundle, model: torch.nn.Module) -> torch.nn.Module:
@@ -299,12 +347,14 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
 
 
-def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] | None = None) -> dict[str, str]:
+def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] | None = None, unused=None) -> dict[str, str]:
     """Rename each layer's weight/output tensors after the layer; returns layer -> TFLite op name.
 
     Layers are found by the exact bytes of their float weight, in every subgraph (a decoder LM's
-    prefill and decode signatures). A layer found nowhere (the converter changed its weight, e.g.
-    folded a BatchNorm into it) is an error. Identical weights go in graph
+    prefill and decode signatures). A layer found nowhere is an error (the converter changed its weight,
+    e.g. folded a BatchNorm into it) unless `unused()` (called only then) names it: a layer the exported
+    outputs do not depend on, which the converter drops (BERT's pooler under an encoder's
+    last_hidden_state); it is then simply not in the returned mapping. Identical weights go in graph
     order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
     table are one tensor in the converted graph: it keeps the first layer's label (`layer_ops`).
     """
@@ -333,6 +383,9 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
         sg.tensors[op.outputs[0]].name = label(name, index[id(sg)]).encode()
         found[name] = opname
     missing = [n for n in weights if n not in found]
+    if missing and unused is not None:
+        dropped = unused()
+        missing = [n for n in missing if n not in dropped]
     if missing:
         raise EdgeqError(f"tflite: the converter changed the weight of layer {missing[0]!r} (and {len(missing) - 1} more), "
                          "e.g. by folding a BatchNorm into it; its integers cannot be carried exactly. "
@@ -416,12 +469,31 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     buf = convert(bundle, model, seq_len, folds, cache_len)
     seconds = time.perf_counter() - t0
     model_t = read_model(buf)
-    found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()})
+    found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()},
+                         unused=lambda: unused_layers(bundle, model, seq_len))
     out = write_model(model_t)
     if cache:
         write_bytes_atomic(cached, out)
         write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "cache_len": cache_len, "layers": found})
     return out, found, seconds
+
+
+@contextlib.contextmanager
+def _eager_attention(model: torch.nn.Module, enable: bool):
+    """Hugging Face's eager attention instead of sdpa while converting (`enable`): litert-torch lowers sdpa by scaling
+    the queries and the keys by sqrt(scale) each, constant MULs the converter folds into the query and key
+    projections' weights when nothing stands between them (BERT-style encoders; a decoder's rotary embedding does),
+    which would change edgeq's integers. Eager attention scales the scores after the matmul."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if not enable or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
@@ -432,7 +504,7 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
 
     import litert_torch
 
-    with float_rendering(model, folds), torch.no_grad():
+    with float_rendering(model, folds), _eager_attention(model, bundle.kind == "encoder"), torch.no_grad():
         module = graph_module(bundle, model)
         try:
             if cache_len:
