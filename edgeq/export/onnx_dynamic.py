@@ -16,7 +16,7 @@ Dequantization is `(q - zp) * scale`, exactly the simulation's.
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .onnx_edit import Graph, LayerQ, Rendered, weight_arrays
 
@@ -169,8 +169,31 @@ def render_matmul_integer_symmetric(g: Graph, lq: LayerQ, compute: list) -> Rend
         (xq, xs, xz, _), grid_nodes = _integer_grid(g, node.input[0], lq)
         g.replace[id(node)] = made = _scaled_matmul_integer(g, lq, (xq, xs, xz), (qn, sn, zn), node.output[0])
         nodes += grid_nodes + [n.name for n in made]
+        if lq.act_granularity == "token":
+            nodes += _bias_outside_fusion(g, lq, node.output[0])
     mode = "dynamic-token" if lq.act_granularity == "token" else "dynamic"
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, mode, offset, nodes)
+
+
+def _bias_outside_fusion(g: Graph, lq: LayerQ, y: str) -> list[str]:
+    """Rewrite a constant bias `Add(y, b)` after a per-row-scaled layer as `Sub(y, -b)` (bitwise the same sum).
+
+    ORT's MatMulIntegerToFloat fusion takes a following bias Add into the fused kernel, which then multiplies the
+    bias by each row's activation scale when that scale is per row (onnxruntime 1.32: y = acc s_x s_w + b s_x,
+    measured; correct for a scalar scale): BERT's biased linears came out wrong by up to |b|. The fusion does not
+    take a Sub, so the kernel still fuses the scales and the bias is added exactly after it."""
+    names = []
+    for add, i in list(g.consumers.get(y, [])):
+        other = add.input[1 - i] if add.op_type == "Add" and len(add.input) == 2 else None
+        if other is None or other not in g.inits:
+            continue
+        neg = g.add_init(-numpy_helper.to_array(g.inits[other]), f"{lq.name}.negated_bias")
+        sub = helper.make_node("Sub", [y, neg], list(add.output), name=g.unique(f"{lq.name}/bias_sub"))
+        g.replace[id(add)] = [sub]
+        if all(id(n) == id(add) for n, _ in g.consumers.get(other, [])):
+            g.drop_inits.add(other)
+        names.append(sub.name)
+    return names
 
 
 def render_matmul_integer(g: Graph, lq: LayerQ, compute: list) -> Rendered:

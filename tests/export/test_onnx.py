@@ -311,6 +311,22 @@ def test_small_cnn_from_factory(cnn_exports, tmp_path, recipe, variant):
         assert ops["QLinearConv"] + ops["ConvInteger"] >= 1 or ops["QuantizeLinear"] >= 1, dict(ops)
 
 
+@pytest.mark.parametrize("recipe", ["w8", "w8a8"])
+def test_encoder_with_biases_matches_simulation(tiny_bert, tmp_path, recipe):
+    """BERT's biased linears after per-token symmetric dynamic grids (w8): ORT's MatMulIntegerToFloat fusion would
+    scale a fused bias by each row's activation scale, so the bias must stay outside the fused kernel."""
+    from edgeq.evaluate import evaluate
+
+    qdir = _quantize(tiny_bert, recipe, tmp_path)
+    path = tmp_path / "bert.onnx"
+    meta = export(qdir, "onnx", path)
+    assert meta["exact"] is True
+    assert meta["parity"]["cos_min"] > 0.999 and meta["parity"]["max_abs"] < 0.1, meta["parity"]
+    sim = evaluate(str(qdir), task="cosine", count=8)["metrics"]
+    got = evaluate(str(path), task="cosine", count=8)["metrics"]
+    assert abs(got["cosine_mean"] - sim["cosine_mean"]) < 1e-3, (got, sim)
+
+
 def test_external_data_is_relative_and_hashed(tiny_exports, tmp_path):
     qdir, _, _ = tiny_exports["w4-g128-rtn"]
     out = tmp_path / "ext" / "model.onnx"

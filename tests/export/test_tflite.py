@@ -315,28 +315,6 @@ def test_fp32_from_model_reference(exported):
     assert meta["inputs"][0]["shape"] == [1, 3, 224, 224] and meta["exact"] is None
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    """A two-layer BERT encoder with its pooler as a local Hugging Face directory (MiniLM's tokenizer). Its LayerNorm
-    gains are random, so a gain the converter folded into the next linear would change that weight's bytes."""
-    import transformers
-
-    tokenizer = load_model("minilm-l6").tokenizer
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128)
-    model = transformers.BertModel(config)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-    path = tmp_path_factory.mktemp("bert") / "tiny-bert"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("recipe", ["w8", "w8a16-static"])
 def test_encoder_exports_exactly_without_its_unused_pooler(tiny_bert, tmp_path, recipe):
     """LayerNorm gains and sdpa's query/key scaling are not folded into the linears (the integers read back
