@@ -20,9 +20,12 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="ONNX weight-only layers: ONNX Runtime's MatMulNBits accuracy level, recorded in FILE.json and used for "
                    "parity (0, the default: float activations, exact; 4: int8 activations quantized per row-block at run time, fastest).")
+@click.option("--int8-weights", type=click.Choice(["uint8", "int8"]), default=None,
+              help="ONNX 8-bit weights of layers with INT8 activations: uint8 (default; +128, exact in ONNX Runtime on every CPU) "
+                   "or int8 (ONNX Runtime's own convention: its u8s8 kernels, faster on x86 with VNNI/AMX, saturating on AVX2-only x86).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, int8_weights, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
@@ -36,10 +39,11 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
             if fmt != "tflite":
                 raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (ONNX graphs take any length)")
             options[name] = value
-    if accuracy_level is not None:
-        if fmt != "onnx":
-            raise EdgeqError("export: --accuracy-level applies to --format onnx (ONNX Runtime's MatMulNBits)")
-        options["accuracy_level"] = accuracy_level
+    for name, value in (("accuracy_level", accuracy_level), ("int8_weights", int8_weights)):
+        if value is not None:
+            if fmt != "onnx":
+                raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format onnx (ONNX Runtime's integer kernels)")
+            options[name] = value
     meta = run_export(source, fmt, output, variant=variant, **options)
     if as_json:
         emit_json(meta)
