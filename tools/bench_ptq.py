@@ -40,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_tflite import fresh_process_rounds  # noqa: E402
 
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -421,19 +424,11 @@ def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps:
 
 def latency_rounds(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps: int, warmup: int,
                    rounds: int) -> dict:
-    """`latency` in `rounds` fresh processes, each loading the variants in an order rotated a further
-    len(keys) / rounds places; per variant the median of the processes' medians (each one kept in
-    `rounds_prefill_ms` / `rounds_decode_ms`). In one process the session loaded first ran slower than the same
-    file loaded later (SmolLM2 w8 decode 23.2 ms loaded before ORT's quantize_dynamic file, 22.4 after it; ORT's
-    20.2 after, 21.6 before), so a fixed load order favours the variants loaded last."""
-    import multiprocessing
-
-    per_round = []
-    ctx = multiprocessing.get_context("spawn")
-    for r in range(rounds):
-        shift = r * len(keys) // rounds % len(keys)
-        with ctx.Pool(1) as pool:
-            per_round.append(pool.apply(latency, (rows, keys[shift:] + keys[:shift], prompt, threads, reps, warmup)))
+    """`latency` in `rounds` fresh processes with the load order rotated (`fresh_process_rounds`: in one process the
+    session loaded first ran slower, SmolLM2 w8 decode 23.2 ms loaded before ORT's quantize_dynamic file, 22.4 after
+    it; ORT's 20.2 after, 21.6 before); per variant the median of the processes' medians (each one kept in
+    `rounds_prefill_ms` / `rounds_decode_ms`)."""
+    per_round = fresh_process_rounds(latency, lambda order: (rows, order, prompt, threads, reps, warmup), keys, rounds)
     out = {}
     for k in keys:
         got = [res[k] for res in per_round if k in res]

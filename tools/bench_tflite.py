@@ -133,6 +133,22 @@ def interleaved(calls: dict, reps: int, warmup: int = 3) -> dict[str, dict]:
                 "n": len(t)} for n, t in times.items()}
 
 
+def fresh_process_rounds(fn, args_for, names: list[str], rounds: int) -> list:
+    """`fn(*args_for(order))` in `rounds` fresh (spawned) processes, each with `names` in an order rotated a further
+    len(names) / rounds places: in one process the model loaded first ran slower than the same model loaded later
+    (LiteRT and ONNX Runtime alike), so a fixed load order would favour whatever is loaded last. Returns each
+    process's result, in round order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    for r in range(rounds):
+        shift = r * len(names) // rounds % len(names)
+        with ctx.Pool(1) as pool:
+            out.append(pool.apply(fn, args_for(names[shift:] + names[:shift])))
+    return out
+
+
 def latency(files: dict[str, Path], example: list[np.ndarray], threads: int, reps: int) -> dict[str, dict]:
     return interleaved({n: functools.partial(TfliteRunner(p, threads=threads), *example) for n, p in files.items()}, reps)
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_tflite import interleaved, log, make_qdir  # noqa: E402
+from bench_tflite import fresh_process_rounds, interleaved, log, make_qdir  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export.tflite_runtime import DecodeSession  # noqa: E402
@@ -71,22 +71,13 @@ def latency(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, rep
 
 
 def latency_rounds(files: dict[str, Path], pos: int, ids: np.ndarray, threads: int, reps: int, rounds: int) -> dict[str, dict]:
-    """`latency` in `rounds` fresh processes, each loading the files in an order rotated a further len(files) / rounds
-    places, and per file the median of the rounds' medians (each round's median kept as `rounds_ms`). Within one
-    process the file loaded first ran up to 10% slower than the same file loaded last (fp32 SmolLM2: 48-51 ms against
-    45-46 ms), whatever the call order, so a single process would favour whichever file it loads last."""
-    import multiprocessing
-
-    names = list(files)
-    per_round = []
-    ctx = multiprocessing.get_context("spawn")
-    for r in range(rounds):
-        shift = r * len(names) // rounds % len(names)
-        order = names[shift:] + names[:shift]
-        with ctx.Pool(1) as pool:
-            per_round.append(pool.apply(latency, ({n: files[n] for n in order}, pos, ids, threads, reps)))
+    """`latency` in `rounds` fresh processes with the load order rotated (`fresh_process_rounds`; within one process
+    the fp32 file measured 48-51 ms loaded first against 45-46 ms loaded last), and per file the median of the
+    processes' medians, each kept in `rounds_ms`."""
+    per_round = fresh_process_rounds(latency, lambda order: ({n: files[n] for n in order}, pos, ids, threads, reps),
+                                     list(files), rounds)
     out = {}
-    for n in names:
+    for n in files:
         medians = [res[n]["median_ms"] for res in per_round]
         out[n] = {"median_ms": statistics.median(medians), "rounds_ms": [round(m, 3) for m in medians],
                   "n": per_round[0][n]["n"], "rounds": rounds}

@@ -248,7 +248,7 @@ def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int 
     """Calibration feeds per signature: the prefill's, and (decoder LMs with a decode signature) decode
     steps at spread positions with the caches a PyTorch forward gives."""
     from ..models.inputs import calibration_batches
-    from .tflite_graph import example_inputs
+    from .tflite_render import example_inputs
 
     batches = calibration_batches(bundle, None, samples, seq_len, batch_size=1)
     if bundle.kind == "encoder":
@@ -263,7 +263,7 @@ def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int 
     out = {"serving_default": _feeds(batches, ex)}
     if cache_len:
         from .tflite_decode import calibration_steps, example_inputs as decode_inputs
-        from .tflite_graph import float_rendering
+        from .tflite_render import float_rendering
 
         with float_rendering(model):
             steps = calibration_steps(model, [b[0] for b in batches[:2]], cache_len, max(1, samples // 2))
@@ -304,7 +304,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
-    from .tflite_graph import bn_folds, example_inputs, float_graph, rendered_scale
+    from .tflite_graph import float_graph
+    from .tflite_render import bn_folds, example_inputs, rendered_scale
     from .tflite_runtime import TfliteRunner, runtime_version
 
     if options:
@@ -347,7 +348,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     inputs = _parity_inputs(b, seq_len)
     float_acts = variant == "fp32" and qm is not None
     with torch.no_grad(), (_float_activations(layers) if float_acts else contextlib.nullcontext()):
-        from .tflite_graph import graph_module
+        from .tflite_render import graph_module
 
         ref_module = graph_module(b, model)
         ref = [ref_module(*x).float().numpy() for x in inputs]

@@ -1,8 +1,8 @@
 """The float TFLite graph an export starts from: PyTorch -> litert-torch -> labelled flatbuffer.
 
-A quantized model is rendered as plain float layers holding its dequantized weights `(q - zp) *
-scale` (never its fake-quant simulation), converted once with litert-torch, and each edgeq layer
-is found in the flatbuffer by the exact bytes of its weight. Its weight tensor is renamed
+A quantized model's float rendering (`tflite_render`: plain float layers holding its dequantized
+weights `(q - zp) * scale`, never its fake-quant simulation) is converted once with litert-torch, and
+each edgeq layer is found in the flatbuffer by the exact bytes of its weight. Its weight tensor is renamed
 `edgeq/<layer>/weight` and its output `edgeq/<layer>`, so later steps (ai-edge-quantizer recipes,
 read-back) address layers by edgeq's names and never by the converter's mangled scopes. A file with
 a second signature (a decoder LM's decode step) has a second subgraph reading the same weight
@@ -17,19 +17,18 @@ change a weight's values: a layer whose bytes are not found is an error, not a g
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import EdgeqError
-from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
+from ..models.hf import eager_attention
+from ..quantize.modules import quant_layers
+from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
 GRAPH_VERSION = 6  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
@@ -39,263 +38,6 @@ def schema():
     from ai_edge_litert import schema_py_generated
 
     return schema_py_generated
-
-
-# ---- PyTorch side ---------------------------------------------------------------------------
-
-class _DequantConv(torch.nn.Module):
-    """A QuantConv2d as a float conv with its dequantized weight (TF-style static padding kept).
-
-    With `fold` (a BatchNorm's per-channel factor and shift) the norm is folded here, on edgeq's
-    grid: the weight is `q * fp32(scale * factor)`, so the converter finds nothing left to fold and
-    the file holds edgeq's integers with scales scaled by the BatchNorm factor.
-    """
-
-    def __init__(self, q: QuantConv2d, fold=None):
-        super().__init__()
-        self.static_padding = q.static_padding
-        self.conv_args = q.conv_args
-        self.weight = torch.nn.Parameter(render_weight(q, fold), requires_grad=False)
-        bias = q.bias.detach() if q.bias is not None else None
-        if fold is not None:
-            bias = fold.shift if bias is None else bias * fold.factor + fold.shift
-        self.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
-
-    def forward(self, x):
-        if self.static_padding is not None:
-            x = self.static_padding(x)
-        return F.conv2d(x, self.weight, self.bias, **self.conv_args)
-
-
-def rendered_scale(q, fold=None) -> torch.Tensor:
-    """The scales the file holds for a layer: edgeq's, times a folded BatchNorm factor if any."""
-    if fold is None:
-        return q.scale.detach().to(torch.float32)
-    return (q.scale.detach().to(torch.float32) * fold.factor[:, None]).to(torch.float32)
-
-
-def render_weight(q, fold=None) -> torch.Tensor:
-    """The float weight in PyTorch layout: `(q - zp) * scale` with the rendered scale."""
-    from ..quantize.primitives import dequantize
-
-    w = dequantize(q.qweight, rendered_scale(q, fold), q.zero_point, q.decision.group_size)
-    return w.reshape(q.decision.shape).detach().clone()
-
-
-@dataclass(frozen=True)
-class BnFold:
-    """An eval-mode BatchNorm2d folded into the conv before it: y = conv(x) * factor + shift."""
-
-    norm: str
-    factor: torch.Tensor
-    shift: torch.Tensor
-
-
-def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
-    """conv layer -> (factor, shift) of the eval-mode BatchNorm2d reading its output, found by tracing one call."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    convs = {n: m for n, m in quant_layers(model).items() if isinstance(m, QuantConv2d)}
-    if not norms or not convs:
-        return {}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
-
-    def pre(mod, a, n):
-        hit = produced.get(id(a[0]))
-        if hit is not None and hit[1] is a[0]:
-            pairs[hit[0]] = n
-
-    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)) for n, m in norms.items()]
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    folds = {}
-    for conv, norm in pairs.items():
-        bn = norms[norm]
-        if bn.training or bn.running_var is None:
-            continue
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
-        folds[conv] = BnFold(norm, factor.detach().float(), shift.detach().float())
-    return folds
-
-
-class _UnfoldableRMSNorm(torch.nn.Module):
-    """An RMSNorm whose gain the converter cannot fold into the next layer's weight.
-
-    LiteRT's converter fuses a constant MUL feeding FULLY_CONNECTED into its weight, which would
-    change edgeq's integers when norm gains are kept unfolded (the INT4 presets keep them). Here the
-    gain multiplies the per-token rsqrt first, so the MUL feeding the layer has no constant operand.
-    """
-
-    def __init__(self, norm):
-        super().__init__()
-        self.weight = norm.weight
-        self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-
-    def forward(self, x):
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * self.weight)).to(x.dtype)
-
-
-class _UnfoldableLayerNorm(torch.nn.Module):
-    """A LayerNorm over the last axis whose gain the converter cannot fold into the next layer's weight (BERT-style
-    encoders: every query/key/value and first FFN linear reads one), the same way as `_UnfoldableRMSNorm`; the
-    shift stays a constant ADD, which the converter may move into the next layer's bias, never its weight."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
-
-    def forward(self, x):
-        centered = x - x.mean(-1, keepdim=True)
-        y = centered * (torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight)
-        return y if self.bias is None else y + self.bias
-
-
-def _gained_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The norms with a gain a converter could fold into the next layer: name -> their unfoldable rendering."""
-    out = {}
-    for n, m in model.named_modules():
-        if not isinstance(getattr(m, "weight", None), torch.Tensor):
-            continue
-        if type(m).__name__.endswith("RMSNorm"):
-            out[n] = _UnfoldableRMSNorm(m)
-        elif isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
-            out[n] = _UnfoldableLayerNorm(m)
-    return out
-
-
-def _dequant_module(q, fold=None) -> torch.nn.Module:
-    """The float layer rendering a quantized one: its dequantized weight in a plain module."""
-    if isinstance(q, QuantEmbedding):
-        return torch.nn.Embedding(q.num_embeddings, q.embedding_dim, q.padding_idx, _weight=render_weight(q), _freeze=True)
-    if isinstance(q, QuantLinear):
-        return _dequant_linear(q)
-    return _DequantConv(q, fold)
-
-
-def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
-    lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
-    lin.weight = torch.nn.Parameter(render_weight(q), requires_grad=False)
-    if q.bias is not None:
-        lin.bias = q.bias
-    return lin
-
-
-@contextlib.contextmanager
-def float_rendering(model: torch.nn.Module, folds: dict | None = None):
-    """Temporarily swap every quantized layer for a float layer with its dequantized weight
-    (each BatchNorm in `folds` for an identity, its factor folded into the conv before it, and each
-    RMSNorm / LayerNorm for a rendering whose gain the converter cannot fold into the next weight)."""
-    folds = folds or {}
-    layers = quant_layers(model)
-    norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
-    gained = _gained_norms(model) if layers else {}
-    originals = {n: model.get_submodule(n) for n in [*norms, *gained]}
-    try:
-        for name, q in layers.items():
-            set_module(model, name, _dequant_module(q, folds.get(name)))
-        for n in norms:
-            set_module(model, n, torch.nn.Identity())
-        for n, m in gained.items():
-            set_module(model, n, m)
-        yield model
-    finally:
-        for name, q in layers.items():
-            set_module(model, name, q)
-        for n, m in originals.items():
-            set_module(model, n, m)
-
-
-class _LogitsLM(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids):
-        return self.m(input_ids=input_ids, use_cache=False).logits
-
-
-class _Encoder(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask):
-        return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-class _FirstOutput(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, *args):
-        out = self.m(*args)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return getattr(out, "logits", out)
-
-
-def unused_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
-    """The quantized layers the exported module's outputs do not depend on (no gradient reaches them from one
-    forward of the example inputs): what the converter prunes."""
-    layers = quant_layers(model)
-    taps: dict[str, torch.Tensor] = {}
-
-    def tap(name):
-        def hook(_module, _args, out):
-            taps[name] = out.detach().requires_grad_()
-            return taps[name]
-        return hook
-
-    hooks = [m.register_forward_hook(tap(n)) for n, m in layers.items()]
-    try:
-        with torch.enable_grad():
-            out = graph_module(bundle, model)(*example_inputs(bundle, seq_len))
-            reached = torch.autograd.grad(out.float().sum(), list(taps.values()), allow_unused=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n for n, g in zip(taps, reached) if g is None} | (set(layers) - set(taps))
-
-
-def graph_module(bundle, model: torch.nn.Module) -> torch.nn.Module:
-    """The module a file is exported from: positional inputs, the main output (logits) first."""
-    if bundle.kind == "causal-lm":
-        return _LogitsLM(model).eval()
-    if bundle.kind == "encoder":
-        return _Encoder(model).eval()
-    return _FirstOutput(model).eval()
-
-
-def example_inputs(bundle, seq_len: int) -> tuple:
-    """Fixed-shape example inputs: TFLite graphs here are static (token models use `seq_len`)."""
-    if bundle.kind == "causal-lm":
-        return (torch.zeros(1, seq_len, dtype=torch.long),)
-    if bundle.kind == "encoder":
-        return (torch.zeros(1, seq_len, dtype=torch.long), torch.ones(1, seq_len, dtype=torch.long))
-    if not bundle.example_inputs:
-        raise EdgeqError(f"tflite: model {bundle.reference!r} has no example inputs to fix the graph's shapes")
-    return tuple(t[:1] for t in bundle.example_inputs)
-
-
-def tflite_weight(module, fold=None) -> np.ndarray:
-    """A quantized layer's dequantized weight in TFLite's layout (FC [out, in]; embedding table [rows, dim];
-    conv OHWI; depthwise 1HWO)."""
-    w = render_weight(module, fold).to(torch.float32).numpy()
-    if isinstance(module, (QuantLinear, QuantEmbedding)):
-        return np.ascontiguousarray(w)
-    if module.conv_args["groups"] == 1:
-        return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
-    if module.conv_args["groups"] == module.in_channels == module.out_channels:
-        return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
-    raise EdgeqError(f"tflite: layer {module.decision.name}: grouped convolutions other than depthwise have no TFLite kernel")
 
 
 # ---- flatbuffer side ------------------------------------------------------------------------
@@ -478,24 +220,6 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     return out, found, seconds
 
 
-@contextlib.contextmanager
-def _eager_attention(model: torch.nn.Module, enable: bool):
-    """Hugging Face's eager attention instead of sdpa while converting (`enable`): litert-torch lowers sdpa by scaling
-    the queries and the keys by sqrt(scale) each, constant MULs the converter folds into the query and key
-    projections' weights when nothing stands between them (BERT-style encoders; a decoder's rotary embedding does),
-    which would change edgeq's integers. Eager attention scales the scores after the matmul."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if not enable or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
     """litert-torch conversion of the float rendering of `model`: a `serving_default` signature, and with
     `cache_len` one that also returns the KV caches (`tflite_decode.KVPrefill`) and a `decode` signature
@@ -504,7 +228,7 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
 
     import litert_torch
 
-    with float_rendering(model, folds), _eager_attention(model, bundle.kind == "encoder"), torch.no_grad():
+    with float_rendering(model, folds), eager_attention(model, bundle.kind == "encoder"), torch.no_grad():
         module = graph_module(bundle, model)
         try:
             if cache_len:

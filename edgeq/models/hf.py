@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,26 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # torch warns about its enums; neither concerns edgeq's users.
 for _name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module, enable: bool):
+    """A Hugging Face model runs its eager attention instead of sdpa while `enable` (other models: no change).
+
+    GPTQ's attention-weighted value Hessians need the attention weights, which only eager attention returns;
+    TFLite conversion of encoders needs the scores scaled after the matmul, because litert-torch lowers sdpa by
+    scaling queries and keys by sqrt(scale) each, constants the converter folds into the query and key weights.
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if not enable or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import EdgeqError
 from ..models import ModelBundle
+from ..models.hf import eager_attention
 from ..recipe import ActSpec, QuantRecipe, Rule
 from .methods import METHODS, LayerStats
 from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantLinear, set_module
@@ -258,21 +259,6 @@ def _attention_weighted(v_proj, attention, acc, st: LayerStats) -> list:
     return [v_proj.register_forward_pre_hook(keep_input), attention.register_forward_hook(add_mixed)]
 
 
-@contextlib.contextmanager
-def _eager_attention(model, wanted: bool):
-    """Hugging Face models run eager attention (which returns its weights) while `wanted`."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if not wanted or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
 def _columns(module, kind) -> int:
     return module.weight[0].numel()
 
@@ -305,7 +291,7 @@ def _calibrated(model, targets, recipe, batches, progress) -> dict[str, str]:
     weighted = recipe.gptq.value_hessian == "attention" and any(
         METHODS[rule.method][1] and _attention_of(model, n) is not None for n, (_, rule) in targets.items())
     hessian_kinds = {}
-    with _eager_attention(model, weighted):
+    with eager_attention(model, weighted):
         blocks = find_blocks(model)
         done: set[str] = set()
         if blocks is not None:

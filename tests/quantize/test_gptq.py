@@ -53,7 +53,8 @@ def test_gptq_integers_stay_on_grid_and_hessian_is_exact():
 def test_value_projection_hessian_mixes_inputs_by_attention(tiny_llama_ref):
     """v_proj's Hessian is built from sum_j a_hij x_j, what the attention output is made of."""
     from edgeq.models import load_model
-    from edgeq.quantize.ptq import _eager_attention, _observing, no_cache, plan
+    from edgeq.models.hf import eager_attention as _eager_attention
+    from edgeq.quantize.ptq import _observing, no_cache, plan
 
     model = load_model(tiny_llama_ref).module.eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
