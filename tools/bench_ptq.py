@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ ISSUE_PEERS_INT4 = {"ORT RTN g128 sym": (33.09, 195), "ORT RTN g128 asym": (30.0
 VARIANTS = {
     "edgeq-fp32": ("edgeq", "fp32", None),
     "edgeq-w8a8": ("edgeq", "int8 static QDQ (w8a8)", "w8a8"),
+    "edgeq-w8a8-s8": ("edgeq", "int8 static QDQ (w8a8), weights stored int8 as ORT's quantize_dynamic does (--int8-weights int8)", "w8a8"),
     "edgeq-w8": ("edgeq", "int8 dynamic (w8)", "w8"),
     "edgeq-w8-s8": ("edgeq", "int8 dynamic (w8), weights stored int8 as ORT's quantize_dynamic does (--int8-weights int8)", "w8"),
     "edgeq-w8a16-acc4": ("edgeq", "int8 weights, ORT int8 activations at accuracy_level 4 (w8a16)", "w8a16"),
@@ -72,7 +72,8 @@ VARIANTS = {
     "ort-hqq-g128": ("onnxruntime", "MatMulNBits HQQ g128 (head int4)", None),
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
-EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"}}  # options of `edgeq export` beyond the defaults
+EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"},
+                  "edgeq-w8a8-s8": {"int8_weights": "int8"}}  # options of `edgeq export` beyond the defaults
 
 
 def log(msg: str) -> None:
@@ -153,8 +154,6 @@ def untie_matmul_weights(model, vocab: int) -> list[str]:
 
 
 def head_matmul(model, vocab: int) -> str | None:
-    from onnx import numpy_helper  # noqa: F401
-
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "MatMul" and shapes.get(node.input[1], [None])[-1] == vocab:
@@ -502,7 +501,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count."""
     out = []
     dyn = ok(peer, "latency_1t")
-    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8a8", "edgeq-w8a16-acc4"):
+    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
         if not (dyn and r):
             continue

@@ -102,7 +102,7 @@ class Graph:
         self.before: dict[int, list] = {}  # id(node) -> nodes to emit before it
         self.after: dict[int, list] = {}  # id(node) -> nodes to emit after it
         self.producer = {o: node for node in graph.node for o in node.output}
-        self.dynamic: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one dynamic quantization
+        self.dynamic: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one quantization (dynamic, or static: onnx_quant._static_quant)
         self.replace: dict[int, list] = {}  # id(node) -> nodes to emit instead
         self.head: list = []  # weight DQ nodes (inputs are all initializers)
         self.new_inits: list = []

@@ -38,8 +38,9 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
         out["scales"] = scale.shape == lq.scale.shape and bool(np.array_equal(scale.view(np.uint32), lq.scale.astype(np.float32).view(np.uint32)))
         out["zero_points"] = zp.shape == lq.zero_point.shape and bool(np.array_equal(zp, lq.zero_point.astype(np.int16)))
         if lq.act_mode == "static":
-            node_inputs = {n.name: list(n.input) for n in model.graph.node}
-            qnodes = [node_inputs.get(n) for n in r.nodes if n.startswith(f"{r.layer}/input_q")]
+            # the input QuantizeLinear nodes (one may be shared with the other layers reading the same tensor)
+            node_inputs = {n.name: list(n.input) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+            qnodes = [node_inputs[n] for n in r.nodes if n in node_inputs]
             ok = bool(qnodes) and all(
                 inp is not None
                 and numpy_helper.to_array(inits[inp[1]]).astype(np.float32).view(np.uint32) == lq.act_scale.astype(np.float32).view(np.uint32)

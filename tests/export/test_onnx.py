@@ -196,7 +196,9 @@ def test_int16x8_inputs_are_int16_qdq_on_the_layers_grid(tiny_exports):
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     layers = load_quantized(qdir).layers()
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("/input_q")]
-    assert len(quantize) >= len(layers)
+    # one QuantizeLinear per tensor and grid: q/k/v (and gate/up) read one norm output on one calibrated grid
+    assert len({n.input[0] for n in quantize}) == len(quantize) < len(layers)
+    assert all(e["act_qparams"] for e in meta["layers"] if e["activation"] == "static")
     for node in quantize:
         layer = node.name.rsplit("/", 1)[0]
         scale, zp = inits[node.input[1]], inits[node.input[2]]
@@ -475,6 +477,40 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
     sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy(q * scale).T
     assert np.allclose(y, sim.numpy(), rtol=1e-5, atol=1e-5)
     assert rendered[0].op == "MatMulInteger"
+
+
+def test_static_input_quantize_shared_only_on_the_same_grid():
+    """Layers reading one tensor on bitwise the same static grid share one QuantizeLinear (each keeps its own
+    DequantizeLinear); a grid one ulp apart gets its own; read-back finds every layer's grid in the file."""
+    from onnx import TensorProto, helper
+
+    from edgeq.export.onnx_quant import LayerQ, quantize_graph
+    from edgeq.export.onnx_readback import read_back
+
+    k, n = 16, 8
+    rng = np.random.default_rng(0)
+    scale = np.float32(0.02)
+    layers = []
+    for i, s in enumerate((scale, scale, np.nextafter(scale, np.float32(1)))):
+        q = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
+        layers.append(LayerQ(f"l{i}", "linear", q, np.full((n, 1), 0.01, np.float32), np.zeros((n, 1), np.int16), 8, True, None,
+                             act_mode="static", act_scale=np.array(s), act_zero_point=np.array(131)))
+    nodes = [node for lq in layers for node in (
+        helper.make_node("Transpose", [f"model.{lq.name}.weight"], [f"{lq.name}_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", f"{lq.name}_t"], [f"y{lq.name}"]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info(f"y{lq.name}", TensorProto.FLOAT, [2, n]) for lq in layers],
+                              [numpy_helper.from_array(lq.q.astype(np.float32) * 0.01, f"model.{lq.name}.weight") for lq in layers])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    rendered, _ = quantize_graph(model, layers)
+    quantize = [node for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    assert len(quantize) == 2 and all(node.input[0] == "x" for node in quantize)
+    readers = [node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == quantize[0].output[0]]
+    assert len(readers) == 2  # l0 and l1, a DequantizeLinear each
+    assert [c["act_qparams"] and c["exact"] for c in read_back(model, rendered, layers)] == [True, True, True]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(scale * 2, np.float32), "wrong_scale"))
+    quantize[0].input[1] = "wrong_scale"
+    assert [c["act_qparams"] for c in read_back(model, rendered, layers)] == [False, False, True]
 
 
 def test_float_graph_from_disk_cache_gives_the_same_file(tiny_exports, tmp_path):
