@@ -179,9 +179,14 @@ def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
     set_module(model, name, new)
 
 
+def _method_hessian(name: str, rule: Rule) -> bool:
+    """Whether the rule's PTQ method takes the layer's input Hessian (GPTQ, PB-GPTQ)."""
+    return METHODS[rule.method][1]
+
+
 @contextlib.contextmanager
-def _observing(model, names, targets, recipe):
-    """Hooks collecting Hessians / activation ranges at the inputs of `names`.
+def _observing(model, names, targets, recipe, wants_hessian=_method_hessian):
+    """Hooks collecting Hessians (where `wants_hessian(name, rule)`) / activation ranges at the inputs of `names`.
 
     A value projection's GPTQ Hessian (recipe.gptq.value_hessian = "attention", with the model
     running eager attention) is built from its inputs mixed by the attention weights, the rows
@@ -196,7 +201,7 @@ def _observing(model, names, targets, recipe):
         kind, rule = targets[name]
         module = model.get_submodule(name)
         st = LayerStats()
-        acc = HessianAccumulator(_columns(module, kind)) if METHODS[rule.method][1] else None
+        acc = HessianAccumulator(_columns(module, kind)) if wants_hessian(name, rule) else None
         obs = ActObserver() if rule.activation.mode == "static" else None
         stats[name] = (st, acc, obs)
         attention = _attention_of(model, name) if acc is not None and recipe.gptq.value_hessian == "attention" else None
@@ -273,24 +278,38 @@ def _unfold(x, conv):
     return cols.transpose(1, 2)
 
 
-def _finish(model, names, targets, stats, recipe, progress) -> dict[str, str]:
-    kinds = {}
+def _finish(model, names, targets, stats, recipe, progress) -> None:
     for name in _progress(names, progress, "quantize"):
         kind, rule = targets[name]
         st, acc, obs = stats[name]
         st.hessian = acc.result() if acc is not None else None
         st.observer = obs
         _replace(model, name, kind, rule, st, recipe)
-        if st.hessian_kind is not None:
-            kinds[name] = st.hessian_kind
-    return kinds
 
 
 def _calibrated(model, targets, recipe, batches, progress) -> dict[str, str]:
     """Calibrate and quantize every target; returns the kind of Hessian each value projection got."""
+    return calibrate_blockwise(model, targets, recipe, batches,
+                               lambda names, stats, bar: _finish(model, names, targets, stats, recipe, bar), progress=progress)
+
+
+def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=None, progress=None) -> dict[str, str]:
+    """Collect each target's statistics and hand them to `finish(names, stats, progress)`, which replaces the layers,
+    one transformer block at a time: a block's statistics come from the outputs of the blocks already replaced (the
+    quantized model's activations, as GPTQ's sequential calibration does); layers outside the blocks come last.
+
+    `stats[name]` is (LayerStats, HessianAccumulator or None, ActObserver or None). A layer gets a Hessian when
+    `needs_hessian(name, rule)` (default: its PTQ method uses one). Returns the kind of Hessian each value projection got.
+    """
+    wants = needs_hessian or _method_hessian
     weighted = recipe.gptq.value_hessian == "attention" and any(
-        METHODS[rule.method][1] and _attention_of(model, n) is not None for n, (_, rule) in targets.items())
+        wants(n, rule) and _attention_of(model, n) is not None for n, (_, rule) in targets.items())
     hessian_kinds = {}
+
+    def done_with(names, stats, bar):
+        finish(names, stats, bar)
+        hessian_kinds.update({n: stats[n][0].hessian_kind for n in names if stats[n][0].hessian_kind is not None})
+
     with eager_attention(model, weighted):
         blocks = find_blocks(model)
         done: set[str] = set()
@@ -299,18 +318,18 @@ def _calibrated(model, targets, recipe, batches, progress) -> dict[str, str]:
             inputs = _capture_block_inputs(model, block_list[0], batches)
             for i, block in enumerate(_progress(list(block_list), progress, "blocks")):
                 names = [n for n in targets if n.startswith(f"{prefix}.{i}.")]
-                with _observing(model, names, targets, recipe) as stats:
+                with _observing(model, names, targets, recipe, wants) as stats:
                     for args, kwargs in inputs:
                         block(*args, **kwargs)
-                hessian_kinds.update(_finish(model, names, targets, stats, recipe, None))
+                done_with(names, stats, None)
                 done.update(names)
                 inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
         rest = [n for n in targets if n not in done]
         if rest:
-            with _observing(model, rest, targets, recipe) as stats:
+            with _observing(model, rest, targets, recipe, wants) as stats:
                 for batch in batches:
                     model(*batch, **no_cache(model))
-            hessian_kinds.update(_finish(model, rest, targets, stats, recipe, progress if blocks is None else None))
+            done_with(rest, stats, progress if blocks is None else None)
     return hessian_kinds
 
 

@@ -234,49 +234,51 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
     bad = [n for n, (kind, _) in targets.items() if kind != "linear"]
     if bad:
         raise EdgeqError(f"qat: only Linear layers are trained with QAT; {bad[0]} is a {targets[bad[0]][0]} (skip it in the recipe)")
-    needs_obs = {n for n, (_, r) in targets.items() if r.activation.mode == "static"}
-    needs_hessian = {n for n in targets} if QAT_METHODS[method].needs_hessian(options) else set()
-    stats = _observe(model, needs_obs | needs_hessian, needs_obs, needs_hessian, calib_batches, ActObserver)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
-    for name, (_, rule) in targets.items():
-        obs, hess = stats.get(name, (None, None))
+
+    def build(name, obs, hess):
         act = None
+        rule = targets[name][1]
         if obs is not None:
             a = rule.activation
             act = obs.qparams(a.calibration, a.bits, a.symmetric, a.percentile)
-        opts = dict(options, hessian=hess)
-        layer = QAT_METHODS[method](name, model.get_submodule(name), rule, act, opts)
-        set_module(model, name, layer)
-        layers[name] = layer
+        layers[name] = QAT_METHODS[method](name, model.get_submodule(name), rule, act, dict(options, hessian=hess))
+        set_module(model, name, layers[name])
+
+    if QAT_METHODS[method].needs_hessian(options):
+        # Hessians block by block through the layers already built, as PTQ's GPTQ takes them: PB-LLM QAT then starts
+        # exactly at `edgeq quantize --recipe pb-llm`'s integers
+        if not calib_batches:
+            raise EdgeqError(f"qat: method {method!r} needs calibration data (its salient mask / PB-GPTQ start use Hessians)")
+        from .ptq import calibrate_blockwise
+
+        def finish(names, stats, _bar):
+            for name in names:
+                _, acc, obs = stats[name]
+                build(name, obs, acc.result())
+
+        with torch.no_grad():
+            calibrate_blockwise(model, targets, recipe, list(calib_batches), finish, lambda name, rule: True)
+    else:
+        stats = _observe(model, [n for n, (_, r) in targets.items() if r.activation.mode == "static"], calib_batches, ActObserver)
+        for name in targets:
+            build(name, *stats.get(name, (None, None)))
     return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options)
 
 
-def _observe(model, names, obs_names, hess_names, batches, ActObserver) -> dict:
-    """Activation observers and Hessians at the inputs of `names`, from one float pass over `batches`."""
+def _observe(model, names, batches, ActObserver) -> dict:
+    """Activation observers at the inputs of `names`, from one float pass over `batches`."""
     if not names:
         return {}
     if not batches:
-        raise EdgeqError("qat: this recipe/method needs calibration data (static activations or a Hessian criterion)")
-    from .observers import HessianAccumulator, feed_observing_inputs
+        raise EdgeqError("qat: this recipe needs calibration data (static activations)")
+    from .observers import feed_observing_inputs
 
-    out, callbacks = {}, {}
-    for name in names:
-        module = model.get_submodule(name)
-        obs = ActObserver() if name in obs_names else None
-        acc = HessianAccumulator(module.weight.shape[1]) if name in hess_names else None
-        out[name] = (obs, acc)
-
-        def observe(x, obs=obs, acc=acc):
-            if obs is not None:
-                obs.observe(x)
-            if acc is not None:
-                acc.add(x)
-
-        callbacks[module] = observe
-    feed_observing_inputs(model, callbacks, batches)
-    return {n: (o, a.result() if a is not None else None) for n, (o, a) in out.items()}
+    out = {name: ActObserver() for name in names}
+    feed_observing_inputs(model, {model.get_submodule(n): out[n].observe for n in names}, batches)
+    return {n: (o, None) for n, o in out.items()}
 
 
 def convert_qat(prepared: PreparedQAT, extra: dict | None = None):

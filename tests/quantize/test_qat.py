@@ -122,6 +122,26 @@ def test_pbllm_ptq_and_qat_record_honest_bits(tiny_llama_ref, tmp_path):
     assert qat.extra["qat"]["merge_check"]["bit_exact"]
 
 
+def test_pbllm_qat_starts_at_the_ptq_result(tiny_llama_ref):
+    """PB-LLM QAT (qat_init = "gptq") takes its Hessians block by block through the layers already built, as PTQ's
+    PB-GPTQ does, so before any step its integers are `edgeq quantize --recipe pb-llm`'s, layer for layer."""
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.quantize.qat import convert_qat, prepare_qat
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe("pb-llm")
+    ptq_bundle, qat_bundle = load_model(tiny_llama_ref), load_model(tiny_llama_ref)
+    ptq = quantize_model(ptq_bundle, recipe, calibration_batches(ptq_bundle, "enwiki", 4, 64)).layers()
+    with torch.no_grad():
+        qat = convert_qat(prepare_qat(qat_bundle, recipe, "pb-llm", calibration_batches(qat_bundle, "enwiki", 4, 64))).layers()
+    assert sorted(qat) == sorted(ptq) and len(ptq) > 8
+    for name, layer in ptq.items():
+        assert torch.equal(qat[name].qweight, layer.qweight), name
+        assert torch.equal(qat[name].scale, layer.scale), name
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 @pytest.mark.parametrize("fixed", [False, True])
 def test_freed_training_temporaries_leave_the_process(fixed):
