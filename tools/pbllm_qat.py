@@ -39,6 +39,30 @@ qat_init = "{init}"
 """
 
 
+def ptq_reference(a) -> dict:
+    """`edgeq quantize` with the same recipe (PB-GPTQ), calibration windows and evaluation windows as the QAT runs:
+    the point a "gptq" start must begin at."""
+    import torch
+
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.quantize.qat_loop import QATConfig, eval_loss
+    from edgeq.recipe import load_recipe
+
+    # the QAT runs' thread count: the float reduction order of Hessians and activations decides close rounding calls
+    torch.set_num_threads(QATConfig(model=a.model, recipe="pb-llm").threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "pbllm.toml"
+        recipe.write_text(RECIPE.format(fraction=a.fraction, init="gptq"))
+        bundle = load_model(a.model)
+        t0 = time.perf_counter()
+        qm = quantize_model(bundle, load_recipe(str(recipe)), calibration_batches(bundle, "enwiki", 16, a.seq_len))
+        seconds = round(time.perf_counter() - t0, 1)
+        loss = eval_loss(qm.model, bundle.tokenizer, "enwiki", a.seq_len, a.eval_windows)
+    return {"eval_loss": loss, "ppl": math.exp(loss), "quantize_seconds": seconds}
+
+
 def main() -> None:
     from edgeq.quantize.qat_loop import QATConfig, train
 
@@ -52,7 +76,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    rows = {}
+    rows = {"ptq": ptq_reference(a)}
+    print(json.dumps({"ptq": rows["ptq"]}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for init in ("float", "gptq"):
             recipe = Path(tmp) / f"pbllm-{init}.toml"
@@ -74,7 +99,9 @@ def main() -> None:
              f"Salient fraction {a.fraction} (Hessian criterion), {a.steps} QAT steps of {a.batch} x {a.seq_len} enwiki tokens, "
              f"lr {a.lr} (cosine); perplexity on {a.eval_windows} evaluation windows of {a.seq_len} tokens before and after.", "",
              "| start (qat_init) | ppl at start | ppl after QAT | s/step | peak RSS MB |", "|---|---|---|---|---|"]
-    for init, r in rows.items():
+    lines.insert(-2, f"PTQ reference (`edgeq quantize`, the same PB-GPTQ recipe, calibration and evaluation windows): ppl "
+                     f"{rows['ptq']['ppl']:.2f} ({rows['ptq']['quantize_seconds']} s). A `gptq` start begins exactly there.\n")
+    for init, r in ((k, v) for k, v in rows.items() if k != "ptq"):
         lines.append(f"| {init} | {r['ppl_start']:.2f} | {r['ppl_end']:.2f} | {r['step_seconds']} | {r['peak_rss_mb']:,.0f} |")
     write_text_atomic(Path(a.out + ".md"), "\n".join(lines) + "\n")
 
