@@ -5,8 +5,10 @@
     .venv/bin/python tools/pbllm_qat.py --model smollm2-135m --fraction 0.3 --steps 30 --out benchmarks/pbllm_qat_smollm2
 
 Each run: `edgeq.quantize.qat_loop.train` (QAT with the Hessian salient criterion, 16 calibration windows for the
-Hessians, AdamW with cosine decay); eval loss on --eval-windows windows of --seq-len tokens before and after.
-Writes OUT.json and OUT.md with the command.
+Hessians, AdamW with cosine decay); eval loss on --eval-windows windows of --seq-len tokens before and after. First,
+the PTQ reference: `quantize_model` with the same recipe and calibration windows at QAT's thread count, evaluated on
+the same windows, where a "gptq" start has to begin (the gap is written out). Writes OUT.json and OUT.md with the
+command.
 """
 
 from __future__ import annotations
