@@ -86,8 +86,8 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     (their term is subtracted after the layer).
     """
     key = (x, lq.act_granularity, lq.act_symmetric)
-    if key in g.dynamic:
-        return g.dynamic[key], []
+    if key in g.input_quant:
+        return g.input_quant[key], []
     per_token = lq.act_granularity == "token"
     _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
     q = g.unique(f"{lq.name}.token_uint8")
@@ -108,8 +108,8 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
         zp = q_zp
     made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
     g.emit_after_producer(x, made)
-    g.dynamic[key] = (q, scale, zp, scaled_zp)
-    return g.dynamic[key], [n.name for n in made]
+    g.input_quant[key] = (q, scale, zp, scaled_zp)
+    return g.input_quant[key], [n.name for n in made]
 
 
 def _integer_weight(g: Graph, lq: LayerQ) -> tuple:

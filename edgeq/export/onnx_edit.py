@@ -102,7 +102,7 @@ class Graph:
         self.before: dict[int, list] = {}  # id(node) -> nodes to emit before it
         self.after: dict[int, list] = {}  # id(node) -> nodes to emit after it
         self.producer = {o: node for node in graph.node for o in node.output}
-        self.dynamic: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one quantization (dynamic, or static: onnx_quant._static_quant)
+        self.input_quant: dict[tuple, tuple] = {}  # (tensor, grid) -> outputs of its one quantization, shared by the layers reading it (dynamic or static)
         self.replace: dict[int, list] = {}  # id(node) -> nodes to emit instead
         self.head: list = []  # weight DQ nodes (inputs are all initializers)
         self.new_inits: list = []
@@ -123,12 +123,12 @@ class Graph:
 
     def dynamic_quant(self, x: str, layer: str) -> tuple[tuple, str | None]:
         """One DynamicQuantizeLinear per tensor, shared by every layer reading it (as ORT's quantizer does)."""
-        if (x, "tensor") in self.dynamic:
-            return self.dynamic[(x, "tensor")], None
+        if (x, "tensor") in self.input_quant:
+            return self.input_quant[(x, "tensor")], None
         outs = tuple(self.unique(f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
         name = self.unique(f"{layer}/input_dynamic_q")
         self.emit_after_producer(x, [helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=name)])
-        self.dynamic[(x, "tensor")] = outs
+        self.input_quant[(x, "tensor")] = outs
         return outs, name
 
     def emit_after_producer(self, x: str, nodes: list) -> None:

@@ -170,12 +170,12 @@ def _static_quant(g: Graph, x: str, lq: LayerQ) -> tuple[tuple[str, str, str], s
     scale = lq.act_scale.reshape(()).astype(np.float32)
     zp = lq.act_zero_point.reshape(()).astype(np.int16 if lq.act_bits == 16 else np.uint8)
     key = (x, "static", scale.tobytes(), zp.dtype.str, zp.tobytes())
-    if key not in g.dynamic:
+    if key not in g.input_quant:
         asn, azn = g.add_init(scale, f"{lq.name}.act_scale"), g.add_init(zp, f"{lq.name}.act_zero_point")
         xq, qn_ = g.unique(f"{lq.name}.input_q"), g.unique(f"{lq.name}/input_q")
         g.emit_after_producer(x, [helper.make_node("QuantizeLinear", [x, asn, azn], [xq], name=qn_)])
-        g.dynamic[key] = ((xq, asn, azn), qn_)
-    return g.dynamic[key]
+        g.input_quant[key] = ((xq, asn, azn), qn_)
+    return g.input_quant[key]
 
 
 def _render_embedding(g: Graph, lq: LayerQ, wname: str) -> Rendered:

@@ -262,9 +262,9 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         with torch.no_grad():
             calibrate_blockwise(model, targets, recipe, list(calib_batches), finish, lambda name, rule: True)
     else:
-        stats = _observe(model, [n for n, (_, r) in targets.items() if r.activation.mode == "static"], calib_batches, ActObserver)
+        observers = _observe(model, [n for n, (_, r) in targets.items() if r.activation.mode == "static"], calib_batches, ActObserver)
         for name in targets:
-            build(name, *stats.get(name, (None, None)))
+            build(name, observers.get(name), None)
     return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options)
 
 
@@ -278,7 +278,7 @@ def _observe(model, names, batches, ActObserver) -> dict:
 
     out = {name: ActObserver() for name in names}
     feed_observing_inputs(model, {model.get_submodule(n): out[n].observe for n in names}, batches)
-    return {n: (o, None) for n, o in out.items()}
+    return out
 
 
 def convert_qat(prepared: PreparedQAT, extra: dict | None = None):
