@@ -179,8 +179,8 @@ def job_key(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
-    """Every job's result, from the cache where a run already finished."""
+def run_all(jobs: list[dict], workers: int, train_missing: bool = True) -> list[dict]:
+    """Every job's result, from the cache where a run already finished (with `train_missing` false, only those)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     done, todo = {}, []
     for job in jobs:
@@ -189,7 +189,9 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
             done[job_key(job)] = json.loads(path.read_text())
         else:
             todo.append(job)
-    print(f"{len(done)} runs cached, {len(todo)} to train", flush=True)
+    print(f"{len(done)} runs cached, {len(todo)} to train" if train_missing else f"{len(done)} runs cached, {len(todo)} left out", flush=True)
+    if not train_missing:
+        return [done[job_key(job)] for job in jobs if job_key(job) in done]
     failed = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(train, job): job for job in todo}
@@ -223,20 +225,25 @@ def analyse(runs: list[dict]) -> dict:
     their distance from the reference."""
     fp = {(r["size"], r.get("seed", 0), c["D"]): c["loss"] for r in runs if r["variant"] == "FP32" for c in r["checkpoints"]}
     qat_seeds = {r.get("seed", 0) for r in runs if r["variant"] != "FP32"}
-    points: dict[tuple, list[float]] = {}
+    points: dict[tuple, dict[int, float]] = {}  # (size, variant, G, D) -> {seed: delta}
     meta = {}
     for r in runs:
         if r["variant"] == "FP32":
             continue
         for c in r["checkpoints"]:
+            ref = (r["size"], r.get("seed", 0), c["D"])
+            if ref not in fp:  # its seed's FP32 run has not finished (an interrupted sweep, --no-train)
+                continue
             key = (r["size"], r["variant"], r["group"], c["D"])
-            points.setdefault(key, []).append(c["loss"] - fp[(r["size"], r.get("seed", 0), c["D"])])
+            points.setdefault(key, {})[r.get("seed", 0)] = c["loss"] - fp[ref]
             meta[key] = {"N": r["N"], "log2G": r["log2G"]}
     results = []
-    for (size, variant, group, D), deltas in points.items():
+    for (size, variant, group, D), by_seed in points.items():
+        seeds = sorted(by_seed)
         results.append({"size": size, **meta[(size, variant, group, D)], "variant": variant, "group": group, "D": D,
-                        "delta": _mean(deltas), "seed_deltas": deltas, "fp_loss": _mean(fp[(size, k, D)] for k in sorted(qat_seeds))})
-    # the noise is pooled per model size (its 6 variants x D points), as smaller models may scatter more
+                        "delta": _mean(by_seed.values()), "seeds": seeds, "seed_deltas": [by_seed[k] for k in seeds],
+                        "fp_loss": _mean(fp[(size, k, D)] for k in seeds)})
+    # the noise is pooled per model size (its variants x D points), as smaller models may scatter more
     pooled = {size: _pooled_sd([r["seed_deltas"] for r in results if r["size"] == size]) for size in {r["size"] for r in results}}
     for r in results:
         r["se"] = None if pooled[r["size"]] is None else pooled[r["size"]] / math.sqrt(len(r["seed_deltas"]))
@@ -247,18 +254,23 @@ def analyse(runs: list[dict]) -> dict:
     law = fit(pts) if len(pts) >= 4 else None
     # the same fit on each seed's deltas alone: how far the exponents move with the seed
     per_seed = []
-    for k in range(min((len(r["seed_deltas"]) for r in w4a4), default=0) if len(qat_seeds) > 1 else 0):
-        mine = [dict(r, delta=r["seed_deltas"][k]) for r in w4a4 if r["seed_deltas"][k] > 0]
+    for k in sorted(qat_seeds) if len(qat_seeds) > 1 else []:
+        mine = [dict(r, delta=d) for r in w4a4 for seed, d in zip(r["seeds"], r["seed_deltas"]) if seed == k and d > 0]
         per_seed.append(fit(mine) if len(mine) >= 4 else None)
     pick = {(r["size"], r["D"], r["variant"]): r for r in results if r["group"] == 128}
     fc2 = {}
+    parts = ("W4A16", "W16A4", "W4A4", "W4A4-FC2A8")
     for size, D in sorted({(r["size"], r["D"]) for r in results}, key=lambda x: (list(SIZES).index(x[0]), x[1])):
-        d = {v: pick[(size, D, v)]["delta"] for v in ("W4A16", "W16A4", "W4A4", "W4A4-FC2A8")}
+        if any((size, D, v) not in pick for v in parts):
+            continue
+        d = {v: pick[(size, D, v)]["delta"] for v in parts}
         d["fc2_reduction"] = (1 - d["W4A4-FC2A8"] / d["W4A4"]) if d["W4A4"] > 0 else None
         d["sum_of_parts"] = d["W4A16"] + d["W16A4"]
         # W4A4 minus W4A4-FC2A8 seed by seed (their FP32 reference cancels): what the 8-bit input saves, with its spread
-        saved = [x - y for x, y in zip(pick[(size, D, "W4A4")]["seed_deltas"], pick[(size, D, "W4A4-FC2A8")]["seed_deltas"])]
-        d["fc2_saving"] = sum(saved) / len(saved)
+        a4 = dict(zip(pick[(size, D, "W4A4")]["seeds"], pick[(size, D, "W4A4")]["seed_deltas"]))
+        a8 = dict(zip(pick[(size, D, "W4A4-FC2A8")]["seeds"], pick[(size, D, "W4A4-FC2A8")]["seed_deltas"]))
+        saved = [a4[k] - a8[k] for k in sorted(a4) if k in a8]
+        d["fc2_saving"] = _mean(saved)
         d["fc2_saving_seeds"] = saved
         fc2[f"{size}@D={D}"] = d
     reductions = [v["fc2_reduction"] for v in fc2.values() if v["fc2_reduction"] is not None]
@@ -272,12 +284,12 @@ def analyse(runs: list[dict]) -> dict:
                         "others_mean": _mean(v for n, v in k.items() if "down_proj" not in n)} for s, k in kurt.items()}
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     scale = {"median_abs_w4a4_delta": med([abs(r["delta"]) for r in w4a4]), "median_abs_seed_noise": med([abs(v) for v in noise.values()]),
-             "pooled_sd": None if None in pooled.values() else pooled, "seeds": len(qat_seeds),
-             "w4a4_points_above_2se": None if None in pooled.values() else sum(r["delta"] > 2 * r["se"] for r in w4a4), "w4a4_points": len(w4a4)}
+             "pooled_sd": {k: v for k, v in pooled.items() if v is not None} or None, "seeds": len(qat_seeds),
+             "w4a4_points_above_2se": sum(r["se"] is not None and r["delta"] > 2 * r["se"] for r in w4a4), "w4a4_points": len(w4a4)}
     return {"fit": law, "fit_per_seed": per_seed, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
             "fc2_reduction_median": med(reductions),
             "kurtosis": kurt, "kurtosis_summary": kurt_summary, "results": results, "fp32_seed_noise": noise,
-            "fp_losses": {f"{s}@D={D}": _mean(fp[(s, k, D)] for k in sorted(qat_seeds)) for (s, k, D) in fp if k == 0}}
+            "fp_losses": {f"{s}@D={D}": _mean(v for (s2, k2, D2), v in fp.items() if (s2, D2) == (s, D) and k2 in qat_seeds) for (s, k, D) in fp if k == 0}}
 
 
 def _mean(values) -> float:
@@ -302,6 +314,9 @@ def render(out: dict) -> str:
         lines.append(f"The same fit on seed {k}'s deltas alone: " + ("too few positive points" if f is None else ", ".join(
             f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log"))))
     lines.append("")
+    if out.get("missing_runs"):
+        lines += [f"**Interrupted sweep:** {len(out['missing_runs'])} runs had not finished and are left out (their points are "
+                  "missing or have fewer seeds): " + ", ".join(out["missing_runs"]) + ".", ""]
     if out.get("lr_probe"):
         grid = list(next(iter(out["lr_probe"].values())))
         lines += ["Learning-rate grid: FP32 eval loss at D_max / 4 (seed 0), the chosen rate in bold:", "",
@@ -331,8 +346,11 @@ def render(out: dict) -> str:
              "FP32 eval loss (nats/byte) at each D" + (" (mean over seeds)" if pooled is not None else "") + ":", "",
              "| model | N (non-emb) | " + " | ".join(f"D={D}" for D in out["D"]) + " |", "|---|---|" + "---|" * len(out["D"])]
     for size in out["sizes"]:
-        n = next(r["N"] for r in out["results"] if r["size"] == size)
-        lines.append(f"| {size} | {n:,} | " + " | ".join(f"{out['fp_losses'][f'{size}@D={D}']:.4f}" for D in out["D"]) + " |")
+        n = next((r["N"] for r in out["results"] if r["size"] == size), None)
+        if n is None:  # nothing finished for it yet (--no-train)
+            continue
+        lines.append(f"| {size} | {n:,} | " + " | ".join(f"{out['fp_losses'][f'{size}@D={D}']:.4f}" if f"{size}@D={D}" in out["fp_losses"]
+                                                     else "-" for D in out["D"]) + " |")
     if out["fp32_seed_noise"]:
         lines += ["", ("FP32 from another seed" + (" (its own initialisation and batches)" if pooled is not None else " (same batches)")
                        + " minus seed 0, at each D: ") + ", ".join(f"{k} {v:+.4f}" for k, v in out["fp32_seed_noise"].items())
@@ -344,12 +362,15 @@ def render(out: dict) -> str:
     by = {(r["size"], r["variant"], r["group"], r["D"]): r for r in out["results"]}
 
     def cell(r):
-        return f"{r['delta']:+.4f}" + (f" +- {r['se']:.4f}" if r.get("se") is not None else "")
+        if r is None:
+            return "-"
+        seeds = "" if len(r["seeds"]) == out["signal_vs_noise"]["seeds"] else f" ({len(r['seeds'])} seed)"
+        return f"{r['delta']:+.4f}" + (f" +- {r['se']:.4f}" if r.get("se") is not None else "") + seeds
 
     for size in out["sizes"]:
         for name, _, _, g, _ in VARIANTS[1:]:
             g = g or "channel"
-            lines.append(f"| {size} | {name} | {g} | " + " | ".join(cell(by[(size, name, g, D)]) for D in out["D"]) + " |")
+            lines.append(f"| {size} | {name} | {g} | " + " | ".join(cell(by.get((size, name, g, D))) for D in out["D"]) + " |")
     lines += ["", "Error decomposition and the 8-bit FC2 (down_proj) input, G = 128 (saving: W4A4 minus W4A4-FC2A8 seed by seed, "
               "mean" + (" +- standard error" if pooled is not None else "") + "):", "",
               "| point | W4A16 | W16A4 | sum | W4A4 | W4A4-FC2A8 | saving | FC2A8 reduction |", "|---|---|---|---|---|---|---|---|"]
@@ -437,6 +458,8 @@ def main() -> None:
                          "with the FP32 run of its seed; the deltas' standard errors come from their spread")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="report the finished runs only (of an interrupted sweep); the output lists the runs left out")
     ap.add_argument("--noise-seed", type=int, default=1, help="also train FP32 from this seed per size (the noise floor; 0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "qat_scaling"))
     a = ap.parse_args()
@@ -465,12 +488,15 @@ def main() -> None:
         jobs = [dict(base, size=s, lr=lrs[s], variant=list(v)) for s in a.sizes for v in VARIANTS]
     if a.noise_seed and a.seeds == 1:
         jobs += [dict(base, size=s, lr=lrs[s], variant=list(VARIANTS[0]), seed=a.noise_seed) for s in a.sizes]
-    # the smallest model first (an interrupted sweep leaves whole sizes), its QAT runs before the shorter FP32 ones
-    jobs.sort(key=lambda j: (SIZES[j["size"]]["hidden_size"], j["variant"][0] == "FP32"))
-    runs = run_all(jobs, a.jobs)
+    # the smallest model first (an interrupted sweep leaves whole sizes), each size's FP32 references (every delta needs them) first
+    jobs.sort(key=lambda j: (SIZES[j["size"]]["hidden_size"], j["variant"][0] != "FP32"))
+    runs = run_all(jobs, a.jobs, train_missing=not a.no_train)
+    finished = {(r["size"], r["variant"], r["group"], r.get("seed", 0)) for r in runs}
+    missing = [f"{j['size']} {j['variant'][0]} G={j['variant'][3] or 'channel'} seed {j.get('seed', 0)}" for j in jobs
+               if (j["size"], j["variant"][0], j["variant"][3] or "channel", j.get("seed", 0)) not in finished]
     D = [s * a.batch * a.seq_len for s in checkpoints(steps, a.checkpoints)]
     out = {"command": " ".join([".venv/bin/python", "tools/qat_scaling_scratch.py"] + sys.argv[1:]),
-           "protocol": protocol(a, steps, D, lrs), "learning_rates": lrs, "lr_probe": lr_probe, "lr_probe_seconds": round(probe_seconds, 1),
+           "protocol": protocol(a, steps, D, lrs), "missing_runs": missing, "learning_rates": lrs, "lr_probe": lr_probe, "lr_probe_seconds": round(probe_seconds, 1),
            "formula": "delta = k * D^gD * (log2 G)^gG / N^gN (W4A4 points)", "sizes": a.sizes, "D": D,
            "runs": [{**{k: r[k] for k in ("size", "N", "variant", "group", "seconds")}, "seed": r.get("seed", 0)} for r in runs],
            **analyse(runs), "wall_seconds": round(time.time() - t0, 1)}
