@@ -11,8 +11,8 @@ The learning rate warms up linearly and then stays constant, so every checkpoint
 / 4, / 2, D_max) is a point of the same run: delta(N, D, G) = eval loss(QAT) - eval loss(FP32) at
 the same tokens. That first protocol's deltas were within its noise (benchmarks/qat_scaling_v1_constant.md);
 the measurement (benchmarks/qat_scaling.md) trains on batches of 2 windows (four times the optimizer
-steps per token: the FP32 loss at 250K tokens 2.18 against 2.34 with batches of 8, and three seeds
-agreeing within 0.004 instead of 0.03), gives each size its own learning rate (`--lr-grid`: the best
+steps per token: the FP32 loss at 250K tokens 2.18 against 2.34 with batches of 8, three seeds
+spread over 0.007 instead of 0.030), gives each size its own learning rate (`--lr-grid`: the best
 for FP32 at D_max / 4; one rate for all made the 0.8M model's FP32 reference worse than the 0.2M
 model and every QAT variant "better" than FP32), decays the learning rate to zero before every
 checkpoint in a branch of the run (`--schedule wsd`), evaluates on 256 windows, and repeats every run
