@@ -140,11 +140,8 @@ def train(job: dict) -> dict:
             if step in forks:
                 decay_branch(model, opt, train_step, evaluate, step, forks[step])
             train_step(step, lr_factor(step, job["steps"], warmup, schedule))
-        end = forks[max(forks)]
-        start = max(forks)
-        for step in range(start, end):  # the last branch needs no copy: the run ends with it
-            last = train_step(step, (end - step) / (end - start))
-        evaluate(end, last)
+        # the last branch needs no copy: the run ends with it
+        decay_branch(model, opt, train_step, evaluate, max(forks), forks[max(forks)], restore=False)
     else:
         marks = set(checkpoints(job["steps"], job["checkpoints"]))
         for step in range(job["steps"]):
@@ -161,18 +158,20 @@ def train(job: dict) -> dict:
     return out
 
 
-def decay_branch(model, opt, train_step, evaluate, start: int, end: int) -> None:
+def decay_branch(model, opt, train_step, evaluate, start: int, end: int, restore: bool = True) -> None:
     """Decay the learning rate linearly from the stable value to zero over steps [start, end), evaluate at
-    `end`, then put the model and optimizer back as they were at `start`."""
+    `end`, then (with `restore`) put the model and optimizer back as they were at `start`."""
     import copy
 
-    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_opt = copy.deepcopy(opt.state_dict())
+    if restore:
+        saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        saved_opt = copy.deepcopy(opt.state_dict())
     for step in range(start, end):
         last = train_step(step, (end - step) / (end - start))
     evaluate(end, last)
-    model.load_state_dict(saved_model)
-    opt.load_state_dict(saved_opt)
+    if restore:
+        model.load_state_dict(saved_model)
+        opt.load_state_dict(saved_opt)
 
 
 def job_key(job: dict) -> str:
