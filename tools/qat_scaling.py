@@ -94,8 +94,12 @@ def run_steps(model, params, windows, start, steps, batch, lr_groups):
 
 
 def fit(points):
-    """Huber fit of log delta = log k + gD log D + gG log log2G - gN log N with L-BFGS; returns params and errors."""
+    """Huber fit of log delta = log k + gD log D + gG log log2G - gN log N with L-BFGS; returns params and errors.
+
+    Points of one model size cannot separate k from N^gN: the N term is left out and gN is None."""
     import torch
+
+    one_size = len({p["N"] for p in points}) == 1
 
     x = torch.tensor([[math.log(p["D"]), math.log(p["log2G"]), math.log(p["N"])] for p in points], dtype=torch.float64)
     y = torch.tensor([math.log(p["delta"]) for p in points], dtype=torch.float64)
@@ -103,7 +107,7 @@ def fit(points):
     opt = torch.optim.LBFGS([theta], max_iter=500, line_search_fn="strong_wolfe")
 
     def pred():
-        return theta[0] + theta[1] * x[:, 0] + theta[2] * x[:, 1] - theta[3] * x[:, 2]
+        return theta[0] + theta[1] * x[:, 0] + theta[2] * x[:, 1] - (0 if one_size else theta[3] * x[:, 2])
 
     def closure():
         opt.zero_grad()
@@ -115,7 +119,7 @@ def fit(points):
     with torch.no_grad():
         r = pred() - y
     theta = theta.detach()
-    return {"k": math.exp(float(theta[0])), "gD": float(theta[1]), "gG": float(theta[2]), "gN": float(theta[3]),
+    return {"k": math.exp(float(theta[0])), "gD": float(theta[1]), "gG": float(theta[2]), "gN": None if one_size else float(theta[3]),
             "rmse_log": float(r.pow(2).mean().sqrt()), "mean_abs_rel_error": float((r.exp() - 1).abs().mean()), "points": len(points)}
 
 

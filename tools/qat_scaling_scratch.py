@@ -311,7 +311,7 @@ def render(out: dict) -> str:
              f"(W4A4 points with delta <= 0, left out of the log-space fit: {out['fit_dropped_nonpositive_points']})"]
     for k, f in enumerate(out.get("fit_per_seed") or []):
         lines.append(f"The same fit on seed {k}'s deltas alone: " + ("too few positive points" if f is None else ", ".join(
-            f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log"))))
+            f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None)))
     lines.append("")
     if out.get("missing_runs"):
         lines += [f"**Interrupted sweep:** {len(out['missing_runs'])} runs had not finished and are left out (their points are "
@@ -425,14 +425,23 @@ def protocol(a, steps: int, D: list[int], lrs: dict[str, float]) -> str:
         "wsd": (f"then constant, with the learning rate decayed linearly to zero over the last {a.decay_frac:.0%} of each D = "
                 f"{', '.join(f'{d:,}' for d in D)} in a branch of the run (warmup-stable-decay), so every D is evaluated annealed"),
     }[a.schedule]
-    return (f"From scratch on 2 shared CPU cores (one thread per run): {len(a.sizes)} byte-level Llama models (4 layers, hidden "
+    return (f"From scratch on 2 shared CPU cores (one thread per run): {len(a.sizes)} byte-level Llama model{'s' if len(a.sizes) > 1 else ''} (4 layers, hidden "
             f"{'/'.join(str(SIZES[s]['hidden_size']) for s in a.sizes)}), each trained {len(VARIANTS)} times on {steps} batches of "
             f"{a.batch} x {a.seq_len} bytes (D_max = {steps * a.batch * a.seq_len:,} tokens) from the same seeded initialisation: FP32, "
             f"and LSQ QAT from step 0. AdamW, lr {lr_text(lrs)}"
             + (" (for each size the grid's best for FP32 at D_max / 4, below)" if a.lr_grid else "")
             + f", LSQ scales' rate 1% of their size; linear warmup over {a.warmup_frac:.0%} of the "
-            f"steps, {schedule}; eval loss on {a.eval_windows} x {a.seq_len} bytes of the evaluation half. D spans the bottom of the "
-            f"issue's 1M-10M range and below; N is 0.2M-2M non-embedding parameters as the issue asks. {seeds}.")
+            f"steps, {schedule}; eval loss on {a.eval_windows} x {a.seq_len} bytes of the evaluation half. {span(D, a.sizes)} {seeds}.")
+
+
+def span(D: list[int], sizes: list[str]) -> str:
+    """Where the sweep's D and N sit against the issue's ranges (1M-10M tokens, 0.2M-2M parameters)."""
+    inside = [d for d in D if 990_000 <= d <= 10_000_000]  # (whole batches: 1M tokens is 999,936 at 2 x 128)
+    where = ("all inside" if len(inside) == len(D) else "none inside" if not inside else
+             f"{', '.join(f'{d:,}' for d in inside)} inside, the rest below")
+    n = ("N is one model size, so this sweep measures gD and gG, not gN" if len(sizes) == 1
+         else f"N takes {len(sizes)} values (non-embedding parameters in the tables below; the issue asks 0.2M-2M)")
+    return f"D: {where} the issue's 1M-10M range; {n}."
 
 
 def main() -> None:
