@@ -23,7 +23,10 @@ decomposition and how much the 8-bit FC2 input reduces delta are recorded.
 
     .venv/bin/python tools/qat_scaling_scratch.py --jobs 2                # the first protocol
     .venv/bin/python tools/qat_scaling_scratch.py --sizes h64 h128 h208 --lr-grid 4e-3 2e-3 1e-3 5e-4 2.5e-4 \
-        --checkpoints 3 --batch 2 --schedule wsd --seeds 2 --eval-windows 256 --jobs 2   # the measurement
+        --checkpoints 3 --batch 2 --schedule wsd --seeds 3 --eval-windows 256 --jobs 2   # the measurement
+    .venv/bin/python tools/qat_scaling_scratch.py --sizes h64 --tokens 4000000 --lr-grid 4e-3 2e-3 1e-3 5e-4 2.5e-4 \
+        --checkpoints 5 --batch 2 --schedule wsd --seeds 2 --eval-windows 256 --jobs 2 \
+        --out benchmarks/qat_scaling_h64_4M                                            # the 0.2M model to 4M tokens
 
 Finished runs are kept in ~/.cache/edgeq/qat_scaling/ (keyed by their settings), so an
 interrupted sweep resumes where it stopped.
