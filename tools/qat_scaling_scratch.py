@@ -266,14 +266,17 @@ def analyse(runs: list[dict]) -> dict:
         if any((size, D, v) not in pick for v in parts):
             continue
         d = {v: pick[(size, D, v)]["delta"] for v in parts}
-        d["fc2_reduction"] = (1 - d["W4A4-FC2A8"] / d["W4A4"]) if d["W4A4"] > 0 else None
         d["sum_of_parts"] = d["W4A16"] + d["W16A4"]
         # W4A4 minus W4A4-FC2A8 seed by seed (their FP32 reference cancels): what the 8-bit input saves, with its spread
         a4 = dict(zip(pick[(size, D, "W4A4")]["seeds"], pick[(size, D, "W4A4")]["seed_deltas"]))
         a8 = dict(zip(pick[(size, D, "W4A4-FC2A8")]["seeds"], pick[(size, D, "W4A4-FC2A8")]["seed_deltas"]))
-        saved = [a4[k] - a8[k] for k in sorted(a4) if k in a8]
+        paired = [k for k in sorted(a4) if k in a8]
+        saved = [a4[k] - a8[k] for k in paired]
         d["fc2_saving"] = _mean(saved)
         d["fc2_saving_seeds"] = saved
+        # the reduction over the seeds both variants have (an interrupted sweep may lack some of one)
+        base = _mean(a4[k] for k in paired)
+        d["fc2_reduction"] = d["fc2_saving"] / base if base > 0 else None
         fc2[f"{size}@D={D}"] = d
     reductions = [v["fc2_reduction"] for v in fc2.values() if v["fc2_reduction"] is not None]
     for size in {k.split("@")[0] for k in fc2}:
@@ -441,7 +444,7 @@ def span(D: list[int], sizes: list[str]) -> str:
     """Where the sweep's D and N sit against the issue's ranges (1M-10M tokens, 0.2M-2M parameters)."""
     inside = [d for d in D if 990_000 <= d <= 10_000_000]  # (whole batches: 1M tokens is 999,936 at 2 x 128)
     where = ("all inside" if len(inside) == len(D) else "none inside" if not inside else
-             f"{', '.join(f'{d:,}' for d in inside)} inside, the rest below")
+             f"{', '.join(f'{d:,}' for d in inside)} inside, the rest outside")
     n = ("N is one model size, so this sweep measures gD and gG, not gN" if len(sizes) == 1
          else f"N takes {len(sizes)} values (non-embedding parameters in the tables below; the issue asks 0.2M-2M)")
     return f"D: {where} the issue's 1M-10M range; {n}."
