@@ -505,9 +505,8 @@ def main() -> None:
     # the smallest model first (an interrupted sweep leaves whole sizes), each size's FP32 references (every delta needs them) first
     jobs.sort(key=lambda j: (SIZES[j["size"]]["hidden_size"], j["variant"][0] != "FP32"))
     runs = run_all(jobs, a.jobs, train_missing=not a.no_train)
-    finished = {(r["size"], r["variant"], r["group"], r.get("seed", 0)) for r in runs}
     missing = [f"{j['size']} {j['variant'][0]} G={j['variant'][3] or 'channel'} seed {j.get('seed', 0)}" for j in jobs
-               if (j["size"], j["variant"][0], j["variant"][3] or "channel", j.get("seed", 0)) not in finished]
+               if not (CACHE / f"{job_key(j)}.json").is_file()]
     D = [s * a.batch * a.seq_len for s in checkpoints(steps, a.checkpoints)]
     out = {"command": " ".join([".venv/bin/python", "tools/qat_scaling_scratch.py"] + sys.argv[1:]),
            "protocol": protocol(a, steps, D, lrs), "missing_runs": missing, "learning_rates": lrs, "lr_probe": lr_probe, "lr_probe_seconds": round(probe_seconds, 1),
