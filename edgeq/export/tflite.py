@@ -199,14 +199,16 @@ def _decode_meta(model, cache_len: int) -> dict:
     n, _, kv_heads, head_dim = dims(model.config)
     return {"signature": "decode", "cache_len": cache_len,
             "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)"]
-            + [f"{kind}_{i} [1, {kv_heads}, {cache_len}, {head_dim}] float32" for i in range(n) for kind in ("k", "v")],
-            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [1, {kv_heads}, 1, {head_dim}] float32"
+            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {cache_len}, {head_dim}] float32",
+                                                    f"v_{i} [{kv_heads}, {head_dim}, {cache_len}] float32 (stored transposed)")],
+            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv_heads}, 1, {head_dim}] float32"
                                                    for i in range(n) for kind in ("k", "v")],
             "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
                      "and these caches; then decode from input_pos = the prompt's length. The step reads the caches "
                      "(slots before input_pos) and returns its token's key and value: write them into slot input_pos "
-                     "before the next step (in place in the interpreter's input buffers, so the caches are never "
-                     "copied; edgeq.export.tflite_runtime.DecodeSession does this). Or start from zero caches and "
+                     "before the next step (a key into k[:, input_pos, :], a value into v[:, :, input_pos]; in place in "
+                     "the interpreter's input buffers, so the caches are never copied: "
+                     "edgeq.export.tflite_runtime.DecodeSession does this). Or start from zero caches and "
                      "feed the prompt one step per token. Keys are stored after rotary embedding."}
 
 

@@ -1,29 +1,35 @@
 """The KV-cache decode-step signature of a decoder LM's TFLite file.
 
 TFLite graphs are static, so the cache is too: `decode(input_ids [1, 1], input_pos [1], k_0, v_0, ...)
--> (logits [1, 1, vocab], k_new_0, v_new_0, ...)` with every cache k/v shaped [1, kv_heads, cache_len,
-head_dim] and every new k/v [1, kv_heads, 1, head_dim]. The step attends over cache slots
-0..input_pos-1 (the rest masked) and over its own token's key and value, which it returns; the caller
-writes them into slot `input_pos` (`run_steps`, or in place in the interpreter's input buffers:
+-> (logits [1, 1, vocab], k_new_0, v_new_0, ...)` with every key cache shaped [kv_heads, cache_len,
+head_dim], every value cache stored transposed, [kv_heads, head_dim, cache_len], and every new key and
+value [kv_heads, 1, head_dim]. The step attends over cache slots 0..input_pos-1 (the rest masked) and
+over its own token's key and value, which it returns; the caller writes them into slot `input_pos`
+(`tflite_runtime.write_row`: by `run_steps`, or in place in the interpreter's input buffers by
 `tflite_runtime.DecodeSession`). The graph only reads the caches: it neither copies them nor returns
 them, so a step moves a token's worth of data in and out, not two copies of the cache (SmolLM2 at 256
 slots: 11.8 MB each way, which cost more than the INT4 step's own compute through the Python signature
-runner). Keys are stored after rotary embedding, as in Hugging Face's cache, so a cache filled by this
-signature or by a PyTorch prefill is the same.
+runner). The layout is the one both attention products read without moving the cache: scores =
+q . K^T and out = p . (V^T)^T are BATCH_MATMULs with a transposed right-hand side (adj_y) over 3-D
+operands, where Hugging Face's [1, kv_heads, cache_len, head_dim] for both cost LiteRT a TRANSPOSE and
+reshape copies of each cache every step. Keys are stored after rotary embedding, as in Hugging Face's
+cache: a Hugging Face cache `c` is this signature's key cache `c[0]` and value cache `c[0].transpose(1, 2)`.
 
-The file's prefill signature returns the caches too (`KVPrefill`), so a generation loop runs the prompt
-in one call and then decodes. The step is written over the Hugging Face module's own layers
-(projections, norms, MLP, rotary embedding), so the float rendering of a quantized model (its
-dequantized weights) and the cached labelled graph work unchanged, and both signatures of the file read
-one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral, qwen2:
-q/k/v/o projections, pre-norms, gated MLP); anything else gets no decode signature and says why. The
-export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
+The file's prefill signature returns the caches too (`KVPrefill`), in the same layout, so a generation
+loop runs the prompt in one call and then decodes. The step is written over the Hugging Face module's
+own layers (projections, norms, MLP, rotary embedding), so the float rendering of a quantized model
+(its dequantized weights) and the cached labelled graph work unchanged, and both signatures of the file
+read one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral,
+qwen2: q/k/v/o projections, pre-norms, gated MLP); anything else gets no decode signature and says why.
+The export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .tflite_runtime import write_row
 
 DEFAULT_CACHE_LEN = 256
 FAMILY = ("llama", "mistral", "qwen2")  # Hugging Face model types with the layout below (checked, not assumed)
@@ -71,10 +77,7 @@ class KVPrefill(torch.nn.Module):
 
     def forward(self, input_ids):
         out = self.model(input_ids=input_ids, use_cache=True)
-        pad = self.cache_len - input_ids.shape[1]
-        caches = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for layer in out.past_key_values.layers
-                  for t in (layer.keys, layer.values)]
-        return (out.logits, *caches)
+        return (out.logits, *to_signature_layout(out.past_key_values, self.cache_len))
 
 
 class KVDecode(torch.nn.Module):
@@ -94,15 +97,14 @@ class KVDecode(torch.nn.Module):
         # negation moved into the table, once per step instead of once per layer, and the attention scale folded
         # into the queries' tables (exact when it is a power of two, as head_dim ** -0.5 is for head_dim 64): four
         # ops fewer per layer, about 0.2 ms of SmolLM2's ~9 ms INT4 step; the logits came out bitwise the same.
-        cos = cos.unsqueeze(1)
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         tables = {}
 
         def rotate(x, c, s):
             return x * c + torch.cat([x[..., half:], x[..., :half]], dim=-1) * s
 
         slots = torch.arange(self.cache_len, dtype=input_pos.dtype)
-        mask = torch.where(slots.reshape(1, 1, 1, -1) < input_pos.reshape(1, 1, 1, 1), 0.0, torch.finfo(h.dtype).min)
+        mask = torch.where(slots.reshape(1, 1, -1) < input_pos.reshape(1, 1, 1), 0.0, torch.finfo(h.dtype).min)
         presents = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -111,25 +113,37 @@ class KVDecode(torch.nn.Module):
                 tables[scale] = (cos * scale, sin * scale)
             x = layer.input_layernorm(h)
             # grouped-query attention without repeating the cache: query head h reads kv head h // (heads / kv_heads),
-            # so the one token's heads group as [1, kv_heads, heads / kv_heads, head_dim] (repeating the keys
+            # so the one token's heads group as [kv_heads, heads / kv_heads, head_dim] (repeating the keys
             # and values instead cost SmolLM2 ~100 ms a step in LiteRT at 256 slots)
-            q = rotate(attn.q_proj(x).view(1, kv_heads, heads // kv_heads, head_dim), *tables[scale])
-            k = rotate(attn.k_proj(x).view(1, kv_heads, 1, head_dim), cos, sin)
-            v = attn.v_proj(x).view(1, kv_heads, 1, head_dim)
+            q = rotate(attn.q_proj(x).view(kv_heads, heads // kv_heads, head_dim), *tables[scale])
+            k = rotate(attn.k_proj(x).view(kv_heads, 1, head_dim), cos, sin)
+            v = attn.v_proj(x).view(kv_heads, 1, head_dim)
             presents += [k, v]
             # one softmax over the cached slots and the token itself: scores [.., cache_len] and [.., 1]
-            scores = torch.cat([torch.matmul(q, cache[2 * i].transpose(2, 3)) + mask, torch.matmul(q, k.transpose(2, 3))], dim=-1)
+            scores = torch.cat([torch.bmm(q, cache[2 * i].transpose(1, 2)) + mask, torch.bmm(q, k.transpose(1, 2))], dim=-1)
             p = torch.softmax(scores, dim=-1)
-            out = torch.matmul(p[..., :self.cache_len], cache[2 * i + 1]) + p[..., self.cache_len:] * v
+            out = torch.bmm(p[..., :self.cache_len], cache[2 * i + 1].transpose(1, 2)) + p[..., self.cache_len:] * v
             out = out.reshape(1, 1, heads * head_dim)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (self.model.lm_head(inner.norm(h)), *presents)
 
 
+def to_signature_layout(past, cache_len: int) -> list[torch.Tensor]:
+    """A Hugging Face cache (batch 1, n <= cache_len tokens) as the signature's caches: per layer the keys
+    [kv_heads, cache_len, head_dim] and the values [kv_heads, head_dim, cache_len], zero past slot n."""
+    out = []
+    for layer in past.layers:
+        pad = cache_len - layer.keys.shape[2]
+        out += [torch.nn.functional.pad(layer.keys[0], (0, 0, 0, pad)),
+                torch.nn.functional.pad(layer.values[0].transpose(1, 2), (0, pad))]
+    return out
+
+
 def empty_cache(config, cache_len: int) -> tuple[torch.Tensor, ...]:
     n, _, kv_heads, head_dim = dims(config)
-    return tuple(torch.zeros(1, kv_heads, cache_len, head_dim) for _ in range(2 * n))
+    return tuple(torch.zeros((kv_heads, cache_len, head_dim) if j % 2 == 0 else (kv_heads, head_dim, cache_len))
+                 for j in range(2 * n))
 
 
 def example_inputs(model: torch.nn.Module, cache_len: int) -> tuple:
@@ -143,14 +157,11 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
     with torch.no_grad():
         for ids in sequences:
             n = min(ids.shape[1], cache_len)
-            past = model(input_ids=ids[:, :n], use_cache=True).past_key_values
-            flat = [t for layer in past.layers for t in (layer.keys, layer.values)]
+            full = to_signature_layout(model(input_ids=ids[:, :n], use_cache=True).past_key_values, cache_len)
             for p in np.linspace(0, n - 1, per_sequence).astype(int):
-                cache = []
-                for t in flat:
-                    c = torch.zeros(1, t.shape[1], cache_len, t.shape[3])
-                    c[:, :, :p] = t[:, :, :p]
-                    cache.append(c)
+                cache = [c.clone() for c in full]
+                for j, c in enumerate(cache):  # keep slots 0..p-1
+                    (c[:, p:] if j % 2 == 0 else c[..., p:]).zero_()
                 out.append((ids[:, p:p + 1], torch.tensor([int(p)]), *cache))
     return out
 
@@ -169,6 +180,6 @@ def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) ->
     for i in range(ids.shape[1]):
         out = step(ids[:, i:i + 1], np.array([start + i]), *cache)
         rows.append(np.asarray(out[0]).reshape(-1))
-        for c, new in zip(cache, out[1:]):
-            c[:, :, start + i] = np.asarray(new)[:, :, 0]
+        for j, (c, new) in enumerate(zip(cache, out[1:])):
+            write_row(c, j, start + i, np.asarray(new))
     return np.stack(rows), cache

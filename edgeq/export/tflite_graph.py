@@ -31,7 +31,7 @@ from ..quantize.modules import quant_layers
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 6  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 7  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():

@@ -102,6 +102,16 @@ class TfliteRunner:
         return [np.asarray(out[n]) for n in self.output_names]
 
 
+def write_row(cache: np.ndarray, j: int, pos: int, new: np.ndarray) -> None:
+    """Write a decode step's new key or value `[kv_heads, 1, head_dim]` (output j after the logits: keys at even
+    j, values at odd) into slot `pos` of its cache: keys `[kv_heads, cache_len, head_dim]`, values stored
+    transposed, `[kv_heads, head_dim, cache_len]` (edgeq.export.tflite_decode says why)."""
+    if j % 2 == 0:
+        cache[:, pos, :] = new[:, 0, :]
+    else:
+        cache[:, :, pos] = new[:, 0, :]
+
+
 class DecodeSession:
     """A decoder LM's `decode` signature run the way a generation loop on a board runs it: the KV caches live
     in the interpreter's own input buffers, and each step sets the token and its position, invokes, and
@@ -122,7 +132,7 @@ class DecodeSession:
         self._out = [outputs[n] for n in self.runner.output_names]
         self._w.AllocateTensors(self._sg)
         self._dtypes = [np.dtype(d["dtype"]) for d in self.runner.inputs[:2]]
-        self.cache_len = int(self.runner.inputs[2]["shape"][2])
+        self.cache_len = int(self.runner.inputs[2]["shape"][1])
 
     def _cache(self, j: int) -> np.ndarray:
         """A view of cache input j (a fresh view each time: LiteRT may move buffers when it allocates)."""
@@ -141,5 +151,5 @@ class DecodeSession:
         self._w.SetTensor(self._in[1], np.array([pos], dtype=self._dtypes[1]), self._sg)
         self._w.Invoke(self._sg)
         for j, index in enumerate(self._out[1:]):
-            self._cache(j)[:, :, pos] = self._w.GetTensor(index, self._sg)[:, :, 0]
+            write_row(self._cache(j), j, pos, self._w.GetTensor(index, self._sg))
         return self._w.GetTensor(self._out[0], self._sg).reshape(-1)

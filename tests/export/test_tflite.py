@@ -251,7 +251,7 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     meta = export("tiny-llama", "tflite", tmp_path / "lm.tflite", seq_len=16, cache_len=32)
     assert meta["graph"]["decode"]["cache_len"] == 32
     step = TfliteRunner(tmp_path / "lm.tflite", signature="decode")
-    assert step.input_specs()[2]["shape"][2] == 32
+    assert step.input_specs()[2]["shape"] == [2, 32, 32] and step.input_specs()[3]["shape"] == [2, 32, 32]
     model = load_model("tiny-llama").module.eval()
     prompt = torch.tensor([[84, 104, 101, 32, 99, 105, 116, 121]])  # "The city"
     with torch.no_grad():
@@ -260,7 +260,11 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     padded = np.zeros((1, 16), dtype=np.int64)
     padded[:, :n] = prompt.numpy()
     prefill = TfliteRunner(tmp_path / "lm.tflite")(padded)
-    assert len(prefill) == 1 + len(step.input_specs()) - 2 and prefill[1].shape == (1, 2, 32, 32)
+    assert len(prefill) == 1 + len(step.input_specs()) - 2
+    with torch.no_grad():  # the prefill's caches are Hugging Face's, keys as they are and values transposed, zero after
+        past = model(input_ids=prompt, use_cache=True).past_key_values.layers[0]
+    np.testing.assert_allclose(prefill[1][:, :n], past.keys[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(prefill[2][..., :n], past.values[0].transpose(1, 2).numpy(), atol=1e-4)
     stepped = run_steps(step, prompt.numpy(), [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]])
     for logits, cache in ((prefill[0][0, n - 1:n], prefill[1:]), stepped):
         got = [int(np.argmax(logits[-1]))]
@@ -268,7 +272,7 @@ def test_decode_signature_generates_like_transformers(tmp_path):
             logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
             got.append(int(np.argmax(logits[-1])))
         assert got == want
-    assert [o.shape for o in step(np.array([[1]]), np.array([0]), *prefill[1:])[1:3]] == [(1, 2, 1, 32)] * 2  # new rows only
+    assert [o.shape for o in step(np.array([[1]]), np.array([0]), *prefill[1:])[1:3]] == [(2, 1, 32)] * 2  # new rows only
     session = DecodeSession(tmp_path / "lm.tflite")
     session.reset(prefill[1:])
     got = [int(np.argmax(prefill[0][0, n - 1]))]
