@@ -259,6 +259,9 @@ def analyse(runs: list[dict]) -> dict:
     for k in sorted(qat_seeds) if len(qat_seeds) > 1 else []:
         mine = [dict(r, delta=d) for r in w4a4 for seed, d in zip(r["seeds"], r["seed_deltas"]) if seed == k and d > 0]
         per_seed.append(fit(mine) if len(mine) >= 4 else None)
+    # and on the points above two standard errors only: how much the exponents owe to points within the noise
+    clear = [r for r in w4a4 if r["se"] is not None and r["delta"] > 2 * r["se"]]
+    law_clear = fit(clear) if len(clear) >= 4 and len(clear) < len(pts) else None
     pick = {(r["size"], r["D"], r["variant"]): r for r in results if r["group"] == 128}
     fc2 = {}
     parts = ("W4A16", "W16A4", "W4A4", "W4A4-FC2A8")
@@ -291,7 +294,7 @@ def analyse(runs: list[dict]) -> dict:
     scale = {"median_abs_w4a4_delta": med([abs(r["delta"]) for r in w4a4]), "median_abs_seed_noise": med([abs(v) for v in noise.values()]),
              "pooled_sd": {k: v for k, v in pooled.items() if v is not None} or None, "seeds": len(qat_seeds),
              "w4a4_points_above_2se": sum(r["se"] is not None and r["delta"] > 2 * r["se"] for r in w4a4), "w4a4_points": len(w4a4)}
-    return {"fit": law, "fit_per_seed": per_seed, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
+    return {"fit": law, "fit_per_seed": per_seed, "fit_above_2se": law_clear, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
             "fc2_reduction_median": med(reductions),
             "kurtosis": kurt, "kurtosis_summary": kurt_summary, "results": results, "fp32_seed_noise": noise,
             "fp_losses": {f"{s}@D={D}": _mean(v for (s2, k2, D2), v in fp.items() if (s2, D2) == (s, D) and k2 in qat_seeds) for (s, k, D) in fp if k == 0}}
@@ -318,6 +321,10 @@ def render(out: dict) -> str:
     for k, f in enumerate(out.get("fit_per_seed") or []):
         lines.append(f"The same fit on seed {k}'s deltas alone: " + ("too few positive points" if f is None else ", ".join(
             f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None)))
+    if out.get("fit_above_2se"):
+        f = out["fit_above_2se"]
+        lines.append(f"The same fit on the {f['points']} W4A4 points more than two standard errors above zero: " + ", ".join(
+            f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None))
     lines.append("")
     if out.get("missing_runs"):
         lines += [f"**Interrupted sweep:** {len(out['missing_runs'])} runs had not finished and are left out (their points are "
@@ -390,7 +397,8 @@ def render(out: dict) -> str:
                   f"{s}: down_proj {v['down_proj_mean']:.1f} vs others {v['others_mean']:.1f}" for s, v in out["kurtosis_summary"].items()),
               "", f"Training time {sum(r['seconds'] for r in out['runs']):,.0f} s over {len(out['runs'])} runs (two at a time; per run in "
               f"the JSON)" + (f", and {out['lr_probe_seconds']:,.0f} s for the learning-rate grid" if out.get("lr_probe") else "")
-              + f"; this invocation {out['wall_seconds']:.0f} s (finished runs come from the cache)."]
+              + f"; this invocation {out['wall_seconds']:.0f} s (finished runs come from the cache"
+              + ("; it trained nothing: `--no-train` re-rendered the cached runs" if out.get("rendered_from_cache") else "") + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -508,7 +516,9 @@ def main() -> None:
     missing = [f"{j['size']} {j['variant'][0]} G={j['variant'][3] or 'channel'} seed {j.get('seed', 0)}" for j in jobs
                if not (CACHE / f"{job_key(j)}.json").is_file()]
     D = [s * a.batch * a.seq_len for s in checkpoints(steps, a.checkpoints)]
-    out = {"command": " ".join([".venv/bin/python", "tools/qat_scaling_scratch.py"] + sys.argv[1:]),
+    # the command that trains and renders the sweep: a --no-train invocation only re-renders its cached runs
+    out = {"command": " ".join([".venv/bin/python", "tools/qat_scaling_scratch.py"] + [x for x in sys.argv[1:] if x != "--no-train"]),
+           "rendered_from_cache": a.no_train,
            "protocol": protocol(a, steps, D, lrs), "missing_runs": missing, "learning_rates": lrs, "lr_probe": lr_probe, "lr_probe_seconds": round(probe_seconds, 1),
            "formula": "delta = k * D^gD * (log2 G)^gG / N^gN (W4A4 points)", "sizes": a.sizes, "D": D,
            "runs": [{**{k: r[k] for k in ("size", "N", "variant", "group", "seconds")}, "seed": r.get("seed", 0)} for r in runs],
