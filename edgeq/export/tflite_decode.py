@@ -13,7 +13,8 @@ runner). The layout is the one both attention products read without moving the c
 q . K^T and out = p . (V^T)^T are BATCH_MATMULs with a transposed right-hand side (adj_y) over 3-D
 operands, where Hugging Face's [1, kv_heads, cache_len, head_dim] for both cost LiteRT a TRANSPOSE and
 reshape copies of each cache every step. Keys are stored after rotary embedding, as in Hugging Face's
-cache: a Hugging Face cache `c` is this signature's key cache `c[0]` and value cache `c[0].transpose(1, 2)`.
+cache: a layer's Hugging Face keys `k` and values `v` ([1, kv_heads, n, head_dim]) are this signature's
+`k[0]` and `v[0].transpose(1, 2)`, zero-padded to cache_len slots (`to_signature_layout`).
 
 The file's prefill signature returns the caches too (`KVPrefill`), in the same layout, so a generation
 loop runs the prompt in one call and then decodes. The step is written over the Hugging Face module's
