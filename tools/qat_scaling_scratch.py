@@ -27,6 +27,9 @@ decomposition and how much the 8-bit FC2 input reduces delta are recorded.
     .venv/bin/python tools/qat_scaling_scratch.py --sizes h64 --tokens 4000000 --lr-grid 4e-3 2e-3 1e-3 5e-4 2.5e-4 \
         --checkpoints 5 --batch 2 --schedule wsd --seeds 2 --eval-windows 256 --jobs 2 \
         --out benchmarks/qat_scaling_h64_4M                                            # the 0.2M model to 4M tokens
+    .venv/bin/python tools/qat_scaling_scratch.py --sizes h128 --tokens 2000000 --lr h128=5e-4 --checkpoints 4 \
+        --batch 2 --schedule wsd --seeds 2 --eval-windows 256 --jobs 2 \
+        --out benchmarks/qat_scaling_h128_2M                                           # the 0.8M model to 2M tokens
 
 Finished runs are kept in ~/.cache/edgeq/qat_scaling/ (keyed by their settings), so an
 interrupted sweep resumes where it stopped.
