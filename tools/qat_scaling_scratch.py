@@ -296,7 +296,7 @@ def analyse(runs: list[dict]) -> dict:
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     scale = {"median_abs_w4a4_delta": med([abs(r["delta"]) for r in w4a4]), "median_abs_seed_noise": med([abs(v) for v in noise.values()]),
              "pooled_sd": {k: v for k, v in pooled.items() if v is not None} or None, "seeds": len(qat_seeds),
-             "w4a4_points_above_2se": sum(r["se"] is not None and r["delta"] > 2 * r["se"] for r in w4a4), "w4a4_points": len(w4a4)}
+             "w4a4_points_above_2se": len(clear), "w4a4_points": len(w4a4)}
     return {"fit": law, "fit_per_seed": per_seed, "fit_above_2se": law_clear, "fit_dropped_nonpositive_points": len(w4a4) - len(pts), "fc2_8bit": fc2, "signal_vs_noise": scale,
             "fc2_reduction_median": med(reductions),
             "kurtosis": kurt, "kurtosis_summary": kurt_summary, "results": results, "fp32_seed_noise": noise,
@@ -316,18 +316,21 @@ def _pooled_sd(samples: list[list[float]]) -> float | None:
     return math.sqrt(sum(sum((x - _mean(xs)) ** 2 for x in xs) for xs in samples) / dof)
 
 
+def _exponents(f: dict) -> str:
+    """A fit's exponents and error in one line (gN absent for one-size sweeps)."""
+    return ", ".join(f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None)
+
+
 def render(out: dict) -> str:
     law = out["fit"]
     lines = ["# QAT scaling law from scratch", "", f"Command: `{out['command']}`", "", out["protocol"], "",
              f"Fit ({out['formula']}): " + (json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in law.items()}) if law else "too few positive points"),
              f"(W4A4 points with delta <= 0, left out of the log-space fit: {out['fit_dropped_nonpositive_points']})"]
     for k, f in enumerate(out.get("fit_per_seed") or []):
-        lines.append(f"The same fit on seed {k}'s deltas alone: " + ("too few positive points" if f is None else ", ".join(
-            f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None)))
+        lines.append(f"The same fit on seed {k}'s deltas alone: " + ("too few positive points" if f is None else _exponents(f)))
     if out.get("fit_above_2se"):
         f = out["fit_above_2se"]
-        lines.append(f"The same fit on the {f['points']} W4A4 points more than two standard errors above zero: " + ", ".join(
-            f"{name} {f[name]:.3f}" for name in ("gD", "gG", "gN", "rmse_log") if f[name] is not None))
+        lines.append(f"The same fit on the {f['points']} W4A4 points more than two standard errors above zero: " + _exponents(f))
     lines.append("")
     if out.get("missing_runs"):
         lines += [f"**Interrupted sweep:** {len(out['missing_runs'])} runs had not finished and are left out (their points are "
