@@ -59,6 +59,9 @@ VARIANTS = {
     "edgeq-w8a8-s8": ("edgeq", "int8 static QDQ (w8a8), weights stored int8 as ORT's quantize_dynamic does (--int8-weights int8)", "w8a8"),
     "edgeq-w8": ("edgeq", "int8 dynamic (w8)", "w8"),
     "edgeq-w8-s8": ("edgeq", "int8 dynamic (w8), weights stored int8 as ORT's quantize_dynamic does (--int8-weights int8)", "w8"),
+    "edgeq-w8-fast": ("edgeq", "int8 dynamic, per tensor except the down projection (w8-fast)", "w8-fast"),
+    "edgeq-w8-fast-s8": ("edgeq", "int8 dynamic, per tensor except the down projection (w8-fast), weights stored int8 (--int8-weights int8)",
+                         "w8-fast"),
     "edgeq-w8a16-acc4": ("edgeq", "int8 weights, ORT int8 activations at accuracy_level 4 (w8a16)", "w8a16"),
     "edgeq-w4-g128": ("edgeq", "int4 g128 sym full-range GPTQ (w4-g128)", "w4-g128"),
     "edgeq-w4-g128-rtn": ("edgeq", "int4 g128 sym full-range RTN (w4-g128-rtn)", "w4-g128-rtn"),
@@ -73,7 +76,7 @@ VARIANTS = {
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
 EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"},
-                  "edgeq-w8a8-s8": {"int8_weights": "int8"}}  # options of `edgeq export` beyond the defaults
+                  "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"}}  # options of `edgeq export` beyond the defaults
 
 
 def log(msg: str) -> None:
@@ -501,7 +504,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count."""
     out = []
     dyn = ok(peer, "latency_1t")
-    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
+    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
         if not (dyn and r):
             continue

@@ -3,11 +3,11 @@
 - per tensor: the structure ORT's own `quantize_dynamic` writes (DynamicQuantizeLinear,
   MatMulInteger, Cast, Mul by x_scale * w_scale), which ORT fuses into DynamicQuantizeMatMul.
 - per token: each row's scale (and zero point) from float ops, the integers from one QuantizeLinear
-  (a block per row, or for symmetric grids x / scale on scale 1). Symmetric grids are shifted into
+  blocked along the last axis, a block per row. Symmetric grids are shifted into
   uint8 (+128, one scalar zero point) and the layer is MatMulInteger, Cast and Mul by
   x_scale * w_scale, which ORT fuses into MatMulIntegerToFloat; asymmetric rows keep their zero
-  points: MatMulInteger runs without them (ORT's takes only a scalar activation zero point), fused
-  the same way, and `(s_x zp_x) * (s_w colsum(w - zp_w))` is subtracted after it.
+  points, which MatMulInteger sums itself from extra input columns against extra weight rows (ORT's
+  takes only a scalar activation zero point), fused the same way.
 - grids ONNX has no integer kernel for (fewer than 8 bits, per row on Conv/Gemm): quantize-dequantize
   with float ops (`per_token_fake_quant`), the layer then computes in float.
 Dequantization is `(q - zp) * scale`, exactly the simulation's.
@@ -74,16 +74,15 @@ def per_token_fake_quant(g: Graph, x: str, lq: LayerQ, per_token: bool = True) -
 
 def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     """Dynamic 8-bit quantization of `x` as uint8 (integers, scale, zero point for MatMulInteger, and for
-    asymmetric grids scale * zero point in float, else None), shared by every layer reading `x` on the
-    same grid.
+    asymmetric grids the zero point as float, else None), shared by every layer reading `x` on the same grid.
 
     The scale (and an asymmetric grid's zero point) come from `_dynamic_grid`'s float ops; one
     QuantizeLinear then makes the integers: per tensor, or for per-token grids blocked along the last
-    axis with one block per row (opset 21), or (symmetric) per tensor with scale 1 on x / scale. Its
-    round(x / scale) + zero point, saturated, is the simulation's clip(round(x / scale) + zp).
+    axis with one block per row (opset 21). Its round(x / scale) + zero point, saturated, is the
+    simulation's clip(round(x / scale) + zp).
     Symmetric grids are shifted by 128 so one scalar zero point serves MatMulInteger (and ORT fuses it
     with the scales into MatMulIntegerToFloat); asymmetric per-row grids keep their row zero points
-    (their term is subtracted after the layer).
+    (`render_matmul_integer_token` takes care of their term).
     """
     key = (x, lq.act_granularity, lq.act_symmetric)
     if key in g.input_quant:
@@ -92,23 +91,23 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
     q = g.unique(f"{lq.name}.token_uint8")
     attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
-    q_in, q_scale, scaled_zp = x, scale, None
+    q_in, q_scale, float_zp = x, scale, None
     if lq.act_symmetric:
         zp = q_zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
         if per_token:
-            # x / scale by one Div, then a per-tensor QuantizeLinear with scale 1 (exact: y / 1 == y): cheaper in
-            # ONNX Runtime than a blocked QuantizeLinear and the zero-point tensor shaped like its scales
-            q_in, attrs = g.unique(f"{lq.name}.token_divided"), {}
-            q_scale = g.add_init(np.array(1.0, dtype=np.float32), f"{lq.name}.token_unit_scale")
-            made.append(helper.make_node("Div", [x, scale], [q_in], name=g.unique(f"{lq.name}/token_divide")))
+            # the blocked QuantizeLinear wants a zero point shaped like its scales: 128 per row, from the scales'
+            # shape (two tiny ops; a Div by the scales and a QuantizeLinear on scale 1 cost a pass over x more)
+            shape, q_zp = g.unique(f"{lq.name}.token_rows"), g.unique(f"{lq.name}.token_row_zero_points")
+            made += [helper.make_node("Shape", [scale], [shape], name=g.unique(f"{lq.name}/token_rows")),
+                     helper.make_node("ConstantOfShape", [shape], [q_zp], name=g.unique(f"{lq.name}/token_row_zero_points"),
+                                      value=helper.make_tensor("value", TensorProto.UINT8, [1], [128]))]
     else:
-        q_zp, scaled_zp = g.unique(f"{lq.name}.token_zero_point_uint8"), g.unique(f"{lq.name}.token_scaled_zero_point")
-        made += [helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8),
-                 helper.make_node("Mul", [scale, zp], [scaled_zp], name=g.unique(f"{lq.name}/token_scaled_zero_point"))]
+        q_zp, float_zp = g.unique(f"{lq.name}.token_zero_point_uint8"), zp
+        made.append(helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8))
         zp = q_zp
     made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
     g.emit_after_producer(x, made)
-    g.input_quant[key] = (q, scale, zp, scaled_zp)
+    g.input_quant[key] = (q, scale, zp, float_zp)
     return g.input_quant[key], [n.name for n in made]
 
 
@@ -132,29 +131,68 @@ def _scaled_matmul_integer(g: Graph, lq: LayerQ, x: tuple[str, str, str], w: tup
             helper.make_node("Mul", [yf, s], [y], name=names[3])]
 
 
-def render_matmul_integer_token(g: Graph, lq: LayerQ, compute: list) -> Rendered:
-    """Per-token asymmetric uint8 activations x 8-bit weights: MatMulInteger on the integers without the rows'
-    zero points (ORT's MatMulInteger takes only a scalar one), fused with its scales into MatMulIntegerToFloat,
-    minus the zero points' term.
+# at most this many zero-point rows (SmolLM2 needs 17-33: 1-3% more integer work); beyond it the term is
+# subtracted in float
+MAX_ZERO_POINT_ROWS = 64
 
-    y = s_x[row] s_w[col] sum_k q_x q_w' - (s_x zp_x)[row] (s_w colsum(q_w'))[col], q_w' = q_w - zp_w: the
-    simulation's integers, their products summed exactly in int32; the zero-point term is subtracted in
-    float (two passes over the output; an int32 correction before the cast cost five and blocked the
-    fusion, a 1.12x slower SmolLM2 prefill against ORT's quantize_dynamic file instead of 1.09x).
+
+def zero_point_rows(q: np.ndarray, zp: np.ndarray, symmetric: bool) -> np.ndarray | None:
+    """Rows that, appended to the [in, out] stored integers `q` (zero points `zp` per column), make MatMulInteger
+    subtract each activation row's zero point itself: with that zero point repeated in as many extra input columns,
+    sum_k q_x q_w' + zp_x sum_j r_j = sum_k (q_x - zp_x) q_w', the simulation's integer sum, exact in int32.
+
+    The rows hold -colsum(q_w') in pieces of at most 127 (stored + zp, inside the container). None for asymmetric
+    weights (their zero points leave no such margin) or when more than MAX_ZERO_POINT_ROWS rows would be needed.
     """
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
-    colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
-    wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
+    if not symmetric:
+        return None
+    rest = -(q.astype(np.int64) - zp.astype(np.int64)).sum(axis=0)
+    count = int(-(-np.abs(rest).max() // 127))
+    if count > MAX_ZERO_POINT_ROWS:
+        return None
+    pieces = []
+    for _ in range(count):
+        pieces.append(np.clip(rest, -127, 127))
+        rest = rest - pieces[-1]
+    return (np.stack(pieces) + zp.astype(np.int64)).astype(q.dtype) if pieces else np.zeros((0, q.shape[1]), q.dtype)
+
+
+def render_matmul_integer_token(g: Graph, lq: LayerQ, compute: list) -> Rendered:
+    """Per-token asymmetric uint8 activations x 8-bit weights: the rows' zero points go into MatMulInteger as extra
+    input columns against `zero_point_rows` of the weights (ORT's MatMulInteger takes only a scalar activation zero
+    point), which ORT fuses with the scales into MatMulIntegerToFloat.
+
+    y = s_x[row] s_w[col] sum_k (q_x - zp_x) q_w', q_w' = q_w - zp_w: the simulation's integers, their products summed
+    exactly in int32. The input columns cost one Concat of the uint8 integers. Where the rows cannot be stored, the
+    zero-point term `(s_x zp_x)[row] (s_w colsum(q_w'))[col]` is subtracted after the layer in float instead (two passes
+    over the output, 4.3 ms of a 64-token SmolLM2 prefill on its LM head's 49152 logits).
+    """
+    ctype, q, scale, zp, _, offset = weight_arrays(lq, "io", 8, g.u8)
+    rows = zero_point_rows(q, zp, lq.symmetric)
+    stored = q if rows is None else np.concatenate([q, rows])
+    qn, sn, zn = (g.add_init(a, f"{lq.name}.{n}") for a, n in ((stored, "qweight"), (scale, "scale"), (zp, "zero_point")))
+    if rows is None:
+        colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
+        wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
     nodes = []
     for node, _ in compute:
-        (xq, xs, _, xzs), grid_nodes = _integer_grid(g, node.input[0], lq)
-        ys, corr = g.unique(f"{lq.name}.output_scaled"), g.unique(f"{lq.name}.zp_term")
+        (xq, xs, xz, x_zp), grid_nodes = _integer_grid(g, node.input[0], lq)
+        if rows is not None:
+            widened = g.unique(f"{lq.name}.token_uint8_with_zero_points")
+            concat = helper.make_node("Concat", [xq] + [xz] * len(rows), [widened], name=g.unique(f"{lq.name}/zero_point_columns"), axis=-1)
+            made = [concat] + _scaled_matmul_integer(g, lq, (widened, xs, ""), (qn, sn, zn), node.output[0])
+            g.replace[id(node)] = made
+            nodes += grid_nodes + [n.name for n in made] + _bias_outside_fusion(g, lq, node.output[0])
+            continue
+        ys, xzs, corr = (g.unique(f"{lq.name}.{n}") for n in ("output_scaled", "token_scaled_zero_point", "zp_term"))
         made = _scaled_matmul_integer(g, lq, (xq, xs, ""), (qn, sn, zn), ys) + [
+            helper.make_node("Mul", [xs, x_zp], [xzs], name=g.unique(f"{lq.name}/token_scaled_zero_point")),
             helper.make_node("Mul", [xzs, wc], [corr], name=g.unique(f"{lq.name}/zp_term")),
             helper.make_node("Sub", [ys, corr], [node.output[0]], name=g.unique(f"{lq.name}/zp_sub"))]
         g.replace[id(node)] = made
         nodes += grid_nodes + [n.name for n in made]
-    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes)
+    return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes,
+                    zero_point_rows=0 if rows is None else len(rows))
 
 
 def render_matmul_integer_symmetric(g: Graph, lq: LayerQ, compute: list) -> Rendered:

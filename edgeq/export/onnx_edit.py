@@ -78,6 +78,9 @@ class Rendered:
     activation: str
     offset: int = 0  # stored integer = edgeq's integer + offset (uint8 re-encoding of int8 weights)
     nodes: list = field(default_factory=list)
+    # rows after the layer's own in the stored [in, out] integers, holding its activation zero points' term
+    # (onnx_dynamic.zero_point_rows); read-back checks them and compares the rows before them
+    zero_point_rows: int = 0
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "nodes"}

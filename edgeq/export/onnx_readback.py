@@ -17,7 +17,7 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
     for r in rendered:
         lq = by_name[r.layer]
         out = {"layer": r.layer, "op": r.op, "container": r.container, "layout": r.layout, "blocked": r.blocked,
-               "activation": r.activation, "offset": r.offset,
+               "activation": r.activation, "offset": r.offset, "zero_point_rows": r.zero_point_rows,
                "tensors": {"weight": r.weight, "scale": r.scale, "zero_point": r.zero_point}}
         try:
             q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)
@@ -28,6 +28,11 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
             out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")
             results.append(out)
             continue
+        if r.zero_point_rows:
+            # the rows after the layer's own hold minus its column sums in pieces (onnx_dynamic.zero_point_rows)
+            own, extra = q[:-r.zero_point_rows], q[-r.zero_point_rows:]
+            out["zero_point_sums"] = bool(np.array_equal(extra.astype(np.int64).sum(axis=0), -own.astype(np.int64).sum(axis=0)))
+            q = own
         if r.layout == "io":
             q = q.T
             scale, zp = (scale.T, zp.T) if r.blocked else (scale[:, None], zp[:, None])
@@ -46,6 +51,6 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
                 and numpy_helper.to_array(inits[inp[1]]).astype(np.float32).view(np.uint32) == lq.act_scale.astype(np.float32).view(np.uint32)
                 and int(numpy_helper.to_array(inits[inp[2]])) == int(lq.act_zero_point) for inp in qnodes)
             out["act_qparams"] = bool(ok)
-        out["exact"] = all(out.get(k, True) for k in ("ints", "scales", "zero_points", "act_qparams"))
+        out["exact"] = all(out.get(k, True) for k in ("ints", "scales", "zero_points", "act_qparams", "zero_point_sums"))
         results.append(out)
     return results

@@ -65,6 +65,7 @@ CASES = {
     "w8a8": ("w8a8", "int8"),
     "w8a16-static": ("w8a16-static", "int16x8"),
     "w8": ("w8", "dynamic-int8"),
+    "w8-fast": ("w8-fast", "dynamic-int8"),
     "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
     "w8-sym-token": (SYMMETRIC_TOKEN, "dynamic-int8"),
     "w8-sym-tensor": (SYMMETRIC_TENSOR, "dynamic-int8"),
@@ -142,6 +143,10 @@ def test_integers_and_scales_read_back_bitwise(tiny_exports, name):
         q = numpy_helper.to_array(inits[names["weight"]]).astype(np.int16) - entry["offset"]
         scale = numpy_helper.to_array(inits[names["scale"]])
         zp = numpy_helper.to_array(inits[names["zero_point"]]).astype(np.int16) - entry["offset"]
+        if entry["zero_point_rows"]:  # minus the column sums in pieces, after the layer's own rows
+            q, extra = q[:-entry["zero_point_rows"]], q[-entry["zero_point_rows"]:]
+            assert np.array_equal(extra.astype(np.int64).sum(axis=0), -q.astype(np.int64).sum(axis=0)), entry["layer"]
+            assert np.abs(extra).max() <= 127
         if entry["layout"] == "io":
             q, scale, zp = q.T, scale.T, zp.T
         scale = scale.reshape(m.scale.shape)
@@ -208,7 +213,8 @@ def test_int16x8_inputs_are_int16_qdq_on_the_layers_grid(tiny_exports):
 
 @pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulIntegerToFloat"),
                                          ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulIntegerToFloat"),
-                                         ("w8-sym-tensor", "MatMulIntegerToFloat"), ("w4-g128-rtn", "MatMulNBits")])
+                                         ("w8-sym-tensor", "MatMulIntegerToFloat"), ("w8-fast", "DynamicQuantizeMatMul"),
+                                         ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
     """Every quantized layer runs an integer kernel: per-token layers fuse with their scales into MatMulIntegerToFloat
     (asymmetric ones subtract their rows' zero-point term after it), per-tensor dynamic ones into DynamicQuantizeMatMul."""
@@ -221,6 +227,40 @@ def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
     float_head = "lm_head" not in load_quantized(qdir).layers()
     # attention scores and values per layer (scores fused with their scale once CastLike is gone), and a float lm_head
     assert ops["MatMul"] + ops["FusedMatMul"] == 4 * 2 + float_head and ops["FusedMatMul"] == 4
+
+
+@pytest.mark.parametrize("name", ["w8", "w8-sym-token"])
+def test_symmetric_token_grid_is_one_blocked_quantize_of_the_input(tiny_exports, name):
+    """A symmetric per-token grid's integers come from one QuantizeLinear blocked per row, reading the layer input
+    itself (zero point 128 on every row), not from a Div of the input by its row scales first."""
+    qdir, out, _ = tiny_exports[name]
+    graph = onnx.load(str(out), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all(dict((a.name, a.i) for a in n.attribute).get("block_size") for n in quantize)
+    assert all(n.input[0] not in producer or producer[n.input[0]].op_type != "Div" for n in quantize)
+    assert all(producer[n.input[2]].op_type == "ConstantOfShape" for n in quantize)
+    assert all(m.decision.activation.granularity == "token" for m in load_quantized(qdir).layers().values())
+
+
+def test_w8_fast_is_ort_structure_but_the_down_projection(tiny_exports):
+    """w8-fast quantizes every layer input per tensor in ONNX Runtime quantize_dynamic's DynamicQuantizeLinear
+    except the down projections', which take an asymmetric grid per token whose zero points MatMulInteger sums
+    itself: the integers widened by zero-point columns, the weights by rows holding minus their column sums."""
+    qdir, out, meta = tiny_exports["w8-fast"]
+    graph = onnx.load(str(out), load_external_data=False).graph
+    layers = load_quantized(qdir).layers()
+    token = {k for k, m in layers.items() if m.decision.activation.granularity == "token"}
+    assert token == {k for k in layers if k.endswith("mlp.down_proj")} and len(token) == 4
+    dynamic = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    assert len(dynamic) == 3 * 4 + 1  # q/k/v, o_proj and gate/up inputs of each of 4 layers, and the head's
+    rows = {e["layer"]: e["zero_point_rows"] for e in meta["layers"] if e["graph"] == "prefill"}
+    assert all(rows[k] > 0 for k in token) and not any(rows[k] for k in set(layers) - token)
+    producer = {o: n for n in graph.node for o in n.output}
+    widened = [producer[n.input[0]] for n in graph.node if n.op_type == "MatMulInteger" and n.input[0] in producer
+               and producer[n.input[0]].op_type == "Concat"]
+    assert len(widened) == len(token)
+    assert not [n for n in graph.node if n.name.endswith("/zp_sub")]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -427,11 +467,14 @@ def test_noise_floor_perturbs_only_inside(tiny_exports):
     assert not torch.equal(base, perturbed) and torch.equal(base, after)
 
 
-@pytest.mark.parametrize("symmetric, granularity", [(True, "token"), (False, "token"), (True, "tensor")])
-def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
+@pytest.mark.parametrize("symmetric, granularity, weights_symmetric", [(True, "token", True), (False, "token", True),
+                                                                      (False, "token", False), (True, "tensor", True)])
+def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity, weights_symmetric):
     """The dynamic INT8 grid ONNX computes (float ops for the scale, QuantizeLinear for the integers)
     gives the simulation's integers on rows built to catch it out: exact rounding ties, an all-zero
-    row, all-negative and outlier rows; and the layer's output is the simulation's."""
+    row, all-negative and outlier rows; and the layer's output is the simulation's. Asymmetric rows
+    over symmetric weights put their zero points into the integer sum (extra weight rows); over
+    asymmetric weights the term is subtracted in float."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -447,14 +490,17 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
     x[1, 0] = -np.abs(x[1, 0])
     x[1, 3, 5] = 300.0
     q = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
+    w_zp = np.zeros((n, 1), np.int16)
+    if not weights_symmetric:
+        q, w_zp = rng.integers(0, 256, size=(n, k)).astype(np.uint8), rng.integers(100, 156, size=(n, 1)).astype(np.int16)
     scale = rng.uniform(1e-3, 1e-2, size=(n, 1)).astype(np.float32)
-    lq = LayerQ("l", "linear", q, scale, np.zeros((n, 1), np.int16), 8, True, None, act_mode="dynamic",
+    lq = LayerQ("l", "linear", q, scale, w_zp, 8, weights_symmetric, None, act_mode="dynamic",
                 act_symmetric=symmetric, act_granularity=granularity)
     graph = helper.make_graph(
         [helper.make_node("Transpose", ["model.l.weight"], ["w_t"], perm=[1, 0]), helper.make_node("MatMul", ["x", "w_t"], ["y"])],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
-        [numpy_helper.from_array((q * scale).astype(np.float32), "model.l.weight")])
+        [numpy_helper.from_array(((q.astype(np.float32) - w_zp) * scale).astype(np.float32), "model.l.weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     rendered, _ = quantize_graph(model, [lq], int8_weights="uint8")
     integers = next(o for node in model.graph.node if node.name.endswith("/token_quantize") for o in node.output)
@@ -474,9 +520,11 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity):
         assert len(set(got[0, 1].tolist())) == 1  # the all-zero row: every integer its zero point
         if symmetric:  # the tie row really sits on ties (scale 31.75 / 127 = 0.25 exactly)
             assert ((xt[0, 2] / s[0, 2]).numpy() % 1 == 0.5).sum() > k // 2
-    sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy(q * scale).T
+    sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy((q.astype(np.float32) - w_zp) * scale).T
     assert np.allclose(y, sim.numpy(), rtol=1e-5, atol=1e-5)
     assert rendered[0].op == "MatMulInteger"
+    assert (rendered[0].zero_point_rows > 0) == (per_token and not symmetric and weights_symmetric)
+    assert any(n.name.endswith("/zp_sub") for n in model.graph.node) == (per_token and not symmetric and not weights_symmetric)
 
 
 def test_static_input_quantize_shared_only_on_the_same_grid():
