@@ -75,8 +75,9 @@ VARIANTS = {
     "ort-hqq-g128": ("onnxruntime", "MatMulNBits HQQ g128 (head int4)", None),
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
+# options of `edgeq export` beyond the defaults
 EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"},
-                  "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"}}  # options of `edgeq export` beyond the defaults
+                  "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"}}
 
 
 def log(msg: str) -> None:

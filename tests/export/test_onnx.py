@@ -217,7 +217,7 @@ def test_int16x8_inputs_are_int16_qdq_on_the_layers_grid(tiny_exports):
                                          ("w4-g128-rtn", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
     """Every quantized layer runs an integer kernel: per-token layers fuse with their scales into MatMulIntegerToFloat
-    (asymmetric ones subtract their rows' zero-point term after it), per-tensor dynamic ones into DynamicQuantizeMatMul."""
+    (asymmetric ones with their rows' zero points summed inside it), per-tensor dynamic ones into DynamicQuantizeMatMul."""
     qdir, out, meta = tiny_exports[name]
     ops = _fused_ops(out, tmp_path, meta["session_config"])
     n_layers = len(load_quantized(qdir).layers())
