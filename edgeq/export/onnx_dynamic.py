@@ -111,11 +111,15 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     return g.input_quant[key], [n.name for n in made]
 
 
-def _integer_weight(g: Graph, lq: LayerQ) -> tuple:
+def _integer_weight(g: Graph, lq: LayerQ, with_zero_point_rows: bool = False) -> tuple:
     """The layer's 8-bit integers, scales and zero points as [in, out] initializers for MatMulInteger:
-    (container type, offset, integers, scale, zero point names)."""
+    (container type, offset, integers, scale, zero point names, zero-point rows). With `with_zero_point_rows` the
+    integers carry `zero_point_rows` after their own, where those can be stored (else, and by default, None)."""
     ctype, q, scale, zp, _, offset = weight_arrays(lq, "io", 8, g.u8)
-    return ctype, offset, g.add_init(q, f"{lq.name}.qweight"), g.add_init(scale, f"{lq.name}.scale"), g.add_init(zp, f"{lq.name}.zero_point")
+    rows = zero_point_rows(q, zp, lq.symmetric) if with_zero_point_rows else None
+    stored = q if rows is None else np.concatenate([q, rows])
+    return (ctype, offset, g.add_init(stored, f"{lq.name}.qweight"), g.add_init(scale, f"{lq.name}.scale"),
+            g.add_init(zp, f"{lq.name}.zero_point"), rows)
 
 
 def _scaled_matmul_integer(g: Graph, lq: LayerQ, x: tuple[str, str, str], w: tuple[str, str, str], y: str) -> list:
@@ -167,10 +171,7 @@ def render_matmul_integer_token(g: Graph, lq: LayerQ, compute: list) -> Rendered
     zero-point term `(s_x zp_x)[row] (s_w colsum(q_w'))[col]` is subtracted after the layer in float instead (two passes
     over the output, 4.3 ms of a 64-token SmolLM2 prefill on its LM head's 49152 logits).
     """
-    ctype, q, scale, zp, _, offset = weight_arrays(lq, "io", 8, g.u8)
-    rows = zero_point_rows(q, zp, lq.symmetric)
-    stored = q if rows is None else np.concatenate([q, rows])
-    qn, sn, zn = (g.add_init(a, f"{lq.name}.{n}") for a, n in ((stored, "qweight"), (scale, "scale"), (zp, "zero_point")))
+    ctype, offset, qn, sn, zn, rows = _integer_weight(g, lq, with_zero_point_rows=True)
     if rows is None:
         colsum = (lq.q.astype(np.int64) - lq.zero_point.astype(np.int64)).sum(axis=1)
         wc = g.add_init(lq.scale[:, 0].astype(np.float32) * colsum.astype(np.float32), f"{lq.name}.scale_colsum")
@@ -181,16 +182,16 @@ def render_matmul_integer_token(g: Graph, lq: LayerQ, compute: list) -> Rendered
             widened = g.unique(f"{lq.name}.token_uint8_with_zero_points")
             concat = helper.make_node("Concat", [xq] + [xz] * len(rows), [widened], name=g.unique(f"{lq.name}/zero_point_columns"), axis=-1)
             made = [concat] + _scaled_matmul_integer(g, lq, (widened, xs, ""), (qn, sn, zn), node.output[0])
-            g.replace[id(node)] = made
-            nodes += grid_nodes + [n.name for n in made] + _bias_outside_fusion(g, lq, node.output[0])
-            continue
-        ys, xzs, corr = (g.unique(f"{lq.name}.{n}") for n in ("output_scaled", "token_scaled_zero_point", "zp_term"))
-        made = _scaled_matmul_integer(g, lq, (xq, xs, ""), (qn, sn, zn), ys) + [
-            helper.make_node("Mul", [xs, x_zp], [xzs], name=g.unique(f"{lq.name}/token_scaled_zero_point")),
-            helper.make_node("Mul", [xzs, wc], [corr], name=g.unique(f"{lq.name}/zp_term")),
-            helper.make_node("Sub", [ys, corr], [node.output[0]], name=g.unique(f"{lq.name}/zp_sub"))]
+            after = _bias_outside_fusion(g, lq, node.output[0])
+        else:
+            ys, xzs, corr = (g.unique(f"{lq.name}.{n}") for n in ("output_scaled", "token_scaled_zero_point", "zp_term"))
+            made = _scaled_matmul_integer(g, lq, (xq, xs, ""), (qn, sn, zn), ys) + [
+                helper.make_node("Mul", [xs, x_zp], [xzs], name=g.unique(f"{lq.name}/token_scaled_zero_point")),
+                helper.make_node("Mul", [xzs, wc], [corr], name=g.unique(f"{lq.name}/zp_term")),
+                helper.make_node("Sub", [ys, corr], [node.output[0]], name=g.unique(f"{lq.name}/zp_sub"))]
+            after = []
         g.replace[id(node)] = made
-        nodes += grid_nodes + [n.name for n in made]
+        nodes += grid_nodes + [n.name for n in made] + after
     return Rendered(lq.name, "MatMulInteger", qn, sn, zn, "io", ctype, False, "dynamic-token", offset, nodes,
                     zero_point_rows=0 if rows is None else len(rows))
 
@@ -201,7 +202,7 @@ def render_matmul_integer_symmetric(g: Graph, lq: LayerQ, compute: list) -> Rend
     The activation integers are shifted into uint8 with one zero point, 128, so nothing needs
     correcting: y = s_x[row] * s_w[col] * sum_k q_x q_w', the integers the simulation multiplies.
     """
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
+    ctype, offset, qn, sn, zn, _ = _integer_weight(g, lq)
     nodes = []
     for node, _ in compute:
         (xq, xs, xz, _), grid_nodes = _integer_grid(g, node.input[0], lq)
@@ -236,7 +237,7 @@ def _bias_outside_fusion(g: Graph, lq: LayerQ, y: str) -> list[str]:
 
 def render_matmul_integer(g: Graph, lq: LayerQ, compute: list) -> Rendered:
     """ORT quantize_dynamic's structure: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
-    ctype, offset, qn, sn, zn = _integer_weight(g, lq)
+    ctype, offset, qn, sn, zn, _ = _integer_weight(g, lq)
     nodes = []
     for node, _ in compute:
         x_grid, qname = g.dynamic_quant(node.input[0], lq.name)
