@@ -471,8 +471,8 @@ def test_noise_floor_perturbs_only_inside(tiny_exports):
                                                                       (False, "token", False), (True, "tensor", True)])
 def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity, weights_symmetric):
     """The dynamic INT8 grid ONNX computes (float ops for the scale, QuantizeLinear for the integers)
-    gives the simulation's integers on rows built to catch it out: exact rounding ties, an all-zero
-    row, all-negative and outlier rows; and the layer's output is the simulation's. Asymmetric rows
+    gives the simulation's integers on rows built to catch it out: exact rounding ties (of the integers, and of an
+    asymmetric row's zero point), an all-zero row, all-negative and outlier rows; and the layer's output is the simulation's. Asymmetric rows
     over symmetric weights put their zero points into the integer sum (extra weight rows); over
     asymmetric weights the term is subtracted in float."""
     import onnxruntime as ort
@@ -488,6 +488,7 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity, weights
     x[0, 2] = (np.arange(k) % 50 - 25 + 0.5) * 0.25  # every x / scale a tie (scale 0.25 once 31.75 = 127 * 0.25)
     x[0, 2, 0] = 127 * 0.25
     x[1, 0] = -np.abs(x[1, 0])
+    x[1, 1] = np.linspace(-2.625, 61.125, k)  # asymmetric: scale 63.75 / 255 = 0.25, zero point 2.625 / 0.25 = 10.5, a tie
     x[1, 3, 5] = 300.0
     q = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
     w_zp = np.zeros((n, 1), np.int16)
@@ -520,6 +521,8 @@ def test_dynamic_integer_grid_is_the_simulations(symmetric, granularity, weights
         assert len(set(got[0, 1].tolist())) == 1  # the all-zero row: every integer its zero point
         if symmetric:  # the tie row really sits on ties (scale 31.75 / 127 = 0.25 exactly)
             assert ((xt[0, 2] / s[0, 2]).numpy() % 1 == 0.5).sum() > k // 2
+        else:  # and so does the zero point's row, rounded half to even
+            assert float(-lo[1, 1] / s[1, 1]) == 10.5 and int(zp[1, 1]) == 10
     sim = dynamic_fake_quant_act(xt, 8, per_token, symmetric) @ torch.from_numpy((q.astype(np.float32) - w_zp) * scale).T
     assert np.allclose(y, sim.numpy(), rtol=1e-5, atol=1e-5)
     assert rendered[0].op == "MatMulInteger"
