@@ -12,12 +12,13 @@ CalibrationDataReader) and one set of evaluation windows (`lm_windows(tok, "enwi
   there (constant folding), so ORT's quantizers see an untied head MatMul and quantize it:
   quantize_static defaults; quantize_static MatMul-only per-channel; quantize_dynamic (per_channel);
   MatMulNBitsQuantizer RTN g128 symmetric (DefaultWeightOnlyQuantConfig), the same with the head excluded
-  (head kept float, as edgeq's recipes do), and HQQ g128. ORT's GPTQ is not run: it is broken in this ORT
+  (head kept float, as edgeq's recipes do), and HQQ g128; plus an A/A control, quantize_dynamic's files copied
+  byte for byte and timed as a variant of their own (the noise floor of the latency ratios). ORT's GPTQ is not run: it is broken in this ORT
   (see ../shared/EXPORT-NOTES.md).
 Every quantize+export step runs in its own subprocess: wall seconds and that process's peak RSS (wait4).
 Quality: perplexity in ONNX Runtime on the exported file (all rows), plus edgeq's PyTorch simulation for edgeq
 rows. Latency: ONNX Runtime, 64-token prefill and a 1-token decode step with a 64-token KV cache, at 1 and 2
-threads, variants interleaved round-robin, median of --reps after warm-up.
+threads, variants interleaved round-robin (--sessions sessions each), median of --reps after warm-up, in --rounds processes.
 Finished steps are cached in --work, so a rerun resumes; OUT.json / OUT.md are rewritten after every phase.
 Never imported by edgeq.
 """
@@ -25,10 +26,12 @@ Never imported by edgeq.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,12 +72,15 @@ VARIANTS = {
     "ort-static-default": ("onnxruntime", "quantize_static defaults (QDQ, int8/int8, per-tensor, MinMax)", None),
     "ort-static-matmul": ("onnxruntime", "quantize_static MatMul-only per-channel", None),
     "ort-dynamic": ("onnxruntime", "quantize_dynamic (per_channel=True)", None),
+    "ort-dynamic-copy": ("onnxruntime", "quantize_dynamic (per_channel=True), a byte-identical copy of its files timed as a variant of "
+                                        "its own: the A/A control, the spread two sessions of one file show in this run", None),
     "ort-dynamic-u8": ("onnxruntime", "quantize_dynamic (per_channel=True, weight_type=QUInt8)", None),
     "ort-rtn-g128-sym": ("onnxruntime", "MatMulNBits RTN g128 sym (head int4)", None),
     "ort-rtn-g128-sym-headfp32": ("onnxruntime", "MatMulNBits RTN g128 sym (head kept float)", None),
     "ort-hqq-g128": ("onnxruntime", "MatMulNBits HQQ g128 (head int4)", None),
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
+CONTROL, CONTROLLED = "ort-dynamic-copy", "ort-dynamic"
 # options of `edgeq export` beyond the defaults
 EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"},
                   "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"}}
@@ -212,6 +218,21 @@ class _Reader:
         self.i = 0
 
 
+def step_control(work: Path) -> dict:
+    """The A/A control: ORT's quantize_dynamic files copied byte for byte (copies, not links: files of their own)."""
+    src = work / "steps" / f"{CONTROLLED}.json"
+    if not src.is_file():
+        raise SystemExit(f"{CONTROL} copies {CONTROLLED}'s files: run {CONTROLLED} first")
+    info = json.loads(src.read_text())
+    for field in ("file", "decode_file"):
+        if info.get(field):
+            dst = work / "files" / Path(info[field]).name.replace(CONTROLLED, CONTROL, 1)
+            shutil.copyfile(info[field], dst)
+            info[field] = str(dst)
+    info["copy_of"] = CONTROLLED
+    return info
+
+
 def step_ort(key: str, args, work: Path) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
@@ -284,6 +305,8 @@ def run_step(key: str, args) -> None:
             result = step_ort_pre(key, args, work)
         elif key.startswith("edgeq-"):
             result = step_edgeq(key, args, work)
+        elif key == CONTROL:
+            result = step_control(work)
         else:
             result = step_ort(key, args, work)
         write_json_atomic(work / "steps" / f"{key}.json", result)
@@ -366,51 +389,61 @@ def ort_ppl(row: dict, wins: np.ndarray) -> dict:
     return perplexity(lambda x: s.run([s.get_outputs()[0].name], {name: x})[0], wins)
 
 
-def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps: int, warmup: int) -> dict:
-    """64-token prefill and a 1-token decode step (KV cache from that variant's own prefill), interleaved."""
-    runs = {}
-    for k in list(keys):
-        r = rows[k]
-        try:
-            pre = session(r["file"], threads, r, spin=False)
-        except Exception as exc:  # a file ORT cannot load: leave it out of the timing
-            log(f"{k}: cannot be timed: {type(exc).__name__}: {str(exc)[:200]}")
-            keys.remove(k)
-            continue
-        out_names = [o.name for o in pre.get_outputs()]
-        outs = pre.run(None, {"input_ids": prompt})
-        dec, feeds = None, None
-        if r.get("decode_file"):
-            dec = session(r["decode_file"], threads, r, spin=False)
-            presents = dict(zip(out_names, outs))
-            feeds = {"input_ids": prompt[:, -1:].copy()}
-            for i in dec.get_inputs()[1:]:
-                feeds[i.name] = presents[i.name.replace("past", "present", 1)]
-        runs[k] = (pre, dec, feeds)
-        del outs
-    times = {k: {"prefill": [], "decode": []} for k in keys}
+def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps: int, warmup: int, sessions: int = 1) -> dict:
+    """64-token prefill and a 1-token decode step (KV cache from that variant's own prefill), interleaved.
 
-    def once(k, rec: bool):
-        pre, dec, feeds = runs[k]
+    Each variant's files are loaded `sessions` times, every variant once per turn (a session's speed depends on where
+    it lands: ORT's quantize_dynamic decode file against a copy of itself in one process gave 18.2-21.6 ms per session,
+    and the sessions loaded first ran slowest); all calls interleave, and a variant's figure is the median of all
+    its calls, so every variant has as many sessions in each turn."""
+    runs, feeds_of = [], {}
+    for turn in range(sessions):
+        for k in list(keys):
+            r = rows[k]
+            try:
+                pre = session(r["file"], threads, r, spin=False)
+            except Exception as exc:  # a file ORT cannot load: leave it out of the timing
+                log(f"{k}: cannot be timed: {type(exc).__name__}: {str(exc)[:200]}")
+                keys.remove(k)
+                continue
+            dec = session(r["decode_file"], threads, r, spin=False) if r.get("decode_file") else None
+            if dec is not None and k not in feeds_of:
+                outs = pre.run(None, {"input_ids": prompt})
+                presents = dict(zip([o.name for o in pre.get_outputs()], outs))
+                feeds = {"input_ids": prompt[:, -1:].copy()}
+                for i in dec.get_inputs()[1:]:
+                    feeds[i.name] = presents[i.name.replace("past", "present", 1)]
+                feeds_of[k] = feeds
+                del outs, presents
+            fetch = ["logits"] if "logits" in [o.name for o in pre.get_outputs()] else None
+            runs.append((k, turn, pre, dec, fetch))
+    runs = [r for r in runs if r[0] in keys]
+    times = {k: {"prefill": [], "decode": [], "sessions_prefill": [[] for _ in range(sessions)],
+                 "sessions_decode": [[] for _ in range(sessions)]} for k in keys}
+
+    def once(run, rec: bool):
+        k, turn, pre, dec, fetch = run
         t0 = time.perf_counter()
-        pre.run(["logits"] if "logits" in [o.name for o in pre.get_outputs()] else None, {"input_ids": prompt})
+        pre.run(fetch, {"input_ids": prompt})
         t1 = time.perf_counter()
         if dec is not None:
-            dec.run(None, feeds)
+            dec.run(None, feeds_of[k])
         t2 = time.perf_counter()
         if rec:
             times[k]["prefill"].append((t1 - t0) * 1e3)
+            times[k]["sessions_prefill"][turn].append((t1 - t0) * 1e3)
             if dec is not None:
                 times[k]["decode"].append((t2 - t1) * 1e3)
+                times[k]["sessions_decode"][turn].append((t2 - t1) * 1e3)
 
     for _ in range(warmup):
-        for k in keys:
-            once(k, False)
+        for run in runs:
+            once(run, False)
     load = [os.getloadavg()]
     for rep in range(reps):
-        order = keys[rep % len(keys):] + keys[: rep % len(keys)]  # rotate so no variant always runs first
-        for k in order:
-            once(k, True)
+        order = runs[rep % len(runs):] + runs[: rep % len(runs)]  # rotate so no session always runs first
+        for run in order:
+            once(run, True)
     load.append(os.getloadavg())
     del runs
     gc.collect()
@@ -421,17 +454,21 @@ def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps:
                   "decode_ms": round(statistics.median(t["decode"]), 3) if t["decode"] else None,
                   "decode_p10_p90_ms": [round(float(np.percentile(t["decode"], q)), 3) for q in (10, 90)] if t["decode"] else None,
                   "n": len(t["prefill"])}
+        if sessions > 1:
+            out[k]["sessions_prefill_ms"] = [round(statistics.median(x), 3) for x in t["sessions_prefill"]]
+            if t["decode"]:
+                out[k]["sessions_decode_ms"] = [round(statistics.median(x), 3) for x in t["sessions_decode"]]
     out["_loadavg_start_end"] = [list(map(lambda x: round(x, 2), l)) for l in load]
     return out
 
 
 def latency_rounds(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps: int, warmup: int,
-                   rounds: int) -> dict:
+                   rounds: int, sessions: int = 1) -> dict:
     """`latency` in `rounds` fresh processes with the load order rotated (`fresh_process_rounds`: in one process the
     session loaded first ran slower, SmolLM2 w8 decode 23.2 ms loaded before ORT's quantize_dynamic file, 22.4 after
     it; ORT's 20.2 after, 21.6 before); per variant the median of the processes' medians (each one kept in
     `rounds_prefill_ms` / `rounds_decode_ms`)."""
-    per_round = fresh_process_rounds(latency, lambda order: (rows, order, prompt, threads, reps, warmup), keys, rounds)
+    per_round = fresh_process_rounds(latency, lambda order: (rows, order, prompt, threads, reps, warmup, sessions), keys, rounds)
     out = {}
     for k in keys:
         got = [res[k] for res in per_round if k in res]
@@ -446,6 +483,10 @@ def latency_rounds(rows: dict, keys: list[str], prompt: np.ndarray, threads: int
                   "decode_p10_p90_ms": [round(min(g["decode_p10_p90_ms"][0] for g in got), 3),
                                         round(max(g["decode_p10_p90_ms"][1] for g in got), 3)] if dec else None,
                   "n": sum(g["n"] for g in got), "rounds": len(got)}
+        if "sessions_prefill_ms" in got[0]:
+            out[k]["rounds_sessions_prefill_ms"] = [g["sessions_prefill_ms"] for g in got]
+            if dec:
+                out[k]["rounds_sessions_decode_ms"] = [g["sessions_decode_ms"] for g in got]
     out["_loadavg_start_end"] = [per_round[0]["_loadavg_start_end"][0], per_round[-1]["_loadavg_start_end"][-1]]
     return out
 
@@ -501,8 +542,28 @@ def build_rows(work: Path, args) -> dict:
     return rows
 
 
+def _ratio(rows: dict, a: str, b: str, t: str, phase: str) -> tuple[float, float] | None:
+    """(ms of a, ms of b) for one phase at one thread count, None where either is missing."""
+    la, lb = (rows.get(a) or {}).get(f"latency_{t}") or {}, (rows.get(b) or {}).get(f"latency_{t}") or {}
+    x, y = la.get(f"{phase}_ms"), lb.get(f"{phase}_ms")
+    return None if x is None or y is None else (x, y)
+
+
+def noise_floor(rows: dict) -> list[str]:
+    """The A/A control against the file it copies, per phase and thread count: how far this run's ratios move for two
+    byte-identical files."""
+    out = []
+    for t in ("1t", "2t"):
+        for phase in ("prefill", "decode"):
+            got = _ratio(rows, CONTROL, CONTROLLED, t, phase)
+            if got:
+                out.append(f"{phase}, {t[0]} thread{'s' if t[0] != '1' else ''}: {got[0]:.2f} ms vs {got[1]:.2f} ms (ratio {got[0] / got[1]:.3f})")
+    return out
+
+
 def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
-    """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count."""
+    """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count (with the A/A control's ratio
+    beside the ones against the file it copies)."""
     out = []
     dyn = ok(peer, "latency_1t")
     for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
@@ -516,8 +577,10 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
                 a, b = r[f"latency_{t}"][f"{phase}_ms"], dyn[f"latency_{t}"][f"{phase}_ms"]
                 if a is None or b is None:
                     continue
+                control = _ratio(rows, CONTROL, peer, t, phase)
+                aa = f"; A/A control {control[0] / control[1]:.3f}" if control else ""
                 out.append({"target": f"{k} ONNX latency within 5% of ORT {peer} ({phase}, {t[0]} thread{'s' if t[0] != '1' else ''})",
-                            "value": f"{a:.2f} ms vs {b:.2f} ms (ratio {a / b:.3f})", "met": a / b <= 1.05})
+                            "value": f"{a:.2f} ms vs {b:.2f} ms (ratio {a / b:.3f}{aa})", "met": a / b <= 1.05})
     return out
 
 
@@ -623,6 +686,9 @@ def markdown(result: dict) -> str:
         lines.append(f"- **{'met' if t['met'] else 'NOT met'}**: {t['target']}: {t['value']}")
     if not result["targets"]:
         lines.append("- none computable yet")
+    if result.get("noise_floor"):
+        lines += ["", f"A/A control (not a target): {CONTROL} against {CONTROLLED}, byte-identical files timed as two variants; "
+                  "a ratio this far from 1 is this run's noise:", ""] + [f"- {n}" for n in result["noise_floor"]]
     if missing:
         lines += ["", f"Rows without an ORT perplexity (not finished or failed): {', '.join(missing)}."]
     lines += ["", "## How it was measured", ""] + [f"- {n}" for n in result["notes"]] + [""]
@@ -651,12 +717,14 @@ def write_outputs(args, work: Path, command: str, extra: dict) -> None:
                 f"{args.eval_seq_len}, {args.eval_windows})), perplexity over {args.eval_windows * (args.eval_seq_len - 1)} predicted tokens",
         "calibration": f"{args.calib_samples} windows of {args.calib_seq_len} tokens from the calibration half of enwiki (seed 0), "
                        "the same for edgeq and ORT's static calibration",
-        "latency": {"threads": [1, 2], "reps": args.reps, "warmup": args.warmup, "prefill_tokens": args.prompt_len,
+        "latency": {"threads": [1, 2], "reps": args.reps, "warmup": args.warmup, "rounds": args.rounds, "sessions": args.sessions,
+                    "prefill_tokens": args.prompt_len,
                     "decode": f"1 token after a {args.prompt_len}-token KV cache (the variant's own prefill)",
                     "loadavg_1t": (lat.get("1") or {}).get("_loadavg_start_end"), "loadavg_2t": (lat.get("2") or {}).get("_loadavg_start_end")},
         "ort_preprocess": pre,
         "rows": list(rows.values()),
         "targets": targets(rows),
+        "noise_floor": noise_floor(rows),
         "notes": NOTES,
     }
     out = Path(args.out)
@@ -693,10 +761,15 @@ NOTES = [
     "which carries its own copy of the weights.",
     "Latency: ONNX Runtime CPU, intra-op threads 1 and 2 (inter-op 1, sequential, session.intra_op.allow_spinning=0 because "
     "the 2 cores are oversubscribed by other jobs; it changes nothing at 1 thread), in each of --rounds fresh processes "
-    "(the load order rotated: a session loaded first ran slower) every variant's sessions loaded and calls "
-    "interleaved round-robin with a rotating start, the table giving the median of the processes' medians; prefill = 64 tokens of the first evaluation window (logits only fetched), "
+    "(the load order rotated: a session loaded first ran slower) every variant's sessions loaded (--sessions times, every "
+    "variant once per turn: a session's speed depends on where it lands) and calls "
+    "interleaved round-robin with a rotating start, a process's figure for a variant the median of all its calls, the table "
+    "giving the median of the processes' figures (each process's, and with --sessions > 1 each session's, are in the JSON); prefill = 64 tokens of the first evaluation window (logits only fetched), "
     "step = one token with the 64-token KV cache from the same variant's prefill. The machine is shared (2 cores, other "
     "engineers' jobs): absolute numbers are noisy; ratios within this run are what matter.",
+    f"{CONTROL} is {CONTROLLED}'s files copied byte for byte and timed as a variant of its own (the A/A control): its ratio "
+    "to the original is the noise floor of every latency ratio in the run (its ppl, size and quantize+export figures are the "
+    "original's).",
     "quantize+export steps may run in parallel workers of this script sharing --work (see the invocations above); the load "
     "average right after each step is in the JSON (loadavg_after). Step times are wall clock under that contention.",
     "exact / parity: edgeq's export metadata: integers and scales read back bitwise from the file, and max |logits| difference "
@@ -763,6 +836,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per thread count for latency, the load order rotated")
+    ap.add_argument("--sessions", type=int, default=1,
+                    help="sessions of each variant per latency process (its files loaded that many times, every variant once per turn)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--step-timeout", type=float, default=1800, help="seconds before a quantize+export step is killed")
     ap.add_argument("--fp32-prefill-only", action="store_true",
@@ -925,16 +1000,24 @@ def main() -> None:
     rows = build_rows(work, args)
     ppl_failed = {k for k in keys if (work / "ppl" / f"{k}.json").is_file() and rows[k].get("ppl") is None}
     lat_keys = [k for k in keys if rows[k].get("file") and k not in ppl_failed]
+    if CONTROL in lat_keys and not all(filecmp.cmp(rows[CONTROL][f], rows[CONTROLLED][f], shallow=False)
+                                       for f in ("file", "decode_file") if rows[CONTROLLED].get(f)):
+        log(f"{CONTROL}: {CONTROLLED}'s files were made again; copying them again")
+        write_json_atomic(work / "steps" / f"{CONTROL}.json", step_control(work))
+        rows = build_rows(work, args)
     lat_path = work / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.is_file() else {}
     # timings are reused only for the very same files (a re-made step writes new files)
     stamps = {k: os.stat(rows[k]["file"]).st_mtime_ns for k in lat_keys}
-    if lat.get("keys") != lat_keys or lat.get("file_mtimes_ns") != stamps or lat.get("rounds") != args.rounds:
+    if (lat.get("keys") != lat_keys or lat.get("file_mtimes_ns") != stamps or lat.get("rounds") != args.rounds
+            or lat.get("sessions", 1) != args.sessions):
         prompt = wins[0][None, : args.prompt_len].astype(np.int64)
-        lat = {"keys": lat_keys, "file_mtimes_ns": stamps, "rounds": args.rounds}
+        lat = {"keys": lat_keys, "file_mtimes_ns": stamps, "rounds": args.rounds, "sessions": args.sessions}
         for threads in (1, 2):
-            log(f"latency: {threads} thread(s), {len(lat_keys)} variants, {args.rounds} processes of {args.reps} reps interleaved")
-            lat[str(threads)] = latency_rounds(rows, list(lat_keys), prompt, threads, args.reps, args.warmup, args.rounds)
+            log(f"latency: {threads} thread(s), {len(lat_keys)} variants, {args.rounds} processes of {args.reps} reps interleaved"
+                f"{f', {args.sessions} sessions each' if args.sessions > 1 else ''}")
+            lat[str(threads)] = latency_rounds(rows, list(lat_keys), prompt, threads, args.reps, args.warmup, args.rounds,
+                                               args.sessions)
             write_json_atomic(lat_path, lat)
             save()
 

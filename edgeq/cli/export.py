@@ -23,9 +23,13 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--int8-weights", type=click.Choice(["uint8", "int8"]), default=None,
               help="ONNX 8-bit weights of layers with INT8 activations: uint8 (default; +128, exact in ONNX Runtime on every CPU) "
                    "or int8 (ONNX Runtime's own convention: its u8s8 kernels, faster on x86 with VNNI/AMX, saturating on AVX2-only x86).")
+@click.option("--no-optimize", is_flag=True,
+              help="ONNX: write the graphs as rendered, without ONNX Runtime's basic graph optimizations (saved by default: "
+                   "plain ONNX operators, faster sessions).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, int8_weights, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, int8_weights, no_optimize,
+           overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
@@ -44,6 +48,10 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
             if fmt != "onnx":
                 raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format onnx (ONNX Runtime's integer kernels)")
             options[name] = value
+    if no_optimize:
+        if fmt != "onnx":
+            raise EdgeqError("export: --no-optimize applies to --format onnx (ONNX Runtime's graph optimizations)")
+        options["optimize"] = False
     meta = run_export(source, fmt, output, variant=variant, **options)
     if as_json:
         emit_json(meta)

@@ -156,3 +156,59 @@ def test_tflite_int4_embedding_table(tmp_path, spec):
     assert meta["exact"] is True and meta["parity"]["within_tolerance"]
     assert per["model.embed_tokens"]["tflite_type"] == per["lm_head"]["tflite_type"] == "INT4"
     assert per["lm_head"].get("block_size") == spec.get("group_size")
+
+
+def test_saved_graph_is_ort_optimized_with_one_tied_table(tiny_llama_ref, tmp_path):
+    """ONNX exports save ONNX Runtime's basic graph optimizations (fewer nodes, plain ONNX operators, the outputs bitwise
+    the graph as rendered), and no tensor folded from the model's own."""
+    qm = quantize_model(_tied_tiny_llama(), QuantRecipe.from_dict({"name": "w4-head-float", "fold_norms": False, "rules": RULES}))
+    qdir = tmp_path / "q"
+    qm.save(qdir)
+    files = {}
+    for optimize in (True, False):
+        out = tmp_path / f"{'optimized' if optimize else 'raw'}.onnx"
+        meta = export(qdir, "onnx", out, optimize=optimize)
+        assert meta["exact"] is True
+        files[optimize] = (out, meta)
+    (opt, opt_meta), (raw, raw_meta) = files[True], files[False]
+    assert opt_meta["graph_optimization"]["level"] == "basic" and raw_meta["graph_optimization"] is None
+    ids = np.array([list(b"Graph optimization")], dtype=np.int64)
+    for graph in ("prefill", "decode"):
+        o, r = (onnx.load(str(p.parent / m["graph"][graph])) for p, m in ((opt, opt_meta), (raw, raw_meta)))
+        assert len(o.graph.node) < len(r.graph.node)
+        assert {n.domain for n in o.graph.node} <= {"", "ai.onnx"}
+        tables = [[t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims) == [128, 256]]
+                  for m in (o, r)]
+        assert tables[0] == tables[1] and "model.model.embed_tokens.weight" in tables[0]
+        large = [{t.name for t in m.graph.initializer if len(t.raw_data) > 1024} for m in (o, r)]
+        assert large[0] <= large[1]  # no tensor made by folding (ORT names a folded transpose const_transpose_optimizer)
+    prefill = [OnnxRunner(p)(ids) for p in (opt, raw)]
+    assert all(np.array_equal(a, b) for a, b in zip(*prefill))
+    decode = [OnnxRunner(p).decode_runner()(ids[:, -1:], *out[1:]) for p, out in zip((opt, raw), prefill)]
+    assert all(np.array_equal(a, b) for a, b in zip(*decode))
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_offline_optimization_keeps_a_tied_table_single(tmp_path, external):
+    """A float head tied to the embedding reads it through Transpose(table): the saved optimization must not fold that
+    into a second table (ORT's constant folding and transpose optimizer would), with the tensors inline or external."""
+    from onnx import TensorProto, helper
+
+    from edgeq.export.onnx import _optimize_offline, _save
+
+    table = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+         helper.make_node("Identity", ["h"], ["h2"]), helper.make_node("MatMul", ["h2", "table_t"], ["logits"])],
+        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 64])], [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "tied.onnx"
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path, external)
+    ids = np.array([[1, 5, 63]], dtype=np.int64)
+    before = OnnxRunner(path)(ids)[0]
+    _optimize_offline(path, external, {})
+    model = onnx.load(str(path))
+    assert [t.name for t in model.graph.initializer if t.dims and np.prod(t.dims) > 64] == ["table"]
+    assert "Identity" not in [n.op_type for n in model.graph.node]  # the basic optimizations did run
+    assert np.array_equal(OnnxRunner(path)(ids)[0], before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tied.onnx"] + (["tied.onnx.data"] if external else [])
