@@ -12,9 +12,9 @@ CalibrationDataReader) and one set of evaluation windows (`lm_windows(tok, "enwi
   there (constant folding), so ORT's quantizers see an untied head MatMul and quantize it:
   quantize_static defaults; quantize_static MatMul-only per-channel; quantize_dynamic (per_channel);
   MatMulNBitsQuantizer RTN g128 symmetric (DefaultWeightOnlyQuantConfig), the same with the head excluded
-  (head kept float, as edgeq's recipes do), and HQQ g128; plus an A/A control, quantize_dynamic's files copied
-  byte for byte and timed as a variant of their own (the noise floor of the latency ratios). ORT's GPTQ is not run: it is broken in this ORT
-  (see ../shared/EXPORT-NOTES.md).
+  (head kept float, as edgeq's recipes do), and HQQ g128; plus an A/A control, quantize_dynamic's files
+  copied byte for byte and timed as a variant of their own (the noise floor of the latency ratios). ORT's
+  GPTQ is not run: it is broken in this ORT (see ../shared/EXPORT-NOTES.md).
 Every quantize+export step runs in its own subprocess: wall seconds and that process's peak RSS (wait4).
 Quality: perplexity in ONNX Runtime on the exported file (all rows), plus edgeq's PyTorch simulation for edgeq
 rows. Latency: ONNX Runtime, 64-token prefill and a 1-token decode step with a 64-token KV cache, at 1 and 2
@@ -184,10 +184,16 @@ def step_ort_pre(key: str, args, work: Path) -> dict:
         if src is None:
             continue
         dst = out_dir / f"ort-pre.{role}.onnx"
-        # a ModelProto with its weights loaded: given a path, quant_pre_process copies the graph to a temp dir without
-        # its external data file and fails (".onnx.data ... is not regular file")
-        quant_pre_process(onnx.load(src), str(dst), skip_symbolic_shape=True)
-        model = onnx.load(str(dst))
+        # by path, its tensors written as external data: given the path alone, quant_pre_process copies the graph to a
+        # temp dir without its external data file and fails (".onnx.data ... is not regular file"); given a ModelProto,
+        # it moves every initializer out of the proto, the small shape constants too, and its shape inference then
+        # cannot read them (edgeq's saved-optimized graphs hold their constants as initializers)
+        staged = out_dir / f".ort-pre.{role}.staged.onnx"
+        quant_pre_process(src, str(staged), skip_symbolic_shape=True, save_as_external_data=True, all_tensors_to_one_file=True,
+                          external_data_location=f"{staged.name}.data")
+        model = onnx.load(str(staged))
+        staged.unlink()
+        Path(f"{staged}.data").unlink(missing_ok=True)
         vocab = int(args.vocab)
         notes = untie_matmul_weights(model, vocab)
         result["notes"] += [f"{role}: {n}" for n in notes] or [f"{role}: no shared MatMul weight left after pre-processing"]
@@ -562,8 +568,8 @@ def noise_floor(rows: dict) -> list[str]:
 
 
 def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
-    """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count (with the A/A control's ratio
-    beside the ones against the file it copies)."""
+    """edgeq's INT8 files against one ORT quantize_dynamic file, per phase and thread count (against the file the A/A
+    control copies, with the control's ratio beside)."""
     out = []
     dyn = ok(peer, "latency_1t")
     for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
@@ -577,7 +583,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
                 a, b = r[f"latency_{t}"][f"{phase}_ms"], dyn[f"latency_{t}"][f"{phase}_ms"]
                 if a is None or b is None:
                     continue
-                control = _ratio(rows, CONTROL, peer, t, phase)
+                control = _ratio(rows, CONTROL, peer, t, phase) if peer == CONTROLLED else None
                 aa = f"; A/A control {control[0] / control[1]:.3f}" if control else ""
                 out.append({"target": f"{k} ONNX latency within 5% of ORT {peer} ({phase}, {t[0]} thread{'s' if t[0] != '1' else ''})",
                             "value": f"{a:.2f} ms vs {b:.2f} ms (ratio {a / b:.3f}{aa})", "met": a / b <= 1.05})

@@ -582,3 +582,23 @@ def test_float_graph_from_disk_cache_gives_the_same_file(tiny_exports, tmp_path)
     cnn = load_model("tests.export.onnx_cnn:small_cnn")
     spec = onnx_graph.graph_specs(cnn)[0]
     assert onnx_graph._disk_key(spec, onnx_graph._structure_key(spec)) is None
+
+
+def test_fp32_export_feeds_ort_quantizers(tiny_exports, tmp_path):
+    """ONNX Runtime's own pre-processing and quantize_dynamic take edgeq's FP32 file (saved after ORT's basic
+    optimizations) the way docs/onnx.md gives: by path, with its tensors written as external data."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _, out, _ = tiny_exports["fp32"]
+    pre, quant = tmp_path / "pre.onnx", tmp_path / "dyn.onnx"
+    quant_pre_process(str(out), str(pre), skip_symbolic_shape=True, save_as_external_data=True, all_tensors_to_one_file=True,
+                      external_data_location="pre.onnx.data")
+    quantize_dynamic(str(pre), str(quant), per_channel=True, weight_type=QuantType.QInt8)
+    ids = np.array([list(b"ORT quantizes edgeq's file")], dtype=np.int64)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"]).run(["logits"], {"input_ids": ids})[0]
+    want = OnnxRunner(out)(ids)[0]
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(quant), load_external_data=False).graph.node}
+    assert got.shape == want.shape and (got.argmax(-1) == want.argmax(-1)).mean() > 0.5
