@@ -424,8 +424,8 @@ def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps:
             fetch = ["logits"] if "logits" in [o.name for o in pre.get_outputs()] else None
             runs.append((k, turn, pre, dec, fetch))
     runs = [r for r in runs if r[0] in keys]
-    times = {k: {"prefill": [], "decode": [], "sessions_prefill": [[] for _ in range(sessions)],
-                 "sessions_decode": [[] for _ in range(sessions)]} for k in keys}
+    # variant -> phase -> one list of call times per session
+    times = {k: {"prefill": [[] for _ in range(sessions)], "decode": [[] for _ in range(sessions)]} for k in keys}
 
     def once(run, rec: bool):
         k, turn, pre, dec, fetch = run
@@ -436,11 +436,9 @@ def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps:
             dec.run(None, feeds_of[k])
         t2 = time.perf_counter()
         if rec:
-            times[k]["prefill"].append((t1 - t0) * 1e3)
-            times[k]["sessions_prefill"][turn].append((t1 - t0) * 1e3)
+            times[k]["prefill"][turn].append((t1 - t0) * 1e3)
             if dec is not None:
-                times[k]["decode"].append((t2 - t1) * 1e3)
-                times[k]["sessions_decode"][turn].append((t2 - t1) * 1e3)
+                times[k]["decode"][turn].append((t2 - t1) * 1e3)
 
     for _ in range(warmup):
         for run in runs:
@@ -455,15 +453,16 @@ def latency(rows: dict, keys: list[str], prompt: np.ndarray, threads: int, reps:
     gc.collect()
     out = {}
     for k, t in times.items():
-        out[k] = {"prefill_ms": round(statistics.median(t["prefill"]), 3),
-                  "prefill_p10_p90_ms": [round(float(np.percentile(t["prefill"], q)), 3) for q in (10, 90)],
-                  "decode_ms": round(statistics.median(t["decode"]), 3) if t["decode"] else None,
-                  "decode_p10_p90_ms": [round(float(np.percentile(t["decode"], q)), 3) for q in (10, 90)] if t["decode"] else None,
-                  "n": len(t["prefill"])}
+        pre, dec = (sum(t[phase], []) for phase in ("prefill", "decode"))
+        out[k] = {"prefill_ms": round(statistics.median(pre), 3),
+                  "prefill_p10_p90_ms": [round(float(np.percentile(pre, q)), 3) for q in (10, 90)],
+                  "decode_ms": round(statistics.median(dec), 3) if dec else None,
+                  "decode_p10_p90_ms": [round(float(np.percentile(dec, q)), 3) for q in (10, 90)] if dec else None,
+                  "n": len(pre)}
         if sessions > 1:
-            out[k]["sessions_prefill_ms"] = [round(statistics.median(x), 3) for x in t["sessions_prefill"]]
-            if t["decode"]:
-                out[k]["sessions_decode_ms"] = [round(statistics.median(x), 3) for x in t["sessions_decode"]]
+            out[k]["sessions_prefill_ms"] = [round(statistics.median(x), 3) for x in t["prefill"]]
+            if dec:
+                out[k]["sessions_decode_ms"] = [round(statistics.median(x), 3) for x in t["decode"]]
     out["_loadavg_start_end"] = [list(map(lambda x: round(x, 2), l)) for l in load]
     return out
 

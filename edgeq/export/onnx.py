@@ -131,14 +131,14 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        written = []
+        written, graph_optimization = [], None
         big = sum(len(t.raw_data) for t in protos[0].graph.initializer) > EXTERNAL_DATA_BYTES
         use_external = big if external_data is None else bool(external_data)
         for spec, proto in zip(specs, protos):
             path = tmp / names[spec.role]
             _save(proto, path, use_external)
             if optimize:
-                _optimize_offline(path, use_external, session_config)
+                graph_optimization = _optimize_offline(path, use_external, session_config)
             written.append(path)
         export_s = time.perf_counter() - t0
         layer_checks = []
@@ -168,8 +168,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "export_s": round(export_s, 3),
             "float_graph": {s.role: source for s, (_, source) in zip(specs, graphs)},  # traced | process | disk (cache)
             "int8_weights": int8_weights,
-            "graph_optimization": {"onnxruntime": _ort_version(), "level": "basic", "skipped": list(OFFLINE_OPTIMIZATION_SKIPS)}
-            if optimize else None,
+            "graph_optimization": graph_optimization,
             "host_note": _host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
         }
         meta = write_export_meta(main, fmt="onnx", variant=variant, model=bundle.reference,
@@ -214,8 +213,9 @@ def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
-def _optimize_offline(path: Path, external: bool, session_config: dict) -> None:
-    """Replace the ONNX file at `path` by ONNX Runtime's basic-level optimization of it (OFFLINE_OPTIMIZATION_SKIPS)."""
+def _optimize_offline(path: Path, external: bool, session_config: dict) -> dict:
+    """Replace the ONNX file at `path` by ONNX Runtime's basic-level optimization of it (OFFLINE_OPTIMIZATION_SKIPS);
+    returns what was run, for FILE.json."""
     import onnxruntime as ort
 
     staging = path.parent / f".{path.name}.optimized"
@@ -235,12 +235,7 @@ def _optimize_offline(path: Path, external: bool, session_config: dict) -> None:
             os.replace(p, path.parent / p.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _ort_version() -> str:
-    import onnxruntime as ort
-
-    return ort.__version__
+    return {"onnxruntime": ort.__version__, "level": "basic", "skipped": list(OFFLINE_OPTIMIZATION_SKIPS)}
 
 
 def _container_notes(qm, rendered) -> dict:

@@ -91,7 +91,7 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
     _, scale, zp, made = _dynamic_grid(g, x, lq, per_token, integers=False)
     q = g.unique(f"{lq.name}.token_uint8")
     attrs = {"axis": -1, "block_size": lq.q.shape[1]} if per_token else {}
-    q_in, q_scale, float_zp = x, scale, None
+    float_zp = None
     if lq.act_symmetric:
         zp = q_zp = g.add_init(np.array(128, dtype=np.uint8), f"{lq.name}.token_zero_point")
         if per_token:
@@ -105,7 +105,7 @@ def _integer_grid(g: Graph, x: str, lq: LayerQ) -> tuple[tuple, list[str]]:
         q_zp, float_zp = g.unique(f"{lq.name}.token_zero_point_uint8"), zp
         made.append(helper.make_node("Cast", [zp], [q_zp], name=g.unique(f"{lq.name}/token_zero_point_cast"), to=TensorProto.UINT8))
         zp = q_zp
-    made.append(helper.make_node("QuantizeLinear", [q_in, q_scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
+    made.append(helper.make_node("QuantizeLinear", [x, scale, q_zp], [q], name=g.unique(f"{lq.name}/token_quantize"), **attrs))
     g.emit_after_producer(x, made)
     g.input_quant[key] = (q, scale, zp, float_zp)
     return g.input_quant[key], [n.name for n in made]
