@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_tflite import fresh_process_rounds  # noqa: E402
 
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from edgeq.export.onnx import host_note  # noqa: E402
 
 ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 # the peer figures in issue 2 / ../shared/EXPORT-NOTES.md (SmolLM2-135M, same 8K enwiki tokens): name -> (ppl, size MB)
@@ -65,6 +66,9 @@ VARIANTS = {
     "edgeq-w8-fast": ("edgeq", "int8 dynamic, per tensor except the down projection (w8-fast)", "w8-fast"),
     "edgeq-w8-fast-s8": ("edgeq", "int8 dynamic, per tensor except the down projection (w8-fast), weights stored int8 (--int8-weights int8)",
                          "w8-fast"),
+    "edgeq-w8-tensor": ("edgeq", "int8 dynamic, per tensor everywhere: ORT quantize_dynamic's structure (w8-tensor)", "w8-tensor"),
+    "edgeq-w8-tensor-s8": ("edgeq", "int8 dynamic, per tensor everywhere: ORT quantize_dynamic's structure (w8-tensor), weights stored int8 "
+                           "(--int8-weights int8)", "w8-tensor"),
     "edgeq-w8a16-acc4": ("edgeq", "int8 weights, ORT int8 activations at accuracy_level 4 (w8a16)", "w8a16"),
     "edgeq-w4-g128": ("edgeq", "int4 g128 sym full-range GPTQ (w4-g128)", "w4-g128"),
     "edgeq-w4-g128-rtn": ("edgeq", "int4 g128 sym full-range RTN (w4-g128-rtn)", "w4-g128-rtn"),
@@ -75,15 +79,19 @@ VARIANTS = {
     "ort-dynamic-copy": ("onnxruntime", "quantize_dynamic (per_channel=True), a byte-identical copy of its files timed as a variant of "
                                         "its own: the A/A control, the spread two sessions of one file show in this run", None),
     "ort-dynamic-u8": ("onnxruntime", "quantize_dynamic (per_channel=True, weight_type=QUInt8)", None),
+    "ort-dynamic-u8-copy": ("onnxruntime", "quantize_dynamic (per_channel=True, weight_type=QUInt8), a byte-identical copy of its "
+                                           "files timed as a variant of its own: the A/A control of the uint8 file", None),
     "ort-rtn-g128-sym": ("onnxruntime", "MatMulNBits RTN g128 sym (head int4)", None),
     "ort-rtn-g128-sym-headfp32": ("onnxruntime", "MatMulNBits RTN g128 sym (head kept float)", None),
     "ort-hqq-g128": ("onnxruntime", "MatMulNBits HQQ g128 (head int4)", None),
 }
 STATIC = ("ort-static-default", "ort-static-matmul")
-CONTROL, CONTROLLED = "ort-dynamic-copy", "ort-dynamic"
+# the A/A controls: a byte-identical copy of a peer's files, timed as a variant of its own
+CONTROLS = {"ort-dynamic-copy": "ort-dynamic", "ort-dynamic-u8-copy": "ort-dynamic-u8"}
 # options of `edgeq export` beyond the defaults
 EXPORT_OPTIONS = {"edgeq-w8a16-acc4": {"accuracy_level": 4}, "edgeq-w8-s8": {"int8_weights": "int8"},
-                  "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"}}
+                  "edgeq-w8a8-s8": {"int8_weights": "int8"}, "edgeq-w8-fast-s8": {"int8_weights": "int8"},
+                  "edgeq-w8-tensor-s8": {"int8_weights": "int8"}}
 
 
 def log(msg: str) -> None:
@@ -224,18 +232,19 @@ class _Reader:
         self.i = 0
 
 
-def step_control(work: Path) -> dict:
-    """The A/A control: ORT's quantize_dynamic files copied byte for byte (copies, not links: files of their own)."""
-    src = work / "steps" / f"{CONTROLLED}.json"
+def step_control(key: str, work: Path) -> dict:
+    """An A/A control: a peer's files copied byte for byte (copies, not links: files of their own)."""
+    original = CONTROLS[key]
+    src = work / "steps" / f"{original}.json"
     if not src.is_file():
-        raise SystemExit(f"{CONTROL} copies {CONTROLLED}'s files: run {CONTROLLED} first")
+        raise SystemExit(f"{key} copies {original}'s files: run {original} first")
     info = json.loads(src.read_text())
     for field in ("file", "decode_file"):
         if info.get(field):
-            dst = work / "files" / Path(info[field]).name.replace(CONTROLLED, CONTROL, 1)
+            dst = work / "files" / Path(info[field]).name.replace(original, key, 1)
             shutil.copyfile(info[field], dst)
             info[field] = str(dst)
-    info["copy_of"] = CONTROLLED
+    info["copy_of"] = original
     return info
 
 
@@ -311,8 +320,8 @@ def run_step(key: str, args) -> None:
             result = step_ort_pre(key, args, work)
         elif key.startswith("edgeq-"):
             result = step_edgeq(key, args, work)
-        elif key == CONTROL:
-            result = step_control(work)
+        elif key in CONTROLS:
+            result = step_control(key, work)
         else:
             result = step_ort(key, args, work)
         write_json_atomic(work / "steps" / f"{key}.json", result)
@@ -555,14 +564,16 @@ def _ratio(rows: dict, a: str, b: str, t: str, phase: str) -> tuple[float, float
 
 
 def noise_floor(rows: dict) -> list[str]:
-    """The A/A control against the file it copies, per phase and thread count: how far this run's ratios move for two
+    """Each A/A control against the file it copies, per phase and thread count: how far this run's ratios move for two
     byte-identical files."""
     out = []
-    for t in ("1t", "2t"):
-        for phase in ("prefill", "decode"):
-            got = _ratio(rows, CONTROL, CONTROLLED, t, phase)
-            if got:
-                out.append(f"{phase}, {t[0]} thread{'s' if t[0] != '1' else ''}: {got[0]:.2f} ms vs {got[1]:.2f} ms (ratio {got[0] / got[1]:.3f})")
+    for control, original in CONTROLS.items():
+        for t in ("1t", "2t"):
+            for phase in ("prefill", "decode"):
+                got = _ratio(rows, control, original, t, phase)
+                if got:
+                    out.append(f"{control} vs {original}, {phase}, {t[0]} thread{'s' if t[0] != '1' else ''}: "
+                               f"{got[0]:.2f} ms vs {got[1]:.2f} ms (ratio {got[0] / got[1]:.3f})")
     return out
 
 
@@ -571,7 +582,8 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     control copies, with the control's ratio beside)."""
     out = []
     dyn = ok(peer, "latency_1t")
-    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8a8", "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
+    for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8-tensor", "edgeq-w8-tensor-s8", "edgeq-w8a8",
+              "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
         if not (dyn and r):
             continue
@@ -582,7 +594,8 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
                 a, b = r[f"latency_{t}"][f"{phase}_ms"], dyn[f"latency_{t}"][f"{phase}_ms"]
                 if a is None or b is None:
                     continue
-                control = _ratio(rows, CONTROL, peer, t, phase) if peer == CONTROLLED else None
+                copies = [c for c, o in CONTROLS.items() if o == peer]
+                control = _ratio(rows, copies[0], peer, t, phase) if copies else None
                 aa = f"; A/A control {control[0] / control[1]:.3f}" if control else ""
                 out.append({"target": f"{k} ONNX latency within 5% of ORT {peer} ({phase}, {t[0]} thread{'s' if t[0] != '1' else ''})",
                             "value": f"{a:.2f} ms vs {b:.2f} ms (ratio {a / b:.3f}{aa})", "met": a / b <= 1.05})
@@ -692,7 +705,8 @@ def markdown(result: dict) -> str:
     if not result["targets"]:
         lines.append("- none computable yet")
     if result.get("noise_floor"):
-        lines += ["", f"A/A control (not a target): {CONTROL} against {CONTROLLED}, byte-identical files timed as two variants; "
+        lines += ["", "A/A controls (not targets): " + ", ".join(f"{c} against {o}" for c, o in CONTROLS.items()) +
+                  ", byte-identical files timed as two variants; "
                   "a ratio this far from 1 is this run's noise:", ""] + [f"- {n}" for n in result["noise_floor"]]
     if missing:
         lines += ["", f"Rows without an ORT perplexity (not finished or failed): {', '.join(missing)}."]
@@ -730,7 +744,9 @@ def write_outputs(args, work: Path, command: str, extra: dict) -> None:
         "rows": list(rows.values()),
         "targets": targets(rows),
         "noise_floor": noise_floor(rows),
-        "notes": NOTES,
+        "notes": NOTES + ([f"This host: {host_note()}. Rows with int8 weights (ORT's quantize_dynamic default, edgeq's -s8 rows) "
+                           "compute wrong results here and their latency is no comparison; the uint8 rows are exact."]
+                          if host_note() else []),
     }
     out = Path(args.out)
     result_md = dict(result, rows=rows)
@@ -772,9 +788,9 @@ NOTES = [
     "giving the median of the processes' figures (each process's, and with --sessions > 1 each session's, are in the JSON); prefill = 64 tokens of the first evaluation window (logits only fetched), "
     "step = one token with the 64-token KV cache from the same variant's prefill. The machine is shared (2 cores, other "
     "engineers' jobs): absolute numbers are noisy; ratios within this run are what matter.",
-    f"{CONTROL} is {CONTROLLED}'s files copied byte for byte and timed as a variant of its own (the A/A control): its ratio "
-    "to the original is the noise floor of every latency ratio in the run (its ppl, size and quantize+export figures are the "
-    "original's).",
+    "; ".join(f"{c} is {o}'s files" for c, o in CONTROLS.items()) + ", copied byte for byte and timed as variants of their own "
+    "(A/A controls): a control's ratio to its original is the noise floor of every latency ratio in the run (its ppl, size and "
+    "quantize+export figures are the original's).",
     "quantize+export steps may run in parallel workers of this script sharing --work (see the invocations above); the load "
     "average right after each step is in the JSON (loadavg_after). Step times are wall clock under that contention.",
     "exact / parity: edgeq's export metadata: integers and scales read back bitwise from the file, and max |logits| difference "
@@ -1005,11 +1021,12 @@ def main() -> None:
     rows = build_rows(work, args)
     ppl_failed = {k for k in keys if (work / "ppl" / f"{k}.json").is_file() and rows[k].get("ppl") is None}
     lat_keys = [k for k in keys if rows[k].get("file") and k not in ppl_failed]
-    if CONTROL in lat_keys and not all(filecmp.cmp(rows[CONTROL][f], rows[CONTROLLED][f], shallow=False)
-                                       for f in ("file", "decode_file") if rows[CONTROLLED].get(f)):
-        log(f"{CONTROL}: {CONTROLLED}'s files were made again; copying them again")
-        write_json_atomic(work / "steps" / f"{CONTROL}.json", step_control(work))
-        rows = build_rows(work, args)
+    for control, original in CONTROLS.items():
+        if control in lat_keys and not all(filecmp.cmp(rows[control][f], rows[original][f], shallow=False)
+                                           for f in ("file", "decode_file") if rows[original].get(f)):
+            log(f"{control}: {original}'s files were made again; copying them again")
+            write_json_atomic(work / "steps" / f"{control}.json", step_control(control, work))
+            rows = build_rows(work, args)
     lat_path = work / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.is_file() else {}
     # timings are reused only for the very same files (a re-made step writes new files)

@@ -169,7 +169,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "float_graph": {s.role: source for s, (_, source) in zip(specs, graphs)},  # traced | process | disk (cache)
             "int8_weights": int8_weights,
             "graph_optimization": graph_optimization,
-            "host_note": _host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
+            "host_note": host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
         }
         meta = write_export_meta(main, fmt="onnx", variant=variant, model=bundle.reference,
                                  qdir=source if qm is not None and is_qdir(source) else None, recipe=qm.recipe.name if qm is not None else None,
@@ -187,7 +187,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _host_note() -> str | None:
+def host_note() -> str | None:
     """Why INT8-activation parity can be lower on this host than on the board."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())

@@ -52,8 +52,6 @@ def _int8_recipe(description: str, activation: str = "") -> str:
             f'weight = {{ bits = 8, symmetric = true, granularity = "channel" }}\n{activation}')
 
 
-PER_TENSOR_DYNAMIC = _int8_recipe("INT8 per-channel weights, one dynamic INT8 grid per tensor (ONNX Runtime quantize_dynamic's structure)",
-                                  'activation = { mode = "dynamic", bits = 8 }\n')
 SYMMETRIC_TOKEN = _int8_recipe("INT8 per-channel weights, symmetric dynamic INT8 activations per token",
                                'activation = { mode = "dynamic", bits = 8, granularity = "token", symmetric = true }\n')
 SYMMETRIC_TENSOR = _int8_recipe("INT8 per-channel weights, one symmetric dynamic INT8 grid per tensor",
@@ -66,7 +64,7 @@ CASES = {
     "w8a16-static": ("w8a16-static", "int16x8"),
     "w8": ("w8", "dynamic-int8"),
     "w8-fast": ("w8-fast", "dynamic-int8"),
-    "w8-tensor": (PER_TENSOR_DYNAMIC, "dynamic-int8"),
+    "w8-tensor": ("w8-tensor", "dynamic-int8"),
     "w8-sym-token": (SYMMETRIC_TOKEN, "dynamic-int8"),
     "w8-sym-tensor": (SYMMETRIC_TENSOR, "dynamic-int8"),
     "w4-g128-rtn": ("w4-g128-rtn", "weight-only"),
@@ -241,6 +239,21 @@ def test_symmetric_token_grid_is_one_blocked_quantize_of_the_input(tiny_exports,
     assert all(n.input[0] not in producer or producer[n.input[0]].op_type != "Div" for n in quantize)
     assert all(producer[n.input[2]].op_type == "ConstantOfShape" for n in quantize)
     assert all(m.decision.activation.granularity == "token" for m in load_quantized(qdir).layers().values())
+
+
+def test_w8_tensor_is_ort_structure_everywhere(tiny_exports, tmp_path):
+    """w8-tensor quantizes every layer input per tensor with ORT quantize_dynamic's DynamicQuantizeLinear, the down
+    projections' too (one per distinct input: q/k/v and gate/up share theirs), and ONNX Runtime runs every layer on
+    its fused integer kernels, as in ORT's own file; the per-channel integers read back exactly."""
+    qdir, out, meta = tiny_exports["w8-tensor"]
+    layers = load_quantized(qdir).layers()
+    assert {m.decision.activation.granularity for m in layers.values()} == {"tensor"}
+    graph = onnx.load(str(out), load_external_data=False).graph
+    assert len([n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]) == 4 * 4 + 1  # 4 inputs per layer, the head's
+    assert not [n for n in graph.node if n.op_type in ("QuantizeLinear", "ReduceMin")]
+    ops = _fused_ops(out, tmp_path, meta["session_config"])
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == len(layers) and ops["MatMulInteger"] == 0, dict(ops)
+    assert meta["exact"] and not any(e["zero_point_rows"] for e in meta["layers"])
 
 
 def test_w8_fast_is_ort_structure_but_the_down_projection(tiny_exports):
