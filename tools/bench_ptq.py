@@ -12,8 +12,8 @@ CalibrationDataReader) and one set of evaluation windows (`lm_windows(tok, "enwi
   there (constant folding), so ORT's quantizers see an untied head MatMul and quantize it:
   quantize_static defaults; quantize_static MatMul-only per-channel; quantize_dynamic (per_channel);
   MatMulNBitsQuantizer RTN g128 symmetric (DefaultWeightOnlyQuantConfig), the same with the head excluded
-  (head kept float, as edgeq's recipes do), and HQQ g128; plus an A/A control, quantize_dynamic's files
-  copied byte for byte and timed as a variant of their own (the noise floor of the latency ratios). ORT's
+  (head kept float, as edgeq's recipes do), and HQQ g128; plus A/A controls, quantize_dynamic's int8 and uint8
+  files copied byte for byte and timed as variants of their own (the noise floor of the latency ratios). ORT's
   GPTQ is not run: it is broken in this ORT (see ../shared/EXPORT-NOTES.md).
 Every quantize+export step runs in its own subprocess: wall seconds and that process's peak RSS (wait4).
 Quality: perplexity in ONNX Runtime on the exported file (all rows), plus edgeq's PyTorch simulation for edgeq
@@ -582,6 +582,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
     control copies, with the control's ratio beside)."""
     out = []
     dyn = ok(peer, "latency_1t")
+    control_of_peer = next((c for c, o in CONTROLS.items() if o == peer), None)
     for k in ("edgeq-w8", "edgeq-w8-s8", "edgeq-w8-fast", "edgeq-w8-fast-s8", "edgeq-w8-tensor", "edgeq-w8-tensor-s8", "edgeq-w8a8",
               "edgeq-w8a8-s8", "edgeq-w8a16-acc4"):
         r = ok(k, "latency_1t")
@@ -594,8 +595,7 @@ def _latency_targets(rows: dict, ok, peer: str) -> list[dict]:
                 a, b = r[f"latency_{t}"][f"{phase}_ms"], dyn[f"latency_{t}"][f"{phase}_ms"]
                 if a is None or b is None:
                     continue
-                copies = [c for c, o in CONTROLS.items() if o == peer]
-                control = _ratio(rows, copies[0], peer, t, phase) if copies else None
+                control = _ratio(rows, control_of_peer, peer, t, phase) if control_of_peer else None
                 aa = f"; A/A control {control[0] / control[1]:.3f}" if control else ""
                 out.append({"target": f"{k} ONNX latency within 5% of ORT {peer} ({phase}, {t[0]} thread{'s' if t[0] != '1' else ''})",
                             "value": f"{a:.2f} ms vs {b:.2f} ms (ratio {a / b:.3f}{aa})", "met": a / b <= 1.05})
@@ -744,9 +744,9 @@ def write_outputs(args, work: Path, command: str, extra: dict) -> None:
         "rows": list(rows.values()),
         "targets": targets(rows),
         "noise_floor": noise_floor(rows),
-        "notes": NOTES + ([f"This host: {host_note()}. Rows with int8 weights (ORT's quantize_dynamic default, edgeq's -s8 rows) "
+        "notes": NOTES + ([f"This host: {host}. Rows with int8 weights (ORT's quantize_dynamic default, edgeq's -s8 rows) "
                            "compute wrong results here and their latency is no comparison; the uint8 rows are exact."]
-                          if host_note() else []),
+                          if (host := host_note()) else []),
     }
     out = Path(args.out)
     result_md = dict(result, rows=rows)
