@@ -37,24 +37,43 @@ def tail_quantiles(x: torch.Tensor, qs: list[float], max_tail: int = 4096) -> to
 
 
 class ActObserver:
-    """Accumulates the range of a layer's input and a bounded random sample of its values."""
+    """Accumulates the range of a layer's input, per channel of its last axis, and a bounded random sample of its
+    values with their channels, so the statistics can be carried over to the input divided per channel."""
 
     def __init__(self, seed: int = 0):
-        self.lo = torch.tensor(float("inf"))
-        self.hi = torch.tensor(float("-inf"))
+        self.ch_lo: torch.Tensor | None = None
+        self.ch_hi: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
+        self.sample_channels: list[torch.Tensor] = []
         self.n_sampled = 0
         self.gen = torch.Generator().manual_seed(seed)
 
+    @property
+    def lo(self) -> torch.Tensor:
+        return self.ch_lo.min() if self.ch_lo is not None else torch.tensor(float("inf"))
+
+    @property
+    def hi(self) -> torch.Tensor:
+        return self.ch_hi.max() if self.ch_hi is not None else torch.tensor(float("-inf"))
+
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1).float()
-        self.lo = torch.minimum(self.lo, x.min())
-        self.hi = torch.maximum(self.hi, x.max())
+        x = x.detach().float()
+        rows = x.reshape(-1, x.shape[-1])
+        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        self.ch_lo = lo if self.ch_lo is None else torch.minimum(self.ch_lo, lo)
+        self.ch_hi = hi if self.ch_hi is None else torch.maximum(self.ch_hi, hi)
         if self.n_sampled < SAMPLE_CAP:
+            x = x.reshape(-1)
             take = min(SAMPLE_PER_CALL, x.numel())
             idx = torch.randint(0, x.numel(), (take,), generator=self.gen)
             self.samples.append(x[idx])
+            self.sample_channels.append(idx % rows.shape[1])
             self.n_sampled += take
+
+    def divide_channels(self, s: torch.Tensor) -> None:
+        """The statistics of x / s (s > 0 per channel of the last axis) instead of x: SmoothQuant's smoothed input."""
+        self.ch_lo, self.ch_hi = self.ch_lo / s, self.ch_hi / s
+        self.samples = [v / s[c] for v, c in zip(self.samples, self.sample_channels)]
 
     def qparams(self, method: str, bits: int = 8, symmetric: bool = False, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point (scalars) of the activation grid chosen by `method`."""
@@ -89,18 +108,67 @@ class HessianAccumulator:
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
 
+    def divide_channels(self, s: torch.Tensor) -> None:
+        """The Hessian of x / s (s per input column) instead of x: diag(1/s) H diag(1/s)."""
+        self.H /= s[:, None] * s[None, :]
+
     def result(self) -> torch.Tensor:
         return self.H.to(torch.float32)
 
 
+class StopForward(Exception):
+    """Raised from a hook to end a calibration forward pass early (every observer has had its input)."""
+
+
+class UntilSeen:
+    """Calibration passes that end once every observed module has had its input.
+
+    Observing hooks call `seen(key)`. The first pass runs to the end and counts the calls; if it
+    saw every key exactly once, each later pass raises StopForward from the call that completes the
+    set, before the module that came last computes anything: the rest of the forward (an LM head's
+    logits, a block's down projection when only the layers before it observe) feeds no observer.
+    A key seen twice or not at all in the first pass (a module reused within a forward, or one
+    called only for some inputs) keeps every pass running to the end. With no keys there is no pass.
+    """
+
+    def __init__(self, keys=()):
+        self.keys = set(keys)
+        self.calls: dict = {}
+        self.armed = False
+
+    def seen(self, key) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.armed and len(self.calls) == len(self.keys):
+            raise StopForward
+
+    def run(self, forward: Callable, items) -> None:
+        """`forward(item)` for each item, stopping each pass once everything has been seen."""
+        if not self.keys:
+            return
+        for i, item in enumerate(items):
+            self.calls.clear()
+            try:
+                forward(item)
+            except StopForward:
+                continue
+            if i == 0:
+                self.armed = self.calls.keys() == self.keys and all(n == 1 for n in self.calls.values())
+
+
 @torch.no_grad()
 def feed_observing_inputs(model: torch.nn.Module, observers: dict[torch.nn.Module, Callable[[torch.Tensor], None]],
-                          batches) -> None:
-    """Run `batches` through `model`, handing each observed module's first input to its callback."""
-    handles = [m.register_forward_pre_hook(lambda mod, args, fn=fn: fn(args[0])) for m, fn in observers.items()]
+                          batches, **kwargs) -> None:
+    """Run `batches` through `model` (with `kwargs`), handing each observed module's first input to its
+    callback; each pass ends once every observed module has had its input (`UntilSeen`)."""
+    until = UntilSeen(observers)
+
+    def hook(mod, args, fn):
+        fn(args[0])
+        until.seen(mod)
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, fn=fn: hook(mod, args, fn)) for m, fn in observers.items()]
     try:
-        for batch in batches:
-            model(*batch)
+        until.run(lambda batch: model(*batch, **kwargs), batches)
     finally:
         for h in handles:
             h.remove()

@@ -3,8 +3,10 @@
 For transformer-like models (a ModuleList of repeated blocks) calibration runs one block at a
 time on the outputs of the already-quantized blocks before it, so GPTQ's Hessians and static
 activation ranges see what the quantized model will really feed each layer, and memory stays at
-one block's activations. Layers outside the blocks (a LM head, a CNN stem) are handled in a last
-pass over the whole model. Models without repeated blocks are calibrated in one pass.
+one block's activations. SmoothQuant's channel maxima come from the same pass as the block's
+statistics. Layers outside the blocks (a LM head, a CNN stem) are handled in a last pass over the
+whole model, skipped when none of them takes statistics. Models without repeated blocks are
+calibrated in one pass. Every pass ends once the layers it observes have had their inputs.
 """
 
 from __future__ import annotations
@@ -21,13 +23,9 @@ from ..models.hf import eager_attention
 from ..recipe import ActSpec, QuantRecipe, Rule
 from .methods import METHODS, LayerStats
 from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantLinear, set_module
-from .observers import ActObserver, HessianAccumulator
+from .observers import ActObserver, HessianAccumulator, StopForward, UntilSeen, feed_observing_inputs
 from .qmodel import QuantizedModel, model_float_bytes
-from .transforms import fold_norms, head_and_embedding, head_name, is_tied, smooth, untie_head
-
-
-class _Stop(Exception):
-    pass
+from .transforms import fold_norms, head_and_embedding, head_name, is_tied, smooth, smoothable, untie_head
 
 
 def quantizable(module: torch.nn.Module) -> str | None:
@@ -80,14 +78,20 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     batches = list(calib_batches) if calib_batches is not None else []
     if needs_data and not batches:
         raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ, static activations or smoothing): pass --calib")
-    smoothed = []
+    smoothed, smooth_in_blocks = {}, []
     if recipe.smoothing > 0:
         with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized}
-        smoothed = smooth(model, _channel_absmax(model, with_acts, batches), recipe.smoothing, with_acts)
+        among = smoothable(model, with_acts)
+        blocks = find_blocks(model)
+        if needs_stats and blocks is not None and all(n.startswith(f"{blocks[0]}.") for n in among):
+            smooth_in_blocks = among  # from the pass that takes the blocks' statistics
+        else:
+            smoothed = smooth(model, _channel_absmax(model, among, batches), recipe.smoothing, with_acts)
     hessian_kinds = {}
     with torch.no_grad():
         if needs_stats:  # (smoothing alone has used the data already)
-            hessian_kinds = _calibrated(model, targets, recipe, batches, progress)
+            hessian_kinds, smoothed_in_blocks = _calibrated(model, targets, recipe, batches, progress, smooth_in_blocks)
+            smoothed.update(smoothed_in_blocks)
         else:
             for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
                 _replace(model, name, kind, rule, LayerStats(), recipe)
@@ -135,16 +139,16 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
 @torch.no_grad()
 def _channel_absmax(model, names, batches) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| at each named layer over the calibration batches."""
-    from .observers import feed_observing_inputs
+    out = dict.fromkeys(names)
+    feed_observing_inputs(model, {model.get_submodule(n): (lambda x, n=n: _add_absmax(out, n, x)) for n in names}, batches,
+                          **no_cache(model))
+    return {n: m for n, m in out.items() if m is not None}
 
-    out = {}
 
-    def absmax(name, x):
-        x = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
-        out[name] = x if name not in out else torch.maximum(out[name], x)
-
-    feed_observing_inputs(model, {model.get_submodule(n): (lambda x, n=n: absmax(n, x)) for n in names}, batches)
-    return out
+def _add_absmax(out: dict, name: str, x: torch.Tensor) -> None:
+    """out[name] = per-channel (last axis) max |x|, over every x so far (None before the first)."""
+    m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+    out[name] = m if out[name] is None else torch.maximum(out[name], m)
 
 
 def _progress(items, progress, desc):
@@ -185,8 +189,11 @@ def _method_hessian(name: str, rule: Rule) -> bool:
 
 
 @contextlib.contextmanager
-def _observing(model, names, targets, recipe, wants_hessian=_method_hessian):
-    """Hooks collecting Hessians (where `wants_hessian(name, rule)`) / activation ranges at the inputs of `names`.
+def _observing(model, names, targets, recipe, wants_hessian=_method_hessian, until: UntilSeen | None = None,
+               absmax: dict | None = None):
+    """Hooks collecting Hessians (where `wants_hessian(name, rule)`) / activation ranges at the inputs of `names`, and
+    the per-channel max |x| of the layers keyed in `absmax` into it; every layer that collects something is a key of
+    `until`, seen when its statistics have been added.
 
     A value projection's GPTQ Hessian (recipe.gptq.value_hessian = "attention", with the model
     running eager attention) is built from its inputs mixed by the attention weights, the rows
@@ -197,6 +204,8 @@ def _observing(model, names, targets, recipe, wants_hessian=_method_hessian):
     stats = {}
     handles = []
     last: dict = {}  # the input most recently added to a Hessian, and that Hessian
+    until = until if until is not None else UntilSeen()
+    absmax = absmax if absmax is not None else {}
     for name in names:
         kind, rule = targets[name]
         module = model.get_submodule(name)
@@ -204,17 +213,24 @@ def _observing(model, names, targets, recipe, wants_hessian=_method_hessian):
         acc = HessianAccumulator(_columns(module, kind)) if wants_hessian(name, rule) else None
         obs = ActObserver() if rule.activation.mode == "static" else None
         stats[name] = (st, acc, obs)
+        maxes = name in absmax
+        if acc is not None or obs is not None or maxes:
+            until.keys.add(name)
         attention = _attention_of(model, name) if acc is not None and recipe.gptq.value_hessian == "attention" else None
         if attention is not None:
-            handles += _attention_weighted(module, attention, acc, st)
+            handles += _attention_weighted(module, attention, acc, st, lambda name=name: until.seen(name))
             acc = None
 
-        def hook(mod, args, name=name, kind=kind, adds=acc is not None, obs=obs):
+        def hook(mod, args, name=name, kind=kind, adds=acc is not None, obs=obs, maxes=maxes, mixed=attention is not None):
             x = args[0]
             if obs is not None:
                 obs.observe(x)
             if adds:
                 _add_shared(stats, name, kind, mod, x, last)
+            if maxes:
+                _add_absmax(absmax, name, x)
+            if (adds or obs is not None or maxes) and not mixed:
+                until.seen(name)
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -244,8 +260,9 @@ def _attention_of(model, name) -> torch.nn.Module | None:
     return model.get_submodule(parent) if child == "v_proj" and parent else None
 
 
-def _attention_weighted(v_proj, attention, acc, st: LayerStats) -> list:
-    """Hooks adding sum_j a_hij x_j (every head h, query i) to `acc`; raw inputs if no weights come out."""
+def _attention_weighted(v_proj, attention, acc, st: LayerStats, added) -> list:
+    """Hooks adding sum_j a_hij x_j (every head h, query i) to `acc`, raw inputs if no weights come out;
+    `added()` after each addition."""
     pending = []
 
     def keep_input(mod, args):
@@ -260,6 +277,7 @@ def _attention_weighted(v_proj, attention, acc, st: LayerStats) -> list:
         else:
             acc.add(x)
             st.hessian_kind = "input"
+        added()
 
     return [v_proj.register_forward_pre_hook(keep_input), attention.register_forward_hook(add_mixed)]
 
@@ -287,24 +305,31 @@ def _finish(model, names, targets, stats, recipe, progress) -> None:
         _replace(model, name, kind, rule, st, recipe)
 
 
-def _calibrated(model, targets, recipe, batches, progress) -> dict[str, str]:
-    """Calibrate and quantize every target; returns the kind of Hessian each value projection got."""
+def _calibrated(model, targets, recipe, batches, progress, smooth_layers) -> tuple[dict, dict]:
+    """Calibrate (and smooth `smooth_layers`) and quantize every target: see `calibrate_blockwise`."""
     return calibrate_blockwise(model, targets, recipe, batches,
-                               lambda names, stats, bar: _finish(model, names, targets, stats, recipe, bar), progress=progress)
+                               lambda names, stats, bar: _finish(model, names, targets, stats, recipe, bar), progress=progress,
+                               smooth_layers=smooth_layers)
 
 
-def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=None, progress=None) -> dict[str, str]:
+def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=None, progress=None,
+                        smooth_layers=()) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Collect each target's statistics and hand them to `finish(names, stats, progress)`, which replaces the layers,
     one transformer block at a time: a block's statistics come from the outputs of the blocks already replaced (the
     quantized model's activations, as GPTQ's sequential calibration does); layers outside the blocks come last.
 
     `stats[name]` is (LayerStats, HessianAccumulator or None, ActObserver or None). A layer gets a Hessian when
-    `needs_hessian(name, rule)` (default: its PTQ method uses one). Returns the kind of Hessian each value projection got.
+    `needs_hessian(name, rule)` (default: its PTQ method uses one). `smooth_layers` (layers inside the blocks) are
+    smoothed with `recipe.smoothing` from the same pass: a block's channel maxima are taken with its statistics,
+    the block is smoothed, and its statistics are carried over to the smoothed inputs x / s exactly (`_divide_inputs`),
+    so SmoothQuant costs no pass of its own and sees what the quantized model feeds the block. Returns the kind of
+    Hessian each value projection got and each smoothed layer's s.
     """
     wants = needs_hessian or _method_hessian
     weighted = recipe.gptq.value_hessian == "attention" and any(
         wants(n, rule) and _attention_of(model, n) is not None for n, (_, rule) in targets.items())
     hessian_kinds = {}
+    smoothed: dict[str, torch.Tensor] = {}
 
     def done_with(names, stats, bar):
         finish(names, stats, bar)
@@ -318,19 +343,39 @@ def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=N
             inputs = _capture_block_inputs(model, block_list[0], batches)
             for i, block in enumerate(_progress(list(block_list), progress, "blocks")):
                 names = [n for n in targets if n.startswith(f"{prefix}.{i}.")]
-                with _observing(model, names, targets, recipe, wants) as stats:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
+                until = UntilSeen()
+                absmax = dict.fromkeys(n for n in smooth_layers if n in names)
+                with _observing(model, names, targets, recipe, wants, until, absmax) as stats:
+                    until.run(lambda item: block(*item[0], **item[1]), inputs)
+                if absmax:
+                    scales = smooth(model, {n: a for n, a in absmax.items() if a is not None}, recipe.smoothing, set(absmax))
+                    _divide_inputs(stats, scales)
+                    smoothed.update(scales)
                 done_with(names, stats, None)
                 done.update(names)
-                inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
+                if i + 1 < len(block_list):  # the next block's inputs: this one's outputs, quantized
+                    inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
         rest = [n for n in targets if n not in done]
-        if rest:
-            with _observing(model, rest, targets, recipe, wants) as stats:
-                for batch in batches:
-                    model(*batch, **no_cache(model))
+        if rest:  # (a LM head quantized without data gets no pass)
+            until = UntilSeen()
+            with _observing(model, rest, targets, recipe, wants, until) as stats:
+                until.run(lambda batch: model(*batch, **no_cache(model)), batches)
             done_with(rest, stats, progress if blocks is None else None)
-    return hessian_kinds
+    return hessian_kinds, smoothed
+
+
+def _divide_inputs(stats: dict, scales: dict[str, torch.Tensor]) -> None:
+    """Carry statistics taken on inputs x over to x / s (each layer's SmoothQuant s): activation ranges and samples per
+    channel, Hessians as diag(1/s) H diag(1/s), each shared Hessian (q/k/v read one input) once."""
+    hessians = {}
+    for name, s in scales.items():
+        _, acc, obs = stats[name]
+        if obs is not None:
+            obs.divide_channels(s)
+        if acc is not None:
+            hessians[id(acc)] = (acc, s)
+    for acc, s in hessians.values():
+        acc.divide_channels(s)
 
 
 def no_cache(model) -> dict:
@@ -354,14 +399,14 @@ def _capture_block_inputs(model, first_block, batches) -> list:
 
     def hook(mod, args, kwargs):
         captured.append((tuple(args), dict(kwargs)))
-        raise _Stop
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             try:
                 model(*batch, **no_cache(model))
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()

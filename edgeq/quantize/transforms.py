@@ -99,17 +99,22 @@ def llama_smooth_groups(model: torch.nn.Module) -> list[tuple[str, str, list[str
     return groups
 
 
+def smoothable(model: torch.nn.Module, targets: set[str]) -> list[str]:
+    """The layers of `targets` SmoothQuant can smooth: every consumer of a smoothing group within `targets`."""
+    return [c for _, _, consumers in llama_smooth_groups(model) if set(consumers) <= targets for c in consumers]
+
+
 @torch.no_grad()
 def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float,
-           targets: set[str]) -> list[str]:
+           targets: set[str]) -> dict[str, torch.Tensor]:
     """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, exactly.
 
     For each group whose consumers are all quantized with activations, s_j =
     max|X_j|^alpha / max|W_:,j|^(1 - alpha); the producer divides channel j by s_j and the
     consumers' column j is multiplied by it, so the float function is unchanged while the
-    consumers' inputs lose their outlier channels. Returns the consumers that were smoothed.
+    consumers' inputs lose their outlier channels. Returns each smoothed consumer's s (its input is now x / s).
     """
-    smoothed = []
+    smoothed = {}
     for kind, producer, consumers in llama_smooth_groups(model):
         if not all(c in targets and c in act_absmax for c in consumers):
             continue
@@ -126,5 +131,5 @@ def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
         for c in consumers:
             lin = model.get_submodule(c)
             lin.weight.mul_(s[None, :].to(lin.weight.dtype))
-        smoothed.extend(consumers)
+        smoothed.update(dict.fromkeys(consumers, s))
     return smoothed

@@ -143,3 +143,110 @@ def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
     b2 = load_model(tiny_llama_ref)
     qm = quantize_model(b2, recipe, calibration_batches(b2, "enwiki", 2, 64))
     assert qm.summary()["smoothed_layers"] == 24
+
+
+GPTQ_WITH_HEAD = {"rules": [{"match": ".*", "method": "gptq", "weight": {"bits": 4, "granularity": "group", "group_size": 32}}]}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "gptq-with-head"])
+def test_calibration_passes_stop_early_without_changing_a_bit(recipe, tiny_llama_ref, monkeypatch):
+    """Calibration passes end once every observer has had its input, and the pass for the layers outside the
+    blocks is skipped when none takes statistics (w8a8's dynamic head); a GPTQ head (and v_proj's attention-mixed
+    Hessian) still gets everything. Integers, scales and activation grids are bitwise those of full passes."""
+    from edgeq.quantize import observers
+
+    def quantized(full: bool):
+        bundle = load_model(tiny_llama_ref)
+        head_calls = []
+        bundle.module.lm_head.register_forward_hook(lambda *a: head_calls.append(1))  # ran to its end
+        r = load_recipe("w8a8") if recipe == "w8a8" else QuantRecipe.from_dict(GPTQ_WITH_HEAD)
+        with monkeypatch.context() as m:
+            if full:  # every pass to the end, as calibration ran before passes could stop
+                m.setattr(observers.UntilSeen, "run", lambda self, forward, items: [forward(item) for item in items] and None)
+            qm = quantize_model(bundle, r, calibration_batches(bundle, "enwiki", 12, 64))  # 3 batches
+        return {n: {k: v.clone() for k, v in layer.state_dict().items()} for n, layer in qm.layers().items()}, len(head_calls), qm
+
+    early, early_calls, qm = quantized(full=False)
+    full, full_calls, _ = quantized(full=True)
+    assert early.keys() == full.keys() and "lm_head" in early
+    for name, tensors in full.items():
+        for k, v in tensors.items():
+            assert torch.equal(early[name][k], v), (name, k)
+    # w8a8 (smoothed inside the block passes) never runs its head: the head's pass, 3 batches, is skipped; a GPTQ
+    # head computes once, in the first batch of its pass (which counts the observed layers' calls)
+    assert early_calls == (0 if recipe == "w8a8" else 1) and full_calls == 3
+    if recipe != "w8a8":
+        assert qm.summary()["gptq_value_hessians"] == {"attention": 4}
+
+
+def test_a_module_called_twice_keeps_every_pass_running_to_the_end():
+    from edgeq.quantize.observers import feed_observing_inputs
+
+    shared, last = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    calls = {"last": 0}
+    last.register_forward_pre_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+
+    def run(model):
+        seen = []
+        feed_observing_inputs(model, {shared: seen.append}, [(torch.randn(2, 4),) for _ in range(3)])
+        return len(seen)
+
+    assert run(torch.nn.Sequential(shared, last)) == 3 and calls["last"] == 1  # stops before `last` after the first pass
+    calls["last"] = 0
+    assert run(torch.nn.Sequential(shared, shared, last)) == 6 and calls["last"] == 3  # reused: never stops early
+
+
+def test_smoothing_statistics_carry_over_to_the_smoothed_inputs(tiny_llama_ref):
+    """SmoothQuant inside the block passes: ranges and samples taken on x, divided per channel by s, are those of the
+    smoothed model's own inputs x / s (observed again after the fact), and every smoothable layer was smoothed."""
+    from edgeq.quantize.observers import ActObserver, feed_observing_inputs
+    from edgeq.quantize.ptq import calibrate_blockwise, plan
+    from edgeq.quantize.transforms import smoothable
+
+    bundle = load_model(tiny_llama_ref)
+    model = bundle.module.eval()
+    recipe = load_recipe("w8a8")
+    fold_norms(model)
+    targets = plan(model, recipe)
+    among = smoothable(model, {n for n, (_, r) in targets.items() if r.activation.quantized})
+    batches = calibration_batches(bundle, "enwiki", 8, 64)
+    carried = {}
+
+    def keep(names, stats, bar):  # records the statistics and leaves the float layers in place
+        for n in names:
+            obs = stats[n][2]
+            if obs is not None:
+                carried[n] = (obs.lo, obs.hi, obs.qparams("percentile", percentile=99.9))
+
+    with torch.no_grad():
+        _, scales = calibrate_blockwise(model, targets, recipe, batches, keep, smooth_layers=among)
+    assert sorted(scales) == sorted(among) and len(among) == 4 * 6
+    assert any(n.endswith("q_proj") for n in carried) and not any(n.endswith("down_proj") for n in carried)
+    again = {n: ActObserver() for n in carried}  # same seed: the same sample positions
+    feed_observing_inputs(model, {model.get_submodule(n): again[n].observe for n in carried}, batches, use_cache=False)
+    for n, (lo, hi, (scale, zp)) in carried.items():
+        assert torch.allclose(lo, again[n].lo, rtol=1e-5, atol=1e-6) and torch.allclose(hi, again[n].hi, rtol=1e-5, atol=1e-6), n
+        s2, zp2 = again[n].qparams("percentile", percentile=99.9)
+        assert torch.allclose(scale, s2, rtol=1e-5) and abs(int(zp) - int(zp2)) <= 1, n
+
+
+def test_observer_and_hessian_divide_channels_like_observing_the_divided_input():
+    from edgeq.quantize.observers import ActObserver, HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 50, 16, generator=g) * torch.linspace(0.1, 20, 16) for _ in range(4)]
+    s = torch.rand(16, generator=g) * 4 + 0.25
+    a, b = ActObserver(), ActObserver()
+    ha, hb = HessianAccumulator(16), HessianAccumulator(16)
+    for x in xs:
+        a.observe(x)
+        b.observe(x / s)
+        ha.add(x)
+        hb.add(x / s)
+    a.divide_channels(s)
+    ha.divide_channels(s)
+    assert torch.allclose(a.lo, b.lo) and torch.allclose(a.hi, b.hi)
+    assert torch.allclose(torch.cat(a.samples), torch.cat(b.samples))
+    for method in ("minmax", "percentile", "mse"):
+        assert torch.allclose(a.qparams(method)[0], b.qparams(method)[0], rtol=1e-5), method
+    assert (ha.result() - hb.result()).abs().max() <= 1e-5 * hb.result().abs().max()  # float32 sums, rounded apart
