@@ -561,10 +561,13 @@ _DIGESTS: dict = {}
 
 
 def files_sha256(row: dict) -> list[str]:
-    """sha256 of a row's prefill and decode files (what its latency was measured on), cached per (path, mtime, size)."""
+    """sha256 of a row's prefill and decode files (what its latency was measured on), cached per (path, mtime, size);
+    a file gone from disk counts as "missing"."""
     out = []
     for f in (row.get("file"), row.get("decode_file")):
-        if f:
+        if f and not os.path.isfile(f):
+            out.append("missing")
+        elif f:
             st = os.stat(f)
             stamp = (f, st.st_mtime_ns, st.st_size)
             if stamp not in _DIGESTS:
