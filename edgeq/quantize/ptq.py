@@ -217,11 +217,12 @@ def _observing(model, names, targets, recipe, wants_hessian=_method_hessian, unt
         if acc is not None or obs is not None or maxes:
             until.keys.add(name)
         attention = _attention_of(model, name) if acc is not None and recipe.gptq.value_hessian == "attention" else None
-        if attention is not None:
+        if attention is not None:  # (seen once the attention output has added the mixed rows)
             handles += _attention_weighted(module, attention, acc, st, lambda name=name: until.seen(name))
             acc = None
+        seen_here = name in until.keys and attention is None
 
-        def hook(mod, args, name=name, kind=kind, adds=acc is not None, obs=obs, maxes=maxes, mixed=attention is not None):
+        def hook(mod, args, name=name, kind=kind, adds=acc is not None, obs=obs, maxes=maxes, seen_here=seen_here):
             x = args[0]
             if obs is not None:
                 obs.observe(x)
@@ -229,7 +230,7 @@ def _observing(model, names, targets, recipe, wants_hessian=_method_hessian, unt
                 _add_shared(stats, name, kind, mod, x, last)
             if maxes:
                 _add_absmax(absmax, name, x)
-            if (adds or obs is not None or maxes) and not mixed:
+            if seen_here:
                 until.seen(name)
 
         handles.append(module.register_forward_pre_hook(hook))
