@@ -30,7 +30,6 @@ import filecmp
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import fresh_process_rounds  # noqa: E402
+from hostinfo import machine  # noqa: E402
 
 from edgeq.fileio import sha256_file, write_json_atomic, write_text_atomic  # noqa: E402
 from edgeq.export.onnx import host_note  # noqa: E402
@@ -748,7 +748,7 @@ def write_outputs(args, work: Path, command: str, extra: dict) -> None:
     result = {
         "command": command, "commands": commands, "model": args.model,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "versions": {"edgeq_git": _git_rev(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
         "loadavg": extra.get("loadavg_run", [round(x, 2) for x in os.getloadavg()]),
@@ -821,16 +821,6 @@ NOTES = [
     "edgeq's FP32 file, i.e. never pay it). --cold-graph forces the trace.",
     "INT4 asymmetric group 32 is never used here: SmolLM2's weights come from a Q4_1 GGUF and lie on that grid already.",
 ]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _git_rev() -> str:

@@ -8,7 +8,8 @@ One run per model, on the same float graph and the same data:
   integer), w8a16-static (int16x8: full integer with 16-bit activations) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
   of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
 - ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
-  applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs).
+  applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs, and for a
+  decoder LM's decode signature the decode steps edgeq's own full-integer export calibrates with).
 Quality: language models: perplexity on 16 evaluation windows of 512 tokens of enwiki
 (`lm_windows(tok, "enwiki", "evaluation", 512, 16)`) and next-token top-1 agreement with the FP32 file;
 images: top-1 agreement and mean KL(fp32 || variant) on 64 evaluation images. Latency: one full forward of
@@ -22,7 +23,6 @@ import argparse
 import functools
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeq.export import export  # noqa: E402
+from edgeq.export import tflite as tflite_export  # noqa: E402
 from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from hostinfo import machine  # noqa: E402
 
 COMMANDS: list[str] = []  # every run that contributed rows (a run resumes the previous one's results)
 AEQ_RECIPES = ("dynamic_wi8_afp32", "weight_only_wi4_afp32", "dynamic_wi4b32_afp32", "static_wi8_ai8")
@@ -68,7 +70,7 @@ def make_qdir(model: str, recipe_name: str, work: Path) -> tuple[Path, float | N
     return qdir, time.perf_counter() - t0
 
 
-def aeq_quantize(fp32: Path, recipe_name: str, out: Path, calibration: list[dict]) -> float:
+def aeq_quantize(fp32: Path, recipe_name: str, out: Path, calibration: dict[str, list[dict]]) -> float:
     from ai_edge_quantizer import quantizer, recipe
 
     t0 = time.perf_counter()
@@ -76,7 +78,7 @@ def aeq_quantize(fp32: Path, recipe_name: str, out: Path, calibration: list[dict
     qt.load_quantization_recipe(getattr(recipe, recipe_name)())
     result = None
     if qt.need_calibration:
-        result = qt.calibrate({"serving_default": calibration}, num_threads=2)
+        result = qt.calibrate(calibration, num_threads=2)
     q = qt.quantize(result, enable_progress_report=False)
     out.write_bytes(bytes(q.quantized_model))
     return time.perf_counter() - t0
@@ -176,7 +178,6 @@ def main() -> None:
 
     from edgeq import data
     from edgeq.models import load_model
-    from edgeq.models.inputs import calibration_batches
 
     bundle = load_model(args.model)
     is_lm = bundle.kind == "causal-lm"
@@ -223,8 +224,10 @@ def main() -> None:
                       "edgeq_quantize_s": None if qs is None else round(qs, 1), "convert_s": m["timing_s"]["convert"],
                       "quantize_s": m["timing_s"]["quantize"], "parity_vs_simulation": m["parity"]}
 
-    calib_batches = calibration_batches(bundle, None, 8, args.seq_len, batch_size=1)
-    calibration = [{"args_0": np.asarray(b[0].numpy(), dtype=np.int32 if is_lm else np.float32)} for b in calib_batches]
+    # every signature of the fp32 file needs feeds (a decoder LM's has a decode step too): the feeds edgeq's
+    # own full-integer export calibrates with, from the same 8 calibration inputs
+    decode = (meta.get("graph") or {}).get("decode") or {}
+    calibration = tflite_export._calibration(bundle, args.seq_len, 8, bundle.module, decode.get("cache_len", 0))
     for r in () if args.no_aeq else AEQ_RECIPES:
         path = work / f"{args.model}-aeq-{r}.tflite"
         name = f"aeq {r}"
@@ -274,8 +277,7 @@ def main() -> None:
 
 def save(out: Path, command: str, args, bundle, meta: dict, rows: dict, is_lm: bool) -> None:
     result = {"command": command, "commands": COMMANDS, "model": args.model, "seq_len": args.seq_len if bundle.kind in ("causal-lm", "encoder") else None,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
-                          "python": platform.python_version()},
+              "machine": machine(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "tools": meta.get("tools"), "rows": rows, "targets": targets(rows, is_lm)}
     write_json_atomic(Path(f"{out}.json"), result)
@@ -314,7 +316,7 @@ def markdown(result: dict, is_lm: bool) -> str:
     q = ["ppl", "top1_agree_fp32"] if is_lm else ["top1_agree_fp32", "kl_fp32"]
     head = ["file", "exact", *q, "size MB", "convert s", "quantize s", "ms 1 thread", "ms 2 threads"]
     lines = [f"# TFLite variants on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", *result["commands"], "```", "",
-             f"Created {result['created']} on {result['machine']['cores']} cores (shared). Latency: median of "
+             f"Created {result['created']} on {result['machine'].get('cpu', '?')} ({result['machine']['cores']} cores, shared). Latency: median of "
              f"{next(iter(result['rows'].values())).get('latency_1t', {}).get('n')} interleaved calls after warm-up, LiteRT "
              "XNNPACK" + (f", one {result['seq_len']}-token prefill." if is_lm else ", one image."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import fresh_process_rounds, interleaved, log, make_qdir  # noqa: E402
+from hostinfo import machine  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export.tflite_runtime import DecodeSession  # noqa: E402
@@ -147,7 +147,7 @@ def main() -> None:
             rows[name][f"decode_{threads}t"] = lat
     result = {"command": command, "model": args.model, "cache_len": args.cache_len, "tokens": n,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cores": __import__("os").cpu_count(), "platform": platform.platform()},
+              "machine": machine(),
               "rows": rows, "targets": targets(rows)}
     out = Path(args.out)
     write_json_atomic(Path(f"{out}.json"), result)
@@ -169,7 +169,7 @@ def targets(rows: dict) -> dict:
 def markdown(result: dict) -> str:
     first = next(iter(result["rows"].values()))
     lines = [f"# TFLite decode step on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", result["command"], "```", "",
-             f"Created {result['created']} on {result['machine']['cores']} cores (shared). One decode step (the `decode` signature, "
+             f"Created {result['created']} on {result['machine'].get('cpu', '?')} ({result['machine']['cores']} cores, shared). One decode step (the `decode` signature, "
              f"{result['cache_len']} cache slots, caches kept in the interpreter's buffers, the step's key/value rows written in place: tflite_runtime.DecodeSession) in LiteRT with XNNPACK: in each of "
              f"{first['decode_1t'].get('rounds', 1)} fresh processes (load order rotated) the median of {first['decode_1t']['n']} "
              "interleaved calls after warm-up; the table gives the median over processes, the spread lists each process's "
