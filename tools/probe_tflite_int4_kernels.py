@@ -7,9 +7,9 @@ format streams the weights. One graph of --layers float Linear(--width, --width)
 with litert-torch), quantized by ai-edge-quantizer into each format LiteRT's hybrid kernels take (int8 per channel;
 int4 per channel; int4 blocks of 32, 64, 128, 256: activations quantized per row at run time); the weights are
 random, so only the format matters, not whose integers they are. Each file runs one [1, width] input in LiteRT with
-XNNPACK, at 1 and 2 threads, all files interleaved round-robin, median of --reps after warm-up. Effective GB/s is
-the file's size over the median time: what a kernel that only streamed its weights would reach at the fp32 row's
-rate is the bound. Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
+XNNPACK, at 1 and 2 threads, all files interleaved round-robin, median of --reps after warm-up. GB/s is the file's
+size over the median time: how fast each format's kernel streams its weights, which bounds a decode step's time
+from below (weights of the format / its rate). Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def runtime() -> str:
 
 def markdown(result: dict) -> str:
     w, n = result["width"], result["layers"]
-    lines = [f"# One-token FULLY_CONNECTED in LiteRT/XNNPACK by weight format (probe)", "", "```", result["command"], "```", "",
+    lines = ["# One-token FULLY_CONNECTED in LiteRT/XNNPACK by weight format (probe)", "", "```", result["command"], "```", "",
              f"Created {result['created']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, shared), "
              f"{result['runtime']}. A chain of {n} Linear({w}, {w}) layers, one [1, {w}] input, XNNPACK; the files "
              f"interleaved, median of {result['reps']} calls. Quantized by ai-edge-quantizer (random weights: the format "
