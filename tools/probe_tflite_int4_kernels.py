@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_tflite import interleaved, log  # noqa: E402
 from hostinfo import machine  # noqa: E402
 
+from edgeq.export.tflite_runtime import TfliteRunner, runtime_version  # noqa: E402
 from edgeq.fileio import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 
 FORMATS = {  # name -> (bits, ai-edge-quantizer granularity)
@@ -63,8 +64,6 @@ def quantized_file(fp32: Path, bits: int, granularity: str, out: Path) -> None:
 
 
 def latency(files: dict[str, Path], width: int, threads: int, reps: int) -> dict[str, dict]:
-    from edgeq.export.tflite_runtime import TfliteRunner
-
     x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
     return interleaved({n: functools.partial(TfliteRunner(p, threads=threads), x) for n, p in files.items()}, reps)
 
@@ -99,17 +98,11 @@ def main() -> None:
     result = {"command": command, "width": args.width, "layers": args.layers, "reps": args.reps,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(),
-              "runtime": runtime(), "rows": rows}
+              "runtime": runtime_version(), "rows": rows}
     out = Path(args.out)
     write_json_atomic(Path(f"{out}.json"), result)
     write_text_atomic(Path(f"{out}.md"), markdown(result))
     print(markdown(result))
-
-
-def runtime() -> str:
-    from edgeq.export.tflite_runtime import runtime_version
-
-    return runtime_version()
 
 
 def markdown(result: dict) -> str:
