@@ -240,7 +240,7 @@ class QuantRecipe:
     fold_norms: bool = True
     untie_head: bool = True
     pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)
-    smoothing: float = 0.0  # SmoothQuant alpha for layers with quantized activations; 0 = off
+    smoothing: float = 0.0  # SmoothQuant alpha for layers with quantized activations of <= 8 bits; 0 = off
     # the input embedding's weight grid (rows = tokens; RTN). None keeps it float. A tied LM head without
     # its own rule shares these integers (one stored copy).
     embedding: WeightSpec | None = None

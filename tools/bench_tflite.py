@@ -5,7 +5,7 @@
 
 One run per model, on the same float graph and the same data:
 - edgeq: `edgeq export QDIR --format tflite` for the QDIRs of recipes w8 (dynamic-int8), w8a8-static (int8, full
-  integer), w8a16-static (int16x8: full integer with 16-bit activations) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
+  integer; --int8-recipe w8a8-static-fc2a16 adds the int8 file with 16x8 down-projections), w8a16-static (int16x8: full integer with 16-bit activations) and, for language models, w4-g64-litert (int4 blockwise, GPTQ, LiteRT's grid; SmolLM2's width 576 rules out blocks
   of 128); QDIRs are made here (or reused from --work) with the presets' own calibration.
 - ai-edge-quantizer: `dynamic_wi8_afp32`, `weight_only_wi4_afp32`, `dynamic_wi4b32_afp32`, `static_wi8_ai8`
   applied to litert-torch's FP32 file of the float model (static calibration: 8 calibration inputs, and for a
@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--int4-recipe", nargs="+", default=["w4-g64-litert"],
                     help="recipe(s) (preset names or TOML paths) for the int4 rows (default w4-g64-litert)")
+    ap.add_argument("--int8-recipe", nargs="+", default=["w8a8-static"],
+                    help="recipe(s) for the full-integer int8 rows (default w8a8-static; w8a8-static-fc2a16 adds 16x8 down-projections)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
     ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
@@ -182,7 +184,7 @@ def main() -> None:
     bundle = load_model(args.model)
     is_lm = bundle.kind == "causal-lm"
     # full integer needs static activations in every layer: int8, or int16 (LiteRT's 16x8 mode)
-    recipes = {"w8": "dynamic-int8", "w8a8-static": "int8", "w8a16-static": "int16x8"}
+    recipes = {"w8": "dynamic-int8", **{r: "int8" for r in args.int8_recipe}, "w8a16-static": "int16x8"}
     if is_lm:
         recipes.update({r: "int4" for r in args.int4_recipe})
     # rows finished by an earlier run (same model and sequence length) are kept: the run resumes
@@ -293,14 +295,17 @@ def targets(rows: dict, is_lm: bool) -> dict:
     if dyn and aeq_dyn and "latency_1t" in dyn and "latency_1t" in aeq_dyn:
         ratio = dyn["latency_1t"]["median_ms"] / aeq_dyn["latency_1t"]["median_ms"]
         out["dynamic_int8_latency_ratio_vs_aeq_1t"] = {"value": round(ratio, 3), "target": "<= 1.05", "met": ratio <= 1.05}
-    full, aeq_static = get("edgeq int8"), get("aeq static_wi8_ai8")
-    if full and "top1_agree_fp32" in full:
-        out["int8_top1_agree_fp32"] = {"value": full["top1_agree_fp32"], "target": ">= 0.99" if is_lm else "report",
-                                       "met": full["top1_agree_fp32"] >= 0.99}
+    aeq_static = get("aeq static_wi8_ai8")
+    for name, full in rows.items():  # every full-integer int8 row, each against the same ai-edge-quantizer file
+        if not (name.startswith("edgeq int8 ") and "top1_agree_fp32" in full):
+            continue
+        tag = "" if full.get("recipe") == DEFAULT_RECIPES["int8"] else f" ({full.get('recipe')})"
+        out[f"int8_top1_agree_fp32{tag}"] = {"value": full["top1_agree_fp32"], "target": ">= 0.99" if is_lm else "report",
+                                             "met": full["top1_agree_fp32"] >= 0.99}
         if aeq_static and ("ppl" if is_lm else "kl_fp32") in aeq_static:
             key = "ppl" if is_lm else "kl_fp32"
             better = full[key] < aeq_static[key]
-            out["int8_better_than_static_wi8_ai8"] = {"edgeq": full[key], "aeq": aeq_static[key], "metric": key, "met": better}
+            out[f"int8_better_than_static_wi8_ai8{tag}"] = {"edgeq": full[key], "aeq": aeq_static[key], "metric": key, "met": better}
     aeq4 = get("aeq dynamic_wi4b32_afp32")
     for name, int4 in rows.items():  # every int4 row, each against the same ai-edge-quantizer file
         if not (name.startswith("edgeq int4") and is_lm and aeq4 and "ppl" in int4 and "ppl" in aeq4):

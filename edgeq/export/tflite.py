@@ -65,8 +65,9 @@ def default_variant(qm) -> str:
     if qm is None:
         return "fp32"
     decisions = [m.decision for m in qm.layers().values()]
-    if any(d.activation.mode == "static" for d in decisions):
-        return "int16x8" if any(d.activation.mode == "static" and d.activation.bits == 16 for d in decisions) else "int8"
+    static_bits = {d.activation.bits for d in decisions if d.activation.mode == "static"}
+    if static_bits:
+        return "int16x8" if static_bits == {16} else "int8"  # int8 holds a recipe's 16x8 layers too
     if any(d.weight.bits <= 4 for d in decisions):
         return "int4"
     return "dynamic-int8"
@@ -79,6 +80,8 @@ def check_representable(qm, variant: str) -> None:
     if qm is None:
         raise EdgeqError(f"tflite: variant {variant!r} needs a quantized-model directory (edgeq quantize first); "
                          "a model reference exports as --variant fp32")
+    # an int8 file may hold 16x8 layers where the recipe mixes them in (w8a8-static-fc2a16); 16 bits throughout is int16x8
+    has_int8 = any(m.decision.activation.mode == "static" and m.decision.activation.bits == 8 for m in qm.layers().values())
     for name, m in qm.layers().items():
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
@@ -102,14 +105,16 @@ def check_representable(qm, variant: str) -> None:
             raise EdgeqError(f"{where}: LiteRT has no {a.bits}-bit activations; nearest: recipe w8a8-static (--variant int8), "
                              "w8a16-static (--variant int16x8) or w8 (--variant dynamic-int8)")
         if variant in FULL_INTEGER:
-            bits = FULL_INTEGER[variant]
-            preset = "w8a8-static" if bits == 8 else "w8a16-static"
-            if w.bits != 8 or a.mode != "static" or a.bits != bits:
-                raise EdgeqError(f"{where}: --variant {variant} (full integer) needs 8-bit weights with static {bits}-bit activations "
-                                 f"in every layer; use recipe {preset}, or --variant {default_variant(qm)} for this model")
-            if a.symmetric != (bits == 16):
-                raise EdgeqError(f"{where}: LiteRT's {variant} activations are {'symmetric int16' if bits == 16 else 'asymmetric int8'}; "
-                                 f"re-quantize with activation.symmetric = {str(bits == 16).lower()} (recipe {preset})")
+            allowed = ((8, 16) if has_int8 else (8,)) if variant == "int8" else (16,)
+            preset = "w8a8-static" if variant == "int8" else "w8a16-static"
+            if w.bits != 8 or a.mode != "static" or a.bits not in allowed:
+                raise EdgeqError(f"{where}: --variant {variant} (full integer) needs 8-bit weights with static "
+                                 f"{' or '.join(f'{x}-bit' for x in allowed)} activations in every layer; use recipe {preset}, "
+                                 f"or --variant {default_variant(qm)} for this model")
+            if a.symmetric != (a.bits == 16):
+                raise EdgeqError(f"{where}: LiteRT's {a.bits}-bit static activations are "
+                                 f"{'symmetric int16' if a.bits == 16 else 'asymmetric int8'}; re-quantize with "
+                                 f"activation.symmetric = {str(a.bits == 16).lower()} (recipe {preset})")
         else:
             if a.mode == "static":
                 raise EdgeqError(f"{where}: static activations need --variant {'int16x8' if a.bits == 16 else 'int8'} "
@@ -299,7 +304,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     """Write `out` (.tflite) and `out.json`; returns the metadata.
 
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
-    `calib_samples` (int8 only: batches used to calibrate the int8 output grids TFLite requantizes
+    `calib_samples` (full integer only: batches used to calibrate the output grids TFLite requantizes
     each layer's output to), `cache` (reuse a converted float graph of the same architecture),
     `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256 or seq_len if longer;
     0: no decode signature).
@@ -383,6 +388,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         exact = bool(check["exact"]) and not folds
     with atomic_path(out) as tmp:
         tmp.write_bytes(buf)
+    wide = sorted(n for n, m in layers.items() if m.decision.activation.mode == "static" and m.decision.activation.bits == 16)
     extra = {
         "seq_len": seq_len if b.kind in ("causal-lm", "encoder") else None,
         "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len,
@@ -392,7 +398,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                   "decode_note": decode_note},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,
-        "runtime_min": {**RUNTIME_MIN[variant], "tested": f"{runtime_version()} (XNNPACK)"},
+        "runtime_min": {**RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
         "conventions": CONVENTIONS,
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
                                                 "per_layer": check["layers"]},
@@ -408,8 +414,13 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                                "edgeq's grid, so the file holds edgeq's integers with scales fp32(scale * gamma / "
                                "sqrt(var + eps)) (read back bitwise as such); exact is false because the scales are not edgeq's")
     if variant in FULL_INTEGER:
-        extra["output_grids"] = (f"each integer layer's output is requantized to int{FULL_INTEGER[variant]} on a grid ai-edge-quantizer "
-                                 f"calibrated on {calib_samples} calibration inputs (not part of the edgeq simulation)")
+        extra["output_grids"] = (f"each integer layer's output is requantized to int{FULL_INTEGER[variant]}"
+                                 f"{' (int16 in its 16x8 layers)' if wide and variant == 'int8' else ''} on a grid ai-edge-quantizer "
+                                 f"calibrated on {calib_samples} calibration inputs, one grid per layer in every signature "
+                                 "(not part of the edgeq simulation)")
+    if wide and variant == "int8":
+        extra["int16x8_layers"] = {"layers": wide, "note": "the recipe's 16-bit layers: int16 activations in and out, int8 weights, "
+                                                           "on LiteRT's built-in kernels (XNNPACK runs the int8 layers)"}
     try:
         return write_export_meta(out, fmt="tflite", variant=variant, model=b.reference,
                                  qdir=source if qm is not None else None, recipe=qm.recipe.name if qm is not None else None,

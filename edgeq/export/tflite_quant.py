@@ -111,6 +111,7 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     qsvs: dict = {}
     if static:
         qsvs = dict(qt.calibrate(calibration or {"serving_default": []}, num_threads=1))
+        share_output_grids(qsvs, placed)
         for name, m in layers.items():
             grid = act_override(m)
             for sg, op in placed[name]:  # the op's activation input, in each subgraph
@@ -127,6 +128,24 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     except (ValueError, RuntimeError) as exc:
         raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
     return bytes(result.quantized_model)
+
+
+def share_output_grids(qsvs: dict, placed: dict[str, list[tuple]]) -> None:
+    """One output grid per layer across signatures: the union of each subgraph's calibrated range.
+
+    A decode signature is calibrated on a few single-token steps, the prefill on every token of its inputs, so
+    the step alone would miss the rare tokens whose outputs carry the residual stream's outliers and clip them
+    (SmolLM2: a decode-only grid 0.72x the prefill's on a down-projection). The layer computes the same function
+    in both signatures, so both get the range of everything calibration showed it."""
+    for found in placed.values():
+        names = [sg.tensors[op.outputs[0]].name.decode() for sg, op in found]
+        names = [n for n in names if n in qsvs]
+        if len(names) < 2:
+            continue
+        lo = min(float(np.min(qsvs[n]["min"])) for n in names)  # per-tensor grids; each keeps its own array shape
+        hi = max(float(np.max(qsvs[n]["max"])) for n in names)
+        for n in names:
+            qsvs[n] = {**qsvs[n], "min": np.full_like(qsvs[n]["min"], lo), "max": np.full_like(qsvs[n]["max"], hi)}
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -60,9 +60,15 @@ def signature_io(runner) -> tuple | None:
 class TfliteRunner:
     """One signature of a .tflite file, called like the PyTorch module: `runner(*arrays) -> [outputs]`."""
 
-    def __init__(self, path: str | Path | bytes, threads: int = 1, signature: str | None = None):
+    def __init__(self, path: str | Path | bytes, threads: int = 1, signature: str | None = None, xnnpack: bool = True):
+        """`xnnpack=False`: LiteRT's built-in (reference) kernels, without the default XNNPACK delegate."""
         Interpreter = interpreter_class()
         kwargs = {"model_content": bytes(path)} if isinstance(path, (bytes, bytearray)) else {"model_path": str(path)}
+        if not xnnpack:
+            from importlib import import_module
+
+            resolver = import_module(Interpreter.__module__).OpResolverType
+            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             self.interpreter = Interpreter(num_threads=threads, **kwargs)
         except ValueError as exc:

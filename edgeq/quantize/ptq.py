@@ -80,7 +80,8 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
         raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ, static activations or smoothing): pass --calib")
     smoothed, smooth_in_blocks = {}, []
     if recipe.smoothing > 0:
-        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized}
+        # 16-bit grids hold the outliers; smoothing them would only move those into the int8 weights
+        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized and r.activation.bits <= 8}
         among = smoothable(model, with_acts)
         blocks = find_blocks(model)
         if needs_stats and blocks is not None and all(n.startswith(f"{blocks[0]}.") for n in among):

@@ -54,6 +54,7 @@ CASES = {
     "llama-dynamic-int8": ("tiny-llama", "w8", None),
     "llama-int8": ("tiny-llama", "w8a8-static", None),
     "llama-int16x8": ("tiny-llama", "w8a16-static", None),
+    "llama-int8-fc2a16": ("tiny-llama", "w8a8-static-fc2a16", None),  # int8 with 16x8 down-projections
     "llama-int4": ("tiny-llama", "w4-g128-litert", None),
     "cnn-fp32": (CNN, None, None),
     "cnn-dynamic-int8": (CNN, "w8", None),
@@ -61,7 +62,7 @@ CASES = {
     "cnn-int16x8": (CNN, "w8a16-static", None),
     "cnn-int4": (CNN, CNN_MIXED, None),
 }
-EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES}
+EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES} | {"llama-int8-fc2a16": "int8"}
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +122,7 @@ def _interpreter_weights(path: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("case", ["llama-dynamic-int8", "llama-int8", "llama-int16x8", "cnn-int8"])
+@pytest.mark.parametrize("case", ["llama-dynamic-int8", "llama-int8", "llama-int16x8", "llama-int8-fc2a16", "cnn-int8"])
 def test_int8_weights_read_back_bitwise_by_litert(exported, case):
     path, _, qdir = exported[case]
     qm = load_quantized(qdir)
@@ -142,27 +143,55 @@ def test_int8_weights_read_back_bitwise_by_litert(exported, case):
         assert q.min() >= -127  # narrow range
 
 
+def _layer_io(path: Path) -> dict[str, tuple[dict, dict]]:
+    """Each edgeq layer's (input, output) tensor details as LiteRT's own interpreter reports them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    ops = [op for op in it._get_ops_details() if op["outputs"]]
+    return {details[op["outputs"][0]]["name"]: (details[op["inputs"][0]], details[op["outputs"][0]]) for op in ops}
+
+
+def _assert_static_input_grid(x: dict, m) -> None:
+    scale = np.asarray(x["quantization_parameters"]["scales"], dtype=np.float32)
+    assert scale.shape == (1,) and scale.view(np.uint32)[0] == np.float32(m.act_scale.item()).view(np.uint32)
+    zero = 0 if m.decision.activation.bits == 16 else int(m.act_zero_point.item()) - 128
+    assert np.all(np.asarray(x["quantization_parameters"]["zero_points"]) == zero)
+
+
 def test_int16x8_input_grids_read_back_by_litert(exported):
     """In the 16x8 file every layer reads an int16 input on edgeq's static grid (scale bitwise, zero point 0), as
     LiteRT's own interpreter reports it, and its outputs are int16 too: nothing in the layer runs in float."""
-    from ai_edge_litert.interpreter import Interpreter
-
     from edgeq.export.tflite_graph import label
 
     path, meta, qdir = exported["llama-int16x8"]
-    layers = load_quantized(qdir).layers()
-    it = Interpreter(model_path=str(path))
-    details = {d["index"]: d for d in it.get_tensor_details()}
-    by_output = {details[op["outputs"][0]]["name"]: op for op in it._get_ops_details() if op["outputs"]}
-    for name, m in layers.items():
-        op = by_output[label(name)]
-        x, y = details[op["inputs"][0]], details[op["outputs"][0]]
+    io = _layer_io(path)
+    for name, m in load_quantized(qdir).layers().items():
+        x, y = io[label(name)]
         assert x["dtype"] == np.int16 and y["dtype"] == np.int16, name
-        scale = np.asarray(x["quantization_parameters"]["scales"], dtype=np.float32)
-        assert scale.shape == (1,) and scale.view(np.uint32)[0] == np.float32(m.act_scale.item()).view(np.uint32), name
-        assert not np.any(x["quantization_parameters"]["zero_points"]), name
+        _assert_static_input_grid(x, m)
     assert meta["conventions"]["int16_activations"].startswith("static (16x8)")
     assert meta["runtime_min"]["tflite-runtime"] is None
+
+
+def test_int8_file_holds_the_recipes_16x8_layers(exported):
+    """w8a8-static-fc2a16: the down-projections read and write int16 (16x8), every other layer int8, each input on
+    edgeq's grid; the metadata names the 16x8 layers and the runtime they need."""
+    from edgeq.export.tflite_graph import label
+
+    path, meta, qdir = exported["llama-int8-fc2a16"]
+    layers = load_quantized(qdir).layers()
+    io = _layer_io(path)
+    wide = sorted(n for n in layers if n.endswith("down_proj"))
+    assert len(wide) == 4 and meta["int16x8_layers"]["layers"] == wide
+    for name, m in layers.items():
+        x, y = io[label(name)]
+        want = np.int16 if name in wide else np.int8
+        assert x["dtype"] == want and y["dtype"] == want, name
+        _assert_static_input_grid(x, m)
+    assert meta["runtime_min"]["tflite-runtime"] is None and "16x8" in meta["runtime_min"]["note"]
+    assert "int16 in its 16x8 layers" in meta["output_grids"]
 
 
 def test_int4_blockwise_read_back(exported):
@@ -220,8 +249,9 @@ def test_runner_matches_simulation_and_checks_shapes(exported):
 def test_decode_signature_matches_simulation_and_prefill(exported, case):
     """Every LM variant carries a KV-cache decode signature (default 256 slots) on the same weight buffers:
     run token by token from an empty cache, or on after the prefill signature ran half the sample, it gives
-    the simulation's logits, and (except where LiteRT requantizes outputs on grids calibrated per
-    signature: full integer) the prefill signature's."""
+    the simulation's logits, and (except where LiteRT requantizes outputs to integer grids: full integer) the
+    prefill signature's. A full-integer layer's output grid is one grid in both signatures (the union of their
+    calibrated ranges): grids of the few calibration steps alone clipped SmolLM2's outliers in the decode step."""
     from edgeq.export.tflite_graph import label, read_model
 
     path, meta, qdir = exported[case]
@@ -231,13 +261,34 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     assert parity["rows"] == 16 and parity["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
     assert parity["after_prefill"]["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
     if meta["variant"] not in ("int8", "int16x8"):
-        assert parity["vs_prefill_max_abs"] < 1e-4, parity
+        # the two signatures compute one function: equal on LiteRT's reference kernels, and on XNNPACK too except
+        # that on some CPUs (AVX512-VNNI) it takes other dynamic-int8 kernels for one row than for many (0.017 here)
+        assert _decode_vs_prefill(path, xnnpack=False) < 1e-4
+        assert parity["vs_prefill_max_abs"] < (parity["max_abs"] if meta["variant"] == "dynamic-int8" else 1e-4), parity
     model_t = read_model(path.read_bytes())
     assert len(model_t.subgraphs) == 2
     tensors = [{t.name.decode(): t.buffer for t in sg.tensors} for sg in model_t.subgraphs]
+    grids = [{t.name.decode(): t.quantization for t in sg.tensors} for sg in model_t.subgraphs]
     for name in load_quantized(qdir).layers():
         if label(name, 0, weight=True) in tensors[0]:  # a tied head reads its embedding table's tensor
             assert tensors[0][label(name, 0, weight=True)] == tensors[1][label(name, 1, weight=True)], name  # one copy
+        if meta["variant"] in ("int8", "int16x8"):
+            prefill, step = grids[0][label(name, 0)], grids[1][label(name, 1)]
+            assert list(prefill.scale) == list(step.scale) and list(prefill.zeroPoint) == list(step.zeroPoint), name
+
+
+def _decode_vs_prefill(path: Path, xnnpack: bool) -> float:
+    """Max |logits| difference between 16 decode steps from an empty cache and the prefill signature."""
+    from edgeq.data import lm_windows
+    from edgeq.export.tflite_decode import run_steps, zero_caches
+    from edgeq.export.tflite_runtime import TfliteRunner
+    from edgeq.models.tokenizers import ByteTokenizer
+
+    ids = lm_windows(ByteTokenizer(), "enwiki", "evaluation", 64, 1)
+    prefill = TfliteRunner(path, xnnpack=xnnpack)(ids)[0]
+    step = TfliteRunner(path, signature="decode", xnnpack=xnnpack)
+    got, _ = run_steps(step, ids[:, :16], zero_caches(step))
+    return float(np.max(np.abs(got - prefill[0, :16])))
 
 
 def test_decode_signature_generates_like_transformers(tmp_path):
