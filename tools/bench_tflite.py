@@ -320,10 +320,12 @@ def targets(rows: dict, is_lm: bool) -> dict:
 def markdown(result: dict, is_lm: bool) -> str:
     q = ["ppl", "top1_agree_fp32"] if is_lm else ["top1_agree_fp32", "kl_fp32"]
     head = ["file", "exact", *q, "size MB", "convert s", "quantize s", "ms 1 thread", "ms 2 threads"]
+    reps = next(iter(result["rows"].values())).get("latency_1t", {}).get("n")
+    timing = ("Latency: not measured in this run." if reps is None else
+              f"Latency: median of {reps} interleaved calls after warm-up, LiteRT XNNPACK"
+              + (f", one {result['seq_len']}-token prefill." if is_lm else ", one image."))
     lines = [f"# TFLite variants on {result['model']}: edgeq vs ai-edge-quantizer", "", "```", *result["commands"], "```", "",
-             f"Created {result['created']} on {result['machine'].get('cpu', '?')} ({result['machine']['cores']} cores, shared). Latency: median of "
-             f"{next(iter(result['rows'].values())).get('latency_1t', {}).get('n')} interleaved calls after warm-up, LiteRT "
-             "XNNPACK" + (f", one {result['seq_len']}-token prefill." if is_lm else ", one image."), "",
+             f"Created {result['created']} on {result['machine'].get('cpu', '?')} ({result['machine']['cores']} cores, shared). {timing}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in result["rows"].items():
         if "error" in r:
