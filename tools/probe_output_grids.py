@@ -110,16 +110,17 @@ def _output_ranges(model, layers: dict, batches) -> dict[str, tuple[float, float
 
 
 def _fake_quant_output(lo: float, hi: float):
-    """LiteRT's asymmetric int8 output grid for the range [lo, hi] (ai-edge-quantizer: scale (hi - lo) / 255)."""
+    """LiteRT's asymmetric int8 output grid for the range [lo, hi]: edgeq's uint8 grid (scale (hi - lo) / 255), the
+    same real grid as int8 with zero point - 128."""
     import torch
 
-    scale = (hi - lo) / 255
-    zero = round(-lo / scale) - 128
+    from edgeq.quantize.primitives import act_qparams, fake_quant_act
+
+    scale, zero = act_qparams(torch.tensor(lo), torch.tensor(hi))
 
     def hook(module, inputs, out):
-        return (torch.clamp(torch.round(out / scale) + zero, -128, 127) - zero) * scale
+        return fake_quant_act(out, scale, zero)
     return hook
-
 
 if __name__ == "__main__":
     main()

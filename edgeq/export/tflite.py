@@ -60,15 +60,19 @@ CONVENTIONS = {
 }
 
 
+def static_bits(layers: dict) -> dict[str, int]:
+    """Each layer with static activations -> their bits (8: int8, 16: LiteRT's 16x8)."""
+    return {n: m.decision.activation.bits for n, m in layers.items() if m.decision.activation.mode == "static"}
+
+
 def default_variant(qm) -> str:
     """The variant a quantized model's recipe asks for (fp32 without one)."""
     if qm is None:
         return "fp32"
-    decisions = [m.decision for m in qm.layers().values()]
-    static_bits = {d.activation.bits for d in decisions if d.activation.mode == "static"}
-    if static_bits:
-        return "int16x8" if static_bits == {16} else "int8"  # int8 holds a recipe's 16x8 layers too
-    if any(d.weight.bits <= 4 for d in decisions):
+    bits = set(static_bits(qm.layers()).values())
+    if bits:
+        return "int16x8" if bits == {16} else "int8"  # int8 holds a recipe's 16x8 layers too
+    if any(m.decision.weight.bits <= 4 for m in qm.layers().values()):
         return "int4"
     return "dynamic-int8"
 
@@ -81,7 +85,7 @@ def check_representable(qm, variant: str) -> None:
         raise EdgeqError(f"tflite: variant {variant!r} needs a quantized-model directory (edgeq quantize first); "
                          "a model reference exports as --variant fp32")
     # an int8 file may hold 16x8 layers where the recipe mixes them in (w8a8-static-fc2a16); 16 bits throughout is int16x8
-    has_int8 = any(m.decision.activation.mode == "static" and m.decision.activation.bits == 8 for m in qm.layers().values())
+    has_int8 = 8 in static_bits(qm.layers()).values()
     for name, m in qm.layers().items():
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
@@ -388,7 +392,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         exact = bool(check["exact"]) and not folds
     with atomic_path(out) as tmp:
         tmp.write_bytes(buf)
-    wide = sorted(n for n, m in layers.items() if m.decision.activation.mode == "static" and m.decision.activation.bits == 16)
+    wide = sorted(n for n, bits in static_bits(layers).items() if bits == 16)
     extra = {
         "seq_len": seq_len if b.kind in ("causal-lm", "encoder") else None,
         "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len,
