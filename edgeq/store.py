@@ -23,7 +23,7 @@ Schema (version 1, recorded in `PRAGMA user_version`):
       job_id            TEXT     agent job id
       status            TEXT     valid | invalid | failed | aborted
       invalid_reasons   TEXT     JSON list of strings (empty when valid)
-      runtime           TEXT     onnxruntime | litert | tflite_runtime
+      runtime           TEXT     onnxruntime | litert | litert-compiledmodel | tflite_runtime
       runtime_version   TEXT
       provider          TEXT     execution provider / delegate actually used
       threads           INTEGER

@@ -50,7 +50,9 @@ CONFIG keys (all optional, unknown keys refused): `runs` (minimum timed runs, de
 `seed` (0), `dims` (symbolic dim -> size, default batch 1, sequence 64), `timeout_s` (job wall
 limit, capped by the agent), `memory_mb` (job address-space limit, capped by the agent),
 `power` (bool, default true), `signature` (TFLite only: the signature to run, e.g. `decode`;
-default null = the file's first subgraph).
+default null = the file's first subgraph), `weight_cache` (TFLite only, bool, default false: load
+through LiteRT's CompiledModel with XNNPACK's weight cache in memory, so signatures sharing a weight
+share its packed copy; default: LiteRT's Interpreter).
 
 RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 "invalid_reasons": [...], "error": str|null, "artifact_sha256", "format", "size_bytes",
@@ -96,6 +98,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "memory_mb": None,
     "power": True,
     "signature": None,
+    "weight_cache": False,
 }
 SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_DIMS = {"batch": 1, "sequence": 64}
@@ -186,8 +189,9 @@ def check_config(config: Any) -> dict:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20
             for k, v in dims.items()):
         raise ProtocolError("config.dims: must map dim names to integers in [1, 1048576]")
-    if not isinstance(out["power"], bool):
-        raise ProtocolError("config.power: must be true or false")
+    for key in ("power", "weight_cache"):
+        if not isinstance(out[key], bool):
+            raise ProtocolError(f"config.{key}: must be true or false")
     if out["signature"] is not None and not (isinstance(out["signature"], str) and SIGNATURE_RE.match(out["signature"])):
         raise ProtocolError(f"config.signature: {out['signature']!r} must be null or match {SIGNATURE_RE.pattern}")
     return out

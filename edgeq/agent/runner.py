@@ -124,7 +124,7 @@ def measure(job_dir: Path) -> dict:
         result["external_data"] = check_external_data(artifact, job_dir)
     progress("loading")
     t = time.perf_counter_ns()
-    model = load(artifact, cfg["threads"], cfg.get("signature"))
+    model = load(artifact, cfg["threads"], cfg.get("signature"), cfg.get("weight_cache", False))
     result["signature"] = cfg.get("signature")
     result["load_ms"] = (time.perf_counter_ns() - t) / 1e6
     result["runtime"] = model.runtime

@@ -3,7 +3,8 @@
 ONNX goes to onnxruntime (CPU execution provider); TFLite goes to LiteRT (`ai_edge_litert`),
 falling back to the older `tflite_runtime` with the same Interpreter API. LiteRT applies its
 XNNPACK delegate by default; whether it actually did is read from the runtime's own log line,
-not assumed.
+not assumed. With `weight_cache`, a TFLite file goes to LiteRT's CompiledModel API instead, with
+XNNPACK's weight cache held in memory (`CompiledLiteRtModel`).
 """
 
 from __future__ import annotations
@@ -203,12 +204,81 @@ class LiteRtModel:
             self.interpreter.get_tensor(idx)
 
 
-def load(path: Path, threads: int, signature: str | None = None):
-    """Load an .onnx or .tflite file with its runtime (a TFLite file's named `signature` if given)."""
+class CompiledLiteRtModel:
+    """A .tflite file in LiteRT's CompiledModel API on the CPU (XNNPACK), with XNNPACK's weight cache held in memory
+    (`:memory:`): a packed weight is looked up by the buffer it came from, so the signatures of a file that share a
+    weight (a decoder LM's prefill and decode) share one packed copy. The Interpreter (`LiteRtModel`) packs every
+    signature's subgraph on its own: SmolLM2's fp32 file with both signatures peaked at 1634 MB there against 731 MB
+    here, its INT4 file at 304 against 200 (benchmarks/tflite_memory_smollm2_zen4.md). A decode step here took
+    0.94-1.13x the Interpreter's time over two runs on the host measured, so the Interpreter stays the default (what
+    edgeq's own runners use). Times one signature (the named one, else the file's first signature) with its inputs
+    written into its buffers once."""
+
+    format = "tflite"
+
+    def __init__(self, path: Path, threads: int, signature: str | None = None):
+        try:
+            from ai_edge_litert.compiled_model import CompiledModel
+            from ai_edge_litert.options import CpuOptions, Options
+
+            options = Options(cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=":memory:"))
+        except (ImportError, TypeError):  # tflite-runtime, or an ai-edge-litert before CompiledModel took CPU options
+            raise EdgeqError("runtime: weight_cache needs ai-edge-litert with LiteRT's CompiledModel API and its XNNPACK "
+                             f"weight cache option (tested: 2.3; here: {_version('ai-edge-litert') or 'none'}); "
+                             "pip install -U ai-edge-litert") from None
+        with _CaptureStderr() as log:
+            try:
+                self.model = CompiledModel.from_file(str(path), options=options)
+            except RuntimeError as exc:
+                raise EdgeqError(f"runtime: LiteRT cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+        known = list(self.model.get_signature_list())
+        if signature is not None and signature not in known:
+            raise EdgeqError(f"signature: {signature!r} is not one of the file's: {', '.join(sorted(known)) or 'none'}")
+        self.key = signature if signature is not None else known[0]
+        self.index = self.model.get_signature_index(self.key)
+        xnnpack = "Created TensorFlow Lite XNNPACK delegate" in log.text  # not "XNNPACK CPU accelerator registered"
+        self.runtime = {"name": "litert-compiledmodel", "version": _version("ai-edge-litert"),
+                        "provider": "XNNPACK delegate, weight cache in memory" if xnnpack else "builtin CPU kernels (no delegate)",
+                        "load_log": log.text[-2000:]}
+
+    def signature(self) -> list[dict]:
+        details = self.model.get_input_tensor_details(self.key)
+        return [{"name": n, "dtype": np.dtype(details[n]["dtype"]).name, "shape": [int(x) for x in details[n]["shape"]]}
+                for n in sorted(self.model.get_signature_list()[self.key]["inputs"], key=arg_order)]
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        names = self.model.get_signature_list()[self.key]["inputs"]
+        details = self.model.get_input_tensor_details(self.key)
+        if set(feeds) != set(names):
+            raise EdgeqError(f"inputs: {sorted(feeds)} do not match the signature's inputs {sorted(names)}")
+        for name, arr in feeds.items():  # a buffer takes a shorter array as a prefix, silently: check first
+            want = (np.dtype(details[name]["dtype"]), [int(x) for x in details[name]["shape"]])
+            if (arr.dtype, list(arr.shape)) != want:
+                raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes {want[0]}{want[1]} "
+                                 "(weight_cache runs static shapes only)")
+        self._inputs = self.model.create_input_buffers(self.index)
+        for buf, name in zip(self._inputs, names):
+            buf.write(np.ascontiguousarray(feeds[name]))
+        self._outputs = self.model.create_output_buffers(self.index)
+        out = self.model.get_output_tensor_details(self.key)
+        self._reads = [(int(np.prod(out[n]["shape"])), np.dtype(out[n]["dtype"]))
+                       for n in self.model.get_signature_list()[self.key]["outputs"]]
+
+    def run(self) -> None:
+        self.model.run_by_index(self.index, self._inputs, self._outputs)
+        for buf, (n, dtype) in zip(self._outputs, self._reads):  # read the outputs, as the Interpreter's runs do
+            buf.read(n, dtype)
+
+
+def load(path: Path, threads: int, signature: str | None = None, weight_cache: bool = False):
+    """Load an .onnx or .tflite file with its runtime (a TFLite file's named `signature` if given; `weight_cache`:
+    through LiteRT's CompiledModel with XNNPACK's weight cache in memory)."""
     if signature is not None and path.suffix != ".tflite":
         raise EdgeqError(f"signature: {signature!r} applies to .tflite files; {path.name} is ONNX (one graph per file)")
+    if weight_cache and path.suffix != ".tflite":
+        raise EdgeqError(f"weight_cache: applies to .tflite files (XNNPACK in LiteRT); {path.name} is ONNX")
     if path.suffix == ".onnx":
         return OrtModel(path, threads)
     if path.suffix == ".tflite":
-        return LiteRtModel(path, threads, signature)
+        return CompiledLiteRtModel(path, threads, signature) if weight_cache else LiteRtModel(path, threads, signature)
     raise EdgeqError(f"artifact: {path.name!r} must end with .onnx or .tflite")

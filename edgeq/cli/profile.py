@@ -35,10 +35,13 @@ def _progress_printer():
 @click.option("--threads", type=int, default=1, show_default=True, help="Runtime threads.")
 @click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128).")
 @click.option("--signature", default=None, help="TFLite: the signature to time, e.g. decode (a decoder LM's KV-cache step).")
+@click.option("--weight-cache", is_flag=True,
+              help="TFLite: load through LiteRT's CompiledModel with XNNPACK's weight cache in memory, so a file's "
+                   "signatures share one packed copy of each weight (the Interpreter, the default, packs one per signature).")
 @click.option("--db", type=click.Path(dir_okay=False), help="Results database (default: $EDGEQ_DB or user data dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def profile(artifacts, devices, local, token_file, devices_file, runs, min_seconds, threads, dims, signature, db,
-            as_json) -> int:
+def profile(artifacts, devices, local, token_file, devices_file, runs, min_seconds, threads, dims, signature,
+            weight_cache, db, as_json) -> int:
     """Profile ARTIFACTS (.onnx / .tflite) on boards in parallel; results go to the database."""
     from ..agent import host
     from ..agent.protocol import check_config
@@ -51,8 +54,11 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
         raise EdgeqError(f"--dim: expected NAME=SIZE, got {list(dims)}") from None
     if signature is not None and any(not str(a).endswith(".tflite") for a in artifacts):
         raise EdgeqError("profile: --signature applies to .tflite files (an ONNX decode step is its own FILE.decode.onnx)")
+    if weight_cache and any(not str(a).endswith(".tflite") for a in artifacts):
+        raise EdgeqError("profile: --weight-cache applies to .tflite files (XNNPACK's weight cache in LiteRT)")
     config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads, "dims": dim_map,
-                           "max_seconds": max(60.0, min_seconds * 4), "signature": signature})
+                           "max_seconds": max(60.0, min_seconds * 4), "signature": signature,
+                           "weight_cache": weight_cache})
     progress = None if as_json and not sys.stderr.isatty() else _progress_printer()
     if local:
         with host.LocalAgent() as agent:

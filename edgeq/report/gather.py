@@ -216,7 +216,8 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
         bits, bits_source = bit_class(rec.export_json, quant)
         name = Path(rec.artifact_path).name if rec.artifact_path else rec.artifact_sha256[:12]
         columns[key] = Column(
-            result=rec, model=rec_model, variant=(rec.variant or name) + (f" [{signature}]" if signature else ""),
+            result=rec, model=rec_model, variant=(rec.variant or name) + (f" [{signature}]" if signature else "")
+            + (" [weight cache]" if rec.runtime == "litert-compiledmodel" else ""),
             fmt=rec.artifact_format or "?", bits=bits, bits_source=bits_source,
             is_fp32=is_fp32_export(rec.export_json), export=rec.export_json, quant=quant, quant_note=note,
             quality=quality_of(evals.get(rec.artifact_sha256, [])), superseded=0)

@@ -183,6 +183,18 @@ def two_signature_tflite(pytestconfig) -> Path:
     return _cached_tflite(pytestconfig, "two_signatures.tflite", build)
 
 
+@pytest.fixture(scope="session")
+def shared_weight_tflite(pytestconfig) -> Path:
+    """Two signatures reading one 2048 x 2048 fp32 weight (16 MB) stored once in the file, as a decoder LM's prefill
+    and decode read theirs: `serving_default` (x [4, 2048]) and `decode` (x [1, 2048])."""
+    def build(torch, litert_torch):
+        layer = torch.nn.Linear(2048, 2048, bias=False).eval()
+        return (litert_torch.signature("serving_default", layer, (torch.randn(4, 2048),))
+                .signature("decode", layer, (torch.randn(1, 2048),)).convert())
+
+    return _cached_tflite(pytestconfig, "shared_weight.tflite", build)
+
+
 def run_job(client: AgentClient, model: Path, config: dict | None = None, job_id: str | None = None,
             files: list[Path] = (), metadata: dict | None = None, timeout_s: float = 120) -> dict:
     """Upload, submit and wait; returns the result document."""

@@ -103,6 +103,86 @@ def test_signature_inputs_are_set_once(two_signature_tflite):
     np.testing.assert_array_equal(wrapper.GetTensor(outputs[0], subgraph), x * 2 + 7)
 
 
+def test_weight_cache_job(shared_agent, two_signature_tflite, tiny_onnx):
+    """`config.weight_cache` times the signature through LiteRT's CompiledModel with XNNPACK's in-memory weight cache,
+    and says so in the result's runtime; it is refused on ONNX and must be a bool."""
+    pytest.importorskip("ai_edge_litert.compiled_model")
+    client = shared_agent.client()
+    r = run_job(client, two_signature_tflite, {"signature": "decode", "weight_cache": True})
+    assert r["status"] == "valid", r.get("error")
+    assert r["runtime"]["name"] == "litert-compiledmodel" and r["runtime"]["provider"].startswith("XNNPACK delegate")
+    assert [(i["name"], i["shape"]) for i in r["inputs"]] == [("args_0", [1, 4]), ("args_1", [1])]
+    r = run_job(client, two_signature_tflite, {"weight_cache": True})  # no signature: the file's first
+    assert r["status"] == "valid" and [i["shape"] for i in r["inputs"]] == [[1, 16]]
+    r = run_job(client, tiny_onnx, {"weight_cache": True})
+    assert r["state"] == "failed" and "weight_cache: applies to .tflite files" in r["error"]
+    with pytest.raises(AgentError, match="config.weight_cache"):
+        run_job(client, two_signature_tflite, {"weight_cache": "yes"})
+
+
+def test_weight_cache_runs_what_the_interpreter_runs(two_signature_tflite):
+    """The same signature, the same inputs: CompiledModel with the weight cache gives the Interpreter's outputs, and a
+    feed of the wrong shape is refused (a CompiledModel buffer would take a shorter array as a prefix, silently)."""
+    pytest.importorskip("ai_edge_litert.compiled_model")
+    from edgeq.agent.runtimes import load
+
+    feeds = {"args_0": np.arange(4, dtype=np.float32).reshape(1, 4), "args_1": np.array([7], dtype=np.int32)}
+    interpreter, cached = load(two_signature_tflite, 1, "decode"), load(two_signature_tflite, 1, "decode", weight_cache=True)
+    assert cached.signature() == interpreter.signature()
+    for model in (interpreter, cached):
+        model.prepare(feeds)
+        model.run()
+    wrapper, subgraph, outputs = interpreter._signature_io
+    expected = wrapper.GetTensor(outputs[0], subgraph)
+    np.testing.assert_array_equal(expected, feeds["args_0"] * 2 + 7)
+    np.testing.assert_array_equal(cached._outputs[0].read(4, np.float32), expected.reshape(-1))
+    with pytest.raises(EdgeqError, match=r"args_0 is float32\[1, 2\]; the signature takes float32\[1, 4\]"):
+        cached.prepare({**feeds, "args_0": feeds["args_0"][:, :2].copy()})
+    with pytest.raises(EdgeqError, match="'prefill' is not one of the file's"):
+        load(two_signature_tflite, 1, "prefill", weight_cache=True)
+
+
+_RSS_PROBE = """
+import sys
+from pathlib import Path
+import numpy as np
+from edgeq.agent.runtimes import load
+
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+
+def loaded(path, signature):
+    model = load(Path(path), 1, signature, weight_cache=sys.argv[3] == "1")
+    model.prepare({s["name"]: np.ones(s["shape"], dtype=s["dtype"]) for s in model.signature()})
+    model.run()
+    return model
+
+small = loaded(sys.argv[2], "decode")  # the runtime's own libraries and set-up, before the baseline (kept loaded)
+before = rss()
+model = loaded(sys.argv[1], "decode")
+print(rss() - before)
+"""
+
+
+def test_weight_cache_packs_a_shared_weight_once(shared_weight_tflite, two_signature_tflite):
+    """A job timing one signature of a file whose two signatures read one 16 MB weight: the Interpreter packs the
+    weight for every subgraph when it loads, the weight cache packs it once. Resident memory grown by load and one run,
+    each way in a fresh process (what the agent's job process would hold)."""
+    pytest.importorskip("ai_edge_litert.compiled_model")
+    import subprocess
+    import sys
+
+    def grown(weight_cache: bool) -> int:
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(shared_weight_tflite), str(two_signature_tflite),
+                              str(int(weight_cache))],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    weight = 2048 * 2048 * 4
+    interpreter, cached = grown(False), grown(True)
+    assert interpreter - cached > weight // 2, (interpreter, cached)
+
+
 def test_job_meta_takes_the_signatures_inputs():
     from edgeq.agent.host import job_meta
 

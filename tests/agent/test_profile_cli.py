@@ -96,6 +96,8 @@ def test_device_errors(tmp_path, capsys, tiny_onnx):
     assert store.list_results(tmp_path / "x.sqlite") == []
     code, _, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--signature", "decode")
     assert code == 2 and "--signature applies to .tflite files" in err
+    code, _, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--weight-cache")
+    assert code == 2 and "--weight-cache applies to .tflite files" in err
 
 
 def test_store_evals_and_validation(tmp_path):
@@ -120,6 +122,19 @@ def test_agent_modules_import_no_heavy_packages():
             "{'torch', 'transformers', 'onnx', 'tensorflow', 'litert_torch'})\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_profile_weight_cache_is_its_own_runtime(tmp_path, capsys, two_signature_tflite):
+    """`--weight-cache` reaches the agent, and the stored result names the runtime it ran on (a report keeps it apart
+    from the Interpreter's result of the same file)."""
+    pytest.importorskip("ai_edge_litert.compiled_model")
+    db = tmp_path / "r.sqlite"
+    for extra in ([], ["--weight-cache"]):
+        code, out, err = cli(capsys, "profile", str(two_signature_tflite), "--local", "--db", str(db), "--json",
+                             "--signature", "decode", *extra, *FAST_ARGS)
+        assert code == 0, err
+    runtimes = sorted(r.runtime for r in store.list_results(db))
+    assert runtimes == ["litert", "litert-compiledmodel"]
 
 
 def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):

@@ -230,6 +230,28 @@ def test_decode_signature_runs_are_their_own_columns(tmp_path):
     assert cols[ids[("int8", None)]]["vs_fp32"]["baseline_id"] == ids[("fp32", None)]
 
 
+def test_weight_cache_runs_are_their_own_columns(tmp_path):
+    """A file timed through the Interpreter and through CompiledModel with XNNPACK's weight cache: two columns, the
+    second labelled, each compared with the FP32 file under the same runtime."""
+    db = tmp_path / "w.sqlite"
+
+    def add(name, p50, runtime):
+        sha, size, recipe, _ = ARTS[name]
+        result = _result(sha, p50, (p50 * 0.9, p50 * 1.1), None)
+        result.update(format="tflite", runtime={"name": runtime, "version": "2.3.0", "provider": "XNNPACK delegate"})
+        return store.record_result(db, result, device="pi5", artifact_path=f"/x/{name}.tflite",
+                                   export_meta=_meta(sha, size, recipe))
+
+    ids = {(n, r): add(n, p50, r) for n, p50 in (("fp32", 100.0), ("int8", 40.0)) for r in ("litert", "litert-compiledmodel")}
+    (model,) = build_report(db)["models"]
+    cols = {c["id"]: c for c in model["columns"]}
+    assert set(cols) == set(ids.values())
+    assert cols[ids[("int8", "litert-compiledmodel")]]["label"].startswith("int8 [weight cache]")
+    assert "[weight cache]" not in cols[ids[("int8", "litert")]]["label"]
+    for runtime in ("litert", "litert-compiledmodel"):
+        assert cols[ids[("int8", runtime)]]["vs_fp32"]["baseline_id"] == ids[("fp32", runtime)]
+
+
 def test_empty_database_gives_an_empty_report(tmp_path):
     db = tmp_path / "empty.sqlite"
     store.list_results(db)  # creates the schema, no rows
