@@ -47,4 +47,9 @@ def inspect(target, activations, calib, as_json):
         act = f"{a['mode']}{a['bits'] if a['mode'] != 'none' else ''}"
         shape = "x".join(str(s) for s in layer["shape"][:2])
         click.echo(f"{layer['name']:<{name_w}}  {shape:>11}  {wname:<10} {act:<9} {layer['method']:<6} {layer['gamma']:>5.2f} {layer['bytes_quant']:>10}")
+    tflite = summary.get("tflite")  # QDIRs saved before quant.json said so have none
+    if tflite:
+        held = [v for v, r in tflite["variants"].items() if r["representable"]]
+        click.echo(f"TFLite: grids held as they are by --variant {', '.join(held) or 'none'} (default {tflite['default_variant']}); "
+                   "the others' reasons: edgeq inspect --json, key tflite")
 

@@ -148,6 +148,25 @@ def check_representable(qm, variant: str) -> None:
             raise EdgeqError(f"{where}: INT4 convolutions are not rendered; quantize convolutions to 8 bits (--variant dynamic-int8/int8)")
 
 
+def representability(qm) -> dict:
+    """What quant.json says of a quantized model's grids in TFLite: per quantized variant, whether `edgeq export
+    --format tflite --variant V` holds edgeq's integers and scales as they are (the export's read-back then proves
+    it bitwise), or the one-line reason it refuses, naming what works; the conventions LiteRT's kernels read them
+    with; and where a BatchNorm after a quantized conv will be folded into its scales (integers kept, scales not)."""
+    variants = {}
+    for variant in VARIANTS[1:]:
+        try:
+            check_representable(qm, variant)
+            variants[variant] = {"representable": True}
+        except EdgeqError as exc:
+            variants[variant] = {"representable": False, "why": str(exc).removeprefix("tflite: ")}
+    convs = [m for m in qm.layers().values() if m.decision.kind == "conv2d"]
+    batchnorm = convs and any(isinstance(m, torch.nn.BatchNorm2d) for m in qm.model.modules())
+    return {"default_variant": default_variant(qm), "variants": variants, "conventions": CONVENTIONS,
+            "note": ("a BatchNorm after a quantized conv is folded at export on edgeq's grid: the file holds edgeq's integers "
+                     "with scales times the BatchNorm factor (FILE.json exact: false)") if batchnorm else None}
+
+
 def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
     """Held-back inputs in the graph's fixed shape (encoder sentences padded with mask 0)."""
     inputs = held_back_inputs(bundle, seq_len=seq_len)

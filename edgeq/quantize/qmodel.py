@@ -70,6 +70,8 @@ class QuantizedModel:
             replaced.add(id(m.qweight))
         float_bytes = sum(t.numel() * t.element_size() for t in unique_float_tensors(self.model).values())
         after = float_bytes + q_bytes
+        from ..export.tflite import representability
+
         return {
             "format_version": FORMAT_VERSION,
             "model": self.bundle.reference,
@@ -83,6 +85,7 @@ class QuantizedModel:
             "bytes_before": self.float_bytes_before,
             "bytes_after": after,
             "size_reduction": round(1 - after / self.float_bytes_before, 6),
+            "tflite": representability(self),  # per variant: held exactly, or why not (edgeq.export.tflite)
             **self.extra,
         }
 
@@ -198,7 +201,7 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
 
 
 _SUMMARY_KEYS = {"format_version", "model", "kind", "recipe", "untied_head", "folded_norms", "layers", "quantized_params",
-                 "avg_bits", "bytes_before", "bytes_after", "size_reduction"}
+                 "avg_bits", "bytes_before", "bytes_after", "size_reduction", "tflite"}
 
 
 def quant_json_sha256(qdir: str | Path) -> str:

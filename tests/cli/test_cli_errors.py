@@ -52,6 +52,9 @@ def test_quantize_then_inspect_and_eval(capsys, tmp_path, tiny_llama_ref):
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.3.mlp.down_proj" in table and "w4s-g128" in table
+    assert "TFLite: grids held as they are by --variant none (default int4)" in table  # full-range INT4: ORT's grid
+    said = json.loads((out / "quant.json").read_text())["tflite"]["variants"]["int4"]
+    assert not said["representable"] and "re-quantize with range = 'narrow'" in said["why"]
     assert main(["eval", str(out), "--count", "2", "--seq-len", "64", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["label"] == "sim" and ev["task"] == "ppl" and ev["metrics"]["tokens"] == 2 * 63

@@ -7,6 +7,7 @@ Conversions are slow (litert-torch), so each model architecture is converted onc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,11 @@ def test_variant_metadata_and_parity(exported, case):
     for key in ("format", "source", "recipe", "exact", "parity", "inputs", "runtime_min"):
         assert key in on_disk, key
     assert on_disk["format"] == "tflite"
+    if qdir is not None and meta["variant"] != "fp32":  # quant.json said at quantize time this variant holds the grids
+        said = json.loads((qdir / "quant.json").read_text())["tflite"]
+        assert said["variants"][meta["variant"]] == {"representable": True}
+        assert said["default_variant"] == meta["variant"] or CASES[case][2] is not None
+        assert (said["note"] is not None) == bool(meta.get("bn_folded"))  # folded BatchNorms: scales not edgeq's
     parity = meta["parity"]
     assert parity["within_tolerance"], parity
     assert parity["cos_min"] >= parity["tolerance"]["cos_min"]
@@ -420,6 +426,9 @@ def test_unsupported_combinations_refused(tmp_path, case):
     with pytest.raises(EdgeqError, match=pattern):
         export(qdir, "tflite", out, variant=variant)
     assert not out.exists() and not Path(str(out) + ".json").exists()
+    said = json.loads((qdir / "quant.json").read_text())["tflite"]  # quant.json said so when it was quantized
+    verdict = said["variants"][variant or said["default_variant"]]
+    assert verdict["representable"] is False and re.search(pattern, verdict["why"]), verdict
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.tflite")]
 
 
@@ -434,6 +443,7 @@ def test_int8_weight_outside_litert_range_refused(tmp_path):
     qdir = qm.save(tmp_path / "q")
     with pytest.raises(EdgeqError, match=f"{name}.*holds the integer -128, outside LiteRT's int8 weight range"):
         export(qdir, "tflite", tmp_path / "m.tflite")
+    assert "holds the integer -128" in json.loads((qdir / "quant.json").read_text())["tflite"]["variants"]["dynamic-int8"]["why"]
     assert not (tmp_path / "m.tflite").exists()
 
 
