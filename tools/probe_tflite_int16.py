@@ -44,7 +44,7 @@ def int16_activations(qm, seq_len: int, calib: list[dict]) -> tuple[bytes, dict]
     from ai_edge_quantizer import quantizer
 
     layers, model = qm.layers(), qm.bundle.module.eval()
-    buf, ops, _ = float_graph(qm.bundle, model, seq_len, cache_len=0)
+    buf, ops, _, _ = float_graph(qm.bundle, model, seq_len, cache_len=0)
     recipe = tflite_quant.recipe(layers, ops, static=True)
     for entry in recipe:
         entry["op_config"]["activation_tensor_config"] = {"num_bits": 16, "symmetric": True, "granularity": "TENSORWISE", "dtype": "INT"}

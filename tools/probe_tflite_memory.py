@@ -122,7 +122,7 @@ def memory(path: Path, api: str, threads: int) -> dict:
         out[f"rss_after_{name}_mb"] = round(rss_mb(), 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if "decode" in held.signatures():
-        out["cache_slots"] = held.input_shapes("decode")[2][1]  # keys [kv_heads, slots, head_dim]
+        out["cache_slots"] = held.input_shapes("decode")[3][1]  # after input_ids, input_pos, mask: keys [kv_heads, slots, head_dim]
     return out
 
 

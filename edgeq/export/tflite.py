@@ -40,6 +40,10 @@ TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99,
 # int8 files give the same outputs, while dynamic-int8 and int4 files (hybrid kernels) load and run but
 # give wrong outputs (cosine < 0.9 vs ai-edge-litert on tiny-llama and a small CNN): they need ai-edge-litert.
 # Older ai-edge-litert releases were not tested.
+# A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
+# 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
+RESIZED_MAX_ABS = 1e-3
+
 RUNTIME_MIN = {
     "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
     "int8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs up to integer rounding)"},
@@ -221,21 +225,27 @@ def _decode_plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[in
     return slots, None
 
 
-def _decode_meta(model, cache_len: int) -> dict:
+def _decode_meta(model, cache_len: int, static_slots: str | None) -> dict:
     from .tflite_decode import dims
 
     n, _, kv_heads, head_dim = dims(model.config)
+    slots = "slots" if static_slots is None else str(cache_len)
     return {"signature": "decode", "cache_len": cache_len,
-            "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)"]
-            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {cache_len}, {head_dim}] float32",
-                                                    f"v_{i} [{kv_heads}, {head_dim}, {cache_len}] float32 (stored transposed)")],
+            "dynamic_slots": static_slots is None,
+            "slots_note": ("the slot count is the runtime's choice: the mask and caches declare cache_len slots and may be "
+                           "resized to any count (shape signature -1; DecodeSession(path, slots=N, grow=True))")
+            if static_slots is None else f"fixed at cache_len: {static_slots}",
+            "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)",
+                       f"mask [1, 1, {slots}] float32 (0 for the slots before input_pos, float32's lowest value for the rest)"]
+            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {slots}, {head_dim}] float32",
+                                                    f"v_{i} [{kv_heads}, {head_dim}, {slots}] float32 (stored transposed)")],
             "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv_heads}, 1, {head_dim}] float32"
                                                    for i in range(n) for kind in ("k", "v")],
             "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
                      "and these caches; then decode from input_pos = the prompt's length. The step reads the caches "
-                     "(slots before input_pos) and returns its token's key and value: write them into slot input_pos "
-                     "before the next step (a key into k[:, input_pos, :], a value into v[:, :, input_pos]; in place in "
-                     "the interpreter's input buffers, so the caches are never copied: "
+                     "(the slots the mask leaves at 0: those before input_pos) and returns its token's key and value: "
+                     "write them into slot input_pos before the next step (a key into k[:, input_pos, :], a value into "
+                     "v[:, :, input_pos]; in place in the interpreter's input buffers, so the caches are never copied: "
                      "edgeq.export.tflite_runtime.DecodeSession does this). Or start from zero caches and "
                      "feed the prompt one step per token. Keys are stored after rotary embedding."}
 
@@ -243,15 +253,18 @@ def _decode_meta(model, cache_len: int) -> dict:
 def _decode_input_meta(step, bundle, cache_len: int) -> list[dict]:
     """The decode signature's inputs for a profiler: a token id, the middle slot as its position (every step
     attends over all slots, masked, so the position does not change the work), and caches."""
+    from .tflite_decode import CACHE_INPUT
+
     specs = _input_meta(step, bundle)
     specs[1].update(role="input_pos", range=[cache_len // 2, cache_len // 2])
-    for s in specs[2:]:
+    specs[2]["role"] = "attention_mask"  # its values do not change the work either
+    for s in specs[CACHE_INPUT:]:
         s["role"] = "kv_cache"
     return specs
 
 
 def _decode_parity(step, first, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int,
-                   steps: int = 16) -> dict:
+                   steps: int = 16) -> tuple[dict, np.ndarray]:
     """The decode signature (`step`) against the simulation's logits at the same positions of the first
     held-back sample: token by token from an empty cache over its first tokens, and continuing after the
     prefill signature (`first`) ran its first half (padded with zeros to the graph's length, as a shorter
@@ -271,7 +284,20 @@ def _decode_parity(step, first, ids: np.ndarray, ref: np.ndarray, prefill: np.nd
     after = parity_metrics([ref[0, half:half + k]], [cont])
     out["after_prefill"] = {**{key: after[key] for key in ("max_abs", "cos_min", "top1_agree", "rows")},
                             "inputs": f"prefill of the first {half} tokens padded to {seq}, then {k} decode steps"}
-    return out
+    return out, got
+
+
+def _resized_parity(buf: bytes, ids: np.ndarray, got: np.ndarray, cache_len: int) -> dict:
+    """The decode signature with its slots resized (`dynamic_slots`) to just the steps `got` covers, then doubled and
+    more: the same tokens from an empty cache must give the declared shape's logits (`got`)."""
+    from .tflite_runtime import DecodeSession
+
+    n = got.shape[0]
+    session = DecodeSession(buf, slots=max(1, n // 2), grow=True)
+    session.reset()
+    rows = np.stack([session.step(int(ids[0, i]), i) for i in range(n)])
+    return {"slots": f"{max(1, n // 2)}, grown to {session.cache_len} (declared {cache_len})",
+            "max_abs_vs_declared": float(np.max(np.abs(rows - got)))}
 
 
 def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int = 0) -> dict[str, list[dict]]:
@@ -353,7 +379,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
-    float_buf, ops, convert_s = float_graph(b, model, seq_len, cache=cache, folds=folds, cache_len=cache_len)
+    float_buf, ops, convert_s, static_slots = float_graph(b, model, seq_len, cache=cache, folds=folds, cache_len=cache_len)
     # layers the outputs do not depend on are not in the file (the converter drops them; float_graph checked why)
     unused = sorted(n for n in layers if n not in ops)
     layers = {n: m for n, m in layers.items() if n in ops}
@@ -391,7 +417,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")
-        parity["decode"] = _decode_parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        parity["decode"], steps = _decode_parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        if static_slots is None:
+            parity["decode"]["resized"] = _resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
         signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(step, b, cache_len)}}
         del step
     cos_tol, top1_tol = TOLERANCE[variant]
@@ -402,7 +430,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
                    "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol
                                             and decode.get("cos_min", 1.0) >= cos_tol
-                                            and decode.get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol)})
+                                            and decode.get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol
+                                            and decode.get("resized", {}).get("max_abs_vs_declared", 0.0) <= RESIZED_MAX_ABS)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
@@ -417,7 +446,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len,
                               "outputs": "logits, then the decode signature's caches" if cache_len else "logits"}
                   if b.kind == "causal-lm" else None,
-                  "decode": _decode_meta(model, cache_len) if cache_len else None,
+                  "decode": _decode_meta(model, cache_len, static_slots) if cache_len else None,
                   "decode_note": decode_note},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,

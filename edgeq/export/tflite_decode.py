@@ -1,9 +1,10 @@
 """The KV-cache decode-step signature of a decoder LM's TFLite file.
 
-TFLite graphs are static, so the cache is too: `decode(input_ids [1, 1], input_pos [1], k_0, v_0, ...)
--> (logits [1, 1, vocab], k_new_0, v_new_0, ...)` with every key cache shaped [kv_heads, cache_len,
-head_dim], every value cache stored transposed, [kv_heads, head_dim, cache_len], and every new key and
-value [kv_heads, 1, head_dim]. The step attends over cache slots 0..input_pos-1 (the rest masked) and
+`decode(input_ids [1, 1], input_pos [1], mask [1, 1, slots], k_0, v_0, ...) -> (logits [1, 1, vocab], k_new_0,
+v_new_0, ...)` with every key cache shaped [kv_heads, slots, head_dim], every value cache stored transposed,
+[kv_heads, head_dim, slots], and every new key and value [kv_heads, 1, head_dim]. The file declares cache_len
+slots; `dynamic_slots` makes the count the runtime's choice (litert-torch converts static shapes only). The step
+attends over the cache slots the mask leaves at 0 (0..input_pos-1: `tflite_runtime.attention_mask`) and
 over its own token's key and value, which it returns; the caller writes them into slot `input_pos`
 (`tflite_runtime.write_row`: by `run_steps`, or in place in the interpreter's input buffers by
 `tflite_runtime.DecodeSession`). The graph only reads the caches: it neither copies them nor returns
@@ -30,9 +31,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .tflite_runtime import write_row
+from .tflite_runtime import attention_mask, write_row
 
 DEFAULT_CACHE_LEN = 256
+CACHE_INPUT = 3  # the decode signature's inputs: input_ids, input_pos, mask, then the caches
 FAMILY = ("llama", "mistral", "qwen2")  # Hugging Face model types with the layout below (checked, not assumed)
 
 
@@ -82,13 +84,14 @@ class KVPrefill(torch.nn.Module):
 
 
 class KVDecode(torch.nn.Module):
-    """One decode step over a fixed-size cache (see the module docstring for the signature)."""
+    """One decode step over the caches it is given (see the module docstring for the signature): nothing in it
+    names their slot count, which the example inputs fix at conversion."""
 
-    def __init__(self, model: torch.nn.Module, cache_len: int):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.cache_len = model, cache_len
+        self.model = model
 
-    def forward(self, input_ids, input_pos, *cache):
+    def forward(self, input_ids, input_pos, mask, *cache):
         inner = self.model.model
         _, heads, kv_heads, head_dim = dims(self.model.config)
         half = head_dim // 2
@@ -104,8 +107,6 @@ class KVDecode(torch.nn.Module):
         def rotate(x, c, s):
             return x * c + torch.cat([x[..., half:], x[..., :half]], dim=-1) * s
 
-        slots = torch.arange(self.cache_len, dtype=input_pos.dtype)
-        mask = torch.where(slots.reshape(1, 1, -1) < input_pos.reshape(1, 1, 1), 0.0, torch.finfo(h.dtype).min)
         presents = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -120,14 +121,89 @@ class KVDecode(torch.nn.Module):
             k = rotate(attn.k_proj(x).view(kv_heads, 1, head_dim), cos, sin)
             v = attn.v_proj(x).view(kv_heads, 1, head_dim)
             presents += [k, v]
-            # one softmax over the cached slots and the token itself: scores [.., cache_len] and [.., 1]
-            scores = torch.cat([torch.bmm(q, cache[2 * i].transpose(1, 2)) + mask, torch.bmm(q, k.transpose(1, 2))], dim=-1)
+            # one softmax over the token itself and the cached slots: scores [.., 1] then [.., slots], the token first so
+            # that both parts are sliced off without naming the slot count (`dynamic_slots` makes it a run-time choice)
+            scores = torch.cat([torch.bmm(q, k.transpose(1, 2)), torch.bmm(q, cache[2 * i].transpose(1, 2)) + mask], dim=-1)
             p = torch.softmax(scores, dim=-1)
-            out = torch.bmm(p[..., :self.cache_len], cache[2 * i + 1].transpose(1, 2)) + p[..., self.cache_len:] * v
+            out = torch.bmm(p[..., 1:], cache[2 * i + 1].transpose(1, 2)) + p[..., :1] * v
             out = out.reshape(1, 1, heads * head_dim)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (self.model.lm_head(inner.norm(h)), *presents)
+
+
+def dynamic_slots(model_t, cache_len: int) -> str | None:
+    """Make the `decode` signature's slot count a run-time choice in the converted flatbuffer (`model_t`, edited in
+    place): its mask and cache inputs get a dynamic slot dimension (shape signature -1), so a runtime may resize them
+    to any count and LiteRT re-derives every shape in the step from them (the declared shape stays `cache_len`).
+    litert-torch converts static shapes only; the step is written so that the slot count appears in one kind of
+    constant, the size of the slice taking the cached slots' probabilities (after the token's own), which becomes
+    -1 ("to the end"). Returns None when done, else why not, and then changes nothing. Whether no other constant
+    names the slot count (a value alone cannot tell it from a head size of the same number) is `resize_check`'s to
+    prove, by running the result."""
+    from .tflite_graph import op_names, schema
+
+    sig = next((d for d in model_t.signatureDefs if d.signatureKey == b"decode"), None)
+    if sig is None:
+        return "no decode signature"
+    sg = model_t.subgraphs[sig.subgraphIndex]
+    codes = op_names(model_t)
+
+    def ints(index: int):
+        t = sg.tensors[index]
+        data = model_t.buffers[t.buffer].data
+        if t.type != schema().TensorType.INT32 or data is None or not len(data):
+            return None
+        return np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype=np.int32).tolist()
+
+    slices = [op for op in sg.operators if codes[op.opcodeIndex] == "SLICE" and int(sg.tensors[op.inputs[0]].shape[-1]) == cache_len + 1
+              and (ints(op.inputs[2]) or [None])[-1] == cache_len and (ints(op.inputs[1]) or [None])[-1] == 1]
+    if not slices:
+        return "no slice of the cached slots' probabilities found"
+    buf = schema().BufferT()
+    rank = int(sg.tensors[slices[0].inputs[2]].shape[0])  # one size per dimension of the sliced tensor
+    buf.data = np.frombuffer(np.full(rank, -1, dtype=np.int32).tobytes(), dtype=np.uint8)
+    model_t.buffers.append(buf)
+    size = schema().TensorT()
+    size.shape, size.type, size.buffer = np.array([rank], dtype=np.int32), schema().TensorType.INT32, len(model_t.buffers) - 1
+    size.name = b"edgeq/slots_to_the_end"
+    sg.tensors.append(size)
+    for op in slices:
+        op.inputs = np.array([*op.inputs[:2], len(sg.tensors) - 1], dtype=np.int32)
+    inputs = set(int(i) for i in sg.inputs)
+    for index, t in enumerate(sg.tensors):  # intermediate shapes: unpinned (-1), so each op re-derives them when resized
+        if index not in inputs and not (model_t.buffers[t.buffer].data is not None and len(model_t.buffers[t.buffer].data)):
+            t.shapeSignature = np.full(len(t.shape), -1, dtype=np.int32)
+    names = {m.name.decode(): m.tensorIndex for m in sig.inputs}
+    for position, name in enumerate(sorted(names, key=lambda n: int(n.rpartition("_")[2]))):
+        if position < CACHE_INPUT - 1:
+            continue
+        t = sg.tensors[names[name]]
+        dims = [int(x) for x in t.shape]
+        axis = 2 if position == CACHE_INPUT - 1 or (position - CACHE_INPUT) % 2 else 1  # mask, values: last; keys: 1
+        dims[axis] = -1
+        t.shapeSignature = np.array(dims, dtype=np.int32)
+    return None
+
+
+def resize_check(buf: bytes, cache_len: int, steps: int = 4) -> str | None:
+    """None if the decode signature of `buf` (a float graph after `dynamic_slots`) gives the same logits with its
+    slots resized as at the declared count, over `steps` steps from empty caches; else why not (one line)."""
+    from ..errors import EdgeqError
+    from .tflite_runtime import DecodeSession
+
+    slots = cache_len + 7
+    try:
+        declared, resized = DecodeSession(buf), DecodeSession(buf, slots=slots)
+        for session in (declared, resized):
+            session.reset()
+        for pos in range(min(steps, cache_len)):
+            a, b = declared.step(pos + 1, pos), resized.step(pos + 1, pos)
+            if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+                return f"resized to {slots} slots, step {pos} gave other logits (max abs {float(np.max(np.abs(a - b))):.3g})"
+    except (EdgeqError, RuntimeError, ValueError) as exc:
+        return f"resized to {slots} slots, LiteRT refused the step: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
 
 
 def to_signature_layout(past, cache_len: int) -> list[torch.Tensor]:
@@ -148,7 +224,8 @@ def empty_cache(config, cache_len: int) -> tuple[torch.Tensor, ...]:
 
 
 def example_inputs(model: torch.nn.Module, cache_len: int) -> tuple:
-    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *empty_cache(model.config, cache_len))
+    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+            torch.from_numpy(attention_mask(0, cache_len)), *empty_cache(model.config, cache_len))
 
 
 def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cache_len: int, per_sequence: int) -> list[tuple]:
@@ -163,23 +240,24 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
                 cache = [c.clone() for c in full]
                 for j, c in enumerate(cache):  # keep slots 0..p-1
                     (c[:, p:] if j % 2 == 0 else c[..., p:]).zero_()
-                out.append((ids[:, p:p + 1], torch.tensor([int(p)]), *cache))
+                out.append((ids[:, p:p + 1], torch.tensor([int(p)]), torch.from_numpy(attention_mask(int(p), cache_len)), *cache))
     return out
 
 
 def zero_caches(step) -> list[np.ndarray]:
-    """Empty caches for a decode signature's runner (its inputs after the token and the position)."""
-    return [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]]
+    """Empty caches for a decode signature's runner (its inputs after the token, the position and the mask)."""
+    return [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[CACHE_INPUT:]]
 
 
 def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Feed `ids` [1, n] one token at a time, at positions start, start + 1, ..., through
-    `step(ids, pos, *cache) -> [logits, *new rows]`, writing each step's new keys and values into slot pos of
+    `step(ids, pos, mask, *cache) -> [logits, *new rows]`, writing each step's new keys and values into slot pos of
     (copies of) the caches; returns the logits [n, vocab] and the caches after."""
     cache = [np.array(c, dtype=np.float32) for c in cache]
+    slots = cache[0].shape[1]
     rows = []
     for i in range(ids.shape[1]):
-        out = step(ids[:, i:i + 1], np.array([start + i]), *cache)
+        out = step(ids[:, i:i + 1], np.array([start + i]), attention_mask(start + i, slots), *cache)
         rows.append(np.asarray(out[0]).reshape(-1))
         for j, (c, new) in enumerate(zip(cache, out[1:])):
             write_row(c, j, start + i, np.asarray(new))

@@ -31,7 +31,7 @@ from ..quantize.modules import quant_layers
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 7  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 9  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
@@ -186,11 +186,13 @@ def graph_key(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None =
 
 
 def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True, folds: dict | None = None,
-                cache_len: int | None = None) -> tuple[bytes, dict[str, str], float]:
+                cache_len: int | None = None) -> tuple[bytes, dict[str, str], float, str | None]:
     """The labelled float TFLite graph of `model` with its dequantized weights (BatchNorms in `folds` folded),
-    with a `decode` signature over a `cache_len`-slot KV cache when `cache_len` is given.
+    with a `decode` signature over a `cache_len`-slot KV cache when `cache_len` is given, its slot count made a
+    run-time choice (`tflite_decode.dynamic_slots`).
 
-    Returns (flatbuffer bytes, layer -> op name, conversion seconds; 0 when cached).
+    Returns (flatbuffer bytes, layer -> op name, conversion seconds (0 when cached), why the decode signature's
+    slots stay fixed (None: they do not, or there is no decode signature)).
     """
     import time
 
@@ -206,18 +208,27 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     if cache and cached.is_file() and index.is_file():
         model_t = read_model(cached.read_bytes())
         set_weights(model_t, weights)
-        return write_model(model_t), read_json(index)["layers"], 0.0
+        meta = read_json(index)
+        return write_model(model_t), meta["layers"], 0.0, meta["static_slots"]
     t0 = time.perf_counter()
     buf = convert(bundle, model, seq_len, folds, cache_len)
     seconds = time.perf_counter() - t0
     model_t = read_model(buf)
+    static_slots = None
+    if cache_len:
+        from .tflite_decode import dynamic_slots, resize_check
+
+        static_slots = dynamic_slots(model_t, cache_len) or resize_check(write_model(model_t), cache_len)
+        if static_slots is not None:  # as converted: the declared slots only
+            model_t = read_model(buf)
     found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()},
                          unused=lambda: unused_layers(bundle, model, seq_len))
     out = write_model(model_t)
     if cache:
         write_bytes_atomic(cached, out)
-        write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "cache_len": cache_len, "layers": found})
-    return out, found, seconds
+        write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "cache_len": cache_len, "layers": found,
+                                  "static_slots": static_slots})
+    return out, found, seconds, static_slots
 
 
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
@@ -235,7 +246,7 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
                 from .tflite_decode import KVDecode, KVPrefill, example_inputs as decode_inputs
 
                 edge = (litert_torch.signature("serving_default", KVPrefill(model, cache_len).eval(), example_inputs(bundle, seq_len))
-                        .signature("decode", KVDecode(model, cache_len).eval(), decode_inputs(model, cache_len)).convert())
+                        .signature("decode", KVDecode(model).eval(), decode_inputs(model, cache_len)).convert())
             else:
                 edge = litert_torch.convert(module, example_inputs(bundle, seq_len))
         except Exception as exc:  # the converter fails in many ways on unsupported ops

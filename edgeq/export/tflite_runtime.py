@@ -120,14 +120,19 @@ def write_row(cache: np.ndarray, j: int, pos: int, new: np.ndarray) -> None:
 
 class DecodeSession:
     """A decoder LM's `decode` signature run the way a generation loop on a board runs it: the KV caches live
-    in the interpreter's own input buffers, and each step sets the token and its position, invokes, and
+    in the interpreter's own input buffers, and each step sets the token, its position and the mask, invokes, and
     writes the step's new keys and values into slot `pos` of those buffers in place. Nothing the size of a
     cache is copied (the signature runner's call copies every input in and every output out).
+
+    `slots`: the cache slots to hold (default: the file's declared cache_len). In a file whose slot count is the
+    runtime's choice (FILE.json `graph.decode.dynamic_slots`), any count: each step attends over that many slots, so
+    fewer cost less (SmolLM2's attention over 64 slots takes a third of its time over 256). `grow`: a position
+    past the slots doubles them (keeping the cached rows) instead of being refused.
 
     Uses the signature runner's interpreter wrapper (`signature_io`); a runtime without it gets a clear error.
     """
 
-    def __init__(self, path: str | Path | bytes, threads: int = 1):
+    def __init__(self, path: str | Path | bytes, threads: int = 1, slots: int | None = None, grow: bool = False):
         self.runner = TfliteRunner(path, threads=threads, signature="decode")
         io = signature_io(self.runner.runner)
         if io is None:
@@ -136,26 +141,82 @@ class DecodeSession:
         self._w, self._sg, inputs, outputs = io
         self._in = [inputs[n] for n in self.runner.input_names]
         self._out = [outputs[n] for n in self.runner.output_names]
-        self._w.AllocateTensors(self._sg)
+        details = self.runner.runner.get_input_details()
+        mask = details[self.runner.input_names[2]]
+        if len(mask["shape"]) != 3 or list(mask["shape"][:2]) != [1, 1] or len(self.runner.input_names) < 5:
+            raise EdgeqError("tflite: this file's decode signature has no mask input (input_ids, input_pos, mask, caches): "
+                             "it was exported before edgeq's decode step took one; re-export it")
+        self.dynamic = int(list(mask.get("shape_signature", mask["shape"]))[-1]) == -1
+        self._shapes = [[int(x) for x in details[n]["shape"]] for n in self.runner.input_names]
         self._dtypes = [np.dtype(d["dtype"]) for d in self.runner.inputs[:2]]
-        self.cache_len = int(self.runner.inputs[2]["shape"][1])
+        self.grow = grow
+        self.cache_len = self._shapes[3][1]  # keys [kv_heads, slots, head_dim]
+        self._w.AllocateTensors(self._sg)
+        if slots is not None and slots != self.cache_len:
+            self.resize(slots)
+
+    def _input(self, j: int) -> np.ndarray:
+        """A view of input j (a fresh view each time: LiteRT may move buffers when it allocates)."""
+        return self._w.tensor(self._w, self._in[j], self._sg)
 
     def _cache(self, j: int) -> np.ndarray:
-        """A view of cache input j (a fresh view each time: LiteRT may move buffers when it allocates)."""
-        return self._w.tensor(self._w, self._in[2 + j], self._sg)
+        return self._input(3 + j)
+
+    def resize(self, slots: int) -> None:
+        """Hold `slots` cache slots, keeping the rows already cached in the first min(old, new) slots."""
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise EdgeqError(f"tflite: slots must be a whole number >= 1, not {slots!r}")
+        if not self.dynamic:
+            raise EdgeqError(f"tflite: this file's decode signature has a fixed {self.cache_len} cache slots (FILE.json "
+                             "graph.decode.slots_note says why); re-export it with edgeq for a run-time slot count")
+        kept = [self._cache(j)[..., :slots] if j % 2 else self._cache(j)[:, :slots] for j in range(len(self._in) - 3)]
+        kept = [np.array(c) for c in kept]
+        for j in range(2, len(self._in)):
+            shape = list(self._shapes[j])
+            shape[1 if j % 2 else 2] = slots  # inputs: 2 the mask and 4, 6, ... the values (slots last); 3, 5, ... the keys
+            self._shapes[j] = shape
+            self._w.ResizeInputTensor(self._in[j], np.array(shape, dtype=np.int32), True, self._sg)
+        self._w.AllocateTensors(self._sg)
+        self.cache_len = slots
+        for j, old in enumerate(kept):
+            cache = self._cache(j)
+            cache[...] = 0.0
+            (cache[..., :old.shape[2]] if j % 2 else cache[:, :old.shape[1]])[...] = old
 
     def reset(self, caches: list[np.ndarray] | None = None) -> None:
-        """Zero the caches, or load `caches` (e.g. the prefill signature's outputs after the logits)."""
-        for j in range(len(self._in) - 2):
-            self._cache(j)[...] = 0.0 if caches is None else caches[j]
+        """Zero the caches, or load `caches` (e.g. the prefill signature's outputs after the logits: their first
+        min(theirs, the session's) slots, zeros after)."""
+        for j in range(len(self._in) - 3):
+            cache = self._cache(j)
+            cache[...] = 0.0
+            if caches is not None:
+                src = np.asarray(caches[j])
+                n = min(src.shape[2 if j % 2 else 1], self.cache_len)
+                if j % 2:
+                    cache[..., :n] = src[..., :n]
+                else:
+                    cache[:, :n] = src[:, :n]
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run token `token` at position `pos` (its key and value go to slot `pos`); returns its logits [vocab]."""
+        if pos >= self.cache_len and self.grow:
+            self.resize(max(2 * self.cache_len, pos + 1))
         if not 0 <= pos < self.cache_len:
-            raise EdgeqError(f"tflite: position {pos} is outside the decode signature's {self.cache_len} cache slots")
+            raise EdgeqError(f"tflite: position {pos} is outside the decode signature's {self.cache_len} cache slots"
+                             + (" (DecodeSession(..., grow=True) grows them)" if self.dynamic else ""))
         self._w.SetTensor(self._in[0], np.array([[token]], dtype=self._dtypes[0]), self._sg)
         self._w.SetTensor(self._in[1], np.array([pos], dtype=self._dtypes[1]), self._sg)
+        attention_mask(pos, self.cache_len, out=self._input(2))
         self._w.Invoke(self._sg)
         for j, index in enumerate(self._out[1:]):
             write_row(self._cache(j), j, pos, self._w.GetTensor(index, self._sg))
         return self._w.GetTensor(self._out[0], self._sg).reshape(-1)
+
+
+def attention_mask(pos: int, slots: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The decode step's mask input [1, 1, slots]: 0 for the cached slots 0..pos-1 it attends over, float32's lowest
+    value for the rest (in `out` if given)."""
+    out = np.empty((1, 1, slots), dtype=np.float32) if out is None else out
+    out[..., :pos] = 0.0
+    out[..., pos:] = np.finfo(np.float32).min
+    return out

@@ -266,6 +266,8 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     parity = meta["parity"]["decode"]
     assert parity["rows"] == 16 and parity["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
     assert parity["after_prefill"]["cos_min"] >= meta["parity"]["tolerance"]["cos_min"], parity
+    # the slot count is a run-time choice in every variant's file: resized, the steps give the declared shape's logits
+    assert decode["dynamic_slots"] and parity["resized"]["max_abs_vs_declared"] < 1e-4, parity["resized"]
     if meta["variant"] not in ("int8", "int16x8"):
         # the two signatures compute one function: equal on LiteRT's reference kernels, and on XNNPACK too except
         # that on some CPUs (AVX512-VNNI) it takes other dynamic-int8 kernels for one row than for many (0.017 here)
@@ -303,12 +305,12 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     step per token, then decode steps on its own picks; and with the caches kept in the interpreter's buffers
     (DecodeSession: each step returns only its token's key and value, written in place)."""
     from edgeq.export.tflite_decode import run_steps
-    from edgeq.export.tflite_runtime import DecodeSession, TfliteRunner
+    from edgeq.export.tflite_runtime import DecodeSession, TfliteRunner, attention_mask
 
     meta = export("tiny-llama", "tflite", tmp_path / "lm.tflite", seq_len=16, cache_len=32)
     assert meta["graph"]["decode"]["cache_len"] == 32
     step = TfliteRunner(tmp_path / "lm.tflite", signature="decode")
-    assert step.input_specs()[2]["shape"] == [2, 32, 32] and step.input_specs()[3]["shape"] == [2, 32, 32]
+    assert [s["shape"] for s in step.input_specs()[2:5]] == [[1, 1, 32], [2, 32, 32], [2, 32, 32]]  # mask, k_0, v_0
     model = load_model("tiny-llama").module.eval()
     prompt = torch.tensor([[84, 104, 101, 32, 99, 105, 116, 121]])  # "The city"
     with torch.no_grad():
@@ -317,19 +319,20 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     padded = np.zeros((1, 16), dtype=np.int64)
     padded[:, :n] = prompt.numpy()
     prefill = TfliteRunner(tmp_path / "lm.tflite")(padded)
-    assert len(prefill) == 1 + len(step.input_specs()) - 2
+    assert len(prefill) == 1 + len(step.input_specs()) - 3
     with torch.no_grad():  # the prefill's caches are Hugging Face's, keys as they are and values transposed, zero after
         past = model(input_ids=prompt, use_cache=True).past_key_values.layers[0]
     np.testing.assert_allclose(prefill[1][:, :n], past.keys[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(prefill[2][..., :n], past.values[0].transpose(1, 2).numpy(), atol=1e-4)
-    stepped = run_steps(step, prompt.numpy(), [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[2:]])
+    stepped = run_steps(step, prompt.numpy(), [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[3:]])
     for logits, cache in ((prefill[0][0, n - 1:n], prefill[1:]), stepped):
         got = [int(np.argmax(logits[-1]))]
         for pos in range(n, n + 11):
             logits, cache = run_steps(step, np.array([got[-1:]]), cache, start=pos)
             got.append(int(np.argmax(logits[-1])))
         assert got == want
-    assert [o.shape for o in step(np.array([[1]]), np.array([0]), *prefill[1:])[1:3]] == [(2, 1, 32)] * 2  # new rows only
+    mask = attention_mask(0, 32)
+    assert [o.shape for o in step(np.array([[1]]), np.array([0]), mask, *prefill[1:])[1:3]] == [(2, 1, 32)] * 2  # new rows only
     session = DecodeSession(tmp_path / "lm.tflite")
     session.reset(prefill[1:])
     got = [int(np.argmax(prefill[0][0, n - 1]))]
@@ -338,6 +341,17 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     assert got == want
     with pytest.raises(EdgeqError, match="position 32 is outside the decode signature's 32 cache slots"):
         session.step(1, 32)
+    # the slot count is the session's choice: 8 slots grown as the loop passes them, or 100, the same tokens
+    assert meta["graph"]["decode"]["dynamic_slots"] and meta["parity"]["decode"]["resized"]["max_abs_vs_declared"] < 1e-4
+    for session in (DecodeSession(tmp_path / "lm.tflite", slots=8, grow=True), DecodeSession(tmp_path / "lm.tflite", slots=100)):
+        session.reset(prefill[1:])
+        got = [int(np.argmax(prefill[0][0, n - 1]))]
+        for pos in range(n, n + 11):
+            got.append(int(np.argmax(session.step(got[-1], pos))))
+        assert got == want
+    assert session.cache_len == 100 and DecodeSession(tmp_path / "lm.tflite", slots=8, grow=True).cache_len == 8
+    with pytest.raises(EdgeqError, match="slots must be a whole number >= 1"):
+        DecodeSession(tmp_path / "lm.tflite", slots=0)
 
 
 def test_decode_signature_options(tmp_path):
@@ -354,6 +368,20 @@ def test_decode_signature_options(tmp_path):
     with pytest.raises(EdgeqError, match=r"cache_len \(8\) must be at least seq_len \(16\)"):
         export("tiny-llama", "tflite", tmp_path / "c.tflite", seq_len=16, cache_len=8)
     assert not (tmp_path / "b.tflite").exists() and not (tmp_path / "c.tflite").exists()
+
+
+def test_dynamic_slots_are_proven_by_running_them():
+    """The slot count becomes a run-time choice only where the step resized gives the declared step's logits: the graph
+    as litert-torch converts it (slots fixed) fails that check by name, the same graph after `dynamic_slots` passes."""
+    from edgeq.export.tflite_decode import dynamic_slots, resize_check
+    from edgeq.export.tflite_graph import convert, read_model, write_model
+
+    bundle = load_model("tiny-llama")
+    buf = convert(bundle, bundle.module.eval(), 8, None, 24)
+    assert resize_check(buf, 24).startswith("resized to 31 slots, LiteRT refused the step")
+    model_t = read_model(buf)
+    assert dynamic_slots(model_t, 25) == "no slice of the cached slots' probabilities found"  # not the declared count
+    assert dynamic_slots(model_t, 24) is None and resize_check(write_model(model_t), 24) is None
 
 
 def test_decode_signature_only_for_layouts_it_renders():
