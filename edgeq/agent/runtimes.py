@@ -231,11 +231,12 @@ class CompiledLiteRtModel:
                 self.model = CompiledModel.from_file(str(path), options=options)
             except RuntimeError as exc:
                 raise EdgeqError(f"runtime: LiteRT cannot load {path.name}: {str(exc).splitlines()[0]}") from None
-        known = list(self.model.get_signature_list())
+        known = self.model.get_signature_list()
         if signature is not None and signature not in known:
             raise EdgeqError(f"signature: {signature!r} is not one of the file's: {', '.join(sorted(known)) or 'none'}")
-        self.key = signature if signature is not None else known[0]
+        self.key = signature if signature is not None else next(iter(known))
         self.index = self.model.get_signature_index(self.key)
+        self._names = known[self.key]  # {"inputs": [...], "outputs": [...]}, in buffer order
         xnnpack = "Created TensorFlow Lite XNNPACK delegate" in log.text  # not "XNNPACK CPU accelerator registered"
         self.runtime = {"name": "litert-compiledmodel", "version": _version("ai-edge-litert"),
                         "provider": "XNNPACK delegate, weight cache in memory" if xnnpack else "builtin CPU kernels (no delegate)",
@@ -244,10 +245,10 @@ class CompiledLiteRtModel:
     def signature(self) -> list[dict]:
         details = self.model.get_input_tensor_details(self.key)
         return [{"name": n, "dtype": np.dtype(details[n]["dtype"]).name, "shape": [int(x) for x in details[n]["shape"]]}
-                for n in sorted(self.model.get_signature_list()[self.key]["inputs"], key=arg_order)]
+                for n in sorted(self._names["inputs"], key=arg_order)]
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> None:
-        names = self.model.get_signature_list()[self.key]["inputs"]
+        names = self._names["inputs"]
         details = self.model.get_input_tensor_details(self.key)
         if set(feeds) != set(names):
             raise EdgeqError(f"inputs: {sorted(feeds)} do not match the signature's inputs {sorted(names)}")
@@ -262,7 +263,7 @@ class CompiledLiteRtModel:
         self._outputs = self.model.create_output_buffers(self.index)
         out = self.model.get_output_tensor_details(self.key)
         self._reads = [(int(np.prod(out[n]["shape"])), np.dtype(out[n]["dtype"]))
-                       for n in self.model.get_signature_list()[self.key]["outputs"]]
+                       for n in self._names["outputs"]]
 
     def run(self) -> None:
         self.model.run_by_index(self.index, self._inputs, self._outputs)

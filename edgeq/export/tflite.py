@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError, choice_error
-from . import register_exporter
+from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 
 VARIANTS = ("fp32", "dynamic-int8", "int8", "int16x8", "int4")
@@ -200,104 +200,15 @@ def _float_activations(layers: dict):
             m.decision = saved[n]
 
 
-def _decode_plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[int, str | None]:
-    """(slots of the decode signature's cache, 0 for none; why there is none, if a decoder LM has none).
-    The default is 256 slots, or seq_len if longer: the prefill signature fills the cache with its whole input."""
-    from .tflite_decode import DEFAULT_CACHE_LEN, unsupported_reason
-
-    if bundle.kind != "causal-lm":
-        if cache_len:
-            raise EdgeqError(f"tflite: cache_len applies to decoder LMs, not to {bundle.reference!r} (kind: {bundle.kind})")
-        return 0, None
-    if cache_len is not None and (not isinstance(cache_len, int) or isinstance(cache_len, bool) or cache_len < 0):
-        raise EdgeqError(f"tflite: cache_len must be a whole number >= 0 (0: no decode signature), not {cache_len!r}")
-    if cache_len == 0:
-        return 0, "no decode signature: exported with cache_len = 0"
-    if cache_len is not None and cache_len < seq_len:
-        raise EdgeqError(f"tflite: cache_len ({cache_len}) must be at least seq_len ({seq_len}): the prefill signature "
-                         "writes its whole input into the cache (or cache_len = 0: no decode signature)")
-    slots = cache_len or max(DEFAULT_CACHE_LEN, seq_len)
-    reason = unsupported_reason(model, slots)
-    if reason:
-        if cache_len:
-            raise EdgeqError(f"tflite: no decode signature for {bundle.reference!r}: {reason}; or export with cache_len = 0")
-        return 0, f"no decode signature: {reason}"
-    return slots, None
-
-
-def _decode_meta(model, cache_len: int, static_slots: str | None) -> dict:
-    from .tflite_decode import dims
-
-    n, _, kv_heads, head_dim = dims(model.config)
-    slots = "slots" if static_slots is None else str(cache_len)
-    return {"signature": "decode", "cache_len": cache_len,
-            "dynamic_slots": static_slots is None,
-            "slots_note": ("the slot count is the runtime's choice: the mask and caches declare cache_len slots and may be "
-                           "resized to any count (shape signature -1; DecodeSession(path, slots=N, grow=True))")
-            if static_slots is None else f"fixed at cache_len: {static_slots}",
-            "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)",
-                       f"mask [1, 1, {slots}] float32 (0 for the slots before input_pos, float32's lowest value for the rest)"]
-            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {slots}, {head_dim}] float32",
-                                                    f"v_{i} [{kv_heads}, {head_dim}, {slots}] float32 (stored transposed)")],
-            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv_heads}, 1, {head_dim}] float32"
-                                                   for i in range(n) for kind in ("k", "v")],
-            "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
-                     "and these caches; then decode from input_pos = the prompt's length. The step reads the caches "
-                     "(the slots the mask leaves at 0: those before input_pos) and returns its token's key and value: "
-                     "write them into slot input_pos before the next step (a key into k[:, input_pos, :], a value into "
-                     "v[:, :, input_pos]; in place in the interpreter's input buffers, so the caches are never copied: "
-                     "edgeq.export.tflite_runtime.DecodeSession does this). Or start from zero caches and "
-                     "feed the prompt one step per token. Keys are stored after rotary embedding."}
-
-
 def _decode_input_meta(step, bundle, cache_len: int) -> list[dict]:
     """The decode signature's inputs for a profiler: a token id, the middle slot as its position (every step
     attends over all slots, masked, so the position does not change the work), and caches."""
-    from .tflite_decode import CACHE_INPUT
-
     specs = _input_meta(step, bundle)
     specs[1].update(role="input_pos", range=[cache_len // 2, cache_len // 2])
     specs[2]["role"] = "attention_mask"  # its values do not change the work either
-    for s in specs[CACHE_INPUT:]:
+    for s in specs[tflite_decode.CACHE_INPUT:]:
         s["role"] = "kv_cache"
     return specs
-
-
-def _decode_parity(step, first, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int,
-                   steps: int = 16) -> tuple[dict, np.ndarray]:
-    """The decode signature (`step`) against the simulation's logits at the same positions of the first
-    held-back sample: token by token from an empty cache over its first tokens, and continuing after the
-    prefill signature (`first`) ran its first half (padded with zeros to the graph's length, as a shorter
-    prompt is)."""
-    from .tflite_decode import run_steps, zero_caches
-
-    n = min(steps, ids.shape[1], cache_len)
-    got, _ = run_steps(step, ids[:, :n], zero_caches(step))
-    out = parity_metrics([ref[0, :n]], [got])
-    out["vs_prefill_max_abs"] = float(np.max(np.abs(got - prefill.reshape(ref.shape)[0, :n])))
-    out["inputs"] = f"{n} tokens of the first held-back sample, one step each from an empty cache"
-    half, seq = ids.shape[1] // 2, ids.shape[1]
-    k = min(steps, seq - half)
-    prompt = np.zeros_like(ids)
-    prompt[:, :half] = ids[:, :half]
-    cont, _ = run_steps(step, ids[:, half:half + k], first(prompt)[1:], start=half)
-    after = parity_metrics([ref[0, half:half + k]], [cont])
-    out["after_prefill"] = {**{key: after[key] for key in ("max_abs", "cos_min", "top1_agree", "rows")},
-                            "inputs": f"prefill of the first {half} tokens padded to {seq}, then {k} decode steps"}
-    return out, got
-
-
-def _resized_parity(buf: bytes, ids: np.ndarray, got: np.ndarray, cache_len: int) -> dict:
-    """The decode signature with its slots resized (`dynamic_slots`) to just the steps `got` covers, then doubled and
-    more: the same tokens from an empty cache must give the declared shape's logits (`got`)."""
-    from .tflite_runtime import DecodeSession
-
-    n = got.shape[0]
-    session = DecodeSession(buf, slots=max(1, n // 2), grow=True)
-    session.reset()
-    rows = np.stack([session.step(int(ids[0, i]), i) for i in range(n)])
-    return {"slots": f"{max(1, n // 2)}, grown to {session.cache_len} (declared {cache_len})",
-            "max_abs_vs_declared": float(np.max(np.abs(rows - got)))}
 
 
 def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int = 0) -> dict[str, list[dict]]:
@@ -318,12 +229,11 @@ def _calibration(bundle, seq_len: int, samples: int, model=None, cache_len: int 
     ex = example_inputs(bundle, seq_len)
     out = {"serving_default": _feeds(batches, ex)}
     if cache_len:
-        from .tflite_decode import calibration_steps, example_inputs as decode_inputs
         from .tflite_render import float_rendering
 
         with float_rendering(model):
-            steps = calibration_steps(model, [b[0] for b in batches[:2]], cache_len, max(1, samples // 2))
-        out["decode"] = _feeds(steps, decode_inputs(model, cache_len))
+            steps = tflite_decode.calibration_steps(model, [b[0] for b in batches[:2]], cache_len, max(1, samples // 2))
+        out["decode"] = _feeds(steps, tflite_decode.example_inputs(model, cache_len))
     return out
 
 
@@ -375,7 +285,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     b = qm.bundle if qm is not None else bundle
     model = b.module.eval()
     layers = qm.layers() if qm is not None else {}
-    cache_len, decode_note = _decode_plan(b, model, cache_len, seq_len)
+    cache_len, decode_note = tflite_decode.plan(b, model, cache_len, seq_len)
 
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
@@ -417,21 +327,21 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")
-        parity["decode"], steps = _decode_parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        parity["decode"], steps = tflite_decode.parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
         if static_slots is None:
-            parity["decode"]["resized"] = _resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
+            parity["decode"]["resized"] = tflite_decode.resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
         signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(step, b, cache_len)}}
         del step
     cos_tol, top1_tol = TOLERANCE[variant]
-    decode = parity.get("decode", {})
+    step_parity = parity.get("decode", {})
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
                    "within_tolerance": bool(parity["cos_min"] >= cos_tol and (parity["top1_agree"] or 1.0) >= top1_tol
-                                            and decode.get("cos_min", 1.0) >= cos_tol
-                                            and decode.get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol
-                                            and decode.get("resized", {}).get("max_abs_vs_declared", 0.0) <= RESIZED_MAX_ABS)})
+                                            and step_parity.get("cos_min", 1.0) >= cos_tol
+                                            and step_parity.get("after_prefill", {}).get("cos_min", 1.0) >= cos_tol
+                                            and step_parity.get("resized", {}).get("max_abs_vs_declared", 0.0) <= RESIZED_MAX_ABS)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
@@ -446,7 +356,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "graph": {"prefill": {"signature": "serving_default", "seq_len": seq_len,
                               "outputs": "logits, then the decode signature's caches" if cache_len else "logits"}
                   if b.kind == "causal-lm" else None,
-                  "decode": _decode_meta(model, cache_len, static_slots) if cache_len else None,
+                  "decode": tflite_decode.signature_meta(model, cache_len, static_slots) if cache_len else None,
                   "decode_note": decode_note},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,

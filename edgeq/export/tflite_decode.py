@@ -24,6 +24,8 @@ own layers (projections, norms, MLP, rotary embedding), so the float rendering o
 read one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral,
 qwen2: q/k/v/o projections, pre-norms, gated MLP); anything else gets no decode signature and says why.
 The export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
+The export's decode-specific steps live here too: `plan` (the cache length, or why no decode signature),
+`signature_meta` (FILE.json `graph.decode`), `parity` and `resized_parity`.
 """
 
 from __future__ import annotations
@@ -31,11 +33,59 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .tflite_runtime import attention_mask, write_row
+from ..errors import EdgeqError
+from .meta import parity_metrics
+from .tflite_runtime import DecodeSession, attention_mask, slot_axis, slot_range, write_row
 
 DEFAULT_CACHE_LEN = 256
 CACHE_INPUT = 3  # the decode signature's inputs: input_ids, input_pos, mask, then the caches
 FAMILY = ("llama", "mistral", "qwen2")  # Hugging Face model types with the layout below (checked, not assumed)
+
+
+def plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[int, str | None]:
+    """(slots of the decode signature's cache, 0 for none; why there is none, if a decoder LM has none).
+    The default is 256 slots, or seq_len if longer: the prefill signature fills the cache with its whole input."""
+    if bundle.kind != "causal-lm":
+        if cache_len:
+            raise EdgeqError(f"tflite: cache_len applies to decoder LMs, not to {bundle.reference!r} (kind: {bundle.kind})")
+        return 0, None
+    if cache_len is not None and (not isinstance(cache_len, int) or isinstance(cache_len, bool) or cache_len < 0):
+        raise EdgeqError(f"tflite: cache_len must be a whole number >= 0 (0: no decode signature), not {cache_len!r}")
+    if cache_len == 0:
+        return 0, "no decode signature: exported with cache_len = 0"
+    if cache_len is not None and cache_len < seq_len:
+        raise EdgeqError(f"tflite: cache_len ({cache_len}) must be at least seq_len ({seq_len}): the prefill signature "
+                         "writes its whole input into the cache (or cache_len = 0: no decode signature)")
+    slots = cache_len or max(DEFAULT_CACHE_LEN, seq_len)
+    reason = unsupported_reason(model, slots)
+    if reason:
+        if cache_len:
+            raise EdgeqError(f"tflite: no decode signature for {bundle.reference!r}: {reason}; or export with cache_len = 0")
+        return 0, f"no decode signature: {reason}"
+    return slots, None
+
+
+def signature_meta(model, cache_len: int, static_slots: str | None) -> dict:
+    n, _, kv_heads, head_dim = dims(model.config)
+    slots = "slots" if static_slots is None else str(cache_len)
+    return {"signature": "decode", "cache_len": cache_len,
+            "dynamic_slots": static_slots is None,
+            "slots_note": ("the slot count is the runtime's choice: the mask and caches declare cache_len slots and may be "
+                           "resized to any count (shape signature -1; DecodeSession(path, slots=N, grow=True))")
+            if static_slots is None else f"fixed at cache_len: {static_slots}",
+            "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)",
+                       f"mask [1, 1, {slots}] float32 (0 for the slots before input_pos, float32's lowest value for the rest)"]
+            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {slots}, {head_dim}] float32",
+                                                    f"v_{i} [{kv_heads}, {head_dim}, {slots}] float32 (stored transposed)")],
+            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv_heads}, 1, {head_dim}] float32"
+                                                   for i in range(n) for kind in ("k", "v")],
+            "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
+                     "and these caches; then decode from input_pos = the prompt's length. The step reads the caches "
+                     "(the slots the mask leaves at 0: those before input_pos) and returns its token's key and value: "
+                     "write them into slot input_pos before the next step (a key into k[:, input_pos, :], a value into "
+                     "v[:, :, input_pos]; in place in the interpreter's input buffers, so the caches are never copied: "
+                     "edgeq.export.tflite_runtime.DecodeSession does this). Or start from zero caches and "
+                     "feed the prompt one step per token. Keys are stored after rotary embedding."}
 
 
 def unsupported_reason(model: torch.nn.Module, cache_len: int) -> str | None:
@@ -180,8 +230,7 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
             continue
         t = sg.tensors[names[name]]
         dims = [int(x) for x in t.shape]
-        axis = 2 if position == CACHE_INPUT - 1 or (position - CACHE_INPUT) % 2 else 1  # mask, values: last; keys: 1
-        dims[axis] = -1
+        dims[slot_axis(position)] = -1
         t.shapeSignature = np.array(dims, dtype=np.int32)
     return None
 
@@ -189,9 +238,6 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
 def resize_check(buf: bytes, cache_len: int, steps: int = 4) -> str | None:
     """None if the decode signature of `buf` (a float graph after `dynamic_slots`) gives the same logits with its
     slots resized as at the declared count, over `steps` steps from empty caches; else why not (one line)."""
-    from ..errors import EdgeqError
-    from .tflite_runtime import DecodeSession
-
     slots = cache_len + 7
     try:
         session = DecodeSession(buf)  # one interpreter: a model's packed weights once
@@ -241,7 +287,7 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
             for p in np.linspace(0, n - 1, per_sequence).astype(int):
                 cache = [c.clone() for c in full]
                 for j, c in enumerate(cache):  # keep slots 0..p-1
-                    (c[:, p:] if j % 2 == 0 else c[..., p:]).zero_()
+                    slot_range(c, j, start=int(p)).zero_()
                 out.append((ids[:, p:p + 1], torch.tensor([int(p)]), torch.from_numpy(attention_mask(int(p), cache_len)), *cache))
     return out
 
@@ -264,3 +310,37 @@ def run_steps(step, ids: np.ndarray, cache: list[np.ndarray], start: int = 0) ->
         for j, (c, new) in enumerate(zip(cache, out[1:])):
             write_row(c, j, start + i, np.asarray(new))
     return np.stack(rows), cache
+
+
+def parity(step, first, ids: np.ndarray, ref: np.ndarray, prefill: np.ndarray, cache_len: int,
+                   steps: int = 16) -> tuple[dict, np.ndarray]:
+    """The decode signature (`step`) against the simulation's logits at the same positions of the first
+    held-back sample: token by token from an empty cache over its first tokens, and continuing after the
+    prefill signature (`first`) ran its first half (padded with zeros to the graph's length, as a shorter
+    prompt is)."""
+    n = min(steps, ids.shape[1], cache_len)
+    got, _ = run_steps(step, ids[:, :n], zero_caches(step))
+    out = parity_metrics([ref[0, :n]], [got])
+    out["vs_prefill_max_abs"] = float(np.max(np.abs(got - prefill.reshape(ref.shape)[0, :n])))
+    out["inputs"] = f"{n} tokens of the first held-back sample, one step each from an empty cache"
+    half, seq = ids.shape[1] // 2, ids.shape[1]
+    k = min(steps, seq - half)
+    prompt = np.zeros_like(ids)
+    prompt[:, :half] = ids[:, :half]
+    cont, _ = run_steps(step, ids[:, half:half + k], first(prompt)[1:], start=half)
+    after = parity_metrics([ref[0, half:half + k]], [cont])
+    out["after_prefill"] = {**{key: after[key] for key in ("max_abs", "cos_min", "top1_agree", "rows")},
+                            "inputs": f"prefill of the first {half} tokens padded to {seq}, then {k} decode steps"}
+    return out, got
+
+
+def resized_parity(buf: bytes, ids: np.ndarray, got: np.ndarray, cache_len: int) -> dict:
+    """The decode signature with its slots resized (`dynamic_slots`) to just the steps `got` covers, then doubled and
+    more: the same tokens from an empty cache must give the declared shape's logits (`got`)."""
+    n = got.shape[0]
+    start = max(1, n // 2)
+    session = DecodeSession(buf, slots=start, grow=True)
+    session.reset()
+    rows = np.stack([session.step(int(ids[0, i]), i) for i in range(n)])
+    return {"slots": f"{start}, grown to {session.cache_len} (declared {cache_len})",
+            "max_abs_vs_declared": float(np.max(np.abs(rows - got)))}

@@ -28,6 +28,7 @@ import torch
 from ..errors import EdgeqError
 from ..models.hf import eager_attention
 from ..quantize.modules import quant_layers
+from .tflite_decode import dynamic_slots, resize_check
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
@@ -213,17 +214,19 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     t0 = time.perf_counter()
     buf = convert(bundle, model, seq_len, folds, cache_len)
     seconds = time.perf_counter() - t0
-    model_t = read_model(buf)
-    static_slots = None
-    if cache_len:
-        from .tflite_decode import dynamic_slots, resize_check
 
-        static_slots = dynamic_slots(model_t, cache_len) or resize_check(write_model(model_t), cache_len)
+    def labelled(model_t) -> tuple[bytes, dict[str, str]]:
+        found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()},
+                             unused=lambda: unused_layers(bundle, model, seq_len))
+        return write_model(model_t), found
+
+    model_t = read_model(buf)
+    static_slots = dynamic_slots(model_t, cache_len) if cache_len else None
+    out, found = labelled(model_t)
+    if cache_len and static_slots is None:
+        static_slots = resize_check(out, cache_len)
         if static_slots is not None:  # as converted: the declared slots only
-            model_t = read_model(buf)
-    found = label_layers(model_t, weights, {n: m.decision.kind for n, m in layers.items()},
-                         unused=lambda: unused_layers(bundle, model, seq_len))
-    out = write_model(model_t)
+            out, found = labelled(read_model(buf))
     if cache:
         write_bytes_atomic(cached, out)
         write_json_atomic(index, {"reference": bundle.reference, "seq_len": seq_len, "cache_len": cache_len, "layers": found,

@@ -108,6 +108,19 @@ class TfliteRunner:
         return [np.asarray(out[n]) for n in self.output_names]
 
 
+def slot_axis(j: int) -> int:
+    """The slot axis of the decode signature's input j >= 2: the mask (2) and the values (4, 6, ...) hold their slots
+    last, the keys (3, 5, ...) on axis 1."""
+    return 1 if j % 2 else 2
+
+
+def slot_range(cache: np.ndarray, j: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """A view of slots start:stop of cache j (the decode signature's input 3 + j)."""
+    index = [slice(None)] * cache.ndim
+    index[slot_axis(3 + j)] = slice(start, stop)
+    return cache[tuple(index)]
+
+
 def write_row(cache: np.ndarray, j: int, pos: int, new: np.ndarray) -> None:
     """Write a decode step's new key or value `[kv_heads, 1, head_dim]` (output j after the logits: keys at even
     j, values at odd) into slot `pos` of its cache: keys `[kv_heads, cache_len, head_dim]`, values stored
@@ -169,19 +182,13 @@ class DecodeSession:
         if not self.dynamic:
             raise EdgeqError(f"tflite: this file's decode signature has a fixed {self.cache_len} cache slots (FILE.json "
                              "graph.decode.slots_note says why); re-export it with edgeq for a run-time slot count")
-        kept = [self._cache(j)[..., :slots] if j % 2 else self._cache(j)[:, :slots] for j in range(len(self._in) - 3)]
-        kept = [np.array(c) for c in kept]
+        kept = [np.array(slot_range(self._cache(j), j, stop=slots)) for j in range(len(self._in) - 3)]
         for j in range(2, len(self._in)):
-            shape = list(self._shapes[j])
-            shape[1 if j % 2 else 2] = slots  # inputs: 2 the mask and 4, 6, ... the values (slots last); 3, 5, ... the keys
-            self._shapes[j] = shape
-            self._w.ResizeInputTensor(self._in[j], np.array(shape, dtype=np.int32), True, self._sg)
+            self._shapes[j][slot_axis(j)] = slots
+            self._w.ResizeInputTensor(self._in[j], np.array(self._shapes[j], dtype=np.int32), True, self._sg)
         self._w.AllocateTensors(self._sg)
         self.cache_len = slots
-        for j, old in enumerate(kept):
-            cache = self._cache(j)
-            cache[...] = 0.0
-            (cache[..., :old.shape[2]] if j % 2 else cache[:, :old.shape[1]])[...] = old
+        self.reset(kept)
 
     def reset(self, caches: list[np.ndarray] | None = None) -> None:
         """Zero the caches, or load `caches` (e.g. the prefill signature's outputs after the logits: their first
@@ -190,12 +197,8 @@ class DecodeSession:
             cache = self._cache(j)
             cache[...] = 0.0
             if caches is not None:
-                src = np.asarray(caches[j])
-                n = min(src.shape[2 if j % 2 else 1], self.cache_len)
-                if j % 2:
-                    cache[..., :n] = src[..., :n]
-                else:
-                    cache[:, :n] = src[:, :n]
+                src = slot_range(np.asarray(caches[j]), j, stop=self.cache_len)
+                slot_range(cache, j, stop=src.shape[slot_axis(3 + j)])[...] = src
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run token `token` at position `pos` (its key and value go to slot `pos`); returns its logits [vocab]."""
