@@ -31,6 +31,7 @@ from typing import Callable
 from ..errors import EdgeqError
 from ..fileio import read_json, sha256_file
 from .client import AgentClient, AgentError
+from .inputs import asked_dims
 from .onnxcheck import external_locations
 from .protocol import FILE_NAME_RE
 from .server import READY_PREFIX, read_token_file
@@ -245,7 +246,7 @@ def profile_local(artifacts: list[str | os.PathLike], *, db: str | os.PathLike |
 def summary_table(summaries: list[dict]) -> str:
     """A plain-text table of `profile` summaries: one line per (device, artifact), then errors."""
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-    lines = [f"{'device':<12} {'artifact':<30} {'status':<8} {'p50 ms':>9} {'95% CI of median':>21} "
+    lines = [f"{'device':<12} {'artifact':<40} {'status':<8} {'p50 ms':>9} {'95% CI of median':>21} "
              f"{'p99 ms':>9} {'n':>7} {'RSS MB':>7} {'runtime / provider':<34} {'mJ/inf':>8}"]
     notes = []
     for s in summaries:
@@ -255,9 +256,10 @@ def summary_table(summaries: list[dict]) -> str:
         rt = r.get("runtime") or {}
         p = r.get("power") or {}
         runtime = f"{rt.get('name', '-')} / {rt.get('provider', '-')}"
-        sig = ((r.get("config") or {}).get("signature"))
-        name = Path(s["artifact"]).name + (f" [{sig}]" if sig else "")
-        lines.append(f"{s['device'][:12]:<12} {name[:30]:<30} {s['status']:<8} "
+        sig, dims = (r.get("config") or {}).get("signature"), asked_dims(r)
+        name = (Path(s["artifact"]).name + (f" [{sig}]" if sig else "")
+                + (f" [{' '.join(f'{k}={v}' for k, v in dims.items())}]" if dims else ""))
+        lines.append(f"{s['device'][:12]:<12} {name[:40]:<40} {s['status']:<8} "
                      f"{fmt(lat.get('p50')):>9} {'[' + fmt(ci[0]) + ', ' + fmt(ci[1]) + ']':>21} "
                      f"{fmt(lat.get('p99')):>9} {lat.get('n', '-'):>7} {fmt(r.get('peak_rss_mb'), '{:.0f}'):>7} "
                      f"{runtime[:34]:<34} {fmt(p.get('energy_per_inference_mj')):>8}")
@@ -265,6 +267,8 @@ def summary_table(summaries: list[dict]) -> str:
             notes.append(f"{s['device']} {name}: error: {s['error']}")
         for reason in r.get("invalid_reasons") or []:
             notes.append(f"{s['device']} {name}: INVALID: {reason}")
+        for warning in r.get("warnings") or []:
+            notes.append(f"{s['device']} {name}: warning: {warning}")
         if not s["error"] and p.get("reason"):
             notes.append(f"{s['device']} {name}: power: {p['reason']}")
     return "\n".join(lines + sorted(set(notes)))

@@ -1,8 +1,9 @@
 """Input tensors for a benchmark, seeded, from the artifact's metadata or the model's signature.
 
 The export metadata (`FILE.json` key `inputs`: name, dtype, shape with symbolic dims as strings,
-`range` for integer inputs) is preferred. Symbolic dims are sized from the job's `dims`, then
-DEFAULT_DIMS, then by name (batch-like 1, sequence-like 64); every choice is recorded.
+`range` for integer inputs, `dim_defaults` for a symbolic dim's size unless the job names one) is preferred.
+Symbolic dims are sized from the job's `dims`, then the input's `dim_defaults`, then DEFAULT_DIMS, then by name
+(batch-like 1, sequence-like 64); every choice is recorded.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ from .protocol import DEFAULT_DIMS
 _SEQ_WORDS = ("seq", "len", "token", "time", "position")
 
 
-def _dim(value, position: int, dims: dict[str, int], used: dict[str, int]) -> int:
+def _size(value) -> bool:
+    """Whether a metadata `dim_defaults` value is a dim size (what config.dims accepts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 20
+
+
+def _dim(value, position: int, dims: dict[str, int], used: dict[str, int], defaults: dict) -> int:
     if isinstance(value, int) and value > 0:
         return value
     if isinstance(value, str) and value:
         if value in dims:
             size = dims[value]
+        elif _size(defaults.get(value)):
+            size = defaults[value]
         elif value in DEFAULT_DIMS:
             size = DEFAULT_DIMS[value]
         elif "batch" in value.lower():
@@ -51,7 +59,8 @@ def make_inputs(spec: list[dict], dims: dict[str, int], seed: int) -> tuple[dict
         except TypeError:
             raise EdgeqError(f"metadata inputs: {name}: unknown dtype {dtype!r}") from None
         used: dict[str, int] = {}
-        shape = tuple(_dim(d, i, dims, used) for i, d in enumerate(item["shape"]))
+        defaults = item.get("dim_defaults") if isinstance(item.get("dim_defaults"), dict) else {}
+        shape = tuple(_dim(d, i, dims, used, defaults) for i, d in enumerate(item["shape"]))
         if int(np.prod(shape, dtype=np.int64)) * dt.itemsize > 1 << 30:
             raise EdgeqError(f"inputs: {name} of shape {shape} would need more than 1 GiB")
         value_range = item.get("range")
@@ -72,3 +81,11 @@ def make_inputs(spec: list[dict], dims: dict[str, int], seed: int) -> tuple[dict
         record.append({"name": name, "dtype": dt.name, "shape": list(shape), "dims": used,
                        "range": value_range, "from": item.get("from", "metadata")})
     return feeds, record
+
+
+def asked_dims(result: dict) -> dict[str, int]:
+    """The job's dims (config `dims`, `edgeq profile --dim`) that sized an input of a result, as its inputs record
+    them: what the measurement was taken at beyond the file's own shapes (a decode step's `slots`)."""
+    asked = (result.get("config") or {}).get("dims") or {}
+    used = {k: v for item in result.get("inputs") or [] for k, v in (item.get("dims") or {}).items()}
+    return {k: v for k, v in sorted(used.items()) if k in asked}

@@ -153,12 +153,18 @@ class LiteRtModel:
             details = self.runner.get_input_details()
             if set(feeds) != set(details):
                 raise EdgeqError(f"inputs: {sorted(feeds)} do not match the signature's inputs {sorted(details)}")
+            resize = {}
             for name, arr in feeds.items():
-                if list(details[name]["shape"]) != list(arr.shape) or arr.dtype != np.dtype(details[name]["dtype"]):
+                want = [int(x) for x in details[name]["shape"]]
+                free = [int(x) for x in details[name].get("shape_signature", details[name]["shape"])]
+                fits = len(want) == arr.ndim and all(w == n or f == -1 for w, n, f in zip(want, arr.shape, free))
+                if not fits or arr.dtype != np.dtype(details[name]["dtype"]):
                     raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes "
-                                     f"{np.dtype(details[name]['dtype'])}{list(details[name]['shape'])}")
+                                     f"{np.dtype(details[name]['dtype'])}{[n if f != -1 else None for n, f in zip(want, free)]}")
+                if want != list(arr.shape):
+                    resize[name] = arr.shape  # a dynamic axis (a decode step's cache slots) at another size
             self._feeds = feeds
-            self._signature_io = self._set_signature_inputs(feeds)
+            self._signature_io = self._set_signature_inputs(feeds, resize)
             return
         details = self._input_details(list(feeds))
         resized = False
@@ -175,15 +181,21 @@ class LiteRtModel:
             self.interpreter.set_tensor(details[name]["index"], arr)
         self._outputs = [d["index"] for d in self.interpreter.get_output_details()]
 
-    def _set_signature_inputs(self, feeds: dict[str, np.ndarray]):
+    def _set_signature_inputs(self, feeds: dict[str, np.ndarray], resize: dict[str, tuple]):
         """Set a signature's inputs once, as for the first subgraph, so each run times the invoke and the
         outputs (what benchmark_model times), not copying every input in again: a decode step's KV caches
-        are megabytes. Returns (wrapper, subgraph, output indices), or None where the runtime's signature
-        runner has no wrapper to do it with (each run then goes through the runner, inputs and all)."""
+        are megabytes. `resize`: inputs to resize first (along their dynamic axes). Returns (wrapper, subgraph,
+        output indices), or None where the runtime's signature runner has no wrapper to do it with (each run
+        then goes through the runner, inputs and all, which cannot resize)."""
         io = signature_io(self.runner)
         if io is None:
+            if resize:
+                raise EdgeqError(f"inputs: resizing {sorted(resize)[0]} needs ai-edge-litert's signature runner; "
+                                 "this runtime runs the declared shapes only")
             return None
         w, sg, inputs, outputs = io
+        for name, shape in resize.items():
+            w.ResizeInputTensor(inputs[name], np.array(shape, dtype=np.int32), True, sg)
         w.AllocateTensors(sg)
         for name, arr in feeds.items():
             w.SetTensor(inputs[name], arr, sg)
@@ -212,7 +224,7 @@ class CompiledLiteRtModel:
     here, its INT4 file at 304 against 200 (benchmarks/tflite_memory_smollm2_zen4.md). A decode step here took
     0.94-1.13x the Interpreter's time over two runs on the host measured, so the Interpreter stays the default (what
     edgeq's own runners use). Times one signature (the named one, else the file's first signature) with its inputs
-    written into its buffers once."""
+    written into its buffers once, resized first along the axes the file leaves dynamic (a decode step's slots)."""
 
     format = "tflite"
 
@@ -254,9 +266,17 @@ class CompiledLiteRtModel:
             raise EdgeqError(f"inputs: {sorted(feeds)} do not match the signature's inputs {sorted(names)}")
         for name, arr in feeds.items():  # a buffer takes a shorter array as a prefix, silently: check first
             want = (np.dtype(details[name]["dtype"]), [int(x) for x in details[name]["shape"]])
-            if (arr.dtype, list(arr.shape)) != want:
-                raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes {want[0]}{want[1]} "
-                                 "(weight_cache runs static shapes only)")
+            if (arr.dtype, list(arr.shape)) == want:
+                continue
+            try:  # a dynamic axis (a decode step's cache slots) at another size; strict: only axes the file leaves free
+                if arr.dtype != want[0]:
+                    raise ValueError("another dtype")
+                self.model.resize_input_tensor(names.index(name), list(arr.shape), self.index, True)
+                resized = [int(x) for x in self.model.get_input_tensor_details(self.key)[name]["shape"]]
+            except (RuntimeError, ValueError):
+                resized = None
+            if resized != list(arr.shape):
+                raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes {want[0]}{want[1]}")
         self._inputs = self.model.create_input_buffers(self.index)
         for buf, name in zip(self._inputs, names):
             buf.write(np.ascontiguousarray(feeds[name]))

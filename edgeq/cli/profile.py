@@ -33,7 +33,8 @@ def _progress_printer():
 @click.option("--runs", type=int, default=50, show_default=True, help="Minimum timed runs.")
 @click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Minimum timed duration.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Runtime threads.")
-@click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128).")
+@click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128; slots=64: the cache "
+              "slots a TFLite decode step holds, with --signature decode).")
 @click.option("--signature", default=None, help="TFLite: the signature to time, e.g. decode (a decoder LM's KV-cache step).")
 @click.option("--weight-cache", is_flag=True,
               help="TFLite: load through LiteRT's CompiledModel with XNNPACK's weight cache in memory, so a file's "

@@ -200,14 +200,22 @@ def _float_activations(layers: dict):
             m.decision = saved[n]
 
 
-def _decode_input_meta(step, bundle, cache_len: int) -> list[dict]:
+def _decode_input_meta(step, bundle, cache_len: int, dynamic: bool) -> list[dict]:
     """The decode signature's inputs for a profiler: a token id, the middle slot as its position (every step
-    attends over all slots, masked, so the position does not change the work), and caches."""
+    attends over all slots, masked, so the position does not change the work), and caches. Where the slot count
+    is the runtime's choice, the mask's and caches' slot axis is the symbolic dim `slots` (default cache_len), so
+    `edgeq profile --signature decode --dim slots=N` times the step holding N slots."""
+    from .tflite_runtime import slot_axis
+
     specs = _input_meta(step, bundle)
     specs[1].update(role="input_pos", range=[cache_len // 2, cache_len // 2])
     specs[2]["role"] = "attention_mask"  # its values do not change the work either
     for s in specs[tflite_decode.CACHE_INPUT:]:
         s["role"] = "kv_cache"
+    if dynamic:
+        for j, s in enumerate(specs[2:], start=2):
+            s["shape"][slot_axis(j)] = "slots"
+            s["dim_defaults"] = {"slots": cache_len}
     return specs
 
 
@@ -330,7 +338,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         parity["decode"], steps = tflite_decode.parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
         if static_slots is None:
             parity["decode"]["resized"] = tflite_decode.resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
-        signatures = {"serving_default": {"inputs": _input_meta(runner, b)}, "decode": {"inputs": _decode_input_meta(step, b, cache_len)}}
+        signatures = {"serving_default": {"inputs": _input_meta(runner, b)},
+                      "decode": {"inputs": _decode_input_meta(step, b, cache_len, static_slots is None)}}
         del step
     cos_tol, top1_tol = TOLERANCE[variant]
     step_parity = parity.get("decode", {})

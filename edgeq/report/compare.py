@@ -63,9 +63,10 @@ def envelope_group(col: Column, force: bool) -> str:
 
 
 def baseline_for(col: Column, columns: Sequence[Column]) -> Column | None:
-    """The FP32 run of the same model, format and signature on the same board, preferring a matching envelope."""
-    cands = [c for c in columns if c.is_fp32 and c.model == col.model and c.fmt == col.fmt
-             and c.device == col.device and c.result.runtime == col.result.runtime and c.signature == col.signature]
+    """The FP32 run of the same model, format, signature and input dims on the same board, preferring a matching
+    envelope."""
+    cands = [c for c in columns if c.is_fp32 and c.model == col.model and c.fmt == col.fmt and c.device == col.device
+             and c.result.runtime == col.result.runtime and c.signature == col.signature and c.dims == col.dims]
     if not cands:
         return None
     return min(cands, key=lambda c: (len(envelope_diffs(col, c)), -c.id))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import store
+from ..agent.inputs import asked_dims
 from ..errors import EdgeqError
 from ..fileio import read_json, sha256_file
 
@@ -76,6 +77,11 @@ class Column:
         return signature_of(self.result)
 
     @property
+    def dims(self) -> tuple:
+        """The symbolic input dims the job set (`edgeq profile --dim`, e.g. a decode step's slots), sorted."""
+        return dims_of(self.result)
+
+    @property
     def sha(self) -> str:
         return self.result.artifact_sha256
 
@@ -86,6 +92,11 @@ class Column:
 
 def signature_of(rec: store.ResultRecord) -> str | None:
     return ((rec.result or {}).get("config") or {}).get("signature")
+
+
+def dims_of(rec: store.ResultRecord) -> tuple:
+    """The job's input dims (`edgeq profile --dim`) that sized an input (`agent.inputs.asked_dims`), sorted."""
+    return tuple(asked_dims(rec.result or {}).items())
 
 
 def parse_since(text: str | None) -> _dt.datetime | None:
@@ -207,8 +218,8 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
             skipped.append({"id": rec.id, "device": rec.device, "artifact_sha256": rec.artifact_sha256,
                             "variant": rec.variant, "status": rec.status, "error": err})
             continue
-        signature = signature_of(rec)  # a TFLite file's decode step is its own column
-        key = (rec_model, rec.artifact_sha256, rec.device, rec.runtime, rec.runtime_version, rec.threads, signature)
+        signature, dims = signature_of(rec), dims_of(rec)  # a TFLite file's decode step, other input sizes: own columns
+        key = (rec_model, rec.artifact_sha256, rec.device, rec.runtime, rec.runtime_version, rec.threads, signature, dims)
         counts[key] = counts.get(key, 0) + 1
         if key in columns:
             continue
@@ -217,6 +228,7 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
         name = Path(rec.artifact_path).name if rec.artifact_path else rec.artifact_sha256[:12]
         columns[key] = Column(
             result=rec, model=rec_model, variant=(rec.variant or name) + (f" [{signature}]" if signature else "")
+            + (f" [{' '.join(f'{k}={v}' for k, v in dims)}]" if dims else "")
             + (" [weight cache]" if rec.runtime == "litert-compiledmodel" else ""),
             fmt=rec.artifact_format or "?", bits=bits, bits_source=bits_source,
             is_fp32=is_fp32_export(rec.export_json), export=rec.export_json, quant=quant, quant_note=note,

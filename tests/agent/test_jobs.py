@@ -122,7 +122,8 @@ def test_weight_cache_job(shared_agent, two_signature_tflite, tiny_onnx):
 
 def test_weight_cache_runs_what_the_interpreter_runs(two_signature_tflite):
     """The same signature, the same inputs: CompiledModel with the weight cache gives the Interpreter's outputs, and a
-    feed of the wrong shape is refused (a CompiledModel buffer would take a shorter array as a prefix, silently)."""
+    feed of the wrong shape on a static axis is refused by both (a CompiledModel buffer would take a shorter array as
+    a prefix, silently)."""
     pytest.importorskip("ai_edge_litert.compiled_model")
     from edgeq.agent.runtimes import load
 
@@ -136,8 +137,9 @@ def test_weight_cache_runs_what_the_interpreter_runs(two_signature_tflite):
     expected = wrapper.GetTensor(outputs[0], subgraph)
     np.testing.assert_array_equal(expected, feeds["args_0"] * 2 + 7)
     np.testing.assert_array_equal(cached._outputs[0].read(4, np.float32), expected.reshape(-1))
-    with pytest.raises(EdgeqError, match=r"args_0 is float32\[1, 2\]; the signature takes float32\[1, 4\]"):
-        cached.prepare({**feeds, "args_0": feeds["args_0"][:, :2].copy()})
+    for model in (interpreter, cached):  # neither resizes an axis the file declares static
+        with pytest.raises(EdgeqError, match=r"args_0 is float32\[1, 2\]; the signature takes float32\[1, 4\]"):
+            model.prepare({**feeds, "args_0": feeds["args_0"][:, :2].copy()})
     with pytest.raises(EdgeqError, match="'prefill' is not one of the file's"):
         load(two_signature_tflite, 1, "prefill", weight_cache=True)
 
@@ -330,3 +332,18 @@ def test_power_from_external_command(agent_factory, tiny_onnx):
     assert r["power"]["meter"] == "command" and r["power"]["mean_w"] == pytest.approx(2.505, abs=0.01)
     r = run_job(agent.client(), tiny_onnx, {"power": False})
     assert r["power"]["mean_w"] is None and "not requested" in r["power"]["reason"]
+
+
+def test_input_dim_defaults_size_a_symbolic_dim_unless_the_job_does():
+    """A metadata input's `dim_defaults` (a decode step's declared cache slots) sizes its symbolic dim; the job's
+    `dims` win over it; a default that is no size is ignored (then the names' rules apply)."""
+    from edgeq.agent.inputs import make_inputs
+
+    spec = [{"name": "mask", "dtype": "float32", "shape": [1, 1, "slots"], "dim_defaults": {"slots": 32}},
+            {"name": "ids", "dtype": "int32", "shape": [1, "sequence"], "dim_defaults": {"slots": 32}}]
+    feeds, record = make_inputs(spec, {}, 0)
+    assert feeds["mask"].shape == (1, 1, 32) and record[0]["dims"] == {"slots": 32} and feeds["ids"].shape == (1, 64)
+    feeds, record = make_inputs(spec, {"slots": 8}, 0)
+    assert feeds["mask"].shape == (1, 1, 8) and record[0]["dims"] == {"slots": 8}
+    feeds, _ = make_inputs([{**spec[0], "dim_defaults": {"slots": 0}}], {}, 0)
+    assert feeds["mask"].shape == (1, 1, 64)

@@ -143,3 +143,70 @@ def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):
     assert summaries[0]["status"] == "valid" and summaries[0]["row_id"] == store.list_results(db)[0].id
     table = host.summary_table(summaries)
     assert "tiny.onnx" in table and "valid" in table and "CPUExecutionProvider" in table
+
+
+@pytest.mark.slow
+def test_profile_decode_step_at_chosen_slots(tmp_path, capsys):
+    """`edgeq profile --signature decode --dim slots=N` times an LM's decode step holding N cache slots (the runtime
+    resizes the mask and caches, whose slot axis FILE.json names `slots`, default the declared count); the report
+    keeps each slot count in its own column, compared with the fp32 file's step at the same count; the weight cache
+    (CompiledModel) resizes too."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_quantizer")
+    from edgeq.export import export
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+    from edgeq.report import compare
+    from edgeq.report.gather import gather
+
+    bundle = load_model("tiny-llama")
+    qdir = quantize_model(bundle, load_recipe("w8"), calibration_batches(bundle, None, 4, 64)).save(tmp_path / "q")
+    files = {"w8": tmp_path / "w8.tflite", "fp32": tmp_path / "fp32.tflite"}
+    meta = export(qdir, "tflite", files["w8"], seq_len=32, cache_len=32)
+    export("tiny-llama", "tflite", files["fp32"], seq_len=32, cache_len=32)
+    decode = meta["signatures"]["decode"]["inputs"]
+    assert decode[2]["shape"] == [1, 1, "slots"] and decode[3]["shape"][1] == decode[4]["shape"][2] == "slots"
+    assert decode[3]["dim_defaults"] == {"slots": 32}
+    db = tmp_path / "r.sqlite"
+    for path in files.values():
+        for dims in ([], ["--dim", "slots=8"]):
+            code, _, err = cli(capsys, "profile", str(path), "--local", "--db", str(db), "--json", "--signature", "decode",
+                               *dims, *FAST_ARGS)
+            assert code == 0, err
+    shapes = {(Path(r.artifact_path).stem, tuple(sorted(r.result["config"]["dims"].items()))): r.result["inputs"]
+              for r in store.list_results(db)}
+    for stem in files:
+        assert shapes[(stem, ())][2]["shape"] == [1, 1, 32] and shapes[(stem, (("slots", 8),))][2]["shape"] == [1, 1, 8]
+        assert shapes[(stem, (("slots", 8),))][3]["dims"] == {"slots": 8}
+    columns = gather(db).columns
+    assert len(columns) == 4
+    small = next(c for c in columns if not c.is_fp32 and c.dims == (("slots", 8),))
+    assert small.variant.endswith("[decode] [slots=8]")
+    assert compare.baseline_for(small, columns).dims == (("slots", 8),)
+    code, out, err = cli(capsys, "profile", str(files["w8"]), "--local", "--db", str(db), "--signature", "decode",
+                         "--dim", "slots=8", *FAST_ARGS)
+    assert code == 0 and "w8.tflite [decode] [slots=8]" in out, out
+    code, out, err = cli(capsys, "profile", str(files["w8"]), "--local", "--db", str(db), "--signature", "decode",
+                         "--weight-cache", "--dim", "slots=8", *FAST_ARGS)  # CompiledModel resizes too
+    assert code == 0 and "w8.tflite [decode] [slots=8]" in out, out + err
+    cached = next(r for r in store.list_results(db) if r.runtime == "litert-compiledmodel")
+    assert cached.result["inputs"][2]["shape"] == [1, 1, 8]
+
+
+def test_profile_dim_no_input_has_is_a_warning_not_a_label(tmp_path, capsys, two_signature_tflite):
+    """A --dim that sizes no input (a file exported before its decode step named its slot axis) changes nothing:
+    the result warns so, and the report does not name the column after it."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.report.gather import gather
+
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(capsys, "profile", str(two_signature_tflite), "--local", "--db", str(db),
+                         "--signature", "decode", "--dim", "slots=8", *FAST_ARGS)
+    assert code == 0, err
+    assert "two_signatures.tflite [decode]: warning: dims slots: no input" in out + err
+    warnings = store.list_results(db)[0].result["warnings"]
+    assert any(w.startswith("dims slots: no input") for w in warnings), warnings
+    column = gather(db).columns[0]
+    assert column.dims == () and column.variant.endswith("[decode]")
