@@ -47,9 +47,9 @@ def _dim(value, position: int, dims: dict[str, int], used: dict[str, int], defau
 
 
 def make_inputs(spec: list[dict], dims: dict[str, int], seed: int) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Arrays for each input of `spec` and a record of what was fed (name, dtype, shape, range)."""
-    rng = np.random.default_rng(seed)
-    feeds, record = {}, []
+    """Arrays for each input of `spec` and a record of what was fed (name, dtype, shape, range). Every shape is
+    sized and checked (1 GiB an input, 2 GiB together) before any array is made."""
+    planned, total = [], 0
     for item in spec:
         name, dtype = item.get("name"), item.get("dtype")
         if not isinstance(name, str) or not isinstance(item.get("shape"), list):
@@ -61,8 +61,17 @@ def make_inputs(spec: list[dict], dims: dict[str, int], seed: int) -> tuple[dict
         used: dict[str, int] = {}
         defaults = item.get("dim_defaults") if isinstance(item.get("dim_defaults"), dict) else {}
         shape = tuple(_dim(d, i, dims, used, defaults) for i, d in enumerate(item["shape"]))
-        if int(np.prod(shape, dtype=np.int64)) * dt.itemsize > 1 << 30:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if nbytes > 1 << 30:
             raise EdgeqError(f"inputs: {name} of shape {shape} would need more than 1 GiB")
+        total += nbytes
+        planned.append((item, name, dt, shape, used))
+    if total > 2 << 30:  # e.g. 60 KV caches at a huge --dim slots
+        raise EdgeqError(f"inputs: the {len(planned)} inputs would need {total / (1 << 30):.1f} GiB together, more than 2 "
+                         f"(dims: {dict(dims)})")
+    rng = np.random.default_rng(seed)
+    feeds, record = {}, []
+    for item, name, dt, shape, used in planned:
         value_range = item.get("range")
         if dt.kind == "b":
             arr = rng.integers(0, 2, size=shape).astype(bool)

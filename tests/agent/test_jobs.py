@@ -347,3 +347,6 @@ def test_input_dim_defaults_size_a_symbolic_dim_unless_the_job_does():
     assert feeds["mask"].shape == (1, 1, 8) and record[0]["dims"] == {"slots": 8}
     feeds, _ = make_inputs([{**spec[0], "dim_defaults": {"slots": 0}}], {}, 0)
     assert feeds["mask"].shape == (1, 1, 64)
+    caches = [{"name": f"k_{i}", "dtype": "float32", "shape": [64, "slots", 64]} for i in range(60)]
+    with pytest.raises(EdgeqError, match=r"the 60 inputs would need 3\.8 GiB together"):  # before any is made
+        make_inputs(caches, {"slots": 4096}, 0)
