@@ -37,11 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import fresh_process_rounds, interleaved, log, make_qdir  # noqa: E402
-from hostinfo import machine  # noqa: E402
+from hostinfo import machine, write_result  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export.tflite_runtime import DecodeSession  # noqa: E402
-from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 EDGEQ = {"w8": "dynamic-int8", "w4-g64-litert": "int4", "w4-g64-litert-emb4": "int4"}
 AEQ = ("dynamic_wi8_afp32", "dynamic_wi4b32_afp32")
@@ -158,10 +157,7 @@ def main() -> None:
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(),
               "rows": rows, "targets": targets(rows)}
-    out = Path(args.out)
-    write_json_atomic(Path(f"{out}.json"), result)
-    write_text_atomic(Path(f"{out}.md"), markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 def targets(rows: dict) -> dict:

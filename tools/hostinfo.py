@@ -1,4 +1,5 @@
-"""What machine a benchmark ran on, for its JSON: benchmarks from different hosts are not comparable in ms."""
+"""What machine a benchmark ran on, for its JSON (benchmarks from different hosts are not comparable in ms), and how a
+benchmark writes its OUT.json and OUT.md."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ def cpu_name() -> str:
 
 def machine() -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_result(out: str | Path, result: dict, text: str) -> None:
+    """A benchmark's OUT.json (`result`) and OUT.md (`text`), each written atomically; the Markdown is printed too."""
+    from edgeq.fileio import write_json_atomic, write_text_atomic
+
+    write_json_atomic(Path(f"{out}.json"), result)
+    write_text_atomic(Path(f"{out}.md"), text)
+    print(text)

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import interleaved, log  # noqa: E402
-from hostinfo import machine  # noqa: E402
+from hostinfo import machine, write_result  # noqa: E402
 
 from edgeq.export.tflite_runtime import TfliteRunner, runtime_version, signature_io  # noqa: E402
-from edgeq.fileio import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+from edgeq.fileio import atomic_path  # noqa: E402
 
 KV_HEADS, GROUP, HEAD_DIM, LAYERS = 3, 3, 64, 30  # SmolLM2-135M
 
@@ -103,11 +103,7 @@ def main() -> None:
               "machine": machine(), "runtime": runtime_version(),
               "shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": HEAD_DIM},
               "rows": {str(s): r for s, r in rows.items()}}
-    out = Path(args.out)
-    write_json_atomic(Path(f"{out}.json"), result)
-    text = markdown(result)
-    write_text_atomic(Path(f"{out}.md"), text)
-    print(text)
+    write_result(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:

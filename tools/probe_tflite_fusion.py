@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import fresh_process_rounds, interleaved, log  # noqa: E402
-from hostinfo import machine  # noqa: E402
+from hostinfo import machine, write_result  # noqa: E402
 
 from edgeq.export.tflite_runtime import DecodeSession, runtime_version  # noqa: E402
-from edgeq.fileio import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from edgeq.fileio import atomic_path, write_bytes_atomic  # noqa: E402
 
 TOKENS = [1, 520, 33, 4000, 17, 9, 300, 12]
 
@@ -148,11 +148,7 @@ def main() -> None:
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               "runtime": runtime_version(), "reps": args.reps, "rounds": args.rounds, "slots": args.slots, "rows": rows,
               "fused_vs_unfused_logits_max_abs": checks}
-    out = Path(args.out)
-    write_json_atomic(Path(f"{out}.json"), result)
-    text = markdown(result)
-    write_text_atomic(Path(f"{out}.md"), text)
-    print(text)
+    write_result(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import interleaved, log  # noqa: E402
-from hostinfo import machine  # noqa: E402
+from hostinfo import machine, write_result  # noqa: E402
 
 from edgeq.export.tflite_runtime import TfliteRunner, runtime_version  # noqa: E402
-from edgeq.fileio import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from edgeq.fileio import atomic_path, write_bytes_atomic  # noqa: E402
 
 FORMATS = {  # name -> (bits, ai-edge-quantizer granularity)
     "int8 per channel": (8, "CHANNELWISE"),
@@ -99,10 +99,7 @@ def main() -> None:
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(),
               "runtime": runtime_version(), "rows": rows}
-    out = Path(args.out)
-    write_json_atomic(Path(f"{out}.json"), result)
-    write_text_atomic(Path(f"{out}.md"), markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:

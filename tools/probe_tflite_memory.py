@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from hostinfo import machine  # noqa: E402
+from hostinfo import machine, write_result  # noqa: E402
 
 from edgeq.export.tflite_runtime import arg_order, interpreter_class, runtime_version, signature_io  # noqa: E402
-from edgeq.fileio import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from edgeq.fileio import read_json  # noqa: E402
 
 APIS = {
     "interpreter": "Interpreter: each signature's subgraph delegated on its own (edgeq's runners; the agent by default)",
@@ -176,10 +176,7 @@ def main() -> None:
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               "runtime": runtime_version(), "threads": args.threads, "reps": args.reps, "rounds": args.rounds, "made_by": args.made_by,
               "apis": APIS, "rows": rows}
-    out = Path(args.out)
-    write_json_atomic(Path(f"{out}.json"), result)
-    write_text_atomic(Path(f"{out}.md"), markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:
