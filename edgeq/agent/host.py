@@ -31,7 +31,7 @@ from typing import Callable
 from ..errors import EdgeqError
 from ..fileio import read_json, sha256_file
 from .client import AgentClient, AgentError
-from .inputs import asked_dims
+from .inputs import asked_dims, dims_label
 from .onnxcheck import external_locations
 from .protocol import FILE_NAME_RE
 from .server import READY_PREFIX, read_token_file
@@ -257,8 +257,7 @@ def summary_table(summaries: list[dict]) -> str:
         p = r.get("power") or {}
         runtime = f"{rt.get('name', '-')} / {rt.get('provider', '-')}"
         sig, dims = (r.get("config") or {}).get("signature"), asked_dims(r)
-        name = (Path(s["artifact"]).name + (f" [{sig}]" if sig else "")
-                + (f" [{' '.join(f'{k}={v}' for k, v in dims.items())}]" if dims else ""))
+        name = Path(s["artifact"]).name + (f" [{sig}]" if sig else "") + dims_label(dims)
         lines.append(f"{s['device'][:12]:<12} {name[:40]:<40} {s['status']:<8} "
                      f"{fmt(lat.get('p50')):>9} {'[' + fmt(ci[0]) + ', ' + fmt(ci[1]) + ']':>21} "
                      f"{fmt(lat.get('p99')):>9} {lat.get('n', '-'):>7} {fmt(r.get('peak_rss_mb'), '{:.0f}'):>7} "

@@ -98,3 +98,8 @@ def asked_dims(result: dict) -> dict[str, int]:
     asked = (result.get("config") or {}).get("dims") or {}
     used = {k: v for item in result.get("inputs") or [] for k, v in (item.get("dims") or {}).items()}
     return {k: v for k, v in sorted(used.items()) if k in asked}
+
+
+def dims_label(dims: dict[str, int]) -> str:
+    """` [slots=64]`: how a result's `asked_dims` are named after its artifact; empty without any."""
+    return f" [{' '.join(f'{k}={v}' for k, v in dims.items())}]" if dims else ""

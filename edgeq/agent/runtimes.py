@@ -268,13 +268,13 @@ class CompiledLiteRtModel:
             want = (np.dtype(details[name]["dtype"]), [int(x) for x in details[name]["shape"]])
             if (arr.dtype, list(arr.shape)) == want:
                 continue
-            try:  # a dynamic axis (a decode step's cache slots) at another size; strict: only axes the file leaves free
-                if arr.dtype != want[0]:
-                    raise ValueError("another dtype")
-                self.model.resize_input_tensor(names.index(name), list(arr.shape), self.index, True)
-                resized = [int(x) for x in self.model.get_input_tensor_details(self.key)[name]["shape"]]
-            except (RuntimeError, ValueError):
-                resized = None
+            resized = None
+            if arr.dtype == want[0] and arr.ndim == len(want[1]):
+                try:  # a dynamic axis (a decode step's cache slots) at another size; strict: only axes the file leaves free
+                    self.model.resize_input_tensor(names.index(name), list(arr.shape), self.index, True)
+                    resized = [int(x) for x in self.model.get_input_tensor_details(self.key)[name]["shape"]]
+                except (RuntimeError, ValueError):
+                    pass
             if resized != list(arr.shape):
                 raise EdgeqError(f"inputs: {name} is {arr.dtype}{list(arr.shape)}; the signature takes {want[0]}{want[1]}")
         self._inputs = self.model.create_input_buffers(self.index)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import store
-from ..agent.inputs import asked_dims
+from ..agent.inputs import asked_dims, dims_label
 from ..errors import EdgeqError
 from ..fileio import read_json, sha256_file
 
@@ -78,7 +78,7 @@ class Column:
 
     @property
     def dims(self) -> tuple:
-        """The symbolic input dims the job set (`edgeq profile --dim`, e.g. a decode step's slots), sorted."""
+        """The job's input dims that sized an input (`edgeq profile --dim`, e.g. a decode step's slots), sorted."""
         return dims_of(self.result)
 
     @property
@@ -228,7 +228,7 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
         name = Path(rec.artifact_path).name if rec.artifact_path else rec.artifact_sha256[:12]
         columns[key] = Column(
             result=rec, model=rec_model, variant=(rec.variant or name) + (f" [{signature}]" if signature else "")
-            + (f" [{' '.join(f'{k}={v}' for k, v in dims)}]" if dims else "")
+            + dims_label(dict(dims))
             + (" [weight cache]" if rec.runtime == "litert-compiledmodel" else ""),
             fmt=rec.artifact_format or "?", bits=bits, bits_source=bits_source,
             is_fp32=is_fp32_export(rec.export_json), export=rec.export_json, quant=quant, quant_note=note,
