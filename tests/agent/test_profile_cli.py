@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeq import store
@@ -193,6 +194,18 @@ def test_profile_decode_step_at_chosen_slots(tmp_path, capsys):
     assert code == 0 and "w8.tflite [decode] [slots=8]" in out, out + err
     cached = next(r for r in store.list_results(db) if r.runtime == "litert-compiledmodel")
     assert cached.result["inputs"][2]["shape"] == [1, 1, 8]
+    # the two runtimes, each resized to 8 slots, compute the same step from the same inputs
+    from edgeq.agent.inputs import make_inputs
+    from edgeq.agent.runtimes import load
+
+    feeds, _ = make_inputs(decode, {"slots": 8}, 0)
+    interpreter, compiled = load(files["w8"], 1, "decode"), load(files["w8"], 1, "decode", weight_cache=True)
+    for model in (interpreter, compiled):
+        model.prepare(feeds)
+        model.run()
+    wrapper, subgraph, outputs = interpreter._signature_io
+    logits = wrapper.GetTensor(outputs[0], subgraph).reshape(-1)
+    assert np.allclose(compiled._outputs[0].read(logits.size, np.float32), logits, atol=1e-5)
 
 
 def test_profile_dim_no_input_has_is_a_warning_not_a_label(tmp_path, capsys, two_signature_tflite):
