@@ -27,7 +27,7 @@ from ..errors import EdgeqError
 from ..fileio import write_json_atomic
 from . import fingerprint as fp
 from . import stats
-from .inputs import make_inputs
+from .inputs import asked_dims, make_inputs
 from .protocol import DEFAULT_DIMS
 from .runtimes import load
 
@@ -143,8 +143,7 @@ def measure(job_dir: Path) -> dict:
     result["warmup"] = _warmup(model, cfg, progress)
     warnings = [] if result["warmup"]["stable"] else [
         f"warm-up did not stabilise within {result['warmup']['runs']} runs"]
-    sized = {name for item in result["inputs"] for name in item["dims"]}
-    unused = sorted(set(cfg["dims"]) - sized - set(DEFAULT_DIMS))  # batch / sequence also size unnamed dims
+    unused = sorted(set(cfg["dims"]) - set(asked_dims(result)) - set(DEFAULT_DIMS))  # batch / sequence also size unnamed dims
     if unused:  # e.g. slots=64 on a file whose metadata predates symbolic cache slots
         warnings.append(f"dims {', '.join(unused)}: no input of this model has a dim of that name; they changed nothing")
 
