@@ -99,15 +99,27 @@ def logits(path: Path) -> np.ndarray:
 
 
 def timed_round(files: dict[str, str], slots: int, threads: int, reps: int) -> dict[str, float]:
-    """One fresh process: each file's step at position slots / 2, interleaved; median ms per file."""
+    """One fresh process: each file's step holding `slots` cache slots at position slots / 2, interleaved; median ms
+    per file."""
     calls = {}
     for name, path in files.items():
-        session = DecodeSession(path, threads=threads)
+        session = DecodeSession(path, threads=threads, slots=slots)
         session.reset()
         for i in range(slots // 2):
             session.step(i + 1, i)
         calls[name] = (lambda s=session: s.step(7, slots // 2))
     return {n: r["median_ms"] for n, r in interleaved(calls, reps).items()}
+
+
+def time_rows(rows: dict[str, dict], files: dict[str, str], slots: int, threads: int, reps: int, rounds: int) -> None:
+    """`timed_round` in `rounds` fresh processes; each file's row gets the median over processes (ms_{slots}_{threads}t)
+    and each process's median (per_process_...)."""
+    log(f"{slots} slots, {threads} thread(s): {rounds} fresh processes")
+    names = list(files)
+    per = fresh_process_rounds(timed_round, lambda order: ({n: files[n] for n in order}, slots, threads, reps), names, rounds)
+    for name in names:
+        rows[name][f"ms_{slots}_{threads}t"] = round(statistics.median(p[name] for p in per), 3)
+        rows[name][f"per_process_{slots}_{threads}t"] = [round(p[name], 3) for p in per]
 
 
 def main() -> None:
@@ -138,13 +150,7 @@ def main() -> None:
             a, b = logits(Path(files[f"unfused {fmt}"])), logits(Path(files[f"fused {fmt}"]))
             checks[f"{fmt} {slots} slots"] = float(np.max(np.abs(a - b)))
         for threads in (1, 2):
-            log(f"{slots} slots, {threads} thread(s): {args.rounds} fresh processes")
-            names = list(files)
-            per = fresh_process_rounds(timed_round, lambda order: ({n: files[n] for n in order}, slots, threads, args.reps),
-                                       names, args.rounds)
-            for name in names:
-                rows[name][f"ms_{slots}_{threads}t"] = round(statistics.median(p[name] for p in per), 3)
-                rows[name][f"per_process_{slots}_{threads}t"] = [round(p[name], 3) for p in per]
+            time_rows(rows, files, slots, threads, args.reps, args.rounds)
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               "runtime": runtime_version(), "reps": args.reps, "rounds": args.rounds, "slots": args.slots, "rows": rows,
               "fused_vs_unfused_logits_max_abs": checks}

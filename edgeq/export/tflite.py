@@ -341,6 +341,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         signatures = {"serving_default": {"inputs": _input_meta(runner, b)},
                       "decode": {"inputs": _decode_input_meta(step, b, cache_len, static_slots is None)}}
         del step
+    xnnpack = _xnnpack_coverage(buf, ["serving_default"] + (["decode"] if cache_len else []))
     cos_tol, top1_tol = TOLERANCE[variant]
     step_parity = parity.get("decode", {})
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
@@ -366,7 +367,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                               "outputs": "logits, then the decode signature's caches" if cache_len else "logits"}
                   if b.kind == "causal-lm" else None,
                   "decode": tflite_decode.signature_meta(model, cache_len, static_slots) if cache_len else None,
-                  "decode_note": decode_note},
+                  "decode_note": decode_note,
+                  # per signature: the ops LiteRT's default XNNPACK delegate takes, in how many partitions, and the rest
+                  "xnnpack": xnnpack},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,
         "runtime_min": {**RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
@@ -399,6 +402,16 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+
+
+def _xnnpack_coverage(buf: bytes, signatures: list[str]) -> dict:
+    from .tflite_check import xnnpack_coverage
+    from .tflite_runtime import runtime_version
+
+    try:
+        return {name: xnnpack_coverage(buf, name) for name in signatures}
+    except AttributeError:  # a runtime whose interpreter does not list its nodes
+        return {"note": f"not measured: {runtime_version()}'s interpreter does not list its nodes"}
 
 
 def _tool_versions() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import EdgeqError
 from ..quantize.modules import QuantEmbedding, QuantLinear
 
 
@@ -42,6 +43,14 @@ def buffer_bytes(model_t, index: int, buf: bytes) -> np.ndarray | None:
     if getattr(b, "offset", 0) > 1 and b.size:
         return np.frombuffer(buf, dtype=np.uint8, count=b.size, offset=b.offset)
     return None
+
+
+def inline_buffers(model_t, buf: bytes) -> None:
+    """Move the data a flatbuffer keeps past its end (offsets into `buf`) into its buffers, in place: what writing an
+    edited `model_t` again needs, as the offsets change."""
+    for i, b in enumerate(model_t.buffers):
+        if getattr(b, "offset", 0) > 1:
+            b.data, b.offset, b.size = buffer_bytes(model_t, i, buf), 0, 0
 
 
 def _tensor_ints(model_t, tensor, buf: bytes) -> np.ndarray | None:
@@ -163,3 +172,50 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
     z, kind = (0, _schema().TensorType.INT16) if a.bits == 16 else (int(m.act_zero_point.item()) - 128, _schema().TensorType.INT8)
     return bool(np.float32(qp.scale[0]).view(np.uint32) == s.view(np.uint32) and int(qp.zeroPoint[0]) == z
                 and sg.tensors[op.inputs[0]].type == kind)
+
+
+def xnnpack_coverage(buf: bytes, signature: str) -> dict:
+    """How LiteRT's default XNNPACK delegate takes a signature of `buf`: `nodes` (the subgraph's ops), `partitions`
+    (the delegate's nodes: 1 when XNNPACK runs everything it takes as one graph) and `builtin` (op type -> count of
+    the ops left to LiteRT's built-in kernels). Every boundary between the two costs a step a hand-over, and an op
+    XNNPACK leaves is one it had no kernel or options for (a SLICE of size -1 cut SmolLM2's decode step into 31
+    partitions). Found by loading the signature's subgraph alone (the interpreter's node list covers only the
+    first) and walking back from each delegate node's outputs to its inputs: the ops in between are the ones it
+    replaced. Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
+    `NodeOutputs`; 2.3, tested)."""
+    from .tflite_graph import read_model, write_model
+    from .tflite_runtime import interpreter_class
+
+    model_t = read_model(buf)
+    sig = next((d for d in model_t.signatureDefs if d.signatureKey.decode() == signature), None)
+    if sig is None:
+        raise EdgeqError(f"tflite: signature {signature!r} is not in the file")
+    if sig.subgraphIndex != 0:
+        inline_buffers(model_t, buf)
+        model_t.subgraphs = [model_t.subgraphs[sig.subgraphIndex]]
+        sig.subgraphIndex = 0
+        model_t.signatureDefs = [sig]
+        buf = write_model(model_t)
+    del model_t
+    interpreter = interpreter_class()(model_content=buf, num_threads=1)
+    nodes = interpreter._interpreter.NumNodes()  # before the delegate is applied (at allocation)
+    interpreter.allocate_tensors()
+    w = interpreter._interpreter
+    producer = {int(t): i for i in range(nodes) for t in w.NodeOutputs(i)}
+    delegated: set[int] = set()
+    partitions = 0
+    for d in range(nodes, w.NumNodes()):
+        partitions += w.NodeName(d) == "DELEGATE"
+        stop = {int(t) for t in w.NodeInputs(d)}
+        todo = [int(t) for t in w.NodeOutputs(d)]
+        while todo:
+            op = producer.get(todo.pop())
+            if op is None or op in delegated:
+                continue
+            delegated.add(op)
+            todo += [int(t) for t in w.NodeInputs(op) if int(t) >= 0 and int(t) not in stop]
+    builtin: dict[str, int] = {}
+    for i in range(nodes):
+        if i not in delegated:
+            builtin[w.NodeName(i)] = builtin.get(w.NodeName(i), 0) + 1
+    return {"nodes": nodes, "partitions": partitions, "builtin": dict(sorted(builtin.items()))}

@@ -187,12 +187,15 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
     place): its mask and cache inputs get a dynamic slot dimension (shape signature -1), so a runtime may resize them
     to any count and LiteRT re-derives every shape in the step from them (the declared shape stays `cache_len`).
     litert-torch converts static shapes only; the step is written so that the slot count appears in one kind of
-    constant, the size of the slice taking the cached slots' probabilities (after the token's own), which becomes
-    -1 ("to the end"). Returns None when done, else why not, and then changes nothing. Whether no other constant
-    names the slot count (a value alone cannot tell it from a head size of the same number) is `resize_check`'s to
-    prove, by running the result."""
+    constant, the size of the slice taking the cached slots' probabilities (after the token's own). Each such SLICE
+    becomes a STRIDED_SLICE from the same begin to the end of every axis (end_mask): XNNPACK runs that one, while
+    it leaves a SLICE of size -1 ("to the end") to LiteRT's built-in kernel, which cut SmolLM2's step into one
+    XNNPACK partition per layer (31 instead of 1). Returns None when done, else why not, and then changes nothing.
+    Whether no other constant names the slot count (a value alone cannot tell it from a head size of the same
+    number) is `resize_check`'s to prove, by running the result."""
     from .tflite_graph import op_names, schema
 
+    s = schema()
     sig = next((d for d in model_t.signatureDefs if d.signatureKey == b"decode"), None)
     if sig is None:
         return "no decode signature"
@@ -202,7 +205,7 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
     def ints(index: int):
         t = sg.tensors[index]
         data = model_t.buffers[t.buffer].data
-        if t.type != schema().TensorType.INT32 or data is None or not len(data):
+        if t.type != s.TensorType.INT32 or data is None or not len(data):
             return None
         return np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype=np.int32).tolist()
 
@@ -210,16 +213,30 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
               and (ints(op.inputs[2]) or [None])[-1] == cache_len and (ints(op.inputs[1]) or [None])[-1] == 1]
     if not slices:
         return "no slice of the cached slots' probabilities found"
-    buf = schema().BufferT()
     rank = int(sg.tensors[slices[0].inputs[2]].shape[0])  # one size per dimension of the sliced tensor
-    buf.data = np.frombuffer(np.full(rank, -1, dtype=np.int32).tobytes(), dtype=np.uint8)
-    model_t.buffers.append(buf)
-    size = schema().TensorT()
-    size.shape, size.type, size.buffer = np.array([rank], dtype=np.int32), schema().TensorType.INT32, len(model_t.buffers) - 1
-    size.name = b"edgeq/slots_to_the_end"
-    sg.tensors.append(size)
+
+    def constant(values: list[int], name: bytes) -> int:
+        buf = s.BufferT()
+        buf.data = np.frombuffer(np.array(values, dtype=np.int32).tobytes(), dtype=np.uint8)
+        model_t.buffers.append(buf)
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name = np.array([rank], dtype=np.int32), s.TensorType.INT32, len(model_t.buffers) - 1, name
+        sg.tensors.append(t)
+        return len(sg.tensors) - 1
+
+    end, strides = constant([0] * rank, b"edgeq/slots_end"), constant([1] * rank, b"edgeq/slots_strides")
+    if "STRIDED_SLICE" not in codes:
+        code = s.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.STRIDED_SLICE
+        code.version = 1
+        model_t.operatorCodes.append(code)
+        codes.append("STRIDED_SLICE")
     for op in slices:
-        op.inputs = np.array([*op.inputs[:2], len(sg.tensors) - 1], dtype=np.int32)
+        options = s.StridedSliceOptionsT()
+        options.endMask = (1 << rank) - 1  # every axis to its end: the slot axis whatever its size, the others whole
+        op.opcodeIndex = codes.index("STRIDED_SLICE")
+        op.inputs = np.array([op.inputs[0], op.inputs[1], end, strides], dtype=np.int32)
+        op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.StridedSliceOptions, options
     inputs = set(int(i) for i in sg.inputs)
     for index, t in enumerate(sg.tensors):  # intermediate shapes: unpinned (-1), so each op re-derives them when resized
         if index not in inputs and not (model_t.buffers[t.buffer].data is not None and len(model_t.buffers[t.buffer].data)):

@@ -32,7 +32,7 @@ from .tflite_decode import dynamic_slots, resize_check
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 9  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 10  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():

@@ -273,6 +273,13 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
         # that on some CPUs (AVX512-VNNI) it takes other dynamic-int8 kernels for one row than for many (0.017 here)
         assert _decode_vs_prefill(path, xnnpack=False) < 1e-4
         assert parity["vs_prefill_max_abs"] < (parity["max_abs"] if meta["variant"] == "dynamic-int8" else 1e-4), parity
+    # XNNPACK runs the step as one graph: only the lookups before the first layer are left to LiteRT's built-in kernels
+    # (a slice of size -1 once cut it into one partition per layer), and the 16x8 layers, which XNNPACK has no kernel for
+    xnnpack = meta["graph"]["xnnpack"]["decode"]
+    wide = meta["readback"]["layers"] if meta["variant"] == "int16x8" else len((meta.get("int16x8_layers") or {}).get("layers", []))
+    assert xnnpack["builtin"].get("FULLY_CONNECTED", 0) == wide, xnnpack
+    if not wide:
+        assert xnnpack["partitions"] == 1 and set(xnnpack["builtin"]) <= {"CAST", "EMBEDDING_LOOKUP", "RESHAPE"}, xnnpack
     model_t = read_model(path.read_bytes())
     assert len(model_t.subgraphs) == 2
     tensors = [{t.name.decode(): t.buffer for t in sg.tensors} for sg in model_t.subgraphs]
@@ -374,7 +381,7 @@ def test_dynamic_slots_are_proven_by_running_them():
     """The slot count becomes a run-time choice only where the step resized gives the declared step's logits: the graph
     as litert-torch converts it (slots fixed) fails that check by name, the same graph after `dynamic_slots` passes."""
     from edgeq.export.tflite_decode import dynamic_slots, resize_check
-    from edgeq.export.tflite_graph import convert, read_model, write_model
+    from edgeq.export.tflite_graph import convert, read_model, schema, write_model
 
     bundle = load_model("tiny-llama")
     buf = convert(bundle, bundle.module.eval(), 8, None, 24)
@@ -382,9 +389,12 @@ def test_dynamic_slots_are_proven_by_running_them():
     model_t = read_model(buf)
     assert dynamic_slots(model_t, 25) == "no slice of the cached slots' probabilities found"  # not the declared count
     assert dynamic_slots(model_t, 24) is None and resize_check(write_model(model_t), 24) is None
-    # a constant still naming the slot count (the slices' size put back) is caught by LiteRT when the step runs resized
-    size = next(t for sg in model_t.subgraphs for t in sg.tensors if t.name == b"edgeq/slots_to_the_end")
-    model_t.buffers[size.buffer].data = np.frombuffer(np.array([2, 2, 24], dtype=np.int32).tobytes(), dtype=np.uint8)
+    # a constant still naming the slot count (the slices' end put back) is caught by LiteRT when the step runs resized
+    end = next(t for sg in model_t.subgraphs for t in sg.tensors if t.name == b"edgeq/slots_end")
+    model_t.buffers[end.buffer].data = np.frombuffer(np.array([2, 2, 25], dtype=np.int32).tobytes(), dtype=np.uint8)
+    for op in (op for sg in model_t.subgraphs for op in sg.operators):
+        if op.builtinOptionsType == schema().BuiltinOptions.StridedSliceOptions:
+            op.builtinOptions.endMask = 0
     assert resize_check(write_model(model_t), 24).startswith("resized to 31 slots, the step failed: ")
 
 
