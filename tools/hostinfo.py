@@ -19,8 +19,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "vaes", "asimddp", "i8mm", "sve")  # what int8 / int4 kernels use
+
+
+def cpu_isa() -> list[str]:
+    """Which of the instruction-set extensions the int8 / int4 kernels pick by the CPU has (x86 and ARM flags from
+    /proc/cpuinfo): hosts named alike ("AMD EPYC") differ in them, and so do their kernels' speeds."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    return [f for f in ISA if f in flags]
+
+
 def machine() -> dict:
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def write_result(out: str | Path, result: dict, text: str) -> None:

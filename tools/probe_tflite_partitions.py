@@ -74,6 +74,15 @@ def logits(path: str, slots: int | None) -> np.ndarray:
     return np.stack([session.step(t, i) for i, t in enumerate(TOKENS)])
 
 
+def made_by(path: str) -> dict:
+    """Where an edgeq export came from (its FILE.json)."""
+    from edgeq.fileio import read_json
+
+    meta = read_json(Path(f"{path}.json"))
+    return {"path": path, "variant": meta["variant"], "model": meta["source"]["model"],
+            "recipe": meta["recipe"], "sha256": meta["sha256"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", action="append", required=True, metavar="NAME=PATH", help="an edgeq .tflite with a decode signature")
@@ -101,7 +110,7 @@ def main() -> None:
             time_rows(rows, files, slots, threads, args.reps, args.rounds)
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               "runtime": runtime_version(), "reps": args.reps, "rounds": args.rounds, "slots": args.slots,
-              "files": {item.partition("=")[0]: item.partition("=")[2] for item in args.file}, "rows": rows,
+              "files": {name: made_by(path) for name, _, path in (item.partition("=") for item in args.file)}, "rows": rows,
               "logits_max_abs": checks}
     write_result(args.out, result, markdown(result))
 
@@ -111,7 +120,8 @@ def markdown(result: dict) -> str:
     head = [f"{s} slots {t}t ms" for s in slots for t in (1, 2)]
     lines = ["# The decode step's slot slice: SLICE of size -1 against STRIDED_SLICE (probe)", "", "```", result["command"],
              "```", "",
-             f"Created {result['created']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, shared), "
+             f"Created {result['created']} on {result['machine']['cpu']} ({', '.join(result['machine']['isa'])}; "
+             f"{result['machine']['cores']} cores, shared), "
              f"{result['runtime']}, XNNPACK. One decode step holding the slots at position slots / 2, caches in the "
              f"interpreter's buffers; median over {result['rounds']} fresh processes of each one's median of "
              f"{result['reps']} interleaved calls.", "",
@@ -120,7 +130,9 @@ def markdown(result: dict) -> str:
         builtin = ", ".join(f"{op} {n}" for op, n in r["xnnpack"]["builtin"].items())
         lines.append(f"| {name} | {r['xnnpack']['partitions']} | {builtin} | "
                      + " | ".join(f"{r[f'ms_{s}_{t}t']:.2f}" for s in slots for t in (1, 2)) + " |")
-    lines += ["", "STRIDED_SLICE over SLICE step time (lower is faster):", ""]
+    lines += ["", "Files: " + "; ".join(f"{n}: `edgeq export` {f['variant']} of {f['model']}"
+                                     + (f" quantized with `{f['recipe']}`" if f["recipe"] else "") for n, f in result["files"].items()),
+              "", "STRIDED_SLICE over SLICE step time (lower is faster):", ""]
     for name in result["files"]:
         new, old = result["rows"][f"{name} strided_slice"], result["rows"][f"{name} slice"]
         lines.append(f"- {name}: " + ", ".join(f"{s} slots {t}t {new[f'ms_{s}_{t}t'] / old[f'ms_{s}_{t}t']:.3f}"
