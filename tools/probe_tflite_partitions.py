@@ -2,9 +2,9 @@
 
     .venv/bin/python tools/probe_tflite_partitions.py --file fp32=FP32.tflite --file int4=INT4.tflite --out OUT
 
-Each --file is an edgeq export with a decode signature whose slot count is the runtime's choice (made by this
-commit's `tflite_decode.dynamic_slots`: the slice of the cached slots' probabilities is a STRIDED_SLICE to the end of
-every axis). Its twin is the same file with that op put back as the SLICE of size -1 that files made before
+Each --file is an edgeq export with a decode signature whose slot count is the runtime's choice, made since
+2026-12-03 (`tflite_decode.dynamic_slots` writes the slice of the cached slots' probabilities as a STRIDED_SLICE to
+the end of every axis). Its twin is the same file with that op put back as the SLICE of size -1 that files made before
 2026-12-03 hold. For each pair: the XNNPACK coverage of the decode signature (`tflite_check.xnnpack_coverage`:
 partitions, ops left to LiteRT's built-in kernels), the logits of a few steps at the declared and at a resized slot
 count (must be the same), and one step holding --slots slots at position slots / 2 with the caches in the

@@ -186,17 +186,19 @@ def xnnpack_coverage(buf: bytes, signature: str) -> dict:
     from .tflite_graph import read_model, write_model
     from .tflite_runtime import interpreter_class
 
-    model_t = read_model(buf)
-    sig = next((d for d in model_t.signatureDefs if d.signatureKey.decode() == signature), None)
-    if sig is None:
+    root = _schema().Model.GetRootAs(buf, 0)
+    index = next((root.SignatureDefs(i).SubgraphIndex() for i in range(root.SignatureDefsLength())
+                  if root.SignatureDefs(i).SignatureKey().decode() == signature), None)
+    if index is None:
         raise EdgeqError(f"tflite: signature {signature!r} is not in the file")
-    if sig.subgraphIndex != 0:
+    if index != 0:  # unpacked only then: a large model's buffers take seconds to copy
+        model_t = read_model(buf)
         inline_buffers(model_t, buf)
-        model_t.subgraphs = [model_t.subgraphs[sig.subgraphIndex]]
-        sig.subgraphIndex = 0
-        model_t.signatureDefs = [sig]
+        model_t.subgraphs = [model_t.subgraphs[index]]
+        model_t.signatureDefs = [d for d in model_t.signatureDefs if d.subgraphIndex == index]
+        model_t.signatureDefs[0].subgraphIndex = 0
         buf = write_model(model_t)
-    del model_t
+        del model_t
     interpreter = interpreter_class()(model_content=buf, num_threads=1)
     nodes = interpreter._interpreter.NumNodes()  # before the delegate is applied (at allocation)
     interpreter.allocate_tensors()

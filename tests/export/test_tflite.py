@@ -368,6 +368,11 @@ def test_decode_signature_options(tmp_path):
 
     with pytest.raises(EdgeqError, match="signature 'decode' is not one of: serving_default"):
         TfliteRunner(tmp_path / "a.tflite", signature="decode")
+    from edgeq.export.tflite_check import xnnpack_coverage
+
+    assert list(meta["graph"]["xnnpack"]) == ["serving_default"]
+    with pytest.raises(EdgeqError, match="signature 'decode' is not in the file"):
+        xnnpack_coverage((tmp_path / "a.tflite").read_bytes(), "decode")
     with pytest.raises(EdgeqError, match="cache_len applies to decoder LMs"):
         export(CNN, "tflite", tmp_path / "b.tflite", cache_len=8)
     with pytest.raises(EdgeqError, match="cache_len must be a whole number"):
