@@ -408,10 +408,10 @@ def _xnnpack_coverage(buf: bytes, signatures: list[str]) -> dict:
     from .tflite_check import xnnpack_coverage
     from .tflite_runtime import runtime_version
 
-    try:
-        return {name: xnnpack_coverage(buf, name) for name in signatures}
-    except AttributeError:  # a runtime whose interpreter does not list its nodes
+    out = {name: xnnpack_coverage(buf, name) for name in signatures}
+    if None in out.values():  # a runtime whose interpreter does not list its nodes
         return {"note": f"not measured: {runtime_version()}'s interpreter does not list its nodes"}
+    return out
 
 
 def _tool_versions() -> dict:

@@ -174,7 +174,7 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
                 and sg.tensors[op.inputs[0]].type == kind)
 
 
-def xnnpack_coverage(buf: bytes, signature: str) -> dict:
+def xnnpack_coverage(buf: bytes, signature: str) -> dict | None:
     """How LiteRT's default XNNPACK delegate takes a signature of `buf`: `nodes` (the subgraph's ops), `partitions`
     (the delegate's nodes: 1 when XNNPACK runs everything it takes as one graph) and `builtin` (op type -> count of
     the ops left to LiteRT's built-in kernels). Every boundary between the two costs a step a hand-over, and an op
@@ -182,7 +182,7 @@ def xnnpack_coverage(buf: bytes, signature: str) -> dict:
     partitions). Found by loading the signature's subgraph alone (the interpreter's node list covers only the
     first) and walking back from each delegate node's outputs to its inputs: the ops in between are the ones it
     replaced. Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
-    `NodeOutputs`; 2.3, tested)."""
+    `NodeOutputs`; 2.3, tested): None where a runtime's interpreter has no such wrapper."""
     from .tflite_graph import read_model, write_model
     from .tflite_runtime import interpreter_class
 
@@ -200,6 +200,10 @@ def xnnpack_coverage(buf: bytes, signature: str) -> dict:
         buf = write_model(model_t)
         del model_t
     interpreter = interpreter_class()(model_content=buf, num_threads=1)
+    wrapper = getattr(interpreter, "_interpreter", None)
+    if not all(hasattr(wrapper, f) for f in ("NumNodes", "NodeName", "NodeInputs", "NodeOutputs")):
+        return None
+    del wrapper  # a held reference to the wrapper makes the interpreter refuse to allocate
     nodes = interpreter._interpreter.NumNodes()  # before the delegate is applied (at allocation)
     interpreter.allocate_tensors()
     w = interpreter._interpreter
