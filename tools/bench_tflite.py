@@ -166,6 +166,8 @@ def main() -> None:
                     help="recipe(s) (preset names or TOML paths) for the int4 rows (default w4-g64-litert)")
     ap.add_argument("--int8-recipe", nargs="+", default=["w8a8-static"],
                     help="recipe(s) for the full-integer int8 rows (default w8a8-static; w8a8-static-fc2a16 adds 16x8 down-projections)")
+    ap.add_argument("--int8-qdir", nargs="+", default=[],
+                    help="existing QDIRs (e.g. from `edgeq qat --loss kd`) exported as --variant int8 rows named by their directory")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
     ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
@@ -209,22 +211,33 @@ def main() -> None:
     else:
         meta = json.loads(Path(f"{fp32}.json").read_text())
 
-    for recipe_name, variant in recipes.items():
-        name = f"edgeq {variant} ({Path(recipe_name).stem})"
-        if name in rows or (args.only is not None and Path(recipe_name).stem not in args.only):
+    jobs = [(recipe_name, variant, None) for recipe_name, variant in recipes.items()]
+    jobs += [(str(Path(q).resolve()), "int8", Path(q).resolve()) for q in args.int8_qdir]
+    for recipe_name, variant, given in jobs:
+        stem = Path(recipe_name).stem if given is None else given.name
+        name = f"edgeq {variant} ({stem})"
+        if name in rows or (args.only is not None and stem not in args.only):
             continue
         log(f"edgeq {recipe_name} -> {variant}")
-        qdir, qs = make_qdir(args.model, recipe_name, work)
-        stem = Path(recipe_name).stem
+        qdir, qs = make_qdir(args.model, recipe_name, work) if given is None else (given, None)
         path = work / (f"{args.model}-edgeq-{variant}.tflite" if stem == DEFAULT_RECIPES[variant] else f"{args.model}-edgeq-{variant}-{stem}.tflite")
         if args.reuse_graphs and Path(f"{path}.json").is_file() and json.loads(Path(f"{path}.json").read_text())["source"]["qdir"] == str(qdir.resolve()):
             m = json.loads(Path(f"{path}.json").read_text())  # exported by an earlier run from the same QDIR
         else:
-            m = export(qdir, "tflite", path, seq_len=args.seq_len)
+            m = export(qdir, "tflite", path, variant=variant if given is not None else None, seq_len=args.seq_len)
         files[name] = path
         rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": m["exact"],
                       "edgeq_quantize_s": None if qs is None else round(qs, 1), "convert_s": m["timing_s"]["convert"],
                       "quantize_s": m["timing_s"]["quantize"], "parity_vs_simulation": m["parity"]}
+        if given is not None:  # how the QDIR was made: its recipe and, from edgeq qat, the training record
+            qmeta = json.loads((given / "quant.json").read_text())
+            rows[name]["recipe"] = qmeta["recipe"]
+            rows[name]["qdir"] = str(given)
+            if "qat" in qmeta:
+                rec = qmeta["qat"]
+                rows[name]["qat"] = {k: rec[k] for k in ("method", "config", "steps_done", "eval_loss_start", "eval_loss_end",
+                                                       "eval_top1_agree_fp32_start", "eval_top1_agree_fp32_end", "step_seconds")
+                                     if k in rec}
 
     # every signature of the fp32 file needs feeds (a decoder LM's has a decode step too): the feeds edgeq's
     # own full-integer export calibrates with, from the same 8 calibration inputs
@@ -338,6 +351,15 @@ def markdown(result: dict, is_lm: bool) -> str:
         lines.append("| " + " | ".join([name, f(r.get("exact")), *[f(r.get(k), 4) for k in q], f(r.get("size_mb"), 1),
                                         f(r.get("convert_s"), 1), f(r.get("quantize_s"), 1),
                                         f(r.get("latency_1t", {}).get("median_ms"), 1), f(r.get("latency_2t", {}).get("median_ms"), 1)]) + " |")
+    for name, r in result["rows"].items():
+        if "qat" in r:
+            c, qat = r["qat"]["config"], r["qat"]
+            lines += ["", f"{name}: `edgeq qat` of recipe {r['recipe']} ({qat['method']}, loss {c.get('loss', 'ce')}, "
+                      f"{qat['steps_done']} steps x {c['batch']} x {c['seq_len']} tokens of {c['data']}, lr {c['lr']}, "
+                      f"scale-lr {c['scale_lr']}, {c['threads']} threads, {qat['step_seconds']} s/step); its own evaluation "
+                      f"({c['eval_windows']} x {c['seq_len']} tokens, PyTorch): top-1 agreement with FP32 "
+                      f"{qat.get('eval_top1_agree_fp32_start')} -> {qat.get('eval_top1_agree_fp32_end')}, "
+                      f"loss {qat['eval_loss_start']:.4f} -> {qat['eval_loss_end']:.4f}."]
     lines += ["", "## Targets", ""]
     for k, v in result["targets"].items():
         lines.append(f"- {k}: {json.dumps(v)}")

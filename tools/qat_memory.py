@@ -45,7 +45,7 @@ def one(cfg: dict) -> dict:
     from edgeq.quantize.qat_loop import QATConfig, build
 
     config = QATConfig(**cfg)
-    prepared, opt, windows = build(config)
+    prepared, opt, windows, _ = build(config)
     model = prepared.model
     model.train()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

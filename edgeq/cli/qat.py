@@ -17,6 +17,8 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--steps", type=click.IntRange(1, 10_000_000), default=100, show_default=True)
 @click.option("--method", type=click.Choice(["lsq", "lr-qat", "pb-llm", "scales"]), default="lsq", show_default=True,
               help="lsq: full QAT with learnable scales; lr-qat: low-rank adapters on a frozen base; pb-llm: partial binarization; scales: LSQ scales only.")
+@click.option("--loss", type=click.Choice(["ce", "kd"]), default="ce", show_default=True,
+              help="ce: next-token cross-entropy on the text; kd: distill the FP32 model (KL from its next-token distribution).")
 @click.option("--lr", type=float, default=None, help="Learning rate of weights / adapters (default 1e-4 lsq, 1e-3 lr-qat, 1e-4 pb-llm).")
 @click.option("--scale-lr", type=float, default=1e-2, show_default=True, help="Learning rate of the scales, relative to each layer's mean scale (1e-2: ~1%/step); 0 freezes them.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True)
@@ -34,7 +36,7 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
-def qat(model, recipe, data, steps, method, lr, scale_lr, batch, seq_len, seed, rank, alpha, base_dtype, no_grad_checkpoint,
+def qat(model, recipe, data, steps, method, loss, lr, scale_lr, batch, seq_len, seed, rank, alpha, base_dtype, no_grad_checkpoint,
         threads, checkpoint_every, checkpoint_dir, resume, output, overwrite, as_json):
     """Quantization-aware training of MODEL (a causal LM) starting from the recipe's RTN grid.
 
@@ -46,7 +48,7 @@ def qat(model, recipe, data, steps, method, lr, scale_lr, batch, seq_len, seed, 
     check_new_output(output, overwrite)
     if lr is None:
         lr = 1e-3 if method == "lr-qat" else 1e-4
-    config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, lr=lr, scale_lr=scale_lr, batch=batch,
+    config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, loss=loss, lr=lr, scale_lr=scale_lr, batch=batch,
                        seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, base_dtype=base_dtype,
                        grad_checkpoint=not no_grad_checkpoint, threads=threads)
     ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
@@ -55,11 +57,15 @@ def qat(model, recipe, data, steps, method, lr, scale_lr, batch, seq_len, seed, 
     rec = qm.extra["qat"]
     result = {"output": str(output), "method": method, "recipe": qm.recipe.name, "steps": rec["steps_done"],
               "eval_loss_start": rec["eval_loss_start"], "eval_loss_end": rec["eval_loss_end"],
+              "top1_agree_fp32_start": rec["eval_top1_agree_fp32_start"], "top1_agree_fp32_end": rec["eval_top1_agree_fp32_end"],
               "trainable_params": rec["trainable_params"], "bit_exact_merge": rec["merge_check"]["bit_exact"],
               "seconds": round(time.perf_counter() - start, 2)}
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"{output}: {method} QAT with {result['recipe']}, {result['steps']} steps, eval loss "
-                   f"{result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}, {result['trainable_params']} trainable params, "
+        agree = ""
+        if result["top1_agree_fp32_end"] is not None:
+            agree = f", top-1 agreement with FP32 {result['top1_agree_fp32_start']:.4f} -> {result['top1_agree_fp32_end']:.4f}"
+        click.echo(f"{output}: {method} QAT ({loss}) with {result['recipe']}, {result['steps']} steps, eval loss "
+                   f"{result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}{agree}, {result['trainable_params']} trainable params, "
                    f"merge bit-exact: {result['bit_exact_merge']} ({result['seconds']} s)")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import EdgeqError, choice_error
-from .primitives import expand_groups, qrange, round_ste
-from .qat import QATLayer, initial_grid, register_qat, scale_ste
+from .primitives import expand_groups, round_ste
+from .qat import QATLayer, initial_grid, register_qat, scale_ste, trained_qrange
 
 BASE_DTYPES = ("fp32", "bf16", "q4.4", "int")
 Q44_FRAC = 16  # Q4.4: int8 holding round(x * 16), i.e. [-8, 7.9375] in steps of 1/16
@@ -93,7 +93,7 @@ class LRQATLinear(QATLayer):
         return s, z
 
     def _q(self, z: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = qrange(self.rule.weight.bits, self.rule.weight.symmetric)
+        qmin, qmax = trained_qrange(self.rule.weight)
         latent = decode_base(self.phi0, self.base_dtype) + (self.alpha / self.rank) * (self.A @ self.B)
         return torch.clamp(round_ste(latent) + z, qmin, qmax)
 

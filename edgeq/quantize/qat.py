@@ -54,6 +54,18 @@ def scale_ste(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return s
 
 
+def trained_qrange(spec) -> tuple[int, int]:
+    """The integers QAT may reach on `spec`'s grid.
+
+    `qrange`, except that a symmetric narrow 8-bit grid stays in [-127, 127]: LiteRT's int8 weight range,
+    which PTQ keeps by rounding (absmax / 127) but learned scales and moving weights could leave.
+    """
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    if spec.symmetric and spec.range == "narrow" and spec.bits == 8:
+        qmin = -qmax
+    return qmin, qmax
+
+
 def initial_grid(w: torch.Tensor, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
     """The RTN grid of `rule` for weight [out, in], scales and zero points shaped [out, n_groups]."""
     spec = rule.weight
@@ -152,7 +164,7 @@ class LSQLinear(QATLayer):
         spec = self.rule.weight
         if spec.bits == 1:
             return torch.where(self.weight >= 0, 1.0, -1.0) + (self.weight - self.weight.detach())
-        qmin, qmax = qrange(spec.bits, spec.symmetric)
+        qmin, qmax = trained_qrange(spec)
         return torch.clamp(round_ste(self.weight / s) + z, qmin, qmax)
 
     def weight_hat(self) -> torch.Tensor:
@@ -193,6 +205,7 @@ class PreparedQAT:
     untied: bool
     folded: list
     options: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # what quant.json records of the preparation (smoothing)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -219,9 +232,6 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         raise choice_error("method", method, sorted(QAT_METHODS))
     import dataclasses
 
-    if getattr(recipe, "smoothing", 0.0):
-        raise EdgeqError(f"recipe {recipe.name!r}: smoothing (SmoothQuant) is a PTQ transform that edgeq qat does not apply; "
-                         "set smoothing = 0 for QAT (LSQ scales and 8-bit FC2 inputs address the same outliers)")
     options = {**dataclasses.asdict(recipe.pbllm), **(options or {})}
     model = bundle.module.eval()
     bytes_before = model_float_bytes(model)
@@ -234,6 +244,23 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
     bad = [n for n, (kind, _) in targets.items() if kind != "linear"]
     if bad:
         raise EdgeqError(f"qat: only Linear layers are trained with QAT; {bad[0]} is a {targets[bad[0]][0]} (skip it in the recipe)")
+    extra = {}
+    if recipe.smoothing > 0:
+        # SmoothQuant from the float model's channel maxima (exact in float), before the static activation observers
+        # below, which then see the smoothed inputs. PTQ with static activations takes the maxima block by block
+        # through the blocks it has already quantized instead, so step 0 is close to `edgeq quantize`'s model but
+        # not equal to it (SmolLM2 w8a8-static-fc2a16 full-integer file: top-1 0.885 here, 0.875 from PTQ)
+        from .ptq import _channel_absmax
+        from .transforms import smooth, smoothable
+
+        if not calib_batches:
+            raise EdgeqError(f"qat: recipe {recipe.name!r} smooths activations (smoothing = {recipe.smoothing}) and needs calibration data")
+        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized and r.activation.bits <= 8}
+        among = smoothable(model, with_acts)
+        with torch.no_grad():
+            smoothed = smooth(model, _channel_absmax(model, among, list(calib_batches)), recipe.smoothing, with_acts)
+        if smoothed:
+            extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing}
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
@@ -265,7 +292,44 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         observers = _observe(model, [n for n, (_, r) in targets.items() if r.activation.mode == "static"], calib_batches, ActObserver)
         for name in targets:
             build(name, observers.get(name), None)
-    return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options)
+    shared = _share_activation_grids(model, layers, calib_batches)
+    if shared:
+        extra["qat_shared_activation_grids"] = shared
+    return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options, extra)
+
+
+def _share_activation_grids(model, layers: dict[str, QATLayer], calib_batches) -> list[list[str]]:
+    """Give layers that read the same tensor (q/k/v, gate/up) one learnable static activation grid.
+
+    A TFLite file holds one grid per tensor and the exporters refuse two, so the layers' scales, equal
+    at calibration, must stay equal through training: the first layer's parameter becomes all of theirs.
+    Which layers share an input is seen in one short forward pass. Returns the groups tied.
+    """
+    static = {n: m for n, m in layers.items() if m.rule.activation.mode == "static"}
+    if len(static) < 2:
+        return []
+    inputs: dict[str, torch.Tensor] = {}  # holding every input keeps its storage from being reused within the pass
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0])) for n, m in static.items()]
+    try:
+        with torch.no_grad():
+            model(*(t[:1, :8] for t in calib_batches[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in inputs:
+        for group in groups:
+            if inputs[group[0]] is inputs[name] and static[group[0]].rule.activation == static[name].rule.activation:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    tied = [g for g in groups if len(g) > 1]
+    for first, *rest in tied:
+        for name in rest:
+            static[name].act_scale = static[first].act_scale
+            static[name].act_zero_point = static[first].act_zero_point
+    return tied
 
 
 def _observe(model, names, batches, ActObserver) -> dict:
@@ -290,4 +354,4 @@ def convert_qat(prepared: PreparedQAT, extra: dict | None = None):
         set_module(model, name, layer.to_quant_linear())
     model.eval()
     return QuantizedModel(prepared.bundle, prepared.recipe, prepared.bytes_before, prepared.untied, prepared.folded,
-                          dict(extra or {}))
+                          {**prepared.extra, **(extra or {})})

@@ -1,8 +1,11 @@
 """The QAT training loop for causal LMs: seeded data order, checkpoints, resume, conversion.
 
 `run_qat(config, out)` loads the model, prepares it (qat.prepare_qat), trains the trainable
-tensors of the chosen method on next-token loss over windows of the calibration half of the
-corpus, converts to integers + learned scales and saves the ordinary quantized-model directory.
+tensors of the chosen method over windows of the calibration half of the corpus, converts to
+integers + learned scales and saves the ordinary quantized-model directory. The loss is the
+next-token cross-entropy on the text (`loss="ce"`) or the KL divergence from the FP32 model's
+next-token distribution (`loss="kd"`, distillation as in LLM-QAT and BitDistiller): the second
+trains the quantized model to agree with the float one, which is what top-1 agreement measures.
 
 Determinism and resume: the windows of step t are a pure function of (seed, t); the learning rate
 is a pure function of t (cosine); so a checkpoint needs only the trainable tensors, the AdamW
@@ -42,6 +45,7 @@ class QATConfig:
     batch: int = 4
     seq_len: int = 128
     seed: int = 0
+    loss: str = "ce"  # ce: next-token cross-entropy; kd: KL divergence from the FP32 model (a frozen teacher)
     rank: int = 16  # lr-qat
     alpha: float | None = None  # lr-qat; None = rank
     base_dtype: str = "fp32"  # lr-qat: fp32 | bf16 | q4.4 | int
@@ -62,6 +66,20 @@ class QATConfig:
             raise EdgeqError(f"qat: steps ({self.steps}), batch ({self.batch}) must be >= 1 and seq_len ({self.seq_len}) >= 2")
         if not (self.lr > 0 and self.scale_lr >= 0):
             raise EdgeqError(f"qat: lr ({self.lr}) must be > 0 and scale_lr ({self.scale_lr}) >= 0")
+        if self.loss not in LOSSES:
+            from ..errors import choice_error
+
+            raise choice_error("loss", self.loss, list(LOSSES))
+
+
+LOSSES = ("ce", "kd")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over every position (temperature 1)."""
+    s = torch.log_softmax(student.reshape(-1, student.shape[-1]).float(), dim=-1)
+    t = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1]).float(), dim=-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 def lr_at(step: int, steps: int, base: float) -> float:
@@ -114,7 +132,8 @@ def build(config: QATConfig):
 
         raise choice_error("method", config.method, sorted(QAT_METHODS))
     opts = {**dataclasses.asdict(recipe.pbllm), **config.options()}
-    needs = any(r.activation.mode == "static" for r in recipe.rules if not r.skip) or QAT_METHODS[config.method].needs_hessian(opts)
+    needs = (any(r.activation.mode == "static" for r in recipe.rules if not r.skip) or recipe.smoothing > 0
+             or QAT_METHODS[config.method].needs_hessian(opts))
     calib = calibration_batches(bundle, config.data, config.calib_samples, config.seq_len) if needs else None
     torch.manual_seed(config.seed)
     prepared = prepare_qat(bundle, recipe, config.method, calib, config.options())
@@ -130,7 +149,12 @@ def build(config: QATConfig):
             groups.append({"params": [p], "lr": rel, "base_lr": rel})
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     windows = lm_windows(bundle.tokenizer, config.data, "calibration", config.seq_len, config.steps * config.batch, seed=config.seed)
-    return prepared, opt, windows
+    teacher = None
+    if config.loss == "kd":  # a second, untouched copy of the float model (prepare_qat changed the first in place)
+        teacher = load_model(config.model).module.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return prepared, opt, windows, teacher
 
 
 def eval_loss(model, tokenizer, data: str, seq_len: int, count: int) -> float:
@@ -144,6 +168,20 @@ def eval_loss(model, tokenizer, data: str, seq_len: int, count: int) -> float:
         losses = [float(model(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss) * len(ids[i : i + 4]) for i in range(0, len(ids), 4)]
     model.train(was)
     return sum(losses) / len(ids)
+
+
+def eval_agreement(model, teacher, tokenizer, data: str, seq_len: int, count: int) -> float:
+    """Next-token top-1 agreement of `model` with `teacher` on the first `count` evaluation windows, every position."""
+    from ..data import lm_windows
+
+    ids = torch.from_numpy(lm_windows(tokenizer, data, "evaluation", seq_len, count))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        agree = sum(int((model(input_ids=ids[i : i + 4]).logits.argmax(-1) == teacher(input_ids=ids[i : i + 4]).logits.argmax(-1)).sum())
+                    for i in range(0, len(ids), 4))
+    model.train(was)
+    return agree / ids.numel()
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -170,8 +208,9 @@ def load_checkpoint(path: Path, config: QATConfig, prepared, opt) -> tuple[int, 
     meta = read_json(path / "state.json")
     if meta.get("version") != CKPT_VERSION:
         raise EdgeqError(f"qat: checkpoint {path} has version {meta.get('version')}, expected {CKPT_VERSION}")
-    if meta["config"] != config.to_dict():
-        diff = sorted(k for k in config.to_dict() if meta["config"].get(k) != config.to_dict()[k])
+    saved = {"loss": "ce", **meta["config"]}  # checkpoints from before the loss option trained on cross-entropy
+    if saved != config.to_dict():
+        diff = sorted(k for k in config.to_dict() if saved.get(k) != config.to_dict()[k])
         raise EdgeqError(f"qat: checkpoint {path} was written with different settings ({', '.join(diff)}); "
                          "resume with the same options or remove the checkpoint")
     tensors = load_file(path / "state.safetensors")
@@ -192,7 +231,7 @@ def load_checkpoint(path: Path, config: QATConfig, prepared, opt) -> tuple[int, 
 def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False,
           progress: bool = False, stop_after: int | None = None):
     """Train; returns (prepared, record). `stop_after` ends early after that many steps (tests, interruption)."""
-    prepared, opt, windows = build(config)
+    prepared, opt, windows, teacher = build(config)
     model, tok = prepared.model, prepared.bundle.tokenizer
     start, history = 0, []
     if resume:
@@ -200,6 +239,13 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
             raise EdgeqError(f"qat: --resume given but there is no checkpoint in {checkpoint_dir}")
         start, history = load_checkpoint(checkpoint_dir, config, prepared, opt)
     loss_start = eval_loss(model, tok, config.data, config.seq_len, config.eval_windows) if config.eval_windows else None
+
+    def agreement():
+        if teacher is None or not config.eval_windows:
+            return None
+        return eval_agreement(model, teacher, tok, config.data, config.seq_len, config.eval_windows)
+
+    agree_start = agreement()
     model.train()
     steps = range(start, config.steps)
     bar = None
@@ -212,7 +258,12 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config.steps, g["base_lr"])
         batch = torch.from_numpy(np.ascontiguousarray(windows[step * config.batch : (step + 1) * config.batch]))
-        loss = model(input_ids=batch, labels=batch).loss
+        if teacher is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=batch).logits
+            loss = kd_loss(model(input_ids=batch).logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -234,6 +285,7 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
     step_s = (time.perf_counter() - t0) / max(timed, 1)
     model.eval()
     loss_end = eval_loss(model, tok, config.data, config.seq_len, config.eval_windows) if config.eval_windows else None
+    agree_end = agreement()
     record = {
         "method": config.method,
         "config": config.to_dict(),
@@ -241,6 +293,9 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
         "train_loss": history,
         "eval_loss_start": loss_start,  # the RTN grid the run started from (or the resumed state)
         "eval_loss_end": loss_end,
+        # with loss="kd": next-token top-1 agreement with the FP32 teacher on the same evaluation windows
+        "eval_top1_agree_fp32_start": agree_start,
+        "eval_top1_agree_fp32_end": agree_end,
         "trainable_params": sum(p.numel() for p in prepared.trainable().values()),
         "step_seconds": round(step_s, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -270,6 +325,6 @@ def run_qat(config: QATConfig, out: str | Path, checkpoint_dir: str | Path | Non
                              "what": "training-time fake-quant forward vs merged integer QuantLinear model, 2 evaluation windows"}
     if not record["merge_check"]["bit_exact"]:
         raise EdgeqError(f"qat: the merged integer model differs from the training forward (max |diff| {diff:.3g}); not saved")
-    qm.extra = {"qat": record}
+    qm.extra["qat"] = record
     qm.save(out, overwrite=overwrite)
     return qm

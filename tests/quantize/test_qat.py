@@ -68,6 +68,50 @@ def test_resume_refuses_a_different_configuration(tiny_llama_ref, tmp_path):
         train(QATConfig(**{**cfg.to_dict(), "lr": 0.5}), tmp_path / "ckpt", resume=True)
 
 
+def test_kd_loss_is_the_kl_divergence_from_the_untouched_float_model(tiny_llama_ref):
+    from edgeq.models import load_model
+    from edgeq.quantize.qat_loop import build
+
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w4a4-fc2a8", loss="kd", steps=2, lr=1e-3, batch=2, seq_len=32, eval_windows=0)
+    prepared, _, windows, _ = build(cfg)
+    batch = torch.from_numpy(windows[:2].copy())
+    with torch.no_grad():
+        p = torch.softmax(load_model(tiny_llama_ref).module.eval()(input_ids=batch).logits.double(), -1)
+        q = torch.softmax(prepared.model(input_ids=batch).logits.double(), -1)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    _, rec = train(cfg)
+    assert expected > 1e-3  # W4A4 moves the distribution: a teacher sharing the prepared (folded, quantized) model would give 0
+    assert rec["train_loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert rec["config"]["loss"] == "kd"
+
+
+def test_kd_qat_raises_agreement_with_the_float_model(tiny_llama_ref, tmp_path):
+    cfg = QATConfig(model=tiny_llama_ref, recipe=_recipe(tmp_path, W2), loss="kd", steps=12, lr=1e-4, scale_lr=3e-2, batch=4,
+                    seq_len=64, eval_windows=4)
+    _, rec = train(cfg)
+    assert rec["train_loss"][-1] < rec["train_loss"][0]
+    assert rec["eval_top1_agree_fp32_end"] > rec["eval_top1_agree_fp32_start"] + 0.02, rec
+
+
+def test_qat_applies_the_recipes_smoothing_and_keeps_one_grid_per_shared_input(tiny_llama_ref, tmp_path):
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w8a8-static", steps=3, batch=2, seq_len=32, eval_windows=0, lr=1e-3, scale_lr=5e-2)
+    qm = run_qat(cfg, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert meta["smoothing_alpha"] == 0.8 and meta["smoothed_layers"] > 0, meta.keys()
+    assert meta["qat"]["merge_check"]["bit_exact"]
+    groups = {tuple(n.rsplit(".", 1)[1] for n in g) for g in meta["qat_shared_activation_grids"]}
+    assert groups == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}
+    layers = qm.layers()
+    for group in meta["qat_shared_activation_grids"]:  # still one grid after training
+        scales = {float(layers[n].act_scale) for n in group}
+        assert len(scales) == 1
+    first = meta["qat_shared_activation_grids"][0][0]
+    assert not any(float(layers[first].act_scale) == float(layers[n].act_scale) for n in layers if "o_proj" in n)
+    back = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(back.model(_ids()).logits, qm.model(_ids()).logits)
+
+
 def test_cli_lrqat_writes_a_qdir_that_reloads_identically(tiny_llama_ref, tmp_path):
     from edgeq.cli.main import cli
 

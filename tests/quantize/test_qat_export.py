@@ -23,3 +23,14 @@ def test_lrqat_qdir_exports_exactly(lrqat_qdir, tmp_path, fmt):
     meta = export(lrqat_qdir, fmt, tmp_path / f"m.{fmt}")
     assert meta["exact"] is True
     assert meta["parity"]["top1_agree"] >= 0.99
+
+
+def test_distilled_full_integer_qat_qdir_exports_exactly_to_tflite(tiny_llama_ref, tmp_path):
+    """The path to a full-integer file that agrees with FP32: QAT (KD) of a smoothed static-INT8 recipe, then --variant int8."""
+    from edgeq.export import export
+
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w8a8-static-fc2a16", loss="kd", steps=2, batch=2, seq_len=32, eval_windows=0)
+    run_qat(cfg, tmp_path / "q")
+    meta = export(tmp_path / "q", "tflite", tmp_path / "m.tflite", variant="int8")
+    assert meta["exact"] is True
+    assert meta["parity"]["top1_agree"] >= 0.9
