@@ -312,7 +312,7 @@ def targets(rows: dict, is_lm: bool) -> dict:
     for name, full in rows.items():  # every full-integer int8 row, each against the same ai-edge-quantizer file
         if not (name.startswith("edgeq int8 ") and "top1_agree_fp32" in full):
             continue
-        tag = "" if full.get("recipe") == DEFAULT_RECIPES["int8"] else f" ({full.get('recipe')})"
+        tag = "" if name == f"edgeq int8 ({DEFAULT_RECIPES['int8']})" else name[len("edgeq int8"):]
         out[f"int8_top1_agree_fp32{tag}"] = {"value": full["top1_agree_fp32"], "target": ">= 0.99" if is_lm else "report",
                                              "met": full["top1_agree_fp32"] >= 0.99}
         if aeq_static and ("ppl" if is_lm else "kl_fp32") in aeq_static:
@@ -323,7 +323,7 @@ def targets(rows: dict, is_lm: bool) -> dict:
     for name, int4 in rows.items():  # every int4 row, each against the same ai-edge-quantizer file
         if not (name.startswith("edgeq int4") and is_lm and aeq4 and "ppl" in int4 and "ppl" in aeq4):
             continue
-        tag = "" if int4.get("recipe") == DEFAULT_RECIPES["int4"] else f" ({int4.get('recipe')})"
+        tag = "" if name == f"edgeq int4 ({DEFAULT_RECIPES['int4']})" else name[len("edgeq int4"):]
         out[f"int4_ppl_below_dynamic_wi4b32{tag}"] = {"edgeq": int4["ppl"], "aeq": aeq4["ppl"], "met": int4["ppl"] < aeq4["ppl"]}
         out[f"int4_size_not_larger{tag}"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"],
                                              "met": int4["size_mb"] <= aeq4["size_mb"]}
