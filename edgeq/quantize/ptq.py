@@ -80,14 +80,12 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
         raise EdgeqError(f"recipe {recipe.name!r} needs calibration data (GPTQ, static activations or smoothing): pass --calib")
     smoothed, smooth_in_blocks = {}, []
     if recipe.smoothing > 0:
-        # 16-bit grids hold the outliers; smoothing them would only move those into the int8 weights
-        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized and r.activation.bits <= 8}
-        among = smoothable(model, with_acts)
+        _, among = smoothing_targets(model, targets)
         blocks = find_blocks(model)
         if needs_stats and blocks is not None and all(n.startswith(f"{blocks[0]}.") for n in among):
             smooth_in_blocks = among  # from the pass that takes the blocks' statistics
         else:
-            smoothed = smooth(model, _channel_absmax(model, among, batches), recipe.smoothing, with_acts)
+            smoothed = smooth_from_float(model, targets, recipe.smoothing, batches)
     hessian_kinds = {}
     with torch.no_grad():
         if needs_stats:  # (smoothing alone has used the data already)
@@ -138,6 +136,21 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
 
 
 @torch.no_grad()
+def smoothing_targets(model, targets: dict) -> tuple[set[str], list[str]]:
+    """(the planned layers with <= 8-bit activations, those of them SmoothQuant can smooth).
+
+    16-bit grids hold the outliers; smoothing them would only move those into the int8 weights.
+    """
+    with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized and r.activation.bits <= 8}
+    return with_acts, smoothable(model, with_acts)
+
+
+def smooth_from_float(model, targets: dict, alpha: float, batches) -> dict[str, torch.Tensor]:
+    """SmoothQuant with the float model's per-channel input maxima over `batches`; each smoothed layer's s."""
+    with_acts, among = smoothing_targets(model, targets)
+    return smooth(model, _channel_absmax(model, among, batches), alpha, with_acts)
+
+
 def _channel_absmax(model, names, batches) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| at each named layer over the calibration batches."""
     out = dict.fromkeys(names)

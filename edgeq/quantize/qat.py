@@ -250,15 +250,12 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         # below, which then see the smoothed inputs. PTQ with static activations takes the maxima block by block
         # through the blocks it has already quantized instead, so step 0 is close to `edgeq quantize`'s model but
         # not equal to it (SmolLM2 w8a8-static-fc2a16 full-integer file: top-1 0.885 here, 0.875 from PTQ)
-        from .ptq import _channel_absmax
-        from .transforms import smooth, smoothable
+        from .ptq import smooth_from_float
 
         if not calib_batches:
             raise EdgeqError(f"qat: recipe {recipe.name!r} smooths activations (smoothing = {recipe.smoothing}) and needs calibration data")
-        with_acts = {n for n, (_, r) in targets.items() if r.activation.quantized and r.activation.bits <= 8}
-        among = smoothable(model, with_acts)
         with torch.no_grad():
-            smoothed = smooth(model, _channel_absmax(model, among, list(calib_batches)), recipe.smoothing, with_acts)
+            smoothed = smooth_from_float(model, targets, recipe.smoothing, list(calib_batches))
         if smoothed:
             extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing}
     for p in model.parameters():

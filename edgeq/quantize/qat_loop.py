@@ -157,31 +157,29 @@ def build(config: QATConfig):
     return prepared, opt, windows, teacher
 
 
+def evaluate(model, tokenizer, data: str, seq_len: int, count: int, teacher=None) -> tuple[float, float | None]:
+    """Mean next-token loss on the first `count` evaluation windows (disjoint from training) and, with a
+    `teacher`, the next-token top-1 agreement with it over every position (None without), from one pass."""
+    from ..data import lm_windows
+
+    ids = torch.from_numpy(lm_windows(tokenizer, data, "evaluation", seq_len, count))
+    was = model.training
+    model.eval()
+    loss, agree = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids), 4):
+            chunk = ids[i : i + 4]
+            out = model(input_ids=chunk, labels=chunk)
+            loss += float(out.loss) * len(chunk)
+            if teacher is not None:
+                agree += int((out.logits.argmax(-1) == teacher(input_ids=chunk).logits.argmax(-1)).sum())
+    model.train(was)
+    return loss / len(ids), (agree / ids.numel() if teacher is not None else None)
+
+
 def eval_loss(model, tokenizer, data: str, seq_len: int, count: int) -> float:
     """Mean next-token loss on the first `count` evaluation windows (disjoint from training)."""
-    from ..data import lm_windows
-
-    ids = torch.from_numpy(lm_windows(tokenizer, data, "evaluation", seq_len, count))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        losses = [float(model(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss) * len(ids[i : i + 4]) for i in range(0, len(ids), 4)]
-    model.train(was)
-    return sum(losses) / len(ids)
-
-
-def eval_agreement(model, teacher, tokenizer, data: str, seq_len: int, count: int) -> float:
-    """Next-token top-1 agreement of `model` with `teacher` on the first `count` evaluation windows, every position."""
-    from ..data import lm_windows
-
-    ids = torch.from_numpy(lm_windows(tokenizer, data, "evaluation", seq_len, count))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        agree = sum(int((model(input_ids=ids[i : i + 4]).logits.argmax(-1) == teacher(input_ids=ids[i : i + 4]).logits.argmax(-1)).sum())
-                    for i in range(0, len(ids), 4))
-    model.train(was)
-    return agree / ids.numel()
+    return evaluate(model, tokenizer, data, seq_len, count)[0]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -238,14 +236,10 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
         if checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file():
             raise EdgeqError(f"qat: --resume given but there is no checkpoint in {checkpoint_dir}")
         start, history = load_checkpoint(checkpoint_dir, config, prepared, opt)
-    loss_start = eval_loss(model, tok, config.data, config.seq_len, config.eval_windows) if config.eval_windows else None
+    def evaluated():  # (loss, top-1 agreement with the teacher or None); (None, None) without evaluation windows
+        return evaluate(model, tok, config.data, config.seq_len, config.eval_windows, teacher) if config.eval_windows else (None, None)
 
-    def agreement():
-        if teacher is None or not config.eval_windows:
-            return None
-        return eval_agreement(model, teacher, tok, config.data, config.seq_len, config.eval_windows)
-
-    agree_start = agreement()
+    loss_start, agree_start = evaluated()
     model.train()
     steps = range(start, config.steps)
     bar = None
@@ -284,8 +278,7 @@ def train(config: QATConfig, checkpoint_dir: Path | None = None, checkpoint_ever
         bar.close()
     step_s = (time.perf_counter() - t0) / max(timed, 1)
     model.eval()
-    loss_end = eval_loss(model, tok, config.data, config.seq_len, config.eval_windows) if config.eval_windows else None
-    agree_end = agreement()
+    loss_end, agree_end = evaluated()
     record = {
         "method": config.method,
         "config": config.to_dict(),
