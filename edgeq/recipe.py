@@ -220,6 +220,10 @@ class PBLLMOptions:
 class CalibOptions:
     samples: int = 32
     seq_len: int = 512
+    # true: a transformer is calibrated block by block on the outputs of the blocks already quantized (GPTQ's
+    # sequential calibration); false: every statistic (SmoothQuant's channel maxima, activation ranges, Hessians)
+    # from one pass of the float model, as `edgeq qat` prepares its layers
+    sequential: bool = True
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "calibration") -> "CalibOptions":
@@ -227,6 +231,8 @@ class CalibOptions:
         opts = cls(**data)
         _int_in(f"{where}.samples", opts.samples, 1, 4096)
         _int_in(f"{where}.seq_len", opts.seq_len, 1, 32768)
+        if not isinstance(opts.sequential, bool):
+            raise EdgeqError(f"{where}.sequential: {opts.sequential!r} is not true or false")
         return opts
 
 

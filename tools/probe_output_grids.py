@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration input (the export's --seq-len)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output-calibration", nargs="+", default=["minmax"],
+                    help="how each output grid's range is chosen: minmax (what the export does), mse, or percentile:P "
+                         "(both ends clipped at the P-th percentile of a sample of the outputs); one row per choice and set")
+    ap.add_argument("--sets", nargs="+", help="labels of the layer sets to measure (default all)")
     args = ap.parse_args()
 
     import torch
@@ -61,62 +66,65 @@ def main() -> None:
             with torch.no_grad():
                 reference = torch.cat([fp32(w[None]).logits for w in windows]).float().argmax(-1)
             del fp32
-        ranges = _output_ranges(model, layers, calibration_batches(bundle, None, 8, args.calib_len, batch_size=1))
-        for label, pattern in SETS:
+        observers = _output_observers(model, layers, calibration_batches(bundle, None, 8, args.calib_len, batch_size=1))
+        for (label, pattern), how in ((s, h) for s in SETS if not args.sets or s[0] in args.sets for h in args.output_calibration):
+            if label == "none" and how != args.output_calibration[0]:
+                continue
             chosen = [n for n, m in layers.items() if re.search(pattern, n) and m.decision.activation.bits == 8]
             t0 = time.perf_counter()
-            hooks = [layers[n].register_forward_hook(_fake_quant_output(*ranges[n])) for n in chosen]
+            hooks = [layers[n].register_forward_hook(_fake_quant_output(*_grid(observers[n], how))) for n in chosen]
             with torch.no_grad():
                 logits = torch.cat([model(w[None]).logits for w in windows]).float()
             for h in hooks:
                 h.remove()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-            rows.append({"qdir": str(qdir), "recipe": qm.recipe.name, "outputs_on_int8": label, "pattern": pattern,
+            rows.append({"qdir": str(qdir), "recipe": qm.recipe.name, "outputs_on_int8": label, "pattern": pattern, "output_calibration": how,
                          "layers": len(chosen), "top1_agree_fp32": float((logits.argmax(-1) == reference).float().mean()),
                          "ppl": math.exp(float(nll)), "seconds": round(time.perf_counter() - t0, 1)})
             print(rows[-1], flush=True)
-    result = {"command": " ".join([".venv/bin/python", "tools/probe_output_grids.py"] + sys.argv[1:]), "machine": machine(),
+    result = {"command": shlex.join([".venv/bin/python", "tools/probe_output_grids.py"] + sys.argv[1:]), "machine": machine(),
               "windows": f"lm_windows(tok, 'enwiki', 'evaluation', {args.seq_len}, {args.windows})",
-              "calibration": f"calibration_batches(bundle, None, 8, {args.calib_len}): min/max of each layer's output",
+              "calibration": f"calibration_batches(bundle, None, 8, {args.calib_len}): each layer's outputs (row's output_calibration)",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     write_json_atomic(Path(f"{args.out}.json"), result)
     lines = ["# What full-integer TFLite's int8 output grids cost (PyTorch simulation, probe)", "", "```", result["command"], "```", "",
-             f"Created {result['created']}. Each listed layer's output fake-quantized on an int8 grid from the min/max of its "
+             f"Created {result['created']}. Each listed layer's output fake-quantized on an int8 grid from its "
              f"outputs over 8 calibration inputs of {args.calib_len} tokens (what the export calibrates on); "
              f"{args.windows} enwiki evaluation windows of {args.seq_len} tokens; top-1 agreement with the FP32 model.", "",
-             "| recipe | outputs on int8 grids | layers | top-1 vs fp32 | ppl |", "|---|---|---|---|---|"]
-    lines += [f"| {r['recipe']} | {r['outputs_on_int8']} | {r['layers']} | {r['top1_agree_fp32']:.4f} | {r['ppl']:.3f} |" for r in rows]
+             "Output calibration: minmax is what the export does; percentile:P clips both ends at the P-th percentile of a "
+             "sample of the outputs (edgeq's ActObserver), mse picks the clipping with the least squared error on it.", "",
+             "| recipe | outputs on int8 grids | output calibration | layers | top-1 vs fp32 | ppl |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['recipe']} | {r['outputs_on_int8']} | {r.get('output_calibration', 'minmax')} | {r['layers']} | "
+              f"{r['top1_agree_fp32']:.4f} | {r['ppl']:.3f} |" for r in rows]
     write_text_atomic(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
 
 
-def _output_ranges(model, layers: dict, batches) -> dict[str, tuple[float, float]]:
+def _output_observers(model, layers: dict, batches) -> dict:
+    """An ActObserver (ranges and a sample) of each layer's outputs over `batches`."""
     import torch
 
-    ranges: dict[str, tuple[float, float]] = {}
+    from edgeq.quantize.observers import ActObserver
 
-    def observe(name):
-        def hook(module, inputs, out):
-            lo, hi = ranges.get(name, (0.0, 0.0))  # a grid always holds 0
-            ranges[name] = (min(lo, float(out.min())), max(hi, float(out.max())))
-        return hook
-
-    hooks = [m.register_forward_hook(observe(n)) for n, m in layers.items()]
+    observers = {n: ActObserver() for n in layers}
+    hooks = [m.register_forward_hook(lambda module, inputs, out, obs=observers[n]: obs.observe(out)) for n, m in layers.items()]
     with torch.no_grad():
         for batch in batches:
             model(*batch)
     for h in hooks:
         h.remove()
-    return ranges
+    return observers
 
 
-def _fake_quant_output(lo: float, hi: float):
-    """LiteRT's asymmetric int8 output grid for the range [lo, hi]: edgeq's uint8 grid (scale (hi - lo) / 255), the
-    same real grid as int8 with zero point - 128."""
-    import torch
+def _grid(obs, how: str):
+    """LiteRT's asymmetric int8 output grid (edgeq's uint8 grid, scale (hi - lo) / 255: the same real grid as int8 with
+    zero point - 128) from the observer's min/max (what the export calibrates), percentile or MSE choice."""
+    if how.startswith("percentile:"):
+        return obs.qparams("percentile", 8, False, float(how.split(":", 1)[1]))
+    return obs.qparams(how, 8, False)
 
-    from edgeq.quantize.primitives import act_qparams, fake_quant_act
 
-    scale, zero = act_qparams(torch.tensor(lo), torch.tensor(hi))
+def _fake_quant_output(scale, zero):
+    from edgeq.quantize.primitives import fake_quant_act
 
     def hook(module, inputs, out):
         return fake_quant_act(out, scale, zero)

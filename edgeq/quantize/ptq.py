@@ -5,7 +5,8 @@ time on the outputs of the already-quantized blocks before it, so GPTQ's Hessian
 activation ranges see what the quantized model will really feed each layer, and memory stays at
 one block's activations. SmoothQuant's channel maxima come from the same pass as the block's
 statistics. Layers outside the blocks (a LM head, a CNN stem) are handled in a last pass over the
-whole model, skipped when none of them takes statistics. Models without repeated blocks are
+whole model, skipped when none of them takes statistics. Models without repeated blocks, and recipes with
+`calibration.sequential = false` (every statistic from the float model, as `edgeq qat` starts), are
 calibrated in one pass. Every pass ends once the layers it observes have had their inputs.
 """
 
@@ -81,7 +82,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     smoothed, smooth_in_blocks = {}, []
     if recipe.smoothing > 0:
         _, among = smoothing_targets(model, targets)
-        blocks = find_blocks(model)
+        blocks = find_blocks(model) if recipe.calibration.sequential else None
         if needs_stats and blocks is not None and all(n.startswith(f"{blocks[0]}.") for n in among):
             smooth_in_blocks = among  # from the pass that takes the blocks' statistics
         else:
@@ -324,11 +325,11 @@ def _calibrated(model, targets, recipe, batches, progress, smooth_layers) -> tup
     """Calibrate (and smooth `smooth_layers`) and quantize every target: see `calibrate_blockwise`."""
     return calibrate_blockwise(model, targets, recipe, batches,
                                lambda names, stats, bar: _finish(model, names, targets, stats, recipe, bar), progress=progress,
-                               smooth_layers=smooth_layers)
+                               smooth_layers=smooth_layers, sequential=recipe.calibration.sequential)
 
 
 def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=None, progress=None,
-                        smooth_layers=()) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+                        smooth_layers=(), sequential: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Collect each target's statistics and hand them to `finish(names, stats, progress)`, which replaces the layers,
     one transformer block at a time: a block's statistics come from the outputs of the blocks already replaced (the
     quantized model's activations, as GPTQ's sequential calibration does); layers outside the blocks come last.
@@ -339,6 +340,9 @@ def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=N
     the block is smoothed, and its statistics are carried over to the smoothed inputs x / s exactly (`_divide_inputs`),
     so SmoothQuant costs no pass of its own and sees what the quantized model feeds the block. Returns the kind of
     Hessian each value projection got and each smoothed layer's s.
+
+    With `sequential` false every target's statistics come from one pass of the model as it is (the float model:
+    `calibration.sequential = false`); `smooth_layers` must then be empty (smooth from the float model first).
     """
     wants = needs_hessian or _method_hessian
     weighted = recipe.gptq.value_hessian == "attention" and any(
@@ -350,8 +354,10 @@ def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=N
         finish(names, stats, bar)
         hessian_kinds.update({n: stats[n][0].hessian_kind for n in names if stats[n][0].hessian_kind is not None})
 
+    if smooth_layers and not sequential:
+        raise ValueError("calibrate_blockwise: smoothing inside the blocks needs the sequential pass")
     with eager_attention(model, weighted):
-        blocks = find_blocks(model)
+        blocks = find_blocks(model) if sequential else None
         done: set[str] = set()
         if blocks is not None:
             prefix, block_list = blocks

@@ -247,9 +247,9 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
     extra = {}
     if recipe.smoothing > 0:
         # SmoothQuant from the float model's channel maxima (exact in float), before the static activation observers
-        # below, which then see the smoothed inputs. PTQ with static activations takes the maxima block by block
-        # through the blocks it has already quantized instead, so step 0 is close to `edgeq quantize`'s model but
-        # not equal to it (SmolLM2 w8a8-static-fc2a16 full-integer file: top-1 0.885 here, 0.875 from PTQ)
+        # below, which then see the smoothed inputs: LSQ's step 0 is bitwise `edgeq quantize` with the recipe's
+        # calibration.sequential = false (PTQ's default takes the maxima and ranges block by block through the blocks
+        # it has already quantized)
         from .ptq import smooth_from_float
 
         if not calib_batches:

@@ -153,6 +153,55 @@ def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
 GPTQ_WITH_HEAD = {"rules": [{"match": ".*", "method": "gptq", "weight": {"bits": 4, "granularity": "group", "group_size": 32}}]}
 
 
+def test_float_calibration_starts_where_qat_starts(tiny_llama_ref):
+    """`calibration.sequential = false` takes SmoothQuant's maxima and the activation ranges from the float model:
+    bitwise the layers `edgeq qat` starts from. The sequential pass's grids differ from block 1 on (the blocks before
+    feed their quantized outputs) and agree in block 0, whose inputs nothing quantized has touched, up to float
+    rounding (its statistics are carried over to the smoothed inputs instead of observed on them)."""
+    import dataclasses
+
+    from edgeq.quantize.qat import convert_qat, prepare_qat
+
+    preset = load_recipe("w8a8-static-fc2a16")
+    floating = dataclasses.replace(preset, calibration=dataclasses.replace(preset.calibration, sequential=False))
+
+    def layers(make):
+        bundle = load_model(tiny_llama_ref)
+        return {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in make(bundle, calibration_batches(bundle, "enwiki", 4, 64)).layers().items()}
+
+    ptq = layers(lambda b, batches: quantize_model(b, floating, batches))
+    qat = layers(lambda b, batches: convert_qat(prepare_qat(b, floating, "lsq", batches)))
+    sequential = layers(lambda b, batches: quantize_model(b, preset, batches))
+    assert ptq.keys() == qat.keys() == sequential.keys() and len(ptq) == 4 * 7
+    for name, tensors in ptq.items():
+        assert tensors.keys() == qat[name].keys(), name
+        for k, v in tensors.items():
+            assert torch.equal(v, qat[name][k]), (name, k)
+    gap = {n: float((ptq[n]["act_scale"] / sequential[n]["act_scale"] - 1).abs()) for n in ptq}
+    first = max(g for n, g in gap.items() if n.startswith("model.layers.0."))  # float rounding (smoothed before / after)
+    later = min(g for n, g in gap.items() if not n.startswith("model.layers.0."))
+    assert first <= 1e-6 < later
+
+
+def test_float_calibration_takes_gptq_hessians_in_one_pass(tiny_llama_ref):
+    """GPTQ with `calibration.sequential = false`: every Hessian (v_proj's attention-mixed ones too) from one float pass,
+    so the integers differ from the sequential pass's from block 1 on and the model stays close to FP32."""
+    recipe = QuantRecipe.from_dict({**GPTQ_WITH_HEAD, "calibration": {"sequential": False}})
+    bundle = load_model(tiny_llama_ref)
+    batches = calibration_batches(bundle, "enwiki", 4, 64)
+    with torch.no_grad():
+        ref = bundle.module(_ids()).logits
+    qm = quantize_model(bundle, recipe, batches)
+    assert qm.summary()["gptq_value_hessians"] == {"attention": 4} and len(qm.layers()) == 4 * 7 + 1
+    sequential = quantize_model(load_model(tiny_llama_ref), QuantRecipe.from_dict(GPTQ_WITH_HEAD), batches).layers()
+    same = {n for n, m in qm.layers().items() if torch.equal(m.qweight, sequential[n].qweight)}
+    assert {n for n in qm.layers() if n.startswith("model.layers.0.self_attn.")} <= same  # nothing quantized before them
+    assert "model.layers.3.mlp.down_proj" not in same
+    with torch.no_grad():
+        out = qm.model(_ids()).logits
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.98
+
+
 @pytest.mark.parametrize("recipe", ["w8a8", "gptq-with-head"])
 def test_calibration_passes_stop_early_without_changing_a_bit(recipe, tiny_llama_ref, monkeypatch):
     """Calibration passes end once every observer has had its input, and the pass for the layers outside the

@@ -31,6 +31,7 @@ def test_required_presets_exist_and_load():
     ({"rules": [{"match": ".*", "activation": {"mode": "static", "bits": 12, "symmetric": True}}]}, "got 12-bit symmetric"),
     ({"rules": []}, "non-empty list of rules"),
     ({"rules": [{"match": ".*"}], "extra": 1}, "unknown key 'extra'"),
+    ({"rules": [{"match": ".*"}], "calibration": {"sequential": "no"}}, "calibration.sequential: 'no' is not true or false"),
 ])
 def test_invalid_recipes_name_the_field(data, message):
     with pytest.raises(EdgeqError, match=None) as err:
