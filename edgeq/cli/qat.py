@@ -19,6 +19,9 @@ from .common import check_new_output, emit_json, json_option
               help="lsq: full QAT with learnable scales; lr-qat: low-rank adapters on a frozen base; pb-llm: partial binarization; scales: LSQ scales only.")
 @click.option("--loss", type=click.Choice(["ce", "kd"]), default="ce", show_default=True,
               help="ce: next-token cross-entropy on the text; kd: distill the FP32 model (KL from its next-token distribution).")
+@click.option("--output-grids", is_flag=True,
+              help="Train through full-integer TFLite's int8/int16 requantization of each static layer's output (min/max grids "
+                   "from calibration, fixed), for files exported with --variant int8.")
 @click.option("--lr", type=float, default=None, help="Learning rate of weights / adapters (default 1e-4 lsq, 1e-3 lr-qat, 1e-4 pb-llm).")
 @click.option("--scale-lr", type=float, default=1e-2, show_default=True, help="Learning rate of the scales, relative to each layer's mean scale (1e-2: ~1%/step); 0 freezes them.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True)
@@ -36,8 +39,8 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
-def qat(model, recipe, data, steps, method, loss, lr, scale_lr, batch, seq_len, seed, rank, alpha, base_dtype, no_grad_checkpoint,
-        threads, checkpoint_every, checkpoint_dir, resume, output, overwrite, as_json):
+def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, batch, seq_len, seed, rank, alpha, base_dtype,
+        no_grad_checkpoint, threads, checkpoint_every, checkpoint_dir, resume, output, overwrite, as_json):
     """Quantization-aware training of MODEL (a causal LM) starting from the recipe's RTN grid.
 
     Writes the same quantized-model directory as `edgeq quantize` (integers from the learned
@@ -48,8 +51,8 @@ def qat(model, recipe, data, steps, method, loss, lr, scale_lr, batch, seq_len, 
     check_new_output(output, overwrite)
     if lr is None:
         lr = 1e-3 if method == "lr-qat" else 1e-4
-    config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, loss=loss, lr=lr, scale_lr=scale_lr, batch=batch,
-                       seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, base_dtype=base_dtype,
+    config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, loss=loss, output_grids=output_grids, lr=lr,
+                       scale_lr=scale_lr, batch=batch, seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, base_dtype=base_dtype,
                        grad_checkpoint=not no_grad_checkpoint, threads=threads)
     ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
     start = time.perf_counter()

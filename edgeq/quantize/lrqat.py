@@ -102,7 +102,7 @@ class LRQATLinear(QATLayer):
         return (self._q(z) - z) * s
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.weight_hat(), self.bias)
+        return self.quant_output(F.linear(self.quant_input(x), self.weight_hat(), self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled() and self.training:

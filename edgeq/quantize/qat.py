@@ -25,6 +25,7 @@ from ..models import ModelBundle
 from ..recipe import QuantRecipe, Rule
 from .modules import LayerDecision, QuantLinear, set_module
 from .primitives import (
+    act_qparams,
     compute_qparams,
     dynamic_fake_quant_act,
     expand_groups,
@@ -83,6 +84,7 @@ class QATLayer(torch.nn.Module):
     """
 
     method = "qat"
+    out_grid: tuple[int, bool] | None = None  # (bits, symmetric) of the output requantization simulated in training (set_output_grid)
 
     def __init__(self, name: str, linear: torch.nn.Linear, rule: Rule, act_qparams=None):
         super().__init__()
@@ -96,6 +98,17 @@ class QATLayer(torch.nn.Module):
                 raise EdgeqError(f"layer {name}: static activations need calibration data for QAT")
             self.act_scale = torch.nn.Parameter(act_qparams[0].reshape(()).float().clone())
             self.register_buffer("act_zero_point", act_qparams[1].reshape(()).to(torch.int16))
+
+    def set_output_grid(self, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> None:
+        """Requantize the layer's output on this fixed per-tensor grid, as a full-integer TFLite layer does."""
+        self.register_buffer("out_scale", scale.reshape(()).float().clone())
+        self.register_buffer("out_zero_point", zero_point.reshape(()).to(torch.int32))
+        self.out_grid = (bits, symmetric)
+
+    def quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_grid is None:
+            return y
+        return fake_quant_act(y, self.out_scale, self.out_zero_point, *self.out_grid, narrow=False)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.rule.activation
@@ -115,7 +128,7 @@ class QATLayer(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.weight_hat(), self.bias)
+        return self.quant_output(F.linear(self.quant_input(x), self.weight_hat(), self.bias))
 
     def integers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, scale, zero_point) the conversion stores; `(q - zp) * scale` equals `weight_hat()`."""
@@ -292,6 +305,8 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
     shared = _share_activation_grids(model, layers, calib_batches)
     if shared:
         extra["qat_shared_activation_grids"] = shared
+    if options.get("output_grids"):
+        extra["qat_output_grids"] = _simulate_output_grids(model, layers, calib_batches, recipe.name)
     return PreparedQAT(bundle, recipe, method, layers, bytes_before, untied, folded, options, extra)
 
 
@@ -327,6 +342,42 @@ def _share_activation_grids(model, layers: dict[str, QATLayer], calib_batches) -
             static[name].act_scale = static[first].act_scale
             static[name].act_zero_point = static[first].act_zero_point
     return tied
+
+
+def _simulate_output_grids(model, layers: dict[str, QATLayer], calib_batches, recipe_name: str) -> dict:
+    """Train through full-integer TFLite's requantization of each static layer's output (`edgeq qat --output-grids`).
+
+    A full-integer file writes every integer layer's output on a per-tensor grid (int8 asymmetric; int16 symmetric in
+    16x8 layers) that ai-edge-quantizer calibrates by min/max at export, a rounding the QDIR's simulation (and its
+    ONNX rendering) does not have. Here each grid is the min/max of the start model's outputs over the calibration
+    batches, held fixed through training; the QDIR keeps no output grids, the export calibrates its own on the
+    trained model. Returns what quant.json records.
+    """
+    static = {n: m for n, m in layers.items() if m.rule.activation.mode == "static"}
+    if not static:
+        raise EdgeqError(f"qat: --output-grids simulates full-integer TFLite's output grids; recipe {recipe_name!r} has no "
+                         "static activations (use w8a8-static-fc2a16 or w8a8-static)")
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(name, out):
+        lo, hi = out.detach().amin(), out.detach().amax()
+        old = ranges.get(name)
+        ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: observe(n, out)) for n, m in static.items()]
+    try:
+        with torch.no_grad():
+            for batch in calib_batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in static.items():
+        bits = layer.rule.activation.bits
+        symmetric = bits == 16  # LiteRT's int16 activations are symmetric; int8 ones asymmetric (zero point - 128)
+        layer.set_output_grid(*act_qparams(*ranges[name], bits, symmetric), bits, symmetric)
+    return {"layers": len(static), "int16_layers": sum(m.rule.activation.bits == 16 for m in static.values()),
+            "calibration": f"min/max of the start model's layer outputs over {len(calib_batches)} calibration batches, fixed"}
 
 
 def _observe(model, names, batches, ActObserver) -> dict:

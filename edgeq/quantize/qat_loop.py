@@ -6,6 +6,9 @@ integers + learned scales and saves the ordinary quantized-model directory. The 
 next-token cross-entropy on the text (`loss="ce"`) or the KL divergence from the FP32 model's
 next-token distribution (`loss="kd"`, distillation as in LLM-QAT and BitDistiller): the second
 trains the quantized model to agree with the float one, which is what top-1 agreement measures.
+With `output_grids` the training forward also rounds each static layer's output to the per-tensor
+grid a full-integer TFLite file writes it on (qat._simulate_output_grids), so a recipe meant for
+`--variant int8` learns through the file's rounding, not only the QDIR's.
 
 Determinism and resume: the windows of step t are a pure function of (seed, t); the learning rate
 is a pure function of t (cosine); so a checkpoint needs only the trainable tensors, the AdamW
@@ -46,6 +49,7 @@ class QATConfig:
     seq_len: int = 128
     seed: int = 0
     loss: str = "ce"  # ce: next-token cross-entropy; kd: KL divergence from the FP32 model (a frozen teacher)
+    output_grids: bool = False  # train through full-integer TFLite's requantization of each static layer's output
     rank: int = 16  # lr-qat
     alpha: float | None = None  # lr-qat; None = rank
     base_dtype: str = "fp32"  # lr-qat: fp32 | bf16 | q4.4 | int
@@ -59,7 +63,7 @@ class QATConfig:
 
     def options(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha if self.alpha is not None else float(self.rank),
-                "base_dtype": self.base_dtype, "checkpoint": self.grad_checkpoint}
+                "base_dtype": self.base_dtype, "checkpoint": self.grad_checkpoint, "output_grids": self.output_grids}
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2:
@@ -206,7 +210,8 @@ def load_checkpoint(path: Path, config: QATConfig, prepared, opt) -> tuple[int, 
     meta = read_json(path / "state.json")
     if meta.get("version") != CKPT_VERSION:
         raise EdgeqError(f"qat: checkpoint {path} has version {meta.get('version')}, expected {CKPT_VERSION}")
-    saved = {"loss": "ce", **meta["config"]}  # checkpoints from before the loss option trained on cross-entropy
+    # checkpoints from before the loss and output_grids options trained on cross-entropy without output grids
+    saved = {"loss": "ce", "output_grids": False, **meta["config"]}
     if saved != config.to_dict():
         diff = sorted(k for k in config.to_dict() if saved.get(k) != config.to_dict()[k])
         raise EdgeqError(f"qat: checkpoint {path} was written with different settings ({', '.join(diff)}); "
@@ -309,6 +314,8 @@ def run_qat(config: QATConfig, out: str | Path, checkpoint_dir: str | Path | Non
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     prepared, record = train(config, ckpt, checkpoint_every, resume, progress)
     ids = torch.from_numpy(lm_windows(prepared.bundle.tokenizer, config.data, "evaluation", config.seq_len, 2))
+    for layer in prepared.layers.values():  # the QDIR holds no output grids (a full-integer export calibrates its own)
+        layer.out_grid = None
     with torch.no_grad():
         before = prepared.model(input_ids=ids).logits
         qm = convert_qat(prepared)

@@ -112,6 +112,59 @@ def test_qat_applies_the_recipes_smoothing_and_keeps_one_grid_per_shared_input(t
         assert torch.equal(back.model(_ids()).logits, qm.model(_ids()).logits)
 
 
+def test_output_grids_round_each_static_layers_output_to_its_calibrated_grid(tiny_llama_ref):
+    """`--output-grids`: every static layer's output lands on a per-tensor grid from the start model's min/max (int8
+    asymmetric, the 16x8 down-projections int16 symmetric), as in a full-integer TFLite file; the weights, input grids
+    and so the converted layers are those of the run without it."""
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.qat import convert_qat, prepare_qat
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe("w8a8-static-fc2a16")
+
+    def prepared(**options):
+        bundle = load_model(tiny_llama_ref)
+        return prepare_qat(bundle, recipe, "lsq", calibration_batches(bundle, "enwiki", 4, 64), options)
+
+    def outputs(prep):
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, out)) for n, m in prep.layers.items()]
+        with torch.no_grad():
+            prep.model(_ids())
+        for h in hooks:
+            h.remove()
+        return seen
+
+    plain, gridded = prepared(), prepared(output_grids=True)
+    assert "qat_output_grids" not in plain.extra
+    record = gridded.extra["qat_output_grids"]
+    assert record["layers"] == len(gridded.layers) == 4 * 7 and record["int16_layers"] == 4
+    for name, out in outputs(gridded).items():
+        layer = gridded.layers[name]
+        bits, symmetric = layer.out_grid
+        assert (bits, symmetric) == ((16, True) if name.endswith("down_proj") else (8, False)), name
+        q = out / layer.out_scale + layer.out_zero_point
+        assert torch.allclose(q, q.round(), atol=1e-3), name
+        assert q.min() >= (-(2 ** 15) if symmetric else 0) - 1e-3 and q.max() <= (2 ** 15 - 1 if symmetric else 255) + 1e-3, name
+    o_proj = "model.layers.0.self_attn.o_proj"
+    off_grid = outputs(plain)[o_proj] / gridded.layers[o_proj].out_scale
+    assert not torch.allclose(off_grid, off_grid.round(), atol=1e-3)  # the check above can fail
+    a, b = convert_qat(plain).layers(), convert_qat(gridded).layers()
+    for name in a:
+        for k, v in a[name].state_dict().items():
+            assert torch.equal(v, b[name].state_dict()[k]), (name, k)
+
+
+def test_output_grids_need_static_activations(tiny_llama_ref, tmp_path):
+    from edgeq.errors import EdgeqError
+
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w4a16", output_grids=True, steps=1, batch=1, seq_len=32, eval_windows=0)
+    with pytest.raises(EdgeqError, match="output-grids.*no static activations"):
+        run_qat(cfg, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_cli_lrqat_writes_a_qdir_that_reloads_identically(tiny_llama_ref, tmp_path):
     from edgeq.cli.main import cli
 

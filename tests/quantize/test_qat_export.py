@@ -26,11 +26,17 @@ def test_lrqat_qdir_exports_exactly(lrqat_qdir, tmp_path, fmt):
 
 
 def test_distilled_full_integer_qat_qdir_exports_exactly_to_tflite(tiny_llama_ref, tmp_path):
-    """The path to a full-integer file that agrees with FP32: QAT (KD) of a smoothed static-INT8 recipe, then --variant int8."""
+    """The path to a full-integer file that agrees with FP32: QAT (KD, through the file's output grids) of a smoothed
+    static-INT8 recipe, then --variant int8."""
+    import json
+
     from edgeq.export import export
 
-    cfg = QATConfig(model=tiny_llama_ref, recipe="w8a8-static-fc2a16", loss="kd", steps=2, batch=2, seq_len=32, eval_windows=0)
+    cfg = QATConfig(model=tiny_llama_ref, recipe="w8a8-static-fc2a16", loss="kd", output_grids=True, steps=2, batch=2, seq_len=32,
+                    eval_windows=0)
     run_qat(cfg, tmp_path / "q")
+    quant = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert quant["qat_output_grids"]["layers"] == 4 * 7 and quant["qat"]["config"]["output_grids"] is True
     meta = export(tmp_path / "q", "tflite", tmp_path / "m.tflite", variant="int8")
     assert meta["exact"] is True
     assert meta["parity"]["top1_agree"] >= 0.9
