@@ -136,7 +136,6 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
     return replaced
 
 
-@torch.no_grad()
 def smoothing_targets(model, targets: dict) -> tuple[set[str], list[str]]:
     """(the planned layers with <= 8-bit activations, those of them SmoothQuant can smooth).
 
@@ -146,6 +145,7 @@ def smoothing_targets(model, targets: dict) -> tuple[set[str], list[str]]:
     return with_acts, smoothable(model, with_acts)
 
 
+@torch.no_grad()
 def smooth_from_float(model, targets: dict, alpha: float, batches) -> dict[str, torch.Tensor]:
     """SmoothQuant with the float model's per-channel input maxima over `batches`; each smoothed layer's s."""
     with_acts, among = smoothing_targets(model, targets)

@@ -267,8 +267,7 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
 
         if not calib_batches:
             raise EdgeqError(f"qat: recipe {recipe.name!r} smooths activations (smoothing = {recipe.smoothing}) and needs calibration data")
-        with torch.no_grad():
-            smoothed = smooth_from_float(model, targets, recipe.smoothing, list(calib_batches))
+        smoothed = smooth_from_float(model, targets, recipe.smoothing, list(calib_batches))
         if smoothed:
             extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing}
     for p in model.parameters():
