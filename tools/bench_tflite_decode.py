@@ -7,6 +7,8 @@ One run, the same cache length for every file:
 - edgeq: the QDIRs of recipes w8 (dynamic-int8), w4-g64-litert and w4-g64-litert-emb4 (int4), made here with
   the presets' calibration (or reused from --work, as bench_tflite.py makes them), exported with their decode signature.
 - ai-edge-quantizer: `dynamic_wi8_afp32` and `dynamic_wi4b32_afp32` applied to the fp32 file (both signatures).
+- With --fused: fp32 and each edgeq file also exported with `fuse=True` (CLI --fuse: a layer's query/key/value and gate/up
+  projections one FULLY_CONNECTED each, `edgeq.export.tflite_fuse`), each paired with its unfused twin per process.
 Quality of the decode signature: each file's next-token top-1 agreement with the fp32 file's decode signature over
 --tokens steps of an evaluation window, fed token by token from empty caches, and (edgeq files) the export's own
 `parity.decode` against the PyTorch simulation. Latency: one decode step at position cache_len / 2 (every step
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per thread count, the load order rotated")
     ap.add_argument("--recipes", nargs="+", default=list(EDGEQ), choices=list(EDGEQ))
+    ap.add_argument("--fused", action="store_true",
+                    help="also time fp32 and the edgeq files exported with --fuse (q/k/v and gate/up one FULLY_CONNECTED each)")
     ap.add_argument("--slots", type=int, nargs="*", default=[],
                     help="also time each file's step holding this many cache slots (the slot count is the runtime's choice), at slots / 2")
     args = ap.parse_args()
@@ -112,21 +116,25 @@ def main() -> None:
     files: dict[str, Path] = {}
     fp32 = work / f"{args.model}-fp32-decode.tflite"
     log("fp32: litert-torch conversion (prefill + decode)")
-    meta = export(args.model, "tflite", fp32, variant="fp32", cache_len=args.cache_len)
-    files["fp32"] = fp32
-    rows["fp32"] = {"tool": "litert-torch", "variant": "fp32", "convert_s": meta["timing_s"]["convert"],
-                    "parity_decode": meta["parity"]["decode"]}
+    fusions = (False, True) if args.fused else (False,)
+    for fuse in fusions:
+        path = work / f"{args.model}-fp32-decode-fused.tflite" if fuse else fp32
+        meta = export(args.model, "tflite", path, variant="fp32", cache_len=args.cache_len, fuse=fuse)
+        files["fp32 fused" if fuse else "fp32"] = path
+        rows["fp32 fused" if fuse else "fp32"] = {"tool": "litert-torch", "variant": "fp32", "fused": fuse,
+                                                  "convert_s": meta["timing_s"]["convert"], "parity_decode": meta["parity"]["decode"]}
     for recipe_name in args.recipes:
         variant = EDGEQ[recipe_name]
-        name = f"edgeq {variant} ({recipe_name})"
-        log(name)
         qdir, _ = make_qdir(args.model, recipe_name, work)
-        path = work / f"{args.model}-edgeq-{recipe_name}-decode.tflite"
-        meta = export(qdir, "tflite", path, variant=variant, cache_len=args.cache_len)
-        files[name] = path
-        rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": meta["exact"],
-                      "convert_s": meta["timing_s"]["convert"], "quantize_s": meta["timing_s"]["quantize"],
-                      "parity_decode": meta["parity"]["decode"]}
+        for fuse in fusions:
+            name = f"edgeq {variant} ({recipe_name})" + (" fused" if fuse else "")
+            log(name)
+            path = work / f"{args.model}-edgeq-{recipe_name}-decode{'-fused' if fuse else ''}.tflite"
+            meta = export(qdir, "tflite", path, variant=variant, cache_len=args.cache_len, fuse=fuse)
+            files[name] = path
+            rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "fused": fuse, "exact": meta["exact"],
+                          "convert_s": meta["timing_s"]["convert"], "quantize_s": meta["timing_s"]["quantize"],
+                          "parity_decode": meta["parity"]["decode"]}
     for recipe_name in AEQ:
         name = f"aeq {recipe_name}"
         log(name)
@@ -161,18 +169,19 @@ def main() -> None:
 
 
 def targets(rows: dict) -> dict:
-    """INT4 against fp32 at the declared cache slots (the target's measure), and at each --slots count held."""
-    fp32 = rows["fp32"]
+    """INT4 against fp32 at the declared cache slots (the target's measure), and at each --slots count held; a fused
+    file (--fused) against the fused fp32 file."""
     out = {}
     for name, r in rows.items():
         if r["tool"] == "edgeq" and r["variant"] == "int4":
+            fp32, tag = (rows["fp32 fused"], f"{r['recipe']}, fused") if r.get("fused") else (rows["fp32"], r["recipe"])
             for t in (1, 2):
                 speedup = fp32[f"decode_{t}t"]["median_ms"] / r[f"decode_{t}t"]["median_ms"]
-                out[f"int4_decode_speedup_vs_fp32_{t}t ({r['recipe']})"] = {"value": round(speedup, 2), "target": ">= 5", "met": speedup >= 5}
+                out[f"int4_decode_speedup_vs_fp32_{t}t ({tag})"] = {"value": round(speedup, 2), "target": ">= 5", "met": speedup >= 5}
                 for key, lat in (r.get("by_slots") or {}).items():
                     if key.endswith(f"_{t}t"):
                         speedup = fp32["by_slots"][key]["median_ms"] / lat["median_ms"]
-                        out[f"int4_decode_speedup_vs_fp32_{t}t_{key.split('_')[0]}_slots ({r['recipe']})"] = {
+                        out[f"int4_decode_speedup_vs_fp32_{t}t_{key.split('_')[0]}_slots ({tag})"] = {
                             "value": round(speedup, 2), "target": ">= 5", "met": speedup >= 5}
     return out
 
@@ -201,8 +210,31 @@ def markdown(result: dict) -> str:
                   "|---|" + "---|" * len(keys)]
         for name, r in result["rows"].items():
             lines.append(f"| {name} | " + " | ".join(f"{r['by_slots'][k]['median_ms']:.2f}" for k in keys) + " |")
+    pairs = [(name, name.removesuffix(" fused")) for name, r in result["rows"].items() if r.get("fused")]
+    if pairs:
+        lines += ["", "Fused over unfused step time, paired within each process (the median of the processes' ratios; "
+                      "how many processes ran the fused file faster):", "",
+                  "| file | " + " | ".join(paired_keys(result)) + " |", "|---|" + "---|" * len(paired_keys(result))]
+        for fused, plain in pairs:
+            cells = []
+            for key in paired_keys(result).values():
+                a, b = lat_of(result["rows"][fused], key), lat_of(result["rows"][plain], key)
+                ratios = [x / y for x, y in zip(a["rounds_ms"], b["rounds_ms"])]
+                cells.append(f"{statistics.median(ratios):.3f} ({sum(x < 1 for x in ratios)} of {len(ratios)})")
+            lines.append(f"| {plain} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", ""] + [f"- {k}: {json.dumps(v)}" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def paired_keys(result: dict) -> dict[str, str]:
+    """Column label -> where a row keeps that latency (`decode_1t`, or `by_slots:64_1t` for a --slots count)."""
+    out = {f"{result['cache_len']} slots, {t} thread(s)": f"decode_{t}t" for t in (1, 2)}
+    out.update({f"{n} slots, {t} thread(s)": f"by_slots:{n}_{t}t" for n in result.get("slots") or [] for t in (1, 2)})
+    return out
+
+
+def lat_of(row: dict, key: str) -> dict:
+    return row["by_slots"][key.removeprefix("by_slots:")] if key.startswith("by_slots:") else row[key]
 
 
 def spread(lat: dict) -> str:

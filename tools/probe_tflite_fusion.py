@@ -11,7 +11,8 @@ w4-g64-litert; ai-edge-quantizer's grids on both, so only the graph differs). Fi
 against unfused. Then one step at position slots / 2 with the caches kept in the interpreter's buffers
 (tflite_runtime.DecodeSession), at 1 and 2 threads: in each of --rounds fresh processes (load order rotated) the
 median of --reps interleaved calls; the table gives the median over processes. Writes OUT.json and OUT.md (command
-at the top). Never imported by edgeq, whose exports do not fuse (docs/tflite.md says why).
+at the top). Never imported by edgeq. Its exports fuse the same layers only with `--fuse` (`edgeq.export.tflite_fuse`:
+the quantized file's own ops stacked after the read-back names each layer; tools/bench_tflite_decode.py --fused times it).
 """
 
 from __future__ import annotations

@@ -267,14 +267,15 @@ def _input_meta(runner, bundle) -> list[dict]:
 @register_exporter("tflite", ".tflite")
 def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, variant: str | None = None,
                   seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int = 8, cache: bool = True,
-                  cache_len: int | None = None, **options) -> dict:
+                  cache_len: int | None = None, fuse: bool = False, **options) -> dict:
     """Write `out` (.tflite) and `out.json`; returns the metadata.
 
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
     `calib_samples` (full integer only: batches used to calibrate the output grids TFLite requantizes
     each layer's output to), `cache` (reuse a converted float graph of the same architecture),
     `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256 or seq_len if longer;
-    0: no decode signature).
+    0: no decode signature), `fuse` (the layers reading one input made one op and SLICEs, `tflite_fuse`; not in
+    full-integer files).
     Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
@@ -284,12 +285,18 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
     if options:
         raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} "
-                         "(allowed: seq_len, calib_samples, cache, cache_len)")
+                         "(allowed: seq_len, calib_samples, cache, cache_len, fuse)")
     out = Path(out)
     variant = variant or default_variant(qm)
     if variant not in VARIANTS:
         raise choice_error("variant", variant, VARIANTS)
     check_representable(qm, variant)
+    if fuse and variant in FULL_INTEGER:
+        raise EdgeqError(f"tflite: fuse applies to fp32, dynamic-int8 and int4 files, not {variant}: a full-integer layer "
+                         "requantizes its output to its own grid, which the layers reading its input do not share")
+    if fuse and variant in FULL_INTEGER:
+        raise EdgeqError(f"tflite: fuse applies to fp32, dynamic-int8 and int4 files, not {variant}: a full-integer layer "
+                         "requantizes its output to its own grid, which the layers reading its input do not share")
     b = qm.bundle if qm is not None else bundle
     model = b.module.eval()
     layers = qm.layers() if qm is not None else {}
@@ -311,6 +318,12 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         calib = _calibration(b, seq_len, calib_samples, model, cache_len) if static else None
         buf = quantize(float_buf, layers, ops, static, calib, scales)
     quantize_s = time.perf_counter() - t0
+    fused, t0 = {}, time.perf_counter()
+    if fuse:
+        from .tflite_fuse import fuse_siblings
+
+        buf, fused = fuse_siblings(buf)
+    fuse_s = time.perf_counter() - t0
 
     check = None
     if layers and variant != "fp32":
@@ -369,14 +382,16 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                   "decode": tflite_decode.signature_meta(model, cache_len, static_slots) if cache_len else None,
                   "decode_note": decode_note,
                   # per signature: the ops LiteRT's default XNNPACK delegate takes, in how many partitions, and the rest
-                  "xnnpack": xnnpack},
+                  "xnnpack": xnnpack,
+                  # per signature: FULLY_CONNECTEDs reading one input made one op and SLICEs (`tflite_fuse`)
+                  "fused": _fused_meta(buf, fused)},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,
         "runtime_min": {**RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
         "conventions": CONVENTIONS,
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
                                                 "per_layer": check["layers"]},
-        "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2)},
+        "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2), "fuse": round(fuse_s, 2)},
         "exact_integers": None if check is None else bool(check["exact"]),
         "bn_folded": {n: f.norm for n, f in folds.items()} or None,
         "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them; the converter drops them"}
@@ -402,6 +417,23 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+
+
+def _fused_meta(buf: bytes, fused: dict[int, list[list[str]]]) -> dict | None:
+    """Per signature, how many groups of sibling FULLY_CONNECTEDs `tflite_fuse` made one op, and the groups' edgeq layers."""
+    from .tflite_graph import labelled, schema
+
+    if not fused:
+        return None
+    root = schema().Model.GetRootAs(buf, 0)
+    names = {root.SignatureDefs(i).SubgraphIndex(): root.SignatureDefs(i).SignatureKey().decode()
+             for i in range(root.SignatureDefsLength())}
+    out = {}
+    for index, groups in fused.items():
+        layers = [[found[0] for found in map(labelled, g) if found] for g in groups]
+        out[names.get(index, f"subgraph {index}")] = {"groups": len(groups), "ops_removed": sum(len(g) - 1 for g in groups),
+                                                      "layers": [g for g in layers if g] or None}
+    return out
 
 
 def _xnnpack_coverage(buf: bytes, signatures: list[str]) -> dict:

@@ -1,7 +1,8 @@
 """Read a quantized TFLite flatbuffer back and compare its integers and scales with edgeq's, per layer.
 
 This is the proof behind `exact: true`: each layer's weight tensor (the weight input of the op whose
-output is labelled `edgeq/<layer>`; a tied head's is its embedding table) must hold edgeq's integers
+output is labelled `edgeq/<layer>`; a tied head's is its embedding table; a layer fused with its siblings by
+`tflite_fuse`, its rows of the fused weight, found through the SLICE of its output) must hold edgeq's integers
 in TFLite's layout, its scales must equal edgeq's float32 scales bit for bit (blockwise scales are
 stored as fp16 and compared after widening), zero points must be 0, and a static layer's input
 tensor must carry the layer's activation grid as int8 (zp - 128).
@@ -93,12 +94,21 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     tensors: dict[str, list] = {}
     consumers = {}
     for sg in model_t.subgraphs:
+        producer = {int(op.outputs[0]): op for op in sg.operators if op.outputs is not None and len(op.outputs)}
         for op in sg.operators:
             if len(op.inputs) > 1 and op.inputs[1] >= 0:
                 consumers[(id(sg), op.inputs[1])] = (op, codes[op.opcodeIndex])
                 out = labelled(sg.tensors[op.outputs[0]].name) if op.outputs and op.outputs[0] >= 0 else None
-                if out is not None and not out[1]:  # the layer's op: its weight (a tied head's is the embedding table)
-                    tensors.setdefault(out[0], []).append((sg, op.inputs[1]))
+                if out is None or out[1]:
+                    continue
+                fused = producer.get(int(op.inputs[0])) if codes[op.opcodeIndex] == "SLICE" else None
+                if fused is not None and codes[fused.opcodeIndex] == "FULLY_CONNECTED":
+                    # a layer fused with its siblings (`tflite_fuse`): its rows of the fused weight
+                    start = int(buffer_bytes(model_t, sg.tensors[op.inputs[1]].buffer, buf).view(np.int32)[-1])  # begin
+                    rows = (start, start + int(sg.tensors[op.outputs[0]].shape[-1]))
+                    tensors.setdefault(out[0], []).append((sg, fused.inputs[1], rows))
+                else:  # the layer's op: its weight (a tied head's is the embedding table)
+                    tensors.setdefault(out[0], []).append((sg, op.inputs[1], None))
     report, mismatches = {}, []
     for name, m in layers.items():
         d = m.decision
@@ -109,7 +119,7 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
             report[name] = {**entry, "ints": False, "scales": False}
             continue
         edgeq_scale = (scales or {}).get(name, m.scale).detach().to(torch.float32).numpy()
-        checks = [_check(model_t, sg, ti, m, edgeq_scale, consumers, buf) for sg, ti in found]
+        checks = [_check(model_t, sg, ti, m, edgeq_scale, consumers, buf, rows) for sg, ti, rows in found]
         entry.update(checks[0])
         if len(checks) > 1:
             entry["subgraphs"] = len(checks)
@@ -122,12 +132,16 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     return {"exact": not mismatches, "layers": report, "mismatches": mismatches}
 
 
-def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes) -> dict:
-    """One weight tensor of layer `m` against edgeq's integers, scales (and static input grid)."""
+def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes, rows: tuple | None = None) -> dict:
+    """One weight tensor of layer `m` against edgeq's integers, scales (and static input grid); `rows`: the layer's
+    rows [start, stop) of a fused weight."""
     s = _schema()
     d = m.decision
     t = sg.tensors[ti]
     ints = _tensor_ints(model_t, t, buf)
+    cut = slice(None) if rows is None else slice(*rows)
+    if ints is not None:
+        ints = ints[cut]
     want = _int_layout(m)
     qp = t.quantization
     if np.any(edgeq_scale < 0):  # a folded negative BatchNorm gain: TFLite holds |scale| and negated integers
@@ -137,18 +151,20 @@ def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: by
         edgeq_scale = np.abs(edgeq_scale)
     entry = {"tflite_type": {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}.get(t.type),
              "ints": bool(ints is not None and ints.shape == want.shape and np.array_equal(ints, want))}
+    if rows is not None:
+        entry["fused_rows"] = [int(rows[0]), int(rows[1])]
     if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
         det = qp.details
-        got = _fp16_scales(model_t, sg, det.scales, buf)
+        got = _fp16_scales(model_t, sg, det.scales, buf)[cut]
         entry["block_size"] = int(det.blockSize)
         entry["scale_storage"] = "fp16 (bf16 precision)"
         zp_ok = det.zeroPoints in (-1, 0) or not np.any(_fp16_scales(model_t, sg, det.zeroPoints, buf))
         entry["scales"] = bool(got.shape == edgeq_scale.shape and np.array_equal(got, edgeq_scale) and zp_ok
                                and det.blockSize == d.weight.group_size)
     elif qp is not None and qp.scale is not None:
-        got = np.asarray(qp.scale, dtype=np.float32)
+        got = np.asarray(qp.scale, dtype=np.float32)[cut]
         want_s = edgeq_scale[:1, 0] if d.weight.granularity == "tensor" else edgeq_scale[:, 0]
-        zps = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else [0])
+        zps = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else [0])[cut]
         entry["scale_storage"] = "fp32"
         entry["scales"] = bool(got.shape == want_s.shape and np.array_equal(got.view(np.uint32), want_s.view(np.uint32))
                                and not np.any(zps))

@@ -223,6 +223,70 @@ def test_int4_blockwise_read_back(exported):
     assert not bad["exact"] and any(m.startswith(f"{name}: ints") for m in bad["mismatches"])
 
 
+def test_fused_siblings_keep_every_bit(exported, tmp_path):
+    """`fuse=True` (CLI --fuse): a layer's query/key/value and gate/up projections read one input and become one
+    FULLY_CONNECTED cut by SLICEs, in both signatures: the outputs bitwise the unfused file's, each layer read back
+    exactly from its rows of the fused weight (a flipped nibble there is caught, on that layer alone)."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    from edgeq.export.tflite_check import read_back
+    from edgeq.export.tflite_decode import run_steps, zero_caches
+    from edgeq.export.tflite_fuse import fuse_siblings, fused_names
+    from edgeq.export.tflite_graph import float_graph, labelled, op_names, read_model
+    from edgeq.export.tflite_runtime import TfliteRunner
+
+    bundle = load_model("tiny-llama")
+    n_layers = bundle.module.config.num_hidden_layers
+    path, meta, qdir = exported["llama-int4"]
+    assert meta["graph"]["fused"] is None  # not by default
+    fmeta = export(qdir, "tflite", tmp_path / "fused.tflite", fuse=True)
+    fused = fmeta["graph"]["fused"]
+    assert fmeta["exact"] is True and set(fused) == {"serving_default", "decode"}
+    groups = fused["decode"]["layers"]
+    assert fused["decode"]["groups"] == len(groups) == 2 * n_layers
+    assert [name.rsplit(".", 1)[1] for name in groups[0] + groups[1]] == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    qm = load_quantized(qdir)
+    rows = {n: int(m.decision.shape[0]) for n, m in qm.layers().items()}
+    q, k, v = groups[0]
+    assert fmeta["readback"]["per_layer"][v]["fused_rows"] == [rows[q] + rows[k], rows[q] + rows[k] + rows[v]]
+
+    raw = bytearray((tmp_path / "fused.tflite").read_bytes())
+    model_t = read_model(bytes(raw))
+    tensor = next(t for t in model_t.subgraphs[0].tensors if fused_names(t.name) and labelled(fused_names(t.name)[-1])[0] == v)
+    offset = bytes(raw).find(bytes(model_t.buffers[tensor.buffer].data))  # a fused weight is written in the flatbuffer
+    raw[offset + (rows[q] + rows[k]) * int(tensor.shape[1]) // 2] ^= 0x01  # v's first byte (int4: two per byte)
+    bad = read_back(bytes(raw), qm.layers())
+    assert [m.split(" (")[0] for m in bad["mismatches"] if ": ints" in m] == [f"{v}: ints differ"]
+
+    unfused, _, _, _ = float_graph(bundle, bundle.module.eval(), 64, cache_len=32)
+    qt = quantizer.Quantizer(unfused)
+    qt.load_quantization_recipe(recipe.dynamic_wi4b32_afp32())
+    aeq_int4 = bytes(qt.quantize(None, enable_progress_report=False).quantized_model)
+    pairs = [(before, fuse_siblings(before)[0]) for before in (unfused, aeq_int4)]  # fp32, ai-edge-quantizer's INT4
+    pairs.append((path.read_bytes(), (tmp_path / "fused.tflite").read_bytes()))
+    ids = np.arange(3, 67, dtype=np.int64)[None]
+    for before, after in pairs:
+        def fcs(buf):
+            m = read_model(buf)
+            return [op_names(m)[op.opcodeIndex] for op in m.subgraphs[1].operators].count("FULLY_CONNECTED")
+
+        assert fcs(after) == fcs(before) - 3 * n_layers
+        assert len(after) <= len(before) + 4096  # the same weights once, plus the slices' constants
+        names = [t.name for sg in read_model(after).subgraphs for t in sg.tensors]
+        assert len(names) == len(set(names))  # unique in the file, as ai-edge-quantizer requires
+        outs = []
+        for buf in (before, after):
+            step = TfliteRunner(buf, signature="decode")
+            steps, _ = run_steps(step, ids[:, :8], zero_caches(step))
+            outs.append([*TfliteRunner(buf)(ids), steps])
+        assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+    int8_qdir = exported["llama-int8"][2]
+    with pytest.raises(EdgeqError, match="fuse applies to fp32, dynamic-int8 and int4 files, not int8"):
+        export(int8_qdir, "tflite", tmp_path / "int8.tflite", fuse=True)
+    assert not (tmp_path / "int8.tflite").exists()
+
+
 def test_int8_activation_grids_are_edgeqs(exported):
     _, meta, qdir = exported["llama-int8"]
     assert all(entry["act"] for entry in meta["readback"]["per_layer"].values())
