@@ -193,7 +193,7 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
     XNNPACK partition per layer (31 instead of 1). Returns None when done, else why not, and then changes nothing.
     Whether no other constant names the slot count (a value alone cannot tell it from a head size of the same
     number) is `resize_check`'s to prove, by running the result."""
-    from .tflite_graph import op_names, schema
+    from .tflite_graph import int32_constant, op_code, op_names, schema
 
     s = schema()
     sig = next((d for d in model_t.signatureDefs if d.signatureKey == b"decode"), None)
@@ -215,26 +215,13 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
         return "no slice of the cached slots' probabilities found"
     rank = int(sg.tensors[slices[0].inputs[2]].shape[0])  # one size per dimension of the sliced tensor
 
-    def constant(values: list[int], name: bytes) -> int:
-        buf = s.BufferT()
-        buf.data = np.frombuffer(np.array(values, dtype=np.int32).tobytes(), dtype=np.uint8)
-        model_t.buffers.append(buf)
-        t = s.TensorT()
-        t.shape, t.type, t.buffer, t.name = np.array([rank], dtype=np.int32), s.TensorType.INT32, len(model_t.buffers) - 1, name
-        sg.tensors.append(t)
-        return len(sg.tensors) - 1
-
-    end, strides = constant([0] * rank, b"edgeq/slots_end"), constant([1] * rank, b"edgeq/slots_strides")
-    if "STRIDED_SLICE" not in codes:
-        code = s.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.STRIDED_SLICE
-        code.version = 1
-        model_t.operatorCodes.append(code)
-        codes.append("STRIDED_SLICE")
+    end = int32_constant(model_t, sg, [0] * rank, b"edgeq/slots_end")
+    strides = int32_constant(model_t, sg, [1] * rank, b"edgeq/slots_strides")
+    strided_slice = op_code(model_t, codes, "STRIDED_SLICE")
     for op in slices:
         options = s.StridedSliceOptionsT()
         options.endMask = (1 << rank) - 1  # every axis to its end: the slot axis whatever its size, the others whole
-        op.opcodeIndex = codes.index("STRIDED_SLICE")
+        op.opcodeIndex = strided_slice
         op.inputs = np.array([op.inputs[0], op.inputs[1], end, strides], dtype=np.int32)
         op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.StridedSliceOptions, options
     inputs = set(int(i) for i in sg.inputs)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .tflite_check import inline_buffers
-from .tflite_graph import labelled, op_names, read_model, schema, write_model
+from .tflite_graph import int32_constant, labelled, op_code, op_names, read_model, schema, write_model
 
 FUSED_PREFIX = b"edgeq-fused/"
 
@@ -94,16 +94,8 @@ def _tensor(sg, like, shape: list[int], buffer: int, name: bytes, quantization=N
 def _int32(model_t, sg, values: list[int], name: bytes, memo: dict) -> int:
     """A constant int32 vector (one tensor per distinct value in a subgraph)."""
     key = ("int32", id(sg), tuple(values))
-    if key in memo:
-        return memo[key]
-    s = schema()
-    b = s.BufferT()
-    b.data = np.frombuffer(np.array(values, dtype=np.int32).tobytes(), dtype=np.uint8)
-    model_t.buffers.append(b)
-    t = s.TensorT()
-    t.shape, t.type, t.buffer, t.name = np.array([len(values)], dtype=np.int32), s.TensorType.INT32, len(model_t.buffers) - 1, name
-    sg.tensors.append(t)
-    memo[key] = len(sg.tensors) - 1
+    if key not in memo:
+        memo[key] = int32_constant(model_t, sg, values, name)
     return memo[key]
 
 
@@ -219,7 +211,6 @@ def fused_names(name: str | bytes) -> list[str] | None:
 def fuse_siblings(buf: bytes) -> tuple[bytes, dict[int, list[list[str]]]]:
     """`buf` with each set of fusable sibling FULLY_CONNECTEDs (see the module docstring) made one; returns the new
     flatbuffer and, per subgraph that changed, the groups fused (their output tensors' names). Unchanged: `buf`."""
-    s = schema()
     model_t = read_model(buf)
     inline_buffers(model_t, buf)  # large files keep their data past the flatbuffer; the offsets change on writing
     codes = op_names(model_t)
@@ -240,12 +231,7 @@ def fuse_siblings(buf: bytes) -> tuple[bytes, dict[int, list[list[str]]]]:
             groups_by_sg[i] = found
     if not groups_by_sg:
         return buf, {}
-    if "SLICE" not in codes:
-        code = s.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.SLICE
-        code.version = 1
-        model_t.operatorCodes.append(code)
-        codes.append("SLICE")
+    slice_code = op_code(model_t, codes, "SLICE")
     memo: dict = {}
     report = {}
     for i, groups in groups_by_sg.items():
@@ -256,7 +242,7 @@ def fuse_siblings(buf: bytes) -> tuple[bytes, dict[int, list[list[str]]]]:
         for op in sg.operators:
             if id(op) in first:
                 # tensor names stay unique in the file (ai-edge-quantizer requires it), as `tflite_graph.label` keeps them
-                operators += _fuse_group(model_t, sg, first[id(op)], memo, codes.index("SLICE"), b"@%d" % i if i else b"")
+                operators += _fuse_group(model_t, sg, first[id(op)], memo, slice_code, b"@%d" % i if i else b"")
             elif id(op) not in member:
                 operators.append(op)
         sg.operators = operators

@@ -62,6 +62,31 @@ def op_names(model_t) -> list[str]:
     return [names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), str(oc.builtinCode)) for oc in model_t.operatorCodes]
 
 
+def op_code(model_t, codes: list[str], name: str) -> int:
+    """The index of builtin op `name` in `model_t`'s operator codes, added (version 1) if the file has none; `codes` is
+    `op_names(model_t)`, kept in step."""
+    if name not in codes:
+        s = schema()
+        code = s.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = getattr(s.BuiltinOperator, name)
+        code.version = 1
+        model_t.operatorCodes.append(code)
+        codes.append(name)
+    return codes.index(name)
+
+
+def int32_constant(model_t, sg, values: list[int], name: bytes) -> int:
+    """A new constant int32 vector tensor in subgraph `sg` (its own buffer); returns its index."""
+    s = schema()
+    buf = s.BufferT()
+    buf.data = np.frombuffer(np.array(values, dtype=np.int32).tobytes(), dtype=np.uint8)
+    model_t.buffers.append(buf)
+    t = s.TensorT()
+    t.shape, t.type, t.buffer, t.name = np.array([len(values)], dtype=np.int32), s.TensorType.INT32, len(model_t.buffers) - 1, name
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
 def weight_ops(model_t):
     """(subgraph, op, op name) for every op with a weight input, in graph order."""
     codes = op_names(model_t)
