@@ -57,7 +57,8 @@ share its packed copy; default: LiteRT's Interpreter).
 RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 "invalid_reasons": [...], "error": str|null, "artifact_sha256", "format", "size_bytes",
 "load_ms", "first_inference_ms", "warmup": {...}, "threads", "runtime": {"name", "version",
-"provider"}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
+"provider", "xnnpack" (TFLite Interpreter, first subgraph: {"nodes", "partitions", "builtin"}, what this
+runtime's XNNPACK took; else null with "xnnpack_note")}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
 "ci95_median": [lo, hi], "ci_method", "raw": [...]}, "peak_rss_mb", "power": {...},
 "inputs": [...], "fingerprint": {...}, "conditions": {...}}`.
 """

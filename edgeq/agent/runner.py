@@ -29,7 +29,7 @@ from . import fingerprint as fp
 from . import stats
 from .inputs import asked_dims, make_inputs
 from .protocol import DEFAULT_DIMS
-from .runtimes import load
+from .runtimes import WEIGHT_OPS, load
 
 WARMUP_WINDOW = 5
 
@@ -146,6 +146,10 @@ def measure(job_dir: Path) -> dict:
     unused = sorted(set(cfg["dims"]) - set(asked_dims(result)) - set(DEFAULT_DIMS))  # batch / sequence also size unnamed dims
     if unused:  # e.g. slots=64 on a file whose metadata predates symbolic cache slots
         warnings.append(f"dims {', '.join(unused)}: no input of this model has a dim of that name; they changed nothing")
+    left = {op: n for op, n in ((model.runtime.get("xnnpack") or {}).get("builtin") or {}).items() if op in WEIGHT_OPS}
+    if left:  # e.g. INT4 blocks an older runtime's XNNPACK has no kernel for: they run, far slower
+        warnings.append("XNNPACK in this runtime left " + ", ".join(f"{n} {op}" for op, n in left.items())
+                        + " to LiteRT's built-in kernels")
 
     meter, power = _power_setup(job)
     sampler = baseline = None

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeqError
-from ..export.tflite_runtime import arg_order, signature_io
+from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io
+
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV")
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -106,6 +108,7 @@ class LiteRtModel:
         interpreter_cls, name, version = _litert_interpreter()
         with _CaptureStderr() as log:
             self.interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
+            nodes = node_count(self.interpreter)  # before allocation applies the delegate
             self.interpreter.allocate_tensors()
             self.runner = None
             if signature is not None:
@@ -117,6 +120,18 @@ class LiteRtModel:
         self.runtime = {"name": name, "version": version,
                         "provider": "XNNPACK delegate" if xnnpack else "builtin CPU kernels (no delegate)",
                         "load_log": log.text[-2000:]}
+        self.runtime.update(self._coverage(nodes) if xnnpack else {})
+
+    def _coverage(self, nodes: int | None) -> dict:
+        """What this board's runtime gave XNNPACK (`xnnpack`: nodes, partitions, op types left to the built-in
+        kernels, as FILE.json `graph.xnnpack` says for the export host), or `xnnpack_note` saying why not measured."""
+        subgraph = 0 if self.runner is None else (signature_io(self.runner) or (None, None))[1]
+        if nodes is None or subgraph is None:
+            return {"xnnpack": None, "xnnpack_note": "this runtime's interpreter does not list its nodes"}
+        if subgraph != 0:
+            return {"xnnpack": None, "xnnpack_note": "the interpreter lists the nodes of the file's first subgraph only; "
+                                                     "FILE.json graph.xnnpack has this signature's on the export host"}
+        return {"xnnpack": delegate_coverage(self.interpreter, nodes)}
 
     def signature(self) -> list[dict]:
         if self.runner is not None:

@@ -191,16 +191,13 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
 
 
 def xnnpack_coverage(buf: bytes, signature: str) -> dict | None:
-    """How LiteRT's default XNNPACK delegate takes a signature of `buf`: `nodes` (the subgraph's ops), `partitions`
-    (the delegate's nodes: 1 when XNNPACK runs everything it takes as one graph) and `builtin` (op type -> count of
-    the ops left to LiteRT's built-in kernels). Every boundary between the two costs a step a hand-over, and an op
-    XNNPACK leaves is one it had no kernel or options for (a SLICE of size -1 cut SmolLM2's decode step into 31
-    partitions). Found by loading the signature's subgraph alone (the interpreter's node list covers only the
-    first) and walking back from each delegate node's outputs to its inputs: the ops in between are the ones it
-    replaced. Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
+    """How LiteRT's default XNNPACK delegate takes a signature of `buf` (`tflite_runtime.delegate_coverage`: nodes,
+    partitions, the op types left to the built-in kernels; a SLICE of size -1 once cut SmolLM2's decode step into
+    31 partitions), found by loading the signature's subgraph alone (the interpreter's node list covers only the
+    first). Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
     `NodeOutputs`; 2.3, tested): None where a runtime's interpreter has no such wrapper."""
     from .tflite_graph import read_model, write_model
-    from .tflite_runtime import interpreter_class
+    from .tflite_runtime import delegate_coverage, interpreter_class, node_count
 
     root = _schema().Model.GetRootAs(buf, 0)
     index = next((root.SignatureDefs(i).SubgraphIndex() for i in range(root.SignatureDefsLength())
@@ -216,28 +213,8 @@ def xnnpack_coverage(buf: bytes, signature: str) -> dict | None:
         buf = write_model(model_t)
         del model_t
     interpreter = interpreter_class()(model_content=buf, num_threads=1)
-    wrapper = getattr(interpreter, "_interpreter", None)
-    if not all(hasattr(wrapper, f) for f in ("NumNodes", "NodeName", "NodeInputs", "NodeOutputs")):
+    nodes = node_count(interpreter)  # before the delegate is applied (at allocation)
+    if nodes is None:
         return None
-    del wrapper  # a held reference to the wrapper makes the interpreter refuse to allocate
-    nodes = interpreter._interpreter.NumNodes()  # before the delegate is applied (at allocation)
     interpreter.allocate_tensors()
-    w = interpreter._interpreter
-    producer = {int(t): i for i in range(nodes) for t in w.NodeOutputs(i)}
-    delegated: set[int] = set()
-    partitions = 0
-    for d in range(nodes, w.NumNodes()):
-        partitions += w.NodeName(d) == "DELEGATE"
-        stop = {int(t) for t in w.NodeInputs(d)}
-        todo = [int(t) for t in w.NodeOutputs(d)]
-        while todo:
-            op = producer.get(todo.pop())
-            if op is None or op in delegated:
-                continue
-            delegated.add(op)
-            todo += [int(t) for t in w.NodeInputs(op) if int(t) >= 0 and int(t) not in stop]
-    builtin: dict[str, int] = {}
-    for i in range(nodes):
-        if i not in delegated:
-            builtin[w.NodeName(i)] = builtin.get(w.NodeName(i), 0) + 1
-    return {"nodes": nodes, "partitions": partitions, "builtin": dict(sorted(builtin.items()))}
+    return delegate_coverage(interpreter, nodes)

@@ -57,6 +57,42 @@ def signature_io(runner) -> tuple | None:
         return None
 
 
+def node_count(interpreter) -> int | None:
+    """The ops of an interpreter's first subgraph, before allocation applies its delegates (`delegate_coverage`
+    needs the count from then); None where the runtime's interpreter has no node wrapper (ai-edge-litert 2.3 has)."""
+    wrapper = getattr(interpreter, "_interpreter", None)
+    if not all(hasattr(wrapper, f) for f in ("NumNodes", "NodeName", "NodeInputs", "NodeOutputs")):
+        return None
+    return int(wrapper.NumNodes())
+
+
+def delegate_coverage(interpreter, nodes: int) -> dict:
+    """How the delegates took an allocated interpreter's first subgraph of `nodes` ops (`node_count` before
+    allocation): `nodes`, `partitions` (delegate nodes: 1 when XNNPACK runs everything it takes as one graph) and
+    `builtin` (op type -> count of the ops left to LiteRT's built-in kernels). Every boundary between the two costs a
+    hand-over, and an op XNNPACK leaves is one it had no kernel or options for in this runtime. Found by walking back
+    from each delegate node's outputs to its inputs: the ops in between are the ones it replaced."""
+    w = interpreter._interpreter
+    producer = {int(t): i for i in range(nodes) for t in w.NodeOutputs(i)}
+    delegated: set[int] = set()
+    partitions = 0
+    for d in range(nodes, w.NumNodes()):
+        partitions += w.NodeName(d) == "DELEGATE"
+        stop = {int(t) for t in w.NodeInputs(d)}
+        todo = [int(t) for t in w.NodeOutputs(d)]
+        while todo:
+            op = producer.get(todo.pop())
+            if op is None or op in delegated:
+                continue
+            delegated.add(op)
+            todo += [int(t) for t in w.NodeInputs(op) if int(t) >= 0 and int(t) not in stop]
+    builtin: dict[str, int] = {}
+    for i in range(nodes):
+        if i not in delegated:
+            builtin[w.NodeName(i)] = builtin.get(w.NodeName(i), 0) + 1
+    return {"nodes": nodes, "partitions": partitions, "builtin": dict(sorted(builtin.items()))}
+
+
 class TfliteRunner:
     """One signature of a .tflite file, called like the PyTorch module: `runner(*arrays) -> [outputs]`."""
 

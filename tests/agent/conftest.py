@@ -168,6 +168,26 @@ def tiny_tflite(pytestconfig) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int16x8_tflite(pytestconfig, tiny_tflite) -> Path:
+    """`tiny_tflite` quantized by ai-edge-quantizer's static_wi8_ai16 (LiteRT's 16x8 mode): a FULLY_CONNECTED that
+    XNNPACK has no kernel for, so LiteRT runs it on its built-in kernels."""
+    path = Path(pytestconfig.cache.mkdir("edgeq-agent-tflite")) / "int16x8.tflite"
+    if not path.exists():
+        quantizer = pytest.importorskip("ai_edge_quantizer.quantizer")
+        from ai_edge_quantizer import recipe
+
+        qt = quantizer.Quantizer(str(tiny_tflite))
+        qt.load_quantization_recipe(recipe.static_wi8_ai16())
+        rng = np.random.default_rng(0)
+        calibration = qt.calibrate({"serving_default": [{"args_0": rng.standard_normal((1, 16), dtype=np.float32)}
+                                                        for _ in range(4)]})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(qt.quantize(calibration).quantized_model))
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def two_signature_tflite(pytestconfig) -> Path:
     """A TFLite file with two signatures, as a decoder LM's export has: `serving_default` (x [1, 16]) and
     `decode` (x [1, 4] float32, pos [1] int32)."""

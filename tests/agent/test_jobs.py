@@ -55,6 +55,9 @@ def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     r = run_job(shared_agent.client(), tiny_tflite)
     assert r["status"] == "valid", r.get("error")
     assert r["runtime"]["name"] == "litert" and r["runtime"]["provider"] == "XNNPACK delegate"
+    # what this runtime's XNNPACK took, read from the interpreter on the agent: the whole graph, one partition
+    assert r["runtime"]["xnnpack"] == {"nodes": 1, "partitions": 1, "builtin": {}}
+    assert not any("XNNPACK" in w for w in r["warnings"])
     assert r["inputs"][0]["shape"] == [1, 16]
     # export metadata names signature inputs (`args_0`), not tensor names (`serving_default_args_0:0`)
     meta = {"inputs": [{"name": "args_0", "dtype": "float32", "shape": ["batch", 16]}]}
@@ -76,6 +79,9 @@ def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
     assert r["status"] == "valid", r.get("error")
     assert r["signature"] == "decode" and r["latency_ms"]["n"] > 0
     assert [(i["name"], i["shape"]) for i in r["inputs"]] == [("args_0", [1, 4]), ("args_1", [1])]
+    assert r["runtime"]["xnnpack"] is None and "first subgraph only" in r["runtime"]["xnnpack_note"]
+    r = run_job(client, two_signature_tflite, {"signature": "serving_default"})  # the first subgraph, by name
+    assert r["runtime"]["xnnpack"]["partitions"] == 1
     r = run_job(client, two_signature_tflite, {"signature": "decode"})  # no metadata: the signature's own inputs
     assert r["status"] == "valid" and r["inputs"][1]["dtype"] == "int32" and r["inputs"][1]["from"] == "model signature"
     r = run_job(client, two_signature_tflite, {"signature": "prefill"})
@@ -84,6 +90,20 @@ def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
     assert r["state"] == "failed" and "applies to .tflite files" in r["error"]
     with pytest.raises(AgentError, match="config.signature"):
         run_job(client, two_signature_tflite, {"signature": "../decode"})
+
+
+def test_ops_xnnpack_leaves_are_a_warning(shared_agent, int16x8_tflite):
+    """A layer this runtime's XNNPACK has no kernel for (here 16x8: int16 activations, int8 weights) still runs, on
+    LiteRT's slower built-in kernels: the result says which, measured on the agent, and warns."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.export.tflite_check import xnnpack_coverage
+
+    r = run_job(shared_agent.client(), int16x8_tflite)
+    assert r["status"] == "valid", r.get("error")
+    coverage = r["runtime"]["xnnpack"]
+    assert coverage["builtin"].get("FULLY_CONNECTED") == 1, coverage
+    assert coverage == xnnpack_coverage(int16x8_tflite.read_bytes(), "serving_default")  # the export's own check agrees
+    assert "XNNPACK in this runtime left 1 FULLY_CONNECTED to LiteRT's built-in kernels" in r["warnings"]
 
 
 def test_signature_inputs_are_set_once(two_signature_tflite):
