@@ -265,11 +265,12 @@ def test_fused_siblings_keep_every_bit(exported, tmp_path):
     pairs = [(before, fuse_siblings(before)[0]) for before in (unfused, aeq_int4)]  # fp32, ai-edge-quantizer's INT4
     pairs.append((path.read_bytes(), (tmp_path / "fused.tflite").read_bytes()))
     ids = np.arange(3, 67, dtype=np.int64)[None]
-    for before, after in pairs:
-        def fcs(buf):
-            m = read_model(buf)
-            return [op_names(m)[op.opcodeIndex] for op in m.subgraphs[1].operators].count("FULLY_CONNECTED")
 
+    def fcs(buf):
+        m = read_model(buf)
+        return [op_names(m)[op.opcodeIndex] for op in m.subgraphs[1].operators].count("FULLY_CONNECTED")
+
+    for before, after in pairs:
         assert fcs(after) == fcs(before) - 3 * n_layers
         assert len(after) <= len(before) + 4096  # the same weights once, plus the slices' constants
         names = [t.name for sg in read_model(after).subgraphs for t in sg.tensors]
