@@ -196,12 +196,10 @@ def xnnpack_coverage(buf: bytes, signature: str) -> dict | None:
     31 partitions), found by loading the signature's subgraph alone (the interpreter's node list covers only the
     first). Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
     `NodeOutputs`; 2.3, tested): None where a runtime's interpreter has no such wrapper."""
-    from .tflite_graph import read_model, write_model
+    from .tflite_graph import read_model, signature_subgraphs, write_model
     from .tflite_runtime import delegate_coverage, interpreter_class, node_count
 
-    root = _schema().Model.GetRootAs(buf, 0)
-    index = next((root.SignatureDefs(i).SubgraphIndex() for i in range(root.SignatureDefsLength())
-                  if root.SignatureDefs(i).SignatureKey().decode() == signature), None)
+    index = signature_subgraphs(buf).get(signature)
     if index is None:
         raise EdgeqError(f"tflite: signature {signature!r} is not in the file")
     if index != 0:  # unpacked only then: a large model's buffers take seconds to copy

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .tflite_check import inline_buffers
-from .tflite_graph import int32_constant, labelled, op_code, op_names, read_model, schema, write_model
+from .tflite_graph import int32_constant, labelled, op_code, op_names, read_model, schema, signature_subgraphs, write_model
 
 FUSED_PREFIX = b"edgeq-fused/"
 
@@ -249,3 +249,16 @@ def fuse_siblings(buf: bytes) -> tuple[bytes, dict[int, list[list[str]]]]:
         report[i] = [[sg.tensors[op.outputs[0]].name.decode() for op in g] for g in groups]
     _prune(model_t)
     return write_model(model_t), report
+
+
+def fused_meta(buf: bytes, fused: dict[int, list[list[str]]]) -> dict | None:
+    """Per signature, how many groups of sibling FULLY_CONNECTEDs `tflite_fuse` made one op, and the groups' edgeq layers."""
+    if not fused:
+        return None
+    names = {index: name for name, index in signature_subgraphs(buf).items()}
+    out = {}
+    for index, groups in fused.items():
+        layers = [[found[0] for found in map(labelled, g) if found] for g in groups]
+        out[names.get(index, f"subgraph {index}")] = {"groups": len(groups), "ops_removed": sum(len(g) - 1 for g in groups),
+                                                      "layers": [g for g in layers if g] or None}
+    return out

@@ -56,6 +56,13 @@ def write_model(model_t) -> bytes:
     return bytes(builder.Output())
 
 
+def signature_subgraphs(buf: bytes) -> dict[str, int]:
+    """Each signature's subgraph index, read from the flatbuffer without unpacking it."""
+    root = schema().Model.GetRootAs(buf, 0)
+    return {root.SignatureDefs(i).SignatureKey().decode(): root.SignatureDefs(i).SubgraphIndex()
+            for i in range(root.SignatureDefsLength())}
+
+
 def op_names(model_t) -> list[str]:
     s = schema()
     names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}

@@ -70,7 +70,7 @@ class QuantizedModel:
             replaced.add(id(m.qweight))
         float_bytes = sum(t.numel() * t.element_size() for t in unique_float_tensors(self.model).values())
         after = float_bytes + q_bytes
-        from ..export.tflite import representability
+        from ..export.tflite_grids import representability
 
         return {
             "format_version": FORMAT_VERSION,
