@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
-from ..models.hf import eager_attention
+from ..models.hf import eager_attention, grouped_attention
 from ..quantize.modules import quant_layers
 from .tflite_decode import dynamic_slots, resize_check
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 10  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 11  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def schema():
@@ -274,7 +274,7 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
 
     import litert_torch
 
-    with float_rendering(model, folds), eager_attention(model, bundle.kind == "encoder"), torch.no_grad():
+    with float_rendering(model, folds), eager_attention(model, bundle.kind == "encoder"), grouped_attention(model), torch.no_grad():
         module = graph_module(bundle, model)
         try:
             if cache_len:

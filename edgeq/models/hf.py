@@ -43,6 +43,47 @@ def eager_attention(model: torch.nn.Module, enable: bool):
         model.set_attn_implementation(before)
 
 
+GROUPED = "edgeq_grouped"  # the attention implementation `grouped_attention` registers with transformers
+
+
+def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Hugging Face's eager attention for grouped-query models without repeating the keys and values: the query heads
+    that share kv head j (heads j * groups .. j * groups + groups - 1, as `repeat_kv` orders them) are stacked along the
+    sequence axis, so both products are one batched matmul per kv head. The same sums as eager attention, term by term."""
+    batch, heads, length, head_dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, head_dim), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = (scores.view(batch, kv_heads, groups, length, slots) + attention_mask[:, :, None, :, :slots]).view(scores.shape)
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).view(batch, heads, length, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def grouped_attention(model: torch.nn.Module):
+    """A Hugging Face grouped-query model (fewer key/value heads than query heads) runs `_grouped_attention` while in
+    the block; other models: no change. For graph export: eager and sdpa attention repeat each key and value head for
+    its query heads (`repeat_kv`), which litert-torch renders as BROADCAST_TOs that XNNPACK has no kernel for."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if before is None or not heads or not kv_heads or heads == kv_heads or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED, _grouped_attention)
+    AttentionMaskInterface.register(GROUPED, eager_mask)
+    model.set_attn_implementation(GROUPED)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
     import transformers
 

@@ -338,13 +338,17 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
         # that on some CPUs (AVX512-VNNI) it takes other dynamic-int8 kernels for one row than for many (0.017 here)
         assert _decode_vs_prefill(path, xnnpack=False) < 1e-4
         assert parity["vs_prefill_max_abs"] < (parity["max_abs"] if meta["variant"] == "dynamic-int8" else 1e-4), parity
-    # XNNPACK runs the step as one graph: only the lookups before the first layer are left to LiteRT's built-in kernels
-    # (a slice of size -1 once cut it into one partition per layer), and the 16x8 layers, which XNNPACK has no kernel for
-    xnnpack = meta["graph"]["xnnpack"]["decode"]
+    # XNNPACK runs each signature as one graph: only the lookups before the first layer (and the prefill's causal mask)
+    # are left to LiteRT's built-in kernels, and the 16x8 layers, which XNNPACK has no kernel for. A slice of size -1
+    # once cut the step into one partition per layer, and the keys and values repeated for grouped-query attention
+    # (BROADCAST_TO) cut the prefill
     wide = meta["readback"]["layers"] if meta["variant"] == "int16x8" else len((meta.get("int16x8_layers") or {}).get("layers", []))
-    assert xnnpack["builtin"].get("FULLY_CONNECTED", 0) == wide, xnnpack
-    if not wide:
-        assert xnnpack["partitions"] == 1 and set(xnnpack["builtin"]) <= {"CAST", "EMBEDDING_LOOKUP", "RESHAPE"}, xnnpack
+    for signature, lookups in (("decode", {"CAST", "EMBEDDING_LOOKUP", "RESHAPE"}),
+                               ("serving_default", {"EMBEDDING_LOOKUP", "RESHAPE", "SELECT_V2"})):
+        xnnpack = meta["graph"]["xnnpack"][signature]
+        assert xnnpack["builtin"].get("FULLY_CONNECTED", 0) == wide, (signature, xnnpack)
+        if not wide:
+            assert xnnpack["partitions"] == 1 and set(xnnpack["builtin"]) <= lookups, (signature, xnnpack)
     model_t = read_model(path.read_bytes())
     assert len(model_t.subgraphs) == 2
     tensors = [{t.name.decode(): t.buffer for t in sg.tensors} for sg in model_t.subgraphs]
@@ -369,6 +373,30 @@ def _decode_vs_prefill(path: Path, xnnpack: bool) -> float:
     step = TfliteRunner(path, signature="decode", xnnpack=xnnpack)
     got, _ = run_steps(step, ids[:, :16], zero_caches(step))
     return float(np.max(np.abs(got - prefill[0, :16])))
+
+
+def test_grouped_attention_is_eager_attention_without_repeats():
+    """The attention the TFLite prefill is converted with (query heads stacked per kv head instead of `repeat_kv`) gives
+    Hugging Face's eager attention's logits, with a padded batch's mask too, and hands the model back as it was."""
+    from edgeq.models.hf import grouped_attention
+
+    model = load_model("tiny-llama").module.eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query, or nothing is tested
+    before = model.config._attn_implementation
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: the mask, not causality alone, decides what row 1 attends to
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=ids, attention_mask=mask).logits
+        unmasked = model(input_ids=ids).logits
+        with grouped_attention(model):
+            assert model.config._attn_implementation == "edgeq_grouped"
+            grouped = model(input_ids=ids, attention_mask=mask).logits
+        assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation(before)
+    assert torch.allclose(grouped[0], eager[0], atol=1e-5) and torch.allclose(grouped[1, 5:], eager[1, 5:], atol=1e-5)
+    assert not torch.allclose(unmasked[1, 5:], eager[1, 5:], atol=1e-3)  # the mask mattered
 
 
 def test_decode_signature_generates_like_transformers(tmp_path):
