@@ -24,6 +24,20 @@ for _name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._
 
 
 @contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str | None):
+    """A Hugging Face model runs attention implementation `name` while in the block, and its own after; no change with
+    `name` None or for models without one."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if name is None or before in (None, name) or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def eager_attention(model: torch.nn.Module, enable: bool):
     """A Hugging Face model runs its eager attention instead of sdpa while `enable` (other models: no change).
 
@@ -31,16 +45,7 @@ def eager_attention(model: torch.nn.Module, enable: bool):
     TFLite conversion of encoders needs the scores scaled after the matmul, because litert-torch lowers sdpa by
     scaling queries and keys by sqrt(scale) each, constants the converter folds into the query and key weights.
     """
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if not enable or before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
+    return attention_implementation(model, "eager" if enable else None)
 
 
 GROUPED = "edgeq_grouped"  # the attention implementation `grouped_attention` registers with transformers
@@ -61,27 +66,20 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
 def grouped_attention(model: torch.nn.Module):
     """A Hugging Face grouped-query model (fewer key/value heads than query heads) runs `_grouped_attention` while in
     the block; other models: no change. For graph export: eager and sdpa attention repeat each key and value head for
     its query heads (`repeat_kv`), which litert-torch renders as BROADCAST_TOs that XNNPACK has no kernel for."""
     config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    if before is None or not heads or not kv_heads or heads == kv_heads or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
+    if not heads or not kv_heads or heads == kv_heads:
+        return attention_implementation(model, None)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(GROUPED, _grouped_attention)
     AttentionMaskInterface.register(GROUPED, eager_mask)
-    model.set_attn_implementation(GROUPED)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
+    return attention_implementation(model, GROUPED)
 
 
 def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
