@@ -69,7 +69,7 @@ def decode_file(path: Path, slots: int, fused: bool) -> int:
     import torch
 
     from edgeq.export.tflite_decode import KVDecode, example_inputs
-    from edgeq.export.tflite_graph import op_names, read_model
+    from edgeq.export.tflite_flatbuffer import op_names, read_model
     from edgeq.models import load_model
 
     model = load_model("smollm2-135m").module.eval()

@@ -5,7 +5,7 @@
 Each --file is an edgeq export with a decode signature whose slot count is the runtime's choice, made since
 2026-12-03 (`tflite_decode.dynamic_slots` writes the slice of the cached slots' probabilities as a STRIDED_SLICE to
 the end of every axis). Its twin is the same file with that op put back as the SLICE of size -1 that files made before
-2026-12-03 hold. For each pair: the XNNPACK coverage of the decode signature (`tflite_check.xnnpack_coverage`:
+2026-12-03 hold. For each pair: the XNNPACK coverage of the decode signature (`tflite_runtime.xnnpack_coverage`:
 partitions, ops left to LiteRT's built-in kernels), the logits of a few steps at the declared and at a resized slot
 count (must be the same), and one step holding --slots slots at position slots / 2 with the caches in the
 interpreter's buffers (tflite_runtime.DecodeSession), at 1 and 2 threads: in each of --rounds fresh processes (load
@@ -29,9 +29,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from hostinfo import machine, write_result  # noqa: E402
 from probe_tflite_fusion import time_rows  # noqa: E402
 
-from edgeq.export.tflite_check import inline_buffers, xnnpack_coverage  # noqa: E402
-from edgeq.export.tflite_graph import op_names, read_model, schema, write_model  # noqa: E402
-from edgeq.export.tflite_runtime import DecodeSession, runtime_version  # noqa: E402
+from edgeq.export.tflite_flatbuffer import inline_buffers, op_names, read_model, schema, write_model  # noqa: E402
+from edgeq.export.tflite_runtime import DecodeSession, runtime_version, xnnpack_coverage  # noqa: E402
 from edgeq.fileio import write_bytes_atomic  # noqa: E402
 
 

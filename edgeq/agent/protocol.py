@@ -57,8 +57,9 @@ share its packed copy; default: LiteRT's Interpreter).
 RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 "invalid_reasons": [...], "error": str|null, "artifact_sha256", "format", "size_bytes",
 "load_ms", "first_inference_ms", "warmup": {...}, "threads", "runtime": {"name", "version",
-"provider", "xnnpack" (TFLite Interpreter, first subgraph: {"nodes", "partitions", "builtin"}, what this
-runtime's XNNPACK took; else null with "xnnpack_note")}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
+"provider", "xnnpack" (TFLite Interpreter: {"nodes", "partitions", "builtin"}, what this runtime's XNNPACK
+took of the signature run; a signature past the file's first subgraph is loaded alone for it after the timed
+runs, "xnnpack_note" saying so; null with "xnnpack_note" giving the reason where not measured)}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
 "ci95_median": [lo, hi], "ci_method", "raw": [...]}, "peak_rss_mb", "power": {...},
 "inputs": [...], "fingerprint": {...}, "conditions": {...}}`.
 """

@@ -9,6 +9,7 @@ XNNPACK's weight cache held in memory (`CompiledLiteRtModel`).
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from importlib import metadata
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeqError
-from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io
+from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io, xnnpack_coverage
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV")
 
@@ -120,18 +121,39 @@ class LiteRtModel:
         self.runtime = {"name": name, "version": version,
                         "provider": "XNNPACK delegate" if xnnpack else "builtin CPU kernels (no delegate)",
                         "load_log": log.text[-2000:]}
+        self.path, self.signature_name, self.coverage_pending = path, signature, False
         self.runtime.update(self._coverage(nodes) if xnnpack else {})
 
     def _coverage(self, nodes: int | None) -> dict:
         """What this board's runtime gave XNNPACK (`xnnpack`: nodes, partitions, op types left to the built-in
-        kernels, as FILE.json `graph.xnnpack` says for the export host), or `xnnpack_note` saying why not measured."""
+        kernels, as FILE.json `graph.xnnpack` says for the export host), or `xnnpack_note` saying why not measured.
+        The interpreter lists the nodes of the file's first subgraph only: another signature's (a decoder LM's
+        `decode`) are left to `signature_coverage`, after the measurements."""
         subgraph = 0 if self.runner is None else (signature_io(self.runner) or (None, None))[1]
         if nodes is None or subgraph is None:
             return {"xnnpack": None, "xnnpack_note": "this runtime's interpreter does not list its nodes"}
         if subgraph != 0:
-            return {"xnnpack": None, "xnnpack_note": "the interpreter lists the nodes of the file's first subgraph only; "
-                                                     "FILE.json graph.xnnpack has this signature's on the export host"}
+            self.coverage_pending = True
+            return {"xnnpack": None, "xnnpack_note": "not measured yet: measured after the timed runs"}
         return {"xnnpack": delegate_coverage(self.interpreter, nodes)}
+
+    def signature_coverage(self) -> dict:
+        """`xnnpack` for a signature that is not the file's first subgraph, from a second, one-thread interpreter
+        holding that signature's subgraph alone (`xnnpack_coverage`, what the export host does for FILE.json, the
+        subgraph written beside the file). Its delegate packs the weights again, so the runner calls this last, after
+        the timed runs and the peak RSS, and the timed interpreter is released first: the model cannot run after it.
+        A runtime or a memory limit that cannot do it gives `xnnpack_note` with the reason."""
+        self.runner = self.interpreter = self._signature_io = None
+        gc.collect()
+        try:
+            with _CaptureStderr():
+                coverage = xnnpack_coverage(self.path, self.signature_name, workdir=self.path.parent)
+        except (EdgeqError, MemoryError, OSError, RuntimeError, ValueError) as exc:
+            return {"xnnpack": None, "xnnpack_note": f"not measured: loading the {self.signature_name!r} subgraph alone "
+                                                     f"failed ({type(exc).__name__}: {str(exc)[:300]})"}
+        if coverage is None:
+            return {"xnnpack": None, "xnnpack_note": "this runtime's interpreter does not list its nodes"}
+        return {"xnnpack": coverage, "xnnpack_note": f"the {self.signature_name!r} subgraph loaded alone after the timed runs"}
 
     def signature(self) -> list[dict]:
         if self.runner is not None:

@@ -300,8 +300,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
 
 def _xnnpack_coverage(buf: bytes, signatures: list[str]) -> dict:
-    from .tflite_check import xnnpack_coverage
-    from .tflite_runtime import runtime_version
+    from .tflite_runtime import runtime_version, xnnpack_coverage
 
     out = {name: xnnpack_coverage(buf, name) for name in signatures}
     if None in out.values():  # a runtime whose interpreter does not list its nodes

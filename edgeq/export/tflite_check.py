@@ -15,6 +15,7 @@ import torch
 
 from ..errors import EdgeqError
 from ..quantize.modules import QuantEmbedding, QuantLinear
+from .tflite_flatbuffer import buffer_bytes, op_names, read_model, schema
 
 
 def _int_layout(module) -> np.ndarray:
@@ -36,26 +37,8 @@ def _unpack_int4(raw: np.ndarray, n: int) -> np.ndarray:
     return np.where(q >= 8, q - 16, q)
 
 
-def buffer_bytes(model_t, index: int, buf: bytes) -> np.ndarray | None:
-    """A buffer's bytes, inline or (large models, ai-edge-quantizer's output) at an offset past the flatbuffer."""
-    b = model_t.buffers[index]
-    if b.data is not None:
-        return np.asarray(b.data, dtype=np.uint8)
-    if getattr(b, "offset", 0) > 1 and b.size:
-        return np.frombuffer(buf, dtype=np.uint8, count=b.size, offset=b.offset)
-    return None
-
-
-def inline_buffers(model_t, buf: bytes) -> None:
-    """Move the data a flatbuffer keeps past its end (offsets into `buf`) into its buffers, in place: what writing an
-    edited `model_t` again needs, as the offsets change."""
-    for i, b in enumerate(model_t.buffers):
-        if getattr(b, "offset", 0) > 1:
-            b.data, b.offset, b.size = buffer_bytes(model_t, i, buf), 0, 0
-
-
 def _tensor_ints(model_t, tensor, buf: bytes) -> np.ndarray | None:
-    s = _schema()
+    s = schema()
     raw = buffer_bytes(model_t, tensor.buffer, buf)
     if raw is None:
         return None
@@ -67,16 +50,10 @@ def _tensor_ints(model_t, tensor, buf: bytes) -> np.ndarray | None:
     return None
 
 
-def _schema():
-    from .tflite_graph import schema
-
-    return schema()
-
-
 def _fp16_scales(model_t, sg, index: int, buf: bytes) -> np.ndarray:
     t = sg.tensors[index]
     raw = buffer_bytes(model_t, t.buffer, buf)
-    dtype = np.float16 if t.type == _schema().TensorType.FLOAT16 else np.float32
+    dtype = np.float16 if t.type == schema().TensorType.FLOAT16 else np.float32
     return raw.view(dtype).astype(np.float32).reshape(tuple(t.shape))
 
 
@@ -87,7 +64,7 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     edgeq's scales times the norm's factor); by default every layer must hold edgeq's own. A file
     with several signatures (prefill and decode) is checked in each subgraph.
     """
-    from .tflite_graph import labelled, op_names, read_model
+    from .tflite_graph import labelled
 
     model_t = read_model(buf)
     codes = op_names(model_t)
@@ -135,7 +112,7 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
 def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes, rows: tuple | None = None) -> dict:
     """One weight tensor of layer `m` against edgeq's integers, scales (and static input grid); `rows`: the layer's
     rows [start, stop) of a fused weight."""
-    s = _schema()
+    s = schema()
     d = m.decision
     t = sg.tensors[ti]
     ints = _tensor_ints(model_t, t, buf)
@@ -185,34 +162,6 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
     s = np.float32(m.act_scale.item())
     a = m.decision.activation
     # int16 (16x8): symmetric, zero point 0; int8: edgeq's uint8 zero point - 128
-    z, kind = (0, _schema().TensorType.INT16) if a.bits == 16 else (int(m.act_zero_point.item()) - 128, _schema().TensorType.INT8)
+    z, kind = (0, schema().TensorType.INT16) if a.bits == 16 else (int(m.act_zero_point.item()) - 128, schema().TensorType.INT8)
     return bool(np.float32(qp.scale[0]).view(np.uint32) == s.view(np.uint32) and int(qp.zeroPoint[0]) == z
                 and sg.tensors[op.inputs[0]].type == kind)
-
-
-def xnnpack_coverage(buf: bytes, signature: str) -> dict | None:
-    """How LiteRT's default XNNPACK delegate takes a signature of `buf` (`tflite_runtime.delegate_coverage`: nodes,
-    partitions, the op types left to the built-in kernels; a SLICE of size -1 once cut SmolLM2's decode step into
-    31 partitions), found by loading the signature's subgraph alone (the interpreter's node list covers only the
-    first). Reaches into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`,
-    `NodeOutputs`; 2.3, tested): None where a runtime's interpreter has no such wrapper."""
-    from .tflite_graph import read_model, signature_subgraphs, write_model
-    from .tflite_runtime import delegate_coverage, interpreter_class, node_count
-
-    index = signature_subgraphs(buf).get(signature)
-    if index is None:
-        raise EdgeqError(f"tflite: signature {signature!r} is not in the file")
-    if index != 0:  # unpacked only then: a large model's buffers take seconds to copy
-        model_t = read_model(buf)
-        inline_buffers(model_t, buf)
-        model_t.subgraphs = [model_t.subgraphs[index]]
-        model_t.signatureDefs = [d for d in model_t.signatureDefs if d.subgraphIndex == index]
-        model_t.signatureDefs[0].subgraphIndex = 0
-        buf = write_model(model_t)
-        del model_t
-    interpreter = interpreter_class()(model_content=buf, num_threads=1)
-    nodes = node_count(interpreter)  # before the delegate is applied (at allocation)
-    if nodes is None:
-        return None
-    interpreter.allocate_tensors()
-    return delegate_coverage(interpreter, nodes)

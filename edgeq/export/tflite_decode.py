@@ -193,7 +193,8 @@ def dynamic_slots(model_t, cache_len: int) -> str | None:
     XNNPACK partition per layer (31 instead of 1). Returns None when done, else why not, and then changes nothing.
     Whether no other constant names the slot count (a value alone cannot tell it from a head size of the same
     number) is `resize_check`'s to prove, by running the result."""
-    from .tflite_graph import int32_constant, op_code, op_names, schema
+    from .tflite_flatbuffer import op_names, schema
+    from .tflite_graph import int32_constant, op_code
 
     s = schema()
     sig = next((d for d in model_t.signatureDefs if d.signatureKey == b"decode"), None)

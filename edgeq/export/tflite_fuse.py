@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tflite_check import inline_buffers
-from .tflite_graph import int32_constant, labelled, op_code, op_names, read_model, schema, signature_subgraphs, write_model
+from .tflite_flatbuffer import inline_buffers, op_names, read_model, schema, signature_subgraphs, write_model
+from .tflite_graph import int32_constant, labelled, op_code
 
 FUSED_PREFIX = b"edgeq-fused/"
 

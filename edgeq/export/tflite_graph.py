@@ -29,44 +29,11 @@ from ..errors import EdgeqError
 from ..models.hf import eager_attention, grouped_attention
 from ..quantize.modules import quant_layers
 from .tflite_decode import dynamic_slots, resize_check
+from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs, write_model
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
 GRAPH_VERSION = 11  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
-
-
-def schema():
-    from ai_edge_litert import schema_py_generated
-
-    return schema_py_generated
-
-
-# ---- flatbuffer side ------------------------------------------------------------------------
-
-def read_model(buf: bytes):
-    s = schema()
-    return s.ModelT.InitFromObj(s.Model.GetRootAs(buf, 0))
-
-
-def write_model(model_t) -> bytes:
-    import flatbuffers
-
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model_t.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def signature_subgraphs(buf: bytes) -> dict[str, int]:
-    """Each signature's subgraph index, read from the flatbuffer without unpacking it."""
-    root = schema().Model.GetRootAs(buf, 0)
-    return {root.SignatureDefs(i).SignatureKey().decode(): root.SignatureDefs(i).SubgraphIndex()
-            for i in range(root.SignatureDefsLength())}
-
-
-def op_names(model_t) -> list[str]:
-    s = schema()
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-    return [names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), str(oc.builtinCode)) for oc in model_t.operatorCodes]
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:

@@ -103,7 +103,8 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     """
     from ai_edge_quantizer import quantizer
 
-    from .tflite_graph import layer_ops, read_model
+    from .tflite_flatbuffer import read_model
+    from .tflite_graph import layer_ops
 
     qt = quantizer.Quantizer(bytearray(float_buf))
     qt.load_quantization_recipe(recipe(layers, ops, static))

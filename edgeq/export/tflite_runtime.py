@@ -8,6 +8,7 @@ came from; outputs come back in signature order, logits first.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -91,6 +92,37 @@ def delegate_coverage(interpreter, nodes: int) -> dict:
         if i not in delegated:
             builtin[w.NodeName(i)] = builtin.get(w.NodeName(i), 0) + 1
     return {"nodes": nodes, "partitions": partitions, "builtin": dict(sorted(builtin.items()))}
+
+
+def xnnpack_coverage(model: bytes | Path, signature: str, workdir: Path | None = None) -> dict | None:
+    """How LiteRT's default XNNPACK delegate takes a signature of `model` (a file's bytes or path; `delegate_coverage`:
+    nodes, partitions, the op types left to the built-in kernels; a SLICE of size -1 once cut SmolLM2's decode step
+    into 31 partitions), in a one-thread interpreter of its own. The interpreter lists the nodes of a file's first
+    subgraph only, so another signature's subgraph is written alone to a file in `workdir` (a temporary directory by
+    default; `tflite_flatbuffer.write_signature_alone`, its weights mapped, not copied) and loaded from there. Reaches
+    into ai-edge-litert's interpreter wrapper (`NumNodes`, `NodeName`, `NodeInputs`, `NodeOutputs`; 2.3, tested):
+    None where a runtime's interpreter has no such wrapper."""
+    import mmap
+    import tempfile
+
+    from .tflite_flatbuffer import write_signature_alone
+
+    with contextlib.ExitStack() as stack:
+        buf = model
+        if isinstance(model, Path):
+            fh = stack.enter_context(open(model, "rb"))
+            buf = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+        alone = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir))) / "signature.tflite"
+        if write_signature_alone(buf, signature, alone):
+            kwargs = {"model_path": str(alone)}
+        else:
+            kwargs = {"model_path": str(model)} if isinstance(model, Path) else {"model_content": bytes(model)}
+        interpreter = interpreter_class()(num_threads=1, **kwargs)
+        nodes = node_count(interpreter)  # before the delegate is applied (at allocation)
+        if nodes is None:
+            return None
+        interpreter.allocate_tensors()
+        return delegate_coverage(interpreter, nodes)
 
 
 class TfliteRunner:

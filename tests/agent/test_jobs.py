@@ -70,6 +70,8 @@ def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
     """`config.signature` times one signature of a multi-signature file (a decoder LM's `decode` step)
     through LiteRT's signature runner; a name the file lacks, or a signature on ONNX, fails the job by name."""
     pytest.importorskip("ai_edge_litert")
+    from edgeq.export.tflite_runtime import xnnpack_coverage
+
     client = shared_agent.client()
     r = run_job(client, two_signature_tflite)
     assert r["status"] == "valid" and r["signature"] is None and [i["shape"] for i in r["inputs"]] == [[1, 16]]
@@ -79,7 +81,10 @@ def test_tflite_named_signature(shared_agent, two_signature_tflite, tiny_onnx):
     assert r["status"] == "valid", r.get("error")
     assert r["signature"] == "decode" and r["latency_ms"]["n"] > 0
     assert [(i["name"], i["shape"]) for i in r["inputs"]] == [("args_0", [1, 4]), ("args_1", [1])]
-    assert r["runtime"]["xnnpack"] is None and "first subgraph only" in r["runtime"]["xnnpack_note"]
+    # the interpreter lists its first subgraph's nodes only: the decode subgraph's come from loading it alone
+    assert r["runtime"]["xnnpack"] == xnnpack_coverage(two_signature_tflite.read_bytes(), "decode")
+    assert r["runtime"]["xnnpack"]["builtin"] == {"CAST": 1}  # the step's int32 -> float cast, not the first subgraph
+    assert "loaded alone" in r["runtime"]["xnnpack_note"]
     r = run_job(client, two_signature_tflite, {"signature": "serving_default"})  # the first subgraph, by name
     assert r["runtime"]["xnnpack"]["partitions"] == 1
     r = run_job(client, two_signature_tflite, {"signature": "decode"})  # no metadata: the signature's own inputs
@@ -96,7 +101,7 @@ def test_ops_xnnpack_leaves_are_a_warning(shared_agent, int16x8_tflite):
     """A layer this runtime's XNNPACK has no kernel for (here 16x8: int16 activations, int8 weights) still runs, on
     LiteRT's slower built-in kernels: the result says which, measured on the agent, and warns."""
     pytest.importorskip("ai_edge_litert")
-    from edgeq.export.tflite_check import xnnpack_coverage
+    from edgeq.export.tflite_runtime import xnnpack_coverage
 
     r = run_job(shared_agent.client(), int16x8_tflite)
     assert r["status"] == "valid", r.get("error")
@@ -203,6 +208,27 @@ def test_weight_cache_packs_a_shared_weight_once(shared_weight_tflite, two_signa
     weight = 2048 * 2048 * 4
     interpreter, cached = grown(False), grown(True)
     assert interpreter - cached > weight // 2, (interpreter, cached)
+
+
+def test_a_signature_written_alone_runs_as_in_its_file(tmp_path, shared_weight_tflite):
+    """How the agent reads a `decode` signature's XNNPACK coverage: the signature's subgraph written alone, its
+    weights after the flatbuffer by offset (not copied into it), runs as the same signature of the whole file."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.export.tflite_flatbuffer import read_model, write_signature_alone
+    from edgeq.export.tflite_runtime import TfliteRunner
+
+    buf = shared_weight_tflite.read_bytes()
+    assert not write_signature_alone(buf, "serving_default", tmp_path / "first.tflite")  # already the first subgraph
+    assert not (tmp_path / "first.tflite").exists()
+    assert write_signature_alone(buf, "decode", tmp_path / "decode.tflite")
+    alone = (tmp_path / "decode.tflite").read_bytes()
+    model_t = read_model(alone)
+    assert len(model_t.subgraphs) == 1 and [d.signatureKey for d in model_t.signatureDefs] == [b"decode"]
+    assert max(b.size for b in model_t.buffers) == 2048 * 2048 * 4  # the weight, once, past the flatbuffer
+    assert all(b.data is None for b in model_t.buffers) and len(alone) < len(buf) + 4096
+    x = np.random.default_rng(0).standard_normal((1, 2048)).astype(np.float32)
+    want = TfliteRunner(shared_weight_tflite, signature="decode")(x)[0]
+    np.testing.assert_array_equal(TfliteRunner(tmp_path / "decode.tflite")(x)[0], want)
 
 
 def test_job_meta_takes_the_signatures_inputs():

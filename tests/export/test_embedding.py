@@ -126,7 +126,7 @@ def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, 
     and row scales (read back bitwise); full-integer TFLite refuses, naming what works."""
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
-    from edgeq.export.tflite_graph import op_names, read_model, schema
+    from edgeq.export.tflite_flatbuffer import op_names, read_model, schema
 
     _, qdir = tied_qdir
     out = tmp_path / "emb.tflite"

@@ -210,7 +210,7 @@ def test_int4_blockwise_read_back(exported):
     layer = next(iter(report["layers"].values()))
     assert layer["tflite_type"] == "INT4" and layer["block_size"] == 128
     # a corrupted copy must be caught: flip one weight nibble of the first layer, in place in the file
-    from edgeq.export.tflite_graph import read_model
+    from edgeq.export.tflite_flatbuffer import read_model
 
     raw = bytearray(path.read_bytes())
     model_t = read_model(bytes(raw))
@@ -232,7 +232,8 @@ def test_fused_siblings_keep_every_bit(exported, tmp_path):
     from edgeq.export.tflite_check import read_back
     from edgeq.export.tflite_decode import run_steps, zero_caches
     from edgeq.export.tflite_fuse import fuse_siblings, fused_names
-    from edgeq.export.tflite_graph import float_graph, labelled, op_names, read_model
+    from edgeq.export.tflite_flatbuffer import op_names, read_model
+    from edgeq.export.tflite_graph import float_graph, labelled
     from edgeq.export.tflite_runtime import TfliteRunner
 
     bundle = load_model("tiny-llama")
@@ -323,7 +324,8 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     the simulation's logits, and (except where LiteRT requantizes outputs to integer grids: full integer) the
     prefill signature's. A full-integer layer's output grid is one grid in both signatures (the union of their
     calibrated ranges): grids of the few calibration steps alone clipped SmolLM2's outliers in the decode step."""
-    from edgeq.export.tflite_graph import label, read_model
+    from edgeq.export.tflite_flatbuffer import read_model
+    from edgeq.export.tflite_graph import label
 
     path, meta, qdir = exported[case]
     decode = meta["graph"]["decode"]
@@ -461,7 +463,7 @@ def test_decode_signature_options(tmp_path):
 
     with pytest.raises(EdgeqError, match="signature 'decode' is not one of: serving_default"):
         TfliteRunner(tmp_path / "a.tflite", signature="decode")
-    from edgeq.export.tflite_check import xnnpack_coverage
+    from edgeq.export.tflite_runtime import xnnpack_coverage
 
     assert list(meta["graph"]["xnnpack"]) == ["serving_default"]
     with pytest.raises(EdgeqError, match="signature 'decode' is not in the file"):
@@ -479,7 +481,8 @@ def test_dynamic_slots_are_proven_by_running_them():
     """The slot count becomes a run-time choice only where the step resized gives the declared step's logits: the graph
     as litert-torch converts it (slots fixed) fails that check by name, the same graph after `dynamic_slots` passes."""
     from edgeq.export.tflite_decode import dynamic_slots, resize_check
-    from edgeq.export.tflite_graph import convert, read_model, schema, write_model
+    from edgeq.export.tflite_flatbuffer import read_model, schema, write_model
+    from edgeq.export.tflite_graph import convert
 
     bundle = load_model("tiny-llama")
     buf = convert(bundle, bundle.module.eval(), 8, None, 24)
