@@ -84,11 +84,12 @@ def write_signature_alone(buf, signature: str, dest: Path) -> bool:
     chunks = [(b, data) for b, data in chunks if data is not None and data.size]
     for b, data in chunks:  # offsets > 1 mean "past the flatbuffer"; any such value packs to the same length
         b.data, b.offset, b.size = None, 2, data.size
-    head = write_model(model_t)
-    end = _align(len(head))
+    start = end = _align(len(write_model(model_t)))
     for b, data in chunks:
         b.offset, end = end, _align(end + data.size)
     head = write_model(model_t)
+    if len(head) > start:  # cannot happen while offsets are fixed-width fields; never write overlapping data
+        raise EdgeqError(f"tflite: the flatbuffer grew to {len(head)} bytes when its offsets were set (planned {start})")
     with open(dest, "wb") as fh:
         fh.write(head)
         for b, data in chunks:
