@@ -107,13 +107,15 @@ def xnnpack_coverage(model: bytes | Path, signature: str, workdir: Path | None =
 
     from .tflite_flatbuffer import write_signature_alone
 
-    with contextlib.ExitStack() as stack:
-        buf = model
-        if isinstance(model, Path):
-            fh = stack.enter_context(open(model, "rb"))
-            buf = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-        alone = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir))) / "signature.tflite"
-        if write_signature_alone(buf, signature, alone):
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        alone = Path(tmp) / "signature.tflite"
+        with contextlib.ExitStack() as source:  # the file mapped while it is copied, unmapped before the load
+            buf = model
+            if isinstance(model, Path):
+                fh = source.enter_context(open(model, "rb"))
+                buf = source.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            written = write_signature_alone(buf, signature, alone)
+        if written:
             kwargs = {"model_path": str(alone)}
         else:
             kwargs = {"model_path": str(model)} if isinstance(model, Path) else {"model_content": bytes(model)}
