@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from ..errors import EdgeqError, choice_error
+from ..models.hf import grouped_attention
 from . import register_exporter
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
@@ -113,7 +114,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     layers = LayerQ.from_model(qm.layers()) if qm is not None else []
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
-    with dequantized(bundle.module):
+    with dequantized(bundle.module), grouped_attention(bundle.module):
         graphs = [export_graph(s, cache=graph_cache) for s in specs]
     protos = [p for p, _ in graphs]
     # a decode step's per-token grids are one row each when its batch is 1: rendered per tensor (ORT's fused kernels)

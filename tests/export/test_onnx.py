@@ -331,6 +331,17 @@ def test_decode_step_matches_prefill(tiny_exports, name):
     assert meta["parity"]["decode_vs_prefill_max_abs"] < (1.0 if name.startswith("w8-") else 1e-3)
 
 
+def test_grouped_query_graphs_repeat_no_heads(tiny_exports):
+    """tiny-llama's 4 query heads share 2 key/value heads: its graphs are traced with edgeq's grouped attention, which
+    multiplies each kv head with its query heads stacked. sdpa's rendering repeated every key and value head (an Expand
+    per layer for each) and masked its softmax's NaNs (Where(IsNaN)) over every layer's scores."""
+    _, out, _ = tiny_exports["fp32"]
+    for path in (out, out.with_name(f"{out.stem}.decode.onnx")):
+        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        assert ops.count("IsNaN") == 0 and ops.count("Expand") < 4, (path.name, ops.count("Expand"))
+        assert ops.count("Softmax") == 4
+
+
 @pytest.fixture(scope="session")
 def cnn_exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onnx-cnn")
