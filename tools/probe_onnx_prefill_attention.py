@@ -22,7 +22,6 @@ import argparse
 import collections
 import contextlib
 import functools
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import fresh_process_rounds, interleaved, log  # noqa: E402
 from hostinfo import machine, write_result  # noqa: E402
+from probe_tflite_prefill_attention import hf_attention  # noqa: E402
 
 from edgeq.export.onnx_runtime import OnnxRunner  # noqa: E402
 from edgeq.fileio import read_json  # noqa: E402
@@ -44,23 +44,11 @@ KINDS = ("grouped", "sdpa")
 COUNTED = ("Expand", "Where", "IsNaN", "Softmax", "MatMul")
 
 
-@contextlib.contextmanager
 def sdpa_attention(work: Path):
-    """Exports in the block trace Hugging Face's sdpa attention, caching their graphs under `work` so that edgeq's
-    cache never mixes the two."""
+    """Exports in the block trace Hugging Face's sdpa attention."""
     from edgeq.export import onnx as onnx_export
 
-    before, cache = onnx_export.grouped_attention, os.environ.get("EDGEQ_CACHE")
-    onnx_export.grouped_attention = lambda model: contextlib.nullcontext()
-    os.environ["EDGEQ_CACHE"] = str(work / "cache-sdpa")
-    try:
-        yield
-    finally:
-        onnx_export.grouped_attention = before
-        if cache is None:
-            os.environ.pop("EDGEQ_CACHE")
-        else:
-            os.environ["EDGEQ_CACHE"] = cache
+    return hf_attention(onnx_export, work / "cache-sdpa")
 
 
 def export_pairs(model: str, qdir: Path, work: Path) -> dict[str, Path]:

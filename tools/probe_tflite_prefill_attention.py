@@ -42,22 +42,27 @@ KINDS = ("grouped", "repeated")
 
 
 @contextlib.contextmanager
-def repeated_attention(work: Path):
-    """Exports in the block convert with Hugging Face's own attention (repeat_kv), caching their float graphs under
-    `work` so that edgeq's cache never mixes the two."""
-    from edgeq.export import tflite_graph
-
-    before, cache = tflite_graph.grouped_attention, os.environ.get("EDGEQ_CACHE")
-    tflite_graph.grouped_attention = lambda model: contextlib.nullcontext()
-    os.environ["EDGEQ_CACHE"] = str(work / "cache-repeated")
+def hf_attention(exporter, cache: Path):
+    """Exports in the block trace Hugging Face's own attention (the `grouped_attention` the `exporter` module applies
+    is a no-op), caching their graphs under `cache` so that edgeq's cache never mixes the two."""
+    before, saved = exporter.grouped_attention, os.environ.get("EDGEQ_CACHE")
+    exporter.grouped_attention = lambda model: contextlib.nullcontext()
+    os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         yield
     finally:
-        tflite_graph.grouped_attention = before
-        if cache is None:
+        exporter.grouped_attention = before
+        if saved is None:
             os.environ.pop("EDGEQ_CACHE")
         else:
-            os.environ["EDGEQ_CACHE"] = cache
+            os.environ["EDGEQ_CACHE"] = saved
+
+
+def repeated_attention(work: Path):
+    """Exports in the block convert with Hugging Face's own attention (repeat_kv)."""
+    from edgeq.export import tflite_graph
+
+    return hf_attention(tflite_graph, work / "cache-repeated")
 
 
 def export_pair(qdir: Path, work: Path, seq_len: int) -> dict[str, Path]:
