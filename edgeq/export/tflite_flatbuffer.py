@@ -69,7 +69,7 @@ def write_signature_alone(buf, signature: str, dest: Path) -> bool:
     """Write to `dest` the file `buf` (bytes, or an mmap of a file) with `signature`'s subgraph as its only one: what a
     runtime that reports on its first subgraph only needs to report on another signature. The weights are not copied
     into a new flatbuffer: every buffer's data goes after it, found by offset (LiteRT's layout for files past 2 GB,
-    which it reads from any file), so loading `dest` by path maps it instead of holding a second copy in memory.
+    which ai-edge-litert 2.3 reads from a file of any size: tested), so loading `dest` by path maps it instead of holding a second copy in memory.
     False, and nothing written, when the signature's subgraph is the first already."""
     index = signature_subgraphs(buf).get(signature)
     if index is None:
