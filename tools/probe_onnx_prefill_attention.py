@@ -6,8 +6,8 @@
 ONNX exports traced Hugging Face's sdpa attention: torch.onnx renders it with the key and value heads repeated for the
 query heads that share them (Expand) and, after the softmax, `Where(IsNaN(p), 0, p)` for rows with nothing to attend
 to (torch's "safe softmax"), an elementwise pass over every layer's [heads, tokens, tokens] scores. edgeq now traces
-them with `edgeq.models.hf.grouped_attention`, as it converts TFLite files: eager attention with the query heads of one
-kv head stacked along the sequence axis. For QDIR, fp32 and its recipe's default variant are exported both ways (the
+decoder LMs with `edgeq.models.hf.decoder_attention`: for grouped-query models `grouped_attention`, as it converts
+TFLite files (eager attention with the query heads of one kv head stacked along the sequence axis). For QDIR, fp32 and its recipe's default variant are exported both ways (the
 sdpa graphs cached apart). Reported: each file's ops of those kinds and its parity with the simulation (FILE.json);
 the fp32 twins' logits against each other; the default twins' perplexity and top-1 agreement with the fp32 file on
 --windows evaluation windows of 512 tokens; one prefill of each --seq-len tokens and one decode step after --past
@@ -48,7 +48,7 @@ def sdpa_attention(work: Path):
     """Exports in the block trace Hugging Face's sdpa attention."""
     from edgeq.export import onnx as onnx_export
 
-    return hf_attention(onnx_export, work / "cache-sdpa")
+    return hf_attention(onnx_export, "decoder_attention", work / "cache-sdpa")
 
 
 def export_pairs(model: str, qdir: Path, work: Path) -> dict[str, Path]:

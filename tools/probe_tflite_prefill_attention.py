@@ -42,16 +42,16 @@ KINDS = ("grouped", "repeated")
 
 
 @contextlib.contextmanager
-def hf_attention(exporter, cache: Path):
-    """Exports in the block trace Hugging Face's own attention (the `grouped_attention` the `exporter` module applies
-    is a no-op), caching their graphs under `cache` so that edgeq's cache never mixes the two."""
-    before, saved = exporter.grouped_attention, os.environ.get("EDGEQ_CACHE")
-    exporter.grouped_attention = lambda model: contextlib.nullcontext()
+def hf_attention(exporter, name: str, cache: Path):
+    """Exports in the block trace Hugging Face's own attention (the attention context `name` the `exporter` module
+    applies is a no-op), caching their graphs under `cache` so that edgeq's cache never mixes the two."""
+    before, saved = getattr(exporter, name), os.environ.get("EDGEQ_CACHE")
+    setattr(exporter, name, lambda model: contextlib.nullcontext())
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         yield
     finally:
-        exporter.grouped_attention = before
+        setattr(exporter, name, before)
         if saved is None:
             os.environ.pop("EDGEQ_CACHE")
         else:
@@ -62,7 +62,7 @@ def repeated_attention(work: Path):
     """Exports in the block convert with Hugging Face's own attention (repeat_kv)."""
     from edgeq.export import tflite_graph
 
-    return hf_attention(tflite_graph, work / "cache-repeated")
+    return hf_attention(tflite_graph, "grouped_attention", work / "cache-repeated")
 
 
 def export_pair(qdir: Path, work: Path, seq_len: int) -> dict[str, Path]:

@@ -26,6 +26,7 @@ renamed into place only when everything succeeded; the JSON goes last.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 
 from ..errors import EdgeqError, choice_error
-from ..models.hf import grouped_attention
+from ..models.hf import decoder_attention
 from . import register_exporter
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
@@ -114,7 +115,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     layers = LayerQ.from_model(qm.layers()) if qm is not None else []
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
-    with dequantized(bundle.module), grouped_attention(bundle.module):
+    attention = decoder_attention(bundle.module) if bundle.kind == "causal-lm" else contextlib.nullcontext()
+    with dequantized(bundle.module), attention:
         graphs = [export_graph(s, cache=graph_cache) for s in specs]
     protos = [p for p, _ in graphs]
     # a decode step's per-token grids are one row each when its batch is 1: rendered per tensor (ORT's fused kernels)

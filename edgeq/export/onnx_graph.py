@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from onnx import helper
 
 from ..errors import EdgeqError
-from ..models.hf import grouped_attention  # traced into decoder LMs' graphs (export/onnx.py): part of the cache key
+from ..models.hf import decoder_attention  # traced into decoder LMs' graphs (export/onnx.py): part of the cache key
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
 
 OPSET = 21
@@ -227,7 +227,7 @@ def _disk_key(spec: GraphSpec, key: str) -> str | None:
             return None
         files.add(path)
     h = hashlib.sha256(key.encode())
-    for path in sorted({*files, Path(__file__).resolve(), Path(inspect.getsourcefile(grouped_attention)).resolve()}):
+    for path in sorted({*files, Path(__file__).resolve(), Path(inspect.getsourcefile(decoder_attention)).resolve()}):
         h.update(str(path).encode() + path.read_bytes())
     for dist in ("torch", "onnx", "onnxscript", "transformers"):
         try:

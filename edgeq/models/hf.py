@@ -70,9 +70,7 @@ def grouped_attention(model: torch.nn.Module):
     """A Hugging Face grouped-query model (fewer key/value heads than query heads) runs `_grouped_attention` while in
     the block; other models: no change. For graph export: eager and sdpa attention repeat each key and value head for
     its query heads (`repeat_kv`), which litert-torch renders as BROADCAST_TOs that XNNPACK has no kernel for."""
-    config = getattr(model, "config", None)
-    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    if not heads or not kv_heads or heads == kv_heads:
+    if not _grouped_query(model):
         return attention_implementation(model, None)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -80,6 +78,20 @@ def grouped_attention(model: torch.nn.Module):
     AttentionInterface.register(GROUPED, _grouped_attention)
     AttentionMaskInterface.register(GROUPED, eager_mask)
     return attention_implementation(model, GROUPED)
+
+
+def decoder_attention(model: torch.nn.Module):
+    """The attention ONNX exports trace a Hugging Face decoder LM with: `grouped_attention` for a grouped-query model,
+    eager attention for the others. Both leave out what sdpa's rendering adds to every layer: its safe softmax's
+    `Where(IsNaN(p), 0, p)` over the probabilities, and (grouped-query models) each key and value head repeated."""
+    return grouped_attention(model) if _grouped_query(model) else eager_attention(model, True)
+
+
+def _grouped_query(model: torch.nn.Module) -> bool:
+    """A Hugging Face model with fewer key/value heads than query heads."""
+    config = getattr(model, "config", None)
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    return bool(heads and kv_heads and heads != kv_heads)
 
 
 def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:

@@ -342,6 +342,21 @@ def test_grouped_query_graphs_repeat_no_heads(tiny_exports):
         assert ops.count("Softmax") == 4
 
 
+def test_decoder_attention_is_grouped_or_eager():
+    """What ONNX exports trace a decoder LM with: grouped attention for a grouped-query model, eager attention for one
+    with as many key/value heads as query heads (never sdpa's safe softmax); the model's own attention after."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeq.models.hf import decoder_attention
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    for kv_heads, inside in ((2, "edgeq_grouped"), (4, "eager")):
+        model = LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=kv_heads, attn_implementation="sdpa")).eval()
+        with decoder_attention(model):
+            assert model.config._attn_implementation == inside
+        assert model.config._attn_implementation == "sdpa"
+
+
 @pytest.fixture(scope="session")
 def cnn_exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onnx-cnn")
