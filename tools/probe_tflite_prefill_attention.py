@@ -6,8 +6,8 @@
 Hugging Face's eager and sdpa attention repeat each key and value head for the query heads that share it
 (`repeat_kv`); litert-torch renders that as two BROADCAST_TOs per layer, which XNNPACK has no kernel for, so LiteRT's
 built-in kernel runs them between XNNPACK partitions (SmolLM2: 60 of them, 31 partitions). edgeq's exports now convert
-with `edgeq.models.hf.grouped_attention` instead (the query heads of one kv head stacked along the sequence axis: one
-batched matmul per kv head, no copies). For each --seq-len, QDIR is exported as fp32 and in its recipe's default
+with the grouped attention of `edgeq.models.hf.litert_attention` instead (the query heads of one kv head stacked along
+the sequence axis: one batched matmul per kv head, no copies). For each --seq-len, QDIR is exported as fp32 and in its recipe's default
 variant twice: as edgeq exports it, and with the repeating attention (its float graph cached apart). Reported: each
 file's XNNPACK coverage of the prefill and its parity with the simulation (FILE.json), the fp32 twins' logits
 against each other, and one prefill of seq_len tokens at 1 and 2 threads: in each of --rounds fresh processes (load
@@ -62,7 +62,7 @@ def repeated_attention(work: Path):
     """Exports in the block convert with Hugging Face's own attention (repeat_kv)."""
     from edgeq.export import tflite_graph
 
-    return hf_attention(tflite_graph, "grouped_attention", work / "cache-repeated")
+    return hf_attention(tflite_graph, "litert_attention", work / "cache-repeated")
 
 
 def export_pair(qdir: Path, work: Path, seq_len: int) -> dict[str, Path]:

@@ -60,10 +60,13 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
             raise EdgeqError("export: --no-optimize applies to --format onnx (ONNX Runtime's graph optimizations)")
         options["optimize"] = False
     meta = run_export(source, fmt, output, variant=variant, **options)
+    parity = meta.get("parity") or {}
+    if parity.get("within_tolerance") is False:
+        click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance "
+                   f"(its parity in {output}.json); check it before shipping it", err=True)
     if as_json:
         emit_json(meta)
         return
-    parity = meta.get("parity") or {}
     click.echo(
         f"{output}: {meta['format']} {meta['variant']}, {meta['size_bytes'] / 1e6:.2f} MB, exact={meta['exact']}, "
         f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "

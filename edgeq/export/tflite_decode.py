@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
+from ..models.hf import query_scaling
 from .meta import parity_metrics
 from .tflite_runtime import DecodeSession, attention_mask, slot_axis, slot_range, write_row
 
@@ -160,7 +161,7 @@ class KVDecode(torch.nn.Module):
         presents = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            scale = float(getattr(attn, "scaling", head_dim ** -0.5))
+            scale = query_scaling(attn, head_dim ** -0.5)
             if scale not in tables:
                 tables[scale] = (cos * scale, sin * scale)
             x = layer.input_layernorm(h)

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
-from ..models.hf import eager_attention, grouped_attention
+from ..models.hf import eager_attention, litert_attention
 from ..quantize.modules import quant_layers
 from .tflite_decode import dynamic_slots, resize_check
 from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs, write_model
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 11  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 12  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:
@@ -130,7 +130,8 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
         missing = [n for n in missing if n not in dropped]
     if missing:
         raise EdgeqError(f"tflite: the converter changed the weight of layer {missing[0]!r} (and {len(missing) - 1} more), "
-                         "e.g. by folding a BatchNorm into it; its integers cannot be carried exactly. "
+                         "e.g. by folding a BatchNorm or a constant multiply of its output into it; its integers cannot be "
+                         "carried exactly. "
                          "Fold such layers before quantizing, or export --variant fp32")
     return found
 
@@ -241,7 +242,8 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
 
     import litert_torch
 
-    with float_rendering(model, folds), eager_attention(model, bundle.kind == "encoder"), grouped_attention(model), torch.no_grad():
+    attention = litert_attention(model) if bundle.kind == "causal-lm" else eager_attention(model, bundle.kind == "encoder")
+    with float_rendering(model, folds), attention, torch.no_grad():
         module = graph_module(bundle, model)
         try:
             if cache_len:

@@ -220,14 +220,15 @@ class _FirstOutput(torch.nn.Module):
 
 def unused_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
     """The quantized layers the exported module's outputs do not depend on (no gradient reaches them from one
-    forward of the example inputs): what the converter prunes."""
+    forward of the example inputs): what the converter prunes. Each layer's output gets a zero added that the
+    gradient is taken for, so layers feeding other layers stay on the path to the outputs."""
     layers = quant_layers(model)
     taps: dict[str, torch.Tensor] = {}
 
     def tap(name):
         def hook(_module, _args, out):
-            taps[name] = out.detach().requires_grad_()
-            return taps[name]
+            taps[name] = torch.zeros_like(out, requires_grad=True)
+            return out + taps[name]
         return hook
 
     hooks = [m.register_forward_hook(tap(n)) for n, m in layers.items()]

@@ -49,12 +49,14 @@ def eager_attention(model: torch.nn.Module, enable: bool):
 
 
 GROUPED = "edgeq_grouped"  # the attention implementation `grouped_attention` registers with transformers
+MOVED_SCALING = "_edgeq_scaling"  # an attention module's own query scaling while `litert_attention` moves it
 
 
 def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Hugging Face's eager attention for grouped-query models without repeating the keys and values: the query heads
     that share kv head j (heads j * groups .. j * groups + groups - 1, as `repeat_kv` orders them) are stacked along the
     sequence axis, so both products are one batched matmul per kv head. The same sums as eager attention, term by term."""
+    scaling = getattr(module, MOVED_SCALING, scaling)
     batch, heads, length, head_dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -66,11 +68,12 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
-def grouped_attention(model: torch.nn.Module):
-    """A Hugging Face grouped-query model (fewer key/value heads than query heads) runs `_grouped_attention` while in
-    the block; other models: no change. For graph export: eager and sdpa attention repeat each key and value head for
-    its query heads (`repeat_kv`), which litert-torch renders as BROADCAST_TOs that XNNPACK has no kernel for."""
-    if not _grouped_query(model):
+def grouped_attention(model: torch.nn.Module, every: bool = False):
+    """A Hugging Face grouped-query model (fewer key/value heads than query heads; with `every`, any Hugging Face
+    model) runs `_grouped_attention` while in the block; other models: no change. For graph export: eager and sdpa
+    attention repeat each key and value head for its query heads (`repeat_kv`), which litert-torch renders as
+    BROADCAST_TOs that XNNPACK has no kernel for."""
+    if not (every or _grouped_query(model)):
         return attention_implementation(model, None)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -78,6 +81,34 @@ def grouped_attention(model: torch.nn.Module):
     AttentionInterface.register(GROUPED, _grouped_attention)
     AttentionMaskInterface.register(GROUPED, eager_mask)
     return attention_implementation(model, GROUPED)
+
+
+def query_scaling(module: torch.nn.Module, default: float) -> float:
+    """An attention module's own query scaling, also while `litert_attention` has moved it (`default`: it has none)."""
+    return float(getattr(module, MOVED_SCALING, getattr(module, "scaling", default)))
+
+
+@contextlib.contextmanager
+def litert_attention(model: torch.nn.Module):
+    """The attention TFLite exports convert a Hugging Face decoder LM with: `_grouped_attention` whatever its head
+    counts, with each attention module's own query scaling (its `scaling`) applied to the scores instead.
+
+    LiteRT's converter folds a constant MUL after a FULLY_CONNECTED into the layer's weight: OPT-style modules
+    (`q_proj(x) * self.scaling`, then attention with scaling 1) would get their query weights rescaled, and sdpa's
+    lowering scales queries and keys by sqrt(scale) each, which without a rotary embedding in between ends in both
+    weights the same way. Scores scaled after the product leave every weight as quantized. Llama-style modules pass
+    their `scaling` to the attention function, which then reads the same value from the module: no change there."""
+    moved = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), float) and hasattr(m, "q_proj")]
+    for m in moved:
+        setattr(m, MOVED_SCALING, m.scaling)
+        m.scaling = 1.0
+    try:
+        with grouped_attention(model, every=True):
+            yield
+    finally:
+        for m in moved:
+            m.scaling = getattr(m, MOVED_SCALING)
+            delattr(m, MOVED_SCALING)
 
 
 def decoder_attention(model: torch.nn.Module):

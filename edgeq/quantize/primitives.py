@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 
 FLOAT_BITS = 16
+# A symmetric group's absmax is raised to at least this before dividing by the largest integer: LiteRT's
+# quantizer does the same (ai-edge-quantizer's `min_bound`), so an all-zero row's scale is also the file's.
+MIN_ABSMAX = 1e-9
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -113,7 +116,7 @@ def compute_qparams(
         zp = torch.zeros_like(scale, dtype=torch.int16)
     elif symmetric:
         absmax = g.abs().amax(dim=-1) * gamma
-        scale = (absmax / qmax).clamp_min(eps)
+        scale = absmax.clamp_min(MIN_ABSMAX) / qmax
         zp = torch.zeros_like(scale, dtype=torch.int16)
     else:
         lo = g.amin(dim=-1).clamp(max=0) * gamma

@@ -31,3 +31,29 @@ def tiny_bert(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> str:
+    """A two-layer OPT decoder as a local Hugging Face directory (MiniLM's tokenizer): no rotary embedding, and its
+    attention scales the query projection's output (`q_proj(x) * scaling`), a constant MUL the converter would fold
+    into q_proj's weight. Its head is tied to the embedding table, whose padding row is all zeros."""
+    import transformers
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                                    pad_token_id=tokenizer.pad_token_id)
+    model = transformers.OPTForCausalLM(config)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+            elif isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.5)
+    assert not model.get_input_embeddings().weight[tokenizer.pad_token_id].any()
+    path = tmp_path_factory.mktemp("opt") / "tiny-opt"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -538,6 +538,42 @@ def test_encoder_exports_exactly_without_its_unused_pooler(tiny_bert, tmp_path, 
     assert metrics["sentences"] == 4 and metrics["cosine_min"] > 0.98, metrics
 
 
+@pytest.mark.parametrize("recipe", ["w8", "w8a8-static"])
+def test_decoder_scaling_its_queries_exports_exactly(tiny_opt, tmp_path, recipe):
+    """OPT-style attention (`q_proj(x) * scaling`, no rotary embedding) converts with the scaling applied to the
+    scores, so q_proj's integers and scales are in the file as quantized, like every other layer's (the head's
+    all-zero padding row included), and no layer is reported as dropped."""
+    qdir = _qdir(tmp_path, tiny_opt, recipe, "q")
+    meta = export(qdir, "tflite", tmp_path / "opt.tflite")
+    assert meta["exact"] is True, meta["readback"]["mismatches"]
+    assert meta.get("layers_not_in_file") is None
+    assert meta["readback"]["layers"] == len(load_quantized(qdir).layers())
+    assert "model.decoder.layers.0.self_attn.q_proj" in meta["readback"]["per_layer"]
+    assert meta["parity"]["within_tolerance"], meta["parity"]
+
+
+def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path, monkeypatch):
+    """A file whose outputs miss the tolerance is kept (it may still be what the user wants) with a warning on
+    stderr, in text and JSON modes alike."""
+    from edgeq.cli.main import main
+    from edgeq.export import tflite
+
+    monkeypatch.setitem(tflite.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
+    out = tmp_path / "cnn.tflite"
+    assert main(["export", CNN, "--format", "tflite", "-o", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["parity"]["within_tolerance"] is False and out.exists()
+    assert captured.err.startswith("edgeq: warning:") and "beyond the tolerance" in captured.err
+
+
+def test_unused_layers_only_those_the_outputs_do_not_reach(exported):
+    """Layers that feed other quantized layers reach the logits too: none of tiny-llama's is unused."""
+    from edgeq.export.tflite_render import unused_layers
+
+    qmodel = load_quantized(exported["llama-dynamic-int8"][2])
+    assert unused_layers(qmodel.bundle, qmodel.model, 16) == set()
+
+
 # ---- unsupported combinations: the promised error, and no file left behind --------------------
 
 W = {"match": "lm_head$", "skip": True}

@@ -34,6 +34,16 @@ def test_symmetric_int8_never_uses_minus_128_and_int4_uses_absmax_over_7():
     assert torch.allclose(scale4, torch.tensor([[1.0 / 7]]))
 
 
+def test_all_zero_row_scale_is_litert_quantizers():
+    """ai-edge-quantizer raises a symmetric absmax to 1e-9 before dividing; edgeq's grid does the same, so a zero row
+    (an embedding's padding row in a head copied from it) carries its scale into a TFLite file bitwise."""
+    w = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
+    scale, _ = P.compute_qparams(w, 8, True, "channel")
+    one_e_minus_9 = torch.tensor(1e-9, dtype=torch.float32)
+    assert scale[0, 0].item() == (one_e_minus_9 / 127).item() and scale[1, 0].item() == (torch.tensor(2.0) / 127).item()
+    assert torch.all(P.quantize(w, scale, torch.zeros_like(scale), 8, True)[0] == 0)
+
+
 def test_short_last_group_and_bf16_scales():
     torch.manual_seed(1)
     w = torch.randn(4, 72)  # 72 = 2 groups of 32 + 8
