@@ -22,7 +22,8 @@ loop runs the prompt in one call and then decodes. The step is written over the 
 own layers (projections, norms, MLP, rotary embedding), so the float rendering of a quantized model
 (its dequantized weights) and the cached labelled graph work unchanged, and both signatures of the file
 read one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral,
-qwen2: q/k/v/o projections, pre-norms, gated MLP); anything else gets no decode signature and says why.
+qwen2, qwen3 (its per-head query and key norms): q/k/v/o projections, pre-norms, gated MLP); anything else gets no
+decode signature and says why.
 The export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
 The export's decode-specific steps live here too: `plan` (the cache length, or why no decode signature),
 `signature_meta` (FILE.json `graph.decode`), `parity` and `resized_parity`.
@@ -40,7 +41,7 @@ from .tflite_runtime import DecodeSession, attention_mask, slot_axis, slot_range
 
 DEFAULT_CACHE_LEN = 256
 CACHE_INPUT = 3  # the decode signature's inputs: input_ids, input_pos, mask, then the caches
-FAMILY = ("llama", "mistral", "qwen2")  # Hugging Face model types with the layout below (checked, not assumed)
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # Hugging Face model types with the layout below (checked, not assumed)
 
 
 def plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[int, str | None]:
@@ -119,6 +120,13 @@ def dims(config) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, heads, kv, head_dim
 
 
+def head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` through the attention module's per-head norm `name` (Qwen3's q_norm / k_norm, over head_dim, before the
+    rotary embedding), if it has one."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 class KVPrefill(torch.nn.Module):
     """The prefill signature of a file with a decode signature: `input_ids [1, seq_len]` -> logits and the
     caches, the prompt's keys and values in slots 0..seq_len-1 and zeros after. A shorter prompt is padded
@@ -168,8 +176,9 @@ class KVDecode(torch.nn.Module):
             # grouped-query attention without repeating the cache: query head h reads kv head h // (heads / kv_heads),
             # so the one token's heads group as [kv_heads, heads / kv_heads, head_dim] (repeating the keys
             # and values instead cost SmolLM2 ~100 ms a step in LiteRT at 256 slots)
-            q = rotate(attn.q_proj(x).view(kv_heads, heads // kv_heads, head_dim), *tables[scale])
-            k = rotate(attn.k_proj(x).view(kv_heads, 1, head_dim), cos, sin)
+            q = head_norm(attn, "q_norm", attn.q_proj(x).view(kv_heads, heads // kv_heads, head_dim))
+            k = head_norm(attn, "k_norm", attn.k_proj(x).view(kv_heads, 1, head_dim))
+            q, k = rotate(q, *tables[scale]), rotate(k, cos, sin)
             v = attn.v_proj(x).view(kv_heads, 1, head_dim)
             presents += [k, v]
             # one softmax over the token itself and the cached slots: scores [.., 1] then [.., slots], the token first so

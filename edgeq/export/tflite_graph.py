@@ -33,7 +33,7 @@ from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 12  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 13  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
+from ..quantize.transforms import gain_offset
 
 
 class _DequantConv(torch.nn.Module):
@@ -108,14 +109,15 @@ class _UnfoldableRMSNorm(torch.nn.Module):
     gain multiplies the per-token rsqrt first, so the MUL feeding the layer has no constant operand.
     """
 
-    def __init__(self, norm):
+    def __init__(self, norm, offset: float):
         super().__init__()
-        self.weight = norm.weight
+        self.weight, self.offset = norm.weight, offset  # the gain is weight + offset (`transforms.gain_offset`)
         self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
     def forward(self, x):
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * self.weight)).to(x.dtype)
+        gain = self.weight + self.offset if self.offset else self.weight
+        return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * gain)).to(x.dtype)
 
 
 class _UnfoldableLayerNorm(torch.nn.Module):
@@ -140,7 +142,9 @@ def _gained_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         if not isinstance(getattr(m, "weight", None), torch.Tensor):
             continue
         if type(m).__name__.endswith("RMSNorm"):
-            out[n] = _UnfoldableRMSNorm(m)
+            offset = gain_offset(m)
+            if offset is not None:  # a form it does not know stays as it is: a fold it causes is then refused
+                out[n] = _UnfoldableRMSNorm(m, offset)
         elif isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
             out[n] = _UnfoldableLayerNorm(m)
     return out

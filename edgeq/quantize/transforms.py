@@ -65,18 +65,37 @@ def llama_norm_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
 
 
 @torch.no_grad()
+def gain_offset(norm: torch.nn.Module) -> float | None:
+    """How an RMSNorm applies its gain w, measured on a probe input (not read from its class): 0.0 for
+    x * rsqrt(mean(x^2) + eps) * w (Llama), 1.0 for ... * (1 + w) (Gemma), None for anything else."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(norm, "bias", None) is not None:
+        return None
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    got = norm(x).float()
+    unit = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    for offset in (0.0, 1.0):
+        if torch.allclose(got, unit * (w.float() + offset), rtol=1e-4, atol=1e-5):
+            return offset
+    return None
+
+
+@torch.no_grad()
 def fold_norms(model: torch.nn.Module) -> list[str]:
-    """Fold each pre-norm's gain into the linears it feeds and set the gain to 1; returns folded norms."""
+    """Fold each pre-norm's gain into the linears it feeds and make the gain 1 (the weight 1 - `gain_offset`);
+    returns folded norms. A norm whose form `gain_offset` does not know is left alone."""
     folded = []
     for norm_name, linear_names in llama_norm_groups(model):
         norm = model.get_submodule(norm_name)
-        gain = getattr(norm, "weight", None)
-        if gain is None or getattr(norm, "bias", None) is not None:
+        offset = gain_offset(norm)
+        if offset is None:
             continue
+        gain = norm.weight + offset
         for name in linear_names:
             lin = model.get_submodule(name)
             lin.weight.mul_(gain.to(lin.weight.dtype)[None, :])
-        gain.fill_(1.0)
+        norm.weight.fill_(1.0 - offset)
         folded.append(norm_name)
     return folded
 
@@ -118,12 +137,15 @@ def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
     for kind, producer, consumers in llama_smooth_groups(model):
         if not all(c in targets and c in act_absmax for c in consumers):
             continue
+        offset = gain_offset(model.get_submodule(producer)) if kind == "norm" else 0.0
+        if offset is None:
+            continue
         x_max = act_absmax[consumers[0]].float().clamp_min(1e-5)
         w_max = torch.stack([model.get_submodule(c).weight.abs().amax(dim=0) for c in consumers]).amax(dim=0).clamp_min(1e-5)
         s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
         prod = model.get_submodule(producer)
-        if kind == "norm":
-            prod.weight.div_(s.to(prod.weight.dtype))
+        if kind == "norm":  # the gain (weight + offset) divides
+            prod.weight.copy_((prod.weight + offset) / s.to(prod.weight.dtype) - offset)
         else:
             prod.weight.div_(s[:, None].to(prod.weight.dtype))
             if prod.bias is not None:

@@ -8,6 +8,14 @@ import torch
 from edgeq.models import load_model
 
 
+def _hf_dir(tmp_path_factory, name: str, model, tokenizer) -> str:
+    """`model` saved with `tokenizer` as a local Hugging Face directory: a model reference."""
+    path = tmp_path_factory.mktemp(name) / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A two-layer BERT encoder with its pooler as a local Hugging Face directory (MiniLM's tokenizer): biased linears
@@ -27,10 +35,7 @@ def tiny_bert(tmp_path_factory) -> str:
                 m.bias.normal_(0.0, 0.1)
             elif isinstance(m, torch.nn.Linear):
                 m.bias.normal_(0.0, 0.5)
-    path = tmp_path_factory.mktemp("bert") / "tiny-bert"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return _hf_dir(tmp_path_factory, "tiny-bert", model, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +58,40 @@ def tiny_opt(tmp_path_factory) -> str:
             elif isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_(0.0, 0.5)
     assert not model.get_input_embeddings().weight[tokenizer.pad_token_id].any()
-    path = tmp_path_factory.mktemp("opt") / "tiny-opt"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return _hf_dir(tmp_path_factory, "tiny-opt", model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> str:
+    """A two-layer Gemma decoder as a local Hugging Face directory (MiniLM's tokenizer): its RMSNorms scale by
+    (1 + weight), not by the weight as Llama's do; random weights make the difference show."""
+    import transformers
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = transformers.GemmaForCausalLM(config)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "GemmaRMSNorm":
+                m.weight.uniform_(-0.5, 0.5)
+    return _hf_dir(tmp_path_factory, "tiny-gemma", model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """A two-layer Qwen3 decoder as a local Hugging Face directory (MiniLM's tokenizer): grouped-query attention
+    with a per-head RMSNorm on queries and keys before the rotary embedding; random norm gains."""
+    import transformers
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Qwen3RMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    return _hf_dir(tmp_path_factory, "tiny-qwen3", model, tokenizer)

@@ -552,6 +552,34 @@ def test_decoder_scaling_its_queries_exports_exactly(tiny_opt, tmp_path, recipe)
     assert meta["parity"]["within_tolerance"], meta["parity"]
 
 
+@pytest.mark.parametrize("recipe", ["w8", "w4-g64-litert"])
+def test_gemma_norms_fold_and_render_with_their_offset(tiny_gemma, tmp_path, recipe):
+    """Gemma's RMSNorm gain is 1 + weight: `w8` folds it into the linears and `w4-g64-litert` keeps it, rendered so the
+    converter cannot fold it. Either way the quantized model stays the float model's function and the file is
+    within tolerance of it (before, both went wrong: a fold left a gain of 2, the rendering a gain of weight)."""
+    from edgeq.models.hf import load_hf_dir
+
+    qdir = _qdir(tmp_path, tiny_gemma, recipe, "q")
+    meta = export(qdir, "tflite", tmp_path / "gemma.tflite")
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        float_logits = load_hf_dir(Path(tiny_gemma), tiny_gemma).module(ids).logits
+        sim_logits = load_quantized(qdir).model(ids).logits
+    assert torch.nn.functional.cosine_similarity(float_logits.flatten(), sim_logits.flatten(), dim=0) > 0.99
+
+
+def test_qwen3_decode_signature_norms_queries_and_keys(tiny_qwen3, tmp_path):
+    """Qwen3 normalizes each query and key head before the rotary embedding; its decode step does the same and steps
+    like the simulation, from an empty cache and after the prefill."""
+    qdir = _qdir(tmp_path, tiny_qwen3, "w8", "q")
+    meta = export(qdir, "tflite", tmp_path / "qwen3.tflite", seq_len=16, cache_len=32)
+    assert meta["exact"] is True and meta["graph"]["decode"]["cache_len"] == 32
+    decode = meta["parity"]["decode"]
+    assert decode["cos_min"] > 0.999 and decode["after_prefill"]["cos_min"] > 0.999, decode
+    assert meta["parity"]["within_tolerance"]
+
+
 def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path, monkeypatch):
     """A file whose outputs miss the tolerance is kept (it may still be what the user wants) with a warning on
     stderr, in text and JSON modes alike."""

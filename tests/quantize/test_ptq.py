@@ -150,6 +150,39 @@ def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
     assert {n.rsplit(".", 1)[1] for n, m in qm.layers().items() if m.decision.activation.bits == 16} == {"down_proj"}
 
 
+def test_norm_gain_forms_fold_and_smooth_exactly(tiny_llama_ref):
+    """`gain_offset` tells Llama's RMSNorm (x / rms * w) from Gemma's (x / rms * (1 + w)) by running them, and knows no
+    other form; folding and SmoothQuant move the gain itself, so a Gemma's float function stays."""
+    import transformers
+
+    from edgeq.quantize.transforms import gain_offset, smooth
+
+    llama = load_model(tiny_llama_ref).module
+    assert gain_offset(llama.model.layers[0].input_layernorm) == 0.0
+    assert gain_offset(torch.nn.LayerNorm(32, bias=False)) is None and gain_offset(torch.nn.LayerNorm(32)) is None
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "GemmaRMSNorm":
+                m.weight.uniform_(-0.5, 0.5)
+    norm = model.model.layers[0].input_layernorm
+    assert gain_offset(norm) == 1.0
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    absmax = {n: torch.rand(model.get_submodule(n).in_features, generator=torch.Generator().manual_seed(1)) * 50 + 0.1 for n in names}
+    with torch.no_grad():
+        before = model(ids).logits
+        assert len(fold_norms(model)) == 4 and torch.all(norm.weight == 0)  # the gain 1 + 0
+        folded = model(ids).logits
+        assert smooth(model, absmax, 0.5, names)
+        smoothed = model(ids).logits
+    assert torch.allclose(before, folded, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(before, smoothed, atol=1e-3, rtol=1e-3) and not torch.all(norm.weight == 0)
+
+
 GPTQ_WITH_HEAD = {"rules": [{"match": ".*", "method": "gptq", "weight": {"bits": 4, "granularity": "group", "group_size": 32}}]}
 
 
