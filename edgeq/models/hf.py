@@ -125,6 +125,25 @@ def _grouped_query(model: torch.nn.Module) -> bool:
     return bool(heads and kv_heads and heads != kv_heads)
 
 
+@torch.no_grad()
+def conv1d_as_linear(model: torch.nn.Module) -> list[str]:
+    """Replace transformers' Conv1D layers (GPT-2's projections: x @ W + b with W [in, out]) by the equal
+    torch.nn.Linear (weight W^T), so that they are quantized and exported like any linear layer; returns their names."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..quantize.modules import set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+        set_module(model, name, linear)
+    return names
+
+
 def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
     import transformers
 
@@ -135,13 +154,16 @@ def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
         archs = json.loads(config_file.read_text()).get("architectures") or []
     except json.JSONDecodeError as exc:
         raise EdgeqError(f"model: {config_file} is not valid JSON ({exc})") from None
-    causal = any(a.endswith("ForCausalLM") for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = any(a.endswith("ForCausalLM") or a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in archs)  # GPT2LMHeadModel
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:
         raise EdgeqError(f"model: cannot load Hugging Face directory {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    conv1d_as_linear(model)
     model.eval()
     kind = "causal-lm" if causal else "encoder"
     ids = torch.tensor([tokenizer("edgeq quantizes models for edge boards.")["input_ids"]])

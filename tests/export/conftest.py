@@ -61,37 +61,44 @@ def tiny_opt(tmp_path_factory) -> str:
     return _hf_dir(tmp_path_factory, "tiny-opt", model, tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_gemma(tmp_path_factory) -> str:
-    """A two-layer Gemma decoder as a local Hugging Face directory (MiniLM's tokenizer): its RMSNorms scale by
-    (1 + weight), not by the weight as Llama's do; random weights make the difference show."""
+def _grouped_decoder(tmp_path_factory, family: str, gains: tuple[float, float]) -> str:
+    """A two-layer grouped-query decoder of Hugging Face `family` (the prefix of its config and causal-LM classes) as a
+    local Hugging Face directory (MiniLM's tokenizer), its RMSNorm weights drawn uniformly from `gains`."""
     import transformers
 
     tokenizer = load_model("minilm-l6").tokenizer
     torch.manual_seed(0)
-    config = transformers.GemmaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-    model = transformers.GemmaForCausalLM(config)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
     with torch.no_grad():
         for m in model.modules():
-            if type(m).__name__ == "GemmaRMSNorm":
-                m.weight.uniform_(-0.5, 0.5)
-    return _hf_dir(tmp_path_factory, "tiny-gemma", model, tokenizer)
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.uniform_(*gains)
+    return _hf_dir(tmp_path_factory, f"tiny-{family.lower()}", model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> str:
+    """Gemma: its RMSNorms scale by (1 + weight), not by the weight as Llama's do; gains away from 1 show the
+    difference."""
+    return _grouped_decoder(tmp_path_factory, "Gemma", (-0.5, 0.5))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory) -> str:
-    """A two-layer Qwen3 decoder as a local Hugging Face directory (MiniLM's tokenizer): grouped-query attention
-    with a per-head RMSNorm on queries and keys before the rotary embedding; random norm gains."""
+    """Qwen3: a per-head RMSNorm on queries and keys before the rotary embedding."""
+    return _grouped_decoder(tmp_path_factory, "Qwen3", (0.5, 1.5))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A two-layer GPT-2 as a local Hugging Face directory (MiniLM's tokenizer): its projections are transformers'
+    Conv1D (x @ W + b), its class GPT2LMHeadModel (no "ForCausalLM" in the name)."""
     import transformers
 
     tokenizer = load_model("minilm-l6").tokenizer
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-    model = transformers.Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__ == "Qwen3RMSNorm":
-                m.weight.uniform_(0.5, 1.5)
-    return _hf_dir(tmp_path_factory, "tiny-qwen3", model, tokenizer)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return _hf_dir(tmp_path_factory, "tiny-gpt2", transformers.GPT2LMHeadModel(config), tokenizer)

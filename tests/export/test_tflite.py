@@ -580,6 +580,24 @@ def test_qwen3_decode_signature_norms_queries_and_keys(tiny_qwen3, tmp_path):
     assert meta["parity"]["within_tolerance"]
 
 
+def test_gpt2_loads_as_a_decoder_with_linear_projections(tiny_gpt2, tmp_path):
+    """GPT-2 is a decoder LM (GPT2LMHeadModel) whose Conv1D projections load as equal torch.nn.Linear layers, so
+    they are quantized and exported like any other (before: loaded as an encoder, and no layer to quantize)."""
+    import transformers
+
+    bundle = load_model(tiny_gpt2)
+    assert bundle.kind == "causal-lm"
+    assert isinstance(bundle.module.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()(ids).logits
+        assert torch.allclose(bundle.module(ids).logits, want, atol=1e-5)
+    qdir = _qdir(tmp_path, tiny_gpt2, "w8a8-static", "q")
+    meta = export(qdir, "tflite", tmp_path / "gpt2.tflite")
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
+    assert meta["readback"]["layers"] == len(load_quantized(qdir).layers()) == 8  # c_attn, c_proj, c_fc, mlp.c_proj x 2
+
+
 def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path, monkeypatch):
     """A file whose outputs miss the tolerance is kept (it may still be what the user wants) with a warning on
     stderr, in text and JSON modes alike."""

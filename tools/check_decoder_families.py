@@ -1,0 +1,186 @@
+"""Check: small random decoders of several Hugging Face families through quantize and both exporters. Not a test.
+
+    .venv/bin/python tools/check_decoder_families.py --out benchmarks/decoder_families
+
+Each family is a two-layer decoder of width 64 with random weights (its norm gains drawn away from their initial
+values, so a norm applied in the wrong form shows) and MiniLM's tokenizer, saved as a local Hugging Face directory
+and loaded the way users' directories are. Each is quantized with every --recipe and exported to TFLite (its default
+variant, with a decode signature where edgeq renders one) and to ONNX. Reported per export: the variant, `exact`,
+the layers read back out of the quantized ones (TFLite), parity against the simulation (and the TFLite decode
+step's), and any error. Also: the simulation against the float model (cosine of the logits, top-1 agreement), which
+parity cannot see. Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from hostinfo import machine, write_result  # noqa: E402
+
+WIDTH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+
+
+def configs(vocab: int, pad: int) -> dict:
+    import transformers as t
+
+    common = dict(vocab_size=vocab, **WIDTH)
+    return {
+        "llama": lambda: t.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        "qwen2": lambda: t.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
+        "qwen3": lambda: t.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16),
+        "mistral": lambda: t.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        "gemma": lambda: t.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16),
+        "phi": lambda: t.PhiConfig(**common, intermediate_size=128),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**common, intermediate_size=128),
+        "falcon": lambda: t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "opt": lambda: t.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=pad),
+        "gpt2": lambda: t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    }
+
+
+def make(family: str, make_config, tokenizer, path: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config())
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if "Norm" in type(m).__name__ and isinstance(w, torch.Tensor):
+                w.uniform_(0.5, 1.5) if family != "gemma" else w.uniform_(-0.5, 0.5)  # Gemma's gain is 1 + weight
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def float_agreement(model_dir: Path, qdir: Path) -> dict:
+    import torch
+
+    from edgeq.models import load_model
+    from edgeq.quantize.qmodel import load_quantized
+
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = load_model(str(model_dir)).module(ids).logits.double()  # float64: a float32 cosine can exceed 1
+        b = load_quantized(qdir).model(ids).logits.double()
+    return {"cos": round(float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)), 5),
+            "top1_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)}
+
+
+def check(model_dir: Path, recipe: str, work: Path) -> dict:
+    from edgeq.export import export
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+
+    row: dict = {}
+    qdir = work / f"{model_dir.name}-{recipe}"
+    try:
+        bundle, r = load_model(str(model_dir)), load_recipe(recipe)
+        row["kind"] = bundle.kind
+        if not qdir.exists():
+            quantize_model(bundle, r, calibration_batches(bundle, None, 4, 64) if r.needs_calibration else None).save(qdir)
+    except Exception as exc:  # a finding, not a crash of the check
+        row["error"] = f"quantize: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return row
+    row["quantized_layers"] = len(json.loads((qdir / "quant.json").read_text())["layers"])
+    row["simulation_vs_float"] = float_agreement(model_dir, qdir)
+    for fmt in ("tflite", "onnx"):
+        out = work / f"{model_dir.name}-{recipe}.{fmt}"
+        out.unlink(missing_ok=True)  # a work file of an earlier run
+        try:
+            meta = export(qdir, fmt, out)
+        except Exception as exc:
+            row[fmt] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            continue
+        parity = meta.get("parity") or {}
+        entry = {"variant": meta["variant"], "exact": meta["exact"],
+                 "parity": {k: parity.get(k) for k in ("cos_min", "top1_agree", "within_tolerance") if k in parity}}
+        if fmt == "tflite":
+            entry["layers_read_back"] = (meta.get("readback") or {}).get("layers")
+            entry["layers_not_in_file"] = (meta.get("layers_not_in_file") or {}).get("layers")
+            entry["decode_cos_min"] = (parity.get("decode") or {}).get("cos_min")
+            entry["decode_note"] = (meta.get("graph") or {}).get("decode_note")
+        row[fmt] = entry
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
+    ap.add_argument("--work", default="/tmp/edgeq-check-families")
+    ap.add_argument("--families", nargs="+", default=None, help="default: all")
+    ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static", "w4-g64-litert"])
+    args = ap.parse_args()
+    command = " ".join([".venv/bin/python tools/check_decoder_families.py"] + sys.argv[1:])
+    from edgeq.models import load_model
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    makers = configs(tokenizer.vocab_size, tokenizer.pad_token_id)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for family in args.families or list(makers):
+        model_dir = work / family
+        if not (model_dir / "config.json").exists():
+            make(family, makers[family], tokenizer, model_dir)
+        for recipe in args.recipe:
+            print(f"{family} {recipe}", flush=True)
+            rows[f"{family} {recipe}"] = check(model_dir, recipe, work)
+    import transformers
+
+    result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+              "transformers": transformers.__version__, "width": WIDTH, "rows": rows}
+    write_result(args.out, result, markdown(result))
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    if "error" in entry:
+        return f"error: {entry['error'][:120]}"
+    p = entry["parity"]
+    text = f"{entry['variant']}, exact {entry['exact']}, cos {p.get('cos_min', float('nan')):.4f}"
+    if entry.get("layers_read_back") is not None:
+        text += f", {entry['layers_read_back']} read back"
+    if entry.get("layers_not_in_file"):
+        text += f", dropped {len(entry['layers_not_in_file'])}"
+    if p.get("within_tolerance") is False:
+        text += ", OUTSIDE tolerance"
+    if entry.get("decode_cos_min") is not None:
+        text += f", decode cos {entry['decode_cos_min']:.4f}"
+    return text
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Small decoders of Hugging Face families through quantize and both exporters (check)", "",
+             "```", result["command"], "```", "",
+             f"Created {result['created']} on {m.get('cpu', '')}, transformers {result['transformers']}. Two layers, width 64, "
+             "random weights (norm gains away from their initial values), MiniLM's tokenizer. sim vs float: the quantized "
+             "model's logits against the float model's on 64 random tokens (cosine, top-1 agreement); TFLite / ONNX: "
+             "variant, `exact`, parity cosine against the simulation, TFLite layers read back (of the quantized ones) "
+             "and the decode step's parity cosine where there is a decode signature.", "",
+             "| family | recipe | layers | sim vs float | TFLite | ONNX |", "|---|---|---|---|---|---|"]
+    for key, row in result["rows"].items():
+        family, recipe = key.split(" ", 1)
+        if "error" in row:
+            lines.append(f"| {family} | {recipe} | - | - | {row['error'][:140]} | - |")
+            continue
+        sim = row["simulation_vs_float"]
+        lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f} / {sim['top1_agree']:.3f} | "
+                     f"{_cell(row.get('tflite'))} | {_cell(row.get('onnx'))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
