@@ -7,7 +7,7 @@ values, so a norm applied in the wrong form shows) and MiniLM's tokenizer, saved
 and loaded the way users' directories are. Each is quantized with every --recipe and exported to TFLite (its default
 variant, with a decode signature where edgeq renders one) and to ONNX. Reported per export: the variant, `exact`,
 the layers read back out of the quantized ones (TFLite), parity against the simulation (and the TFLite decode
-step's), and any error. Also: the simulation against the float model (cosine of the logits, top-1 agreement), which
+step's; for ONNX, its decode graph against its prefill graph), and any error. Also: the simulation against the float model (cosine of the logits, top-1 agreement), which
 parity cannot see. Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
 """
 
@@ -105,6 +105,8 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
         parity = meta.get("parity") or {}
         entry = {"variant": meta["variant"], "exact": meta["exact"],
                  "parity": {k: parity.get(k) for k in ("cos_min", "top1_agree", "within_tolerance") if k in parity}}
+        if fmt == "onnx":
+            entry["decode_vs_prefill_max_abs"] = parity.get("decode_vs_prefill_max_abs")
         if fmt == "tflite":
             entry["layers_read_back"] = (meta.get("readback") or {}).get("layers")
             entry["layers_not_in_file"] = (meta.get("layers_not_in_file") or {}).get("layers")
@@ -158,6 +160,8 @@ def _cell(entry: dict | None) -> str:
         text += ", OUTSIDE tolerance"
     if entry.get("decode_cos_min") is not None:
         text += f", decode cos {entry['decode_cos_min']:.4f}"
+    if entry.get("decode_vs_prefill_max_abs") is not None:
+        text += f", decode vs prefill {entry['decode_vs_prefill_max_abs']:.1e}"
     return text
 
 
@@ -169,7 +173,8 @@ def markdown(result: dict) -> str:
              "random weights (norm gains away from their initial values), MiniLM's tokenizer. sim vs float: the quantized "
              "model's logits against the float model's on 64 random tokens (cosine, top-1 agreement); TFLite / ONNX: "
              "variant, `exact`, parity cosine against the simulation, TFLite layers read back (of the quantized ones) "
-             "and the decode step's parity cosine where there is a decode signature.", "",
+             "and the decode step's parity cosine where there is a decode signature; ONNX: the decode graph's logits against "
+             "the prefill graph's (max abs).", "",
              "| family | recipe | layers | sim vs float | TFLite | ONNX |", "|---|---|---|---|---|---|"]
     for key, row in result["rows"].items():
         family, recipe = key.split(" ", 1)
