@@ -52,11 +52,12 @@ def make(family: str, make_config, tokenizer, path: Path) -> None:
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(make_config())
+    gains = (-0.5, 0.5) if family == "gemma" else (0.5, 1.5)  # Gemma's gain is 1 + weight
     with torch.no_grad():
         for m in model.modules():
             w = getattr(m, "weight", None)
             if "Norm" in type(m).__name__ and isinstance(w, torch.Tensor):
-                w.uniform_(0.5, 1.5) if family != "gemma" else w.uniform_(-0.5, 0.5)  # Gemma's gain is 1 + weight
+                w.uniform_(*gains)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
