@@ -43,16 +43,29 @@ def configs(vocab: int, pad: int) -> dict:
         "falcon": lambda: t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
         "opt": lambda: t.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=pad),
         "gpt2": lambda: t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        # edge models of 2025-26: Gemma 2 / 3 (sandwich norms, soft-capping, sliding layers), Phi-3 (fused
+        # projections), SmolLM3 (layers without rotary embedding), Granite (multipliers), OLMo 2 (post-norms)
+        "gemma2": lambda: t.Gemma2Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                         sliding_window=16, query_pre_attn_scalar=16),
+        "gemma3_text": lambda: t.Gemma3TextConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                                  sliding_window=16, query_pre_attn_scalar=16,
+                                                  layer_types=["sliding_attention", "full_attention"]),
+        "phi3": lambda: t.Phi3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=pad),
+        "smollm3": lambda: t.SmolLM3Config(**common, intermediate_size=128, num_key_value_heads=2, no_rope_layer_interval=2,
+                                           pad_token_id=pad),
+        "granite": lambda: t.GraniteConfig(**common, intermediate_size=128, num_key_value_heads=2, embedding_multiplier=12.0,
+                                           logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0625),
+        "olmo2": lambda: t.Olmo2Config(**common, intermediate_size=128, num_key_value_heads=2),
     }
 
 
-def make(family: str, make_config, tokenizer, path: Path) -> None:
+def make(family: str, make_config, tokenizer, path: Path, auto: str = "AutoModelForCausalLM") -> None:
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(make_config())
-    gains = (-0.5, 0.5) if family == "gemma" else (0.5, 1.5)  # Gemma's gain is 1 + weight
+    model = getattr(transformers, auto).from_config(make_config())
+    gains = (-0.5, 0.5) if family.startswith("gemma") else (0.5, 1.5)  # Gemma's gain is 1 + weight
     with torch.no_grad():
         for m in model.modules():
             w = getattr(m, "weight", None)
@@ -69,11 +82,17 @@ def float_agreement(model_dir: Path, qdir: Path) -> dict:
     from edgeq.quantize.qmodel import load_quantized
 
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def output(model) -> torch.Tensor:  # logits, or an encoder's last hidden state; float64: a float32 cosine can exceed 1
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).double()
+
+    quantized = load_quantized(qdir)
     with torch.no_grad():
-        a = load_model(str(model_dir)).module(ids).logits.double()  # float64: a float32 cosine can exceed 1
-        b = load_quantized(qdir).model(ids).logits.double()
+        a, b = output(load_model(str(model_dir)).module), output(quantized.model)
+    lm = quantized.bundle.kind == "causal-lm"
     return {"cos": round(float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)), 5),
-            "top1_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)}
+            "top1_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4) if lm else None}
 
 
 def check(model_dir: Path, recipe: str, work: Path) -> dict:
@@ -117,32 +136,34 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
     return row
 
 
-def main() -> None:
+def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: str = "AutoModelForCausalLM",
+         kind: str = "decoders") -> None:
+    """The check's command line; tools/check_encoder_families.py runs it with its own families."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
-    ap.add_argument("--work", default="/tmp/edgeq-check-families")
+    ap.add_argument("--work", default=f"/tmp/edgeq-check-{kind}")
     ap.add_argument("--families", nargs="+", default=None, help="default: all")
     ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static", "w4-g64-litert"])
     args = ap.parse_args()
-    command = " ".join([".venv/bin/python tools/check_decoder_families.py"] + sys.argv[1:])
+    command = " ".join([f".venv/bin/python tools/{tool}"] + sys.argv[1:])
     from edgeq.models import load_model
 
     tokenizer = load_model("minilm-l6").tokenizer
-    makers = configs(tokenizer.vocab_size, tokenizer.pad_token_id)
+    makers = make_configs(tokenizer.vocab_size, tokenizer.pad_token_id)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for family in args.families or list(makers):
         model_dir = work / family
         if not (model_dir / "config.json").exists():
-            make(family, makers[family], tokenizer, model_dir)
+            make(family, makers[family], tokenizer, model_dir, auto)
         for recipe in args.recipe:
             print(f"{family} {recipe}", flush=True)
             rows[f"{family} {recipe}"] = check(model_dir, recipe, work)
     import transformers
 
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-              "transformers": transformers.__version__, "width": WIDTH, "rows": rows}
+              "transformers": transformers.__version__, "width": WIDTH, "kind": kind, "rows": rows}
     write_result(args.out, result, markdown(result))
 
 
@@ -168,11 +189,13 @@ def _cell(entry: dict | None) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = ["# Small decoders of Hugging Face families through quantize and both exporters (check)", "",
+    kind = result.get("kind", "decoders")
+    lines = [f"# Small {kind} of Hugging Face families through quantize and both exporters (check)", "",
              "```", result["command"], "```", "",
              f"Created {result['created']} on {m.get('cpu', '')}, transformers {result['transformers']}. Two layers, width 64, "
              "random weights (norm gains away from their initial values), MiniLM's tokenizer. sim vs float: the quantized "
-             "model's logits against the float model's on 64 random tokens (cosine, top-1 agreement); TFLite / ONNX: "
+             "model's logits (encoders: last hidden state) against the float model's on 64 random tokens (cosine, top-1 "
+             "agreement for LMs); TFLite / ONNX: "
              "variant, `exact`, parity cosine against the simulation, TFLite layers read back (of the quantized ones) "
              "and the decode step's parity cosine where there is a decode signature; ONNX: the decode graph's logits against "
              "the prefill graph's (max abs).", "",
@@ -183,7 +206,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {family} | {recipe} | - | - | {row['error'][:140]} | - |")
             continue
         sim = row["simulation_vs_float"]
-        lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f} / {sim['top1_agree']:.3f} | "
+        top1 = "" if sim["top1_agree"] is None else f" / {sim['top1_agree']:.3f}"
+        lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f}{top1} | "
                      f"{_cell(row.get('tflite'))} | {_cell(row.get('onnx'))} |")
     return "\n".join(lines) + "\n"
 

@@ -121,9 +121,28 @@ class LMDecode(torch.nn.Module):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], config=self.model.config)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past[0].shape[2]
+        seen = past[2 * position_layer(self.model.config)].shape[2]
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + seen
         out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
         return (out.logits, *_flat_cache(out.past_key_values))
+
+
+def position_layer(config) -> int:
+    """The layer whose past length is the number of tokens seen: the first full-attention one. A sliding-window
+    layer's cache keeps its last window - 1 tokens only (Gemma 2 / 3, Mistral); a model with no full-attention
+    layer (every layer sliding) counts positions right until its window fills (`sliding_decode_limit`)."""
+    types = getattr(config, "layer_types", None) or []
+    return next((i for i, t in enumerate(types) if t == "full_attention"), 0)
+
+
+def sliding_decode_limit(config) -> int | None:
+    """How many tokens the decode graph of a model with sliding-window layers only can see before its positions go
+    wrong (its caches then stop growing), or None: it has a full-attention layer, or no sliding window."""
+    types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    if not types or not window or "full_attention" in types:
+        return None
+    return window - 1
 
 
 class FirstOutput(torch.nn.Module):
@@ -172,10 +191,15 @@ def graph_specs(bundle, with_decode: bool = True) -> list[GraphSpec]:
         if with_decode:
             with torch.no_grad():
                 past = tuple(t.contiguous() for t in LMPrefill(model)(ids)[1:])
-            past_len = Dim("past_sequence")
+            # a sliding-window layer's past stops growing at window - 1 tokens: its own length
+            lengths = {kind: Dim(name) for kind, name in (("full_attention", "past_sequence"),
+                                                          ("sliding_attention", "past_sequence_sliding"))}
+            types = getattr(model.config, "layer_types", None) or ["full_attention"] * n
             # the step takes exactly one new token: sdpa's causal flag must be a Python bool when tracing
             specs.append(GraphSpec("decode", LMDecode(model), (ids[:, :1], past), ["input_ids"] + kv_names(n, "past"),
-                                   ["logits"] + kv_names(n, "present"), ({0: batch}, tuple({0: batch, 2: past_len} for _ in past))))
+                                   ["logits"] + kv_names(n, "present"),
+                                   ({0: batch}, tuple({0: batch, 2: lengths.get(types[j // 2], lengths["full_attention"])}
+                                                      for j in range(len(past))))))
         return specs
     # a batch of 2: torch.export specializes a dimension it sees as 1 and would refuse a dynamic batch
     example = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in bundle.example_inputs)

@@ -274,7 +274,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2), "fuse": round(fuse_s, 2)},
         "exact_integers": None if check is None else bool(check["exact"]),
         "bn_folded": {n: f.norm for n, f in folds.items()} or None,
-        "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them; the converter drops them"}
+        "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them, or their input is a constant "
+                                                         "(DeBERTa-v2's relative-position projections): the converter drops "
+                                                         "them, or computes them into a constant"}
         if unused else None,
         "tools": _tool_versions(),
     }

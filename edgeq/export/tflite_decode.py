@@ -21,9 +21,10 @@ The file's prefill signature returns the caches too (`KVPrefill`), in the same l
 loop runs the prompt in one call and then decodes. The step is written over the Hugging Face module's
 own layers (projections, norms, MLP, rotary embedding), so the float rendering of a quantized model
 (its dequantized weights) and the cached labelled graph work unchanged, and both signatures of the file
-read one copy of each weight. Llama-family layouts only (model types llama (SmolLM2 too), mistral,
-qwen2, qwen3 (its per-head query and key norms): q/k/v/o projections, pre-norms, gated MLP); anything else gets no
-decode signature and says why.
+read one copy of each weight. `KVDecode` renders Llama-family layouts (model types llama (SmolLM2 too), mistral,
+qwen2, qwen3 (its per-head query and key norms): q/k/v/o projections, pre-norms, gated MLP), tuned for LiteRT;
+`HFDecode` runs any other Hugging Face decoder's own layers with edgeq's attention over the caches, once a probe
+shows it reproduces the model's logits; anything else gets no decode signature and says why.
 The export checks the rendering anyway: 16 decode steps against the simulation (`parity.decode`).
 The export's decode-specific steps live here too: `plan` (the cache length, or why no decode signature),
 `signature_meta` (FILE.json `graph.decode`), `parity` and `resized_parity`.
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
-from ..models.hf import query_scaling
+from ..models.hf import MOVED_SCALING, query_scaling
 from .meta import parity_metrics
 from .tflite_runtime import DecodeSession, attention_mask, slot_axis, slot_range, write_row
 
@@ -68,7 +69,7 @@ def plan(bundle, model, cache_len: int | None, seq_len: int) -> tuple[int, str |
 
 
 def signature_meta(model, cache_len: int, static_slots: str | None) -> dict:
-    n, _, kv_heads, head_dim = dims(model.config)
+    shapes = cache_shapes(model)
     slots = "slots" if static_slots is None else str(cache_len)
     return {"signature": "decode", "cache_len": cache_len,
             "dynamic_slots": static_slots is None,
@@ -77,10 +78,12 @@ def signature_meta(model, cache_len: int, static_slots: str | None) -> dict:
             if static_slots is None else f"fixed at cache_len: {static_slots}",
             "inputs": ["input_ids [1, 1] int32", "input_pos [1] int32 (the token's position: the slot its key and value go to)",
                        f"mask [1, 1, {slots}] float32 (0 for the slots before input_pos, float32's lowest value for the rest)"]
-            + [name for i in range(n) for name in (f"k_{i} [{kv_heads}, {slots}, {head_dim}] float32",
-                                                    f"v_{i} [{kv_heads}, {head_dim}, {slots}] float32 (stored transposed)")],
-            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv_heads}, 1, {head_dim}] float32"
-                                                   for i in range(n) for kind in ("k", "v")],
+            + [name for i, (kv, dk, dv) in enumerate(shapes) for name in (f"k_{i} [{kv}, {slots}, {dk}] float32",
+                                                                          f"v_{i} [{kv}, {dv}, {slots}] float32 (stored transposed)")],
+            "outputs": ["logits [1, 1, vocab]"] + [f"{kind}_new_{i} [{kv}, 1, {d}] float32"
+                                                   for i, (kv, dk, dv) in enumerate(shapes) for kind, d in (("k", dk), ("v", dv))],
+            "step": "the model's own Hugging Face layers, attention over the caches by edgeq (HFDecode)"
+                    if generic_step(model, cache_len) else "edgeq's own (Llama-family layout)",
             "usage": "run the prompt through serving_default (padded at the end to seq_len), which returns the logits "
                      "and these caches; then decode from input_pos = the prompt's length. The step reads the caches "
                      "(the slots the mask leaves at 0: those before input_pos) and returns its token's key and value: "
@@ -91,10 +94,11 @@ def signature_meta(model, cache_len: int, static_slots: str | None) -> dict:
 
 
 def unsupported_reason(model: torch.nn.Module, cache_len: int) -> str | None:
-    """None if `model` has the layout `KVDecode` renders, else why not (one line)."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind not in FAMILY:
-        return f"model type {kind!r} is not one whose decode step is rendered ({', '.join(FAMILY)})"
+    """None if `model` gets a decode step (`decode_module`: a Llama-family model with the layout `KVDecode` renders,
+    any other one `HFDecode` reproduces on its probe), else why not (one line)."""
+    if generic_step(model, cache_len):
+        window = sliding_window(model)
+        return HFDecode.unsupported_reason(model, window if window and window <= cache_len else None)
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
@@ -105,11 +109,45 @@ def unsupported_reason(model: torch.nn.Module, cache_len: int) -> str | None:
         missing += [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(getattr(layer, "self_attn", None), p)]
         if missing:
             return f"layer {i} has no {missing[0]} (a Llama-family layout is needed)"
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if window and window < cache_len:
-        return f"its sliding attention window ({window}) is shorter than the cache ({cache_len} slots); export with cache_len <= {window}"
     return None
+
+
+def type_of(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The model's sliding attention window (its sliding layers attend over the last `window` positions), if any."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+
+
+def generic_step(model: torch.nn.Module, cache_len: int) -> bool:
+    """Whether the decode step is `HFDecode`: a model outside the Llama family, or one whose sliding window is not
+    longer than the cache (`KVDecode` attends over every cached slot)."""
+    window = sliding_window(model)
+    return type_of(model) not in FAMILY or bool(window and window <= cache_len)
+
+
+def decode_module(model: torch.nn.Module, cache_len: int) -> torch.nn.Module:
+    """The decode step `unsupported_reason` passed: edgeq's own for the Llama family, else `HFDecode`."""
+    return (HFDecode if generic_step(model, cache_len) else KVDecode)(model).eval()
+
+
+def full_cache(model: torch.nn.Module, ids: torch.Tensor):
+    """The model's cache after a forward of `ids`, every layer holding every token: a sliding-window layer of the
+    cache Hugging Face makes by default keeps the last window - 1 only, which the signature's slots cannot follow."""
+    from transformers.cache_utils import DynamicCache
+
+    return model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+
+
+@torch.no_grad()
+def cache_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """Per layer (kv heads, key head dim, value head dim) of the signature's caches, read off the model's own cache
+    after a two-token forward (not from its config: families name them differently, and some vary by layer)."""
+    past = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+    return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in past.layers]
 
 
 def dims(config) -> tuple[int, int, int, int]:
@@ -138,7 +176,7 @@ class KVPrefill(torch.nn.Module):
         self.model, self.cache_len = model, cache_len
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, use_cache=True)
+        out = full_cache(self.model, input_ids)
         return (out.logits, *to_signature_layout(out.past_key_values, self.cache_len))
 
 
@@ -190,6 +228,106 @@ class KVDecode(torch.nn.Module):
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (self.model.lm_head(inner.norm(h)), *presents)
+
+
+_STEPS: list = []  # the decode step `HFDecode` is running (its caches, mask and the new keys and values), innermost last
+
+
+def _cached_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """A Hugging Face attention module's attention over `HFDecode`'s caches (the mask Hugging Face made is not
+    used): the one token's queries [1, heads, 1, d] grouped by kv head, scores over the token itself then the cached
+    slots, scaled after the products (LiteRT's converter folds a constant MUL right after a FULLY_CONNECTED into the
+    weight: a layer without rotary embedding would have its query weights rescaled), soft-capped as Gemma 2 does."""
+    if kwargs.get("s_aux") is not None:
+        raise EdgeqError(f"{type(module).__name__}: attention with sinks (s_aux) has no decode step in edgeq")
+    step, i = _STEPS[-1], module.layer_idx
+    scaling = getattr(module, MOVED_SCALING, scaling)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    _, heads, _, head_dim = query.shape
+    kv_heads, value_dim = key.shape[1], value.shape[-1]
+    q = query.reshape(kv_heads, heads // kv_heads, head_dim)
+    k, v = key.reshape(kv_heads, 1, head_dim), value.reshape(kv_heads, 1, value_dim)
+    step["presents"][i] = (k, v)
+    own = torch.bmm(q, k.transpose(1, 2)) * scaling
+    cached = torch.bmm(q, step["cache"][2 * i].transpose(1, 2)) * scaling
+    if softcap is not None:
+        own, cached = torch.tanh(own / softcap) * softcap, torch.tanh(cached / softcap) * softcap
+    window = kwargs.get("sliding_window")
+    p = torch.softmax(torch.cat([own, cached + (window_mask(step, window) if window else step["mask"])], dim=-1), dim=-1)
+    out = torch.bmm(p[..., 1:], step["cache"][2 * i + 1].transpose(1, 2)) + p[..., :1] * v
+    return out.reshape(1, 1, heads, value_dim), None
+
+
+def window_mask(step: dict, window: int) -> torch.Tensor:
+    """The step's mask for a sliding-window layer: also float32's lowest for the slots the window has left (position
+    p <= input_pos - window, as Hugging Face's `sliding_window_overlay`). A slot's index comes from the mask itself:
+    counting its open slots (0) up to the slot gives index + 1 for every slot before input_pos, and no slot after
+    it can have left the window. Nothing the size of the slots is constant (the converter folded the indices of
+    `mask * 0 + 1` into one, and a SELECT's scalar into one of the mask's shape), so the slot count stays the
+    runtime's choice. Computed once a step per window."""
+    if window not in step["windows"]:
+        mask, pos = step["mask"], step["pos"]
+        slot = torch.cumsum((mask == 0).to(mask.dtype), dim=-1) - 1
+        old = (slot <= (pos - window).to(mask.dtype)).to(mask.dtype)
+        step["windows"][window] = mask + old * torch.finfo(mask.dtype).min
+    return step["windows"][window]
+
+
+class HFDecode(torch.nn.Module):
+    """The decode step of a Hugging Face decoder outside the Llama family, with `KVDecode`'s signature: the model's
+    own forward on the token at input_pos, its attention modules attending over the given caches
+    (`_cached_attention`, registered with transformers as DECODE). Whatever else the family does (embedding scale,
+    norms after attention and MLP, fused projections, layers without rotary embedding, multipliers, the logits' cap)
+    is its own code. `unsupported_reason` runs it against the model's own cache on a probe first."""
+
+    DECODE = "edgeq_decode"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, input_pos, mask, *cache):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        from ..models.hf import attention_implementation
+
+        AttentionInterface.register(self.DECODE, _cached_attention)
+        AttentionMaskInterface.register(self.DECODE, eager_mask)
+        step = {"cache": cache, "mask": mask, "pos": input_pos, "presents": {}, "windows": {}}
+        _STEPS.append(step)
+        try:
+            with attention_implementation(self.model, self.DECODE):
+                # a 4-D mask is taken as given: Hugging Face builds none (`_cached_attention` reads `mask` itself)
+                logits = self.model(input_ids=input_ids, position_ids=input_pos.reshape(1, 1),
+                                    attention_mask=mask.reshape(1, 1, 1, -1), use_cache=False).logits
+        finally:
+            _STEPS.pop()
+        return (logits, *[t for i in range(len(cache) // 2) for t in step["presents"][i]])
+
+    @staticmethod
+    @torch.no_grad()
+    def unsupported_reason(model: torch.nn.Module, window: int | None = None) -> str | None:
+        """None if the step reproduces the model's own next-token logits after a prefill of a few tokens through its
+        own cache (past `window` of them, if given: its sliding layers must then leave the oldest out), else why not
+        (one line)."""
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not isinstance(vocab, int):
+            return f"{type(model).__name__} has no config.vocab_size"
+        tokens = (window or 3) + 3
+        slots = tokens + 2
+        ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+        try:
+            want = model(input_ids=ids).logits[0, -1]
+            cache = to_signature_layout(full_cache(model, ids[:, :-1]).past_key_values, slots)
+            got = HFDecode(model)(ids[:, -1:], torch.tensor([tokens - 1]), torch.from_numpy(attention_mask(tokens - 1, slots)),
+                                  *cache)[0].reshape(-1)
+        except Exception as exc:  # a layout the step cannot run
+            return f"edgeq's decode step cannot run {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        diff = float((got - want).abs().max())
+        if diff > 1e-3 * max(float(want.abs().max()), 1e-6):
+            return f"edgeq's decode step does not reproduce {type(model).__name__}'s logits (max abs diff {diff:.2g})"
+        return None
 
 
 def dynamic_slots(model_t, cache_len: int) -> str | None:
@@ -280,15 +418,13 @@ def to_signature_layout(past, cache_len: int) -> list[torch.Tensor]:
     return out
 
 
-def empty_cache(config, cache_len: int) -> tuple[torch.Tensor, ...]:
-    n, _, kv_heads, head_dim = dims(config)
-    return tuple(torch.zeros((kv_heads, cache_len, head_dim) if j % 2 == 0 else (kv_heads, head_dim, cache_len))
-                 for j in range(2 * n))
+def empty_cache(model: torch.nn.Module, cache_len: int) -> tuple[torch.Tensor, ...]:
+    return tuple(t for kv, dk, dv in cache_shapes(model) for t in (torch.zeros(kv, cache_len, dk), torch.zeros(kv, dv, cache_len)))
 
 
 def example_inputs(model: torch.nn.Module, cache_len: int) -> tuple:
     return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-            torch.from_numpy(attention_mask(0, cache_len)), *empty_cache(model.config, cache_len))
+            torch.from_numpy(attention_mask(0, cache_len)), *empty_cache(model, cache_len))
 
 
 def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cache_len: int, per_sequence: int) -> list[tuple]:
@@ -298,7 +434,7 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
     with torch.no_grad():
         for ids in sequences:
             n = min(ids.shape[1], cache_len)
-            full = to_signature_layout(model(input_ids=ids[:, :n], use_cache=True).past_key_values, cache_len)
+            full = to_signature_layout(full_cache(model, ids[:, :n]).past_key_values, cache_len)
             for p in np.linspace(0, n - 1, per_sequence).astype(int):
                 cache = [c.clone() for c in full]
                 for j, c in enumerate(cache):  # keep slots 0..p-1

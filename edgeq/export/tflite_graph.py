@@ -33,7 +33,7 @@ from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 13  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 15  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:
@@ -237,7 +237,7 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
     """litert-torch conversion of the float rendering of `model`: a `serving_default` signature, and with
     `cache_len` one that also returns the KV caches (`tflite_decode.KVPrefill`) and a `decode` signature
-    (`tflite_decode.KVDecode`) reading the same weights."""
+    (`tflite_decode.decode_module`: KVDecode or HFDecode) reading the same weights."""
     import tempfile
 
     import litert_torch
@@ -247,10 +247,10 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
         module = graph_module(bundle, model)
         try:
             if cache_len:
-                from .tflite_decode import KVDecode, KVPrefill, example_inputs as decode_inputs
+                from .tflite_decode import KVPrefill, decode_module, example_inputs as decode_inputs
 
                 edge = (litert_torch.signature("serving_default", KVPrefill(model, cache_len).eval(), example_inputs(bundle, seq_len))
-                        .signature("decode", KVDecode(model).eval(), decode_inputs(model, cache_len)).convert())
+                        .signature("decode", decode_module(model, cache_len), decode_inputs(model, cache_len)).convert())
             else:
                 edge = litert_torch.convert(module, example_inputs(bundle, seq_len))
         except Exception as exc:  # the converter fails in many ways on unsupported ops

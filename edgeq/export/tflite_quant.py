@@ -11,6 +11,8 @@ The read-back in `tflite_check` is what proves the result; nothing here is trust
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 
 import numpy as np
@@ -125,10 +127,35 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     qsvs.update(weight_overrides(placed, layers, ops, scales))
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
-        result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
+        with _duplicates_named_in_bytes():
+            result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:
         raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
     return bytes(result.quantized_model)
+
+
+@contextlib.contextmanager
+def _duplicates_named_in_bytes():
+    """ai-edge-quantizer (0.10.0) gives a weight it duplicates (one two ops read with their own quantization) a str
+    name, and its blockwise quantization then appends bytes to that name: a TypeError. ELECTRA's and ALBERT's
+    embedding projection meets it: the converter leaves it as two identical FULLY_CONNECTEDs on one weight. In the
+    block the duplicate's name is bytes, as every other tensor name."""
+    from ai_edge_quantizer.transformations import duplicate_tensor as module
+
+    original = module.duplicate_tensor
+
+    def duplicate(transformation_input):
+        info = original(transformation_input)
+        new = transformation_input.subgraph.tensors[-1]  # (appended by the duplication)
+        if isinstance(new.name, str):
+            new.name = new.name.encode()
+        return info
+
+    module.duplicate_tensor = duplicate
+    try:
+        yield
+    finally:
+        module.duplicate_tensor = original
 
 
 def share_output_grids(qsvs: dict, placed: dict[str, list[tuple]]) -> None:

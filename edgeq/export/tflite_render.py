@@ -113,11 +113,38 @@ class _UnfoldableRMSNorm(torch.nn.Module):
         super().__init__()
         self.weight, self.offset = norm.weight, offset  # the gain is weight + offset (`transforms.gain_offset`)
         self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        self.factor = None  # a constant the output is multiplied by, in the gain (`_final_cap`)
 
     def forward(self, x):
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         gain = self.weight + self.offset if self.offset else self.weight
+        if self.factor is not None:
+            gain = gain * self.factor
         return (x.to(torch.float32) * (torch.rsqrt(variance + self.eps) * gain)).to(x.dtype)
+
+
+class _CappedHead(torch.nn.Module):
+    """Gemma 2's final logit soft-capping, cap * tanh(logits / cap), with the division moved before the head into the
+    final norm's gain (`_final_cap`): as `logits / cap` after the head's FULLY_CONNECTED, the converter folds it into
+    the head's weight."""
+
+    def __init__(self, head: torch.nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, x):
+        return torch.tanh(self.head(x)) * self.cap
+
+
+def _final_cap(model: torch.nn.Module, gained: dict) -> tuple[float, str, str] | None:
+    """(cap, final norm, head) of a model whose logits are soft-capped after the head (Gemma 2's
+    `final_logit_softcapping`) and whose final norm is rendered by `_UnfoldableRMSNorm`; else None."""
+    from ..quantize.transforms import head_name
+
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    head = head_name(model)
+    norm = "model.norm" if isinstance(gained.get("model.norm"), _UnfoldableRMSNorm) else None
+    return (float(cap), norm, head) if cap and head and norm else None
 
 
 class _UnfoldableLayerNorm(torch.nn.Module):
@@ -170,13 +197,15 @@ def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
 @contextlib.contextmanager
 def float_rendering(model: torch.nn.Module, folds: dict | None = None):
     """Temporarily swap every quantized layer for a float layer with its dequantized weight
-    (each BatchNorm in `folds` for an identity, its factor folded into the conv before it, and each
-    RMSNorm / LayerNorm for a rendering whose gain the converter cannot fold into the next weight)."""
+    (each BatchNorm in `folds` for an identity, its factor folded into the conv before it, each
+    RMSNorm / LayerNorm for a rendering whose gain the converter cannot fold into the next weight, and a
+    soft-capped head for `_CappedHead`)."""
     folds = folds or {}
     layers = quant_layers(model)
     norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
     gained = _gained_norms(model) if layers else {}
-    originals = {n: model.get_submodule(n) for n in [*norms, *gained]}
+    capped = _final_cap(model, gained)
+    originals = {n: model.get_submodule(n) for n in [*norms, *gained, *([capped[2]] if capped else [])]}
     try:
         for name, q in layers.items():
             set_module(model, name, _dequant_module(q, folds.get(name)))
@@ -184,8 +213,15 @@ def float_rendering(model: torch.nn.Module, folds: dict | None = None):
             set_module(model, n, torch.nn.Identity())
         for n, m in gained.items():
             set_module(model, n, m)
+        if capped:
+            cap, norm, head = capped
+            gained[norm].factor = 1.0 / cap
+            set_module(model, head, _CappedHead(model.get_submodule(head), cap))
+            model.config.final_logit_softcapping = None
         yield model
     finally:
+        if capped:
+            model.config.final_logit_softcapping = capped[0]
         for name, q in layers.items():
             set_module(model, name, q)
         for n, m in originals.items():
@@ -225,7 +261,46 @@ class _FirstOutput(torch.nn.Module):
 def unused_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
     """The quantized layers the exported module's outputs do not depend on (no gradient reaches them from one
     forward of the example inputs): what the converter prunes. Each layer's output gets a zero added that the
-    gradient is taken for, so layers feeding other layers stay on the path to the outputs."""
+    gradient is taken for, so layers feeding other layers stay on the path to the outputs. Also those whose input
+    does not depend on the module's inputs (`constant_input_layers`), which the converter computes into a constant."""
+    return _unreached_layers(bundle, model, seq_len) | constant_input_layers(bundle, model, seq_len)
+
+
+def constant_input_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
+    """The quantized layers whose float input is the same whatever the module's inputs (DeBERTa-v2's projections of
+    its relative-position table): no gradient path from the inputs (float inputs, and every embedding's output for
+    token ids) reaches their input, with the parameters' own gradients off for the forward."""
+    layers = quant_layers(model)
+    constant: set[str] = set()
+
+    def seed(_module, _args, out):
+        return out + torch.zeros_like(out, requires_grad=True)
+
+    def check(name):
+        def hook(_module, args, _out):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+                constant.add(name)
+        return hook
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    embeddings = [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, QuantEmbedding))]
+    hooks = [m.register_forward_hook(seed) for m in embeddings] + [m.register_forward_hook(check(n)) for n, m in layers.items()]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            inputs = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in example_inputs(bundle, seq_len)]
+            graph_module(bundle, model)(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return constant
+
+
+def _unreached_layers(bundle, model: torch.nn.Module, seq_len: int) -> set[str]:
     layers = quant_layers(model)
     taps: dict[str, torch.Tensor] = {}
 

@@ -52,15 +52,20 @@ GROUPED = "edgeq_grouped"  # the attention implementation `grouped_attention` re
 MOVED_SCALING = "_edgeq_scaling"  # an attention module's own query scaling while `litert_attention` moves it
 
 
-def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """Hugging Face's eager attention for grouped-query models without repeating the keys and values: the query heads
     that share kv head j (heads j * groups .. j * groups + groups - 1, as `repeat_kv` orders them) are stacked along the
-    sequence axis, so both products are one batched matmul per kv head. The same sums as eager attention, term by term."""
+    sequence axis, so both products are one batched matmul per kv head. The same sums as eager attention, term by term,
+    with Gemma 2's soft-capping of the scores (`softcap`); attention sinks (`s_aux`: gpt-oss) are refused."""
+    if kwargs.get("s_aux") is not None:
+        raise EdgeqError(f"{type(module).__name__}: attention with sinks (s_aux) is not rendered by edgeq's attention")
     scaling = getattr(module, MOVED_SCALING, scaling)
     batch, heads, length, head_dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, head_dim), key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = (scores.view(batch, kv_heads, groups, length, slots) + attention_mask[:, :, None, :, :slots]).view(scores.shape)
     probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -126,6 +131,51 @@ def _grouped_query(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
+def fold_multipliers(model: torch.nn.Module) -> list[str]:
+    """Fold Granite-style output multipliers into the weights before them, exactly, and make them 1: each layer's
+    `residual_multiplier` (scaling the attention's and the MLP's output before the residual add) into o_proj's and
+    down_proj's weights, and the config's `logits_scaling` (the logits' divisor) into the final norm's gain. LiteRT's
+    converter folds a constant MUL after a FULLY_CONNECTED into its weight, which would change the integers edgeq
+    chose. Checked on a probe input: a model whose logits the fold changes is put back as it was. Returns what was
+    folded."""
+    from ..quantize.transforms import gain_offset, probe_logits, same_logits
+
+    inner, config = getattr(model, "model", None), getattr(model, "config", None)
+    moves = []  # (owner of the multiplier, attribute, [(module, factor)])
+    for layer in getattr(inner, "layers", None) or []:
+        r = getattr(layer, "residual_multiplier", None)
+        outs = [getattr(getattr(layer, a, None), p, None) for a, p in (("self_attn", "o_proj"), ("mlp", "down_proj"))]
+        if isinstance(r, float) and r != 1.0 and all(isinstance(m, torch.nn.Linear) for m in outs):
+            moves.append((layer, "residual_multiplier", [(m, r) for m in outs]))
+    s, norm = getattr(config, "logits_scaling", None), getattr(inner, "norm", None)
+    if isinstance(s, float) and s != 1.0 and norm is not None and gain_offset(norm) == 0.0:
+        moves.append((config, "logits_scaling", [(norm, 1.0 / s)]))
+    if not moves:
+        return []
+    ref = probe_logits(model)
+    values = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in moves]
+    tensors = [(m, m.weight.clone(), None if getattr(m, "bias", None) is None else m.bias.clone())
+               for _, _, scaled in moves for m, _ in scaled]
+    for owner, attr, scaled in moves:
+        for m, factor in scaled:
+            m.weight.mul_(factor)
+            if getattr(m, "bias", None) is not None:
+                m.bias.mul_(factor)
+        setattr(owner, attr, 1.0)
+    if same_logits(probe_logits(model), ref):
+        if any(attr == "residual_multiplier" for _, attr, _ in moves):
+            config.residual_multiplier = 1.0
+        return sorted({attr for _, attr, _ in moves})
+    for owner, attr, value in values:  # not the layout assumed: as it was
+        setattr(owner, attr, value)
+    for m, w, b in tensors:
+        m.weight.copy_(w)
+        if b is not None:
+            m.bias.copy_(b)
+    return []
+
+
+@torch.no_grad()
 def conv1d_as_linear(model: torch.nn.Module) -> list[str]:
     """Replace transformers' Conv1D layers (GPT-2's projections: x @ W + b with W [in, out]) by the equal
     torch.nn.Linear (weight W^T), so that they are quantized and exported like any linear layer; returns their names."""
@@ -165,6 +215,8 @@ def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
         raise EdgeqError(f"model: cannot load Hugging Face directory {str(path)!r}: {type(exc).__name__}: {exc}") from None
     conv1d_as_linear(model)
     model.eval()
+    if causal:
+        fold_multipliers(model)
     kind = "causal-lm" if causal else "encoder"
     ids = torch.tensor([tokenizer("edgeq quantizes models for edge boards.")["input_ids"]])
     example = (ids,) if causal else (ids, torch.ones_like(ids))

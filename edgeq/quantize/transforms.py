@@ -3,7 +3,8 @@
 Folding RMSNorm/LayerNorm gains into the linears that follow is exact (a diagonal scale commutes
 into the weight's columns) and must happen before quantization: the LiteRT converter folds them
 anyway, and integers chosen before folding would no longer be the ones in the file.
-A norm is folded only when its output feeds nothing but linear layers (pre-norm blocks).
+A norm is folded only when its output feeds nothing but linear layers (pre-norm blocks): measured on a probe
+input (`llama_norm_groups`, `fold_norms`), not read from names.
 """
 
 from __future__ import annotations
@@ -43,25 +44,55 @@ def untie_head(model: torch.nn.Module) -> bool:
     return True
 
 
+@torch.no_grad()
 def llama_norm_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
-    """(norm, [linears it feeds]) for Llama-family pre-norm decoders; empty for other models."""
+    """(norm, [linears it feeds]) for pre-norm decoders (`model.model.layers`); empty for other models.
+
+    Which norm feeds which linears is measured, not read from names: the model runs on a probe input and a
+    linear belongs to a norm when its input is the norm's output tensor. Names mislead across families: Gemma 2 /
+    3's `post_attention_layernorm` normalizes the attention's output before the residual add (its MLP reads
+    `pre_feedforward_layernorm`), OLMo 2 has post-norms only, Phi-3 feeds one fused `qkv_proj` and `gate_up_proj`.
+    The final norm feeds the head through a slice of its output (a view of the same memory)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if layers is None:
+    if layers is None or not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
         return []
-    groups = []
-    for i, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")) or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj")):
-            return []
-        if not hasattr(layer, "input_layernorm") or not hasattr(layer, "post_attention_layernorm"):
-            return []
-        base = f"model.layers.{i}"
-        groups.append((f"{base}.input_layernorm", [f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]))
-        groups.append((f"{base}.post_attention_layernorm", [f"{base}.mlp.{p}" for p in ("gate_proj", "up_proj")]))
-    if hasattr(inner, "norm") and not is_tied(model) and head_name(model):
-        groups.append(("model.norm", [head_name(model)]))
-    return groups
+    names = {m: n for n, m in model.named_modules()}
+    norms = [m for m in model.modules() if type(m).__name__.endswith("Norm") and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    outputs, inputs = {}, {}
+
+    def seen(store, key, value) -> None:  # a hook returning a value would replace the module's output
+        store.setdefault(key, value)
+
+    hooks = [m.register_forward_hook(lambda m, i, o: seen(outputs, m, o)) for m in norms]
+    hooks += [m.register_forward_hook(lambda m, i, o: seen(inputs, m, i[0])) for m in linears]
+    try:
+        model(input_ids=_probe_ids(model))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = {}
+    for lin in linears:
+        x = inputs.get(lin)
+        norm = next((n for n, y in outputs.items() if x is not None and _same_tensor(x, y)), None)
+        if norm is not None:
+            groups.setdefault(names[norm], []).append(names[lin])
+    if is_tied(model):  # the head is the embedding: its columns are not the head's alone to scale
+        groups = {n: ls for n, ls in groups.items() if head_name(model) not in ls}
+    return list(groups.items())
+
+
+def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _same_tensor(a, b) -> bool:
+    """`a` is `b`, or a view of all of it (same memory, shape and strides)."""
+    if a is b:
+        return True
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 @torch.no_grad()
@@ -84,37 +115,64 @@ def gain_offset(norm: torch.nn.Module) -> float | None:
 @torch.no_grad()
 def fold_norms(model: torch.nn.Module) -> list[str]:
     """Fold each pre-norm's gain into the linears it feeds and make the gain 1 (the weight 1 - `gain_offset`);
-    returns folded norms. A norm whose form `gain_offset` does not know is left alone."""
-    folded = []
-    for norm_name, linear_names in llama_norm_groups(model):
-        norm = model.get_submodule(norm_name)
-        offset = gain_offset(norm)
-        if offset is None:
-            continue
-        gain = norm.weight + offset
-        for name in linear_names:
-            lin = model.get_submodule(name)
-            lin.weight.mul_(gain.to(lin.weight.dtype)[None, :])
-        norm.weight.fill_(1.0 - offset)
-        folded.append(norm_name)
+    returns folded norms. A norm whose form `gain_offset` does not know is left alone, and so is one whose fold
+    changes the model's logits on the probe input (its output feeds something besides those linears too)."""
+    groups = [(n, ls) for n, ls in llama_norm_groups(model) if gain_offset(model.get_submodule(n)) is not None]
+    if not groups:
+        return []
+    ref = probe_logits(model)
+    saved = {n: model.get_submodule(n).weight.clone() for g in groups for n in [g[0], *g[1]]}
+    for norm_name, linear_names in groups:
+        _fold(model, norm_name, linear_names)
+    if same_logits(probe_logits(model), ref):
+        return [n for n, _ in groups]
+    folded = []  # some norm feeds more than its linears: fold them one at a time, keeping the folds that are exact
+    for n, w in saved.items():
+        model.get_submodule(n).weight.copy_(w)
+    for norm_name, linear_names in groups:
+        _fold(model, norm_name, linear_names)
+        if same_logits(probe_logits(model), ref):
+            folded.append(norm_name)
+        else:
+            for n in [norm_name, *linear_names]:
+                model.get_submodule(n).weight.copy_(saved[n])
     return folded
+
+
+def _fold(model: torch.nn.Module, norm_name: str, linear_names: list[str]) -> None:
+    norm = model.get_submodule(norm_name)
+    offset = gain_offset(norm)
+    gain = norm.weight + offset
+    for name in linear_names:
+        lin = model.get_submodule(name)
+        lin.weight.mul_(gain.to(lin.weight.dtype)[None, :])
+    norm.weight.fill_(1.0 - offset)
+
+
+def probe_logits(model: torch.nn.Module) -> torch.Tensor:
+    out = model(input_ids=_probe_ids(model))
+    return (out.logits if hasattr(out, "logits") else out[0]).double()
+
+
+def same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same logits up to the rounding a fold changes (a wrong fold moves them by a sizeable fraction)."""
+    return float((a - b).abs().max()) <= 1e-3 * max(float(b.abs().max()), 1e-6)
 
 
 def llama_smooth_groups(model: torch.nn.Module) -> list[tuple[str, str, list[str]]]:
     """(kind, producer, [consumers]) pairs where a per-channel scale moves exactly between them.
 
     `norm`: the pre-norm's gain divides, the q/k/v or gate/up columns multiply.
-    `rows`: up_proj's output rows divide (down_proj's input is act(gate) * up, elementwise),
-    down_proj's columns multiply.
+    `rows`: up_proj's output rows divide (down_proj's input is act(gate) * up, elementwise: gated MLPs, those with a
+    gate_proj; Nemotron's act(up) has none), down_proj's columns multiply.
     """
-    groups = []
-    for norm, linears in llama_norm_groups(model):
-        if norm != "model.norm":
-            groups.append(("norm", norm, linears))
+    head = head_name(model)
+    groups = [("norm", norm, linears) for norm, linears in llama_norm_groups(model) if head not in linears]
     inner = getattr(model, "model", None)
-    for i, _ in enumerate(getattr(inner, "layers", []) or []):
-        base = f"model.layers.{i}.mlp"
-        groups.append(("rows", f"{base}.up_proj", [f"{base}.down_proj"]))
+    for i, layer in enumerate(getattr(inner, "layers", []) or []):
+        if all(hasattr(getattr(layer, "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj")):
+            base = f"model.layers.{i}.mlp"
+            groups.append(("rows", f"{base}.up_proj", [f"{base}.down_proj"]))
     return groups
 
 

@@ -61,16 +61,17 @@ def tiny_opt(tmp_path_factory) -> str:
     return _hf_dir(tmp_path_factory, "tiny-opt", model, tokenizer)
 
 
-def _grouped_decoder(tmp_path_factory, family: str, gains: tuple[float, float]) -> str:
+def _grouped_decoder(tmp_path_factory, family: str, gains: tuple[float, float], **config) -> str:
     """A two-layer grouped-query decoder of Hugging Face `family` (the prefix of its config and causal-LM classes) as a
-    local Hugging Face directory (MiniLM's tokenizer), its RMSNorm weights drawn uniformly from `gains`."""
+    local Hugging Face directory (MiniLM's tokenizer), its RMSNorm weights drawn uniformly from `gains`; `config`:
+    more of its config."""
     import transformers
 
     tokenizer = load_model("minilm-l6").tokenizer
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **config)
     model = getattr(transformers, f"{family}ForCausalLM")(config)
     with torch.no_grad():
         for m in model.modules():
@@ -84,6 +85,30 @@ def tiny_gemma(tmp_path_factory) -> str:
     """Gemma: its RMSNorms scale by (1 + weight), not by the weight as Llama's do; gains away from 1 show the
     difference."""
     return _grouped_decoder(tmp_path_factory, "Gemma", (-0.5, 0.5))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory) -> str:
+    """Gemma 2: sandwich norms (`post_attention_layernorm` normalizes the attention's output; the MLP reads
+    `pre_feedforward_layernorm`), a sliding-window layer (window 8) then a full-attention one, and the attention
+    scores soft-capped (at 0.5: on random weights the cap hardly moves the logits, so the attention functions are
+    checked against Gemma 2's own separately), and so are the logits (at 30, Gemma 2's own: a division after the
+    head, which the converter would fold into the head's weight)."""
+    return _grouped_decoder(tmp_path_factory, "Gemma2", (-0.5, 0.5), sliding_window=8, query_pre_attn_scalar=16,
+                            attn_logit_softcapping=0.5, final_logit_softcapping=30.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_granite(tmp_path_factory) -> str:
+    """Granite: the attention's and MLP's outputs scaled by a residual multiplier, the logits divided by a constant."""
+    return _grouped_decoder(tmp_path_factory, "Granite", (0.5, 1.5), embedding_multiplier=12.0, logits_scaling=8.0,
+                            residual_multiplier=0.22, attention_multiplier=0.0625)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> str:
+    """Phi-3: fused query/key/value (`qkv_proj`) and gate/up (`gate_up_proj`) projections."""
+    return _grouped_decoder(tmp_path_factory, "Phi3", (0.5, 1.5), pad_token_id=0)  # (its default, 32000, is past the vocabulary)
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +127,31 @@ def tiny_gpt2(tmp_path_factory) -> str:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return _hf_dir(tmp_path_factory, "tiny-gpt2", transformers.GPT2LMHeadModel(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta(tmp_path_factory) -> str:
+    """A two-layer DeBERTa-v2 encoder (disentangled attention: its relative-position table goes through each layer's
+    pos_key_proj / pos_query_proj, whose input is then the same for every input)."""
+    import transformers
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+                                          relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"])
+    return _hf_dir(tmp_path_factory, "tiny-deberta", transformers.DebertaV2Model(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_electra(tmp_path_factory) -> str:
+    """A two-layer ELECTRA encoder whose embeddings (width 128) are projected to its hidden width (64) by a linear
+    layer, which the converter renders as two identical FULLY_CONNECTEDs on one weight."""
+    import transformers
+
+    tokenizer = load_model("minilm-l6").tokenizer
+    torch.manual_seed(0)
+    config = transformers.ElectraConfig(vocab_size=tokenizer.vocab_size, embedding_size=128, hidden_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                        max_position_embeddings=128)
+    return _hf_dir(tmp_path_factory, "tiny-electra", transformers.ElectraModel(config), tokenizer)

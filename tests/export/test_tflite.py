@@ -500,17 +500,23 @@ def test_dynamic_slots_are_proven_by_running_them():
 
 
 def test_decode_signature_only_for_layouts_it_renders():
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+    """Llama-family layouts get edgeq's own step; other decoders, and those whose sliding window is not longer than
+    the cache, `HFDecode`, if it reproduces their logits on a probe (GPT-2 does); a model without attention caches
+    (Mamba) gets none."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
 
-    from edgeq.export.tflite_decode import unsupported_reason
+    from edgeq.export.tflite_decode import HFDecode, KVDecode, decode_module, unsupported_reason
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
-    assert "model type 'gpt2' is not one" in unsupported_reason(gpt2, 32)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).eval()
+    assert unsupported_reason(gpt2, 32) is None
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4)).eval()
+    assert "edgeq's decode step cannot run MambaForCausalLM" in unsupported_reason(mamba, 32)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                  vocab_size=64)
-    mistral = MistralForCausalLM(MistralConfig(sliding_window=16, **small))
-    assert unsupported_reason(mistral, 16) is None
-    assert "sliding attention window (16) is shorter than the cache (32 slots)" in unsupported_reason(mistral, 32)
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=16, **small)).eval()
+    assert unsupported_reason(mistral, 15) is None and isinstance(decode_module(mistral, 15), KVDecode)
+    assert unsupported_reason(mistral, 16) is None and isinstance(decode_module(mistral, 16), HFDecode)
     assert unsupported_reason(load_model("tiny-llama").module, 256) is None
 
 
@@ -676,3 +682,128 @@ def test_quantized_variant_needs_a_qdir(tmp_path):
     with pytest.raises(EdgeqError, match="variant"):
         export(CNN, "tflite", tmp_path / "m.tflite", variant="int2")
     assert not list(tmp_path.iterdir())
+
+
+def _float_vs_simulation(model_dir: str, qdir: Path) -> float:
+    """Cosine of the quantized model's logits against the float model's on 32 random tokens."""
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = load_model(model_dir).module(ids).logits.double()
+        b = load_quantized(qdir).model(ids).logits.double()
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_gemma2_sandwich_norms_fold_into_the_linears_they_feed(tiny_gemma2, tmp_path):
+    """Which norm feeds which linears is measured: Gemma 2's MLP reads `pre_feedforward_layernorm`, while its
+    `post_attention_layernorm` normalizes the attention's output. Folding by name put the latter's gain into the MLP
+    (sim vs float cosine 0.36 in the families check). The ONNX decode graph counts positions from its full-attention
+    layer's cache, not from the sliding layer's, which keeps its last 7 tokens only (before: the decode step's logits
+    differed from the prefill graph's by 0.7 on Gemma 3). The logits' soft-capping divides before the head in the
+    TFLite file (before: "the converter changed the weight of layer 'lm_head'"). Its TFLite decode step (HFDecode)
+    leaves the slots the window has passed out of the sliding layer, over a cache four times the window (before: no
+    decode signature for a cache longer than the window)."""
+    from edgeq.quantize.transforms import llama_norm_groups
+
+    groups = dict(llama_norm_groups(load_model(tiny_gemma2).module))
+    assert groups["model.layers.0.pre_feedforward_layernorm"] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    assert groups["model.layers.1.input_layernorm"] == [f"model.layers.1.self_attn.{p}_proj" for p in "qkv"]
+    assert not any("post_" in n for n in groups)
+    qdir = _qdir(tmp_path, tiny_gemma2, "w8", "q")
+    assert _float_vs_simulation(tiny_gemma2, qdir) > 0.99
+    meta = export(qdir, "tflite", tmp_path / "gemma2.tflite", seq_len=16, cache_len=32)
+    assert meta["exact"] is True and meta["readback"]["layers"] == 15, meta.get("readback")
+    assert meta["parity"]["within_tolerance"], meta["parity"]
+    decode = meta["parity"]["decode"]  # 16 steps from an empty cache; 8 after a prefill of 8: past the window
+    assert decode["cos_min"] > 0.99 and decode["after_prefill"]["cos_min"] > 0.99, decode
+    # the window's mask is computed from the mask input: the slot count stays the runtime's choice
+    assert "HFDecode" in meta["graph"]["decode"]["step"] and meta["graph"]["decode"]["dynamic_slots"], meta["graph"]["decode"]
+    onnx_meta = export(qdir, "onnx", tmp_path / "gemma2.onnx")  # parity: 64 tokens, past the window of 8
+    assert onnx_meta["parity"]["cos_min"] > 0.999 and onnx_meta["parity"]["decode_vs_prefill_max_abs"] < 1e-4, onnx_meta["parity"]
+
+
+def test_phi3_fused_projections_quantize_and_export(tiny_phi3, tmp_path):
+    """Phi-3's norms feed one fused qkv_proj and one gate_up_proj; it has no up_proj for SmoothQuant's row groups
+    (before: `w8` stopped with "Phi3MLP has no attribute up_proj")."""
+    from edgeq.quantize.transforms import llama_norm_groups
+
+    groups = dict(llama_norm_groups(load_model(tiny_phi3).module))
+    assert groups["model.layers.0.input_layernorm"] == ["model.layers.0.self_attn.qkv_proj"]
+    assert groups["model.layers.0.post_attention_layernorm"] == ["model.layers.0.mlp.gate_up_proj"]
+    qdir = _qdir(tmp_path, tiny_phi3, "w8a8-static", "q")
+    assert _float_vs_simulation(tiny_phi3, qdir) > 0.99
+    meta = export(qdir, "tflite", tmp_path / "phi3.tflite", seq_len=16, cache_len=32)
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
+    # a decode signature through Phi-3's own layers (`HFDecode`), stepping like the simulation
+    assert "HFDecode" in meta["graph"]["decode"]["step"]
+    decode = meta["parity"]["decode"]
+    assert decode["cos_min"] > 0.99 and decode["after_prefill"]["cos_min"] > 0.99, decode
+
+
+def test_attention_renderings_soft_cap_their_scores_as_gemma2_does():
+    """edgeq's attention for graph export (`_grouped_attention`) and its decode step's (`_cached_attention`) against
+    Gemma 2's eager attention, with scores large enough for the cap to matter (before, both dropped it)."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from edgeq.export import tflite_decode
+    from edgeq.models.hf import _grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, n, d = 4, 2, 6, 16
+    q, k, v = (torch.randn(1, h, n, d, generator=g) * 3 for h in (heads, kv_heads, kv_heads))
+    mask = torch.triu(torch.full((n, n), torch.finfo(torch.float32).min), 1)[None, None]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, layer_idx=0)
+    want, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.25, softcap=2.0)
+    uncapped, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert not torch.allclose(uncapped, want, atol=1e-2)  # the cap matters here
+    got, _ = _grouped_attention(module, q, k, v, mask, 0.25, softcap=2.0)
+    assert torch.allclose(got, want, atol=1e-5)
+    # the decode step: the last token over the others' keys and values in the signature's layout
+    step = {"cache": (k[0, :, :-1], v[0, :, :-1].transpose(1, 2)), "mask": torch.zeros(1, 1, n - 1), "presents": {}}
+    tflite_decode._STEPS.append(step)
+    try:
+        out, _ = tflite_decode._cached_attention(module, q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], None, scaling=0.25, softcap=2.0)
+    finally:
+        tflite_decode._STEPS.pop()
+    assert torch.allclose(out[0, 0], want[0, -1], atol=1e-5)
+
+
+def test_granite_multipliers_fold_so_the_converter_keeps_the_integers(tiny_granite, tmp_path):
+    """Granite scales each residual branch and the logits by constants after a linear layer, which LiteRT's converter
+    folds into that layer's weight (before: "the converter changed the weight of layer ...o_proj"). Loading folds
+    them into the weights first, exactly: the logits are transformers' own."""
+    import transformers
+
+    model = load_model(tiny_granite).module
+    assert model.model.layers[0].residual_multiplier == 1.0 and model.config.logits_scaling == 1.0
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = transformers.GraniteForCausalLM.from_pretrained(tiny_granite).eval()(ids).logits
+        assert torch.allclose(model(ids).logits, want, rtol=1e-4, atol=1e-6)
+    qdir = _qdir(tmp_path, tiny_granite, "w8", "q")
+    meta = export(qdir, "tflite", tmp_path / "granite.tflite")
+    assert meta["exact"] is True and meta["readback"]["layers"] == 15, meta.get("readback")
+    assert meta["parity"]["within_tolerance"], meta["parity"]
+
+
+def test_layers_of_constant_inputs_are_reported_not_refused(tiny_deberta, tmp_path):
+    """DeBERTa-v2 projects its relative-position table, the same for every input, in each layer: the converter
+    computes those projections into constants. They are reported with the layers not in the file (before, the export
+    stopped with "the converter changed the weight of layer ...pos_key_proj"), the rest read back bitwise."""
+    qdir = _qdir(tmp_path, tiny_deberta, "w8", "q")
+    meta = export(qdir, "tflite", tmp_path / "deberta.tflite")
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
+    constant = [f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("pos_key_proj", "pos_query_proj")]
+    assert sorted(meta["layers_not_in_file"]["layers"]) == sorted(constant)
+    assert meta["readback"]["layers"] == len(load_quantized(qdir).layers()) - 4
+
+
+def test_a_weight_two_ops_read_is_quantized_blockwise(tiny_electra, tmp_path):
+    """ai-edge-quantizer duplicates a weight two FULLY_CONNECTEDs read (ELECTRA's embedding projection) under a str
+    name its INT4 blockwise quantization cannot extend (before: "TypeError: can only concatenate str (not "bytes")
+    to str"); the export now goes through, every layer read back bitwise."""
+    qdir = _qdir(tmp_path, tiny_electra, "w4-g64-litert", "q")
+    meta = export(qdir, "tflite", tmp_path / "electra.tflite")
+    assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
+    assert meta["readback"]["layers"] == len(load_quantized(qdir).layers())

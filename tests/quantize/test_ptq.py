@@ -150,6 +150,23 @@ def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
     assert {n.rsplit(".", 1)[1] for n, m in qm.layers().items() if m.decision.activation.bits == 16} == {"down_proj"}
 
 
+def test_a_norm_feeding_more_than_its_linears_is_not_folded(tiny_llama_ref):
+    """A norm whose output also reaches something besides the linears it feeds (here layer 0's attention adds its
+    normed input to its output) would change the model if folded: the fold is checked on the probe's logits and
+    undone for that norm alone; the other norms fold."""
+    bundle = load_model(tiny_llama_ref)
+    model = bundle.module
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda m, args, kwargs, out: (out[0] + kwargs["hidden_states"], *out[1:]), with_kwargs=True)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        folded = fold_norms(model)
+        after = model(ids).logits
+    assert "model.layers.0.input_layernorm" not in folded and len(folded) == 2 * 4
+    assert torch.allclose(before, after, atol=1e-4)
+
+
 def test_norm_gain_forms_fold_and_smooth_exactly(tiny_llama_ref):
     """`gain_offset` tells Llama's RMSNorm (x / rms * w) from Gemma's (x / rms * (1 + w)) by running them, and knows no
     other form; folding and SmoothQuant move the gain itself, so a Gemma's float function stays."""
@@ -245,7 +262,8 @@ def test_calibration_passes_stop_early_without_changing_a_bit(recipe, tiny_llama
     def quantized(full: bool):
         bundle = load_model(tiny_llama_ref)
         head_calls = []
-        bundle.module.lm_head.register_forward_hook(lambda *a: head_calls.append(1))  # ran to its end
+        # ran to its end (on a calibration batch: norm folding runs the model on a short probe too)
+        bundle.module.lm_head.register_forward_hook(lambda m, i, o: head_calls.append(1) if i[0].shape[1] == 64 else None)
         r = load_recipe("w8a8") if recipe == "w8a8" else QuantRecipe.from_dict(GPTQ_WITH_HEAD)
         with monkeypatch.context() as m:
             if full:  # every pass to the end, as calibration ran before passes could stop
