@@ -3,7 +3,7 @@
     .venv/bin/edgeq quantize smollm2-135m -r w4-g64-litert -o Q
     .venv/bin/python tools/probe_tflite_hfdecode.py --qdir Q --out benchmarks/tflite_hfdecode_smollm2_zen4
 
-Decoders outside the Llama family get `tflite_decode.HFDecode`: the model's own Hugging Face forward with edgeq's
+Decoders outside the Llama family get `tflite_hfdecode.HFDecode`: the model's own Hugging Face forward with edgeq's
 attention over the caches. Llama-family models keep `KVDecode`, written for LiteRT (the attention scale carried by the
 rotary tables, the rotation as one concatenation). To see what the generic step costs a family that has no tuned one,
 QDIR (a Llama-family model) is exported twice in its recipe's default variant with a decode signature of --cache-len
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_tflite import log  # noqa: E402
 from bench_tflite_decode import latency_rounds  # noqa: E402
 from hostinfo import machine, write_result  # noqa: E402
+from probe_tflite_prefill_attention import cached_under  # noqa: E402
 
 from edgeq.export.tflite_runtime import DecodeSession, runtime_version  # noqa: E402
 from edgeq.fileio import read_json  # noqa: E402
@@ -44,17 +44,13 @@ def generic_step(work: Path):
     graphs cached under `work` so that edgeq's cache never mixes the two steps."""
     from edgeq.export import tflite_decode
 
-    family, saved = tflite_decode.FAMILY, os.environ.get("EDGEQ_CACHE")
+    family = tflite_decode.FAMILY
     tflite_decode.FAMILY = ()
-    os.environ["EDGEQ_CACHE"] = str(work / "cache-hfdecode")
     try:
-        yield
+        with cached_under(work / "cache-hfdecode"):
+            yield
     finally:
         tflite_decode.FAMILY = family
-        if saved is None:
-            os.environ.pop("EDGEQ_CACHE")
-        else:
-            os.environ["EDGEQ_CACHE"] = saved
 
 
 def export_pair(qdir: Path, work: Path, cache_len: int) -> dict[str, Path]:

@@ -42,20 +42,31 @@ KINDS = ("grouped", "repeated")
 
 
 @contextlib.contextmanager
-def hf_attention(exporter, name: str, cache: Path):
-    """Exports in the block trace Hugging Face's own attention (the attention context `name` the `exporter` module
-    applies is a no-op), caching their graphs under `cache` so that edgeq's cache never mixes the two."""
-    before, saved = getattr(exporter, name), os.environ.get("EDGEQ_CACHE")
-    setattr(exporter, name, lambda model: contextlib.nullcontext())
+def cached_under(cache: Path):
+    """Graphs exported in the block are cached under `cache` (EDGEQ_CACHE), so that edgeq's own cache never mixes
+    them with the graphs of the same model exported as edgeq exports it."""
+    saved = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         yield
     finally:
-        setattr(exporter, name, before)
         if saved is None:
             os.environ.pop("EDGEQ_CACHE")
         else:
             os.environ["EDGEQ_CACHE"] = saved
+
+
+@contextlib.contextmanager
+def hf_attention(exporter, name: str, cache: Path):
+    """Exports in the block trace Hugging Face's own attention (the attention context `name` the `exporter` module
+    applies is a no-op), caching their graphs under `cache` (`cached_under`)."""
+    before = getattr(exporter, name)
+    setattr(exporter, name, lambda model: contextlib.nullcontext())
+    try:
+        with cached_under(cache):
+            yield
+    finally:
+        setattr(exporter, name, before)
 
 
 def repeated_attention(work: Path):

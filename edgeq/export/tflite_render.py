@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import EdgeqError
 from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
-from ..quantize.transforms import gain_offset
+from ..quantize.transforms import gain_offset, head_name
 
 
 class _DequantConv(torch.nn.Module):
@@ -139,8 +139,6 @@ class _CappedHead(torch.nn.Module):
 def _final_cap(model: torch.nn.Module, gained: dict) -> tuple[float, str, str] | None:
     """(cap, final norm, head) of a model whose logits are soft-capped after the head (Gemma 2's
     `final_logit_softcapping`) and whose final norm is rendered by `_UnfoldableRMSNorm`; else None."""
-    from ..quantize.transforms import head_name
-
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     head = head_name(model)
     norm = "model.norm" if isinstance(gained.get("model.norm"), _UnfoldableRMSNorm) else None

@@ -117,20 +117,21 @@ def fold_norms(model: torch.nn.Module) -> list[str]:
     """Fold each pre-norm's gain into the linears it feeds and make the gain 1 (the weight 1 - `gain_offset`);
     returns folded norms. A norm whose form `gain_offset` does not know is left alone, and so is one whose fold
     changes the model's logits on the probe input (its output feeds something besides those linears too)."""
-    groups = [(n, ls) for n, ls in llama_norm_groups(model) if gain_offset(model.get_submodule(n)) is not None]
+    groups = [(n, ls, offset) for n, ls in llama_norm_groups(model)
+              if (offset := gain_offset(model.get_submodule(n))) is not None]
     if not groups:
         return []
     ref = probe_logits(model)
     saved = {n: model.get_submodule(n).weight.clone() for g in groups for n in [g[0], *g[1]]}
-    for norm_name, linear_names in groups:
-        _fold(model, norm_name, linear_names)
+    for group in groups:
+        _fold(model, *group)
     if same_logits(probe_logits(model), ref):
-        return [n for n, _ in groups]
+        return [n for n, _, _ in groups]
     folded = []  # some norm feeds more than its linears: fold them one at a time, keeping the folds that are exact
     for n, w in saved.items():
         model.get_submodule(n).weight.copy_(w)
-    for norm_name, linear_names in groups:
-        _fold(model, norm_name, linear_names)
+    for norm_name, linear_names, offset in groups:
+        _fold(model, norm_name, linear_names, offset)
         if same_logits(probe_logits(model), ref):
             folded.append(norm_name)
         else:
@@ -139,9 +140,8 @@ def fold_norms(model: torch.nn.Module) -> list[str]:
     return folded
 
 
-def _fold(model: torch.nn.Module, norm_name: str, linear_names: list[str]) -> None:
+def _fold(model: torch.nn.Module, norm_name: str, linear_names: list[str], offset: float) -> None:
     norm = model.get_submodule(norm_name)
-    offset = gain_offset(norm)
     gain = norm.weight + offset
     for name in linear_names:
         lin = model.get_submodule(name)

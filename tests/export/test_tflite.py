@@ -506,7 +506,8 @@ def test_decode_signature_only_for_layouts_it_renders():
     from transformers import (GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, MistralConfig,
                               MistralForCausalLM)
 
-    from edgeq.export.tflite_decode import HFDecode, KVDecode, decode_module, unsupported_reason
+    from edgeq.export.tflite_decode import KVDecode, decode_module, unsupported_reason
+    from edgeq.export.tflite_hfdecode import HFDecode
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).eval()
     assert unsupported_reason(gpt2, 32) is None
@@ -746,7 +747,7 @@ def test_attention_renderings_soft_cap_their_scores_as_gemma2_does():
 
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-    from edgeq.export import tflite_decode
+    from edgeq.export import tflite_hfdecode
     from edgeq.models.hf import _grouped_attention
 
     g = torch.Generator().manual_seed(0)
@@ -761,11 +762,11 @@ def test_attention_renderings_soft_cap_their_scores_as_gemma2_does():
     assert torch.allclose(got, want, atol=1e-5)
     # the decode step: the last token over the others' keys and values in the signature's layout
     step = {"cache": (k[0, :, :-1], v[0, :, :-1].transpose(1, 2)), "mask": torch.zeros(1, 1, n - 1), "presents": {}}
-    tflite_decode._STEPS.append(step)
+    tflite_hfdecode._STEPS.append(step)
     try:
-        out, _ = tflite_decode._cached_attention(module, q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], None, scaling=0.25, softcap=2.0)
+        out, _ = tflite_hfdecode._cached_attention(module, q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], None, scaling=0.25, softcap=2.0)
     finally:
-        tflite_decode._STEPS.pop()
+        tflite_hfdecode._STEPS.pop()
     assert torch.allclose(out[0, 0], want[0, -1], atol=1e-5)
 
 
