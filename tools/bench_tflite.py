@@ -168,6 +168,9 @@ def main() -> None:
                     help="recipe(s) for the full-integer int8 rows (default w8a8-static; w8a8-static-fc2a16 adds 16x8 down-projections)")
     ap.add_argument("--int8-qdir", nargs="+", default=[],
                     help="existing QDIRs (e.g. from `edgeq qat --loss kd`) exported as --variant int8 rows named by their directory")
+    ap.add_argument("--output-calibration", nargs="+", default=["minmax"], choices=["minmax", "moving-average"],
+                    help="full-integer rows: how their output grids are calibrated (`edgeq export --output-calibration`); "
+                         "each method a row of the same QDIR, named with it unless it is minmax, the default")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
     ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
@@ -213,20 +216,26 @@ def main() -> None:
 
     jobs = [(recipe_name, variant, None) for recipe_name, variant in recipes.items()]
     jobs += [(str(Path(q).resolve()), "int8", Path(q).resolve()) for q in args.int8_qdir]
-    for recipe_name, variant, given in jobs:
+    jobs = [(*job, method) for job in jobs for method in (args.output_calibration if job[1] in ("int8", "int16x8") else [None])]
+    for recipe_name, variant, given, method in jobs:
         stem = Path(recipe_name).stem if given is None else given.name
-        name = f"edgeq {variant} ({stem})"
+        tag = f", {method}" if method not in (None, "minmax") else ""
+        name = f"edgeq {variant} ({stem}{tag})"
         if name in rows or (args.only is not None and stem not in args.only):
             continue
         log(f"edgeq {recipe_name} -> {variant}")
         qdir, qs = make_qdir(args.model, recipe_name, work) if given is None else (given, None)
         path = work / (f"{args.model}-edgeq-{variant}.tflite" if stem == DEFAULT_RECIPES[variant] else f"{args.model}-edgeq-{variant}-{stem}.tflite")
-        if args.reuse_graphs and Path(f"{path}.json").is_file() and json.loads(Path(f"{path}.json").read_text())["source"]["qdir"] == str(qdir.resolve()):
-            m = json.loads(Path(f"{path}.json").read_text())  # exported by an earlier run from the same QDIR
+        path = path.with_name(path.stem + tag.replace(", ", "-") + path.suffix)
+        earlier = json.loads(Path(f"{path}.json").read_text()) if Path(f"{path}.json").is_file() else None
+        if (args.reuse_graphs and earlier is not None and earlier["source"]["qdir"] == str(qdir.resolve())
+                and (earlier.get("output_grids") or {}).get("calibration") == method):
+            m = earlier  # exported by an earlier run from the same QDIR
         else:
-            m = export(qdir, "tflite", path, variant=variant if given is not None else None, seq_len=args.seq_len)
+            m = export(qdir, "tflite", path, variant=variant if given is not None else None, seq_len=args.seq_len,
+                       **({"output_calibration": method} if method else {}))
         files[name] = path
-        rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": m["exact"],
+        rows[name] = {"tool": "edgeq", "variant": variant, "recipe": recipe_name, "exact": m["exact"], "output_calibration": method,
                       "edgeq_quantize_s": None if qs is None else round(qs, 1), "convert_s": m["timing_s"]["convert"],
                       "quantize_s": m["timing_s"]["quantize"], "parity_vs_simulation": m["parity"]}
         if given is not None:  # how the QDIR was made: its recipe and, from edgeq qat, the training record

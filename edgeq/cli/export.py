@@ -17,6 +17,12 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="TFLite: the fixed token count of a token model's graph (default 64).")
 @click.option("--cache-len", type=click.IntRange(min=0), default=None,
               help="TFLite decoder LMs: KV-cache slots of the decode signature (default 256; 0: no decode signature).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="TFLite full-integer (int8, int16x8): calibration inputs for the grids each layer's output is requantized "
+                   "to (default 8; FILE.json output_grids.clipped lists the outputs they saturate on the parity inputs).")
+@click.option("--output-calibration", type=click.Choice(["minmax", "moving-average"]), default=None,
+              help="TFLite full-integer: each output grid spans the lowest to highest output over the calibration inputs "
+                   "(minmax, the default) or ai-edge-quantizer's moving average of their ranges (0.95 old + 0.05 new).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="ONNX weight-only layers: ONNX Runtime's MatMulNBits accuracy level, recorded in FILE.json and used for "
                    "parity (0, the default: float activations, exact; 4: int8 activations quantized per row-block at run time, fastest).")
@@ -31,8 +37,8 @@ from .common import check_new_output, emit_json, json_option
                    "(bitwise the same outputs; not in full-integer files). On x86 measured at 0.94-1.02x the decode step time; time it on your board.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, accuracy_level, int8_weights, no_optimize,
-           fuse, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, calib_samples, output_calibration,
+           accuracy_level, int8_weights, no_optimize, fuse, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
@@ -45,6 +51,12 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         if value is not None:
             if fmt != "tflite":
                 raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (ONNX graphs take any length)")
+            options[name] = value
+    for name, value in (("calib_samples", calib_samples), ("output_calibration", output_calibration)):
+        if value is not None:
+            if fmt != "tflite":
+                raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (an ONNX layer's output "
+                                 "stays float: no output grid to calibrate)")
             options[name] = value
     for name, value in (("accuracy_level", accuracy_level), ("int8_weights", int8_weights)):
         if value is not None:
@@ -64,6 +76,16 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     if parity.get("within_tolerance") is False:
         click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance "
                    f"(its parity in {output}.json); check it before shipping it", err=True)
+        grids = meta.get("output_grids") or {}
+        if grids.get("clipped"):
+            name, worst = next(iter(grids["clipped"].items()))
+            click.echo(f"edgeq: note: the output grids calibrated at export saturate {grids['clipped_layers']} of "
+                       f"{grids['layers']} layers' outputs on the parity inputs (most: {name}, {worst['values']} of "
+                       f"{worst['of']} values, seen [{worst['seen'][0]:.4g}, {worst['seen'][1]:.4g}] against "
+                       f"[{worst['grid'][0]:.4g}, {worst['grid'][1]:.4g}]); calibrate on more inputs (--calib-samples, "
+                       f"now {grids['calib_samples']}"
+                       f"{'' if grids.get('calibration') != 'moving-average' else ', with --output-calibration minmax'}) "
+                       "or give those layers 16-bit activations", err=True)
     if as_json:
         emit_json(meta)
         return

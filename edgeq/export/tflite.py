@@ -22,9 +22,12 @@ import torch
 from ..errors import EdgeqError, choice_error
 from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
+from .tflite_check import output_clipping, output_grids
 from .tflite_grids import CONVENTIONS, FULL_INTEGER, VARIANTS, check_representable, default_variant, static_bits
+from .tflite_quant import OUTPUT_CALIBRATIONS
 
 DEFAULT_SEQ_LEN = 64
+DEFAULT_CALIB_SAMPLES = 8  # inputs the full-integer variants' output grids are calibrated on
 
 # Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation, per variant: (cos_min, top1_agree).
 # fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
@@ -43,6 +46,7 @@ TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99,
 # A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
+CLIPPED_LISTED = 20  # FILE.json `output_grids.clipped`: the layers whose outputs a grid saturated most, by fraction
 
 RUNTIME_MIN = {
     "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
@@ -150,16 +154,17 @@ def _input_meta(runner, bundle) -> list[dict]:
 
 @register_exporter("tflite", ".tflite")
 def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, variant: str | None = None,
-                  seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int = 8, cache: bool = True,
-                  cache_len: int | None = None, fuse: bool = False, **options) -> dict:
+                  seq_len: int = DEFAULT_SEQ_LEN, calib_samples: int | None = None, cache: bool = True,
+                  cache_len: int | None = None, fuse: bool = False, output_calibration: str | None = None, **options) -> dict:
     """Write `out` (.tflite) and `out.json`; returns the metadata.
 
     Options: `seq_len` (token models: the graph's fixed sequence length, default 64),
-    `calib_samples` (full integer only: batches used to calibrate the output grids TFLite requantizes
-    each layer's output to), `cache` (reuse a converted float graph of the same architecture),
-    `cache_len` (decoder LMs: slots of the decode signature's KV cache, default 256 or seq_len if longer;
-    0: no decode signature), `fuse` (the layers reading one input made one op and SLICEs, `tflite_fuse`; not in
-    full-integer files).
+    `calib_samples` (full integer only: inputs the output grids TFLite requantizes each layer's output to are
+    calibrated on, default 8), `output_calibration` (full integer only: how each output range is taken from those
+    inputs, "minmax" (default) or ai-edge-quantizer's "moving-average", `tflite_quant.calibrate`), `cache` (reuse a
+    converted float graph of the same architecture), `cache_len` (decoder LMs: slots of the decode signature's KV
+    cache, default 256 or seq_len if longer; 0: no decode signature), `fuse` (the layers reading one input made one
+    op and SLICEs, `tflite_fuse`; not in full-integer files).
     Board gating (`target`) is done around every exporter by `edgeq.export.export`.
     """
     from ..fileio import atomic_path
@@ -170,12 +175,21 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
     if options:
         raise EdgeqError(f"tflite: unknown option {sorted(options)[0]!r} "
-                         "(allowed: seq_len, calib_samples, cache, cache_len, fuse)")
+                         "(allowed: seq_len, calib_samples, output_calibration, cache, cache_len, fuse)")
     out = Path(out)
     variant = variant or default_variant(qm)
     if variant not in VARIANTS:
         raise choice_error("variant", variant, VARIANTS)
     check_representable(qm, variant)
+    for name, value in (("calib_samples", calib_samples), ("output_calibration", output_calibration)):
+        if value is not None and variant not in FULL_INTEGER:
+            raise EdgeqError(f"tflite: {name} applies to the full-integer variants ({', '.join(FULL_INTEGER)}), whose "
+                             f"layers' outputs are requantized on calibrated grids; a {variant} file has none")
+    if calib_samples is not None and (not isinstance(calib_samples, int) or isinstance(calib_samples, bool) or calib_samples < 1):
+        raise EdgeqError(f"tflite: calib_samples must be a whole number >= 1, not {calib_samples!r}")
+    if output_calibration is not None and output_calibration not in OUTPUT_CALIBRATIONS:
+        raise choice_error("output_calibration", output_calibration, OUTPUT_CALIBRATIONS)
+    calib_samples, output_calibration = calib_samples or DEFAULT_CALIB_SAMPLES, output_calibration or OUTPUT_CALIBRATIONS[0]
     if fuse and variant in FULL_INTEGER:
         raise EdgeqError(f"tflite: fuse applies to fp32, dynamic-int8 and int4 files, not {variant}: a full-integer layer "
                          "requantizes its output to its own grid, which the layers reading its input do not share")
@@ -198,7 +212,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
         static = variant in FULL_INTEGER
         calib = _calibration(b, seq_len, calib_samples, model, cache_len) if static else None
-        buf = quantize(float_buf, layers, ops, static, calib, scales)
+        buf = quantize(float_buf, layers, ops, static, calib, scales, output_calibration)
     quantize_s = time.perf_counter() - t0
     fused, t0 = {}, time.perf_counter()
     if fuse:
@@ -214,7 +228,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     runner = TfliteRunner(buf, threads=1)
     inputs = _parity_inputs(b, seq_len)
     float_acts = variant == "fp32" and qm is not None
-    with torch.no_grad(), (_float_activations(layers) if float_acts else contextlib.nullcontext()):
+    grids = output_grids(buf, layers) if variant in FULL_INTEGER else {}
+    with (torch.no_grad(), (_float_activations(layers) if float_acts else contextlib.nullcontext()),
+          output_clipping(layers, grids) as clipped):
         from .tflite_render import graph_module
 
         ref_module = graph_module(b, model)
@@ -285,10 +301,17 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                                "edgeq's grid, so the file holds edgeq's integers with scales fp32(scale * gamma / "
                                "sqrt(var + eps)) (read back bitwise as such); exact is false because the scales are not edgeq's")
     if variant in FULL_INTEGER:
-        extra["output_grids"] = (f"each integer layer's output is requantized to int{FULL_INTEGER[variant]}"
-                                 f"{' (int16 in its 16x8 layers)' if wide and variant == 'int8' else ''} on a grid ai-edge-quantizer "
-                                 f"calibrated on {calib_samples} calibration inputs, one grid per layer in every signature "
-                                 "(not part of the edgeq simulation)")
+        extra["output_grids"] = {
+            "note": (f"each integer layer's output is requantized to int{FULL_INTEGER[variant]}"
+                     f"{' (int16 in its 16x8 layers)' if wide and variant == 'int8' else ''} on a grid ai-edge-quantizer "
+                     f"calibrated on {calib_samples} calibration inputs ({output_calibration}), one grid per layer in "
+                     "every signature (not part of the edgeq simulation)"),
+            "calib_samples": calib_samples, "calibration": output_calibration, "layers": len(grids),
+            # the simulation's outputs on the parity inputs that a layer's grid saturates: where the file departs from it
+            "clipped_layers": len(clipped),
+            "clipped": {n: {**e, "grid": [float(f"{v:.6g}") for v in e["grid"]], "seen": [float(f"{v:.6g}") for v in e["seen"]]}
+                        for n, e in list(clipped.items())[:CLIPPED_LISTED]},
+        }
     if wide and variant == "int8":
         extra["int16x8_layers"] = {"layers": wide, "note": "the recipe's 16-bit layers: int16 activations in and out, int8 weights, "
                                                            "on LiteRT's built-in kernels (XNNPACK runs the int8 layers)"}

@@ -10,6 +10,8 @@ tensor must carry the layer's activation grid as int8 (zp - 128).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -165,3 +167,59 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
     z, kind = (0, schema().TensorType.INT16) if a.bits == 16 else (int(m.act_zero_point.item()) - 128, schema().TensorType.INT8)
     return bool(np.float32(qp.scale[0]).view(np.uint32) == s.view(np.uint32) and int(qp.zeroPoint[0]) == z
                 and sg.tensors[op.inputs[0]].type == kind)
+
+
+def output_grids(buf: bytes, layers: dict, signature: str = "serving_default") -> dict[str, tuple[float, float, float]]:
+    """Each layer's output grid in a full-integer file, read from `signature`'s subgraph: (lowest, highest real value
+    its int8 output tensor holds (int16 in a 16x8 layer), step). Layers whose output is float are left out."""
+    from .tflite_graph import labelled
+
+    s = schema()
+    model_t = read_model(buf)
+    sig = next((d for d in model_t.signatureDefs if d.signatureKey == signature.encode()), None)
+    sg = model_t.subgraphs[sig.subgraphIndex if sig is not None else 0]
+    limits = {s.TensorType.INT8: (-128, 127), s.TensorType.INT16: (-32768, 32767)}
+    out = {}
+    for op in sg.operators:
+        if op.outputs is None or not len(op.outputs) or op.outputs[0] < 0:
+            continue
+        t = sg.tensors[op.outputs[0]]
+        found = labelled(t.name)
+        qp = t.quantization
+        if (found is None or found[1] or found[0] not in layers or t.type not in limits
+                or qp is None or qp.scale is None or len(qp.scale) != 1):
+            continue
+        (qmin, qmax), step, z = limits[t.type], float(qp.scale[0]), int(qp.zeroPoint[0])
+        out[found[0]] = ((qmin - z) * step, (qmax - z) * step, step)
+    return out
+
+
+@contextlib.contextmanager
+def output_clipping(layers: dict, grids: dict[str, tuple[float, float, float]]):
+    """Count, over the forwards run inside the block, each layer's outputs (float in the simulation) that its file's
+    output grid (`output_grids`) cannot hold: further than half a step beyond either end, where TFLite saturates
+    them. Yields a dict that, once the block ends, maps each layer with any such value to {"values" (how many), "of"
+    (of how many), "grid" [lowest, highest], "seen" [min, max] (the simulation's)}, the largest fraction first."""
+    found: dict[str, dict] = {}
+
+    def hook(name):
+        lo, hi, step = grids[name]
+
+        def count(module, args, output):
+            y = output.detach()
+            n = int(((y < lo - step / 2) | (y > hi + step / 2)).sum())
+            entry = found.setdefault(name, {"values": 0, "of": 0, "grid": [lo, hi], "seen": [float("inf"), float("-inf")]})
+            entry["values"] += n
+            entry["of"] += y.numel()
+            entry["seen"] = [min(entry["seen"][0], float(y.min())), max(entry["seen"][1], float(y.max()))]
+        return count
+
+    handles = [layers[name].register_forward_hook(hook(name)) for name in grids if name in layers]
+    clipped: dict[str, dict] = {}
+    try:
+        yield clipped
+    finally:
+        for h in handles:
+            h.remove()
+        ranked = sorted(((n, e) for n, e in found.items() if e["values"]), key=lambda item: -item[1]["values"] / item[1]["of"])
+        clipped.update(ranked)

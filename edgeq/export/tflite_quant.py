@@ -97,7 +97,7 @@ def weight_overrides(placed: dict[str, list[tuple]], layers: dict, ops: dict[str
 
 
 def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, calibration: dict[str, list[dict]] | None,
-             scales: dict) -> bytes:
+             scales: dict, output_calibration: str = "minmax") -> bytes:
     """Apply edgeq's grids to the labelled float graph with ai-edge-quantizer; returns the flatbuffer.
 
     `calibration` (static only) holds feeds per signature; `scales` are the weight scales each layer is
@@ -108,12 +108,13 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     from .tflite_flatbuffer import read_model
     from .tflite_graph import layer_ops
 
+    entries = recipe(layers, ops, static)
     qt = quantizer.Quantizer(bytearray(float_buf))
-    qt.load_quantization_recipe(recipe(layers, ops, static))
+    qt.load_quantization_recipe(entries)
     placed = layer_ops(read_model(float_buf), layers)
     qsvs: dict = {}
     if static:
-        qsvs = dict(qt.calibrate(calibration or {"serving_default": []}, num_threads=1))
+        qsvs = calibrate(float_buf, entries, calibration or {"serving_default": []}, output_calibration)
         share_output_grids(qsvs, placed)
         for name, m in layers.items():
             grid = act_override(m)
@@ -132,6 +133,26 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     except (ValueError, RuntimeError) as exc:
         raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
     return bytes(result.quantized_model)
+
+
+OUTPUT_CALIBRATIONS = ("minmax", "moving-average")  # how a full-integer layer's output range is taken from its inputs
+
+
+def calibrate(float_buf: bytes, entries: list[dict], calibration: dict[str, list[dict]], method: str = "minmax") -> dict:
+    """{tensor: {"min", "max"}} of the tensors the recipe `entries` quantize, from the `calibration` inputs (per
+    signature): with "minmax" the lowest and highest value each took over all of them (ONNX Runtime's MinMax
+    calibration; what edgeq's simulation of output grids assumes, `edgeq qat --output-grids`); with "moving-average",
+    ai-edge-quantizer's own default, each input moves the range so far 5% of the way to its own (0.95 old + 0.05 new),
+    so the first input's range dominates and a later input's larger outputs barely widen it."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    update = {"minmax": qsv_utils.min_max_update, "moving-average": qsv_utils.moving_average_update}[method]
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(entries)
+    calib = calibrator.Calibrator(bytes(float_buf), num_threads=1, qsv_update_func=update)
+    calib.calibrate(calibration, manager)
+    return dict(calib.get_model_qsvs())
 
 
 @contextlib.contextmanager

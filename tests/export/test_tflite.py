@@ -197,7 +197,7 @@ def test_int8_file_holds_the_recipes_16x8_layers(exported):
         assert x["dtype"] == want and y["dtype"] == want, name
         _assert_static_input_grid(x, m)
     assert meta["runtime_min"]["tflite-runtime"] is None and "16x8" in meta["runtime_min"]["note"]
-    assert "int16 in its 16x8 layers" in meta["output_grids"]
+    assert "int16 in its 16x8 layers" in meta["output_grids"]["note"] and meta["output_grids"]["layers"] == len(layers)
 
 
 def test_int4_blockwise_read_back(exported):
@@ -293,6 +293,96 @@ def test_int8_activation_grids_are_edgeqs(exported):
     _, meta, qdir = exported["llama-int8"]
     assert all(entry["act"] for entry in meta["readback"]["per_layer"].values())
     assert "output_grids" in meta
+
+
+def test_output_grids_hold_every_calibration_inputs_range(tmp_path):
+    """A full-integer layer's output grid spans the lowest and highest output of all its calibration inputs by
+    default. ai-edge-quantizer's own calibrate() averages the inputs' ranges (0.95 old, 0.05 new), which leaves the
+    second, wider input's outputs mostly outside; `moving-average` gives its ranges."""
+    import litert_torch
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer
+
+    from edgeq.export.tflite_flatbuffer import op_names, read_model
+    from edgeq.export.tflite_quant import ALGORITHM, calibrate
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8).eval()
+    small = torch.randn(1, 16)
+    path = tmp_path / "fc.tflite"
+    litert_torch.convert(layer, (small,)).export(str(path))
+    buf = path.read_bytes()
+    entries = [{"regex": ".*", "operation": "FULLY_CONNECTED", "algorithm_key": ALGORITHM,
+                "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
+                              "activation_tensor_config": {"num_bits": 8, "symmetric": False, "granularity": "TENSORWISE", "dtype": "INT"},
+                              "compute_precision": "INTEGER", "explicit_dequantize": False}}]
+    model_t = read_model(buf)
+    sg = model_t.subgraphs[0]
+    fc = next(op for op in sg.operators if op_names(model_t)[op.opcodeIndex] == "FULLY_CONNECTED")
+    feed, out = (sg.tensors[i].name.decode() for i in (sg.inputs[0], fc.outputs[0]))
+    feeds = [small, 4 * torch.randn(1, 16)]
+    calibration = {"serving_default": [{name: x.numpy()} for x in feeds]
+                   for name in Interpreter(model_content=buf).get_signature_runner().get_input_details()}
+    with torch.no_grad():
+        outputs = torch.cat([layer(x) for x in feeds])
+    first, second = outputs.numpy().astype(np.float64)
+    assert second.max() - second.min() > 3 * (first.max() - first.min())  # the second input widens the range
+    ours = calibrate(buf, entries, calibration)
+    assert feed in ours and np.allclose([ours[out]["min"].item(), ours[out]["max"].item()],
+                                        [min(first.min(), second.min()), max(first.max(), second.max())], rtol=1e-5)
+    qt = quantizer.Quantizer(bytearray(buf))
+    qt.load_quantization_recipe(entries)
+    theirs = qt.calibrate(calibration, num_threads=1)[out]
+    averaged = calibrate(buf, entries, calibration, "moving-average")  # --output-calibration moving-average
+    for end, pick in (("min", np.min), ("max", np.max)):  # the range of the first input, moved 5% towards the second's
+        assert np.isclose(theirs[end].item(), 0.95 * pick(first) + 0.05 * pick(second), rtol=1e-5)
+        assert averaged[out][end].item() == theirs[end].item()
+
+
+def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsys, monkeypatch):
+    """FILE.json `output_grids`: each layer's grid as LiteRT reads it, and the simulation's outputs on the parity
+    inputs it saturates. Calibrated on one input instead of eight, every grid is contained in the eight's (min/max
+    over a superset) and saturates at least as much; the CLI names the worst when the file misses its tolerance."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeq.cli.main import main
+    from edgeq.export import tflite
+    from edgeq.export.tflite_check import output_grids
+
+    path, meta, qdir = exported["llama-int8"]
+    layers = load_quantized(qdir).layers()
+    grids = output_grids(path.read_bytes(), layers)
+    assert meta["output_grids"]["layers"] == len(grids) == len(layers) and meta["output_grids"]["calib_samples"] == 8
+    details = {d["name"]: d for d in Interpreter(model_path=str(path)).get_tensor_details()}
+    for name, (lo, hi, step) in grids.items():
+        qp = details[f"edgeq/{name}"]["quantization_parameters"]
+        assert step == qp["scales"][0] and lo == (-128 - qp["zero_points"][0]) * step and hi == lo + 255 * step
+
+    monkeypatch.setitem(tflite.TOLERANCE, "int8", (1.5, 1.5))  # no file meets it: the CLI warns and adds its note
+    one = tmp_path / "one.tflite"
+    assert main(["export", str(qdir), "--format", "tflite", "--calib-samples", "1", "-o", str(one), "--json"]) == 0
+    err = capsys.readouterr().err
+    narrow = json.loads(Path(str(one) + ".json").read_text())["output_grids"]
+    assert narrow["calib_samples"] == 1 and narrow["clipped_layers"] > 0, narrow
+    for name, (lo, hi, _) in output_grids(one.read_bytes(), layers).items():
+        wide = grids[name]
+        assert wide[0] <= lo + wide[2] / 2 and wide[1] >= hi - wide[2] / 2, (name, wide, lo, hi)
+    for name, entry in narrow["clipped"].items():
+        assert entry["seen"][0] < entry["grid"][0] or entry["seen"][1] > entry["grid"][1], (name, entry)
+    clipped = meta["output_grids"]["clipped"]
+    assert sum(e["values"] for e in narrow["clipped"].values()) >= sum(e["values"] for e in clipped.values())
+    worst = next(iter(narrow["clipped"]))
+    assert "edgeq: note: the output grids calibrated at export saturate" in err and worst in err and "--calib-samples" in err
+
+
+def test_calib_samples_only_where_outputs_have_grids(exported, tmp_path):
+    from edgeq.cli.main import main
+
+    qdir = exported["llama-int4"][2]
+    with pytest.raises(EdgeqError, match="calib_samples applies to the full-integer variants"):
+        export(qdir, "tflite", tmp_path / "m.tflite", calib_samples=4)
+    assert main(["export", str(qdir), "--format", "onnx", "--calib-samples", "4", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert not list(tmp_path.iterdir())
 
 
 def test_runner_matches_simulation_and_checks_shapes(exported):
