@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export import tflite as tflite_export  # noqa: E402
+from edgeq.export.tflite_quant import OUTPUT_CALIBRATIONS  # noqa: E402
 from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from hostinfo import machine  # noqa: E402
@@ -168,7 +169,7 @@ def main() -> None:
                     help="recipe(s) for the full-integer int8 rows (default w8a8-static; w8a8-static-fc2a16 adds 16x8 down-projections)")
     ap.add_argument("--int8-qdir", nargs="+", default=[],
                     help="existing QDIRs (e.g. from `edgeq qat --loss kd`) exported as --variant int8 rows named by their directory")
-    ap.add_argument("--output-calibration", nargs="+", default=["minmax"], choices=["minmax", "moving-average"],
+    ap.add_argument("--output-calibration", nargs="+", default=[OUTPUT_CALIBRATIONS[0]], choices=OUTPUT_CALIBRATIONS,
                     help="full-integer rows: how their output grids are calibrated (`edgeq export --output-calibration`); "
                          "each method a row of the same QDIR, named with it unless it is minmax, the default")
     ap.add_argument("--only", nargs="*", default=None,
@@ -219,7 +220,7 @@ def main() -> None:
     jobs = [(*job, method) for job in jobs for method in (args.output_calibration if job[1] in ("int8", "int16x8") else [None])]
     for recipe_name, variant, given, method in jobs:
         stem = Path(recipe_name).stem if given is None else given.name
-        tag = f", {method}" if method not in (None, "minmax") else ""
+        tag = f", {method}" if method not in (None, OUTPUT_CALIBRATIONS[0]) else ""
         name = f"edgeq {variant} ({stem}{tag})"
         if name in rows or (args.only is not None and stem not in args.only):
             continue

@@ -172,25 +172,21 @@ def _act_matches(model_t, sg, consumers, weight_index, m) -> bool:
 def output_grids(buf: bytes, layers: dict, signature: str = "serving_default") -> dict[str, tuple[float, float, float]]:
     """Each layer's output grid in a full-integer file, read from `signature`'s subgraph: (lowest, highest real value
     its int8 output tensor holds (int16 in a 16x8 layer), step). Layers whose output is float are left out."""
-    from .tflite_graph import labelled
+    from .tflite_graph import layer_ops
 
     s = schema()
     model_t = read_model(buf)
     sig = next((d for d in model_t.signatureDefs if d.signatureKey == signature.encode()), None)
-    sg = model_t.subgraphs[sig.subgraphIndex if sig is not None else 0]
+    wanted = model_t.subgraphs[sig.subgraphIndex if sig is not None else 0]
     limits = {s.TensorType.INT8: (-128, 127), s.TensorType.INT16: (-32768, 32767)}
     out = {}
-    for op in sg.operators:
-        if op.outputs is None or not len(op.outputs) or op.outputs[0] < 0:
-            continue
-        t = sg.tensors[op.outputs[0]]
-        found = labelled(t.name)
-        qp = t.quantization
-        if (found is None or found[1] or found[0] not in layers or t.type not in limits
-                or qp is None or qp.scale is None or len(qp.scale) != 1):
-            continue
-        (qmin, qmax), step, z = limits[t.type], float(qp.scale[0]), int(qp.zeroPoint[0])
-        out[found[0]] = ((qmin - z) * step, (qmax - z) * step, step)
+    for name, placed in layer_ops(model_t, layers).items():
+        for sg, op in placed:
+            t = sg.tensors[op.outputs[0]]
+            qp = t.quantization
+            if sg is wanted and t.type in limits and qp is not None and qp.scale is not None and len(qp.scale) == 1:
+                (qmin, qmax), step, z = limits[t.type], float(qp.scale[0]), int(qp.zeroPoint[0])
+                out[name] = ((qmin - z) * step, (qmax - z) * step, step)
     return out
 
 
