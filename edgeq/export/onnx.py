@@ -40,7 +40,7 @@ from ..errors import EdgeqError, choice_error
 from ..models.hf import decoder_attention
 from . import register_exporter
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
-from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, sliding_decode_limit, torch_outputs
+from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, quantize_graph
 from .onnx_readback import read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
@@ -158,9 +158,6 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "opset": OPSET,
             "graph": {s.role: names[s.role] for s in specs} if bundle.kind == "causal-lm" else None,
             "decode_graph": bool(decode) if bundle.kind == "causal-lm" else None,
-            # a model whose layers all attend over a sliding window: its decode graph's positions (the caches' length)
-            # stop counting once the caches hold a window's worth of tokens
-            "decode_positions_up_to": sliding_decode_limit(bundle.module.config) if decode and bundle.kind == "causal-lm" else None,
             # 1: the decode graph takes one sequence (its per-token grids are rendered per tensor); None: any batch
             "decode_batch": 1 if batch_one and any(s.role == "decode" for s in specs) else None,
             "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(

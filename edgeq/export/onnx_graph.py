@@ -100,49 +100,63 @@ def _flat_cache(cache) -> list[torch.Tensor]:
     return flat
 
 
+def cache_layer_types(config) -> list[str]:
+    """Each layer's cache in the graphs, as Hugging Face's cache lays them out (`layer_types`, else inferred from
+    `sliding_window`): a "sliding_attention" layer keeps its last window - 1 tokens (Gemma 2 / 3), and a decode step
+    counts positions by a "full_attention" layer's. Except in a model whose layers all slide (Mistral, Phi-3 with a
+    `sliding_window`): every layer is "full_attention" there, its cache holding every token. With window - 1 tokens
+    held, its decode step had nothing to count positions by once the window filled; the model's own sliding mask
+    leaves the passed tokens out."""
+    types = _hf_cache_types(config)
+    return ["full_attention"] * len(types) if _all_sliding(types) else types
+
+
+def _hf_cache_types(config) -> list[str]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+
+
+def _all_sliding(types: list[str]) -> bool:
+    return bool(types) and all(t in ("sliding_attention", "chunked_attention") for t in types)
+
+
+def _cache(config, layers=None):
+    """The cache a graph's model runs with, laid out as `cache_layer_types` (`layers`: (key, value) per layer), or
+    None: the model's own."""
+    from transformers.cache_utils import DynamicCache
+
+    if _all_sliding(_hf_cache_types(config)):
+        return DynamicCache(layers)  # no config: every layer a full one
+    return None if layers is None else DynamicCache(layers, config=config)
+
+
 class LMPrefill(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, use_cache=True)
+        out = self.model(input_ids=input_ids, past_key_values=_cache(self.model.config), use_cache=True)
         return (out.logits, *_flat_cache(out.past_key_values))
 
 
 class LMDecode(torch.nn.Module):
-    """One decode step: the new token's id and the flat past keys/values -> logits and presents."""
+    """One decode step: the new token's id and the flat past keys/values -> logits and presents. Its position is the
+    past length of a full-attention layer's cache (`cache_layer_types`)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, past):
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], config=self.model.config)
-        seen = past[2 * position_layer(self.model.config)].shape[2]
+        config = self.model.config
+        cache = _cache(config, [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        types = cache_layer_types(config)
+        seen = past[2 * next((i for i, t in enumerate(types) if t == "full_attention"), 0)].shape[2]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + seen
         out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
         return (out.logits, *_flat_cache(out.past_key_values))
-
-
-def position_layer(config) -> int:
-    """The layer whose past length is the number of tokens seen: the first full-attention one. A sliding-window
-    layer's cache keeps its last window - 1 tokens only (Gemma 2 / 3, Mistral); a model with no full-attention
-    layer (every layer sliding) counts positions right until its window fills (`sliding_decode_limit`)."""
-    types = getattr(config, "layer_types", None) or []
-    return next((i for i, t in enumerate(types) if t == "full_attention"), 0)
-
-
-def sliding_decode_limit(config) -> int | None:
-    """How many tokens the decode graph of a model with sliding-window layers only can see before its positions go
-    wrong (its caches then stop growing), or None: it has a full-attention layer, or no sliding window."""
-    types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    if not types or not window or "full_attention" in types:
-        return None
-    return window - 1
 
 
 class FirstOutput(torch.nn.Module):
@@ -194,7 +208,7 @@ def graph_specs(bundle, with_decode: bool = True) -> list[GraphSpec]:
             # a sliding-window layer's past stops growing at window - 1 tokens: its own length
             lengths = {kind: Dim(name) for kind, name in (("full_attention", "past_sequence"),
                                                           ("sliding_attention", "past_sequence_sliding"))}
-            types = getattr(model.config, "layer_types", None) or ["full_attention"] * n
+            types = cache_layer_types(model.config)
             # the step takes exactly one new token: sdpa's causal flag must be a Python bool when tracing
             specs.append(GraphSpec("decode", LMDecode(model), (ids[:, :1], past), ["input_ids"] + kv_names(n, "past"),
                                    ["logits"] + kv_names(n, "present"),

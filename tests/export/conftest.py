@@ -99,6 +99,12 @@ def tiny_gemma2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> str:
+    """Mistral with a sliding window of 8 on every layer (its config names no layer types: Hugging Face infers them)."""
+    return _grouped_decoder(tmp_path_factory, "Mistral", (0.5, 1.5), sliding_window=8)
+
+
+@pytest.fixture(scope="session")
 def tiny_granite(tmp_path_factory) -> str:
     """Granite: the attention's and MLP's outputs scaled by a residual multiplier, the logits divided by a constant."""
     return _grouped_decoder(tmp_path_factory, "Granite", (0.5, 1.5), embedding_multiplier=12.0, logits_scaling=8.0,

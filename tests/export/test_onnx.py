@@ -331,6 +331,33 @@ def test_decode_step_matches_prefill(tiny_exports, name):
     assert meta["parity"]["decode_vs_prefill_max_abs"] < (1.0 if name.startswith("w8-") else 1e-3)
 
 
+def test_decode_counts_positions_past_a_window_every_layer_slides(tiny_mistral, tmp_path):
+    """Every layer of the model slides (window 8), so no cache counted its positions: Hugging Face's cache keeps a
+    sliding layer's last 7 tokens, and the decode step took its position from that length. Once the window filled,
+    each step rotated its query and key as if at position 7 (logits off by ~5e-3 on these random weights). The graphs
+    now hold every token in every cache, the model's sliding mask leaving the passed ones out."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeq.export.onnx_graph import cache_layer_types
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral).eval()
+    assert cache_layer_types(model.config) == ["full_attention"] * 2
+    meta = export(tiny_mistral, "onnx", tmp_path / "m.onnx")
+    assert meta["parity"]["decode_vs_prefill_max_abs"] < 1e-4, meta["parity"]
+    prefill = OnnxRunner(tmp_path / "m.onnx")
+    decode = prefill.decode_runner()
+    ids = np.random.default_rng(0).integers(5, 1000, (1, 32))
+    full = prefill(ids)[0]
+    with torch.no_grad():  # the prefill graph slides as the model does (without the window: 0.5 away)
+        np.testing.assert_allclose(full, model(torch.from_numpy(ids)).logits.numpy(), atol=1e-4)
+    past = prefill(ids[:, :4])[1:]
+    for t in range(4, 32):
+        out = decode(ids[:, t:t + 1], *past)
+        past = out[1:]
+        assert past[0].shape[2] == t + 1
+        np.testing.assert_allclose(out[0][:, -1], full[:, t], atol=1e-4, err_msg=f"position {t}")
+
+
 def test_grouped_query_graphs_repeat_no_heads(tiny_exports):
     """tiny-llama's 4 query heads share 2 key/value heads: its graphs are traced with edgeq's grouped attention, which
     multiplies each kv head with its query heads stacked. sdpa's rendering repeated every key and value head (an Expand
