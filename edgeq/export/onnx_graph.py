@@ -206,13 +206,13 @@ def graph_specs(bundle, with_decode: bool = True) -> list[GraphSpec]:
             with torch.no_grad():
                 past = tuple(t.contiguous() for t in LMPrefill(model)(ids)[1:])
             # a sliding-window layer's past stops growing at window - 1 tokens: its own length
-            lengths = {kind: Dim(name) for kind, name in (("full_attention", "past_sequence"),
-                                                          ("sliding_attention", "past_sequence_sliding"))}
+            full, sliding = Dim("past_sequence"), Dim("past_sequence_sliding")
+            lengths = {"sliding_attention": sliding, "chunked_attention": sliding}
             types = cache_layer_types(model.config)
             # the step takes exactly one new token: sdpa's causal flag must be a Python bool when tracing
             specs.append(GraphSpec("decode", LMDecode(model), (ids[:, :1], past), ["input_ids"] + kv_names(n, "past"),
                                    ["logits"] + kv_names(n, "present"),
-                                   ({0: batch}, tuple({0: batch, 2: lengths.get(types[j // 2], lengths["full_attention"])}
+                                   ({0: batch}, tuple({0: batch, 2: lengths.get(types[j // 2], full)}
                                                       for j in range(len(past))))))
         return specs
     # a batch of 2: torch.export specializes a dimension it sees as 1 and would refuse a dynamic batch
