@@ -74,8 +74,12 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     meta = run_export(source, fmt, output, variant=variant, **options)
     parity = meta.get("parity") or {}
     if parity.get("within_tolerance") is False:
-        click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance "
-                   f"(its parity in {output}.json); check it before shipping it", err=True)
+        nll = parity.get("nll")
+        mean_nll = (f"; mean NLL {nll['file']:.4f} against the simulation's {nll['simulation']:.4f} on {nll['tokens']} "
+                    "tokens" if nll else "")
+        click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance: "
+                   f"{', '.join(parity.get('missed') or ['see its parity'])}{mean_nll} (its parity in {output}.json); "
+                   "check it before shipping it", err=True)
         grids = meta.get("output_grids") or {}
         if grids.get("clipped"):
             name, worst = next(iter(grids["clipped"].items()))

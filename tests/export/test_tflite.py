@@ -373,6 +373,7 @@ def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsy
     assert sum(e["values"] for e in narrow["clipped"].values()) >= sum(e["values"] for e in clipped.values())
     worst = next(iter(narrow["clipped"]))
     assert "edgeq: note: the output grids calibrated at export saturate" in err and worst in err and "--calib-samples" in err
+    assert "mean NLL" in err  # an LM's warning sets the file's NLL beside the simulation's
 
 
 def test_calib_samples_only_where_outputs_have_grids(exported, tmp_path):
@@ -703,8 +704,12 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
     out = tmp_path / "cnn.tflite"
     assert main(["export", CNN, "--format", "tflite", "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["parity"]["within_tolerance"] is False and out.exists()
-    assert captured.err.startswith("edgeq: warning:") and "beyond the tolerance" in captured.err
+    parity = json.loads(captured.out)["parity"]
+    assert parity["within_tolerance"] is False and out.exists()
+    # the warning names each check missed, as FILE.json's parity.missed does
+    assert parity["missed"] == [f"cos_min {parity['cos_min']:.4f} < 1.5", f"top1_agree {parity['top1_agree']:.4f} < 1.5"]
+    assert captured.err.startswith("edgeq: warning:") and "beyond the tolerance: cos_min" in captured.err
+    assert all(m in captured.err for m in parity["missed"])
 
 
 def test_unused_layers_only_those_the_outputs_do_not_reach(exported):
