@@ -74,12 +74,10 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     meta = run_export(source, fmt, output, variant=variant, **options)
     parity = meta.get("parity") or {}
     if parity.get("within_tolerance") is False:
-        nll = parity.get("nll")
-        mean_nll = (f"; mean NLL {nll['file']:.4f} against the simulation's {nll['simulation']:.4f} on {nll['tokens']} "
-                    "tokens" if nll else "")
         click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance: "
-                   f"{', '.join(parity.get('missed') or ['see its parity'])}{mean_nll} (its parity in {output}.json); "
+                   f"{', '.join(parity.get('missed') or ['see its parity'])} (its parity in {output}.json); "
                    "check it before shipping it", err=True)
+        _parity_context(parity)
         grids = meta.get("output_grids") or {}
         if grids.get("clipped"):
             name, worst = next(iter(grids["clipped"].items()))
@@ -98,3 +96,28 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "
         f"top1_agree={parity.get('top1_agree')}"
     )
+
+
+def _parity_context(parity: dict) -> None:
+    """What a missed parity means, on stderr: an LM's NLL beside the simulation's, the simulation's own noise floor,
+    and for a hybrid file the same against the run-time activation grid its kernels use."""
+    from ..export.meta import NOISE_REL
+
+    nll, floor, runtime = parity.get("nll"), parity.get("noise_floor"), parity.get("runtime_grid")
+    parts = []
+    if nll:
+        parts.append(f"mean NLL {nll['file']:.4f} against the simulation's {nll['simulation']:.4f} on {nll['tokens']} tokens")
+    if floor:
+        parts.append(f"the simulation against itself, its layers' inputs perturbed by {NOISE_REL:g}: cos_min "
+                     f"{floor['cos_min']:.4f}, top1_agree {floor['top1_agree']:.4f}")
+    if parts:
+        click.echo(f"edgeq: note: {'; '.join(parts)}", err=True)
+    if runtime:
+        text = (f"edgeq: note: against the simulation with LiteRT's run-time activation grid ({runtime['grid']}): "
+                f"cos_min {runtime['cos_min']:.4f}, top1_agree {runtime['top1_agree']:.4f}")
+        if runtime.get("nll_simulation") is not None:
+            text += f", that simulation's mean NLL {runtime['nll_simulation']:.4f}"
+        if runtime.get("noise_floor"):
+            text += (f"; it against itself perturbed: cos_min {runtime['noise_floor']['cos_min']:.4f}, "
+                     f"top1_agree {runtime['noise_floor']['top1_agree']:.4f}")
+        click.echo(text, err=True)

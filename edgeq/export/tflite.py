@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError, choice_error
+from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .tflite_check import output_clipping, output_grids
@@ -46,6 +47,13 @@ TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99,
 # A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
+
+# The variants whose layers run LiteRT's hybrid kernels, and how those quantize a layer's input at run time: per row
+# to asymmetric int8 (the simulation's dynamic grid per token). One FULLY_CONNECTED alone (int8 per channel, INT4
+# blocks of 64; [1, 576] inputs with outliers) gave what the input on that grid times the file's weights gives, to
+# 7e-7 (XNNPACK 2.3 on an Intel host, 2026-12-04).
+HYBRID = ("dynamic-int8", "int4")
+RUNTIME_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
 CLIPPED_LISTED = 20  # FILE.json `output_grids.clipped`: the layers whose outputs a grid saturated most, by fraction
 
 RUNTIME_MIN = {
@@ -74,18 +82,38 @@ def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
 
 
 @contextlib.contextmanager
-def _float_activations(layers: dict):
-    """The simulation with its activation quantization off: the reference for an fp32 rendering of a QDIR."""
-    from ..recipe import ActSpec
-
+def _activations(layers: dict, spec, kind: str | None = None):
+    """The simulation with every layer's (or every `kind` layer's) activation grid set to `spec` for a while:
+    float (ActSpec()) is the reference for an fp32 rendering of a QDIR, `RUNTIME_GRID` what hybrid kernels run."""
     saved = {n: m.decision for n, m in layers.items()}
     try:
         for m in layers.values():
-            m.decision = dataclasses.replace(m.decision, activation=ActSpec())
+            if kind is None or m.decision.kind == kind:
+                m.decision = dataclasses.replace(m.decision, activation=spec)
         yield
     finally:
         for n, m in layers.items():
             m.decision = saved[n]
+
+
+def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, causal_lm: bool) -> dict | None:
+    """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
+    hybrid kernels quantize them at run time (`RUNTIME_GRID`), with that simulation's own noise floor: whether the
+    file departs from the simulation by more than the run-time grid and float noise explain. None: no linear layer."""
+    from .meta import lm_nll, noise_floor
+
+    if not any(m.decision.kind == "linear" for m in layers.values()):
+        return None
+    with torch.no_grad(), _activations(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
+        ref = [ref_module(*x).float().numpy() for x in inputs]
+        out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
+        floor = noise_floor(ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref)
+    out["grid"] = "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid kernels do"
+    if floor is not None:
+        out["noise_floor"] = {k: floor[k] for k in ("cos_min", "top1_agree")}
+    if causal_lm:
+        out["nll_simulation"] = lm_nll(ref, inputs)
+    return out
 
 
 def missed_tolerance(parity: dict, cos_tol: float, top1_tol: float) -> list[str]:
@@ -244,7 +272,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     inputs = _parity_inputs(b, seq_len)
     float_acts = variant == "fp32" and qm is not None
     grids = output_grids(buf, layers) if variant in FULL_INTEGER else {}
-    with (torch.no_grad(), (_float_activations(layers) if float_acts else contextlib.nullcontext()),
+    with (torch.no_grad(), (_activations(layers, ActSpec()) if float_acts else contextlib.nullcontext()),
           output_clipping(layers, grids) as clipped):
         from .tflite_render import graph_module
 
@@ -256,6 +284,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         with torch.no_grad():
             add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
                                 b.kind == "causal-lm")
+        if variant in HYBRID:
+            parity["runtime_grid"] = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm")
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")

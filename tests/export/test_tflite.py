@@ -109,6 +109,22 @@ def test_variant_metadata_and_parity(exported, case):
         assert meta["readback"]["layers"] == len(load_quantized(qdir).layers())
 
 
+def test_hybrid_files_against_the_run_time_activation_grid(exported):
+    """LiteRT's hybrid kernels quantize each linear layer's input per row to asymmetric int8 at run time, which the
+    recipes' simulations do not do (`w4-g128-litert` keeps activations float; `w8`'s per-token grid is symmetric).
+    Against the simulation with that grid the INT4 file is within float noise (measured on tiny-llama: max_abs 0.005
+    against 0.17, top-1 1.0 against 0.988); the dynamic-int8 one closer than against its recipe's (0.055 against
+    0.14). Files without hybrid kernels carry no such check."""
+    int4, dyn = exported["llama-int4"][1]["parity"], exported["llama-dynamic-int8"][1]["parity"]
+    runtime = int4["runtime_grid"]
+    assert runtime["max_abs"] < int4["max_abs"] / 5 and runtime["cos_min"] > int4["cos_min"], (runtime, int4)
+    assert runtime["top1_agree"] >= int4["top1_agree"] and set(runtime["noise_floor"]) == {"cos_min", "top1_agree"}
+    assert abs(runtime["nll_simulation"] - int4["nll"]["file"]) < abs(int4["nll"]["simulation"] - int4["nll"]["file"]) + 1e-4
+    assert dyn["runtime_grid"]["max_abs"] < dyn["max_abs"], (dyn["runtime_grid"], dyn)
+    for case in ("llama-int8", "llama-int16x8", "llama-fp32", "cnn-int8"):
+        assert "runtime_grid" not in exported[case][1]["parity"], case
+
+
 def test_quantized_files_are_smaller_than_fp32(exported):
     fp32 = exported["llama-fp32"][0].stat().st_size
     assert exported["llama-dynamic-int8"][0].stat().st_size < 0.5 * fp32
@@ -373,7 +389,8 @@ def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsy
     assert sum(e["values"] for e in narrow["clipped"].values()) >= sum(e["values"] for e in clipped.values())
     worst = next(iter(narrow["clipped"]))
     assert "edgeq: note: the output grids calibrated at export saturate" in err and worst in err and "--calib-samples" in err
-    assert "mean NLL" in err  # an LM's warning sets the file's NLL beside the simulation's
+    # an LM's warning sets the file's NLL beside the simulation's, and the simulation's own noise floor beside both
+    assert "mean NLL" in err and "the simulation against itself, its layers' inputs perturbed by 1e-06: cos_min" in err
 
 
 def test_calib_samples_only_where_outputs_have_grids(exported, tmp_path):
@@ -710,6 +727,22 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
     assert parity["missed"] == [f"cos_min {parity['cos_min']:.4f} < 1.5", f"top1_agree {parity['top1_agree']:.4f} < 1.5"]
     assert captured.err.startswith("edgeq: warning:") and "beyond the tolerance: cos_min" in captured.err
     assert all(m in captured.err for m in parity["missed"])
+    assert "run-time activation grid" not in captured.err  # an fp32 file has no hybrid kernels
+
+
+def test_cli_sets_a_hybrid_files_miss_beside_the_run_time_grid(capsys, tmp_path, monkeypatch, tiny_llama_ref):
+    """For a hybrid file the warning's notes also give its parity against the simulation with the run-time grid."""
+    from edgeq.cli.main import main
+    from edgeq.export import tflite
+
+    qdir = _qdir(tmp_path, tiny_llama_ref, "w4-g128-litert", "q")
+    monkeypatch.setitem(tflite.TOLERANCE, "int4", (1.5, 1.5))
+    out = tmp_path / "w4.tflite"
+    assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
+    err = capsys.readouterr().err
+    runtime = json.loads(Path(str(out) + ".json").read_text())["parity"]["runtime_grid"]
+    assert "edgeq: note: against the simulation with LiteRT's run-time activation grid" in err
+    assert f"cos_min {runtime['cos_min']:.4f}" in err and "it against itself perturbed" in err
 
 
 def test_unused_layers_only_those_the_outputs_do_not_reach(exported):
