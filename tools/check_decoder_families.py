@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def configs(vocab: int, pad: int) -> dict:
         "llama": lambda: t.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
         "qwen2": lambda: t.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
         "qwen3": lambda: t.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16),
-        "mistral": lambda: t.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        # every layer sliding, as Mistral 7B v0.1's (window 4096): past the window of 16 in the checks' 64 tokens
+        "mistral": lambda: t.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2, sliding_window=16),
         "gemma": lambda: t.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16),
         "phi": lambda: t.PhiConfig(**common, intermediate_size=128),
         "gpt_neox": lambda: t.GPTNeoXConfig(**common, intermediate_size=128),
@@ -73,6 +75,16 @@ def make(family: str, make_config, tokenizer, path: Path, auto: str = "AutoModel
                 w.uniform_(*gains)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    (path / CONFIG_MARK).write_text(make_config().to_json_string(), encoding="utf-8")
+
+
+CONFIG_MARK = "check-config.json"  # the config a model dir of --work was made from
+
+
+def stale(path: Path, make_config) -> bool:
+    """Whether --work lacks the model or holds one made from another config (the check edited since)."""
+    mark = path / CONFIG_MARK
+    return not mark.is_file() or mark.read_text(encoding="utf-8") != make_config().to_json_string()
 
 
 def float_agreement(model_dir: Path, qdir: Path) -> dict:
@@ -155,7 +167,9 @@ def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: st
     rows = {}
     for family in args.families or list(makers):
         model_dir = work / family
-        if not (model_dir / "config.json").exists():
+        if stale(model_dir, makers[family]):
+            for old in [model_dir, *work.glob(f"{family}-*")]:  # the model and what was made from it
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
             make(family, makers[family], tokenizer, model_dir, auto)
         for recipe in args.recipe:
             print(f"{family} {recipe}", flush=True)

@@ -33,7 +33,7 @@ from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 15  # bump when a change makes cached graphs wrong (graphs of folded-norm models stay valid)
+GRAPH_VERSION = 16  # bump when a change outside `GRAPH_SOURCES` makes cached graphs wrong
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:
@@ -176,13 +176,43 @@ def _float_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# edgeq's modules a float graph is traced from (beside the model's own classes, `_code_digest`)
+GRAPH_SOURCES = ("export/tflite_graph.py", "export/tflite_render.py", "export/tflite_decode.py",
+                 "export/tflite_hfdecode.py", "export/tflite_runtime.py", "models/hf.py", "quantize/modules.py")
+
+
+def _code_digest(model: torch.nn.Module) -> str:
+    """Hash of the source the graph comes from: edgeq's rendering (`GRAPH_SOURCES`) and the file of every module
+    class in `model` (a Hugging Face modeling file changes with the installed transformers)."""
+    import inspect
+
+    root = Path(__file__).resolve().parents[1]
+    files = {root / f for f in GRAPH_SOURCES}
+    for m in model.modules():
+        try:
+            files.add(Path(inspect.getsourcefile(type(m)) or "").resolve())
+        except TypeError:  # a class without a source file (built in)
+            continue
+    h = hashlib.sha256()
+    for path in sorted(f for f in files if f.is_file()):
+        h.update(str(path).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 def graph_key(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> str:
+    """The cache key of a float graph: what the traced graph depends on besides its quantized layers' weights (which
+    `set_weights` puts in): the layers, the config, the other float tensors, the code, the inputs, the versions. Before
+    the config and code were in it, a model saved again with another `sliding_window` (same path, same weights) got
+    the old graph: a Mistral's INT4 file computed full attention against a simulation with a window of 16 (cosine
+    0.80, caught by the parity check)."""
     layers = {n: [type(m).__name__, list(m.decision.shape)] for n, m in quant_layers(model).items()}
     ex = [list(t.shape) + [str(t.dtype)] for t in example_inputs(bundle, seq_len)]
+    config = getattr(model, "config", None)
     from importlib.metadata import version
 
     text = json.dumps([GRAPH_VERSION, sorted(folds or {}), bundle.reference, bundle.kind, layers, ex, _float_digest(model),
-                       torch.__version__, version("litert-torch"), cache_len], sort_keys=True)
+                       config.to_json_string() if hasattr(config, "to_json_string") else None,
+                       _code_digest(model), torch.__version__, version("litert-torch"), cache_len], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -125,6 +125,34 @@ def test_hybrid_files_against_the_run_time_activation_grid(exported):
         assert "runtime_grid" not in exported[case][1]["parity"], case
 
 
+def test_graph_cache_key_follows_the_config_and_code(tiny_mistral, tmp_path, monkeypatch):
+    """Converted float graphs are cached by what they depend on. A model saved again at its path with another sliding
+    window (the same weights) got the old graph: a Mistral's INT4 file computed full attention against a simulation
+    with a window of 16 (cosine 0.80). The key now holds the config and the source the graph is traced from."""
+    import shutil
+
+    import transformers
+
+    from edgeq.export import tflite_graph
+
+    path = tmp_path / "mistral"
+    shutil.copytree(tiny_mistral, path)
+
+    def key() -> str:
+        bundle = load_model(str(path))
+        return tflite_graph.graph_key(bundle, bundle.module, 16)
+
+    before = key()
+    assert key() == before  # a cache that never hits is no cache
+    config = transformers.AutoConfig.from_pretrained(path)
+    config.sliding_window = 4
+    config.save_pretrained(path)
+    after = key()
+    assert after != before
+    monkeypatch.setattr(tflite_graph, "GRAPH_SOURCES", tflite_graph.GRAPH_SOURCES + ("export/tflite.py",))
+    assert key() != after  # another source file in the rendering
+
+
 def test_quantized_files_are_smaller_than_fp32(exported):
     fp32 = exported["llama-fp32"][0].stat().st_size
     assert exported["llama-dynamic-int8"][0].stat().st_size < 0.5 * fp32
