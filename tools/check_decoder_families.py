@@ -169,7 +169,10 @@ def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: st
         model_dir = work / family
         if stale(model_dir, makers[family]):
             for old in [model_dir, *work.glob(f"{family}-*")]:  # the model and what was made from it
-                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink(missing_ok=True)
             make(family, makers[family], tokenizer, model_dir, auto)
         for recipe in args.recipe:
             print(f"{family} {recipe}", flush=True)
