@@ -217,7 +217,7 @@ def main() -> None:
 
     jobs = [(recipe_name, variant, None) for recipe_name, variant in recipes.items()]
     jobs += [(str(Path(q).resolve()), "int8", Path(q).resolve()) for q in args.int8_qdir]
-    jobs = [(*job, method) for job in jobs for method in (args.output_calibration if job[1] in ("int8", "int16x8") else [None])]
+    jobs = [(*job, method) for job in jobs for method in (args.output_calibration if job[1] in tflite_export.FULL_INTEGER else [None])]
     for recipe_name, variant, given, method in jobs:
         stem = Path(recipe_name).stem if given is None else given.name
         tag = f", {method}" if method not in (None, OUTPUT_CALIBRATIONS[0]) else ""

@@ -116,7 +116,7 @@ def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, caus
     return out
 
 
-def missed_tolerance(parity: dict, cos_tol: float, top1_tol: float) -> list[str]:
+def _missed_tolerance(parity: dict, cos_tol: float, top1_tol: float) -> list[str]:
     """Each check of `parity` outside the tolerance, as "what: measured vs bound": the prefill's worst row and top-1
     agreement, the decode step's worst row from an empty cache and after a prefill, and a resized step against the
     declared one. Empty: within tolerance."""
@@ -298,7 +298,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     xnnpack = _xnnpack_coverage(buf, ["serving_default"] + (["decode"] if cache_len else []))
     cos_tol, top1_tol = TOLERANCE[variant]
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
-    missed = missed_tolerance(parity, cos_tol, top1_tol)
+    missed = _missed_tolerance(parity, cos_tol, top1_tol)
     parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
