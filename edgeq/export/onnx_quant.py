@@ -142,7 +142,10 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
             g.before.setdefault(id(node), []).append(helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_))
             node.input[0] = xdq
             nodes += [qn_, dqn_]
-    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8 or lq.act_symmetric):
+    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8 or lq.act_symmetric or blocked
+                                       or lq.bits <= 4):
+        # as float ops, also where DynamicQuantizeLinear could do it (per tensor, 8-bit asymmetric: a decode step's
+        # one row): ORT fuses these weights' DequantizeLinear -> MatMul into MatMulNBits only after a float input
         for node, _ in compute:
             xdq, made = per_token_fake_quant(g, node.input[0], lq, per_token=lq.act_granularity == "token")
             g.before.setdefault(id(node), []).extend(made)
