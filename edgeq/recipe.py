@@ -250,14 +250,22 @@ class QuantRecipe:
     # the input embedding's weight grid (rows = tokens; RTN). None keeps it float. A tied LM head without
     # its own rule shares these integers (one stored copy).
     embedding: WeightSpec | None = None
+    # that tied head's input grid (`[embedding] head_activation`; float by default): the head is a linear layer
+    head_activation: ActSpec = field(default_factory=ActSpec)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
         _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm",
                                   "smoothing", "embedding"])
-        embedding = None
+        embedding, head_activation = None, ActSpec()
         if "embedding" in data:
-            embedding = WeightSpec.from_dict(data["embedding"], f"{where}.embedding")
+            table = dict(data["embedding"])
+            if "head_activation" in table:
+                head_activation = ActSpec.from_dict(table.pop("head_activation"), f"{where}.embedding.head_activation")
+                if head_activation.mode == "static":
+                    raise EdgeqError(f"{where}.embedding.head_activation: a tied head's input grid is dynamic or none "
+                                     "(no calibration reaches it); give the head a rule of its own for a static grid")
+            embedding = WeightSpec.from_dict(table, f"{where}.embedding")
             if not 2 <= embedding.bits <= 8:
                 raise EdgeqError(f"{where}.embedding.bits: embeddings are quantized to 2..8 bits (got {embedding.bits}); "
                                  "leave the table out to keep them float")
@@ -278,15 +286,19 @@ class QuantRecipe:
             pbllm=PBLLMOptions.from_dict(data.get("pbllm", {})),
             smoothing=float(smoothing),
             embedding=embedding,
+            head_activation=head_activation,
         )
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["rules"] = [_drop_none(r) for r in out["rules"]]
+        head_activation = out.pop("head_activation")
         if out["embedding"] is None:
             del out["embedding"]
         else:
             out["embedding"] = _drop_none(out["embedding"])
+            if self.head_activation.quantized:
+                out["embedding"]["head_activation"] = _drop_none(head_activation)
         return out
 
     def rule_for(self, module_name: str) -> Rule | None:

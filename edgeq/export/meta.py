@@ -82,19 +82,50 @@ def perturbed_quant_inputs(model: torch.nn.Module, rel: float = NOISE_REL, seed:
             h.remove()
 
 
-def noise_floor(model: torch.nn.Module, run, inputs: list, reference: list[np.ndarray]) -> dict | None:
-    """Parity of the simulation with itself under `perturbed_quant_inputs` (None without quantized layers).
+NOISE_DRAWS = 3
+
+
+def noise_floor(model: torch.nn.Module, run, inputs: list, reference: list[np.ndarray], causal_lm: bool = False) -> dict | None:
+    """Parity of the simulation with itself under `perturbed_quant_inputs`, the worst of `NOISE_DRAWS` draws (None
+    without quantized layers); for an LM also how far the draws' mean NLL strays from the simulation's (`nll_spread`).
 
     `run(sample)` returns the first output of the wrapper being exported, as numpy.
     """
-    with torch.no_grad(), perturbed_quant_inputs(model) as hooked:
-        if not hooked:
-            return None
-        perturbed = [run(x) for x in inputs]
-    floor = parity_metrics(reference, perturbed)
+    draws = []
+    with torch.no_grad():
+        for seed in range(NOISE_DRAWS):
+            with perturbed_quant_inputs(model, seed=seed) as hooked:
+                if not hooked:
+                    return None
+                perturbed = [run(x) for x in inputs]
+            draws.append((parity_metrics(reference, perturbed), lm_nll(perturbed, inputs) if causal_lm else None))
+    metrics = [m for m, _ in draws]
+    floor = {"max_abs": max(m["max_abs"] for m in metrics), "cos_min": min(m["cos_min"] for m in metrics),
+             "top1_agree": min(m["top1_agree"] for m in metrics), "rows": metrics[0]["rows"], "samples": metrics[0]["samples"],
+             "draws": NOISE_DRAWS}
+    if causal_lm:
+        nll = lm_nll(reference, inputs)
+        floor["nll_spread"] = max(abs(d - nll) for _, d in draws)
     floor["method"] = (f"the PyTorch simulation against itself with every quantized layer's input multiplied by "
-                       f"(1 + {NOISE_REL:g} N(0,1)): how far float reassociation alone moves the outputs")
+                       f"(1 + {NOISE_REL:g} N(0,1)), the worst of {NOISE_DRAWS} draws: how far float reassociation alone "
+                       "moves the outputs")
     return floor
+
+
+def within_noise_floor(parity: dict) -> bool | None:
+    """Whether a file is no further from the simulation than the simulation is from itself under float noise: its worst
+    row and top-1 agreement (the decode step's worst rows too) at or above the noise floor's, and for an LM its mean NLL
+    within the floor's NLL spread of the simulation's. None without a floor."""
+    floor = parity.get("noise_floor")
+    if not floor:
+        return None
+    step = parity.get("decode") or {}
+    rows = [parity["cos_min"], step.get("cos_min"), (step.get("after_prefill") or {}).get("cos_min")]
+    ok = all(c >= floor["cos_min"] for c in rows if c is not None) and parity["top1_agree"] >= floor["top1_agree"]
+    nll = parity.get("nll")
+    if nll and "nll_spread" in floor:
+        ok = ok and abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"]
+    return ok
 
 
 def lm_nll(logits: list[np.ndarray], inputs: list[tuple]) -> float:
@@ -112,7 +143,7 @@ def lm_nll(logits: list[np.ndarray], inputs: list[tuple]) -> float:
 
 def add_quality_context(parity: dict, model, run, inputs: list, reference: list, got: list, causal_lm: bool) -> dict:
     """Put a file's parity next to what it means: the simulation's noise floor, and for LMs the NLL of both."""
-    floor = noise_floor(model, run, inputs, reference)
+    floor = noise_floor(model, run, inputs, reference, causal_lm)
     if floor is not None:
         parity["noise_floor"] = floor
     if causal_lm:

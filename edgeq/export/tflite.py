@@ -22,9 +22,10 @@ import torch
 from ..errors import EdgeqError, choice_error
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
-from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, within_noise_floor, write_export_meta
 from .tflite_check import output_clipping, output_grids
-from .tflite_grids import CONVENTIONS, FULL_INTEGER, VARIANTS, check_representable, default_variant, static_bits
+from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
+                           hybrid_activations, off_runtime_grid, static_bits)
 from .tflite_quant import OUTPUT_CALIBRATIONS
 
 DEFAULT_SEQ_LEN = 64
@@ -48,12 +49,6 @@ TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99,
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
 
-# The variants whose layers run LiteRT's hybrid kernels, and how those quantize a layer's input at run time: per row
-# to asymmetric int8 (the simulation's dynamic grid per token). One FULLY_CONNECTED alone (int8 per channel, INT4
-# blocks of 64; [1, 576] inputs with outliers) gave what the input on that grid times the file's weights gives, to
-# 7e-7 (XNNPACK 2.3 on an Intel host, 2026-12-04).
-HYBRID = ("dynamic-int8", "int4")
-RUNTIME_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
 CLIPPED_LISTED = 20  # FILE.json `output_grids.clipped`: the layers whose outputs a grid saturated most, by fraction
 
 RUNTIME_MIN = {
@@ -99,10 +94,11 @@ def _activations(layers: dict, spec, kind: str | None = None):
 def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, causal_lm: bool) -> dict | None:
     """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
     hybrid kernels quantize them at run time (`RUNTIME_GRID`), with that simulation's own noise floor: whether the
-    file departs from the simulation by more than the run-time grid and float noise explain. None: no linear layer."""
+    file departs from the simulation by more than the run-time grid and float noise explain. None: every linear layer
+    is on that grid already (the `-litert` recipes), or there is none."""
     from .meta import lm_nll, noise_floor
 
-    if not any(m.decision.kind == "linear" for m in layers.values()):
+    if not off_runtime_grid(layers):
         return None
     with torch.no_grad(), _activations(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
         ref = [ref_module(*x).float().numpy() for x in inputs]
@@ -284,8 +280,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         with torch.no_grad():
             add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
                                 b.kind == "causal-lm")
-        if variant in HYBRID:
-            parity["runtime_grid"] = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm")
+        runtime = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
+        if runtime:
+            parity["runtime_grid"] = runtime
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")
@@ -302,7 +299,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     parity.update({"reference": reference,
                    "runtime": f"{runtime_version()} XNNPACK, 1 thread",
                    "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
-                   "within_tolerance": not missed, "missed": missed})
+                   "within_tolerance": not missed, "missed": missed,
+                   "within_noise_floor": within_noise_floor(parity)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers
@@ -327,6 +325,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "signatures": signatures,
         "runtime_min": {**RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
         "conventions": CONVENTIONS,
+        # hybrid kernels: whether the file's run-time activation grid is the recipe's
+        "activations": hybrid_activations(layers) if variant in HYBRID else None,
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
                                                 "per_layer": check["layers"]},
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2), "fuse": round(fuse_s, 2)},

@@ -21,11 +21,41 @@ CONVENTIONS = {
     "int16_activations": "static (16x8): int16 per-tensor, symmetric, zero point 0, saturating at [-32768, 32767]",
     "dynamic_activations": "LiteRT hybrid kernels: per-row asymmetric int8 computed at run time",
 }
+# The variants whose layers run LiteRT's hybrid kernels, and how those quantize a layer's input at run time: per row
+# to asymmetric int8 (the simulation's dynamic grid per token). One FULLY_CONNECTED alone (int8 per channel, INT4
+# blocks of 64; [1, 576] inputs with outliers) gave what the input on that grid times the file's weights gives, to
+# 7e-7 (XNNPACK 2.3 on an Intel host, 2026-12-04).
+HYBRID = ("dynamic-int8", "int4")
+RUNTIME_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
 
 
 def static_bits(layers: dict) -> dict[str, int]:
     """Each layer with static activations -> their bits (8: int8, 16: LiteRT's 16x8)."""
     return {n: m.decision.activation.bits for n, m in layers.items() if m.decision.activation.mode == "static"}
+
+
+def off_runtime_grid(layers: dict) -> list[str]:
+    """The linear layers whose recipe puts their input on another grid than the one LiteRT's hybrid kernels compute
+    at run time (`RUNTIME_GRID`; the `-litert` presets use it): in a dynamic-int8 or int4 file those layers depart
+    from the simulation by the difference, which FILE.json `parity.runtime_grid` measures."""
+    return sorted(n for n, m in layers.items() if m.decision.kind == "linear"
+                  and {k: getattr(m.decision.activation, k) for k in RUNTIME_GRID} != RUNTIME_GRID)
+
+
+def hybrid_activations(layers: dict) -> dict:
+    """What quant.json and FILE.json say of a hybrid variant's activations: whether the file computes on the recipe's
+    grid."""
+    off = off_runtime_grid(layers)
+    if not off:
+        return {"as_recipe": True, "activations": "the recipe's grid is the one LiteRT's hybrid kernels compute at run time "
+                                                  "(each row of a linear layer's input to asymmetric int8)"}
+    a = layers[off[0]].decision.activation
+    has = f"{a.bits}-bit {a.mode} {'symmetric' if a.symmetric else 'asymmetric'} per {a.granularity}" if a.quantized else "float"
+    return {"as_recipe": False,
+            "activations": f"LiteRT's hybrid kernels quantize each row of the input of {len(off)} linear "
+                           f"layer{'s' if len(off) > 1 else ''} to asymmetric int8 at run time, where the recipe has "
+                           f"another grid ({off[0]}: {has}): the file departs from the "
+                           "simulation by that (FILE.json parity.runtime_grid); the -litert recipes simulate the run-time grid"}
 
 
 def default_variant(qm) -> str:
@@ -120,7 +150,7 @@ def representability(qm) -> dict:
     for variant in VARIANTS[1:]:
         try:
             check_representable(qm, variant)
-            variants[variant] = {"representable": True}
+            variants[variant] = {"representable": True} | (hybrid_activations(qm.layers()) if variant in HYBRID else {})
         except EdgeqError as exc:
             variants[variant] = {"representable": False, "why": str(exc).removeprefix("tflite: ")}
     convs = [m for m in qm.layers().values() if m.decision.kind == "conv2d"]

@@ -70,7 +70,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     if head and is_tied(model) and recipe.untie_head and recipe.rule_for(head) is not None:
         untied = untie_head(model)
     folded = fold_norms(model) if recipe.fold_norms else []
-    embedded = quantize_embedding(model, recipe.embedding) if recipe.embedding is not None else []
+    embedded = quantize_embedding(model, recipe.embedding, recipe.head_activation) if recipe.embedding is not None else []
     targets = plan(model, recipe)
     if not targets and not embedded:
         raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
@@ -103,11 +103,12 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
 
 
 @torch.no_grad()
-def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
+def quantize_embedding(model: torch.nn.Module, spec, head_activation: ActSpec = ActSpec()) -> list[str]:
     """Replace the input embedding by a QuantEmbedding on `spec`'s grid (RTN over each row).
 
     A still-tied LM head (no rule of its own, so not untied) becomes a QuantLinear over the very
-    same integers: the model keeps one table, as the float model did. Returns the names replaced.
+    same integers, its input on `head_activation`'s grid: the model keeps one table, as the float
+    model did. Returns the names replaced.
     """
     from .methods import rtn
     from .modules import QuantEmbedding
@@ -130,7 +131,7 @@ def quantize_embedding(model: torch.nn.Module, spec) -> list[str]:
         hname = head_name(model)
         if head.bias is not None:
             raise EdgeqError(f"recipe.embedding: the tied head {hname} has a bias; untie it with a rule of its own")
-        hdecision = LayerDecision(hname, "linear", spec, ActSpec(), TIED_METHOD, 1.0, tuple(w.shape))
+        hdecision = LayerDecision(hname, "linear", spec, head_activation, TIED_METHOD, 1.0, tuple(w.shape))
         set_module(model, hname, QuantLinear(hdecision, new.qweight, new.scale, new.zero_point))
         replaced.append(hname)
     return replaced

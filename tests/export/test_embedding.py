@@ -121,6 +121,37 @@ def test_embedding_spec_is_validated():
     assert "embedding" not in QuantRecipe.from_dict({"rules": RULES}).to_dict()
 
 
+def test_tied_heads_input_grid(tmp_path):
+    """`[embedding] head_activation` is the input grid of the tied head (a linear layer: in a hybrid TFLite file its
+    input is quantized at run time like every other's): dynamic or none, kept in the recipe and the QDIR. With
+    LiteRT's run-time grid there and in the rules, a hybrid file's activations are the recipe's."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from edgeq.export.tflite_grids import RUNTIME_GRID, hybrid_activations, off_runtime_grid
+    from edgeq.quantize.primitives import dynamic_fake_quant_act
+    from edgeq.recipe import ActSpec
+
+    rules = [RULES[0], {**RULES[1], "activation": RUNTIME_GRID}]
+    recipe = QuantRecipe.from_dict({"name": "w4-emb-grid", "fold_norms": False, "rules": rules,
+                                    "embedding": {"bits": 8, "head_activation": RUNTIME_GRID}})
+    assert QuantRecipe.from_dict(recipe.to_dict()) == recipe and recipe.head_activation == ActSpec(**RUNTIME_GRID)
+    with pytest.raises(EdgeqError, match=r"embedding\.head_activation: .*dynamic or none"):
+        _recipe(bits=8, head_activation={"mode": "static"})
+    qm = quantize_model(_tied_tiny_llama(), recipe)
+    qm.save(tmp_path / "q")
+    head = load_quantized(tmp_path / "q").model.lm_head
+    assert head.decision.method == "tied" and head.decision.activation == recipe.head_activation
+    x = torch.randn(2, 5, 128) * torch.linspace(0.1, 8, 128)
+    with torch.no_grad():
+        assert torch.equal(head(x), F.linear(dynamic_fake_quant_act(x, 8, per_token=True), head.weight_2d()))
+    assert off_runtime_grid(qm.layers()) == [] and hybrid_activations(qm.layers())["as_recipe"] is True
+    float_head = quantize_model(_tied_tiny_llama(), dataclasses.replace(recipe, head_activation=ActSpec()))
+    assert off_runtime_grid(float_head.layers()) == ["lm_head"]
+    assert "the input of 1 linear layer to" in hybrid_activations(float_head.layers())["activations"]
+
+
 def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, tmp_path):
     """EMBEDDING_LOOKUP and the tied head's FULLY_CONNECTED read one int8 table with edgeq's integers
     and row scales (read back bitwise); full-integer TFLite refuses, naming what works."""

@@ -70,7 +70,11 @@ CASES = {
     "w4-g128-rtn": ("w4-g128-rtn", "weight-only"),
     "w3a-g32-w8c": (MIXED_LOW_BITS, "weight-only"),
     "w8-weight-only": (WEIGHT_ONLY_INT8, "weight-only"),
+    # INT4 blocks with LiteRT's run-time grid on the inputs (per-token asymmetric int8, rendered as float ops)
+    "w4-g128-litert": ("w4-g128-litert", "dynamic-int8"),
 }
+# MatMulNBits' accuracy level pinned to float inputs: weight-only layers, and float-op grids before a 4-bit MatMul
+PINNED = ("w4-g128-rtn", "w3a-g32-w8c", "w8-weight-only", "w4-g128-litert")
 EXACT_FLOAT = ("fp32", "w4-g128-rtn", "w3a-g32-w8c", "w8-weight-only")
 
 
@@ -121,8 +125,7 @@ def test_metadata_and_files(tiny_exports, name):
         n_layers = len(load_quantized(qdir).layers())
         assert meta["layers_exact"] == len(meta["layers"]) == 2 * n_layers  # prefill and decode graphs
         assert meta["source"]["quant_json_sha256"]
-    weight_only = CASES[name][1] == "weight-only"  # MatMulNBits' accuracy level pinned to float activations
-    assert meta["session_config"] == ({"session.qdq_matmulnbits_accuracy_level": "0"} if weight_only else {})
+    assert meta["session_config"] == ({"session.qdq_matmulnbits_accuracy_level": "0"} if name in PINNED else {})
     if name == "w3a-g32-w8c":
         assert meta["containers"] == {"3": ["uint4"], "8": ["int8"]}
 
@@ -212,7 +215,7 @@ def test_int16x8_inputs_are_int16_qdq_on_the_layers_grid(tiny_exports):
 @pytest.mark.parametrize("name, fused", [("w8a8", "MatMulIntegerToFloat"), ("w8", "MatMulIntegerToFloat"),
                                          ("w8-tensor", "DynamicQuantizeMatMul"), ("w8-sym-token", "MatMulIntegerToFloat"),
                                          ("w8-sym-tensor", "MatMulIntegerToFloat"), ("w8-fast", "DynamicQuantizeMatMul"),
-                                         ("w4-g128-rtn", "MatMulNBits")])
+                                         ("w4-g128-rtn", "MatMulNBits"), ("w4-g128-litert", "MatMulNBits")])
 def test_onnxruntime_fuses_integer_kernels(tiny_exports, tmp_path, name, fused):
     """Every quantized layer runs an integer kernel: per-token layers fuse with their scales into MatMulIntegerToFloat
     (asymmetric ones with their rows' zero points summed inside it), per-tensor dynamic ones into DynamicQuantizeMatMul."""
@@ -291,10 +294,13 @@ def test_decode_graph_renders_per_token_grids_per_tensor(tiny_exports, tmp_path,
         return
     assert meta["decode_batch"] == 1 and set(dims) == {1}
     ops = _fused_ops(decode, tmp_path, meta["session_config"])
-    n_layers = len(load_quantized(qdir).layers())
-    assert ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] == n_layers and ops["MatMulInteger"] == 0, dict(ops)
-    if any(not m.decision.activation.symmetric for m in token):  # asymmetric: ORT quantize_dynamic's own kernel
-        assert ops["DynamicQuantizeMatMul"] > 0, dict(ops)
+    layers = load_quantized(qdir).layers().values()
+    # 4-bit blocks have no integer kernel: their row's grid is float ops and the layer MatMulNBits, as in the prefill
+    nbits = sum(m.decision.weight.bits <= 4 for m in layers)
+    assert ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] == len(layers) - nbits and ops["MatMulInteger"] == 0, dict(ops)
+    assert ops["MatMulNBits"] == nbits, dict(ops)
+    if any(not m.decision.activation.symmetric and m.decision.weight.bits == 8 for m in token):  # asymmetric: ORT
+        assert ops["DynamicQuantizeMatMul"] > 0, dict(ops)                                      # quantize_dynamic's kernel
     blocked = [n for n in onnx.load(str(decode)).graph.node if n.op_type == "QuantizeLinear"
                and any(a.name == "block_size" and a.i for a in n.attribute)]
     assert blocked == []

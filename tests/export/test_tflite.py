@@ -48,6 +48,11 @@ CNN_MIXED = _custom([
     {"match": "head$", "weight": {"bits": 4, "granularity": "channel", "scale_dtype": "bf16"}, "activation": {"mode": "dynamic"}},
     {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic"}},
 ], "cnn-mixed")
+# w4-g128-litert's weights (RTN) with float activations: not the grid LiteRT's hybrid kernels run
+INT4_FLOAT_ACTS = _custom([
+    {"match": "lm_head$", "skip": True},
+    {"match": ".*", "weight": {"bits": 4, "granularity": "group", "group_size": 128, "scale_dtype": "bf16"}},
+], "w4-g128-float-acts")
 
 # (model, recipe, variant passed to export: None = the recipe's default)
 CASES = {
@@ -57,13 +62,14 @@ CASES = {
     "llama-int16x8": ("tiny-llama", "w8a16-static", None),
     "llama-int8-fc2a16": ("tiny-llama", "w8a8-static-fc2a16", None),  # int8 with 16x8 down-projections
     "llama-int4": ("tiny-llama", "w4-g128-litert", None),
+    "llama-int4-float-acts": ("tiny-llama", INT4_FLOAT_ACTS, None),
     "cnn-fp32": (CNN, None, None),
     "cnn-dynamic-int8": (CNN, "w8", None),
     "cnn-int8": (CNN, "w8a8", None),
     "cnn-int16x8": (CNN, "w8a16-static", None),
     "cnn-int4": (CNN, CNN_MIXED, None),
 }
-EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES} | {"llama-int8-fc2a16": "int8"}
+EXPECTED_VARIANT = {k: k.split("-", 1)[1] for k in CASES} | {"llama-int8-fc2a16": "int8", "llama-int4-float-acts": "int4"}
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +102,12 @@ def test_variant_metadata_and_parity(exported, case):
     assert on_disk["format"] == "tflite"
     if qdir is not None and meta["variant"] != "fp32":  # quant.json said at quantize time this variant holds the grids
         said = json.loads((qdir / "quant.json").read_text())["tflite"]
-        assert said["variants"][meta["variant"]] == {"representable": True}
+        assert said["variants"][meta["variant"]]["representable"] is True
+        if meta["variant"] in ("dynamic-int8", "int4"):  # and whether the run-time activation grid is the recipe's
+            assert said["variants"][meta["variant"]]["as_recipe"] == on_disk["activations"]["as_recipe"]
+            assert on_disk["activations"]["as_recipe"] == ("runtime_grid" not in on_disk["parity"])
+        else:
+            assert "as_recipe" not in said["variants"][meta["variant"]] and on_disk["activations"] is None
         assert said["default_variant"] == meta["variant"] or CASES[case][2] is not None
         assert (said["note"] is not None) == bool(meta.get("bn_folded"))  # folded BatchNorms: scales not edgeq's
     parity = meta["parity"]
@@ -110,16 +121,18 @@ def test_variant_metadata_and_parity(exported, case):
 
 
 def test_hybrid_files_against_the_run_time_activation_grid(exported):
-    """LiteRT's hybrid kernels quantize each linear layer's input per row to asymmetric int8 at run time, which the
-    recipes' simulations do not do (`w4-g128-litert` keeps activations float; `w8`'s per-token grid is symmetric).
-    Against the simulation with that grid the INT4 file is within float noise (measured on tiny-llama: max_abs 0.005
-    against 0.17, top-1 1.0 against 0.988); the dynamic-int8 one closer than against its recipe's (0.055 against
-    0.14). Files without hybrid kernels carry no such check."""
-    int4, dyn = exported["llama-int4"][1]["parity"], exported["llama-dynamic-int8"][1]["parity"]
-    runtime = int4["runtime_grid"]
-    assert runtime["max_abs"] < int4["max_abs"] / 5 and runtime["cos_min"] > int4["cos_min"], (runtime, int4)
-    assert runtime["top1_agree"] >= int4["top1_agree"] and set(runtime["noise_floor"]) == {"cos_min", "top1_agree"}
-    assert abs(runtime["nll_simulation"] - int4["nll"]["file"]) < abs(int4["nll"]["simulation"] - int4["nll"]["file"]) + 1e-4
+    """LiteRT's hybrid kernels quantize each linear layer's input per row to asymmetric int8 at run time. The -litert
+    recipes simulate that grid, so their INT4 file is within float noise of the simulation (tiny-llama: max_abs
+    0.005, where the same weights simulated with float activations were 0.17 away). A recipe on another grid (float
+    activations; `w8`'s symmetric per-token grid) gets `parity.runtime_grid`: the file is closer to the simulation
+    with the run-time grid than to its recipe's. Files without hybrid kernels carry no such check."""
+    int4, floats, dyn = (exported[c][1]["parity"] for c in ("llama-int4", "llama-int4-float-acts", "llama-dynamic-int8"))
+    assert "runtime_grid" not in int4 and int4["max_abs"] < 0.03 and int4["top1_agree"] == 1.0, int4
+    assert exported["llama-int4"][1]["activations"]["as_recipe"] is True
+    runtime = floats["runtime_grid"]
+    assert runtime["max_abs"] < floats["max_abs"] / 5 and runtime["cos_min"] > floats["cos_min"], (runtime, floats)
+    assert runtime["top1_agree"] >= floats["top1_agree"] and set(runtime["noise_floor"]) == {"cos_min", "top1_agree"}
+    assert abs(runtime["nll_simulation"] - floats["nll"]["file"]) < abs(floats["nll"]["simulation"] - floats["nll"]["file"]) + 1e-4
     assert dyn["runtime_grid"]["max_abs"] < dyn["max_abs"], (dyn["runtime_grid"], dyn)
     for case in ("llama-int8", "llama-int16x8", "llama-fp32", "cnn-int8"):
         assert "runtime_grid" not in exported[case][1]["parity"], case
@@ -472,10 +485,13 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
     # the slot count is a run-time choice in every variant's file: resized, the steps give the declared shape's logits
     assert decode["dynamic_slots"] and parity["resized"]["max_abs_vs_declared"] < 1e-4, parity["resized"]
     if meta["variant"] not in ("int8", "int16x8"):
-        # the two signatures compute one function: equal on LiteRT's reference kernels, and on XNNPACK too except
-        # that on some CPUs (AVX512-VNNI) it takes other dynamic-int8 kernels for one row than for many (0.017 here)
-        assert _decode_vs_prefill(path, xnnpack=False) < 1e-4
-        assert parity["vs_prefill_max_abs"] < (parity["max_abs"] if meta["variant"] == "dynamic-int8" else 1e-4), parity
+        # the two signatures compute one function: equal on LiteRT's reference kernels up to float rounding, except
+        # where an input quantized at run time (hybrid kernels) sits on a rounding tie, which the rounding moves one
+        # step (one position of the 16 in `llama-int4`: 4.2e-4); XNNPACK, on some CPUs (AVX512-VNNI), also takes other
+        # dynamic-int8 kernels for one row than for many (0.017 here)
+        steps = _decode_vs_prefill(path, xnnpack=False)
+        assert np.sum(steps > 1e-4) <= (1 if meta["variant"] in ("dynamic-int8", "int4") else 0) and steps.max() < 1e-2, steps
+        assert parity["vs_prefill_max_abs"] < (parity["max_abs"] if meta["variant"] in ("dynamic-int8", "int4") else 1e-4), parity
     # XNNPACK runs each signature as one graph: only the lookups before the first layer (and the prefill's causal mask)
     # are left to LiteRT's built-in kernels, and the 16x8 layers, which XNNPACK has no kernel for. A slice of size -1
     # once cut the step into one partition per layer, and the keys and values repeated for grouped-query attention
@@ -499,8 +515,8 @@ def test_decode_signature_matches_simulation_and_prefill(exported, case):
             assert list(prefill.scale) == list(step.scale) and list(prefill.zeroPoint) == list(step.zeroPoint), name
 
 
-def _decode_vs_prefill(path: Path, xnnpack: bool) -> float:
-    """Max |logits| difference between 16 decode steps from an empty cache and the prefill signature."""
+def _decode_vs_prefill(path: Path, xnnpack: bool) -> np.ndarray:
+    """Per position, the max |logits| difference between 16 decode steps from an empty cache and the prefill signature."""
     from edgeq.data import lm_windows
     from edgeq.export.tflite_decode import run_steps, zero_caches
     from edgeq.export.tflite_runtime import TfliteRunner
@@ -510,7 +526,7 @@ def _decode_vs_prefill(path: Path, xnnpack: bool) -> float:
     prefill = TfliteRunner(path, xnnpack=xnnpack)(ids)[0]
     step = TfliteRunner(path, signature="decode", xnnpack=xnnpack)
     got, _ = run_steps(step, ids[:, :16], zero_caches(step))
-    return float(np.max(np.abs(got - prefill[0, :16])))
+    return np.abs(got - prefill[0, :16]).max(axis=-1)
 
 
 def test_grouped_attention_is_eager_attention_without_repeats():
@@ -758,12 +774,47 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
     assert "run-time activation grid" not in captured.err  # an fp32 file has no hybrid kernels
 
 
+def test_within_noise_floor_takes_every_check():
+    """A file is within the noise floor when its worst rows (the decode step's too), top-1 agreement and NLL are no
+    further from the simulation than the simulation under float noise is, the worst of its draws."""
+    from edgeq.export.meta import within_noise_floor
+
+    floor = {"cos_min": 0.90, "top1_agree": 0.93, "nll_spread": 0.01, "draws": 3}
+    parity = {"cos_min": 0.92, "top1_agree": 0.94, "nll": {"file": 3.215, "simulation": 3.217}, "noise_floor": floor,
+              "decode": {"cos_min": 0.95, "after_prefill": {"cos_min": 0.96}}}
+    assert within_noise_floor(parity) is True
+    assert within_noise_floor({**parity, "noise_floor": None}) is None  # an fp32 file: nothing to perturb
+    for worse in ({"cos_min": 0.89}, {"top1_agree": 0.92}, {"nll": {"file": 3.23, "simulation": 3.217}},
+                  {"decode": {"cos_min": 0.95, "after_prefill": {"cos_min": 0.85}}}):
+        assert within_noise_floor({**parity, **worse}) is False, worse
+
+
+def test_cli_notes_a_miss_within_the_noise_floor(capsys, tmp_path, monkeypatch, tiny_llama_ref):
+    """Where the simulation under float noise is as far from itself as the file is from it, a missed tolerance is a note
+    saying so, not a warning to check the file (here the noise is made wide: one part in a hundred)."""
+    import functools
+
+    from edgeq.cli.main import main
+    from edgeq.export import meta, tflite
+
+    qdir = _qdir(tmp_path, tiny_llama_ref, "w4-g128-litert", "q")
+    monkeypatch.setitem(tflite.TOLERANCE, "int4", (1.5, 1.5))
+    monkeypatch.setattr(meta, "perturbed_quant_inputs", functools.partial(meta.perturbed_quant_inputs, rel=1e-2))
+    out = tmp_path / "w4.tflite"
+    assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
+    err = capsys.readouterr().err
+    parity = json.loads(Path(str(out) + ".json").read_text())["parity"]
+    assert parity["within_tolerance"] is False and parity["within_noise_floor"] is True, parity
+    assert parity["noise_floor"]["draws"] == 3 and parity["noise_floor"]["nll_spread"] > 0
+    assert "edgeq: note: " in err and "misses the parity tolerance" in err and "edgeq: warning" not in err
+
+
 def test_cli_sets_a_hybrid_files_miss_beside_the_run_time_grid(capsys, tmp_path, monkeypatch, tiny_llama_ref):
     """For a hybrid file the warning's notes also give its parity against the simulation with the run-time grid."""
     from edgeq.cli.main import main
     from edgeq.export import tflite
 
-    qdir = _qdir(tmp_path, tiny_llama_ref, "w4-g128-litert", "q")
+    qdir = _qdir(tmp_path, tiny_llama_ref, INT4_FLOAT_ACTS, "q")
     monkeypatch.setitem(tflite.TOLERANCE, "int4", (1.5, 1.5))
     out = tmp_path / "w4.tflite"
     assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
