@@ -119,8 +119,10 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
     try:
         bundle, r = load_model(str(model_dir)), load_recipe(recipe)
         row["kind"] = bundle.kind
-        if not qdir.exists():
-            quantize_model(bundle, r, calibration_batches(bundle, None, 4, 64) if r.needs_calibration else None).save(qdir)
+        # a QDIR of an earlier run is reused only if made with the recipe as it is now (a preset may have changed)
+        if not qdir.exists() or load_recipe(qdir / "recipe.toml").to_dict() != r.to_dict():
+            batches = calibration_batches(bundle, None, 4, 64) if r.needs_calibration else None
+            quantize_model(bundle, r, batches).save(qdir, overwrite=True)
     except Exception as exc:  # a finding, not a crash of the check
         row["error"] = f"quantize: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return row

@@ -33,7 +33,7 @@ from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table
-GRAPH_VERSION = 16  # bump when a change outside `GRAPH_SOURCES` makes cached graphs wrong
+GRAPH_VERSION = 17  # bump when a change outside `GRAPH_SOURCES` makes cached graphs wrong
 
 
 def op_code(model_t, codes: list[str], name: str) -> int:
@@ -71,6 +71,40 @@ def weight_ops(model_t):
                 yield sg, op, name
 
 
+def merge_duplicate_ops(model_t) -> int:
+    """Compute each weight op once: an op repeating an earlier one of its subgraph (same op, inputs and options but
+    `keepNumDims`, so the same values) becomes a RESHAPE of the earlier op's output to its own output's shape.
+    Returns how many were replaced.
+
+    The converter can emit one layer twice: ELECTRA's embedding projection was a FULLY_CONNECTED with a 2-D output
+    for the attention inputs and another with a 3-D one for the residual. Only one of them got the layer's label, so
+    the other kept the float weight: that path ran unquantized, the file carried a float copy of the weight, and the
+    read-back (which checks the labelled op) could not see it.
+    """
+    s = schema()
+    codes = op_names(model_t)
+    merged = 0
+    for sg in model_t.subgraphs:
+        seen = {}
+        for i, op in enumerate(sg.operators):
+            if codes[op.opcodeIndex] not in WEIGHT_OPS or len(op.outputs) != 1:
+                continue
+            opts = {k: v for k, v in vars(op.builtinOptions).items() if k != "keepNumDims"} if op.builtinOptions else {}
+            key = (op.opcodeIndex, tuple(int(x) for x in op.inputs), op.builtinOptionsType, repr(sorted(opts.items())))
+            first = seen.setdefault(key, op)
+            out = sg.tensors[op.outputs[0]]
+            dims = [int(d) for d in (out.shapeSignature if out.shapeSignature is not None and len(out.shapeSignature) else out.shape)]
+            if first is op or sum(d < 0 for d in dims) > 1:  # RESHAPE takes one unknown dimension
+                continue
+            reshape = s.OperatorT()
+            shape = int32_constant(model_t, sg, dims, out.name + b"/shape")
+            reshape.opcodeIndex = op_code(model_t, codes, "RESHAPE")
+            reshape.inputs, reshape.outputs = np.array([first.outputs[0], shape], dtype=np.int32), op.outputs
+            sg.operators[i] = reshape
+            merged += 1
+    return merged
+
+
 def label(layer: str, subgraph: int = 0, weight: bool = False) -> str:
     """The name of a layer's output (or weight) tensor in subgraph `subgraph`."""
     return f"edgeq/{layer}" + ("/weight" if weight else "") + (f"@{subgraph}" if subgraph else "")
@@ -98,9 +132,11 @@ def label_layers(model_t, weights: dict[str, np.ndarray], kinds: dict[str, str] 
     outputs do not depend on, which the converter drops (BERT's pooler under an encoder's
     last_hidden_state); it is then simply not in the returned mapping. Identical weights go in graph
     order, an embedding layer (`kinds`) to an EMBEDDING_LOOKUP first. A tied head and its embedding
-    table are one tensor in the converted graph: it keeps the first layer's label (`layer_ops`).
+    table are one tensor in the converted graph: it keeps the first layer's label (`layer_ops`). An op the converter
+    emitted twice is merged into one first (`merge_duplicate_ops`).
     """
     kinds = kinds or {}
+    merge_duplicate_ops(model_t)
     digests: dict[str, list[str]] = {}
     for name, w in weights.items():
         digests.setdefault(_digest(w), []).append(name)

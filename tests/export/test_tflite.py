@@ -1007,11 +1007,22 @@ def test_layers_of_constant_inputs_are_reported_not_refused(tiny_deberta, tmp_pa
     assert meta["readback"]["layers"] == len(load_quantized(qdir).layers()) - 4
 
 
-def test_a_weight_two_ops_read_is_quantized_blockwise(tiny_electra, tmp_path):
-    """ai-edge-quantizer duplicates a weight two FULLY_CONNECTEDs read (ELECTRA's embedding projection) under a str
-    name its INT4 blockwise quantization cannot extend (before: "TypeError: can only concatenate str (not "bytes")
-    to str"); the export now goes through, every layer read back bitwise."""
+def test_a_layer_the_converter_emits_twice_is_computed_once_and_quantized(tiny_electra, tmp_path):
+    """The converter emits ELECTRA's embedding projection as two FULLY_CONNECTEDs reading one weight (a 2-D output for
+    the attention inputs, a 3-D one for the residual). Before, only the labelled one was quantized: the other ran in
+    float with a float copy of the weight, 0.063 from the simulation on LiteRT's run-time grid (2e-6 now), and the
+    read-back could not see it. (Earlier still, ai-edge-quantizer's duplicate of that weight crashed INT4 blockwise
+    quantization: "can only concatenate str (not "bytes") to str".) Now it is one FULLY_CONNECTED and a RESHAPE."""
+    from edgeq.export.tflite_flatbuffer import op_names, read_model, schema
+
     qdir = _qdir(tmp_path, tiny_electra, "w4-g64-litert", "q")
     meta = export(qdir, "tflite", tmp_path / "electra.tflite")
     assert meta["exact"] is True and meta["parity"]["within_tolerance"], meta["parity"]
-    assert meta["readback"]["layers"] == len(load_quantized(qdir).layers())
+    layers = load_quantized(qdir).layers()
+    assert meta["readback"]["layers"] == len(layers)
+    model_t = read_model((tmp_path / "electra.tflite").read_bytes())
+    codes, sg = op_names(model_t), model_t.subgraphs[0]
+    fcs = [op for op in sg.operators if codes[op.opcodeIndex] == "FULLY_CONNECTED"]
+    assert len(fcs) == sum(m.decision.kind == "linear" for m in layers.values()), len(fcs)
+    assert all(sg.tensors[op.inputs[1]].type == schema().TensorType.INT4 for op in fcs)  # no float weight left
+    assert meta["parity"]["max_abs"] < 1e-3, meta["parity"]
