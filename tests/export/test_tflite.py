@@ -122,8 +122,8 @@ def test_variant_metadata_and_parity(exported, case):
 
 def test_hybrid_files_against_the_run_time_activation_grid(exported):
     """LiteRT's hybrid kernels quantize each linear layer's input per row to asymmetric int8 at run time. The -litert
-    recipes simulate that grid, so their INT4 file is within float noise of the simulation (tiny-llama: max_abs
-    0.005, where the same weights simulated with float activations were 0.17 away). A recipe on another grid (float
+    recipes simulate that grid, so their INT4 file is within float noise of the simulation (tiny-llama: max_abs a few
+    thousandths, where the same weights simulated with float activations were 0.17 away). A recipe on another grid (float
     activations; `w8`'s symmetric per-token grid) gets `parity.runtime_grid`: the file is closer to the simulation
     with the run-time grid than to its recipe's. Files without hybrid kernels carry no such check."""
     int4, floats, dyn = (exported[c][1]["parity"] for c in ("llama-int4", "llama-int4-float-acts", "llama-dynamic-int8"))
