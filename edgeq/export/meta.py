@@ -112,22 +112,6 @@ def noise_floor(model: torch.nn.Module, run, inputs: list, reference: list[np.nd
     return floor
 
 
-def within_noise_floor(parity: dict) -> bool | None:
-    """Whether a file is no further from the simulation than the simulation is from itself under float noise: its worst
-    row and top-1 agreement (the decode step's worst rows too) at or above the noise floor's, and for an LM its mean NLL
-    within the floor's NLL spread of the simulation's. None without a floor."""
-    floor = parity.get("noise_floor")
-    if not floor:
-        return None
-    step = parity.get("decode") or {}
-    rows = [parity["cos_min"], step.get("cos_min"), (step.get("after_prefill") or {}).get("cos_min")]
-    ok = all(c >= floor["cos_min"] for c in rows if c is not None) and parity["top1_agree"] >= floor["top1_agree"]
-    nll = parity.get("nll")
-    if nll and "nll_spread" in floor:
-        ok = ok and abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"]
-    return ok
-
-
 def lm_nll(logits: list[np.ndarray], inputs: list[tuple]) -> float:
     """Mean next-token negative log-likelihood of a causal LM's logits on its own input ids."""
     total, count = 0.0, 0

@@ -22,7 +22,7 @@ import torch
 from ..errors import EdgeqError, choice_error
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
-from .meta import add_quality_context, held_back_inputs, parity_metrics, within_noise_floor, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .tflite_check import output_clipping, output_grids
 from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
                            hybrid_activations, off_runtime_grid, static_bits)
@@ -112,19 +112,37 @@ def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, caus
     return out
 
 
+def _row_checks(parity: dict, cos_bound: float, top1_bound: float) -> list[tuple[str, float, float]]:
+    """(what, measured, lower bound) for the checks `parity` has: the prefill's worst row and top-1 agreement, the decode
+    step's worst row from an empty cache and after a prefill."""
+    step = parity.get("decode") or {}
+    checks = [("cos_min", parity["cos_min"], cos_bound), ("top1_agree", parity["top1_agree"], top1_bound),
+              ("decode.cos_min", step.get("cos_min"), cos_bound),
+              ("decode.after_prefill.cos_min", (step.get("after_prefill") or {}).get("cos_min"), cos_bound)]
+    return [(name, value, bound) for name, value, bound in checks if value is not None]
+
+
 def _missed_tolerance(parity: dict, cos_tol: float, top1_tol: float) -> list[str]:
-    """Each check of `parity` outside the tolerance, as "what: measured vs bound": the prefill's worst row and top-1
-    agreement, the decode step's worst row from an empty cache and after a prefill, and a resized step against the
-    declared one. Empty: within tolerance."""
-    step = parity.get("decode", {})
-    checks = [("cos_min", parity["cos_min"], cos_tol), ("top1_agree", parity["top1_agree"], top1_tol),
-              ("decode.cos_min", step.get("cos_min"), cos_tol),
-              ("decode.after_prefill.cos_min", step.get("after_prefill", {}).get("cos_min"), cos_tol)]
-    missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in checks if value is not None and value < bound]
-    resized = step.get("resized", {}).get("max_abs_vs_declared")
+    """Each check of `parity` outside the tolerance, as "what: measured vs bound": `_row_checks`, and a resized step
+    against the declared one. Empty: within tolerance."""
+    missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in _row_checks(parity, cos_tol, top1_tol) if value < bound]
+    resized = (parity.get("decode") or {}).get("resized", {}).get("max_abs_vs_declared")
     if resized is not None and resized > RESIZED_MAX_ABS:
         missed.append(f"decode.resized.max_abs_vs_declared {resized:.3g} > {RESIZED_MAX_ABS}")
     return missed
+
+
+def within_noise_floor(parity: dict) -> bool | None:
+    """Whether a file is no further from the simulation than the simulation is from itself under float noise: each of
+    `_row_checks` at or above the noise floor's, and for an LM its mean NLL within the floor's NLL spread of the
+    simulation's. None without a floor."""
+    floor = parity.get("noise_floor")
+    if not floor:
+        return None
+    nll = parity.get("nll")
+    if nll and "nll_spread" in floor and abs(nll["file"] - nll["simulation"]) > floor["nll_spread"]:
+        return False
+    return all(value >= bound for _, value, bound in _row_checks(parity, floor["cos_min"], floor["top1_agree"]))
 
 
 def _decode_input_meta(step, bundle, cache_len: int, dynamic: bool) -> list[dict]:

@@ -71,10 +71,9 @@ def weight_ops(model_t):
                 yield sg, op, name
 
 
-def merge_duplicate_ops(model_t) -> int:
+def merge_duplicate_ops(model_t) -> None:
     """Compute each weight op once: an op repeating an earlier one of its subgraph (same op, inputs and options but
     `keepNumDims`, so the same values) becomes a RESHAPE of the earlier op's output to its own output's shape.
-    Returns how many were replaced.
 
     The converter can emit one layer twice: ELECTRA's embedding projection was a FULLY_CONNECTED with a 2-D output
     for the attention inputs and another with a 3-D one for the residual. Only one of them got the layer's label, so
@@ -83,7 +82,6 @@ def merge_duplicate_ops(model_t) -> int:
     """
     s = schema()
     codes = op_names(model_t)
-    merged = 0
     for sg in model_t.subgraphs:
         seen = {}
         for i, op in enumerate(sg.operators):
@@ -101,8 +99,6 @@ def merge_duplicate_ops(model_t) -> int:
             reshape.opcodeIndex = op_code(model_t, codes, "RESHAPE")
             reshape.inputs, reshape.outputs = np.array([first.outputs[0], shape], dtype=np.int32), op.outputs
             sg.operators[i] = reshape
-            merged += 1
-    return merged
 
 
 def label(layer: str, subgraph: int = 0, weight: bool = False) -> str:

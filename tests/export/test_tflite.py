@@ -777,7 +777,7 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
 def test_within_noise_floor_takes_every_check():
     """A file is within the noise floor when its worst rows (the decode step's too), top-1 agreement and NLL are no
     further from the simulation than the simulation under float noise is, the worst of its draws."""
-    from edgeq.export.meta import within_noise_floor
+    from edgeq.export.tflite import within_noise_floor
 
     floor = {"cos_min": 0.90, "top1_agree": 0.93, "nll_spread": 0.01, "draws": 3}
     parity = {"cos_min": 0.92, "top1_agree": 0.94, "nll": {"file": 3.215, "simulation": 3.217}, "noise_floor": floor,
