@@ -59,7 +59,9 @@ def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = 
         from ..targets import gate_export
 
         if is_qdir(source):
-            gate_export(str(source), target, allow_fallback=allow_fallback, fmt=fmt)
+            level = options.get("accuracy_level", 0)  # None: not pinned, ONNX Runtime's default (4)
+            gate_export(str(source), target, allow_fallback=allow_fallback, fmt=fmt,
+                        accuracy_level=4 if level is None else level)
     if is_qdir(source):
         qm, bundle = load_quantized(source), None
     else:

@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeqError
+from ..targets.uses import onnx_dynamic_form
 from .onnx_dynamic import per_token_fake_quant, render_matmul_integer, render_matmul_integer_symmetric, render_matmul_integer_token
 from .onnx_edit import COMPUTE_OPS, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, transpose_consumers, weight_arrays
 
@@ -108,9 +109,8 @@ def _render_layer(g: Graph, lq: LayerQ, wname: str) -> Rendered:
     if lq.act_mode == "static" and (lq.act_bits, lq.act_symmetric) not in ((8, False), (16, True)):
         raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8) or 16-bit symmetric (int16), "
                          f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
-    matmul_integer = (lq.act_mode == "dynamic" and lq.act_bits == 8 and layout == "io"
-                      and lq.group_size is None and lq.bits <= 8 and not passive
-                      and all(n.op_type == "MatMul" for n, _ in compute))
+    matmul = layout == "io" and not passive and all(n.op_type == "MatMul" for n, _ in compute)
+    matmul_integer = lq.act_mode == "dynamic" and _dynamic_form(lq, matmul) == "integer"
     if matmul_integer and lq.act_symmetric:
         return render_matmul_integer_symmetric(g, lq, compute)
     if matmul_integer and lq.act_granularity == "token":
@@ -142,8 +142,7 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
             g.before.setdefault(id(node), []).append(helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_))
             node.input[0] = xdq
             nodes += [qn_, dqn_]
-    elif lq.act_mode == "dynamic" and (lq.act_granularity == "token" or lq.act_bits != 8 or lq.act_symmetric or blocked
-                                       or lq.bits <= 4):
+    elif lq.act_mode == "dynamic" and _dynamic_form(lq, matmul=False) == "float":
         # as float ops, also where DynamicQuantizeLinear could do it (per tensor, 8-bit asymmetric: a decode step's
         # one row): ORT fuses these weights' DequantizeLinear -> MatMul into MatMulNBits only after a float input
         for node, _ in compute:
@@ -159,6 +158,10 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
             node.input[0] = xdq
             nodes += [n for n in (qn_, dqn_) if n]
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
+
+
+def _dynamic_form(lq: LayerQ, matmul: bool) -> str:
+    return onnx_dynamic_form(matmul, lq.bits, lq.group_size, lq.act_bits, lq.act_symmetric, lq.act_granularity)
 
 
 def _static_quant(g: Graph, x: str, lq: LayerQ) -> tuple[tuple[str, str, str], str]:

@@ -116,12 +116,21 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
                  for b in explicit}
         return specs, {"name": None, "bits": explicit, "source": "--bits"}
     from ..targets import load_profile
+    from ..targets.uses import onnx_dynamic_form
 
     profile = load_profile(target)
     act = "fp32" if options.activation == "none" else "dynamic"
     support = ("native", "fallback") if options.allow_fallback else ("native",)
-    runtime = profile.runtime(options.runtime).name
-    opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
+    rt = profile.runtime(options.runtime)
+    runtime = rt.name
+    if rt.format == "onnx" and act == "dynamic":
+        # as the export renders the per-token grid (build_recipe's): before some weight formats as float ops,
+        # so the layer's op reads float inputs; each format is judged by the op its layer becomes
+        opts = [o for o in profile.weight_options(runtime, kind="linear", acts=("dynamic", "fp32"), support=support)
+                if o.act == ("fp32" if onnx_dynamic_form(True, o.bits, o.group_size, 8, False, "token") == "float"
+                             else "dynamic")]
+    else:
+        opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
     specs = {}
     for bits in sorted({o.bits for o in opts}):
         if explicit is not None and bits not in explicit:

@@ -104,8 +104,9 @@ def detect_format(path: Path, fmt: str | None = None) -> str:
     raise EdgeqError(f"{path}: not an .onnx or .tflite file or a quantized-model directory")
 
 
-def uses_of(thing: str | os.PathLike, fmt: str | None = None) -> tuple[str, list[OpUse]]:
-    """(format, op uses) of a file or QDIR; a QDIR needs the format it is checked for."""
+def uses_of(thing: str | os.PathLike, fmt: str | None = None, accuracy_level: int = 0) -> tuple[str, list[OpUse]]:
+    """(format, op uses) of a file or QDIR; a QDIR needs the format it is checked for, and is read as
+    edgeq's export renders it (ONNX: at MatMulNBits `accuracy_level`; a file's own level is in its FILE.json)."""
     path = Path(thing)
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
@@ -122,7 +123,7 @@ def uses_of(thing: str | os.PathLike, fmt: str | None = None) -> tuple[str, list
 
     if fmt is None:
         raise EdgeqError(f"{path}: checking a quantized-model directory needs a format or a runtime")
-    return fmt, plan_uses(path, fmt)
+    return fmt, plan_uses(path, fmt, accuracy_level)
 
 
 def classify(uses: Iterable[OpUse], rt: Runtime) -> list[Row]:
@@ -139,8 +140,10 @@ def classify(uses: Iterable[OpUse], rt: Runtime) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (_ORDER[r.verdict.support], r.op, r.signature))
 
 
-def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: str | None = None) -> CheckReport:
-    """Check an .onnx / .tflite file, a QDIR (or quant.json) or a list of `OpUse`s against a profile."""
+def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: str | None = None,
+          accuracy_level: int = 0) -> CheckReport:
+    """Check an .onnx / .tflite file, a QDIR (or quant.json) or a list of `OpUse`s against a profile
+    (a QDIR exported to ONNX at MatMulNBits `accuracy_level`)."""
     prof = load_profile(profile)
     if isinstance(thing, (list, tuple)):
         rt = prof.runtime(runtime, fmt)
@@ -148,7 +151,7 @@ def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: 
     path = Path(thing)
     if fmt is None and runtime is not None and path.exists() and detect_format(path) == "qdir":
         fmt = prof.runtime(runtime).format
-    fmt, uses = uses_of(path, fmt)
+    fmt, uses = uses_of(path, fmt, accuracy_level)
     rt = prof.runtime(runtime, fmt)
     return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt))
 
@@ -255,12 +258,12 @@ class GateResult:
 
 
 def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: bool = False,
-                runtime: str | None = None, fmt: str | None = None) -> GateResult:
+                runtime: str | None = None, fmt: str | None = None, accuracy_level: int = 0) -> GateResult:
     """Refuse an export a target cannot run natively, or return what to record about it.
 
     `artifact_or_plan`: an exported .onnx/.tflite, a QDIR / quant.json / parsed quant.json dict
     (then `fmt` or `runtime` says which format is being exported), a list of `OpUse`s, or a
-    `CheckReport`. Raises `EdgeqError` when an op is unsupported, or falls back and
+    `CheckReport`; a plan exported to ONNX at MatMulNBits `accuracy_level`. Raises `EdgeqError` when an op is unsupported, or falls back and
     `allow_fallback` is false; the message names the ops, the runtime, the target and the nearest
     recipe that works.
     """
@@ -271,9 +274,9 @@ def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: 
 
         prof = load_profile(profile)
         rt = prof.runtime(runtime, fmt)
-        report = check(plan_uses(artifact_or_plan, rt.format), prof, rt.name, rt.format)
+        report = check(plan_uses(artifact_or_plan, rt.format, accuracy_level), prof, rt.name, rt.format)
     else:
-        report = check(artifact_or_plan, profile, runtime, fmt)
+        report = check(artifact_or_plan, profile, runtime, fmt, accuracy_level)
     bad = [r for r in report.rows if r.verdict.support == "unsupported"]
     falls = [r for r in report.rows if r.verdict.support == "fallback"]
     if bad or (falls and not allow_fallback):

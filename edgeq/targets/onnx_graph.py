@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import EdgeqError
-from .uses import OpUse
+from .uses import OpUse, matmulnbits_fused
 
 # Which input of an op is its weight; other ops have none unless fed a quantized constant.
 WEIGHT_INPUT = {
@@ -230,8 +230,7 @@ def _node_use(g: _Graph, node) -> OpUse | None:
         q = WEIGHT_QPARAM_INPUT[node.op_type]
         qname = inputs[q] if q < len(inputs) else ""
         gran = "channel" if qname and g.numel.get(qname, 1) > 1 else "tensor"
-    if (node.op_type == "MatMul" and act == "fp32" and wdtype in ("int4", "uint4") and gran == "group"
-            and group and group >= 16 and not group & (group - 1)):
+    if node.op_type == "MatMul" and act == "fp32" and matmulnbits_fused(wdtype, gran, group):
         act = "dynamic" if g.level == 4 else "fp32"  # fused into MatMulNBits at the session's level
     if node.op_type == "MatMulNBits":
         attrs = {a.name: a for a in node.attribute}

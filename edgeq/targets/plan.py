@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import EdgeqError
 from .profile import KIND_OPS
-from .uses import RECIPE_ACT_MODES, OpUse, op_act
+from .uses import RECIPE_ACT_MODES, OpUse, matmulnbits_fused, onnx_dynamic_form, op_act
 
 _KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
           "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
@@ -50,11 +50,13 @@ def read_plan(qdir_or_json: str | Path | dict) -> list[dict]:
     return layers
 
 
-def _act_mode(layer: dict) -> tuple[str, int, bool]:
+def _act_mode(layer: dict) -> tuple[str, int, bool, str]:
+    """(mode, bits, symmetric, granularity) of a layer's input grid."""
     act = layer.get("activation", layer.get("act", "none"))
     if isinstance(act, dict):
-        return str(act.get("mode", "none")), int(act.get("bits", 8)), bool(act.get("symmetric", False))
-    return str(act or "none"), 8, False
+        return (str(act.get("mode", "none")), int(act.get("bits", 8)), bool(act.get("symmetric", False)),
+                str(act.get("granularity") or "tensor"))
+    return str(act or "none"), 8, False, "tensor"
 
 
 def container_bits(bits: int, fmt: str) -> int:
@@ -65,8 +67,8 @@ def container_bits(bits: int, fmt: str) -> int:
     return 4 if bits <= 4 else 8
 
 
-def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
-    """The op one layer becomes in `fmt` (onnx|tflite)."""
+def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: int = 0) -> OpUse:
+    """The op one layer becomes in `fmt` (onnx|tflite); ONNX at MatMulNBits `accuracy_level` (edgeq's export pins 0)."""
     name = str(layer.get("name", "?"))
     at = f"{where}.layers[{name}]"
     kind = _KINDS.get(str(layer.get("kind", layer.get("type", "linear"))).lower())
@@ -85,17 +87,25 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json") -> OpUse:
     group = w.get("group_size") if gran == "group" else None
     if gran not in ("tensor", "channel", "group"):
         raise EdgeqError(f"{at}.granularity: {gran!r} is not one of: tensor, channel, group")
-    mode, abits, act_sym = _act_mode(layer)
+    mode, abits, act_sym, act_gran = _act_mode(layer)
     mode = "none" if mode in ("float", "fp32") else mode
     if mode not in RECIPE_ACT_MODES:
         raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: {', '.join(RECIPE_ACT_MODES)}")
     act = op_act(mode, fmt, abits, act_sym)
+    if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
+            kind == "linear", int(bits), group, abits, act_sym, act_gran) == "float":
+        act = "fp32"  # the grid is float ops before the layer's op, which reads float values
+    if fmt == "onnx" and kind == "linear" and act == "fp32" and accuracy_level == 4 and matmulnbits_fused(dtype, gran, group):
+        act = "dynamic"  # fused into MatMulNBits, whose level 4 quantizes a float input again (int8 per block)
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)
 
 
-def plan_uses(qdir_or_json: str | Path | dict, fmt: str) -> list[OpUse]:
-    """Every layer of a QDIR's plan as the `OpUse` it becomes when exported to `fmt`."""
+def plan_uses(qdir_or_json: str | Path | dict, fmt: str, accuracy_level: int = 0) -> list[OpUse]:
+    """Every layer of a QDIR's plan as the `OpUse` it becomes when exported to `fmt`.
+
+    ONNX: as edgeq's export renders it at MatMulNBits `accuracy_level` (0 unless asked otherwise).
+    """
     if fmt not in KIND_OPS:
         raise EdgeqError(f"format: {fmt!r} is not one of: {', '.join(KIND_OPS)}")
     where = str(qdir_or_json) if not isinstance(qdir_or_json, dict) else "quant.json"
-    return [layer_use(layer, fmt, where) for layer in read_plan(qdir_or_json)]
+    return [layer_use(layer, fmt, where, accuracy_level) for layer in read_plan(qdir_or_json)]

@@ -46,6 +46,30 @@ class OpUse:
 RECIPE_ACT_MODES = ("none", "dynamic", "static")
 
 
+def matmulnbits_fused(weight: str, granularity: str | None, group_size: int | None) -> bool:
+    """Whether ONNX Runtime fuses this weight's DequantizeLinear -> MatMul into MatMulNBits (4-bit blocks
+    of a power of two, at least 16), which then runs at the session's accuracy level."""
+    return (weight in ("int4", "uint4") and granularity == "group" and bool(group_size) and group_size >= 16
+            and not group_size & (group_size - 1))
+
+def onnx_dynamic_form(matmul: bool, bits: int, group_size: int | None, act_bits: int, act_symmetric: bool,
+                      act_granularity: str) -> str:
+    """How edgeq's ONNX export renders a layer's dynamic input grid (edgeq/export/onnx_quant.py reads this too).
+
+    `integer`: integer ops and MatMulInteger (an 8-bit grid on a MatMul with per-channel or
+    per-tensor weights of at most 8 bits); `float`: the grid computed with float ops, so the
+    layer's op reads float values that lie on it (per token, fewer than 8 bits, symmetric, or
+    weights in blocks or of at most 4 bits: ONNX Runtime fuses a blocked 4-bit DequantizeLinear ->
+    MatMul into MatMulNBits only after a float input); `dequantize`: DynamicQuantizeLinear ->
+    DequantizeLinear, then the float op (per tensor, 8-bit asymmetric, on Conv or Gemm).
+    """
+    if matmul and act_bits == 8 and group_size is None and bits <= 8:
+        return "integer"
+    if act_granularity == "token" or act_bits != 8 or act_symmetric or group_size is not None or bits <= 4:
+        return "float"
+    return "dequantize"
+
+
 def op_act(mode: str, fmt: str, bits: int = 8, symmetric: bool = False) -> str:
     """The `act` a recipe activation mode (none | dynamic | static) becomes when exported to `fmt`.
 

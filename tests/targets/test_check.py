@@ -208,3 +208,23 @@ def test_plan_low_bit_containers(tmp_path, monkeypatch):
     prof = load_profile("rpi4")
     assert prof.supported_weight_bits("litert-xnnpack", acts=["none"]) == [4, 8]  # weight-only TFLite = dynamic range
     assert prof.supported_weight_bits("onnxruntime-cpu", acts=["none"]) == [4]
+
+
+def test_plan_dynamic_grids_as_the_onnx_export_renders_them(tmp_path, monkeypatch):
+    """An 8-bit grid on per-channel weights is MatMulInteger's; before 4-bit blocks the export computes the grid with
+    float ops and the fused MatMulNBits reads float inputs, so its kernel is the session's accuracy level's."""
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    token = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
+    qdir = _qdir(tmp_path, [
+        {"name": "w4", "kind": "linear", "weight": {"bits": 4, "granularity": "group", "group_size": 64}, "activation": token},
+        {"name": "w8", "kind": "linear", "weight": {"bits": 8, "granularity": "channel"}, "activation": token}])
+    assert _rows(check(qdir, "rpi4", runtime="onnxruntime-cpu")) == {
+        ("MatMul", "act=fp32 w=int4/g64"): ("native", 1, ["w4"]), ("MatMul", "act=dynamic w=int8/channel"): ("native", 1, ["w8"])}
+    gate_export(qdir, "rpi4", fmt="onnx")
+    # at level 4 MatMulNBits quantizes its input again, for CompInt8, which an ARMv8.0 core lacks
+    assert _rows(check(qdir, "rpi4", runtime="onnxruntime-cpu", accuracy_level=4))[("MatMul", "act=dynamic w=int4/g64")][0] == "fallback"
+    with pytest.raises(EdgeqError, match=r"act=dynamic w=int4/g64.*falls back"):
+        gate_export(qdir, "rpi4", fmt="onnx", accuracy_level=4)
+    # LiteRT quantizes the rows itself (the hybrid kernels)
+    assert set(_rows(check(qdir, "rpi4", runtime="litert-xnnpack"))) == {
+        ("FULLY_CONNECTED", "act=dynamic w=int4/g64"), ("FULLY_CONNECTED", "act=dynamic w=int8/channel")}
