@@ -1,4 +1,4 @@
-"""Models shared by the export tests."""
+"""Models shared by the export tests, and a check of a QDIR's plan against the file exported from it."""
 
 from __future__ import annotations
 
@@ -161,3 +161,22 @@ def tiny_electra(tmp_path_factory) -> str:
                                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                         max_position_embeddings=128)
     return _hf_dir(tmp_path_factory, "tiny-electra", transformers.ElectraModel(config), tokenizer)
+
+
+@pytest.fixture
+def assert_plan_checks_as_written(monkeypatch):
+    """A check that on every bundled board's runtimes for a format, a QDIR's plan (`edgeq check QDIR`, the gate of
+    `export --target` before converting) gets the verdicts that the file exported from it gets for its quantized layers."""
+    from edgeq.targets import check, list_profiles
+
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+
+    def assert_same(qdir, path, fmt: str) -> None:
+        for profile in list_profiles():
+            for rt in profile.runtimes_for(fmt):
+                plan, written = check(qdir, profile, rt.name), check(path, profile, rt.name)
+                layers = [r for r in written.rows if " w=" in r.signature and " w=fp32" not in r.signature
+                          and r.op not in ("DequantizeLinear", "DEQUANTIZE")]
+                assert {r.verdict.support for r in plan.rows} == {r.verdict.support for r in layers}, (profile.name, rt.name)
+
+    return assert_same

@@ -677,18 +677,10 @@ def test_fp32_export_feeds_ort_quantizers(tiny_exports, tmp_path):
 
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0]])
-def test_checking_the_qdir_says_what_the_file_runs(tiny_exports, name, monkeypatch):
-    """`edgeq check QDIR` (and `export --target`'s gate before converting) reads the plan as the export renders it:
-    on every bundled board's ONNX runtimes, the plan's layers get the verdicts the written file's quantized layers get
-    (a w4-g128-litert plan was a fallback on ARMv8.0 boards, for a CompInt8 kernel its file does not ask for)."""
-    from edgeq.targets import check, list_profiles
 
-    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0]])
+def test_checking_the_qdir_says_what_the_file_runs(tiny_exports, name, assert_plan_checks_as_written):
+    """`edgeq check QDIR` reads the plan as the export renders it (a w4-g128-litert plan was a fallback on ARMv8.0
+    boards, for a level-4 CompInt8 kernel its file, pinned at level 0, does not ask for)."""
     qdir, out, _ = tiny_exports[name]
-    for profile in list_profiles():
-        for rt in profile.runtimes_for("onnx"):
-            plan, written = check(qdir, profile, rt.name), check(out, profile, rt.name)
-            layers = [r for r in written.rows if " w=" in r.signature and " w=fp32" not in r.signature
-                      and r.op != "DequantizeLinear"]
-            assert {r.verdict.support for r in plan.rows} == {r.verdict.support for r in layers}, (profile.name, rt.name)
+    assert_plan_checks_as_written(qdir, out, "onnx")

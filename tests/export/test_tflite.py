@@ -1028,17 +1028,8 @@ def test_a_layer_the_converter_emits_twice_is_computed_once_and_quantized(tiny_e
     assert meta["parity"]["max_abs"] < 1e-3, meta["parity"]
 
 
-@pytest.mark.parametrize("case", [c for c, (_, recipe, variant) in CASES.items() if recipe and variant is None])
-def test_checking_the_qdir_says_what_the_file_runs(exported, case, monkeypatch):
-    """`edgeq check QDIR` (and `export --target`'s gate before converting): on every bundled board's LiteRT the plan's
-    layers get the verdicts the written file's quantized layers get."""
-    from edgeq.targets import check, list_profiles
 
-    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+@pytest.mark.parametrize("case", [c for c, (_, recipe, variant) in CASES.items() if recipe and variant is None])
+def test_checking_the_qdir_says_what_the_file_runs(exported, case, assert_plan_checks_as_written):
     path, _, qdir = exported[case]
-    for profile in list_profiles():
-        for rt in profile.runtimes_for("tflite"):
-            plan, written = check(qdir, profile, rt.name), check(path, profile, rt.name)
-            layers = [r for r in written.rows if " w=" in r.signature and " w=fp32" not in r.signature
-                      and r.op != "DEQUANTIZE"]
-            assert {r.verdict.support for r in plan.rows} == {r.verdict.support for r in layers}, (profile.name, rt.name)
+    assert_plan_checks_as_written(qdir, path, "tflite")
