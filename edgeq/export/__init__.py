@@ -58,7 +58,7 @@ def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = 
     if target:
         from ..targets import gate_export
 
-        if is_qdir(source):
+        if is_qdir(source) and variant != "fp32":  # an fp32 file has no quantized layers: only the written file is gated
             level = options.get("accuracy_level", 0)  # None: not pinned, ONNX Runtime's default (4)
             gate_export(str(source), target, allow_fallback=allow_fallback, fmt=fmt,
                         accuracy_level=4 if level is None else level)

@@ -1033,3 +1033,14 @@ def test_a_layer_the_converter_emits_twice_is_computed_once_and_quantized(tiny_e
 def test_checking_the_qdir_says_what_the_file_runs(exported, case, assert_plan_checks_as_written):
     path, _, qdir = exported[case]
     assert_plan_checks_as_written(qdir, path, "tflite")
+
+
+def test_target_gate_checks_the_variant_being_exported(exported, tmp_path):
+    """`--variant fp32 --target` of a QDIR gates a float file: the recipe's 16x8 layers, which XNNPACK runs only through
+    the reference kernels, refuse the recipe's own variant before converting, not the fp32 file."""
+    _, _, qdir = exported["llama-int16x8"]
+    with pytest.raises(EdgeqError, match=r"act=int16 .* falls back"):
+        export(qdir, "tflite", tmp_path / "a16.tflite", target="rpi5")
+    assert not list(tmp_path.iterdir())
+    meta = export(qdir, "tflite", tmp_path / "fp32.tflite", variant="fp32", target="rpi5")
+    assert meta["variant"] == "fp32" and meta["target"]["status"] == "native"
