@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+PACKED_OFFSET = 8  # a packed 4-bit table's stored value = edgeq's integer + 8 (ONNX Runtime's default zero point)
 PASSIVE_OPS = ("Shape", "Size")
 
 
@@ -68,7 +69,7 @@ class Rendered:
     """Where a layer's integers ended up in the graph (for read-back and the metadata)."""
 
     layer: str
-    op: str  # DequantizeLinear | MatMulInteger
+    op: str  # DequantizeLinear | MatMulInteger | Gather | GatherBlockQuantized | MatMulNBits (packed 4-bit: no zero point tensor)
     weight: str
     scale: str
     zero_point: str

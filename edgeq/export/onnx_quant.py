@@ -26,9 +26,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeqError
-from ..targets.uses import onnx_dynamic_form
+from ..targets.uses import onnx_dynamic_form, onnx_packed_table
 from .onnx_dynamic import per_token_fake_quant, render_matmul_integer, render_matmul_integer_symmetric, render_matmul_integer_token
-from .onnx_edit import COMPUTE_OPS, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, transpose_consumers, weight_arrays
+from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, transpose_consumers,
+                        weight_arrays)
 
 __all__ = ["LayerQ", "Rendered", "quantize_graph"]
 
@@ -51,6 +52,7 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
         fix_batch_one(model)
         layers = [replace(lq, act_granularity="tensor") if lq.act_granularity == "token" else lq for lq in layers]
     rendered, absent = [], []
+    by_name = {lq.name: lq for lq in layers}
     for lq in layers:
         if lq.tied:
             continue  # rendered with the layer it shares its integers with
@@ -58,12 +60,16 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
         if wname is None:
             absent.append(lq.name)
             continue
-        rendered.append(_render_embedding(g, lq, wname) if lq.kind == "embedding" else _render_layer(g, lq, wname))
+        rendered.append(_render_embedding(g, lq, wname, [by_name[a] for a in lq.aliases if a in by_name])
+                        if lq.kind == "embedding" else _render_layer(g, lq, wname))
     if layers and len(absent) == len(layers):
         raise EdgeqError(f"export: none of the {len(layers)} quantized layers' weights is in the ONNX graph "
                          f"(looked for initializers named like {prefix}.{layers[0].name}.weight)")
     _fold_float_transposes(g)
     g.commit()
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+            o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return rendered, absent
 
 
@@ -184,26 +190,41 @@ def _static_quant(g: Graph, x: str, lq: LayerQ) -> tuple[tuple[str, str, str], s
     return g.input_quant[key]
 
 
-def _render_embedding(g: Graph, lq: LayerQ, wname: str) -> Rendered:
-    """An integer embedding table (and the tied head reading it).
+def _render_embedding(g: Graph, lq: LayerQ, wname: str, heads: list[LayerQ] = ()) -> Rendered:
+    """An integer embedding table (and the tied heads reading it, `heads`).
 
     8-bit per-row tables: `Gather` picks the integer rows and their scales and zero points, and
-    `(q - zp) * scale` dequantizes only the looked-up rows. Lower bits and groups: one
+    `(q - zp) * scale` dequantizes only the looked-up rows. Symmetric 4-bit blocks (`onnx_packed_table`):
+    ONNX Runtime's packed layout, looked up with com.microsoft.GatherBlockQuantized and read by a tied
+    head as com.microsoft.MatMulNBits (accuracy level 0), one initializer for both. Otherwise one
     `DequantizeLinear` of the table feeds the Gather. A tied head reads the same table through
-    `DequantizeLinear` (per-row axis 0, the head's output channels), so the file holds one copy.
+    `DequantizeLinear` (per-row axis 0, the head's output channels), so the file holds one copy; its
+    input grid (`[embedding] head_activation`) is computed with float ops before it.
     """
-    ctype, q, scale, zp, blocked, _ = weight_arrays(lq, "oi", lq.bits)
-    g.drop_inits.add(wname)
-    qn = g.add_init(q, f"{lq.name}.qweight")
-    sn = g.add_init(scale, f"{lq.name}.scale")
-    zn = g.add_init(zp, f"{lq.name}.zero_point")
     consumers = list(g.consumers.get(wname, []))
     gathers = [(n, i) for n, i in consumers if n.op_type == "Gather" and i == 0]
     others = [(n, i) for n, i in consumers if (n, i) not in gathers]
     bad = sorted({n.op_type for n, _ in others if n.op_type not in ("Transpose", *COMPUTE_OPS)})
     if bad:
         raise EdgeqError(f"export: embedding {lq.name!r}: its table feeds {bad}; cannot place its integers")
+    g.drop_inits.add(wname)
+    # the tied heads' compute nodes: reading the table itself, or through Transpose (how the exporter writes nn.Linear)
+    head_nodes = [c for n, i in others for c in (g.consumers.get(n.output[0], []) if n.op_type == "Transpose" else [(n, i)])]
     nodes = []
+    grid = _head_grid(lq, heads)
+    if grid is not None:
+        for node, _ in head_nodes:
+            xdq, made = per_token_fake_quant(g, node.input[0], grid, per_token=grid.act_granularity == "token")
+            g.before.setdefault(id(node), []).extend(made)
+            node.input[0] = xdq
+            nodes += [n.name for n in made]
+    if (onnx_packed_table(lq.bits, lq.symmetric, lq.group_size, lq.q.shape[1])
+            and all(n.op_type == "Transpose" for n, _ in others) and all(n.op_type == "MatMul" and i == 1 for n, i in head_nodes)):
+        return _render_packed_table(g, lq, gathers, [n for n, _ in others], [n for n, _ in head_nodes], nodes)
+    ctype, q, scale, zp, blocked, _ = weight_arrays(lq, "oi", lq.bits)
+    qn = g.add_init(q, f"{lq.name}.qweight")
+    sn = g.add_init(scale, f"{lq.name}.scale")
+    zn = g.add_init(zp, f"{lq.name}.zero_point")
     row_gather = lq.bits > 4 and not blocked
     if others or not row_gather:
         attrs = {"axis": 1, "block_size": lq.group_size} if blocked else {"axis": 0}
@@ -235,3 +256,49 @@ def _render_embedding(g: Graph, lq: LayerQ, wname: str) -> Rendered:
             nodes += names
     op = "Gather" if row_gather else "DequantizeLinear"
     return Rendered(lq.name, op, qn, sn, zn, "oi", ctype, blocked, "none", 0, nodes)
+
+
+def _head_grid(lq: LayerQ, heads: list[LayerQ]) -> LayerQ | None:
+    """The tied heads' dynamic input grid (one layer holding it), None for float inputs."""
+    grids = {(h.act_mode, h.act_bits, h.act_symmetric, h.act_granularity) for h in heads}
+    if len(grids) > 1:
+        raise EdgeqError(f"export: the layers tied to {lq.name!r} ({', '.join(h.name for h in heads)}) have different input "
+                         "grids; ONNX renders one per table")
+    return next((h for h in heads if h.act_mode == "dynamic"), None)
+
+
+def _render_packed_table(g: Graph, lq: LayerQ, gathers: list, transposes: list, head_nodes: list, nodes: list) -> Rendered:
+    """A symmetric 4-bit blocked table in ONNX Runtime's packed layout ([rows, blocks, block / 2] bytes, low nibble
+    first, each value + 8 around the ops' default zero point 8): com.microsoft.GatherBlockQuantized looks rows up
+    (dequantizing only those), com.microsoft.MatMulNBits computes each tied head from the same bytes."""
+    n, k = lq.q.shape
+    block = lq.group_size
+    u = (lq.q.astype(np.int16) + PACKED_OFFSET).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).reshape(n, k // block, block // 2)
+    qn = g.add_init(np.ascontiguousarray(packed), f"{lq.name}.qweight")
+    sn = g.add_init(np.ascontiguousarray(lq.scale.astype(np.float32)), f"{lq.name}.scale")  # [rows, blocks]
+    for t in transposes:
+        g.replace[id(t)] = []
+    for node in head_nodes:
+        g.replace[id(node)] = [helper.make_node("MatMulNBits", [node.input[0], qn, sn], list(node.output), name=node.name,
+                                                domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=0)]
+        nodes.append(node.name)
+    if gathers:
+        s3 = g.unique(f"{lq.name}.scale_blocks")
+        shape = g.add_init(np.array([n, k // block, 1], dtype=np.int64), f"{lq.name}.scale_blocks_shape")
+        g.head.append(helper.make_node("Reshape", [sn, shape], [s3], name=g.unique(f"{lq.name}/scale_blocks")))
+        width = g.add_init(np.array([k], dtype=np.int64), f"{lq.name}.row_width")
+        for node, _ in gathers:
+            ids, out = node.input[1], node.output[0]
+            t = {x: g.unique(f"{lq.name}.rows_{x}") for x in ("blocks", "ids_shape", "shape")}
+            names = [g.unique(f"{lq.name}/rows_{x}") for x in ("gather", "ids_shape", "shape", "reshape")]
+            g.replace[id(node)] = [
+                helper.make_node("GatherBlockQuantized", [qn, ids, s3], [t["blocks"]], name=names[0], domain="com.microsoft",
+                                 gather_axis=0, quantize_axis=2, block_size=block, bits=4),
+                helper.make_node("Shape", [ids], [t["ids_shape"]], name=names[1]),
+                helper.make_node("Concat", [t["ids_shape"], width], [t["shape"]], name=names[2], axis=0),
+                helper.make_node("Reshape", [t["blocks"], t["shape"]], [out], name=names[3]),
+            ]
+            nodes += names
+    op = "GatherBlockQuantized" if gathers else "MatMulNBits"
+    return Rendered(lq.name, op, qn, sn, "", "oi", "uint4", True, "none", PACKED_OFFSET, nodes)

@@ -22,7 +22,11 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
         try:
             q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)
             scale = numpy_helper.to_array(inits[r.scale]).astype(np.float32)
-            zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
+            if r.zero_point:
+                zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
+            else:  # packed 4-bit bytes, low nibble first, around the ops' default zero point
+                q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[0], -1)
+                zp = np.full(scale.shape, r.offset, dtype=np.int16) - r.offset
             q = q - r.offset
         except KeyError as exc:
             out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")

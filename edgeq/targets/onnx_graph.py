@@ -210,6 +210,9 @@ def _node_use(g: _Graph, node) -> OpUse | None:
                 break
     if node.op_type in CONST_LAYOUT and all((not i) or i in g.const or g.weight(i) for i in inputs):
         return None  # constant-folded at load time: not an op at run time
+    if node.op_type == "Gather" and inputs[0] in g.const and weight and weight[0] not in ("fp32", "fp16", "bf16"):
+        # integer rows looked up as they are (edgeq's 8-bit tables: the rows' scales dequantize them after), a copy
+        return OpUse(op=node.op_type, act=weight[0], node=_nid(node))
     folded: tuple = weight[3] if weight else ()
     act, vias = "none", ()
     data = [(i, n) for i, n in enumerate(inputs) if n and i != widx and n not in g.const]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import EdgeqError
 from .profile import KIND_OPS
-from .uses import RECIPE_ACT_MODES, OpUse, matmulnbits_fused, onnx_dynamic_form, op_act
+from .uses import RECIPE_ACT_MODES, OpUse, matmulnbits_fused, onnx_dynamic_form, onnx_packed_table, op_act
 
 _KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
           "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
@@ -95,9 +95,31 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
     if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
             kind == "linear", int(bits), group, abits, act_sym, act_gran) == "float":
         act = "fp32"  # the grid is float ops before the layer's op, which reads float values
+    if fmt == "onnx" and kind == "embedding":
+        return _onnx_table_use(layer, name, dtype, gran, group)
+    if fmt == "onnx" and layer.get("tied_to"):
+        # a tied head reads the table's integers (a packed table: as MatMulNBits), its input grid float ops before it
+        return OpUse(op="MatMulNBits" if _packed(layer) else op, act="fp32", weight=dtype, granularity=gran,
+                     group_size=int(group) if group else None, node=name)
     if fmt == "onnx" and kind == "linear" and act == "fp32" and accuracy_level == 4 and matmulnbits_fused(dtype, gran, group):
         act = "dynamic"  # fused into MatMulNBits, whose level 4 quantizes a float input again (int8 per block)
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)
+
+
+def _packed(layer: dict) -> bool:
+    w = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
+    shape = layer.get("shape") or ()
+    return bool(shape) and onnx_packed_table(int(w.get("bits", w.get("weight_bits", 8))), bool(w.get("symmetric", True)),
+                                             w.get("group_size"), int(shape[-1]))
+
+
+def _onnx_table_use(layer: dict, name: str, dtype: str, gran: str, group: int | None) -> OpUse:
+    """An embedding table as edgeq's ONNX export looks it up (onnx_quant._render_embedding)."""
+    if _packed(layer):  # ONNX Runtime's packed 4-bit blocks: only the looked-up rows dequantized
+        return OpUse(op="GatherBlockQuantized", act="int64", weight=dtype, granularity=gran, group_size=group, node=name)
+    if dtype.endswith("8") and gran != "group":  # the integer rows themselves, dequantized after the lookup
+        return OpUse(op="Gather", act=dtype, node=name)
+    return OpUse(op="Gather", act="int64", weight=dtype, granularity=gran, group_size=group, node=name)  # a DQ of the table
 
 
 def plan_uses(qdir_or_json: str | Path | dict, fmt: str, accuracy_level: int = 0) -> list[OpUse]:

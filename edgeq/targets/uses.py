@@ -52,6 +52,13 @@ def matmulnbits_fused(weight: str, granularity: str | None, group_size: int | No
     return (weight in ("int4", "uint4") and granularity == "group" and bool(group_size) and group_size >= 16
             and not group_size & (group_size - 1))
 
+def onnx_packed_table(bits: int, symmetric: bool, group_size: int | None, width: int) -> bool:
+    """Whether edgeq's ONNX export stores an embedding table as ONNX Runtime's packed 4-bit blocks (symmetric, at most
+    4 bits, blocks of a power of two of at least 16 dividing the row): looked up with com.microsoft.GatherBlockQuantized
+    (only the looked-up rows dequantized) and read by a tied head as com.microsoft.MatMulNBits, one copy for both."""
+    return (bits <= 4 and symmetric and bool(group_size) and group_size >= 16 and not group_size & (group_size - 1)
+            and width % group_size == 0)
+
 def onnx_dynamic_form(matmul: bool, bits: int, group_size: int | None, act_bits: int, act_symmetric: bool,
                       act_granularity: str) -> str:
     """How edgeq's ONNX export renders a layer's dynamic input grid (edgeq/export/onnx_quant.py reads this too).
