@@ -80,7 +80,7 @@ def test_qdir_round_trip_keeps_one_table(tied_qdir):
         assert torch.equal(back.model(ids).logits, qm.model(ids).logits)
 
 
-def test_onnx_export_is_exact_with_one_table(tied_qdir, tmp_path):
+def test_onnx_export_is_exact_with_one_table(tied_qdir, tmp_path, assert_plan_checks_as_written):
     _, qdir = tied_qdir
     out = tmp_path / "emb.onnx"
     meta = export(qdir, "onnx", out, decode=False)
@@ -100,6 +100,7 @@ def test_onnx_export_is_exact_with_one_table(tied_qdir, tmp_path):
     with torch.no_grad():
         ref = load_quantized(qdir).model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=1e-3)
+    assert_plan_checks_as_written(qdir, out, "onnx")  # the integer rows' Gather a copy, the head DequantizeLinear's
 
 
 @pytest.mark.parametrize("table, op", [
@@ -190,7 +191,7 @@ def test_onnx_tied_head_computes_on_its_input_grid(tmp_path, bits):
     np.testing.assert_allclose(OnnxRunner(out)(ids)[0], ref, atol=1e-4)
 
 
-def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, tmp_path):
+def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, tmp_path, assert_plan_checks_as_written):
     """EMBEDDING_LOOKUP and the tied head's FULLY_CONNECTED read one int8 table with edgeq's integers
     and row scales (read back bitwise); full-integer TFLite refuses, naming what works."""
     pytest.importorskip("litert_torch")
@@ -209,13 +210,14 @@ def test_tflite_renders_the_embedding_and_its_tied_head_as_one_table(tied_qdir, 
     table = {op.inputs[1] for op in sg.operators if codes[op.opcodeIndex] in ("EMBEDDING_LOOKUP", "FULLY_CONNECTED")
              and list(sg.tensors[op.inputs[1]].shape) == [256, 128]}
     assert len(table) == 1 and sg.tensors[table.pop()].type == schema().TensorType.INT8  # one table, int8
+    assert_plan_checks_as_written(qdir, out, "tflite")
     with pytest.raises(EdgeqError, match="full-integer"):
         export(qdir, "tflite", tmp_path / "full.tflite", variant="int8")
     assert not (tmp_path / "full.tflite").exists()
 
 
 @pytest.mark.parametrize("spec", [{}, {"granularity": "group", "group_size": 64, "scale_dtype": "bf16"}], ids=["row", "block64"])
-def test_tflite_int4_embedding_table(tmp_path, spec):
+def test_tflite_int4_embedding_table(tmp_path, spec, assert_plan_checks_as_written):
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
     qm = quantize_model(_tied_tiny_llama(), _recipe(bits=4, **spec))
@@ -225,6 +227,7 @@ def test_tflite_int4_embedding_table(tmp_path, spec):
     assert meta["exact"] is True and meta["parity"]["within_tolerance"]
     assert per["model.embed_tokens"]["tflite_type"] == per["lm_head"]["tflite_type"] == "INT4"
     assert per["lm_head"].get("block_size") == spec.get("group_size")
+    assert_plan_checks_as_written(tmp_path / "q4", tmp_path / "e4.tflite", "tflite")
 
 
 def test_saved_graph_is_ort_optimized_with_one_tied_table(tiny_llama_ref, tmp_path):
