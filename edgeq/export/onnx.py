@@ -60,6 +60,9 @@ OFFLINE_OPTIMIZATION_SKIPS = ("ConstantFolding", "TransposeOptimizer")
 # dynamic grids) with ORT 1.19.
 RUNTIME_MIN_OPSET21 = "1.18"
 RUNTIME_MIN_INT4_BLOCKED = "1.19"
+# GatherBlockQuantized on uint8 (packed 4-bit) data, a packed embedding table's lookup: ORT 1.22 (PR #24239). Measured:
+# 1.21.1 refuses the graph (uint8 is not a type of its `data`), 1.22.0 and 1.32.0 run it exactly.
+RUNTIME_MIN_PACKED_TABLE = "1.22"
 
 
 def default_variant(qm) -> str:
@@ -73,6 +76,16 @@ def default_variant(qm) -> str:
     if "dynamic" in modes:
         return "dynamic-int8"
     return "weight-only"
+
+
+def _runtime_min(rendered: list, four_bit: bool) -> str:
+    """The oldest ONNX Runtime that runs what the layers were rendered as."""
+    ops = {r.op for rs in rendered for r in rs}
+    if ops & {"GatherBlockQuantized", "MatMulNBits"}:
+        return RUNTIME_MIN_PACKED_TABLE
+    if four_bit or any(r.blocked or r.activation == "dynamic-token" for rs in rendered for r in rs):
+        return RUNTIME_MIN_INT4_BLOCKED
+    return RUNTIME_MIN_OPSET21
 
 
 def _check_variant(variant: str | None, qm) -> str:
@@ -164,8 +177,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "decode_graph": bool(decode) if bundle.kind == "causal-lm" else None,
             # 1: the decode graph takes one sequence (its per-token grids are rendered per tensor); None: any batch
             "decode_batch": 1 if batch_one and any(s.role == "decode" for s in specs) else None,
-            "runtime_min": {"onnxruntime": RUNTIME_MIN_INT4_BLOCKED if four_bit or any(
-                r.blocked or r.activation == "dynamic-token" for rs in rendered for r in rs) else RUNTIME_MIN_OPSET21},
+            "runtime_min": {"onnxruntime": _runtime_min(rendered, four_bit)},
             "session_config": session_config,
             "external_data": use_external,
             "layers": layer_checks,
@@ -237,12 +249,37 @@ def _optimize_offline(path: Path, external: bool, session_config: dict) -> dict:
         if external:
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        written = _contrib_attributes(path)
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(OFFLINE_OPTIMIZATION_SKIPS))
+        if written:
+            _drop_written_defaults(staging / path.name, written)
         for p in staging.iterdir():
             os.replace(p, path.parent / p.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"onnxruntime": ort.__version__, "level": "basic", "skipped": list(OFFLINE_OPTIMIZATION_SKIPS)}
+
+
+def _contrib_attributes(path: Path) -> dict[str, set[str]]:
+    """The attribute names of each com.microsoft node of a graph, by node name."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {n.name: {a.name for a in n.attribute} for n in graph.node if n.domain == "com.microsoft"}
+
+
+def _drop_written_defaults(path: Path, written: dict[str, set[str]]) -> None:
+    """Remove from a graph ONNX Runtime saved the attributes it added to edgeq's com.microsoft nodes (each one's default,
+    its tensors untouched): older versions refuse attributes their schema lacks (ORT 1.22 a packed table's
+    GatherBlockQuantized `bits` and MatMulNBits `weight_prepacked`, written by 1.32)."""
+    model = onnx.load(str(path), load_external_data=False)
+    dropped = False
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.name in written:
+            keep = [a for a in node.attribute if a.name in written[node.name]]
+            dropped |= len(keep) < len(node.attribute)
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    if dropped:
+        onnx.save(model, str(path))
 
 
 def _container_notes(qm, rendered) -> dict:

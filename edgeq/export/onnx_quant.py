@@ -294,7 +294,7 @@ def _render_packed_table(g: Graph, lq: LayerQ, gathers: list, transposes: list, 
             names = [g.unique(f"{lq.name}/rows_{x}") for x in ("gather", "ids_shape", "shape", "reshape")]
             g.replace[id(node)] = [
                 helper.make_node("GatherBlockQuantized", [qn, ids, s3], [t["blocks"]], name=names[0], domain="com.microsoft",
-                                 gather_axis=0, quantize_axis=2, block_size=block, bits=4),
+                                 gather_axis=0, quantize_axis=2, block_size=block),  # 4 bits (no `bits` before ORT 1.23)
                 helper.make_node("Shape", [ids], [t["ids_shape"]], name=names[1]),
                 helper.make_node("Concat", [t["ids_shape"], width], [t["shape"]], name=names[2], axis=0),
                 helper.make_node("Reshape", [t["blocks"], t["shape"]], [out], name=names[3]),

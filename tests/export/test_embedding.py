@@ -119,6 +119,7 @@ def test_low_bit_embedding_and_its_tied_head(tmp_path, table, op, assert_plan_ch
     entry = next(e for e in meta["layers"] if e["layer"] == "model.embed_tokens")
     assert meta["exact"] is True and entry["op"] == op and entry["blocked"] and entry["exact"]
     assert meta["parity"]["max_abs"] < 1e-3
+    assert meta["runtime_min"]["onnxruntime"] == ("1.22" if op == "GatherBlockQuantized" else "1.19")
     for graph in ("prefill", "decode"):
         model = onnx.load(str(out.parent / meta["graph"][graph]))
         ops = [n.op_type for n in model.graph.node]
@@ -129,6 +130,10 @@ def test_low_bit_embedding_and_its_tied_head(tmp_path, table, op, assert_plan_ch
             assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]  # no DequantizeLinear of the whole table
             head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
             assert head.input[1] == tables[0].name and {a.name: a.i for a in head.attribute}["accuracy_level"] == 0
+            # only the attributes edgeq wrote, none ONNX Runtime 1.32 adds when it saves (1.22 refuses those; measured)
+            lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+            assert {a.name for a in lookup.attribute} == {"gather_axis", "quantize_axis", "block_size"}
+            assert {a.name for a in head.attribute} == {"K", "N", "bits", "block_size", "accuracy_level"}
     assert_plan_checks_as_written(qdir, out, "onnx")
 
 
