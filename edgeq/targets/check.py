@@ -263,9 +263,9 @@ def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: 
 
     `artifact_or_plan`: an exported .onnx/.tflite, a QDIR / quant.json / parsed quant.json dict
     (then `fmt` or `runtime` says which format is being exported), a list of `OpUse`s, or a
-    `CheckReport`; a plan exported to ONNX at MatMulNBits `accuracy_level`. Raises `EdgeqError` when an op is unsupported, or falls back and
-    `allow_fallback` is false; the message names the ops, the runtime, the target and the nearest
-    recipe that works.
+    `CheckReport`; a plan is read as exported to ONNX at MatMulNBits `accuracy_level`. Raises
+    `EdgeqError` when an op is unsupported, or falls back and `allow_fallback` is false; the
+    message names the ops, the runtime, the target and the nearest recipe that works.
     """
     if isinstance(artifact_or_plan, CheckReport):
         report = artifact_or_plan

@@ -1,7 +1,8 @@
 """OpUse: one op as a runtime sees it (op name, activation mode, weight dtype, granularity, group).
 
 Every reader (ONNX graph, TFLite flatbuffer, quant.json plan) turns its input into a list of
-`OpUse`s; profiles classify `OpUse`s. Nothing here knows about a file format.
+`OpUse`s; profiles classify `OpUse`s. The few rules of how edgeq's ONNX export renders a layer
+(`onnx_dynamic_form`, `onnx_packed_table`) live here too, so the exporter and the plan share them.
 """
 
 from __future__ import annotations
@@ -46,28 +47,33 @@ class OpUse:
 RECIPE_ACT_MODES = ("none", "dynamic", "static")
 
 
+def _nbits_block(group_size: int | None) -> bool:
+    """A block size ONNX Runtime's n-bit kernels take: a power of two, at least 16."""
+    return bool(group_size) and group_size >= 16 and not group_size & (group_size - 1)
+
+
 def matmulnbits_fused(weight: str, granularity: str | None, group_size: int | None) -> bool:
-    """Whether ONNX Runtime fuses this weight's DequantizeLinear -> MatMul into MatMulNBits (4-bit blocks
-    of a power of two, at least 16), which then runs at the session's accuracy level."""
-    return (weight in ("int4", "uint4") and granularity == "group" and bool(group_size) and group_size >= 16
-            and not group_size & (group_size - 1))
+    """Whether ONNX Runtime fuses this weight's DequantizeLinear -> MatMul into MatMulNBits (4-bit blocks),
+    which then runs at the session's accuracy level."""
+    return weight in ("int4", "uint4") and granularity == "group" and _nbits_block(group_size)
+
 
 def onnx_packed_table(bits: int, symmetric: bool, group_size: int | None, width: int) -> bool:
     """Whether edgeq's ONNX export stores an embedding table as ONNX Runtime's packed 4-bit blocks (symmetric, at most
-    4 bits, blocks of a power of two of at least 16 dividing the row): looked up with com.microsoft.GatherBlockQuantized
-    (only the looked-up rows dequantized) and read by a tied head as com.microsoft.MatMulNBits, one copy for both."""
-    return (bits <= 4 and symmetric and bool(group_size) and group_size >= 16 and not group_size & (group_size - 1)
-            and width % group_size == 0)
+    4 bits, blocks dividing the row): looked up with com.microsoft.GatherBlockQuantized (only the looked-up rows
+    dequantized) and read by a tied head as com.microsoft.MatMulNBits, one copy for both."""
+    return bits <= 4 and symmetric and _nbits_block(group_size) and width % group_size == 0
+
 
 def onnx_dynamic_form(matmul: bool, bits: int, group_size: int | None, act_bits: int, act_symmetric: bool,
                       act_granularity: str) -> str:
     """How edgeq's ONNX export renders a layer's dynamic input grid (edgeq/export/onnx_quant.py reads this too).
 
     `integer`: integer ops and MatMulInteger (an 8-bit grid on a MatMul with per-channel or
-    per-tensor weights of at most 8 bits); `float`: the grid computed with float ops, so the
-    layer's op reads float values that lie on it (per token, fewer than 8 bits, symmetric, or
+    per-tensor weights of at most 8 bits); otherwise `float`: the grid computed with float ops, so
+    the layer's op reads float values that lie on it (per token, fewer than 8 bits, symmetric, or
     weights in blocks or of at most 4 bits: ONNX Runtime fuses a blocked 4-bit DequantizeLinear ->
-    MatMul into MatMulNBits only after a float input); `dequantize`: DynamicQuantizeLinear ->
+    MatMul into MatMulNBits only after a float input); else `dequantize`: DynamicQuantizeLinear ->
     DequantizeLinear, then the float op (per tensor, 8-bit asymmetric, on Conv or Gemm).
     """
     if matmul and act_bits == 8 and group_size is None and bits <= 8:
