@@ -26,6 +26,13 @@ WEIGHT_INPUT = {
 # Integer ops carrying a raw integer weight: the input whose length gives its granularity.
 WEIGHT_QPARAM_INPUT = {"MatMulInteger": 3, "ConvInteger": 3, "DynamicQuantizeMatMul": 2, "QLinearMatMul": 4,
                        "QLinearConv": 4, "QGemm": 4, "MatMulIntegerToFloat": 3}
+# Weight ops ONNX Runtime turns into an integer kernel only as a whole QDQ unit, their output quantized (QLinearConv,
+# QGemm); without it they run in float on inputs and weights dequantized on every run. Measured (ORT 1.32): none of
+# EfficientNet-Lite0's 49 w8a8 Convs (each followed by BatchNormalization) nor a classifier's Gemm became integer
+# kernels, where MatMul fuses a dequantized input and weight on its own (MatMulIntegerToFloat).
+OUTPUT_QDQ_OPS = {"Conv", "Gemm"}
+# Ops ORT removes between a layer and the QuantizeLinear of its output (ReluQuantFusion, ClipQuantFusion).
+_QUANT_FUSED_ACTIVATIONS = {"Relu", "Clip"}
 # Ops that quantize their own float activations on the fly.
 DYNAMIC_OPS = {"DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
 # Layout ops a runtime folds away when their data input is constant.
@@ -181,6 +188,10 @@ def onnx_uses(path: str | Path, level: int | None = None) -> list[OpUse]:
     for node in model.graph.node:
         if node.op_type in QDQ or node.op_type == "Constant":
             continue
+        weight = g.weight(node.input[0]) if node.op_type in ("Shape", "Size") and node.input else None
+        if weight:  # a weight's static shape (TF-style "same" padding reads it): folded at load, with its DequantizeLinear
+            folded.update(weight[3])
+            continue
         use = _node_use(g, node)
         if use is None:
             continue
@@ -220,9 +231,9 @@ def _node_use(g: _Graph, node) -> OpUse | None:
         mode, via = g.act(name)
         act = mode if k == 0 else act
         vias += via
-    # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops only as a whole
-    # QDQ unit with a quantized output: otherwise the DQ runs alone and the op runs in float.
-    if vias and node.op_type not in WEIGHT_INPUT and not _output_quantized(g, node):
+    # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops (and OUTPUT_QDQ_OPS) only as a
+    # whole QDQ unit with a quantized output: otherwise the DQ runs alone and the op runs in float.
+    if vias and (node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS) and not _output_quantized(g, node):
         act = g.types.get(data[0][1], "fp32")
     else:
         folded += vias
@@ -253,7 +264,12 @@ def _node_use(g: _Graph, node) -> OpUse | None:
 
 
 def _output_quantized(g: _Graph, node) -> bool:
-    return any(c.op_type == "QuantizeLinear" for out in node.output for c in g.consumers.get(out, []))
+    """Whether a QuantizeLinear takes the op's output, directly or after a Relu / Clip that ORT fuses away."""
+    for out in node.output:
+        for c in g.consumers.get(out, []):
+            if c.op_type == "QuantizeLinear" or (c.op_type in _QUANT_FUSED_ACTIVATIONS and _output_quantized(g, c)):
+                return True
+    return False
 
 
 def _qdq_use(g: _Graph, node) -> OpUse:

@@ -27,8 +27,9 @@ _KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv"
           "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
 
 
-def read_plan(qdir_or_json: str | Path | dict) -> list[dict]:
-    """The per-layer decisions of a QDIR (or of a quant.json path or already-parsed dict)."""
+def read_plan(qdir_or_json: str | Path | dict, with_kind: bool = False):
+    """The per-layer decisions of a QDIR (or of a quant.json path or already-parsed dict); with `with_kind`,
+    (decisions, the model's kind: causal-lm, encoder, image, or "" when quant.json does not say)."""
     if isinstance(qdir_or_json, dict):
         data, where = qdir_or_json, "quant.json"
     else:
@@ -47,7 +48,7 @@ def read_plan(qdir_or_json: str | Path | dict) -> list[dict]:
         layers = [{"name": k, **v} for k, v in layers.items()]
     if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
         raise EdgeqError(f"{where}.layers: expected a list or table of per-layer decisions")
-    return layers
+    return (layers, str(data.get("kind") or "")) if with_kind else layers
 
 
 def _act_mode(layer: dict) -> tuple[str, int, bool, str]:
@@ -67,14 +68,18 @@ def container_bits(bits: int, fmt: str) -> int:
     return 4 if bits <= 4 else 8
 
 
-def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: int = 0) -> OpUse:
-    """The op one layer becomes in `fmt` (onnx|tflite); ONNX at MatMulNBits `accuracy_level` (edgeq's export pins 0)."""
+def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: int = 0, model_kind: str = "") -> OpUse:
+    """The op one layer becomes in `fmt` (onnx|tflite); ONNX at MatMulNBits `accuracy_level` (edgeq's export pins 0).
+
+    `model_kind` (quant.json's `kind`): an image model's linear layers read 2-D inputs (a classifier after pooling),
+    which the ONNX exporter writes as Gemm, every other model's as MatMul.
+    """
     name = str(layer.get("name", "?"))
     at = f"{where}.layers[{name}]"
     kind = _KINDS.get(str(layer.get("kind", layer.get("type", "linear"))).lower())
     if kind is None:
         raise EdgeqError(f"{at}.kind: {layer.get('kind', layer.get('type'))!r} is not one of: linear, conv, embedding")
-    op = KIND_OPS[fmt][kind][0]
+    op = "Gemm" if fmt == "onnx" and kind == "linear" and model_kind == "image" else KIND_OPS[fmt][kind][0]
     w: dict[str, Any] = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
     bits = w.get("bits", w.get("weight_bits"))
     if bits is None or layer.get("skip") or layer.get("quantized") is False or int(bits) >= 16:
@@ -93,8 +98,8 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
         raise EdgeqError(f"{at}.activation.mode: {mode!r} is not one of: {', '.join(RECIPE_ACT_MODES)}")
     act = op_act(mode, fmt, abits, act_sym)
     if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
-            kind == "linear", int(bits), group, abits, act_sym, act_gran) == "float":
-        act = "fp32"  # the grid is float ops before the layer's op, which reads float values
+            op == "MatMul", int(bits), group, abits, act_sym, act_gran) != "integer":
+        act = "fp32"  # the grid is float ops (or Dynamic-QuantizeLinear -> DequantizeLinear) before the op, which reads floats
     if fmt == "onnx" and kind == "embedding":
         return _onnx_table_use(layer, name, dtype, gran, group)
     if fmt == "onnx" and layer.get("tied_to"):
@@ -130,4 +135,5 @@ def plan_uses(qdir_or_json: str | Path | dict, fmt: str, accuracy_level: int = 0
     if fmt not in KIND_OPS:
         raise EdgeqError(f"format: {fmt!r} is not one of: {', '.join(KIND_OPS)}")
     where = str(qdir_or_json) if not isinstance(qdir_or_json, dict) else "quant.json"
-    return [layer_use(layer, fmt, where, accuracy_level) for layer in read_plan(qdir_or_json)]
+    layers, model_kind = read_plan(qdir_or_json, with_kind=True)
+    return [layer_use(layer, fmt, where, accuracy_level, model_kind) for layer in layers]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edgeq.errors import EdgeqError
@@ -228,3 +229,52 @@ def test_plan_dynamic_grids_as_the_onnx_export_renders_them(tmp_path, monkeypatc
     # LiteRT quantizes the rows itself (the hybrid kernels)
     assert set(_rows(check(qdir, "rpi4", runtime="litert-xnnpack"))) == {
         ("FULLY_CONNECTED", "act=dynamic w=int4/g64"), ("FULLY_CONNECTED", "act=dynamic w=int8/channel")}
+
+
+@pytest.mark.parametrize("after, native", [("QuantizeLinear", True), ("Relu", True), ("Identity", False)])
+def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatch, after, native):
+    """ONNX Runtime turns DequantizeLinear -> Conv into QLinearConv only with a QuantizeLinear on the Conv's output
+    (after a Relu it removes); otherwise the Conv runs in float on a weight dequantized every run (measured on
+    EfficientNet-Lite0 w8a8, each Conv followed by BatchNormalization: no QLinearConv at all)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w_q"),
+             numpy_helper.from_array(np.full(4, 0.02, np.float32), "w_s"), numpy_helper.from_array(np.full(4, 128, np.uint8), "w_zp"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w_dq"], axis=0),
+             helper.make_node("Conv", ["x_dq", "w_dq"], ["c"], name="conv")]
+    if after == "QuantizeLinear":
+        nodes.append(helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["y"]))
+    elif after == "Relu":
+        nodes += [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"]))
+    out_type = TensorProto.FLOAT if after == "Identity" else TensorProto.UINT8
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", out_type, None)], initializer=inits)
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    conv = next(r for r in check(path, "rpi5").rows if r.op == "Conv")
+    assert (conv.signature, conv.verdict.support) == (("act=uint8 w=uint8/channel", "native") if native
+                                                     else ("act=fp32 w=uint8/channel", "fallback"))
+
+
+def test_plan_of_an_image_model_for_onnx(tmp_path, monkeypatch):
+    """An image model's classifier is a Gemm in ONNX (2-D input); a dynamic grid before a Conv or Gemm is
+    DynamicQuantizeLinear -> DequantizeLinear with the op in float on a weight dequantized every run: a fallback, as
+    the written file checks."""
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    grid = {"mode": "dynamic", "bits": 8, "granularity": "tensor", "symmetric": False}
+    layers = [{"name": "conv", "kind": "conv2d", "weight": {"bits": 8, "granularity": "channel"}, "activation": grid},
+              {"name": "fc", "kind": "linear", "weight": {"bits": 8, "granularity": "channel"}, "activation": grid}]
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "quant.json").write_text(json.dumps({"kind": "image", "layers": layers}))
+    assert {k: v[0] for k, v in _rows(check(tmp_path / "q", "rpi5", runtime="onnxruntime-cpu")).items()} == {
+        ("Conv", "act=fp32 w=int8/channel"): "fallback", ("Gemm", "act=fp32 w=int8/channel"): "fallback"}
+    (tmp_path / "q" / "quant.json").write_text(json.dumps({"kind": "causal-lm", "layers": layers[1:]}))
+    assert _rows(check(tmp_path / "q", "rpi5", runtime="onnxruntime-cpu"))[("MatMul", "act=dynamic w=int8/channel")][0] == "native"
