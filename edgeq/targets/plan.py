@@ -99,7 +99,7 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
     act = op_act(mode, fmt, abits, act_sym)
     if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
             op == "MatMul", int(bits), group, abits, act_sym, act_gran) != "integer":
-        act = "fp32"  # the grid is float ops (or Dynamic-QuantizeLinear -> DequantizeLinear) before the op, which reads floats
+        act = "fp32"  # the grid is float ops (or DynamicQuantizeLinear -> DequantizeLinear) before the op: it reads floats
     if fmt == "onnx" and kind == "embedding":
         return _onnx_table_use(layer, name, dtype, gran, group)
     if fmt == "onnx" and layer.get("tied_to"):
