@@ -676,8 +676,6 @@ def test_fp32_export_feeds_ort_quantizers(tiny_exports, tmp_path):
     assert got.shape == want.shape and (got.argmax(-1) == want.argmax(-1)).mean() > 0.5
 
 
-
-
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0]])
 def test_checking_the_qdir_says_what_the_file_runs(tiny_exports, name, assert_plan_checks_as_written):
     """`edgeq check QDIR` reads the plan as the export renders it (a w4-g128-litert plan was a fallback on ARMv8.0

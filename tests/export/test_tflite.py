@@ -1028,7 +1028,6 @@ def test_a_layer_the_converter_emits_twice_is_computed_once_and_quantized(tiny_e
     assert meta["parity"]["max_abs"] < 1e-3, meta["parity"]
 
 
-
 @pytest.mark.parametrize("case", [c for c, (_, recipe, variant) in CASES.items() if recipe and variant is None])
 def test_checking_the_qdir_says_what_the_file_runs(exported, case, assert_plan_checks_as_written):
     path, _, qdir = exported[case]

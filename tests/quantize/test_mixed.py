@@ -239,7 +239,6 @@ def test_target_bits_come_from_the_profile_and_run_natively():
         assert "native" in verdicts, use
 
 
-
 @pytest.mark.parametrize("board", ["rpi4", "rpi5", "arm64-generic"])
 def test_onnx_dynamic_bits_are_judged_as_the_export_renders_them(board):
     """A per-token grid before 4-bit blocks is exported as float ops and a MatMulNBits at accuracy level 0 (CompFp32,
@@ -252,6 +251,7 @@ def test_onnx_dynamic_bits_are_judged_as_the_export_renders_them(board):
     layers = [{"name": f"w{bits}", "kind": "linear", "weight": dict(spec.__dict__),
                "activation": {"mode": "dynamic", "granularity": "token"}} for bits, spec in specs.items()]
     assert gate_export({"layers": layers}, board, fmt="onnx").status == "native"
+
 
 def test_parse_bits():
     from edgeq.quantize.mixed import parse_bits
