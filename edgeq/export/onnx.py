@@ -158,7 +158,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             path = tmp / names[spec.role]
             _save(proto, path, use_external)
             if optimize:
-                graph_optimization = _optimize_offline(path, use_external, session_config)
+                graph_optimization = _optimize_offline(path, use_external, session_config, _contrib_attributes(proto))
             written.append(path)
         export_s = time.perf_counter() - t0
         layer_checks = []
@@ -232,9 +232,10 @@ def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
-def _optimize_offline(path: Path, external: bool, session_config: dict) -> dict:
+def _optimize_offline(path: Path, external: bool, session_config: dict, contrib: dict[str, set[str]] | None = None) -> dict:
     """Replace the ONNX file at `path` by ONNX Runtime's basic-level optimization of it (OFFLINE_OPTIMIZATION_SKIPS);
-    returns what was run, for FILE.json."""
+    returns what was run, for FILE.json. `contrib`: the attributes the graph's com.microsoft nodes were written with
+    (`_contrib_attributes`), the only ones they keep."""
     import onnxruntime as ort
 
     staging = path.parent / f".{path.name}.optimized"
@@ -249,10 +250,9 @@ def _optimize_offline(path: Path, external: bool, session_config: dict) -> dict:
         if external:
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        written = _contrib_attributes(path)
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(OFFLINE_OPTIMIZATION_SKIPS))
-        if written:
-            _drop_written_defaults(staging / path.name, written)
+        if contrib:
+            _drop_written_defaults(staging / path.name, contrib)
         for p in staging.iterdir():
             os.replace(p, path.parent / p.name)
     finally:
@@ -260,10 +260,9 @@ def _optimize_offline(path: Path, external: bool, session_config: dict) -> dict:
     return {"onnxruntime": ort.__version__, "level": "basic", "skipped": list(OFFLINE_OPTIMIZATION_SKIPS)}
 
 
-def _contrib_attributes(path: Path) -> dict[str, set[str]]:
+def _contrib_attributes(model: onnx.ModelProto) -> dict[str, set[str]]:
     """The attribute names of each com.microsoft node of a graph, by node name."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {n.name: {a.name for a in n.attribute} for n in graph.node if n.domain == "com.microsoft"}
+    return {n.name: {a.name for a in n.attribute} for n in model.graph.node if n.domain == "com.microsoft"}
 
 
 def _drop_written_defaults(path: Path, written: dict[str, set[str]]) -> None:

@@ -298,9 +298,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         with torch.no_grad():
             add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
                                 b.kind == "causal-lm")
-        runtime = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
-        if runtime:
-            parity["runtime_grid"] = runtime
+        off_grid = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
+        if off_grid:
+            parity["runtime_grid"] = off_grid
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")

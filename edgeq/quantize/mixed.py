@@ -38,6 +38,9 @@ MEASURE = ("none", "model", "layers")
 ALL_BITS = (2, 3, 4, 5, 6, 8)
 
 
+DYNAMIC_GRID = {"mode": "dynamic", "granularity": "token"}  # `activation = "dynamic"`: int8 per token (ActSpec's defaults)
+
+
 @dataclass(frozen=True)
 class MixedOptions:
     """How `auto` chooses: the format of each bit-width, what is measured, which layers are forced."""
@@ -126,9 +129,10 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
     if rt.format == "onnx" and act == "dynamic":
         # as the export renders the per-token grid (build_recipe's): before some weight formats as float ops,
         # so the layer's op reads float inputs; each format is judged by the op its layer becomes
+        g = ActSpec(**DYNAMIC_GRID)
         opts = [o for o in profile.weight_options(runtime, kind="linear", acts=("dynamic", "fp32"), support=support)
-                if o.act == ("fp32" if onnx_dynamic_form(True, o.bits, o.group_size, 8, False, "token") == "float"
-                             else "dynamic")]
+                if o.act == ("fp32" if onnx_dynamic_form(True, o.bits, o.group_size, g.bits, g.symmetric, g.granularity)
+                             == "float" else "dynamic")]
     else:
         opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
     specs = {}
@@ -245,7 +249,7 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
     """One exact-name rule per layer, in the model's order."""
     import re
 
-    act = {"mode": "none"} if options.activation == "none" else {"mode": "dynamic", "granularity": "token"}
+    act = {"mode": "none"} if options.activation == "none" else DYNAMIC_GRID
     rules = []
     for layer in analysis.layers:
         spec = analysis.specs[allocation.picks[layer].bits]

@@ -27,9 +27,9 @@ _KINDS = {"linear": "linear", "conv": "conv", "conv1d": "conv", "conv2d": "conv"
           "matmul": "linear", "dense": "linear", "fully_connected": "linear", "gather": "embedding"}
 
 
-def read_plan(qdir_or_json: str | Path | dict, with_kind: bool = False):
-    """The per-layer decisions of a QDIR (or of a quant.json path or already-parsed dict); with `with_kind`,
-    (decisions, the model's kind: causal-lm, encoder, image, or "" when quant.json does not say)."""
+def read_plan(qdir_or_json: str | Path | dict) -> tuple[list[dict], str]:
+    """The per-layer decisions of a QDIR (or of a quant.json path or already-parsed dict), and the model's kind
+    (causal-lm, encoder, image, or "" when quant.json does not say)."""
     if isinstance(qdir_or_json, dict):
         data, where = qdir_or_json, "quant.json"
     else:
@@ -48,7 +48,7 @@ def read_plan(qdir_or_json: str | Path | dict, with_kind: bool = False):
         layers = [{"name": k, **v} for k, v in layers.items()]
     if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
         raise EdgeqError(f"{where}.layers: expected a list or table of per-layer decisions")
-    return (layers, str(data.get("kind") or "")) if with_kind else layers
+    return layers, str(data.get("kind") or "")
 
 
 def _act_mode(layer: dict) -> tuple[str, int, bool, str]:
@@ -100,27 +100,22 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
     if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
             op == "MatMul", int(bits), group, abits, act_sym, act_gran) != "integer":
         act = "fp32"  # the grid is float ops (or DynamicQuantizeLinear -> DequantizeLinear) before the op: it reads floats
+    shape = layer.get("shape") or ()
+    packed = fmt == "onnx" and bool(shape) and onnx_packed_table(int(bits), symmetric, group, int(shape[-1]))
     if fmt == "onnx" and kind == "embedding":
-        return _onnx_table_use(layer, name, dtype, gran, group)
+        return _onnx_table_use(name, dtype, gran, group, packed)
     if fmt == "onnx" and layer.get("tied_to"):
         # a tied head reads the table's integers (a packed table: as MatMulNBits), its input grid float ops before it
-        return OpUse(op="MatMulNBits" if _packed(layer) else op, act="fp32", weight=dtype, granularity=gran,
+        return OpUse(op="MatMulNBits" if packed else op, act="fp32", weight=dtype, granularity=gran,
                      group_size=int(group) if group else None, node=name)
     if fmt == "onnx" and kind == "linear" and act == "fp32" and accuracy_level == 4 and matmulnbits_fused(dtype, gran, group):
         act = "dynamic"  # fused into MatMulNBits, whose level 4 quantizes a float input again (int8 per block)
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)
 
 
-def _packed(layer: dict) -> bool:
-    w = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
-    shape = layer.get("shape") or ()
-    return bool(shape) and onnx_packed_table(int(w.get("bits", w.get("weight_bits", 8))), bool(w.get("symmetric", True)),
-                                             w.get("group_size"), int(shape[-1]))
-
-
-def _onnx_table_use(layer: dict, name: str, dtype: str, gran: str, group: int | None) -> OpUse:
+def _onnx_table_use(name: str, dtype: str, gran: str, group: int | None, packed: bool) -> OpUse:
     """An embedding table as edgeq's ONNX export looks it up (onnx_quant._render_embedding)."""
-    if _packed(layer):  # ONNX Runtime's packed 4-bit blocks: only the looked-up rows dequantized
+    if packed:  # ONNX Runtime's packed 4-bit blocks: only the looked-up rows dequantized
         return OpUse(op="GatherBlockQuantized", act="int64", weight=dtype, granularity=gran, group_size=group, node=name)
     if dtype.endswith("8") and gran != "group":  # the integer rows themselves, dequantized after the lookup
         return OpUse(op="Gather", act=dtype, node=name)
@@ -135,5 +130,5 @@ def plan_uses(qdir_or_json: str | Path | dict, fmt: str, accuracy_level: int = 0
     if fmt not in KIND_OPS:
         raise EdgeqError(f"format: {fmt!r} is not one of: {', '.join(KIND_OPS)}")
     where = str(qdir_or_json) if not isinstance(qdir_or_json, dict) else "quant.json"
-    layers, model_kind = read_plan(qdir_or_json, with_kind=True)
+    layers, model_kind = read_plan(qdir_or_json)
     return [layer_use(layer, fmt, where, accuracy_level, model_kind) for layer in layers]
