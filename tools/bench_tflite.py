@@ -196,11 +196,11 @@ def main() -> None:
     # rows finished by an earlier run (same model and sequence length) are kept: the run resumes
     previous = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").is_file() else {}
     keep = previous.get("model") == args.model and previous.get("seq_len") in (args.seq_len, None)
-    global COMMANDS
-    COMMANDS = (previous.get("commands", []) if keep else []) + [command]
     rows: dict[str, dict] = {n: r for n, r in previous.get("rows", {}).items() if keep and "error" not in r}
     files: dict[str, Path] = {n: Path(r["file"]) for n, r in rows.items() if Path(r.get("file", "")).is_file()}
     rows = {n: r for n, r in rows.items() if n in files}
+    global COMMANDS  # the commands that made the rows kept, then this one
+    COMMANDS = (previous.get("commands", []) if rows else []) + [command]
 
     fp32 = work / f"{args.model}-fp32.tflite"
     if "fp32" not in rows and fp32.is_file() and Path(f"{fp32}.json").is_file() and args.reuse_graphs:

@@ -64,7 +64,8 @@ def efficientnet_lite0() -> ModelBundle:
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    model.set_swish(memory_efficient=False)  # the memory-efficient swish is a custom autograd op exporters cannot trace
+    # Lite0 is built with ReLU6 (relu_fn="relu6"); never call the package's set_swish(), which replaces it with Swish
+    # whatever the variant and turns the classifier into noise (the bundled daisy photo came out a bolo tie)
     return ModelBundle(model.eval(), "image", "efficientnet-lite0", example_inputs=(torch.zeros(1, 3, 224, 224),),
                        info={"image_size": 224, "mean": 0.5, "std": 0.5})
 

@@ -1,0 +1,30 @@
+"""The built-in pretrained models are the models their names say (not only loadable)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgeq.data import _bundled_photos
+from edgeq.models import load_model
+
+DAISY, MONASTERY, BOATHOUSE, BELL_COTE = 985, 663, 449, 442  # ImageNet-1k class indices
+
+
+def _centre(photo: np.ndarray, size: int = 224) -> torch.Tensor:
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    crop = photo[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    img = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    return torch.from_numpy(((img - 0.5) / 0.5).transpose(2, 0, 1).copy())[None]
+
+
+def test_efficientnet_lite0_recognises_the_bundled_photos():
+    """The package's set_swish() swapped Lite0's ReLU6 for Swish: the daisy came out a bolo tie (451)."""
+    bundle = load_model("efficientnet-lite0")
+    assert not any(type(m).__name__ in ("Swish", "MemoryEfficientSwish") for m in bundle.module.modules())
+    china, flower = _bundled_photos()  # sorted by name
+    with torch.no_grad():
+        top5 = [bundle.module(_centre(p)).topk(5).indices[0].tolist() for p in (china, flower)]
+    assert top5[1][0] == DAISY
+    assert {MONASTERY, BOATHOUSE, BELL_COTE} & set(top5[0][:3])
