@@ -35,7 +35,7 @@ from edgeq.export import tflite_quant  # noqa: E402
 from edgeq.export.tflite_check import read_back  # noqa: E402
 from edgeq.export.tflite_flatbuffer import read_model  # noqa: E402
 from edgeq.export.tflite_graph import float_graph, layer_ops  # noqa: E402
-from edgeq.export.tflite_render import rendered_scale  # noqa: E402
+from edgeq.export.batchnorm import rendered_scale  # noqa: E402
 from edgeq.export.tflite_runtime import TfliteRunner  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 

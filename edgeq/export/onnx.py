@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ import onnx
 from ..errors import EdgeqError, choice_error
 from ..models.hf import decoder_attention
 from . import register_exporter
+from .batchnorm import bn_folds, rendered_scale
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, quantize_graph
@@ -126,10 +128,14 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     variant = _check_variant(variant, qm)
     bundle = qm.bundle if qm is not None else bundle
     layers = LayerQ.from_model(qm.layers()) if qm is not None else []
+    # a BatchNorm after a quantized conv is folded into it on edgeq's grid, as in TFLite: ONNX Runtime fuses a QDQ Conv
+    # only with its output quantized, never with a BatchNormalization in between (batchnorm.py)
+    folds = bn_folds(bundle.module, tuple(bundle.example_inputs)) if qm is not None and bundle.example_inputs else {}
+    layers = [_folded(lq, qm.layers()[lq.name], folds[lq.name]) if lq.name in folds else lq for lq in layers]
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
     attention = decoder_attention(bundle.module) if bundle.kind == "causal-lm" else contextlib.nullcontext()
-    with dequantized(bundle.module), attention:
+    with dequantized(bundle.module, folds), attention:
         graphs = [export_graph(s, cache=graph_cache) for s in specs]
     protos = [p for p, _ in graphs]
     # a decode step's per-token grids are one row each when its batch is 1: rendered per tensor (ORT's fused kernels)
@@ -167,7 +173,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             for c in checks:
                 c["graph"] = spec.role
             layer_checks += checks
-        exact = all(c["exact"] for c in layer_checks) if qm is not None else None
+        # a folded BatchNorm keeps edgeq's integers but scales its scales: read back bitwise as such, not exact
+        exact = all(c["exact"] for c in layer_checks) and not folds if qm is not None else None
         parity = _parity(bundle, specs, written, session_config, threads, parity_samples, parity_seq_len)
         main = tmp / out.name
         companions = [p for p in sorted(tmp.iterdir()) if p != main]
@@ -189,7 +196,12 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "int8_weights": int8_weights,
             "graph_optimization": graph_optimization,
             "host_note": host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
+            "bn_folded": {n: f.norm for n, f in folds.items()} or None,
         }
+        if folds:
+            extra["scale_note"] = ("each BatchNorm after a quantized conv is folded on edgeq's grid, so the file holds edgeq's "
+                                   "integers with scales fp32(scale * gamma / sqrt(var + eps)) (read back bitwise as such) "
+                                   "and the norm's shift in the conv's bias; exact is false because the scales are not edgeq's")
         meta = write_export_meta(main, fmt="onnx", variant=variant, model=bundle.reference,
                                  qdir=source if qm is not None and is_qdir(source) else None, recipe=qm.recipe.name if qm is not None else None,
                                  exact=exact, parity=parity, inputs=_inputs_meta(bundle, written[0]), extra=extra,
@@ -204,6 +216,13 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folded(lq: LayerQ, module, fold) -> LayerQ:
+    """A conv's integers with the scales the file holds once a BatchNorm is folded into it (`batchnorm.rendered_scale`,
+    the TFLite export's); a per-tensor grid becomes per channel."""
+    scale = rendered_scale(module, fold).numpy()
+    return replace(lq, scale=scale, zero_point=np.ascontiguousarray(np.broadcast_to(lq.zero_point, scale.shape)))
 
 
 def host_note() -> str | None:

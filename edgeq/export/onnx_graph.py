@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import helper
 
 from ..errors import EdgeqError
 from ..models.hf import decoder_attention  # traced into decoder LMs' graphs (export/onnx.py): part of the cache key
-from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
+from ..quantize.modules import QuantEmbedding, QuantLinear, quant_layers, set_module
+from .batchnorm import DequantConv
 
 OPSET = 21
 PREFIX = "model"  # the wrapper's attribute holding the model: initializers are named "model.<fqn>"
@@ -52,24 +52,13 @@ def _float_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
     return lin
 
 
-class _FloatConv(torch.nn.Module):
-    def __init__(self, q: QuantConv2d):
-        super().__init__()
-        self.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
-        self.bias = q.bias
-        self.conv_args = q.conv_args
-        self.static_padding = q.static_padding
-
-    def forward(self, x):
-        if self.static_padding is not None:
-            x = self.static_padding(x)
-        return F.conv2d(x, self.weight, self.bias, **self.conv_args)
-
-
 @contextlib.contextmanager
-def dequantized(model: torch.nn.Module):
-    """Temporarily replace QuantLinear / QuantConv2d by float layers holding `(q - zp) * scale`."""
+def dequantized(model: torch.nn.Module, folds: dict | None = None):
+    """Temporarily replace QuantLinear / QuantConv2d by float layers holding `(q - zp) * scale`, and each
+    BatchNorm in `folds` (`batchnorm.bn_folds`) by an identity, folded into the conv before it."""
     originals = quant_layers(model)
+    folds = folds or {}
+    norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
     try:
         shared: dict[int, torch.nn.Parameter] = {}  # id(qweight) -> float weight: a tied head stays tied in the graph
         for name, m in originals.items():
@@ -83,11 +72,13 @@ def dequantized(model: torch.nn.Module):
                 else:
                     new = _float_linear(weight, m.bias)
             else:
-                new = _FloatConv(m)
+                new = DequantConv(m, folds.get(name))
             set_module(model, name, new)
+        for name in norms:
+            set_module(model, name, torch.nn.Identity())
         yield originals
     finally:
-        for name, m in originals.items():
+        for name, m in [*originals.items(), *norms.items()]:
             set_module(model, name, m)
 
 

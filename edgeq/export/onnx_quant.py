@@ -143,10 +143,13 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
         node.input[idx] = w
     if lq.act_mode == "static":
         for node, _ in compute:
-            (xq, asn, azn), qn_ = _static_quant(g, node.input[0], lq)
+            # a zero Pad before the layer (TF-style "same" padding) reads the quantized input instead: zero is exact on
+            # every grid, so the values are the same, and ONNX Runtime folds the Pad into the Conv and fuses DQ -> Conv
+            reader = _zero_pad(g, node.input[0]) or node
+            (xq, asn, azn), qn_ = _static_quant(g, reader.input[0], lq)
             xdq, dqn_ = g.unique(f"{lq.name}.input_dq"), g.unique(f"{lq.name}/input_dq")
-            g.before.setdefault(id(node), []).append(helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_))
-            node.input[0] = xdq
+            g.before.setdefault(id(reader), []).append(helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_))
+            reader.input[0] = xdq
             nodes += [qn_, dqn_]
     elif lq.act_mode == "dynamic" and _dynamic_form(lq, matmul=False) == "float":
         # as float ops, also where DynamicQuantizeLinear could do it (per tensor, 8-bit asymmetric: a decode step's
@@ -164,6 +167,28 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
             node.input[0] = xdq
             nodes += [n for n in (qn_, dqn_) if n]
     return Rendered(lq.name, "DequantizeLinear", qn, sn, zn, layout, ctype, blocked, lq.act_mode, offset, nodes)
+
+
+def _zero_pad(g: Graph, x: str):
+    """The Pad producing `x` if it pads with zeros and `x` feeds nothing else, else None."""
+    pad = g.producer.get(x)
+    if pad is None or pad.op_type != "Pad" or len(g.consumers.get(x, [])) != 1:
+        return None
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    value = _constant(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+    if mode != b"constant" or value is None or value.any():
+        return None
+    return pad
+
+
+def _constant(g: Graph, name: str) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if name in g.inits:
+        return numpy_helper.to_array(g.inits[name])
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
 
 
 def _dynamic_form(lq: LayerQ, matmul: bool) -> str:

@@ -227,7 +227,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     from ..fileio import atomic_path
     from .tflite_fuse import fuse_siblings, fused_meta
     from .tflite_graph import float_graph
-    from .tflite_render import bn_folds, example_inputs, rendered_scale
+    from .batchnorm import bn_folds, rendered_scale
+    from .tflite_render import example_inputs
     from .tflite_runtime import TfliteRunner, runtime_version
 
     if options:

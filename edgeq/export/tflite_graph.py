@@ -210,7 +210,7 @@ def _float_digest(model: torch.nn.Module) -> str:
 
 # edgeq's modules a float graph is traced from besides the classes of the model's own modules (`_code_digest` adds
 # those, edgeq's quantized layers among them)
-GRAPH_SOURCES = ("export/tflite_graph.py", "export/tflite_render.py", "export/tflite_decode.py",
+GRAPH_SOURCES = ("export/tflite_graph.py", "export/tflite_render.py", "export/batchnorm.py", "export/tflite_decode.py",
                  "export/tflite_hfdecode.py", "export/tflite_runtime.py", "models/hf.py")
 
 

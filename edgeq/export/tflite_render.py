@@ -9,96 +9,14 @@ this rendering and finds each layer in the flatbuffer by the exact bytes of `tfl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import EdgeqError
-from ..quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
+from ..quantize.modules import QuantEmbedding, QuantLinear, quant_layers, set_module
 from ..quantize.transforms import gain_offset, head_name
-
-
-class _DequantConv(torch.nn.Module):
-    """A QuantConv2d as a float conv with its dequantized weight (TF-style static padding kept).
-
-    With `fold` (a BatchNorm's per-channel factor and shift) the norm is folded here, on edgeq's
-    grid: the weight is `q * fp32(scale * factor)`, so the converter finds nothing left to fold and
-    the file holds edgeq's integers with scales scaled by the BatchNorm factor.
-    """
-
-    def __init__(self, q: QuantConv2d, fold=None):
-        super().__init__()
-        self.static_padding = q.static_padding
-        self.conv_args = q.conv_args
-        self.weight = torch.nn.Parameter(render_weight(q, fold), requires_grad=False)
-        bias = q.bias.detach() if q.bias is not None else None
-        if fold is not None:
-            bias = fold.shift if bias is None else bias * fold.factor + fold.shift
-        self.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
-
-    def forward(self, x):
-        if self.static_padding is not None:
-            x = self.static_padding(x)
-        return F.conv2d(x, self.weight, self.bias, **self.conv_args)
-
-
-def rendered_scale(q, fold=None) -> torch.Tensor:
-    """The scales the file holds for a layer: edgeq's, times a folded BatchNorm factor if any."""
-    if fold is None:
-        return q.scale.detach().to(torch.float32)
-    return (q.scale.detach().to(torch.float32) * fold.factor[:, None]).to(torch.float32)
-
-
-def render_weight(q, fold=None) -> torch.Tensor:
-    """The float weight in PyTorch layout: `(q - zp) * scale` with the rendered scale."""
-    from ..quantize.primitives import dequantize
-
-    w = dequantize(q.qweight, rendered_scale(q, fold), q.zero_point, q.decision.group_size)
-    return w.reshape(q.decision.shape).detach().clone()
-
-
-@dataclass(frozen=True)
-class BnFold:
-    """An eval-mode BatchNorm2d folded into the conv before it: y = conv(x) * factor + shift."""
-
-    norm: str
-    factor: torch.Tensor
-    shift: torch.Tensor
-
-
-def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
-    """conv layer -> (factor, shift) of the eval-mode BatchNorm2d reading its output, found by tracing one call."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    convs = {n: m for n, m in quant_layers(model).items() if isinstance(m, QuantConv2d)}
-    if not norms or not convs:
-        return {}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
-
-    def pre(mod, a, n):
-        hit = produced.get(id(a[0]))
-        if hit is not None and hit[1] is a[0]:
-            pairs[hit[0]] = n
-
-    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)) for n, m in norms.items()]
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    folds = {}
-    for conv, norm in pairs.items():
-        bn = norms[norm]
-        if bn.training or bn.running_var is None:
-            continue
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
-        folds[conv] = BnFold(norm, factor.detach().float(), shift.detach().float())
-    return folds
+from .batchnorm import DequantConv, render_weight
 
 
 class _UnfoldableRMSNorm(torch.nn.Module):
@@ -181,7 +99,7 @@ def _dequant_module(q, fold=None) -> torch.nn.Module:
         return torch.nn.Embedding(q.num_embeddings, q.embedding_dim, q.padding_idx, _weight=render_weight(q), _freeze=True)
     if isinstance(q, QuantLinear):
         return _dequant_linear(q)
-    return _DequantConv(q, fold)
+    return DequantConv(q, fold)
 
 
 def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:

@@ -1,4 +1,5 @@
-"""A small seeded CNN for the ONNX export tests: strided conv, depthwise conv, pointwise conv, linear head (Gemm)."""
+"""Small seeded CNNs for the ONNX export tests: strided conv, depthwise conv, pointwise conv, linear head (Gemm);
+the same with BatchNorms and TF-style padding."""
 
 from __future__ import annotations
 
@@ -24,3 +25,35 @@ def small_cnn():
     """Resolved as `tests.export.onnx_cnn:small_cnn`; 224 px like the bundled calibration images."""
     torch.manual_seed(0)
     return SmallCNN().eval(), torch.zeros(1, 3, 224, 224)
+
+
+class BatchNormCNN(torch.nn.Module):
+    """EfficientNet-Lite's pattern: TF-style zero padding, Conv -> BatchNorm -> ReLU6, a projection read by a float op."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_pad = torch.nn.ZeroPad2d((0, 1, 0, 1))
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.dw_pad = torch.nn.ZeroPad2d(1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, groups=8, bias=False)
+        self.dw_bn = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.pw = torch.nn.Conv2d(8, 8, 1)
+        self.pw_bn = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.head = torch.nn.Linear(8, 10)
+        for bn in (self.stem_bn, self.dw_bn, self.pw_bn):  # trained-looking statistics, some gains negative
+            bn.weight.data = torch.randn(8)
+            bn.bias.data = torch.randn(8) * 0.1
+            bn.running_mean = torch.randn(8) * 0.1
+            bn.running_var = torch.rand(8) + 0.5
+
+    def forward(self, x):
+        x = torch.nn.functional.relu6(self.stem_bn(self.stem(self.stem_pad(x))))
+        x = torch.nn.functional.relu6(self.dw_bn(self.dw(self.dw_pad(x))))
+        return self.head(self.pw_bn(self.pw(x)).mean(dim=(2, 3)))
+
+
+def batchnorm_cnn():
+    """Resolved as `tests.export.onnx_cnn:batchnorm_cnn`."""
+    torch.manual_seed(0)
+    return BatchNormCNN().eval(), torch.zeros(1, 3, 224, 224)

@@ -1043,3 +1043,13 @@ def test_target_gate_checks_the_variant_being_exported(exported, tmp_path):
     assert not list(tmp_path.iterdir())
     meta = export(qdir, "tflite", tmp_path / "fp32.tflite", variant="fp32", target="rpi5")
     assert meta["variant"] == "fp32" and meta["target"]["status"] == "native"
+
+
+def test_batchnorms_fold_into_their_convs_on_edgeqs_grid(tmp_path):
+    """TFLite has no separate BatchNorm: each one after a quantized conv is folded into it with edgeq's integers kept
+    and its scales times gamma / sqrt(var + eps) (negative gains: |scale| and negated integers), read back bitwise."""
+    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:batchnorm_cnn", "w8a8", "q")
+    meta = export(qdir, "tflite", tmp_path / "bn.tflite")
+    assert meta["variant"] == "int8" and meta["bn_folded"] == {"stem": "stem_bn", "dw": "dw_bn", "pw": "pw_bn"}
+    assert meta["exact"] is False and meta["exact_integers"] is True and not meta["readback"]["mismatches"]
+    assert meta["parity"]["within_tolerance"], meta["parity"]

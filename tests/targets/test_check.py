@@ -231,11 +231,13 @@ def test_plan_dynamic_grids_as_the_onnx_export_renders_them(tmp_path, monkeypatc
         ("FULLY_CONNECTED", "act=dynamic w=int4/g64"), ("FULLY_CONNECTED", "act=dynamic w=int8/channel")}
 
 
-@pytest.mark.parametrize("after, native", [("QuantizeLinear", True), ("Relu", True), ("Identity", False)])
+@pytest.mark.parametrize("after, native", [("QuantizeLinear", True), ("Relu", True), ("Identity", False),
+                                           ("QuantizeLinear+Identity", False)])
 def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatch, after, native):
     """ONNX Runtime turns DequantizeLinear -> Conv into QLinearConv only with a QuantizeLinear on the Conv's output
     (after a Relu it removes); otherwise the Conv runs in float on a weight dequantized every run (measured on
-    EfficientNet-Lite0 w8a8, each Conv followed by BatchNormalization: no QLinearConv at all)."""
+    EfficientNet-Lite0 w8a8, each Conv followed by BatchNormalization: no QLinearConv at all), nor with another reader
+    of its output beside the QuantizeLinear (a residual Add: EfficientNet-Lite0's projections stay float)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -248,15 +250,20 @@ def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatc
              helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w_dq"], axis=0),
              helper.make_node("Conv", ["x_dq", "w_dq"], ["c"], name="conv")]
-    if after == "QuantizeLinear":
+    if after.startswith("QuantizeLinear"):
         nodes.append(helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["y"]))
+        if after == "QuantizeLinear+Identity":
+            nodes.append(helper.make_node("Identity", ["c"], ["y2"]))
     elif after == "Relu":
         nodes += [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["y"])]
     else:
         nodes.append(helper.make_node("Identity", ["c"], ["y"]))
     out_type = TensorProto.FLOAT if after == "Identity" else TensorProto.UINT8
+    outputs = [helper.make_tensor_value_info("y", out_type, None)]
+    if after == "QuantizeLinear+Identity":
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", out_type, None)], initializer=inits)
+                              outputs, initializer=inits)
     path = tmp_path / "conv.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
     conv = next(r for r in check(path, "rpi5").rows if r.op == "Conv")
