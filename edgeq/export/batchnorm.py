@@ -8,12 +8,13 @@ only when a QuantizeLinear reads its output, which the BatchNormalization in bet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..quantize.modules import QuantConv2d, quant_layers
+from ..recipe import ActSpec
 
 
 class DequantConv(torch.nn.Module):
@@ -94,4 +95,40 @@ def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
         factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
         folds[conv] = BnFold(norm, factor.detach().float(), shift.detach().float())
+    if folds and not _folding_holds(model, example, folds):
+        folds = {c: f for c, f in folds.items() if _folding_holds(model, example, {c: f})}
     return folds
+
+
+def _folding_holds(model: torch.nn.Module, example: tuple, folds: dict[str, BnFold]) -> bool:
+    """Whether the model computes the same with these norms folded: each conv's output put through its norm's affine,
+    each norm an identity (float activations, so only float rounding differs). Folding rewrites the conv's output,
+    so a second reader of it (a skip connection taken before the norm), or a norm called on other tensors too, would
+    see other values: such a norm stays a separate op."""
+    modules = dict(model.named_modules())
+    layers = quant_layers(model)
+    saved = {n: m.decision for n, m in layers.items()}
+
+    def run(folded: bool):
+        hooks = []
+        if folded:
+            for conv, f in folds.items():
+                scale, shift = f.factor[None, :, None, None], f.shift[None, :, None, None]
+                hooks.append(modules[conv].register_forward_hook(lambda mod, a, o, s=scale, b=shift: o * s + b))
+                hooks.append(modules[f.norm].register_forward_hook(lambda mod, a, o: a[0]))
+        try:
+            with torch.no_grad():
+                return [t.float() for t in torch.utils._pytree.tree_leaves(model(*example)) if torch.is_tensor(t)]
+        finally:
+            for h in hooks:
+                h.remove()
+
+    try:
+        for m in layers.values():
+            m.decision = replace(m.decision, activation=ActSpec())
+        ref, got = run(False), run(True)
+    finally:
+        for n, m in layers.items():
+            m.decision = saved[n]
+    return all(a.shape == b.shape and float((a - b).abs().max()) <= 1e-3 * max(float(a.abs().max()), 1e-6)
+               for a, b in zip(ref, got))

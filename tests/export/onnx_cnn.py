@@ -57,3 +57,30 @@ def batchnorm_cnn():
     """Resolved as `tests.export.onnx_cnn:batchnorm_cnn`."""
     torch.manual_seed(0)
     return BatchNormCNN().eval(), torch.zeros(1, 3, 224, 224)
+
+
+class SkipAroundNormCNN(torch.nn.Module):
+    """A conv whose output its BatchNorm and a skip connection both read: that norm cannot be folded into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(8)
+        self.pw = torch.nn.Conv2d(8, 8, 1, bias=False)
+        self.pw_bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+        for bn in (self.stem_bn, self.pw_bn):
+            bn.weight.data = torch.randn(8) + 2.0
+            bn.running_mean = torch.randn(8)
+            bn.running_var = torch.rand(8) + 0.5
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        y = self.pw(x)
+        return self.head((self.pw_bn(y) + y).mean(dim=(2, 3)))
+
+
+def skip_around_norm_cnn():
+    """Resolved as `tests.export.onnx_cnn:skip_around_norm_cnn`."""
+    torch.manual_seed(0)
+    return SkipAroundNormCNN().eval(), torch.zeros(1, 3, 224, 224)

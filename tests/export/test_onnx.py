@@ -457,6 +457,16 @@ def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_
     assert sorted((r.verdict.support, r.count) for r in rows) == [("fallback", 1), ("native", 2)]
 
 
+def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):
+    """Folding a norm rewrites its conv's output: with a skip connection reading that output too, the fold would feed
+    it normalised values. That norm stays a BatchNormalization; the others are folded."""
+    qdir = _quantize("tests.export.onnx_cnn:skip_around_norm_cnn", "w8a8", tmp_path, source="images")
+    meta = export(qdir, "onnx", tmp_path / "skip.onnx")
+    assert meta["bn_folded"] == {"stem": "stem_bn"}
+    assert meta["parity"]["cos_min"] >= 0.999, meta["parity"]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "skip.onnx")).graph.node].count("BatchNormalization") == 1
+
+
 @pytest.mark.parametrize("recipe", ["w8", "w8a8"])
 def test_encoder_with_biases_matches_simulation(tiny_bert, tmp_path, recipe):
     """BERT's biased linears after per-token symmetric dynamic grids (w8): ORT's MatMulIntegerToFloat fusion would
