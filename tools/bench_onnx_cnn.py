@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hostinfo import machine, write_result  # noqa: E402
+from hostinfo import machine, md_table, write_result  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -182,12 +182,11 @@ def main() -> None:
              f"Created {result['created']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, shared), "
              f"onnxruntime {onnxruntime.__version__}. Quality on {args.eval} held-back crops of the bundled photos against "
              f"the fp32 file; both quantizers calibrated on the same {args.calib} images. Latency: one image, median of "
-             f"{args.reps} interleaved runs after warm-up.", "",
-             "| file | what | exact | top-1 vs fp32 | KL vs fp32 | size MB | s | ms 1 thread | ms 2 threads | ORT's kernels (optimized graph) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, r in rows.items():
-        lines.append(f"| {key} | {r['what']} | {r['exact']} | {r['top1_agree_fp32']:.4f} | {r['kl_fp32']:.4f} | {r['size_mb']} | "
-                     f"{r['quantize_export_s']} | {r['ms_1t']} | {r['ms_2t']} | {json.dumps(r['ort_ops'])} |")
+             f"{args.reps} interleaved runs after warm-up.", ""]
+    lines += md_table(["file", "what", "exact", "top-1 vs fp32", "KL vs fp32", "size MB", "s", "ms 1 thread", "ms 2 threads",
+                       "ORT's kernels (optimized graph)"],
+                      [[key, r["what"], r["exact"], f"{r['top1_agree_fp32']:.4f}", f"{r['kl_fp32']:.4f}", r["size_mb"],
+                        r["quantize_export_s"], r["ms_1t"], r["ms_2t"], json.dumps(r["ort_ops"])] for key, r in rows.items()])
     write_result(args.out, result, "\n".join(lines) + "\n")
 
 

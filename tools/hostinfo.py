@@ -38,6 +38,11 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row (cells as str())."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
 def write_result(out: str | Path, result: dict, text: str) -> None:
     """A benchmark's OUT.json (`result`) and OUT.md (`text`), each written atomically; the Markdown is printed too."""
     from edgeq.fileio import write_json_atomic, write_text_atomic

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_tflite import make_qdir  # noqa: E402
-from hostinfo import machine, write_result  # noqa: E402
+from hostinfo import machine, md_table, write_result  # noqa: E402
 
 from edgeq.export import export  # noqa: E402
 from edgeq.export import onnx_quant  # noqa: E402
@@ -109,12 +109,11 @@ def main() -> None:
              f"Created {result['created']} on {m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])}). One decode step "
              f"({args.past} cached positions, batch 1) in ONNX Runtime, the files interleaved, median of {args.reps} calls. "
              "Both emb4 files hold the same integers (read back exact); their logits on one evaluation window of 512 "
-             f"tokens differ by at most {diff:.2e}. Parity: each file's FILE.json against the simulation.", "",
-             "| file | table op | exact | size MB | ORT at least | parity cos_min | parity top-1 | decode ms 1t | decode ms 2t |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['table_op']} | {r['exact']} | {r['size_mb']} | {r['runtime_min']} | {r['parity_cos_min']} | "
-                     f"{r['parity_top1']:.4f} | {r['decode_ms_1t']} | {r['decode_ms_2t']} |")
+             f"tokens differ by at most {diff:.2e}. Parity: each file's FILE.json against the simulation.", ""]
+    lines += md_table(["file", "table op", "exact", "size MB", "ORT at least", "parity cos_min", "parity top-1", "decode ms 1t",
+                       "decode ms 2t"],
+                      [[name, r["table_op"], r["exact"], r["size_mb"], r["runtime_min"], r["parity_cos_min"],
+                        f"{r['parity_top1']:.4f}", r["decode_ms_1t"], r["decode_ms_2t"]] for name, r in rows.items()])
     write_result(args.out, result, "\n".join(lines) + "\n")
 
 
