@@ -4,14 +4,15 @@
 
 Rows (every file run in ONNX Runtime, CPU execution provider):
 - fp32: edgeq's export of the float model (BatchNormalization kept, as traced);
-- edgeq w8a8 (`int8`), with its default uint8 weight encoding and with `int8_weights="int8"` (ORT's own);
+- edgeq w8a8 (`int8`), with its default uint8 weight encoding and with `int8_weights="int8"` (ORT's own), each also
+  with `output_grids=True` (the Conv outputs a float op reads quantized on calibrated grids, outside the simulation);
 - edgeq w8 (`dynamic-int8`);
 - ORT quantize_static on the fp32 file after quant_pre_process (which folds the norms): QDQ, per-channel int8
   weights, uint8 activations, MinMax, every op it quantizes by default; calibrated on the same images as edgeq;
 - ORT quantize_dynamic (per-channel; ConvInteger for convs).
 Quality: top-1 agreement with fp32 and mean KL(fp32 || file) on `--eval` held-back crops of the bundled photos.
 Latency: one image, at 1 and 2 threads, the files interleaved round-robin, median of `--reps` after 5 warm-ups.
-Seconds (`s`): the row's quantize + export wall time (the second w8a8 row reuses the first's QDIR: export only).
+Seconds (`s`): the row's quantize + export wall time (the later w8a8 rows reuse the first's QDIR: export only).
 Never imported by edgeq.
 """
 
@@ -133,7 +134,10 @@ def main() -> None:
 
     files["fp32"] = work / "fp32.onnx"
     timed("fp32", "edgeq", "export of the float model", lambda: export(args.model, "onnx", files["fp32"]))
+    grids = {"output_grids": True, "calib_samples": args.calib}
     for recipe, key, opts in (("w8a8", "edgeq w8a8", {}), ("w8a8", "edgeq w8a8 int8 weights", {"int8_weights": "int8"}),
+                              ("w8a8", "edgeq w8a8 output grids", grids),
+                              ("w8a8", "edgeq w8a8 output grids int8 weights", {**grids, "int8_weights": "int8"}),
                               ("w8", "edgeq w8", {})):
         files[key] = work / f"{key.replace(' ', '-')}.onnx"
 
@@ -143,7 +147,7 @@ def main() -> None:
                 quantize_model(load_model(args.model), load_recipe(recipe), calib).save(qdir)  # it quantizes the bundle in place
             return export(qdir, "onnx", files[key], **opts)
 
-        timed(key, "edgeq", f"recipe {recipe}" + (", int8_weights=int8" if opts else ""), run)
+        timed(key, "edgeq", ", ".join([f"recipe {recipe}"] + [f"{k}={v}" for k, v in opts.items()]), run)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

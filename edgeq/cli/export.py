@@ -18,8 +18,13 @@ from .common import check_new_output, emit_json, json_option
 @click.option("--cache-len", type=click.IntRange(min=0), default=None,
               help="TFLite decoder LMs: KV-cache slots of the decode signature (default 256; 0: no decode signature).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None,
-              help="TFLite full-integer (int8, int16x8): calibration inputs for the grids each layer's output is requantized "
-                   "to (default 8; FILE.json output_grids.clipped lists the outputs they saturate on the parity inputs).")
+              help="TFLite full-integer (int8, int16x8), and ONNX with --output-grids: calibration inputs for the grids layers' "
+                   "outputs are requantized to (default 8; TFLite: FILE.json output_grids.clipped lists the outputs they "
+                   "saturate on the parity inputs).")
+@click.option("--output-grids", is_flag=True,
+              help="ONNX int8 files of image models: also quantize each Conv / Gemm output that a float op (a residual Add, a "
+                   "pooling) reads, on a calibrated uint8 grid, so ONNX Runtime runs every such layer on integer kernels "
+                   "(not part of the simulation: FILE.json parity measures the departure).")
 @click.option("--output-calibration", type=click.Choice(["minmax", "moving-average"]), default=None,
               help="TFLite full-integer: each output grid spans the lowest to highest output over the calibration inputs "
                    "(minmax, the default) or ai-edge-quantizer's moving average of their ranges (0.95 old + 0.05 new).")
@@ -37,8 +42,8 @@ from .common import check_new_output, emit_json, json_option
                    "(bitwise the same outputs; not in full-integer files). On x86 measured at 0.94-1.02x the decode step time; time it on your board.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
-def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, calib_samples, output_calibration,
-           accuracy_level, int8_weights, no_optimize, fuse, overwrite, as_json):
+def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_len, calib_samples, output_grids,
+           output_calibration, accuracy_level, int8_weights, no_optimize, fuse, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
@@ -52,11 +57,17 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
             if fmt != "tflite":
                 raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (ONNX graphs take any length)")
             options[name] = value
+    if output_grids:
+        if fmt != "onnx":
+            raise EdgeqError("export: --output-grids applies to --format onnx (a TFLite int8 file requantizes every layer's "
+                             "output already)")
+        options["output_grids"] = True
     for name, value in (("calib_samples", calib_samples), ("output_calibration", output_calibration)):
         if value is not None:
-            if fmt != "tflite":
-                raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite (an ONNX layer's output "
-                                 "stays float: no output grid to calibrate)")
+            if fmt != "tflite" and not (name == "calib_samples" and output_grids):
+                raise EdgeqError(f"export: --{name.replace('_', '-')} applies to --format tflite, or to onnx with "
+                                 "--output-grids for --calib-samples (an ONNX layer's output stays float otherwise: no "
+                                 "output grid to calibrate)")
             options[name] = value
     for name, value in (("accuracy_level", accuracy_level), ("int8_weights", int8_weights)):
         if value is not None:

@@ -65,6 +65,7 @@ RUNTIME_MIN_INT4_BLOCKED = "1.19"
 # GatherBlockQuantized on uint8 (packed 4-bit) data, a packed embedding table's lookup: ORT 1.22 (PR #24239). Measured:
 # 1.21.1 refuses the graph (uint8 is not a type of its `data`), 1.22.0 and 1.32.0 run it exactly.
 RUNTIME_MIN_PACKED_TABLE = "1.22"
+OUTPUT_CALIB_SAMPLES = 8  # calibration inputs of `output_grids` (as the TFLite int8 files' output grids)
 
 
 def default_variant(qm) -> str:
@@ -106,6 +107,7 @@ def _check_variant(variant: str | None, qm) -> str:
 def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.onnx"), variant: str | None = None, *,
                 decode: bool = True, accuracy_level: int | None = 0, external_data: bool | None = None,
                 int8_weights: str = "uint8", graph_cache: bool = True, optimize: bool = True,
+                output_grids: bool = False, calib_samples: int | None = None,
                 parity_samples: int = 4, parity_seq_len: int = 64, threads: int = 1) -> dict:
     """Export to `out` (.onnx); returns the metadata written to `out`.json.
 
@@ -117,6 +119,9 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     u8u8 integer kernels compute exactly on every CPU; "int8": as ORT's own quantizer writes them,
     but its u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI, which wrecked
     SmolLM2's logits on this host),
+    `output_grids` (int8 files of image models: also quantize each Conv / Gemm output that a float op reads besides the
+    next layer's input quantization, on a uint8 grid calibrated on `calib_samples` calibration inputs (default 8), so
+    ONNX Runtime runs those layers on integer kernels too; not part of the simulation, see onnx_outgrids.py),
     `graph_cache` (False: trace the float graph even when this process or the user cache holds it), `optimize`
     (False: write the graph as rendered, without ONNX Runtime's basic graph optimizations, see
     OFFLINE_OPTIMIZATION_SKIPS),
@@ -127,6 +132,14 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         raise choice_error("int8_weights", int8_weights, ("int8", "uint8"))
     variant = _check_variant(variant, qm)
     bundle = qm.bundle if qm is not None else bundle
+    if output_grids and (variant != "int8" or bundle.kind != "image"):
+        raise EdgeqError(f"export: output_grids applies to int8 ONNX files of image models (their Convs / Gemms), not a "
+                         f"{variant} file of a{'n' if bundle.kind[0] in 'aeiou' else ''} {bundle.kind} model")
+    if calib_samples is not None and not output_grids:
+        raise EdgeqError("export: calib_samples applies with output_grids (an ONNX layer's output is float otherwise: "
+                         "no grid to calibrate)")
+    if calib_samples is not None and (isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1):
+        raise EdgeqError(f"export: calib_samples must be a whole number >= 1, not {calib_samples!r}")
     layers = LayerQ.from_model(qm.layers()) if qm is not None else []
     # a BatchNorm after a quantized conv is folded into it on edgeq's grid, as in TFLite: ONNX Runtime fuses a QDQ Conv
     # only with its output quantized, never with a BatchNormalization in between (batchnorm.py)
@@ -143,6 +156,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     results = [quantize_graph(p, layers, PREFIX, int8_weights, single_row=batch_one and s.role == "decode")
                for s, p in zip(specs, protos)]
     rendered = [r for r, _ in results]
+    grids_meta = _output_grids(bundle, specs, protos, calib_samples or OUTPUT_CALIB_SAMPLES) if output_grids else None
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)
@@ -197,6 +211,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "graph_optimization": graph_optimization,
             "host_note": host_note() if variant in ("int8", "dynamic-int8") and int8_weights == "int8" else None,
             "bn_folded": {n: f.norm for n, f in folds.items()} or None,
+            "output_grids": grids_meta,
         }
         if folds:
             extra["scale_note"] = ("each BatchNorm after a quantized conv is folded on edgeq's grid, so the file holds edgeq's "
@@ -216,6 +231,26 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output_grids(bundle, specs, protos, samples: int) -> dict:
+    """Quantize the Conv / Gemm outputs a float op reads (onnx_outgrids.py) in each graph, on grids calibrated by
+    running it on `samples` calibration inputs; what was done, for FILE.json."""
+    from ..models.inputs import calibration_batches
+    from .onnx_outgrids import calibrate, insert, outputs_needing_grids
+
+    batches = calibration_batches(bundle, None, samples, 0)
+    tensors = 0
+    for spec, proto in zip(specs, protos):
+        feeds = [dict(zip(spec.input_names, (t.numpy() for t in batch))) for batch in batches]
+        found = outputs_needing_grids(proto)
+        insert(proto, calibrate(proto, found, feeds))
+        tensors += len(found)
+    return {"note": (f"each Conv / Gemm output that a float op reads besides the next layer's input quantization (a "
+                     f"residual Add, a pooling) is quantized to uint8 on a min/max grid calibrated on {samples} "
+                     "calibration inputs, so ONNX Runtime runs those layers as QLinearConv / QGemm too (not part of the "
+                     "edgeq simulation: parity measures the departure)"),
+            "calib_samples": samples, "tensors": tensors}
 
 
 def _folded(lq: LayerQ, module, fold) -> LayerQ:

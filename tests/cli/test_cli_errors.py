@@ -23,6 +23,8 @@ def _run(capsys, *argv):
     (["export", "tiny-llama", "--format", "tflite", "--int8-weights", "int8"], "--int8-weights applies to --format onnx"),
     (["export", "tiny-llama", "--format", "tflite", "--no-optimize"], "--no-optimize applies to --format onnx"),
     (["export", "tiny-llama", "--format", "onnx", "--fuse"], "--fuse applies to --format tflite"),
+    (["export", "tiny-llama", "--format", "tflite", "--output-grids"], "--output-grids applies to --format onnx"),
+    (["export", "tiny-llama", "--format", "onnx", "--calib-samples", "4"], "or to onnx with --output-grids"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tmp_path, tiny_llama_ref):
     out = tmp_path / "qdir"

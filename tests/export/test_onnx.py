@@ -457,6 +457,30 @@ def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_
     assert sorted((r.verdict.support, r.count) for r in rows) == [("fallback", 1), ("native", 2)]
 
 
+def test_output_grids_put_every_conv_on_integer_kernels(tmp_path):
+    """`output_grids`: a Conv whose output a float op reads (here a ReduceMean) gets a calibrated uint8 grid on that
+    output, so ONNX Runtime fuses it as well: all three Convs QLinearConv, as `edgeq check` says; a departure from the
+    simulation that parity measures. Only for int8 files of image models; calib_samples only with it."""
+    from edgeq.targets import check
+
+    qdir = _quantize("tests.export.onnx_cnn:batchnorm_cnn", "w8a8", tmp_path, source="images")
+    out = tmp_path / "grids.onnx"
+    meta = export(qdir, "onnx", out, output_grids=True, calib_samples=4)
+    assert meta["output_grids"]["tensors"] == 1 and meta["output_grids"]["calib_samples"] == 4
+    assert meta["parity"]["cos_min"] >= 0.99, meta["parity"]
+    assert all(c["exact"] for c in meta["layers"])  # the weights and input grids are untouched
+    ops = _fused_ops(out, tmp_path, {})
+    assert ops["QLinearConv"] == 3 and ops["Conv"] + ops["FusedConv"] == 0, dict(ops)
+    rows = [r for r in check(out, "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Conv"]
+    assert [(r.verdict.support, r.count) for r in rows] == [("native", 3)]
+    with pytest.raises(EdgeqError, match="calib_samples applies with output_grids"):
+        export(qdir, "onnx", tmp_path / "x.onnx", calib_samples=4)
+    w8 = _quantize("tests.export.onnx_cnn:batchnorm_cnn", "w8", tmp_path, source="images")
+    with pytest.raises(EdgeqError, match="output_grids applies to int8 ONNX files of image models"):
+        export(w8, "onnx", tmp_path / "y.onnx", output_grids=True)
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
 def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):
     """Folding a norm rewrites its conv's output: with a skip connection reading that output too, the fold would feed
     it normalised values. That norm stays a BatchNormalization; the others are folded."""

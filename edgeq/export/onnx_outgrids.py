@@ -1,0 +1,97 @@
+"""Output grids for an ONNX int8 file's Convs and Gemms (`export(..., output_grids=True)`; pure onnx + numpy + ORT).
+
+ONNX Runtime runs a QDQ Conv / Gemm on its integer kernel (QLinearConv / QGemm) only when QuantizeLinear nodes are
+all that read its output. edgeq's simulation quantizes each layer's input, so a Conv whose output also reaches a
+float op (a residual Add, a pooling) stays a float Conv on a weight dequantized every run: 15 of EfficientNet-
+Lite0's 49. With output grids, such an output (after the Relu / Clip ORT drops into the kernel) gets a
+QuantizeLinear -> DequantizeLinear of its own, uint8 on a min/max grid calibrated by running the file on calibration
+inputs, as ORT's quantize_static calibrates every tensor and as edgeq's TFLite int8 files requantize every layer's
+output. It is a departure from the simulation, which FILE.json's `parity` measures and `output_grids` records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+_DROPPED_ACTIVATIONS = ("Relu", "Clip")  # ORT fuses them into the integer kernel before a QuantizeLinear
+
+
+def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
+    """The tensors to quantize: the output of each static QDQ Conv / Gemm (after a Relu / Clip that is its only reader)
+    that something besides QuantizeLinear reads; graph outputs (logits) stay float."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name for t in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def dequantized(name: str, constant: bool) -> bool:
+        p = producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in inits) == constant
+
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        if not (dequantized(node.input[0], False) and dequantized(node.input[1], True)):
+            continue  # not a static QDQ layer
+        t = node.output[0]
+        while len(consumers.get(t, [])) == 1 and consumers[t][0].op_type in _DROPPED_ACTIVATIONS and t not in graph_outputs:
+            t = consumers[t][0].output[0]
+        readers = consumers.get(t, [])
+        if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
+            continue
+        found.append(t)
+    return found
+
+
+def calibrate(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """tensor -> (scale, zero point) of a uint8 grid spanning its min..max (and 0) over `feeds`, run in ONNX Runtime."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in tensors:
+        probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    lo = {t: 0.0 for t in tensors}
+    hi = {t: 0.0 for t in tensors}
+    for feed in feeds:
+        values = session.run(tensors, feed)
+        for t, v in zip(tensors, values):
+            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
+    grids = {}
+    for t in tensors:
+        scale = np.float32(max(hi[t] - lo[t], 1e-8) / 255.0)
+        zero_point = np.uint8(np.clip(np.round(-lo[t] / scale), 0, 255))
+        grids[t] = (np.array(scale, dtype=np.float32), np.array(zero_point, dtype=np.uint8))
+    return grids
+
+
+def insert(model: onnx.ModelProto, grids: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Put QuantizeLinear -> DequantizeLinear on each tensor of `grids`, its readers reading the dequantized values."""
+    graph = model.graph
+    nodes = list(graph.node)
+    position = {o: i for i, n in enumerate(nodes) for o in n.output}
+    after: dict[int, list] = {}
+    for t, (scale, zero_point) in grids.items():
+        s, z = f"{t}.output_scale", f"{t}.output_zero_point"
+        graph.initializer.extend([numpy_helper.from_array(scale, s), numpy_helper.from_array(zero_point, z)])
+        q, dq = f"{t}.output_q", f"{t}.output_dq"
+        for n in nodes:
+            for i, name in enumerate(n.input):
+                if name == t:
+                    n.input[i] = dq
+        after.setdefault(position[t], []).extend([
+            helper.make_node("QuantizeLinear", [t, s, z], [q], name=f"{t}/output_q"),
+            helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{t}/output_dq")])
+    del graph.node[:]
+    for i, n in enumerate(nodes):
+        graph.node.append(n)
+        graph.node.extend(after.get(i, []))
