@@ -25,6 +25,7 @@ class ModelBundle:
     tokenizer: Any = None
     example_inputs: tuple = ()
     info: dict = field(default_factory=dict)
+    structure: str = ""  # `structure_digest` of the module as loaded (set by `load_model`)
 
     @property
     def is_lm(self) -> bool:
@@ -51,14 +52,29 @@ def load_model(ref: str) -> ModelBundle:
     from pathlib import Path
 
     ref = str(ref)
-    if ref in BUILTINS:
-        return BUILTINS[ref][0]()
     path = Path(ref).expanduser()
-    if path.is_dir():
-        return load_hf_dir(path, reference=str(path.resolve()))
-    if ":" in ref and not path.exists():
-        return load_factory(ref)
-    raise EdgeqError(
-        f"model: {ref!r} is not a built-in name ({', '.join(sorted(BUILTINS))}), "
-        "an existing Hugging Face model directory, or package.module:factory"
-    )
+    if ref in BUILTINS:
+        bundle = BUILTINS[ref][0]()
+    elif path.is_dir():
+        bundle = load_hf_dir(path, reference=str(path.resolve()))
+    elif ":" in ref and not path.exists():
+        bundle = load_factory(ref)
+    else:
+        raise EdgeqError(
+            f"model: {ref!r} is not a built-in name ({', '.join(sorted(BUILTINS))}), "
+            "an existing Hugging Face model directory, or package.module:factory"
+        )
+    bundle.structure = structure_digest(bundle.module)
+    return bundle
+
+
+def structure_digest(module: torch.nn.Module) -> str:
+    """sha256 of a model's module tree (names and classes) and of its tensors' names, shapes and dtypes: what a
+    quantized-model directory records of the model it was made from, so that loading it into a model whose
+    definition has changed since fails instead of computing with grids calibrated on another network."""
+    import hashlib
+    import json
+
+    parts = [[name, type(m).__qualname__] for name, m in module.named_modules()]
+    parts += [[k, list(v.shape), str(v.dtype)] for k, v in module.state_dict().items()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()

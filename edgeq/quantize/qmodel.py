@@ -110,6 +110,7 @@ class QuantizedModel:
                 "untied_head": self.untied,
                 "folded_norms": self.folded_norms,
                 "format_version": FORMAT_VERSION,
+                "structure_sha256": self.bundle.structure or None,  # of the model as loaded, before quantization
             })
             write_json_atomic(tmp / "quant.json", self.summary())
         return Path(out)
@@ -171,6 +172,9 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     summary = read_json(qdir / "quant.json")
     recipe = load_recipe(qdir / "recipe.toml")
     bundle = load_model(meta["reference"])
+    if meta.get("structure_sha256") and meta["structure_sha256"] != bundle.structure:
+        raise EdgeqError(f"quantized model: {qdir} was made from another definition of {meta['reference']!r} (its modules or "
+                         "tensors have changed since): quantize it again")
     model = bundle.module
     if meta.get("untied_head"):
         untie_head(model)

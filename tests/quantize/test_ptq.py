@@ -355,3 +355,22 @@ def test_observer_and_hessian_divide_channels_like_observing_the_divided_input()
     for method in ("minmax", "percentile", "mse"):
         assert torch.allclose(a.qparams(method)[0], b.qparams(method)[0], rtol=1e-5), method
     assert (ha.result() - hb.result()).abs().max() <= 1e-5 * hb.result().abs().max()  # float32 sums, rounded apart
+
+
+def test_a_qdir_refuses_a_model_whose_definition_changed(tmp_path):
+    """EfficientNet-Lite0 once loaded with Swish where its weights expect ReLU6; a QDIR made then holds grids calibrated
+    on that network. model.json records the model's structure, and loading it into another definition fails."""
+    from edgeq.models import structure_digest
+
+    bundle = load_model("factories:small_cnn")
+    qdir = quantize_model(bundle, QuantRecipe.from_dict({"rules": [{"match": ".*", "weight": {"bits": 8}}]})).save(tmp_path / "q")
+    meta = json.loads((qdir / "model.json").read_text())
+    fresh = load_model("factories:small_cnn")
+    assert meta["structure_sha256"] == fresh.structure == structure_digest(fresh.module)
+    load_quantized(qdir)  # the same definition loads
+    fresh.module.conv1 = torch.nn.Sequential(fresh.module.conv1, torch.nn.ReLU6())  # an activation swapped in
+    assert structure_digest(fresh.module) != meta["structure_sha256"]
+    meta["structure_sha256"] = structure_digest(fresh.module)
+    (qdir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(EdgeqError, match="was made from another definition of 'factories:small_cnn'"):
+        load_quantized(qdir)
