@@ -11,7 +11,8 @@ Rows (every file run in ONNX Runtime, CPU execution provider):
   weights, uint8 activations, MinMax, every op it quantizes by default; calibrated on the same images as edgeq;
 - ORT quantize_dynamic (per-channel; ConvInteger for convs).
 Quality: top-1 agreement with fp32 and mean KL(fp32 || file) on `--eval` held-back crops of the bundled photos.
-Latency: one image, at 1 and 2 threads, the files interleaved round-robin, median of `--reps` after 5 warm-ups.
+Latency: one image, at 1 and 2 threads, the files interleaved round-robin, median of `--reps` after 5 warm-ups,
+with `session.intra_op.allow_spinning=0` (the other sessions' idle threads would spin on the same cores).
 Seconds (`s`): the row's quantize + export wall time (the later w8a8 rows reuse the first's QDIR: export only).
 Never imported by edgeq.
 """
@@ -43,6 +44,8 @@ def _session(path: Path, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # idle worker threads of the other interleaved sessions would spin on the 2 cores (as in bench_ptq.py)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
