@@ -1,7 +1,6 @@
 """The built-in pretrained models are the models their names say (not only loadable)."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

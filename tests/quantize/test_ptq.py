@@ -370,7 +370,7 @@ def test_a_qdir_refuses_a_model_whose_definition_changed(tmp_path):
     load_quantized(qdir)  # the same definition loads
     fresh.module.conv1 = torch.nn.Sequential(fresh.module.conv1, torch.nn.ReLU6())  # an activation swapped in
     assert structure_digest(fresh.module) != meta["structure_sha256"]
-    meta["structure_sha256"] = structure_digest(fresh.module)
+    meta["structure_sha256"] = structure_digest(fresh.module)  # as if made from that definition, loaded into this one
     (qdir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(EdgeqError, match="was made from another definition of 'factories:small_cnn'"):
         load_quantized(qdir)
