@@ -8,12 +8,12 @@ only when a QuantizeLinear reads its output, which the BatchNormalization in bet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..quantize.modules import QuantConv2d, quant_layers
+from ..quantize.modules import QuantConv2d, activations_as, quant_layers
 from ..recipe import ActSpec
 
 
@@ -106,8 +106,6 @@ def _folding_holds(model: torch.nn.Module, example: tuple, folds: dict[str, BnFo
     so a second reader of it (a skip connection taken before the norm), or a norm called on other tensors too, would
     see other values: such a norm stays a separate op."""
     modules = dict(model.named_modules())
-    layers = quant_layers(model)
-    saved = {n: m.decision for n, m in layers.items()}
 
     def run(folded: bool):
         hooks = []
@@ -123,12 +121,7 @@ def _folding_holds(model: torch.nn.Module, example: tuple, folds: dict[str, BnFo
             for h in hooks:
                 h.remove()
 
-    try:
-        for m in layers.values():
-            m.decision = replace(m.decision, activation=ActSpec())
+    with activations_as(quant_layers(model), ActSpec()):
         ref, got = run(False), run(True)
-    finally:
-        for n, m in layers.items():
-            m.decision = saved[n]
     return all(a.shape == b.shape and float((a - b).abs().max()) <= 1e-3 * max(float(a.abs().max()), 1e-6)
                for a, b in zip(ref, got))

@@ -134,17 +134,17 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     bundle = qm.bundle if qm is not None else bundle
     if output_grids and (variant != "int8" or bundle.kind != "image"):
         raise EdgeqError(f"export: output_grids applies to int8 ONNX files of image models (their Convs / Gemms), not a "
-                         f"{variant} file of a{'n' if bundle.kind[0] in 'aeiou' else ''} {bundle.kind} model")
+                         f"{variant} file of a model of kind {bundle.kind}")
     if calib_samples is not None and not output_grids:
         raise EdgeqError("export: calib_samples applies with output_grids (an ONNX layer's output is float otherwise: "
                          "no grid to calibrate)")
     if calib_samples is not None and (isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1):
         raise EdgeqError(f"export: calib_samples must be a whole number >= 1, not {calib_samples!r}")
-    layers = LayerQ.from_model(qm.layers()) if qm is not None else []
+    modules = qm.layers() if qm is not None else {}
     # a BatchNorm after a quantized conv is folded into it on edgeq's grid, as in TFLite: ONNX Runtime fuses a QDQ Conv
     # only with its output quantized, never with a BatchNormalization in between (batchnorm.py)
-    folds = bn_folds(bundle.module, tuple(bundle.example_inputs)) if qm is not None and bundle.example_inputs else {}
-    layers = [_folded(lq, qm.layers()[lq.name], folds[lq.name]) if lq.name in folds else lq for lq in layers]
+    folds = bn_folds(bundle.module, tuple(bundle.example_inputs)) if modules and bundle.example_inputs else {}
+    layers = [_folded(lq, modules[lq.name], folds[lq.name]) if lq.name in folds else lq for lq in LayerQ.from_model(modules)]
     t0 = time.perf_counter()
     specs = graph_specs(bundle, with_decode=decode)
     attention = decoder_attention(bundle.module) if bundle.kind == "causal-lm" else contextlib.nullcontext()

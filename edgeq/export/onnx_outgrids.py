@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from .onnx_edit import Graph
 
 _DROPPED_ACTIVATIONS = ("Relu", "Clip")  # ORT fuses them into the integer kernel before a QuantizeLinear
 
@@ -21,17 +23,12 @@ _DROPPED_ACTIVATIONS = ("Relu", "Clip")  # ORT fuses them into the integer kerne
 def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
     """The tensors to quantize: the output of each static QDQ Conv / Gemm (after a Relu / Clip that is its only reader)
     that something besides QuantizeLinear reads; graph outputs (logits) stay float."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name for t in model.graph.initializer}
+    g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
 
     def dequantized(name: str, constant: bool) -> bool:
-        p = producer.get(name)
-        return p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in inits) == constant
+        p = g.producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in g.inits) == constant
 
     found = []
     for node in model.graph.node:
@@ -40,9 +37,10 @@ def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
         if not (dequantized(node.input[0], False) and dequantized(node.input[1], True)):
             continue  # not a static QDQ layer
         t = node.output[0]
-        while len(consumers.get(t, [])) == 1 and consumers[t][0].op_type in _DROPPED_ACTIVATIONS and t not in graph_outputs:
-            t = consumers[t][0].output[0]
-        readers = consumers.get(t, [])
+        while (len(g.consumers.get(t, [])) == 1 and g.consumers[t][0][0].op_type in _DROPPED_ACTIVATIONS
+               and t not in graph_outputs):
+            t = g.consumers[t][0][0].output[0]
+        readers = [r for r, _ in g.consumers.get(t, [])]
         if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
             continue
         found.append(t)
@@ -76,22 +74,12 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> 
 
 def insert(model: onnx.ModelProto, grids: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Put QuantizeLinear -> DequantizeLinear on each tensor of `grids`, its readers reading the dequantized values."""
-    graph = model.graph
-    nodes = list(graph.node)
-    position = {o: i for i, n in enumerate(nodes) for o in n.output}
-    after: dict[int, list] = {}
+    g = Graph(model.graph)
     for t, (scale, zero_point) in grids.items():
-        s, z = f"{t}.output_scale", f"{t}.output_zero_point"
-        graph.initializer.extend([numpy_helper.from_array(scale, s), numpy_helper.from_array(zero_point, z)])
-        q, dq = f"{t}.output_q", f"{t}.output_dq"
-        for n in nodes:
-            for i, name in enumerate(n.input):
-                if name == t:
-                    n.input[i] = dq
-        after.setdefault(position[t], []).extend([
-            helper.make_node("QuantizeLinear", [t, s, z], [q], name=f"{t}/output_q"),
-            helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{t}/output_dq")])
-    del graph.node[:]
-    for i, n in enumerate(nodes):
-        graph.node.append(n)
-        graph.node.extend(after.get(i, []))
+        s, z = g.add_init(scale, f"{t}.output_scale"), g.add_init(zero_point, f"{t}.output_zero_point")
+        q, dq = g.unique(f"{t}.output_q"), g.unique(f"{t}.output_dq")
+        for node, i in g.consumers.get(t, []):
+            node.input[i] = dq
+        g.emit_after_producer(t, [helper.make_node("QuantizeLinear", [t, s, z], [q], name=g.unique(f"{t}/output_q")),
+                                  helper.make_node("DequantizeLinear", [q, s, z], [dq], name=g.unique(f"{t}/output_dq"))])
+    g.commit()

@@ -26,7 +26,7 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
                 zp = numpy_helper.to_array(inits[r.zero_point]).astype(np.int16) - r.offset
             else:  # packed 4-bit bytes, low nibble first, around the ops' default zero point
                 q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[0], -1)
-                zp = np.full(scale.shape, r.offset, dtype=np.int16) - r.offset
+                zp = np.zeros(scale.shape, dtype=np.int16)
             q = q - r.offset
         except KeyError as exc:
             out.update(ints=False, scales=False, zero_points=False, error=f"missing initializer {exc}")

@@ -12,7 +12,6 @@ A grid TFLite cannot hold is refused up front with the nearest variant or recipe
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError, choice_error
+from ..quantize.modules import activations_as
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
@@ -76,21 +76,6 @@ def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
     return out
 
 
-@contextlib.contextmanager
-def _activations(layers: dict, spec, kind: str | None = None):
-    """The simulation with every layer's (or every `kind` layer's) activation grid set to `spec` for a while:
-    float (ActSpec()) is the reference for an fp32 rendering of a QDIR, `RUNTIME_GRID` what hybrid kernels run."""
-    saved = {n: m.decision for n, m in layers.items()}
-    try:
-        for m in layers.values():
-            if kind is None or m.decision.kind == kind:
-                m.decision = dataclasses.replace(m.decision, activation=spec)
-        yield
-    finally:
-        for n, m in layers.items():
-            m.decision = saved[n]
-
-
 def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, causal_lm: bool) -> dict | None:
     """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
     hybrid kernels quantize them at run time (`RUNTIME_GRID`), with that simulation's own noise floor: whether the
@@ -100,7 +85,7 @@ def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, caus
 
     if not off_runtime_grid(layers):
         return None
-    with torch.no_grad(), _activations(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
+    with torch.no_grad(), activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
         ref = [ref_module(*x).float().numpy() for x in inputs]
         out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
         floor = noise_floor(ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref)
@@ -287,7 +272,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     inputs = _parity_inputs(b, seq_len)
     float_acts = variant == "fp32" and qm is not None
     grids = output_grids(buf, layers) if variant in FULL_INTEGER else {}
-    with (torch.no_grad(), (_activations(layers, ActSpec()) if float_acts else contextlib.nullcontext()),
+    with (torch.no_grad(), (activations_as(layers, ActSpec()) if float_acts else contextlib.nullcontext()),
           output_clipping(layers, grids) as clipped):
         from .tflite_render import graph_module
 

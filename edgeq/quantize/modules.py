@@ -8,7 +8,8 @@ ONNX and TFLite renderings are checked against.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,21 @@ class QuantEmbedding(_QuantBase):
 
 def quant_layers(model: torch.nn.Module) -> dict[str, _QuantBase]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _QuantBase)}
+
+
+@contextlib.contextmanager
+def activations_as(layers: dict, spec: ActSpec, kind: str | None = None):
+    """The simulation with every layer's (or every `kind` layer's) activation grid set to `spec` for a while:
+    float (ActSpec()) is the reference for an fp32 rendering of a QDIR, LiteRT's run-time grid what hybrid kernels run."""
+    saved = {n: m.decision for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            if kind is None or m.decision.kind == kind:
+                m.decision = replace(m.decision, activation=spec)
+        yield
+    finally:
+        for n, m in layers.items():
+            m.decision = saved[n]
 
 
 def set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
