@@ -36,7 +36,8 @@ from .common import check_new_output, emit_json, json_option
                    "or int8 (ONNX Runtime's own convention: its u8s8 kernels, faster on x86 with VNNI/AMX, saturating on AVX2-only x86).")
 @click.option("--no-optimize", is_flag=True,
               help="ONNX: write the graphs as rendered, without ONNX Runtime's basic graph optimizations (saved by default: "
-                   "plain ONNX operators, faster sessions).")
+                   "plain ONNX operators, faster sessions) and with float biases where the optimized file has int32 ones "
+                   "(TensorRT's parser refuses those).")
 @click.option("--fuse", is_flag=True,
               help="TFLite: make the layers that read one input (query/key/value, gate/up) one FULLY_CONNECTED and SLICEs "
                    "(bitwise the same outputs; not in full-integer files). On x86 measured at 0.94-1.02x the decode step time; time it on your board.")

@@ -43,7 +43,7 @@ from . import register_exporter
 from .batchnorm import bn_folds, rendered_scale
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
-from .onnx_quant import LayerQ, quantize_graph
+from .onnx_quant import LayerQ, int32_biases, quantize_graph
 from .onnx_readback import read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
 from ..quantize.qmodel import is_qdir
@@ -124,7 +124,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     ONNX Runtime runs those layers on integer kernels too; not part of the simulation, see onnx_outgrids.py),
     `graph_cache` (False: trace the float graph even when this process or the user cache holds it), `optimize`
     (False: write the graph as rendered, without ONNX Runtime's basic graph optimizations, see
-    OFFLINE_OPTIMIZATION_SKIPS),
+    OFFLINE_OPTIMIZATION_SKIPS, and with float biases, as TensorRT's parser needs them; True: static Convs' and Gemms'
+    biases int32, as ONNX Runtime's integer kernels take them, see onnx_quant.int32_biases),
     `parity_samples` / `parity_seq_len` (held-back inputs), `threads` (for parity).
     """
     out = Path(out)
@@ -157,6 +158,10 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
                for s, p in zip(specs, protos)]
     rendered = [r for r, _ in results]
     grids_meta = _output_grids(bundle, specs, protos, calib_samples or OUTPUT_CALIB_SAMPLES) if output_grids else None
+    if optimize:  # TensorRT's parser refuses int32 DequantizeLinear: --no-optimize keeps the biases float
+        bias_errors = {k: v for p in protos for k, v in int32_biases(p).items()}
+        for r in (r for rs in rendered for r in rs if r.nodes):
+            r.bias_error = bias_errors.get(r.nodes[0])
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 PACKED_OFFSET = 8  # a packed 4-bit table's stored value = edgeq's integer + 8 (ONNX Runtime's default zero point)
 PASSIVE_OPS = ("Shape", "Size")
+FUSED_ACTIVATIONS = ("Relu", "Clip")  # ORT fuses them into a QDQ Conv / Gemm before its output's QuantizeLinear
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Rendered:
     # rows after the layer's own in the stored [in, out] integers, holding its activation zero points' term
     # (onnx_dynamic.zero_point_rows); read-back checks them and compares the rows before them
     zero_point_rows: int = 0
+    # a static Conv's / Gemm's bias stored as int32 on fp32(input scale * weight scale) (onnx_quant.int32_biases): the
+    # largest distance from the float bias, at most half a step; None where the layer has no such bias
+    bias_error: float | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "nodes"}
@@ -154,6 +158,25 @@ class Graph:
         keep = [t for t in self.graph.initializer if t.name not in self.drop_inits]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep + self.new_inits)
+
+
+def dequantized_by(g: Graph, name: str, constant: bool):
+    """The DequantizeLinear producing `name` from a constant (`constant`: a weight) or from a tensor (an activation's
+    grid), else None; through a zero-padding Pad for an activation (onnx_quant._zero_pad puts it after the DQ)."""
+    p = g.producer.get(name)
+    if p is not None and p.op_type == "Pad" and not constant:
+        p = g.producer.get(p.input[0])
+    return p if p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in g.inits) == constant else None
+
+
+def output_readers(g: Graph, node, graph_outputs: set[str]) -> tuple[str, list]:
+    """A Conv's / Gemm's output after the Relu / Clip that is its only reader (ONNX Runtime fuses those into the
+    integer kernel, before the output's QuantizeLinear), and the nodes reading that."""
+    t = node.output[0]
+    while (len(g.consumers.get(t, [])) == 1 and g.consumers[t][0][0].op_type in FUSED_ACTIVATIONS
+           and t not in graph_outputs):
+        t = g.consumers[t][0][0].output[0]
+    return t, [r for r, _ in g.consumers.get(t, [])]
 
 
 def transpose_consumers(g: Graph, name: str) -> list | None:

@@ -15,9 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_edit import Graph
-
-_DROPPED_ACTIVATIONS = ("Relu", "Clip")  # ORT fuses them into the integer kernel before a QuantizeLinear
+from .onnx_edit import Graph, dequantized_by, output_readers
 
 
 def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
@@ -25,22 +23,13 @@ def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
     that something besides QuantizeLinear reads; graph outputs (logits) stay float."""
     g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
-
-    def dequantized(name: str, constant: bool) -> bool:
-        p = g.producer.get(name)
-        return p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in g.inits) == constant
-
     found = []
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
             continue
-        if not (dequantized(node.input[0], False) and dequantized(node.input[1], True)):
+        if not (dequantized_by(g, node.input[0], False) and dequantized_by(g, node.input[1], True)):
             continue  # not a static QDQ layer
-        t = node.output[0]
-        while (len(g.consumers.get(t, [])) == 1 and g.consumers[t][0][0].op_type in _DROPPED_ACTIVATIONS
-               and t not in graph_outputs):
-            t = g.consumers[t][0][0].output[0]
-        readers = [r for r, _ in g.consumers.get(t, [])]
+        t, readers = output_readers(g, node, graph_outputs)
         if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
             continue
         found.append(t)

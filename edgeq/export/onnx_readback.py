@@ -18,6 +18,7 @@ def read_back(model: onnx.ModelProto, rendered: list[Rendered], layers: list[Lay
         lq = by_name[r.layer]
         out = {"layer": r.layer, "op": r.op, "container": r.container, "layout": r.layout, "blocked": r.blocked,
                "activation": r.activation, "offset": r.offset, "zero_point_rows": r.zero_point_rows,
+               "bias_int32_error": r.bias_error,
                "tensors": {"weight": r.weight, "scale": r.scale, "zero_point": r.zero_point}}
         try:
             q = numpy_helper.to_array(inits[r.weight]).astype(np.int16)

@@ -4,8 +4,10 @@ QDQ is folded the way runtimes fuse it: a `DequantizeLinear` of a constant is th
 op that consumes it (dtype, per-tensor / per-channel / `block_size` groups), a `DequantizeLinear`
 of an activation makes the consumer's activations that integer dtype, `DynamicQuantizeLinear`
 makes them `dynamic`, and a `QuantizeLinear` right after an op is folded into it. Q/DQ nodes left
-over run on their own and are reported as such. Weights are never loaded (external data stays on
-disk). Needs the `onnx` package (host extra); this module is imported only when checking ONNX.
+over run on their own and are reported as such. Ops on constants only (an optimizer's bias
+quantization: Mul, Div, Round, Cast) are folded when the runtime loads the file and are not reported.
+Weights are never loaded (external data stays on disk). Needs the `onnx` package (host extra); this
+module is imported only when checking ONNX.
 """
 
 from __future__ import annotations
@@ -90,8 +92,14 @@ class _Graph:
                             self.types[out] = dtypes.get(a.t.data_type, "?")
                             self.dims[out] = len(a.t.dims)
                             self.numel[out] = _prod(a.t.dims)
+        # ops on constants only (an optimizer's bias quantization: Mul, Div, Round, Cast) are folded when ONNX Runtime
+        # loads the file; DequantizeLinear is not (constant folding skips it), a constant one is a weight
+        self.folded_at_load: set[str] = set()
         for node in graph.node:
             self._propagate(node, dtypes)
+            if node.input and node.op_type not in QDQ and all((not i) or i in self.const for i in node.input):
+                self.const.update(o for o in node.output if o)
+                self.folded_at_load.add(_nid(node))
 
     def _propagate(self, node, dtypes: dict[int, str]) -> None:
         """Give untyped outputs a dtype (shape inference stops at contrib ops such as MatMulNBits)."""
@@ -124,7 +132,12 @@ class _Graph:
             return (self.types.get(node.input[0], "?"), gran, block or None, seen + (_nid(node),))
         if node.op_type in CONST_LAYOUT and node.input and all(
                 i in self.const or i == node.input[0] for i in node.input if i):
-            return self.weight(node.input[0], seen + (_nid(node),))
+            w = self.weight(node.input[0], seen + (_nid(node),))
+            if w is not None and node.op_type == "Transpose" and w[2] and w[3]:
+                # a blocked DequantizeLinear under a Transpose (a tied head on a table ORT cannot pack): ORT neither
+                # moves the Transpose onto the integers nor fuses MatMulNBits; both run on every inference (measured)
+                return None
+            return w
         return None
 
     def act(self, name: str) -> tuple[str, tuple]:
@@ -188,7 +201,7 @@ def onnx_uses(path: str | Path, level: int | None = None) -> list[OpUse]:
     uses: list[OpUse] = []
     folded: set[str] = set()
     for node in model.graph.node:
-        if node.op_type in QDQ or node.op_type == "Constant":
+        if node.op_type in QDQ or node.op_type == "Constant" or _nid(node) in g.folded_at_load:
             continue
         weight = g.weight(node.input[0]) if node.op_type in ("Shape", "Size") and node.input else None
         if weight:  # a weight's static shape (TF-style "same" padding reads it): folded at load, with its DequantizeLinear
@@ -221,21 +234,24 @@ def _node_use(g: _Graph, node) -> OpUse | None:
             if w is not None and w[1] is not None:
                 widx, weight = i, w
                 break
-    if node.op_type in CONST_LAYOUT and all((not i) or i in g.const or g.weight(i) for i in inputs):
-        return None  # constant-folded at load time: not an op at run time
+    if node.op_type in CONST_LAYOUT and g.weight(node.output[0]) is not None:
+        return None  # part of a weight, folded at load time: not an op at run time
     if node.op_type == "Gather" and inputs[0] in g.const and weight and weight[0] not in ("fp32", "fp16", "bf16"):
         # integer rows looked up as they are (edgeq's 8-bit tables: the rows' scales dequantize them after), a copy
         return OpUse(op=node.op_type, act=weight[0], node=_nid(node))
     folded: tuple = weight[3] if weight else ()
+    # a Conv's / Gemm's quantized bias is a constant DequantizeLinear, reported as its own use (TensorRT refuses int32)
+    bias = g.weight(inputs[2]) if node.op_type in OUTPUT_QDQ_OPS and len(inputs) > 2 and inputs[2] else None
     act, vias = "none", ()
-    data = [(i, n) for i, n in enumerate(inputs) if n and i != widx and n not in g.const]
+    data = [(i, n) for i, n in enumerate(inputs) if n and i != widx and n not in g.const and not (i == 2 and bias)]
     for k, (_, name) in enumerate(data):
         mode, via = g.act(name)
         act = mode if k == 0 else act
         vias += via
     # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops (and OUTPUT_QDQ_OPS) only as a
     # whole QDQ unit with a quantized output: otherwise the DQ runs alone and the op runs in float.
-    if vias and (node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS) and not _output_quantized(g, node):
+    if vias and (node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS) and not (
+            _output_quantized(g, node) or _qgemm_float_output(g, node)):
         act = g.types.get(data[0][1], "fp32")
     else:
         folded += vias
@@ -272,6 +288,18 @@ def _output_quantized(g: _Graph, node) -> bool:
     readers = [c for out in node.output for c in g.consumers.get(out, [])]
     return bool(readers) and not any(out in g.outputs for out in node.output) and all(
         c.op_type == "QuantizeLinear" or (c.op_type in _QUANT_FUSED_ACTIVATIONS and _output_quantized(g, c)) for c in readers)
+
+
+def _qgemm_float_output(g: _Graph, node) -> bool:
+    """Whether ONNX Runtime fuses a QDQ Gemm whose output is float (QGemm has a float-output form): only when it has no
+    bias or an int32 one behind a DequantizeLinear. Measured (ORT 1.32, a Gemm on DQ input and DQ int8 weights): a
+    float bias kept it a float Gemm unless its output was quantized; no bias or an int32 bias gave QGemm either way."""
+    if node.op_type != "Gemm":
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    bias = g.weight(node.input[2])
+    return bias is not None and bias[0] == "int32" and bias[1] is not None
 
 
 def _qdq_use(g: _Graph, node) -> OpUse:

@@ -106,8 +106,13 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
         return _onnx_table_use(name, dtype, gran, group, packed)
     if fmt == "onnx" and layer.get("tied_to"):
         # a tied head reads the table's integers (a packed table: as MatMulNBits), its input grid float ops before it
+        group_size = int(group) if group else None
+        if not packed and matmulnbits_fused(dtype, gran, group_size):
+            # blocks ORT cannot pack: read through DequantizeLinear + Transpose, which ORT does not fuse into
+            # MatMulNBits, so the whole table is dequantized on every run
+            return OpUse(op="DequantizeLinear", act="none", weight=dtype, granularity=gran, group_size=group_size, node=name)
         return OpUse(op="MatMulNBits" if packed else op, act="fp32", weight=dtype, granularity=gran,
-                     group_size=int(group) if group else None, node=name)
+                     group_size=group_size, node=name)
     if fmt == "onnx" and kind == "linear" and act == "fp32" and accuracy_level == 4 and matmulnbits_fused(dtype, gran, group):
         act = "dynamic"  # fused into MatMulNBits, whose level 4 quantizes a float input again (int8 per block)
     return OpUse(op=op, act=act, weight=dtype, granularity=gran, group_size=int(group) if group else None, node=name)

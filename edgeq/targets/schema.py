@@ -20,7 +20,7 @@ FORMATS = ("onnx", "tflite")
 ACTS = ("fp32", "fp16", "bf16", "fp64", "int8", "uint8", "int16", "uint16", "dynamic",
         "int32", "int64", "bool", "string", "none")
 # What an op's constant weight is stored as (`none`: the op has no weight).
-WEIGHTS = ("none", "fp32", "fp16", "bf16", "int8", "uint8", "int4", "uint4", "int2", "uint2", "int16")
+WEIGHTS = ("none", "fp32", "fp16", "bf16", "int8", "uint8", "int4", "uint4", "int2", "uint2", "int16", "int32")  # int32: a quantized bias
 GRANULARITIES = ("tensor", "channel", "group")
 POWER_SENSORS = ("none", "ina3221", "pmic", "rapl", "hwmon")
 

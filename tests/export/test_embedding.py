@@ -135,6 +135,22 @@ def test_low_bit_embedding_and_its_tied_head(tmp_path, table, op, assert_plan_ch
             assert {a.name for a in lookup.attribute} == {"gather_axis", "quantize_axis", "block_size"}
             assert {a.name for a in head.attribute} == {"K", "N", "bits", "block_size", "accuracy_level"}
     assert_plan_checks_as_written(qdir, out, "onnx")
+    if op == "DequantizeLinear":
+        # the tied head reads the table through DequantizeLinear + Transpose, which ONNX Runtime does not fuse into
+        # MatMulNBits: the whole table is dequantized on every run, and `edgeq check` (file and plan) says so
+        import onnxruntime as ort
+
+        from edgeq.targets import check
+
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        fused = [n for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type == "MatMulNBits"]
+        assert fused and not [n for n in fused if "lm_head" in n.name or "embed_tokens" in n.input[1]]
+        for source in (out, qdir):  # the table's two readers, its lookup and the head: both fallbacks (uint4: the table)
+            table = [(r.op, r.verdict.support) for r in check(source, "rpi5", runtime="onnxruntime-cpu").rows
+                     if "w=uint4" in r.signature]
+            assert len(table) == 2 and ("Gather", "fallback") in table and {s for _, s in table} == {"fallback"}, (source, table)
 
 
 def test_embedding_spec_is_validated():

@@ -425,6 +425,43 @@ def test_small_cnn_from_factory(cnn_exports, tmp_path, recipe, variant):
         assert ops["QLinearConv"] + ops["ConvInteger"] >= 1 or ops["QuantizeLinear"] >= 1, dict(ops)
 
 
+def test_static_biases_are_int32_so_the_classifier_gemm_runs_integer(cnn_exports, tmp_path):
+    """A static Conv's / Gemm's bias is written as ONNX Runtime's integer kernels take it: int32 on
+    fp32(input scale * weight scale), within half a step of the float bias, where ORT runs the layer integer: the Convs
+    whose output only a QuantizeLinear reads (ORT computed the same integers itself when loading them), and the
+    classifier Gemm, which ORT left float on weights dequantized every run and now runs as QGemm with a float output. A
+    Conv that stays float (pw feeds a ReduceMean) keeps its exact float bias. TensorRT's parser refuses int32
+    DequantizeLinear, so `edgeq check` names it there; --no-optimize keeps every bias float."""
+    from edgeq.targets import check
+
+    qdir, out, meta = cnn_exports["w8a8"]
+    qm = load_quantized(qdir)
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert {n for n in qm.layers() if f"{n}.bias_int32" in inits} == {"stem", "dw", "head"}
+    assert "model.pw.bias" in inits and next(c for c in meta["layers"] if c["layer"] == "pw")["bias_int32_error"] is None
+    for name in ("stem", "dw", "head"):
+        m = qm.layers()[name]
+        bias_q, bias_scale = inits[f"{name}.bias_int32"], inits[f"{name}.bias_scale"]
+        expect = (m.act_scale.numpy().astype(np.float32).reshape(()) * m.scale.numpy()[:, 0]).astype(np.float32)
+        assert bias_q.dtype == np.int32 and np.array_equal(bias_scale.view(np.uint32), expect.view(np.uint32)), name
+        assert np.array_equal(bias_q, np.round(m.bias.detach().numpy() / expect).astype(np.int32)), name
+        error = next(c["bias_int32_error"] for c in meta["layers"] if c["layer"] == name)
+        assert 0 < error <= expect.max() / 2, (name, error)
+    assert not [n for n in model.graph.node if n.op_type in ("Mul", "Div", "Round", "Cast")]  # no ORT bias subgraph
+    ops = _fused_ops(out, tmp_path, {})
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0, dict(ops)
+    rows = {(r.op, r.signature): r for r in check(out, "rpi5", runtime="onnxruntime-cpu").rows}
+    assert [r.verdict.support for (op, _), r in rows.items() if op == "Gemm"] == ["native"]
+    trt = [r for r in check(out, "jetson-orin-nano", runtime="tensorrt").rows if "int32" in r.signature]
+    assert [(r.op, r.verdict.support, r.count) for r in trt] == [("DequantizeLinear", "unsupported", 3)]
+
+    plain = tmp_path / "plain.onnx"
+    export(qdir, "onnx", plain, optimize=False)
+    assert not [t for t in onnx.load(str(plain)).graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    assert not [r for r in check(plain, "jetson-orin-nano", runtime="tensorrt").rows if "int32" in r.signature]
+
+
 def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_path):
     """A BatchNormalization between a QDQ Conv and the next layer's QuantizeLinear kept ONNX Runtime from fusing it:
     EfficientNet-Lite0 w8a8 ran all 49 Convs in float on weights dequantized every run, 3x slower than fp32. The norm
