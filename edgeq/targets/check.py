@@ -206,7 +206,11 @@ def nearest(use: OpUse, rt: Runtime) -> str:
     if best is None:
         return "float" if native(as_float) else ""
     c = best[1]
-    return recipe_name(c.weight, c.granularity, c.group_size, c.act, rt.format)
+    name = recipe_name(c.weight, c.granularity, c.group_size, c.act, rt.format)
+    if rt.format == "onnx" and use.op == "Conv" and use.act == "fp32" and c.act in ("uint8", "int8"):
+        # ORT fuses a static Conv only with a quantized output: one a float op also reads needs its own grid
+        name += " with --output-grids"
+    return name
 
 
 # Weight-bearing ops besides the layer renderings of KIND_OPS: a recipe's bits apply to them.

@@ -492,6 +492,8 @@ def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_
     assert ops["QLinearConv"] == 2 and ops["BatchNormalization"] == 0, dict(ops)  # stem and dw; pw feeds a ReduceMean
     rows = [r for r in check(out, "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Conv"]
     assert sorted((r.verdict.support, r.count) for r in rows) == [("fallback", 1), ("native", 2)]
+    # the recipe is already static: what the float Conv needs is a grid on its output
+    assert [r.suggestion for r in rows if r.verdict.support == "fallback"] == ["w8a8 with --output-grids"]
 
 
 def test_output_grids_put_every_conv_on_integer_kernels(tmp_path):
