@@ -159,9 +159,13 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     rendered = [r for r, _ in results]
     grids_meta = _output_grids(bundle, specs, protos, calib_samples or OUTPUT_CALIB_SAMPLES) if output_grids else None
     if optimize:  # TensorRT's parser refuses int32 DequantizeLinear: --no-optimize keeps the biases float
-        bias_errors = {k: v for p in protos for k, v in int32_biases(p).items()}
+        bias_errors, rescaled = {}, {}
+        for p in protos:
+            errors, channels = int32_biases(p)
+            bias_errors.update(errors)
+            rescaled.update(channels)
         for r in (r for rs in rendered for r in rs if r.nodes):
-            r.bias_error = bias_errors.get(r.nodes[0])
+            r.bias_error, r.rescaled_channels = bias_errors.get(r.nodes[0]), rescaled.get(r.nodes[0], [])
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)

@@ -84,3 +84,11 @@ def skip_around_norm_cnn():
     """Resolved as `tests.export.onnx_cnn:skip_around_norm_cnn`."""
     torch.manual_seed(0)
     return SkipAroundNormCNN().eval(), torch.zeros(1, 3, 224, 224)
+
+
+def dead_channel_cnn():
+    """Resolved as `tests.export.onnx_cnn:dead_channel_cnn`: BatchNormCNN whose stem norm has a dead channel (gain
+    1e-9, shift 2: the channel's output is 2 whatever the input), read by the next conv, as pruned networks have."""
+    model, example = batchnorm_cnn()
+    model.stem_bn.weight.data[2], model.stem_bn.bias.data[2] = 1e-9, 2.0
+    return model, example
