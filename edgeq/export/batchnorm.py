@@ -42,27 +42,51 @@ class DequantConv(torch.nn.Module):
 
 
 def rendered_scale(q, fold=None) -> torch.Tensor:
-    """The scales the file holds for a layer: edgeq's, times a folded BatchNorm factor if any."""
+    """The scales the file holds for a layer: edgeq's, times a folded BatchNorm factor if any; a dead channel's
+    (`BnFold.dead`) the least its bias fits the int32 grid with."""
     if fold is None:
         return q.scale.detach().to(torch.float32)
-    return (q.scale.detach().to(torch.float32) * fold.factor[:, None]).to(torch.float32)
+    scale = (q.scale.detach().to(torch.float32) * fold.factor[:, None]).to(torch.float32)
+    return scale if fold.dead is None else torch.where(fold.dead[:, None], fold.floor[:, None], scale)
+
+
+def folded_integers(q, fold=None) -> torch.Tensor:
+    """The integers the file holds for a layer: edgeq's, a dead channel's (`BnFold.dead`) its zero point."""
+    if fold is None or fold.dead is None:
+        return q.qweight.detach()
+    ints = q.qweight.detach().clone()
+    zero = q.zero_point.detach().to(ints.dtype).expand(ints.shape[0], -1)[:, :1]  # [out, 1]; symmetric weights: 0
+    ints[fold.dead] = zero[fold.dead].expand(-1, ints.shape[1])
+    return ints
 
 
 def render_weight(q, fold=None) -> torch.Tensor:
-    """The float weight in PyTorch layout: `(q - zp) * scale` with the rendered scale."""
+    """The float weight in PyTorch layout: `(q - zp) * scale` with the rendered integers and scale."""
     from ..quantize.primitives import dequantize
 
-    w = dequantize(q.qweight, rendered_scale(q, fold), q.zero_point, q.decision.group_size)
+    w = dequantize(folded_integers(q, fold), rendered_scale(q, fold), q.zero_point, q.decision.group_size)
     return w.reshape(q.decision.shape).detach().clone()
 
 
 @dataclass(frozen=True)
 class BnFold:
-    """An eval-mode BatchNorm2d folded into the conv before it: y = conv(x) * factor + shift."""
+    """An eval-mode BatchNorm2d folded into the conv before it: y = conv(x) * factor + shift.
+
+    `dead`: the output channels whose folded bias a static 8-bit input's int32 bias grid (input scale x folded weight
+    scale) cannot hold: a gain near 0 makes the weight scale ~1e-11 and the channel's output its bias, which ONNX
+    Runtime's bias quantization casts to INT_MIN and ai-edge-quantizer clips to ~0. Such a channel is rendered with
+    zero integers on a scale of at least `floor`, where its bias fits (as ORT's quantize_static rescales such weights);
+    that drops what its weights added, at most 127 x their scale x sum |x|.
+    """
 
     norm: str
     factor: torch.Tensor
     shift: torch.Tensor
+    dead: torch.Tensor | None = None  # bool [out]
+    floor: torch.Tensor | None = None  # float32 [out]
+
+    def dead_channels(self) -> list[int]:
+        return [] if self.dead is None else torch.nonzero(self.dead).flatten().tolist()
 
 
 def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
@@ -94,10 +118,29 @@ def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
             continue
         factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
-        folds[conv] = BnFold(norm, factor.detach().float(), shift.detach().float())
+        factor, shift = factor.detach().float(), shift.detach().float()
+        folds[conv] = BnFold(norm, factor, shift, *_off_int32_grid(convs[conv], factor, shift))
     if folds and not _folding_holds(model, example, folds):
         folds = {c: f for c, f in folds.items() if _folding_holds(model, example, {c: f})}
     return folds
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _off_int32_grid(q: QuantConv2d, factor: torch.Tensor, shift: torch.Tensor) -> tuple:
+    """(dead, floor) of a folded conv (`BnFold`), or (None, None) when every channel's bias fits its int32 grid or the
+    conv has no static 8-bit input (16-bit grids take int64 biases; float inputs a float bias)."""
+    a = q.decision.activation
+    if a.mode != "static" or a.bits != 8 or q.decision.group_size is not None:
+        return None, None
+    bias = shift if q.bias is None else q.bias.detach().float() * factor + shift
+    x_scale = float(q.act_scale)
+    step = x_scale * (q.scale.detach().double() * factor.double()[:, None]).abs().amax(dim=1)
+    dead = bias.double().abs() >= INT32_MAX * step
+    if not dead.any():
+        return None, None
+    return dead, (bias.double().abs() / (x_scale * 2**30)).float()
 
 
 def _folding_holds(model: torch.nn.Module, example: tuple, folds: dict[str, BnFold]) -> bool:

@@ -40,7 +40,7 @@ import onnx
 from ..errors import EdgeqError, choice_error
 from ..models.hf import decoder_attention
 from . import register_exporter
-from .batchnorm import bn_folds, rendered_scale
+from .batchnorm import bn_folds, folded_integers, rendered_scale
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, int32_biases, quantize_graph
@@ -159,13 +159,11 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     rendered = [r for r, _ in results]
     grids_meta = _output_grids(bundle, specs, protos, calib_samples or OUTPUT_CALIB_SAMPLES) if output_grids else None
     if optimize:  # TensorRT's parser refuses int32 DequantizeLinear: --no-optimize keeps the biases float
-        bias_errors, rescaled = {}, {}
-        for p in protos:
-            errors, channels = int32_biases(p)
-            bias_errors.update(errors)
-            rescaled.update(channels)
+        bias_errors = {k: v for p in protos for k, v in int32_biases(p).items()}
         for r in (r for rs in rendered for r in rs if r.nodes):
-            r.bias_error, r.rescaled_channels = bias_errors.get(r.nodes[0]), rescaled.get(r.nodes[0], [])
+            r.bias_error = bias_errors.get(r.nodes[0])
+    for r in (r for rs in rendered for r in rs if r.layer in folds):
+        r.rescaled_channels = folds[r.layer].dead_channels()
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
     names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)
@@ -263,10 +261,12 @@ def _output_grids(bundle, specs, protos, samples: int) -> dict:
 
 
 def _folded(lq: LayerQ, module, fold) -> LayerQ:
-    """A conv's integers with the scales the file holds once a BatchNorm is folded into it (`batchnorm.rendered_scale`,
-    the TFLite export's); a per-tensor grid becomes per channel."""
+    """A conv's integers and scales as the file holds them once a BatchNorm is folded into it (`batchnorm.rendered_scale`
+    and `folded_integers`, the TFLite export's: edgeq's integers, a dead channel's zeros); a per-tensor grid becomes per
+    channel."""
     scale = rendered_scale(module, fold).numpy()
-    return replace(lq, scale=scale, zero_point=np.ascontiguousarray(np.broadcast_to(lq.zero_point, scale.shape)))
+    q = folded_integers(module, fold).cpu().numpy()
+    return replace(lq, q=q, scale=scale, zero_point=np.ascontiguousarray(np.broadcast_to(lq.zero_point, scale.shape)))
 
 
 def host_note() -> str | None:

@@ -86,7 +86,8 @@ class Rendered:
     # a static Conv's / Gemm's bias stored as int32 on fp32(input scale * weight scale) (onnx_quant.int32_biases): the
     # largest distance from the float bias, at most half a step; None where the layer has no such bias
     bias_error: float | None = None
-    # output channels whose int32 bias did not fit: zero integers on a larger scale (onnx_quant._rescale_dead_channels)
+    # a folded norm's dead channels: zero integers on a scale their int32 bias fits (batchnorm.BnFold.dead); the layer
+    # then reads back bitwise against those, and is not exact
     rescaled_channels: list = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -75,26 +75,23 @@ def quantize_graph(model: onnx.ModelProto, layers: list[LayerQ], prefix: str = "
     return rendered, absent
 
 
-def int32_biases(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, list[int]]]:
+def int32_biases(model: onnx.ModelProto) -> dict[str, float]:
     """Write each static Conv's / Gemm's float bias (in place) as ONNX Runtime's integer kernels take it: int32 on the
     scale fp32(input scale * weight scale) per output channel, zero point 0, behind a DequantizeLinear. Returns the
-    weight DequantizeLinear's name -> the largest distance of the int32 bias from the float one (at most half a step),
-    and -> the output channels rescaled so that their bias fits (below).
+    weight DequantizeLinear's name -> the largest distance of the int32 bias from the float one (at most half a step).
 
     For the Convs ORT fuses (QuantizeLinear nodes all that read the output), ORT's BiasQuantization computes the same
     integers when it loads the file (Mul, Div, Round, Cast), which the export saved as a subgraph in every file; the
     others ORT leaves float, and so does this. A Gemm ORT left float whatever its output: EfficientNet-Lite0's classifier
     ran on weights dequantized every run (0.78 ms of a 5.7 ms file); with an int32 bias it is QGemm with a float output
     (0.08 ms). Measured on a lone Gemm (ORT 1.32): no bias or an int32 one fuse whatever the output, a float bias only
-    with a quantized output. A Conv channel whose bias is off the int32 grid, a folded BatchNorm's dead channel (gamma
-    near 0: weight scales of 1e-11, its output its bias), gets zero integers on a scale its bias fits, as ORT's
-    quantize_static rescales such weights: ORT's own BiasQuantization casts it to INT_MIN (EfficientNet-Lite0's stem: a
-    bias of -3.7 read as +0.51). It drops what those weights added, at most 127 * their scale * sum |x|.
+    with a quantized output. A bias off the int32 grid stays float (ORT's BiasQuantization casts it to INT_MIN when it
+    loads the file); a folded BatchNorm's dead channels, where that happens, are rescaled at the fold (batchnorm.BnFold).
     Call it after the output grids are in, which make more Convs' outputs quantized.
     """
     g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
-    errors, rescaled = {}, {}
+    errors = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in g.inits:
             continue
@@ -121,14 +118,8 @@ def int32_biases(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, li
             continue
         scale = scale.reshape(()) if scale.size == 1 else scale
         q = np.round(bias / scale)
-        off = np.abs(q) >= 2**31
-        if off.any():
-            if node.op_type != "Conv" or not scale.ndim:
-                continue
-            scale = _rescale_dead_channels(g, w, off, np.abs(bias) / (x_scale.reshape(()) * np.float32(2**30)))
-            scale = (x_scale.reshape(()) * scale).astype(np.float32)
-            q = np.round(bias / scale)
-            rescaled[w.name] = np.flatnonzero(off).tolist()
+        if np.abs(q).max(initial=0) >= 2**31:
+            continue  # off the int32 grid (batchnorm.BnFold.dead rescales a folded norm's dead channels before this)
         q = q.astype(np.int32)
         base = w.name.removesuffix("/weight_dq")
         qn, sn = g.add_init(q, f"{base}.bias_int32"), g.add_init(scale, f"{base}.bias_scale")
@@ -140,19 +131,7 @@ def int32_biases(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, li
         node.input[2] = out
         errors[w.name] = float(np.abs(q.astype(np.float64) * scale - bias).max(initial=0))
     g.commit()
-    return errors, rescaled
-
-
-def _rescale_dead_channels(g: Graph, w, channels: np.ndarray, least: np.ndarray) -> np.ndarray:
-    """Give a Conv's output channels `channels` zero weights (their integers the zero point) on a scale of at least
-    `least` (in place, in the weight DequantizeLinear `w`'s initializers); returns the weight scales after."""
-    q_init, s_init, z_init = (g.inits[n] for n in w.input[:3])
-    q, s, z = (numpy_helper.to_array(t).copy() for t in (q_init, s_init, z_init))
-    q[channels] = z[channels].reshape((-1,) + (1,) * (q.ndim - 1))
-    s[channels] = np.maximum(s[channels], least[channels]).astype(np.float32)
-    for init, array in ((q_init, q), (s_init, s)):
-        init.CopyFrom(numpy_helper.from_array(array, init.name))
-    return s
+    return errors
 
 
 def _fold_float_transposes(g: Graph) -> None:

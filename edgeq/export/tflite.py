@@ -266,7 +266,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if layers and variant != "fp32":
         from .tflite_check import read_back
 
-        check = read_back(buf, layers, scales)
+        check = read_back(buf, layers, scales, {n: f.dead_channels() for n, f in folds.items()})
 
     runner = TfliteRunner(buf, threads=1)
     inputs = _parity_inputs(b, seq_len)
@@ -334,7 +334,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         "readback": None if check is None else {"layers": len(check["layers"]), "mismatches": check["mismatches"][:20],
                                                 "per_layer": check["layers"]},
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2), "fuse": round(fuse_s, 2)},
-        "exact_integers": None if check is None else bool(check["exact"]),
+        # a folded norm's dead channels hold zeros, not edgeq's integers (batchnorm.BnFold.dead)
+        "exact_integers": None if check is None else bool(check["exact"]) and not any(f.dead_channels() for f in folds.values()),
         "bn_folded": {n: f.norm for n, f in folds.items()} or None,
         "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them, or their input is a constant "
                                                          "(DeBERTa-v2's relative-position projections): the converter drops "

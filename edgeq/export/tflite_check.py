@@ -59,11 +59,12 @@ def _fp16_scales(model_t, sg, index: int, buf: bytes) -> np.ndarray:
     return raw.view(dtype).astype(np.float32).reshape(tuple(t.shape))
 
 
-def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
+def read_back(buf: bytes, layers: dict, scales: dict | None = None, zeroed: dict | None = None) -> dict:
     """Per-layer comparison; returns {"exact": bool, "layers": {name: {...}}, "mismatches": [...]}.
 
     `scales` overrides the scales expected for some layers (a conv with a folded BatchNorm holds
-    edgeq's scales times the norm's factor); by default every layer must hold edgeq's own. A file
+    edgeq's scales times the norm's factor); by default every layer must hold edgeq's own. `zeroed`: a layer's
+    output channels rendered with zero integers (a folded norm's dead channels, `batchnorm.BnFold.dead`). A file
     with several signatures (prefill and decode) is checked in each subgraph.
     """
     from .tflite_graph import labelled
@@ -98,8 +99,11 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
             report[name] = {**entry, "ints": False, "scales": False}
             continue
         edgeq_scale = (scales or {}).get(name, m.scale).detach().to(torch.float32).numpy()
-        checks = [_check(model_t, sg, ti, m, edgeq_scale, consumers, buf, rows) for sg, ti, rows in found]
+        dead = (zeroed or {}).get(name) or []
+        checks = [_check(model_t, sg, ti, m, edgeq_scale, consumers, buf, rows, dead) for sg, ti, rows in found]
         entry.update(checks[0])
+        if dead:
+            entry["rescaled_channels"] = list(dead)
         if len(checks) > 1:
             entry["subgraphs"] = len(checks)
         for key in ("ints", "scales", "act"):
@@ -111,9 +115,10 @@ def read_back(buf: bytes, layers: dict, scales: dict | None = None) -> dict:
     return {"exact": not mismatches, "layers": report, "mismatches": mismatches}
 
 
-def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes, rows: tuple | None = None) -> dict:
+def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: bytes, rows: tuple | None = None,
+           zeroed: list = ()) -> dict:
     """One weight tensor of layer `m` against edgeq's integers, scales (and static input grid); `rows`: the layer's
-    rows [start, stop) of a fused weight."""
+    rows [start, stop) of a fused weight; `zeroed`: output channels expected to hold zeros."""
     s = schema()
     d = m.decision
     t = sg.tensors[ti]
@@ -122,6 +127,10 @@ def _check(model_t, sg, ti, m, edgeq_scale: np.ndarray, consumers: dict, buf: by
     if ints is not None:
         ints = ints[cut]
     want = _int_layout(m)
+    if len(zeroed):  # TFLite's conv layout has the output channels first, a depthwise conv's last
+        want = want.copy()
+        depthwise = want.ndim == 4 and m.conv_args["groups"] != 1
+        want[(..., list(zeroed)) if depthwise else list(zeroed)] = 0
     qp = t.quantization
     if np.any(edgeq_scale < 0):  # a folded negative BatchNorm gain: TFLite holds |scale| and negated integers
         sign = np.sign(edgeq_scale[:, 0]).astype(np.int16)

@@ -1045,6 +1045,28 @@ def test_target_gate_checks_the_variant_being_exported(exported, tmp_path):
     assert meta["variant"] == "fp32" and meta["target"]["status"] == "native"
 
 
+def test_a_dead_channels_bias_fits_its_int32_grid(tmp_path):
+    """A folded norm's dead channel (gain 1e-9, shift 2) has a weight scale of ~1e-11, on which its bias needs ~1e13
+    int32 steps: ai-edge-quantizer clipped it to ~0. It is rendered with zero integers on a scale its bias fits, so the
+    int8 file's stem bias reads back 2 there; the layer's other channels keep edgeq's integers."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:dead_channel_cnn", "w8a8", "q")
+    path = tmp_path / "dead.tflite"
+    meta = export(qdir, "tflite", path)
+    stem = meta["readback"]["per_layer"]["stem"]
+    assert stem["rescaled_channels"] == [2] and stem["ints"] and stem["scales"] and not meta["readback"]["mismatches"]
+    assert meta["exact_integers"] is False
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    conv = next(op for op in it._get_ops_details() if op["op_name"] == "CONV_2D")  # the stem, first
+    bias = it.get_tensor_details()[conv["inputs"][2]]
+    values = it.get_tensor(conv["inputs"][2]).astype(np.float64) * bias["quantization_parameters"]["scales"]
+    bn = dict(load_quantized(qdir).model.named_modules())["stem_bn"]
+    shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    assert abs(values[2] - shift[2]) < 1e-3 and abs(shift[2] - 2.0) < 0.1, (values[2], shift[2])
+
+
 def test_batchnorms_fold_into_their_convs_on_edgeqs_grid(tmp_path):
     """TFLite has no separate BatchNorm: each one after a quantized conv is folded into it with edgeq's integers kept
     and its scales times gamma / sqrt(var + eps) (negative gains: |scale| and negated integers), read back bitwise."""
