@@ -285,3 +285,51 @@ def test_plan_of_an_image_model_for_onnx(tmp_path, monkeypatch):
         ("Conv", "act=fp32 w=int8/channel"): "fallback", ("Gemm", "act=fp32 w=int8/channel"): "fallback"}
     (tmp_path / "q" / "quant.json").write_text(json.dumps({"kind": "causal-lm", "layers": layers[1:]}))
     assert _rows(check(tmp_path / "q", "rpi5", runtime="onnxruntime-cpu"))[("MatMul", "act=dynamic w=int8/channel")][0] == "native"
+
+
+@pytest.mark.parametrize("bias", ["float", "subgraph", "int32"])
+def test_qdq_gemm_bias_forms(tmp_path, monkeypatch, bias):
+    """A QDQ Gemm with a float output: ONNX Runtime fuses it into QGemm with no bias or an int32 one behind a
+    DequantizeLinear (measured, ORT 1.32), not with a float bias. The int32 bias may be computed from constants (ORT's
+    saved BiasQuantization: Mul, Div, Round, Cast), which ORT folds when it loads the file: not ops at run time.
+    TensorRT's parser refuses an int32 DequantizeLinear."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    rng = np.random.default_rng(0)
+    k, n = 32, 10
+    b = rng.standard_normal(n).astype(np.float32)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, k)).astype(np.int8), "w_q"),
+             numpy_helper.from_array(np.full(n, 0.02, np.float32), "w_s"), numpy_helper.from_array(np.zeros(n, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "x_s"), numpy_helper.from_array(np.array(128, np.uint8), "x_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w_dq"], name="dq_w", axis=0)]
+    if bias == "float":
+        inits.append(numpy_helper.from_array(b, "b"))
+        gemm_bias = "b"
+    else:
+        inits.append(numpy_helper.from_array((np.float32(0.05) * np.full(n, 0.02, np.float32)).astype(np.float32), "b_s"))
+        if bias == "int32":
+            inits.append(numpy_helper.from_array(np.round(b / (0.05 * 0.02)).astype(np.int32), "b_q"))
+        else:
+            inits.append(numpy_helper.from_array(b, "b"))
+            nodes += [helper.make_node("Div", ["b", "b_s"], ["b_div"], name="bias_div"),
+                      helper.make_node("Round", ["b_div"], ["b_round"], name="bias_round"),
+                      helper.make_node("Cast", ["b_round"], ["b_q"], name="bias_cast", to=TensorProto.INT32)]
+        nodes.append(helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b_dq"], name="dq_b", axis=0))
+        gemm_bias = "b_dq"
+    nodes.append(helper.make_node("Gemm", ["x_dq", "w_dq", gemm_bias], ["y"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializer=inits)
+    path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    rows = _rows(check(path, "rpi5", runtime="onnxruntime-cpu"))
+    gemm = [v[0] for (op, _), v in rows.items() if op == "Gemm"]
+    assert gemm == (["fallback"] if bias == "float" else ["native"]), rows
+    assert not [op for op, _ in rows if op in ("Div", "Round", "Cast")], rows
+    trt = _rows(check(path, "jetson-orin-nano", runtime="tensorrt"))
+    assert (("DequantizeLinear", "act=none w=int32/channel") in trt) == (bias != "float"), trt
+    if bias != "float":
+        assert trt[("DequantizeLinear", "act=none w=int32/channel")][0] == "unsupported"
