@@ -58,6 +58,8 @@ def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = 
     if target:
         from ..targets import gate_export
 
+        if fmt == "onnx" and "optimize" not in options and not _takes_int32_bias(target):
+            options["optimize"] = False  # TensorRT: float biases, the graph as rendered (export_onnx's `optimize`)
         if is_qdir(source) and variant != "fp32":  # an fp32 file has no quantized layers: only the written file is gated
             level = options.get("accuracy_level", 0)  # None: not pinned, ONNX Runtime's default (4)
             gate_export(str(source), target, allow_fallback=allow_fallback, fmt=fmt,
@@ -70,6 +72,16 @@ def export(source: str | Path, fmt: str, out: str | Path, variant: str | None = 
     if target:
         meta = _gate_written(out, fmt, target, allow_fallback, meta)
     return meta
+
+
+def _takes_int32_bias(target: str) -> bool:
+    """Whether the target's ONNX runtime runs a static layer's int32 bias behind a DequantizeLinear, which edgeq's
+    optimized ONNX export writes (TensorRT's parser refuses it)."""
+    from ..targets import load_profile
+    from ..targets.uses import OpUse
+
+    bias = OpUse(op="DequantizeLinear", act="none", weight="int32", granularity="channel", node="bias")
+    return load_profile(target).classify(bias, fmt="onnx").support != "unsupported"
 
 
 def _gate_written(out: Path, fmt: str, target: str, allow_fallback: bool, meta: dict) -> dict:

@@ -32,6 +32,9 @@ from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, 
                         output_readers, transpose_consumers, weight_arrays)
 
 __all__ = ["LayerQ", "Rendered", "int32_biases", "quantize_graph"]
+# The static input grids ONNX holds -> their integer type: uint8 (ORT's fused integer kernels), int8 with zero point 0
+# (what TensorRT takes; the simulation's symmetric 8-bit grid is [-128, 127], QuantizeLinear's int8 range), int16.
+STATIC_GRIDS = {(8, False): np.uint8, (8, True): np.int8, (16, True): np.int16}
 # Gemm's attributes and their defaults; (transA, transB, alpha, beta) = (0, 1, 1, 1) is nn.Linear's x @ W.T + b
 GEMM_DEFAULTS = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0}
 
@@ -173,9 +176,9 @@ def _render_layer(g: Graph, lq: LayerQ, wname: str) -> Rendered:
     if lq.act_mode == "dynamic" and lq.act_granularity not in ("tensor", "token"):
         raise EdgeqError(f"export: layer {lq.name!r} has {lq.act_granularity}-wise dynamic activations; ONNX renders "
                          "per-tensor and per-token dynamic activations only")
-    if lq.act_mode == "static" and (lq.act_bits, lq.act_symmetric) not in ((8, False), (16, True)):
-        raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit asymmetric (uint8) or 16-bit symmetric (int16), "
-                         f"got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
+    if lq.act_mode == "static" and (lq.act_bits, lq.act_symmetric) not in STATIC_GRIDS:
+        raise EdgeqError(f"export: layer {lq.name!r}: ONNX static activations must be 8-bit (uint8, or int8 when symmetric) "
+                         f"or 16-bit symmetric (int16), got {lq.act_bits}-bit {'symmetric' if lq.act_symmetric else 'asymmetric'}")
     matmul = layout == "io" and not passive and all(n.op_type == "MatMul" for n, _ in compute)
     matmul_integer = lq.act_mode == "dynamic" and _dynamic_form(lq, matmul) == "integer"
     if matmul_integer and lq.act_symmetric:
@@ -188,7 +191,9 @@ def _render_layer(g: Graph, lq: LayerQ, wname: str) -> Rendered:
 
 
 def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: list, passive: list = ()) -> Rendered:
-    ctype, q, scale, zp, blocked, offset = weight_arrays(lq, layout, lq.bits, g.u8 and lq.act_mode != "none")
+    # int8 activations keep int8 weights: ORT's s8s8 kernels, and TensorRT refuses uint8 weights
+    u8 = g.u8 and lq.act_mode != "none" and not (lq.act_mode == "static" and lq.act_symmetric and lq.act_bits == 8)
+    ctype, q, scale, zp, blocked, offset = weight_arrays(lq, layout, lq.bits, u8)
     qn = g.add_init(q, f"{lq.name}.qweight")
     sn = g.add_init(scale, f"{lq.name}.scale")
     zn = g.add_init(zp, f"{lq.name}.zero_point")
@@ -264,9 +269,9 @@ def _static_quant(g: Graph, x: str, lq: LayerQ) -> tuple[tuple[str, str, str], s
     layer keeps its own DequantizeLinear (ORT fuses each into its layer's MatMulIntegerToFloat). One
     QuantizeLinear per tensor instead of per layer: 211 -> 121 on SmolLM2, ~1.2 ms of a 64-token prefill.
     """
-    # the zero point's type is the integers' type: uint8, or int16 (zero point 0) for 16-bit symmetric grids
+    # the zero point's type is the integers' type: uint8, or int8 / int16 (zero point 0) for symmetric grids
     scale = lq.act_scale.reshape(()).astype(np.float32)
-    zp = lq.act_zero_point.reshape(()).astype(np.int16 if lq.act_bits == 16 else np.uint8)
+    zp = lq.act_zero_point.reshape(()).astype(STATIC_GRIDS[(lq.act_bits, lq.act_symmetric)])
     key = (x, "static", scale.tobytes(), zp.dtype.str, zp.tobytes())
     if key not in g.input_quant:
         asn, azn = g.add_init(scale, f"{lq.name}.act_scale"), g.add_init(zp, f"{lq.name}.act_zero_point")

@@ -478,6 +478,28 @@ def test_a_dead_channel_gets_a_scale_its_int32_bias_fits(tmp_path):
         assert meta["parity"]["max_abs"] < 1e-4, meta["parity"]  # 6e-3 with the bias ORT's cast made
 
 
+def test_symmetric_int8_activations_for_tensorrt(tmp_path):
+    """`w8a8-sym`: static symmetric int8 input grids (zero point 0) and int8 weights, what TensorRT builds INT8 layers
+    from (`check` suggests it for TensorRT). The simulation's symmetric 8-bit grid is QuantizeLinear's int8 range, so
+    the file computes it; the weights stay int8 whatever --int8-weights says (TensorRT refuses uint8 weights).
+    `export --target` a TensorRT board writes the graph unoptimized, its biases float (TensorRT's parser refuses int32
+    DequantizeLinear), and the written file checks native there; LiteRT refuses symmetric 8-bit activations by name."""
+    qdir = _quantize("tests.export.onnx_cnn:small_cnn", "w8a8-sym", tmp_path, source="images")
+    out = tmp_path / "sym.onnx"
+    meta = export(qdir, "onnx", out)
+    assert meta["exact"] is True and meta["parity"]["max_abs"] < 1e-4, meta["parity"]
+    assert all(c["container"] == "int8" and c["offset"] == 0 and c["act_qparams"] for c in meta["layers"])
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    zero_points = [inits[n.input[2]] for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)
+    trt = export(qdir, "onnx", tmp_path / "trt.onnx", target="jetson-orin-nano")
+    assert trt["target"]["runtime"] == "tensorrt" and trt["target"]["status"] == "native"
+    assert trt["graph_optimization"] is None  # written as rendered
+    assert not [t for t in onnx.load(str(tmp_path / "trt.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    with pytest.raises(EdgeqError, match="LiteRT's 8-bit static activations are asymmetric int8.*w8a8-static"):
+        export(qdir, "tflite", tmp_path / "sym.tflite")
+
+
 def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_path):
     """A BatchNormalization between a QDQ Conv and the next layer's QuantizeLinear kept ONNX Runtime from fusing it:
     EfficientNet-Lite0 w8a8 ran all 49 Convs in float on weights dequantized every run, 3x slower than fp32. The norm
