@@ -254,7 +254,8 @@ def _output_grids(bundle, specs, protos, samples: int) -> dict:
         insert(proto, calibrate(proto, found, feeds))
         tensors += len(found)
     return {"note": (f"each Conv / Gemm output that a float op reads besides the next layer's input quantization (a "
-                     f"residual Add, a pooling) is quantized to uint8 on a min/max grid calibrated on {samples} "
+                     f"residual Add, a pooling) is quantized to uint8 (int8 with zero point 0 where the layer's input "
+                     f"grid is symmetric) on a min/max grid calibrated on {samples} "
                      "calibration inputs, so ONNX Runtime runs those layers as QLinearConv / QGemm too (not part of the "
                      "edgeq simulation: parity measures the departure)"),
             "calib_samples": samples, "tensors": tensors}

@@ -18,26 +18,30 @@ from onnx import TensorProto, helper
 from .onnx_edit import Graph, dequantized_by, output_readers
 
 
-def outputs_needing_grids(model: onnx.ModelProto) -> list[str]:
+def outputs_needing_grids(model: onnx.ModelProto) -> dict[str, bool]:
     """The tensors to quantize: the output of each static QDQ Conv / Gemm (after a Relu / Clip that is its only reader)
-    that something besides QuantizeLinear reads; graph outputs (logits) stay float."""
+    that something besides QuantizeLinear reads, -> whether its grid is symmetric int8 (the layer's input grid is: the
+    `w8a8-sym` form, TensorRT's) rather than uint8; graph outputs (logits) stay float."""
     g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
-    found = []
+    found = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
             continue
-        if not (dequantized_by(g, node.input[0], False) and dequantized_by(g, node.input[1], True)):
+        x = dequantized_by(g, node.input[0], False)
+        if x is None or not dequantized_by(g, node.input[1], True):
             continue  # not a static QDQ layer
         t, readers = output_readers(g, node, graph_outputs)
         if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
             continue
-        found.append(t)
+        zero = g.inits.get(x.input[2]) if len(x.input) > 2 else None
+        found[t] = zero is not None and zero.data_type == TensorProto.INT8
     return found
 
 
-def calibrate(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tensor -> (scale, zero point) of a uint8 grid spanning its min..max (and 0) over `feeds`, run in ONNX Runtime."""
+def calibrate(model: onnx.ModelProto, tensors: dict[str, bool], feeds: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """tensor -> (scale, zero point) of a uint8 grid spanning its min..max (and 0) over `feeds`, run in ONNX Runtime;
+    of an int8 grid with zero point 0 spanning its largest magnitude where `tensors` says symmetric."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -50,11 +54,14 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> 
     lo = {t: 0.0 for t in tensors}
     hi = {t: 0.0 for t in tensors}
     for feed in feeds:
-        values = session.run(tensors, feed)
+        values = session.run(list(tensors), feed)
         for t, v in zip(tensors, values):
             lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
     grids = {}
-    for t in tensors:
+    for t, symmetric in tensors.items():
+        if symmetric:
+            grids[t] = (np.array(max(-lo[t], hi[t], 1e-8) / 127.0, dtype=np.float32), np.array(0, dtype=np.int8))
+            continue
         scale = np.float32(max(hi[t] - lo[t], 1e-8) / 255.0)
         zero_point = np.uint8(np.clip(np.round(-lo[t] / scale), 0, 255))
         grids[t] = (np.array(scale, dtype=np.float32), np.array(zero_point, dtype=np.uint8))

@@ -498,6 +498,13 @@ def test_symmetric_int8_activations_for_tensorrt(tmp_path):
     assert not [t for t in onnx.load(str(tmp_path / "trt.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT32]
     with pytest.raises(EdgeqError, match="LiteRT's 8-bit static activations are asymmetric int8.*w8a8-static"):
         export(qdir, "tflite", tmp_path / "sym.tflite")
+    # output grids follow the input grids' form: int8 with zero point 0 (pw's output, read by the pooling)
+    grids = export(qdir, "onnx", tmp_path / "grids.onnx", output_grids=True, calib_samples=4)
+    assert grids["output_grids"]["tensors"] == 1 and grids["parity"]["cos_min"] >= 0.99, grids["parity"]
+    model = onnx.load(str(tmp_path / "grids.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(zero_points) == 5 and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)
 
 
 def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_path):
