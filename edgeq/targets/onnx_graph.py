@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import EdgeqError
 from .uses import OpUse, matmulnbits_fused
 
@@ -64,11 +66,14 @@ class _Graph:
         self.dims: dict[str, int] = {}
         self.numel: dict[str, int] = {}
         self.const: set[str] = set()
+        self.scalars: dict[str, float] = {}  # one-element constants' values (scales, zero points, Clip bounds)
         for init in graph.initializer:
             self.types[init.name] = dtypes.get(init.data_type, "?")
             self.dims[init.name] = len(init.dims)
             self.numel[init.name] = _prod(init.dims)
             self.const.add(init.name)
+            if self.numel[init.name] == 1:
+                self.scalars[init.name] = _scalar(init)
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             t = vi.type.tensor_type
             if vi.type.HasField("tensor_type") and t.elem_type:
@@ -92,6 +97,8 @@ class _Graph:
                             self.types[out] = dtypes.get(a.t.data_type, "?")
                             self.dims[out] = len(a.t.dims)
                             self.numel[out] = _prod(a.t.dims)
+                            if self.numel[out] == 1:
+                                self.scalars[out] = _scalar(a.t)
         # ops on constants only (an optimizer's bias quantization: Mul, Div, Round, Cast) are folded when ONNX Runtime
         # loads the file; DequantizeLinear is not (constant folding skips it), a constant one is a weight
         self.folded_at_load: set[str] = set()
@@ -287,7 +294,56 @@ def _output_quantized(g: _Graph, node) -> bool:
     and the next layer's QuantizeLinear stayed a float Conv)."""
     readers = [c for out in node.output for c in g.consumers.get(out, [])]
     return bool(readers) and not any(out in g.outputs for out in node.output) and all(
-        c.op_type == "QuantizeLinear" or (c.op_type in _QUANT_FUSED_ACTIVATIONS and _output_quantized(g, c)) for c in readers)
+        c.op_type == "QuantizeLinear"
+        or (c.op_type in _QUANT_FUSED_ACTIVATIONS and _output_quantized(g, c) and _activation_dropped(g, c)) for c in readers)
+
+
+# The integer range of a QuantizeLinear's output type (its zero point's type; none: uint8).
+_Q_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+
+
+def _activation_dropped(g: _Graph, node) -> bool:
+    """Whether ORT drops a Relu / Clip before the QuantizeLinear nodes reading it (ReluQuantFusion / ClipQuantFusion):
+    only when the activation clips nothing the quantization does not, its bounds covering the grid's range
+    [(qmin - zp) * s, (qmax - zp) * s] (to float epsilon, as ORT compares). So a Relu goes before a uint8 grid with
+    zero point 0 but not before a symmetric int8 grid (zero point 0: the negative half is on the grid), and ReLU6 only
+    before a grid ending at 6. Measured (ORT 1.32): a QDQ Conv -> Relu -> QuantizeLinear fused into QLinearConv with a
+    uint8 zero point of 0, stayed a float Conv with 128 or with an int8 zero point of 0; Clip(0, 6) before a uint8 grid
+    reaching 25.5 stayed too."""
+    eps = float(np.finfo(np.float32).eps)
+    low, high = -np.inf, np.inf
+    if node.op_type == "Relu":
+        low = 0.0
+    else:  # Clip: bounds as inputs (opset 11+) or attributes
+        attrs = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
+        low, high = attrs.get("min", low), attrs.get("max", high)
+        for i, which in ((1, "low"), (2, "high")):
+            if len(node.input) > i and node.input[i]:
+                value = g.scalars.get(node.input[i])
+                if value is None:
+                    return False  # a bound not known here: ORT needs it constant too
+                low, high = (value, high) if which == "low" else (low, value)
+    for q in (c for out in node.output for c in g.consumers.get(out, [])):
+        scale = g.scalars.get(q.input[1]) if len(q.input) > 1 else None
+        zero_name = q.input[2] if len(q.input) > 2 and q.input[2] else None
+        zero = 0 if zero_name is None else g.scalars.get(zero_name)
+        qmin, qmax = _Q_RANGES.get("uint8" if zero_name is None else g.types.get(zero_name, "?"), (None, None))
+        if scale is None or zero is None or qmin is None:
+            return False
+        lower, upper = (float(np.float32(scale) * np.float32(q - zero)) for q in (qmin, qmax))  # ORT's float arithmetic
+        if low - lower > eps or upper - high > eps:
+            return False
+    return True
+
+
+def _scalar(tensor) -> float | None:
+    """A one-element constant's value, None when its data is not in the file (external data is not loaded)."""
+    from onnx import numpy_helper
+
+    try:
+        return float(numpy_helper.to_array(tensor).reshape(-1)[0])
+    except Exception:  # external data not loaded, or not numeric
+        return None
 
 
 def _qgemm_float_output(g: _Graph, node) -> bool:

@@ -231,13 +231,16 @@ def test_plan_dynamic_grids_as_the_onnx_export_renders_them(tmp_path, monkeypatc
         ("FULLY_CONNECTED", "act=dynamic w=int4/g64"), ("FULLY_CONNECTED", "act=dynamic w=int8/channel")}
 
 
-@pytest.mark.parametrize("after, native", [("QuantizeLinear", True), ("Relu", True), ("Identity", False),
+@pytest.mark.parametrize("after, native", [("QuantizeLinear", True), ("Relu", True), ("Relu zp128", False),
+                                           ("Clip6", True), ("Clip6 wide", False), ("Identity", False),
                                            ("QuantizeLinear+Identity", False)])
 def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatch, after, native):
     """ONNX Runtime turns DequantizeLinear -> Conv into QLinearConv only with a QuantizeLinear on the Conv's output
-    (after a Relu it removes); otherwise the Conv runs in float on a weight dequantized every run (measured on
-    EfficientNet-Lite0 w8a8, each Conv followed by BatchNormalization: no QLinearConv at all), nor with another reader
-    of its output beside the QuantizeLinear (a residual Add: EfficientNet-Lite0's projections stay float)."""
+    (after a Relu / Clip it removes: one that clips nothing the grid does not, so a Relu before a zero point of 0, a
+    ReLU6 before a grid ending at 6; all measured); otherwise the Conv runs in float on a weight dequantized every run
+    (measured on EfficientNet-Lite0 w8a8, each Conv followed by BatchNormalization: no QLinearConv at all), nor with
+    another reader of its output beside the QuantizeLinear (a residual Add: EfficientNet-Lite0's projections stay
+    float)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -245,7 +248,9 @@ def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatc
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w_q"),
              numpy_helper.from_array(np.full(4, 0.02, np.float32), "w_s"), numpy_helper.from_array(np.full(4, 128, np.uint8), "w_zp"),
-             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zp0"), numpy_helper.from_array(np.float32(6 / 255), "s6"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"]),
              helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w_dq"], axis=0),
@@ -254,8 +259,12 @@ def test_qdq_conv_is_integer_only_with_its_output_quantized(tmp_path, monkeypatc
         nodes.append(helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["y"]))
         if after == "QuantizeLinear+Identity":
             nodes.append(helper.make_node("Identity", ["c"], ["y2"]))
-    elif after == "Relu":
-        nodes += [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["y"])]
+    elif after.startswith("Relu"):
+        out_grid = ["s", "zp"] if after == "Relu zp128" else ["s", "zp0"]
+        nodes += [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("QuantizeLinear", ["r", *out_grid], ["y"])]
+    elif after.startswith("Clip6"):
+        out_grid = ["s", "zp0"] if after == "Clip6 wide" else ["s6", "zp0"]  # a grid reaching 12.75, or 6
+        nodes += [helper.make_node("Clip", ["c", "lo", "hi"], ["r"]), helper.make_node("QuantizeLinear", ["r", *out_grid], ["y"])]
     else:
         nodes.append(helper.make_node("Identity", ["c"], ["y"]))
     out_type = TensorProto.FLOAT if after == "Identity" else TensorProto.UINT8
