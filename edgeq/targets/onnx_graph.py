@@ -107,6 +107,8 @@ class _Graph:
             if node.input and node.op_type not in QDQ and all((not i) or i in self.const for i in node.input):
                 self.const.update(o for o in node.output if o)
                 self.folded_at_load.add(_nid(node))
+                if node.op_type in _VALUE_KEEPING and node.input[0] in self.scalars:  # ReLU6's bounds: Cast(constant)
+                    self.scalars[node.output[0]] = self.scalars[node.input[0]]
 
     def _propagate(self, node, dtypes: dict[int, str]) -> None:
         """Give untyped outputs a dtype (shape inference stops at contrib ops such as MatMulNBits)."""
@@ -298,6 +300,8 @@ def _output_quantized(g: _Graph, node) -> bool:
         or (c.op_type in _QUANT_FUSED_ACTIVATIONS and _output_quantized(g, c) and _activation_dropped(g, c)) for c in readers)
 
 
+# Ops that pass a one-element constant's value on (a Cast between float types, or of an integral value).
+_VALUE_KEEPING = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 # The integer range of a QuantizeLinear's output type (its zero point's type; none: uint8).
 _Q_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
 
