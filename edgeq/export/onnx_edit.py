@@ -172,6 +172,15 @@ def dequantized_by(g: Graph, name: str, constant: bool):
     return p if p is not None and p.op_type == "DequantizeLinear" and (p.input[0] in g.inits) == constant else None
 
 
+def static_qdq_layers(g: Graph):
+    """(node, its input's DequantizeLinear, its weight's DequantizeLinear) of each Conv / Gemm reading a static grid."""
+    for node in g.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) >= 2:
+            x, w = dequantized_by(g, node.input[0], False), dequantized_by(g, node.input[1], True)
+            if x is not None and w is not None:
+                yield node, x, w
+
+
 def output_readers(g: Graph, node, graph_outputs: set[str]) -> tuple[str, list]:
     """A Conv's / Gemm's output after the Relu / Clip that is its only reader (ONNX Runtime fuses those into the
     integer kernel, before the output's QuantizeLinear), and the nodes reading that."""

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_edit import Graph, dequantized_by, output_readers
+from .onnx_edit import Graph, output_readers, static_qdq_layers
 
 
 def outputs_needing_grids(model: onnx.ModelProto) -> dict[str, bool]:
@@ -25,12 +25,7 @@ def outputs_needing_grids(model: onnx.ModelProto) -> dict[str, bool]:
     g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
     found = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        x = dequantized_by(g, node.input[0], False)
-        if x is None or not dequantized_by(g, node.input[1], True):
-            continue  # not a static QDQ layer
+    for node, x, _ in static_qdq_layers(g):
         t, readers = output_readers(g, node, graph_outputs)
         if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
             continue

@@ -28,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import EdgeqError
 from ..targets.uses import onnx_dynamic_form, onnx_packed_table
 from .onnx_dynamic import per_token_fake_quant, render_matmul_integer, render_matmul_integer_symmetric, render_matmul_integer_token
-from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, Rendered, dequantized_by, fix_batch_one,
-                        output_readers, transpose_consumers, weight_arrays)
+from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, output_readers,
+                        static_qdq_layers, transpose_consumers, weight_arrays)
 
 __all__ = ["LayerQ", "Rendered", "int32_biases", "quantize_graph"]
 # The static input grids ONNX holds -> their integer type: uint8 (ORT's fused integer kernels), int8 with zero point 0
@@ -95,11 +95,8 @@ def int32_biases(model: onnx.ModelProto) -> dict[str, float]:
     g = Graph(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
     errors = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in g.inits:
-            continue
-        x, w = dequantized_by(g, node.input[0], False), dequantized_by(g, node.input[1], True)
-        if x is None or w is None or any(a.name == "block_size" and a.i for a in w.attribute):
+    for node, x, w in static_qdq_layers(g):
+        if len(node.input) < 3 or node.input[2] not in g.inits or any(a.name == "block_size" and a.i for a in w.attribute):
             continue
         x_scale, x_zero = g.inits.get(x.input[1]), g.inits.get(x.input[2]) if len(x.input) > 2 else None
         if x_scale is None or x_zero is None or x_zero.data_type not in (TensorProto.UINT8, TensorProto.INT8):

@@ -302,8 +302,6 @@ def _output_quantized(g: _Graph, node) -> bool:
 
 # Ops that pass a one-element constant's value on (a Cast between float types, or of an integral value).
 _VALUE_KEEPING = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-# The integer range of a QuantizeLinear's output type (its zero point's type; none: uint8).
-_Q_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
 
 
 def _activation_dropped(g: _Graph, node) -> bool:
@@ -315,25 +313,22 @@ def _activation_dropped(g: _Graph, node) -> bool:
     uint8 zero point of 0, stayed a float Conv with 128 or with an int8 zero point of 0; Clip(0, 6) before a uint8 grid
     reaching 25.5 stayed too."""
     eps = float(np.finfo(np.float32).eps)
-    low, high = -np.inf, np.inf
-    if node.op_type == "Relu":
-        low = 0.0
-    else:  # Clip: bounds as inputs (opset 11+) or attributes
-        attrs = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
-        low, high = attrs.get("min", low), attrs.get("max", high)
-        for i, which in ((1, "low"), (2, "high")):
-            if len(node.input) > i and node.input[i]:
-                value = g.scalars.get(node.input[i])
-                if value is None:
-                    return False  # a bound not known here: ORT needs it constant too
-                low, high = (value, high) if which == "low" else (low, value)
+    attrs = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}  # Clip before opset 11
+    bounds = [0.0 if node.op_type == "Relu" else attrs.get("min", -np.inf), attrs.get("max", np.inf)]
+    for i in (1, 2):  # Clip's bounds as inputs (opset 11+)
+        if node.op_type == "Clip" and len(node.input) > i and node.input[i]:
+            bounds[i - 1] = g.scalars.get(node.input[i])
+    low, high = bounds
+    if low is None or high is None:
+        return False  # a bound not known here: ORT needs it constant too
     for q in (c for out in node.output for c in g.consumers.get(out, [])):
         scale = g.scalars.get(q.input[1]) if len(q.input) > 1 else None
         zero_name = q.input[2] if len(q.input) > 2 and q.input[2] else None
         zero = 0 if zero_name is None else g.scalars.get(zero_name)
-        qmin, qmax = _Q_RANGES.get("uint8" if zero_name is None else g.types.get(zero_name, "?"), (None, None))
-        if scale is None or zero is None or qmin is None:
+        dtype = "uint8" if zero_name is None else g.types.get(zero_name, "?")
+        if scale is None or zero is None or dtype not in ("uint8", "int8", "uint16", "int16"):
             return False
+        qmin, qmax = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
         lower, upper = (float(np.float32(scale) * np.float32(q - zero)) for q in (qmin, qmax))  # ORT's float arithmetic
         if low - lower > eps or upper - high > eps:
             return False
