@@ -76,7 +76,9 @@ def _fused_ops(path: Path, work: Path) -> dict:
     so.optimized_model_filepath = str(work / f"{path.stem}.optimized.onnx")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-    return {k: ops[k] for k in ("QLinearConv", "ConvInteger", "Conv", "FusedConv", "QGemm", "Gemm", "DequantizeLinear") if ops[k]}
+    kernels = ("QLinearConv", "ConvInteger", "Conv", "FusedConv", "QGemm", "Gemm", "QLinearAdd", "Add",
+               "QLinearGlobalAveragePool", "GlobalAveragePool", "ReduceMean", "DequantizeLinear")
+    return {k: ops[k] for k in kernels if ops[k]}
 
 
 def _latency(files: dict[str, Path], threads: int, reps: int) -> dict[str, float]:

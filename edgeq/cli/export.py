@@ -22,8 +22,9 @@ from .common import check_new_output, emit_json, json_option
                    "outputs are requantized to (default 8; TFLite: FILE.json output_grids.clipped lists the outputs they "
                    "saturate on the parity inputs).")
 @click.option("--output-grids", is_flag=True,
-              help="ONNX int8 files of image models: also quantize each Conv / Gemm output that a float op (a residual Add, a "
-                   "pooling) reads, on a calibrated uint8 grid, so ONNX Runtime runs every such layer on integer kernels "
+              help="ONNX int8 files of image models: also quantize each Conv / Gemm / residual Add output that a float op (a "
+                   "residual Add, a pooling) reads, on a calibrated uint8 grid or the next layer's, and pool with "
+                   "GlobalAveragePool, so ONNX Runtime runs every such op on integer kernels "
                    "(not part of the simulation: FILE.json parity measures the departure).")
 @click.option("--output-calibration", type=click.Choice(["minmax", "moving-average"]), default=None,
               help="TFLite full-integer: each output grid spans the lowest to highest output over the calibration inputs "

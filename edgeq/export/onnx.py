@@ -119,9 +119,10 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     u8u8 integer kernels compute exactly on every CPU; "int8": as ORT's own quantizer writes them,
     but its u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI, which wrecked
     SmolLM2's logits on this host),
-    `output_grids` (int8 files of image models: also quantize each Conv / Gemm output that a float op reads besides the
-    next layer's input quantization, on a uint8 grid calibrated on `calib_samples` calibration inputs (default 8), so
-    ONNX Runtime runs those layers on integer kernels too; not part of the simulation, see onnx_outgrids.py),
+    `output_grids` (int8 files of image models: also quantize each Conv / Gemm / residual Add output that a float op
+    reads besides the next layer's input quantization, on a uint8 grid calibrated on `calib_samples` calibration inputs
+    (default 8) or on that next layer's grid, and pool with GlobalAveragePool, so ONNX Runtime runs those ops on integer
+    kernels too; not part of the simulation, see onnx_outgrids.py),
     `graph_cache` (False: trace the float graph even when this process or the user cache holds it), `optimize`
     (False: write the graph as rendered, without ONNX Runtime's basic graph optimizations, see
     OFFLINE_OPTIMIZATION_SKIPS, and with float biases, as TensorRT's parser needs them; True: static Convs' and Gemms'
@@ -241,24 +242,33 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
 
 
 def _output_grids(bundle, specs, protos, samples: int) -> dict:
-    """Quantize the Conv / Gemm outputs a float op reads (onnx_outgrids.py) in each graph, on grids calibrated by
-    running it on `samples` calibration inputs; what was done, for FILE.json."""
+    """Quantize the tensors float ops read (onnx_outgrids.py) in each graph, on grids calibrated by running it on
+    `samples` calibration inputs or on the next layer's input grid, and pool on integers; what was done, for FILE.json."""
     from ..models.inputs import calibration_batches
-    from .onnx_outgrids import calibrate, insert, outputs_needing_grids
+    from .onnx_outgrids import calibrate, global_pools, insert, outputs_needing_grids, share_quantized
 
     batches = calibration_batches(bundle, None, samples, 0)
-    tensors = 0
+    tensors = pools = shared = 0
     for spec, proto in zip(specs, protos):
         feeds = [dict(zip(spec.input_names, (t.numpy() for t in batch))) for batch in batches]
-        found = outputs_needing_grids(proto)
-        insert(proto, calibrate(proto, found, feeds))
-        tensors += len(found)
-    return {"note": (f"each Conv / Gemm output that a float op reads besides the next layer's input quantization (a "
-                     f"residual Add, a pooling) is quantized to uint8 (int8 with zero point 0 where the layer's input "
-                     f"grid is symmetric) on a min/max grid calibrated on {samples} "
-                     "calibration inputs, so ONNX Runtime runs those layers as QLinearConv / QGemm too (not part of the "
-                     "edgeq simulation: parity measures the departure)"),
-            "calib_samples": samples, "tensors": tensors}
+        while True:  # each round's grids dequantize inputs of the ops after them (a residual Add): the next round's
+            found = outputs_needing_grids(proto)
+            if found:
+                insert(proto, calibrate(proto, found, feeds))
+            shares = share_quantized(proto)
+            tensors, shared = tensors + len(found), shared + shares
+            if not found and not shares:
+                break
+        pools += global_pools(proto)
+    return {"note": (f"each Conv / Gemm / residual Add output that a float op reads besides the next layer's input "
+                     f"quantization (a residual Add, a pooling) is quantized to uint8 (int8 with zero point 0 where the "
+                     f"layer's input grid is symmetric) on a min/max grid calibrated on {samples} calibration inputs; "
+                     "the other readers of a tensor that a layer's input grid quantizes read it through that grid (a "
+                     "residual Add's output, read by the next Add); a mean over the spatial axes is a GlobalAveragePool. "
+                     "So ONNX Runtime runs the Convs, Gemms, Adds and pooling on integer kernels (QLinearConv, QGemm, "
+                     "QLinearAdd, QLinearGlobalAveragePool). Not part of the edgeq simulation: parity measures the "
+                     "departure"),
+            "calib_samples": samples, "tensors": tensors, "shared_grids": shared, "global_pools": pools}
 
 
 def _folded(lq: LayerQ, module, fold) -> LayerQ:

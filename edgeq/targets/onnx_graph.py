@@ -43,6 +43,7 @@ DYNAMIC_OPS = {"DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
 # Layout ops a runtime folds away when their data input is constant.
 CONST_LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"}
 QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+FLOAT_TYPES = ("fp32", "fp16", "bf16")
 # ORT's session option for the MatMulNBits it fuses from DQ + MatMul, and its default value.
 ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 ORT_DEFAULT_ACCURACY_LEVEL = 4
@@ -234,7 +235,7 @@ def _node_use(g: _Graph, node) -> OpUse | None:
     weight = None
     if widx is not None and widx < len(inputs) and inputs[widx]:
         weight = g.weight(inputs[widx])
-        if weight is not None and weight[0] in ("fp32", "fp16", "bf16") and not weight[3]:
+        if weight is not None and weight[0] in FLOAT_TYPES and not weight[3]:
             weight = (weight[0], None, None, ())
     if weight is None:
         # Any op fed a quantized constant carries it as its weight (e.g. DQ -> Mul).
@@ -245,22 +246,24 @@ def _node_use(g: _Graph, node) -> OpUse | None:
                 break
     if node.op_type in CONST_LAYOUT and g.weight(node.output[0]) is not None:
         return None  # part of a weight, folded at load time: not an op at run time
-    if node.op_type == "Gather" and inputs[0] in g.const and weight and weight[0] not in ("fp32", "fp16", "bf16"):
+    if node.op_type == "Gather" and inputs[0] in g.const and weight and weight[0] not in FLOAT_TYPES:
         # integer rows looked up as they are (edgeq's 8-bit tables: the rows' scales dequantize them after), a copy
         return OpUse(op=node.op_type, act=weight[0], node=_nid(node))
     folded: tuple = weight[3] if weight else ()
     # a Conv's / Gemm's quantized bias is a constant DequantizeLinear, reported as its own use (TensorRT refuses int32)
     bias = g.weight(inputs[2]) if node.op_type in OUTPUT_QDQ_OPS and len(inputs) > 2 and inputs[2] else None
-    act, vias = "none", ()
+    act, vias, float_input = "none", (), False
     data = [(i, n) for i, n in enumerate(inputs) if n and i != widx and n not in g.const and not (i == 2 and bias)]
     for k, (_, name) in enumerate(data):
         mode, via = g.act(name)
         act = mode if k == 0 else act
         vias += via
+        float_input = float_input or (not via and g.types.get(name) in FLOAT_TYPES)  # not a shape / index input
     # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops (and OUTPUT_QDQ_OPS) only as a
-    # whole QDQ unit with a quantized output: otherwise the DQ runs alone and the op runs in float.
-    if vias and (node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS) and not (
-            _output_quantized(g, node) or _qgemm_float_output(g, node)):
+    # whole QDQ unit, every data input dequantized and the output quantized: otherwise the DQs run alone and the op runs
+    # in float (measured, ORT 1.32: a QDQ Add one of whose inputs was another Add's float output stayed a float Add).
+    whole_unit = node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS
+    if vias and whole_unit and (float_input or not (_output_quantized(g, node) or _qgemm_float_output(g, node))):
         act = g.types.get(data[0][1], "fp32")
     else:
         folded += vias
@@ -284,7 +287,7 @@ def _node_use(g: _Graph, node) -> OpUse | None:
     # A QuantizeLinear right after the op is its output quantization (fused by QDQ runtimes).
     for out in node.output:
         for consumer in g.consumers.get(out, []):
-            if consumer.op_type == "QuantizeLinear" and act not in ("fp32", "fp16", "bf16", "none"):
+            if consumer.op_type == "QuantizeLinear" and act not in (*FLOAT_TYPES, "none"):
                 folded += (_nid(consumer),)
     return OpUse(op=node.op_type, act=act, weight=wdtype, granularity=gran, group_size=group,
                  node=_nid(node), folded=folded)

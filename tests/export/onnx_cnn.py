@@ -1,5 +1,5 @@
 """Small seeded CNNs for the ONNX export tests: strided conv, depthwise conv, pointwise conv, linear head (Gemm);
-the same with BatchNorms and TF-style padding."""
+the same with BatchNorms and TF-style padding; residual blocks."""
 
 from __future__ import annotations
 
@@ -92,3 +92,40 @@ def dead_channel_cnn():
     model, example = batchnorm_cnn()
     model.stem_bn.weight.data[2], model.stem_bn.bias.data[2] = 1e-9, 2.0
     return model, example
+
+
+class InvertedResidual(torch.nn.Module):
+    """MobileNetV2 / EfficientNet-Lite's block: expand -> depthwise -> project, plus a skip."""
+
+    def __init__(self, channels: int, expanded: int):
+        super().__init__()
+        self.expand = torch.nn.Conv2d(channels, expanded, 1)
+        self.dw = torch.nn.Conv2d(expanded, expanded, 3, padding=1, groups=expanded)
+        self.project = torch.nn.Conv2d(expanded, channels, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.dw(torch.nn.functional.relu6(self.expand(x))))
+        return x + self.project(y)
+
+
+class ResidualCNN(torch.nn.Module):
+    """Two inverted residual blocks in a row (the second block's skip is the first block's Add), then a mean over H, W
+    that drops them (timm's pooling) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.blocks = torch.nn.ModuleList(InvertedResidual(8, 16) for _ in range(2))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu6(self.stem(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def residual_cnn():
+    """Resolved as `tests.export.onnx_cnn:residual_cnn`."""
+    torch.manual_seed(0)
+    return ResidualCNN().eval(), torch.zeros(1, 3, 224, 224)

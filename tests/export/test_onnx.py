@@ -504,7 +504,9 @@ def test_symmetric_int8_activations_for_tensorrt(tmp_path):
     model = onnx.load(str(tmp_path / "grids.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(zero_points) == 5 and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)
+    # 4 input grids, pw's output grid, and the head's input grid again between the pooling (GlobalAveragePool) and its
+    # Squeeze: ORT's QDQ propagation, saved with the file's basic optimizations
+    assert len(zero_points) == 6 and all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)
 
 
 def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_path):
@@ -563,6 +565,45 @@ def test_output_grids_put_every_conv_on_integer_kernels(tmp_path):
     with pytest.raises(EdgeqError, match="output_grids applies to int8 ONNX files of image models"):
         export(w8, "onnx", tmp_path / "y.onnx", output_grids=True)
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
+def test_output_grids_make_residual_adds_and_pooling_integer(tmp_path):
+    """Residual blocks: ORT fuses a QDQ Add (QLinearAdd) only when both inputs are dequantized and QuantizeLinear nodes
+    alone read its output, and fuses no QDQ ReduceMean. Without output grids the second block's Add reads the first
+    Add's float output, and `edgeq check` reports each Add as ORT runs it. With them, a tensor the next layer's grid
+    quantizes is read through that grid by its other readers (the first Add's output, the second block's skip), and
+    the spatial mean is a GlobalAveragePool (+ Squeeze, the mean drops H, W): the whole file runs on integer kernels,
+    checks native on rpi5 and exports with --target rpi5 without --allow-fallback."""
+    from edgeq.targets import check
+
+    qdir = _quantize("tests.export.onnx_cnn:residual_cnn", "w8a8", tmp_path, source="images")
+    plain = tmp_path / "plain.onnx"
+    export(qdir, "onnx", plain)
+    ops = _fused_ops(plain, tmp_path, {})
+    adds = [r for r in check(plain, "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Add"]
+    assert sum(r.count for r in adds if r.signature == "act=uint8") == ops["QLinearAdd"] < 2, (adds, dict(ops))
+    assert sum(r.count for r in adds if r.signature == "act=fp32") == 2 - ops["QLinearAdd"]  # ORT: Add or in a FusedConv
+
+    out = tmp_path / "grids.onnx"
+    meta = export(qdir, "onnx", out, output_grids=True, calib_samples=4, target="rpi5")
+    assert meta["target"]["status"] == "native"
+    assert meta["output_grids"]["global_pools"] == 1 and meta["output_grids"]["shared_grids"] >= 1, meta["output_grids"]
+    assert meta["parity"]["cos_min"] >= 0.99 and meta["parity"]["top1_agree"] == 1.0, meta["parity"]
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node if n.op_type in ("ReduceMean", "GlobalAveragePool", "Squeeze")] == [
+        "GlobalAveragePool", "Squeeze"]
+    ops = _fused_ops(out, tmp_path, {})
+    assert ops["QLinearAdd"] == 2 and ops["QLinearGlobalAveragePool"] == 1 and ops["QLinearConv"] == 7, dict(ops)
+    assert ops["Add"] + ops["ReduceMean"] + ops["GlobalAveragePool"] + ops["Conv"] + ops["FusedConv"] == 0, dict(ops)
+    rows = check(out, "rpi5", runtime="onnxruntime-cpu").rows
+    assert {r.signature for r in rows if r.op in ("Add", "GlobalAveragePool")} == {"act=uint8"}
+    assert all(r.verdict.support == "native" for r in rows)
+    # TensorRT's form (symmetric int8 grids, float biases): its builder fuses a QDQ Add and pooling into INT8 layers too
+    sym = _quantize("tests.export.onnx_cnn:residual_cnn", "w8a8-sym", tmp_path, source="images")
+    trt = export(sym, "onnx", tmp_path / "trt.onnx", output_grids=True, calib_samples=4, target="jetson-orin-nano")
+    assert trt["target"]["status"] == "native" and trt["output_grids"]["global_pools"] == 1
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    assert {numpy_helper.to_array(t).dtype for t in model.graph.initializer if t.name.endswith("zero_point")} == {np.dtype(np.int8)}
 
 
 def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):

@@ -296,6 +296,38 @@ def test_plan_of_an_image_model_for_onnx(tmp_path, monkeypatch):
     assert _rows(check(tmp_path / "q", "rpi5", runtime="onnxruntime-cpu"))[("MatMul", "act=dynamic w=int8/channel")][0] == "native"
 
 
+@pytest.mark.parametrize("skip", ["dequantized", "float"])
+def test_qdq_add_is_integer_only_with_every_input_dequantized(tmp_path, monkeypatch, skip):
+    """A residual Add between a DequantizeLinear and the next QuantizeLinear: ONNX Runtime fuses it into QLinearAdd only
+    when its other input is dequantized too; with a float input (another op's output) it stays a float Add, and
+    `edgeq check` reports it so, as ORT's optimized graph has it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.delenv("EDGEQ_PROFILES", raising=False)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"]),
+             helper.make_node("Sigmoid", ["x"], ["g"])]
+    if skip == "dequantized":
+        nodes += [helper.make_node("QuantizeLinear", ["g", "s", "zp"], ["g_q"]),
+                  helper.make_node("DequantizeLinear", ["g_q", "s", "zp"], ["g_dq"])]
+    nodes += [helper.make_node("Add", ["x_dq", "g_dq" if skip == "dequantized" else "g"], ["a"], name="add"),
+              helper.make_node("QuantizeLinear", ["a", "s", "zp"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializer=inits)
+    path = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    fused = "QLinearAdd" in {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    assert fused == (skip == "dequantized")
+    add = next(r for r in check(path, "rpi5").rows if r.op == "Add")
+    assert add.signature == ("act=uint8" if fused else "act=fp32")
+
+
 @pytest.mark.parametrize("bias", ["float", "subgraph", "int32"])
 def test_qdq_gemm_bias_forms(tmp_path, monkeypatch, bias):
     """A QDQ Gemm with a float output: ONNX Runtime fuses it into QGemm with no bias or an int32 one behind a
