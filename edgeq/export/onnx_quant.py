@@ -207,8 +207,11 @@ def _render_dq(g: Graph, lq: LayerQ, layout: str, outputs: list[str], compute: l
     if lq.act_mode == "static":
         for node, _ in compute:
             # a zero Pad before the layer (TF-style "same" padding) reads the quantized input instead: zero is exact on
-            # every grid, so the values are the same, and ONNX Runtime folds the Pad into the Conv and fuses DQ -> Conv
-            reader = _zero_pad(g, node.input[0]) or node
+            # every grid, so the values are the same. It is folded into the Conv's pads where it pads the spatial axes
+            # (as ONNX Runtime's PadFusion does when it loads the file, so TensorRT too reads DQ -> Conv), else it
+            # stays between the DequantizeLinear and the Conv, where ONNX Runtime folds it
+            pad = _zero_pad(g, node.input[0])
+            reader = node if pad is None or _fold_pad(g, pad, node) else pad
             (xq, asn, azn), qn_ = _static_quant(g, reader.input[0], lq)
             xdq, dqn_ = g.unique(f"{lq.name}.input_dq"), g.unique(f"{lq.name}/input_dq")
             g.before.setdefault(id(reader), []).append(helper.make_node("DequantizeLinear", [xq, asn, azn], [xdq], name=dqn_))
@@ -242,6 +245,32 @@ def _zero_pad(g: Graph, x: str):
     if mode != b"constant" or value is None or value.any():
         return None
     return pad
+
+
+def _fold_pad(g: Graph, pad, conv) -> bool:
+    """Fold a zero Pad of the spatial axes into the Conv reading it (its `pads` grow by the Pad's; the Conv then reads
+    the Pad's input, and the Pad is dropped); False, changing nothing, where it cannot be (pads not constant or
+    negative, or on the batch / channel axes, an `axes` input, a Conv with auto_pad)."""
+    if conv.op_type != "Conv" or (len(pad.input) > 3 and pad.input[3]):
+        return False
+    amounts = _constant(g, pad.input[1]) if len(pad.input) > 1 and pad.input[1] else None
+    attrs = {a.name: a for a in conv.attribute}
+    if amounts is None or amounts.ndim != 1 or amounts.size % 2 or (amounts < 0).any():
+        return False
+    rank = amounts.size // 2
+    begin, end = amounts[:rank].tolist(), amounts[rank:].tolist()
+    auto_pad = attrs["auto_pad"].s if "auto_pad" in attrs else b"NOTSET"
+    if rank < 3 or any(begin[:2] + end[:2]) or auto_pad not in (b"", b"NOTSET"):
+        return False
+    spatial = rank - 2
+    old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * spatial)
+    pads = [o + a for o, a in zip(old, begin[2:] + end[2:])]
+    kept = [a for a in conv.attribute if a.name != "pads"]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute("pads", pads)])
+    conv.input[0] = pad.input[0]
+    g.replace[id(pad)] = []
+    return True
 
 
 def _constant(g: Graph, name: str) -> np.ndarray | None:

@@ -104,9 +104,11 @@ def detect_format(path: Path, fmt: str | None = None) -> str:
     raise EdgeqError(f"{path}: not an .onnx or .tflite file or a quantized-model directory")
 
 
-def uses_of(thing: str | os.PathLike, fmt: str | None = None, accuracy_level: int = 0) -> tuple[str, list[OpUse]]:
+def uses_of(thing: str | os.PathLike, fmt: str | None = None, accuracy_level: int = 0,
+            engine: str | None = None) -> tuple[str, list[OpUse]]:
     """(format, op uses) of a file or QDIR; a QDIR needs the format it is checked for, and is read as
-    edgeq's export renders it (ONNX: at MatMulNBits `accuracy_level`; a file's own level is in its FILE.json)."""
+    edgeq's export renders it (ONNX: at MatMulNBits `accuracy_level`; a file's own level is in its FILE.json).
+    `engine`: the runtime package whose QDQ fusion rules read an ONNX file (default ONNX Runtime's)."""
     path = Path(thing)
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
@@ -114,7 +116,7 @@ def uses_of(thing: str | os.PathLike, fmt: str | None = None, accuracy_level: in
     if kind == "onnx":
         from .onnx_graph import onnx_uses
 
-        return "onnx", onnx_uses(path)
+        return "onnx", onnx_uses(path, engine=engine or "onnxruntime")
     if kind == "tflite":
         from .tflite_graph import tflite_uses
 
@@ -149,10 +151,14 @@ def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: 
         rt = prof.runtime(runtime, fmt)
         return CheckReport(prof.name, rt.name, rt.format, "<plan>", classify(thing, rt))
     path = Path(thing)
-    if fmt is None and runtime is not None and path.exists() and detect_format(path) == "qdir":
+    kind = detect_format(path, fmt) if path.exists() else None
+    if fmt is None and kind == "qdir" and runtime is not None:
         fmt = prof.runtime(runtime).format
-    fmt, uses = uses_of(path, fmt, accuracy_level)
-    rt = prof.runtime(runtime, fmt)
+    elif kind not in (None, "qdir"):
+        fmt = kind
+    rt = prof.runtime(runtime, fmt) if fmt is not None else None  # a file is read with its runtime's fusion rules
+    fmt, uses = uses_of(path, fmt, accuracy_level, engine=rt.package if rt is not None else None)
+    rt = rt or prof.runtime(runtime, fmt)
     return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt))
 
 

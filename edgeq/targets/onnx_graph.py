@@ -36,6 +36,10 @@ WEIGHT_QPARAM_INPUT = {"MatMulInteger": 3, "ConvInteger": 3, "DynamicQuantizeMat
 # kernels, where MatMul fuses a dequantized input and weight on its own (MatMulIntegerToFloat). With the norms folded
 # into the Convs (export/batchnorm.py), 34 of the 49 fuse: those whose output only QuantizeLinear reads.
 OUTPUT_QDQ_OPS = {"Conv", "Gemm"}
+# Runtimes that build a QDQ Conv / Gemm as an integer layer whatever reads its output: TensorRT's builder fuses the
+# input and weight DequantizeLinear into an INT8 convolution with a float output when no QuantizeLinear follows, and
+# fuses any Relu / Clip before one (TensorRT Developer Guide: Explicit Quantization, Q/DQ layer fusion).
+ANY_OUTPUT_ENGINES = {"tensorrt"}
 # Ops ORT removes between a layer and the QuantizeLinear of its output (ReluQuantFusion, ClipQuantFusion).
 _QUANT_FUSED_ACTIVATIONS = {"Relu", "Clip"}
 # Ops that quantize their own float activations on the fly.
@@ -63,6 +67,7 @@ def _dtype_names() -> dict[int, str]:
 class _Graph:
     def __init__(self, graph, dtypes: dict[int, str]):
         self.level = ORT_DEFAULT_ACCURACY_LEVEL
+        self.engine = "onnxruntime"
         self.types: dict[str, str] = {}
         self.dims: dict[str, int] = {}
         self.numel: dict[str, int] = {}
@@ -198,16 +203,18 @@ def accuracy_level(path: str | Path) -> int:
         return ORT_DEFAULT_ACCURACY_LEVEL
 
 
-def onnx_uses(path: str | Path, level: int | None = None) -> list[OpUse]:
+def onnx_uses(path: str | Path, level: int | None = None, engine: str = "onnxruntime") -> list[OpUse]:
     """Every op of the main graph (subgraphs of If/Loop are not walked) as an `OpUse`.
 
     `level`: the MatMulNBits accuracy level the session will use (default: `accuracy_level(path)`);
     4-bit blocked DequantizeLinear + MatMul, which ORT fuses into MatMulNBits, then runs with
-    `dynamic` activations (level 4, int8 compute) or `fp32` ones (levels 0-1).
+    `dynamic` activations (level 4, int8 compute) or `fp32` ones (levels 0-1). `engine`: the runtime package
+    whose fusion rules apply (ONNX Runtime's; TensorRT's for a Conv / Gemm whose output is not quantized).
     """
     model = load_model(path)
     g = _Graph(model.graph, _dtype_names())
     g.level = accuracy_level(path) if level is None else level
+    g.engine = engine
     uses: list[OpUse] = []
     folded: set[str] = set()
     for node in model.graph.node:
@@ -262,7 +269,7 @@ def _node_use(g: _Graph, node) -> OpUse | None:
     # Weight ops fuse DQ inputs on their own (e.g. MatMulIntegerToFloat); other ops (and OUTPUT_QDQ_OPS) only as a
     # whole QDQ unit, every data input dequantized and the output quantized: otherwise the DQs run alone and the op runs
     # in float (measured, ORT 1.32: a QDQ Add one of whose inputs was another Add's float output stayed a float Add).
-    whole_unit = node.op_type not in WEIGHT_INPUT or node.op_type in OUTPUT_QDQ_OPS
+    whole_unit = node.op_type not in WEIGHT_INPUT or (node.op_type in OUTPUT_QDQ_OPS and g.engine not in ANY_OUTPUT_ENGINES)
     if vias and whole_unit and (float_input or not (_output_quantized(g, node) or _qgemm_float_output(g, node))):
         act = g.types.get(data[0][1], "fp32")
     else:

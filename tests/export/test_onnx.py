@@ -537,6 +537,13 @@ def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_
         assert (stored < 0).any() == (factor < 0).any()
     ops = _fused_ops(out, tmp_path, {})
     assert ops["QLinearConv"] == 2 and ops["BatchNormalization"] == 0, dict(ops)  # stem and dw; pw feeds a ReduceMean
+    # the zero Pads are folded into their Convs' pads also in a file written without ORT's optimizations (TensorRT's)
+    raw = export(qdir, "onnx", tmp_path / "raw.onnx", optimize=False)
+    raw_model = onnx.load(str(tmp_path / "raw.onnx"))
+    assert not [n for n in raw_model.graph.node if n.op_type == "Pad"]
+    pads = {n.name: [a.ints for a in n.attribute if a.name == "pads"][0] for n in raw_model.graph.node if n.op_type == "Conv"}
+    assert sorted(list(p) for p in pads.values()) == [[0, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]], pads
+    assert raw["parity"]["max_abs"] <= 1e-4, raw["parity"]
     rows = [r for r in check(out, "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Conv"]
     assert sorted((r.verdict.support, r.count) for r in rows) == [("fallback", 1), ("native", 2)]
     # the recipe is already static: what the float Conv needs is a grid on its output
@@ -604,6 +611,12 @@ def test_output_grids_make_residual_adds_and_pooling_integer(tmp_path):
     assert trt["target"]["status"] == "native" and trt["output_grids"]["global_pools"] == 1
     model = onnx.load(str(tmp_path / "trt.onnx"))
     assert {numpy_helper.to_array(t).dtype for t in model.graph.initializer if t.name.endswith("zero_point")} == {np.dtype(np.int8)}
+    # TensorRT builds each Conv INT8 from its DequantizeLinear inputs, with the ReLU6 before the next grid fused; ORT
+    # keeps a Clip before a symmetric grid, and so those Convs float
+    convs = {r.signature: r.count for r in check(tmp_path / "trt.onnx", "jetson-orin-nano", runtime="tensorrt").rows if r.op == "Conv"}
+    assert convs == {"act=int8 w=int8/channel": 7}, convs
+    convs = {r.signature: r.count for r in check(tmp_path / "trt.onnx", "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Conv"}
+    assert convs.get("act=fp32 w=int8/channel", 0) > 0, convs
 
 
 def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):
