@@ -5,7 +5,8 @@
 Rows (every file run in ONNX Runtime, CPU execution provider):
 - fp32: edgeq's export of the float model (BatchNormalization kept, as traced);
 - edgeq w8a8 (`int8`), with its default uint8 weight encoding and with `int8_weights="int8"` (ORT's own), each also
-  with `output_grids=True` (the Conv outputs a float op reads quantized on calibrated grids, outside the simulation);
+  with `output_grids=True` (every tensor a float op reads quantized: Conv outputs on calibrated grids, residual Adds
+  through the next layer's grid, the pooling a GlobalAveragePool; outside the simulation);
 - edgeq w8 (`dynamic-int8`);
 - ORT quantize_static on the fp32 file after quant_pre_process (which folds the norms): QDQ, per-channel int8
   weights, uint8 activations, MinMax, every op it quantizes by default; calibrated on the same images as edgeq;
