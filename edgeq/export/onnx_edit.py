@@ -163,6 +163,23 @@ class Graph:
         self.graph.initializer.extend(keep + self.new_inits)
 
 
+VALUE_KEEPING = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")  # a constant's values pass through
+
+
+def constant_value(g: Graph, name: str) -> np.ndarray | None:
+    """The values of a constant tensor: an initializer, a Constant node's output, or either through value-keeping ops
+    (the exporter writes a Pad's and a ReduceMean's constants as Reshape(Constant)); else None."""
+    if name in g.inits:
+        return numpy_helper.to_array(g.inits[name])
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        return numpy_helper.to_array(value.t) if value is not None else None
+    if node is not None and node.op_type in VALUE_KEEPING and node.input:
+        return constant_value(g, node.input[0])
+    return None
+
+
 def dequantized_by(g: Graph, name: str, constant: bool):
     """The DequantizeLinear producing `name` from a constant (`constant`: a weight) or from a tensor (an activation's
     grid), else None; through a zero-padding Pad for an activation (onnx_quant._zero_pad puts it after the DQ)."""

@@ -26,10 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_edit import Graph, dequantized_by, output_readers, static_qdq_layers
+from .onnx_edit import Graph, constant_value, dequantized_by, output_readers, static_qdq_layers
 
 ELEMENTWISE_UNITS = ("Add", "Mul", "Concat")  # ORT's QLinearAdd / QLinearMul / QLinearConcat, from a QDQ unit
-_VALUE_KEEPING = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")  # a constant's values pass through
 
 
 def outputs_needing_grids(model: onnx.ModelProto) -> dict[str, bool]:
@@ -110,7 +109,9 @@ def global_pools(model: onnx.ModelProto) -> int:
             continue
         rank = ranks.get(node.input[0], 0)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axes = attrs.get("axes") if "axes" in attrs else (_constant(g, node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+        axes = attrs.get("axes")  # an attribute before opset 18, an input since
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = constant_value(g, node.input[1])
         if rank < 3 or axes is None or sorted(int(a) % rank for a in np.ravel(axes)) != list(range(2, rank)):
             continue
         keep = attrs.get("keepdims", 1)
@@ -123,19 +124,6 @@ def global_pools(model: onnx.ModelProto) -> int:
         replaced += 1
     g.commit()
     return replaced
-
-
-def _constant(g: Graph, name: str) -> np.ndarray | None:
-    """A constant tensor's values (an initializer, a Constant node, through value-keeping ops), else None."""
-    if name in g.inits:
-        return numpy_helper.to_array(g.inits[name])
-    node = g.producer.get(name)
-    if node is not None and node.op_type == "Constant":
-        value = next((a for a in node.attribute if a.name == "value"), None)
-        return numpy_helper.to_array(value.t) if value is not None else None
-    if node is not None and node.op_type in _VALUE_KEEPING:
-        return _constant(g, node.input[0])
-    return None
 
 
 def share_quantized(model: onnx.ModelProto) -> int:

@@ -28,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import EdgeqError
 from ..targets.uses import onnx_dynamic_form, onnx_packed_table
 from .onnx_dynamic import per_token_fake_quant, render_matmul_integer, render_matmul_integer_symmetric, render_matmul_integer_token
-from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, Rendered, fix_batch_one, output_readers,
-                        static_qdq_layers, transpose_consumers, weight_arrays)
+from .onnx_edit import (COMPUTE_OPS, PACKED_OFFSET, PASSIVE_OPS, Graph, LayerQ, Rendered, constant_value, fix_batch_one,
+                        output_readers, static_qdq_layers, transpose_consumers, weight_arrays)
 
 __all__ = ["LayerQ", "Rendered", "int32_biases", "quantize_graph"]
 # The static input grids ONNX holds -> their integer type: uint8 (ORT's fused integer kernels), int8 with zero point 0
@@ -241,7 +241,7 @@ def _zero_pad(g: Graph, x: str):
     if pad is None or pad.op_type != "Pad" or len(g.consumers.get(x, [])) != 1:
         return None
     mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-    value = _constant(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+    value = constant_value(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
     if mode != b"constant" or value is None or value.any():
         return None
     return pad
@@ -253,7 +253,7 @@ def _fold_pad(g: Graph, pad, conv) -> bool:
     negative, or on the batch / channel axes, an `axes` input, a Conv with auto_pad)."""
     if conv.op_type != "Conv" or (len(pad.input) > 3 and pad.input[3]):
         return False
-    amounts = _constant(g, pad.input[1]) if len(pad.input) > 1 and pad.input[1] else None
+    amounts = constant_value(g, pad.input[1]) if len(pad.input) > 1 and pad.input[1] else None
     attrs = {a.name: a for a in conv.attribute}
     if amounts is None or amounts.ndim != 1 or amounts.size % 2 or (amounts < 0).any():
         return False
@@ -271,16 +271,6 @@ def _fold_pad(g: Graph, pad, conv) -> bool:
     conv.input[0] = pad.input[0]
     g.replace[id(pad)] = []
     return True
-
-
-def _constant(g: Graph, name: str) -> np.ndarray | None:
-    """The value of an initializer or a Constant node's output, else None."""
-    if name in g.inits:
-        return numpy_helper.to_array(g.inits[name])
-    node = g.producer.get(name)
-    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
 
 
 def _dynamic_form(lq: LayerQ, matmul: bool) -> str:
