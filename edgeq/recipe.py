@@ -1,8 +1,9 @@
 """QuantRecipe: what to quantize and how, as data (TOML or YAML), validated against a schema.
 
 A recipe is an ordered list of rules. Each rule matches module names with a regular expression
-(`re.search`); the first matching rule decides a layer's weight spec, activation spec, method and
-range multiplier gamma. Layers no rule matches stay float. Unknown keys are errors.
+(`re.search`), and optionally only layers of some kinds (`kind`: linear, conv2d, depthwise); the first
+matching rule decides a layer's weight spec, activation spec, method and range multiplier gamma.
+Layers no rule matches stay float. Unknown keys are errors.
 
 Transformer-safe by construction: only weight-bearing layers (Linear, Conv) are ever quantized,
 so attention masks, softmax and norms stay float whatever a rule says.
@@ -25,6 +26,8 @@ ACT_MODES = ("none", "dynamic", "static")
 ACT_GRANULARITIES = ("tensor", "token", "group")
 CALIBRATIONS = ("minmax", "percentile", "mse")
 SCALE_DTYPES = ("fp32", "bf16")
+# what a rule's `kind` may name: a Linear, any Conv2d, or a depthwise one (every output channel reads one input channel)
+LAYER_KINDS = ("linear", "conv2d", "depthwise")
 
 
 def _check_keys(where: str, data: dict, allowed) -> None:
@@ -135,10 +138,11 @@ class Rule:
     activation: ActSpec = field(default_factory=ActSpec)
     method: str = "rtn"
     gamma: float = 1.0
+    kind: tuple[str, ...] | None = None  # only layers of these kinds (LAYER_KINDS); None: every layer `match` names
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "Rule":
-        _check_keys(where, data, ["match", "skip", "weight", "activation", "method", "gamma"])
+        _check_keys(where, data, ["match", "kind", "skip", "weight", "activation", "method", "gamma"])
         if "match" not in data:
             raise EdgeqError(f"{where}: missing key 'match' (a regular expression over module names)")
         try:
@@ -153,8 +157,18 @@ class Rule:
         gamma = float(data.get("gamma", 1.0))
         if not 0.1 <= gamma <= 2.0:
             raise EdgeqError(f"{where}.gamma: {gamma} is not in [0.1, 2.0]")
+        kind = data.get("kind")
+        if kind is not None:
+            kind = (kind,) if isinstance(kind, str) else kind
+            if not isinstance(kind, (list, tuple)) or not kind:
+                raise EdgeqError(f"{where}.kind: {data['kind']!r} is not a layer kind or a list of them")
+            for k in kind:
+                if k not in LAYER_KINDS:
+                    raise choice_error(f"{where}.kind", k, LAYER_KINDS)
+            kind = tuple(kind)
         return cls(
             match=data["match"],
+            kind=kind,
             skip=bool(data.get("skip", False)),
             weight=WeightSpec.from_dict(data.get("weight", {}), f"{where}.weight"),
             activation=ActSpec.from_dict(data.get("activation", {}), f"{where}.activation"),
@@ -301,10 +315,11 @@ class QuantRecipe:
                 out["embedding"]["head_activation"] = _drop_none(head_activation)
         return out
 
-    def rule_for(self, module_name: str) -> Rule | None:
-        """The first rule matching `module_name`, or None when the layer stays float."""
+    def rule_for(self, module_name: str, kinds: tuple[str, ...] = ("linear",)) -> Rule | None:
+        """The first rule matching `module_name` and, where the rule names kinds, one of the layer's `kinds`
+        (`layer_kinds`: a depthwise conv is both conv2d and depthwise), or None when the layer stays float."""
         for rule in self.rules:
-            if re.search(rule.match, module_name):
+            if re.search(rule.match, module_name) and (rule.kind is None or set(rule.kind) & set(kinds)):
                 return None if rule.skip else rule
         return None
 

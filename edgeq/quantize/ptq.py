@@ -38,12 +38,20 @@ def quantizable(module: torch.nn.Module) -> str | None:
     return None
 
 
+def layer_kinds(module: torch.nn.Module, kind: str) -> tuple[str, ...]:
+    """The kinds a recipe rule's `kind` may select a quantizable layer by: a depthwise conv (groups = input
+    channels > 1) is both conv2d and depthwise."""
+    if kind == "conv2d" and module.groups > 1 and module.groups == module.in_channels:
+        return ("conv2d", "depthwise")
+    return (kind,)
+
+
 def plan(model: torch.nn.Module, recipe: QuantRecipe) -> dict[str, tuple[str, Rule]]:
     """name -> (kind, rule) for every layer the recipe quantizes."""
     out = {}
     for name, module in model.named_modules():
         kind = quantizable(module)
-        rule = recipe.rule_for(name) if kind else None
+        rule = recipe.rule_for(name, layer_kinds(module, kind)) if kind else None
         if rule is not None:
             out[name] = (kind, rule)
     return out

@@ -80,6 +80,10 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
     if kind is None:
         raise EdgeqError(f"{at}.kind: {layer.get('kind', layer.get('type'))!r} is not one of: linear, conv, embedding")
     op = "Gemm" if fmt == "onnx" and kind == "linear" and model_kind == "image" else KIND_OPS[fmt][kind][0]
+    shape = layer.get("shape") or ()
+    if fmt == "tflite" and kind == "conv" and len(shape) == 4 and shape[1] == 1 and shape[0] > 1:
+        op = "DEPTHWISE_CONV_2D"  # [out, in / groups = 1, kh, kw]: one input channel per output channel (a conv of a
+        # single-channel input reads the same; the converter writes a depthwise conv so)
     w: dict[str, Any] = layer.get("weight", layer) if isinstance(layer.get("weight"), dict) else layer
     bits = w.get("bits", w.get("weight_bits"))
     if bits is None or layer.get("skip") or layer.get("quantized") is False or int(bits) >= 16:
@@ -100,7 +104,6 @@ def layer_use(layer: dict, fmt: str, where: str = "quant.json", accuracy_level: 
     if fmt == "onnx" and mode == "dynamic" and onnx_dynamic_form(
             op == "MatMul", int(bits), group, abits, act_sym, act_gran) != "integer":
         act = "fp32"  # the grid is float ops (or DynamicQuantizeLinear -> DequantizeLinear) before the op: it reads floats
-    shape = layer.get("shape") or ()
     packed = fmt == "onnx" and bool(shape) and onnx_packed_table(int(bits), symmetric, group, int(shape[-1]))
     if fmt == "onnx" and kind == "embedding":
         return _onnx_table_use(name, dtype, gran, group, packed)

@@ -1034,6 +1034,24 @@ def test_checking_the_qdir_says_what_the_file_runs(exported, case, assert_plan_c
     assert_plan_checks_as_written(qdir, path, "tflite")
 
 
+def test_dynamic_depthwise_convs_run_outside_xnnpack(exported):
+    """XNNPACK has no dynamically quantized depthwise convolution: a dynamic-range DEPTHWISE_CONV_2D stays on TFLite's
+    built-in hybrid kernel and splits the delegated graph (what the profiles say, here read off the interpreter), so
+    `check` calls it a fallback, from the file and from the plan. The `w8` preset keeps depthwise convs float: the
+    whole graph is XNNPACK's and checks native."""
+    from edgeq.targets import check
+
+    mixed_path, mixed, _ = exported["cnn-int4"]  # CNN_MIXED: every layer dynamic, the depthwise one included
+    assert mixed["graph"]["xnnpack"]["serving_default"]["builtin"] == {"DEPTHWISE_CONV_2D": 1}
+    rows = {r.op: r.verdict.support for r in check(mixed_path, "rpi5").rows}
+    assert rows["DEPTHWISE_CONV_2D"] == "fallback" and rows["CONV_2D"] == "native"
+    path, meta, qdir = exported["cnn-dynamic-int8"]
+    assert "dw" not in load_quantized(qdir).layers() and "pw" in load_quantized(qdir).layers()
+    assert meta["graph"]["xnnpack"]["serving_default"] == {"nodes": meta["graph"]["xnnpack"]["serving_default"]["nodes"],
+                                                           "partitions": 1, "builtin": {}}
+    assert check(path, "rpi5").status == "native" and check(qdir, "rpi5", runtime="litert-xnnpack").status == "native"
+
+
 def test_target_gate_checks_the_variant_being_exported(exported, tmp_path):
     """`--variant fp32 --target` of a QDIR gates a float file: the recipe's 16x8 layers, which XNNPACK runs only through
     the reference kernels, refuse the recipe's own variant before converting, not the fp32 file."""

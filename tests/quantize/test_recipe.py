@@ -32,6 +32,8 @@ def test_required_presets_exist_and_load():
     ({"rules": []}, "non-empty list of rules"),
     ({"rules": [{"match": ".*"}], "extra": 1}, "unknown key 'extra'"),
     ({"rules": [{"match": ".*"}], "calibration": {"sequential": "no"}}, "calibration.sequential: 'no' is not true or false"),
+    ({"rules": [{"match": ".*", "kind": "dw"}]}, "rules[0].kind: 'dw' is not one of"),
+    ({"rules": [{"match": ".*", "kind": []}]}, "is not a layer kind or a list of them"),
 ])
 def test_invalid_recipes_name_the_field(data, message):
     with pytest.raises(EdgeqError, match=None) as err:
@@ -64,3 +66,29 @@ def test_recipe_round_trips_through_toml(tmp_path):
     path.write_text(dump_recipe_toml(recipe))
     again = load_recipe(path)
     assert again.rules == recipe.rules and again.gptq == recipe.gptq
+
+
+def test_a_rule_can_select_layers_by_kind(tmp_path):
+    """`kind` narrows a rule to linear layers, convs, or depthwise convs (groups = input channels > 1, which are convs
+    too). The dynamic-activation presets keep depthwise convs float: XNNPACK has no dynamic depthwise kernel (it
+    leaves them on built-in kernels, measured in tests/export/test_tflite.py)."""
+    import torch
+
+    from edgeq.quantize.ptq import plan
+
+    recipe = QuantRecipe.from_dict({"rules": [{"match": ".*", "kind": ["depthwise"], "weight": {"bits": 4}},
+                                              {"match": ".*", "kind": "conv2d", "skip": True},
+                                              {"match": ".*", "weight": {"bits": 8}}]})
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 16, 1),
+                                torch.nn.Conv2d(16, 16, 3, groups=4), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    chosen = {name: rule.weight.bits for name, (_, rule) in plan(model, recipe).items()}
+    assert chosen == {"0": 4, "4": 8}  # the depthwise conv; the other convs (a grouped one is not depthwise) skipped
+    path = tmp_path / "again.toml"
+    from edgeq.recipe import dump_recipe_toml
+
+    path.write_text(dump_recipe_toml(recipe))
+    assert load_recipe(path).rules == recipe.rules
+    for name in ("w8", "w8-fast", "w8-tensor", "w8a16"):
+        dynamic = load_recipe(name)
+        assert dynamic.rule_for("features.3.conv", ("conv2d", "depthwise")) is None
+        assert dynamic.rule_for("features.3.conv", ("conv2d",)) is not None
