@@ -1052,6 +1052,24 @@ def test_dynamic_depthwise_convs_run_outside_xnnpack(exported):
     assert check(path, "rpi5").status == "native" and check(qdir, "rpi5", runtime="litert-xnnpack").status == "native"
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_check_knows_which_layers_xnnpack_leaves_to_builtin_kernels(exported, case):
+    """The interpreter's own account (FILE.json `graph.xnnpack`: the ops XNNPACK did not take) against the profiles:
+    every weight op left on a built-in kernel is one `edgeq check` does not call native on XNNPACK, and no other."""
+    from edgeq.targets import check
+
+    path, meta, _ = exported[case]
+    builtin: dict[str, int] = {}
+    for coverage in meta["graph"]["xnnpack"].values():
+        for op, n in coverage["builtin"].items():
+            builtin[op] = builtin.get(op, 0) + n
+    rows = check(path, "rpi5").rows
+    for op in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL"):
+        off = sum(r.count for r in rows if r.op == op
+                  and (r.verdict.support != "native" or "built-in" in (r.verdict.kernel or "")))
+        assert off == builtin.get(op, 0), (op, builtin, [(r.signature, r.count, r.verdict.support) for r in rows if r.op == op])
+
+
 def test_target_gate_checks_the_variant_being_exported(exported, tmp_path):
     """`--variant fp32 --target` of a QDIR gates a float file: the recipe's 16x8 layers, which XNNPACK runs only through
     the reference kernels, refuse the recipe's own variant before converting, not the fp32 file."""
