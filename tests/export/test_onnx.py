@@ -620,6 +620,33 @@ def test_output_grids_make_residual_adds_and_pooling_integer(tmp_path):
     assert convs.get("act=fp32 w=int8/channel", 0) > 0, convs
 
 
+@pytest.mark.parametrize("model, recipe, options", [
+    ("batchnorm_cnn", "w8a8", {}),
+    ("residual_cnn", "w8a8", {}),
+    ("residual_cnn", "w8a8", {"output_grids": True, "calib_samples": 4}),
+    ("residual_cnn", "w8a8-sym", {}),
+    ("residual_cnn", "w8a8-sym", {"output_grids": True, "calib_samples": 4}),
+    ("residual_cnn", "w8", {}),
+])
+def test_check_counts_the_integer_ops_ort_runs(tmp_path, model, recipe, options):
+    """ONNX Runtime's optimized graph against `edgeq check` of the same file: as many Convs, Gemms, Adds and poolings
+    called integer as ORT fused into QLinearConv / QGemm / QLinearAdd / QLinearGlobalAveragePool. ORT optimizes as on
+    the rpi5 profile's ARM CPU (`session.qdqisint8allowed` 1, ARM's default): on x86 it turns some int8 Q/DQ into
+    uint8, and the `w8a8-sym` output-grids file's two Adds, between a converted and an unconverted input, stay float
+    here (measured; both fuse with the option)."""
+    from edgeq.targets import check
+
+    qdir = _quantize(f"tests.export.onnx_cnn:{model}", recipe, tmp_path, source="images")
+    out = tmp_path / "m.onnx"
+    export(qdir, "onnx", out, **options)
+    ops = _fused_ops(out, tmp_path, {"session.qdqisint8allowed": "1"})
+    rows = check(out, "rpi5", runtime="onnxruntime-cpu").rows
+    fused = {"Conv": "QLinearConv", "Gemm": "QGemm", "Add": "QLinearAdd", "GlobalAveragePool": "QLinearGlobalAveragePool"}
+    for op, kernel in fused.items():
+        integer = sum(r.count for r in rows if r.op == op and r.signature.split()[0] in ("act=uint8", "act=int8"))
+        assert integer == ops[kernel], (op, dict(ops), [(r.signature, r.count) for r in rows if r.op == op])
+
+
 def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):
     """Folding a norm rewrites its conv's output: with a skip connection reading that output too, the fold would feed
     it normalised values. That norm stays a BatchNormalization; the others are folded."""
