@@ -243,6 +243,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
 
     folds = bn_folds(model, example_inputs(b, seq_len)) if layers else {}
     scales = {n: rendered_scale(m, folds.get(n)) for n, m in layers.items()}
+    zeroed = {n: f.dead_channels() for n, f in folds.items() if f.dead is not None}  # batchnorm.BnFold.dead
     float_buf, ops, convert_s, static_slots = float_graph(b, model, seq_len, cache=cache, folds=folds, cache_len=cache_len)
     # layers the outputs do not depend on are not in the file (the converter drops them; float_graph checked why)
     unused = sorted(n for n in layers if n not in ops)
@@ -266,7 +267,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if layers and variant != "fp32":
         from .tflite_check import read_back
 
-        check = read_back(buf, layers, scales, {n: f.dead_channels() for n, f in folds.items()})
+        check = read_back(buf, layers, scales, zeroed)
 
     runner = TfliteRunner(buf, threads=1)
     inputs = _parity_inputs(b, seq_len)
@@ -335,7 +336,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                                                 "per_layer": check["layers"]},
         "timing_s": {"convert": round(convert_s, 2), "quantize": round(quantize_s, 2), "fuse": round(fuse_s, 2)},
         # a folded norm's dead channels hold zeros, not edgeq's integers (batchnorm.BnFold.dead)
-        "exact_integers": None if check is None else bool(check["exact"]) and not any(f.dead_channels() for f in folds.values()),
+        "exact_integers": None if check is None else bool(check["exact"]) and not zeroed,
         "bn_folded": {n: f.norm for n, f in folds.items()} or None,
         "layers_not_in_file": {"layers": unused, "reason": "the exported outputs do not depend on them, or their input is a constant "
                                                          "(DeBERTa-v2's relative-position projections): the converter drops "

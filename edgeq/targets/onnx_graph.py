@@ -311,7 +311,7 @@ def _output_quantized(g: _Graph, node) -> bool:
 
 
 # Ops that pass a one-element constant's value on (a Cast between float types, or of an integral value).
-_VALUE_KEEPING = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+_VALUE_KEEPING = CONST_LAYOUT - {"Transpose"}
 
 
 def _activation_dropped(g: _Graph, node) -> bool:
