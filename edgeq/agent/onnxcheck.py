@@ -1,4 +1,4 @@
-"""Find and vet the external-data references of an ONNX file without the `onnx` package.
+"""Read ONNX files on a board without the `onnx` package: vet external-data references, list a graph's nodes.
 
 ONNX tensors may keep their bytes in another file named by a `location` string. A hostile model
 could name `../../etc/shadow`, an absolute path or a symlink and have the runtime read it. This
@@ -6,6 +6,10 @@ module walks the protobuf wire format just deep enough to collect every `locatio
 initializers, sparse initializers, node attributes, subgraphs and functions) and refuses any
 that is not a plain path inside the job directory, BEFORE the runtime ever opens the model.
 It never executes or imports anything from the model.
+
+The same walk lists the main graph's nodes (`graph_nodes`), which `kernel_account` reads in the
+graph ONNX Runtime optimized on the board: which ops it fused into integer kernels, and which
+weight ops it left float on dequantized tensors.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Iterator
+from collections import Counter
+from typing import Iterator, NamedTuple
 
 from ..errors import EdgeqError
 
@@ -22,7 +27,7 @@ _MAX_DEPTH = 64
 # field numbers from onnx.proto
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE_INIT = 1, 5, 15
-_NODE_ATTR = 5
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTR, _NODE_DOMAIN = 1, 2, 4, 5, 7
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _FUNC_NODE = 7
@@ -175,3 +180,70 @@ def check_external_data(model_path: str | os.PathLike, job_dir: str | os.PathLik
         if not target.is_file():
             raise EdgeqError(f"ONNX external data: location {loc!r} was not uploaded with the model")
     return locations
+
+
+class Node(NamedTuple):
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def _text(buf, span) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
+def graph_nodes(path: str | os.PathLike) -> list[Node]:
+    """The nodes of an ONNX file's main graph, in order (subgraphs and functions not opened)."""
+    nodes: list[Node] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise MalformedModel("ONNX: empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graphs = list(_sub(_fields(buf, 0, size), _MODEL_GRAPH))
+            if not graphs:
+                raise MalformedModel("ONNX: no graph in the model")
+            for span in _sub(_fields(buf, *graphs[-1]), _GRAPH_NODE):
+                fields = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: [], _NODE_DOMAIN: []}
+                for f, w, v in _fields(buf, *span):
+                    if w == 2 and f in fields:
+                        fields[f].append(_text(buf, v))
+                nodes.append(Node("".join(fields[_NODE_OP_TYPE][-1:]), "".join(fields[_NODE_DOMAIN][-1:]),
+                                  tuple(fields[_NODE_INPUT]), tuple(fields[_NODE_OUTPUT])))
+    return nodes
+
+
+# ONNX Runtime's float kernels for the ops that carry weights (its fusions included; nchwc's Conv is op type Conv)
+FLOAT_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"})
+# ONNX Runtime's integer kernels (CPU): what its QDQ fusions and the dynamic / 4-bit quantizers' ops run as
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+    "QLinearReduceMean", "QLinearWhere", "QAttention", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized", "QEmbedLayerNormalization"})
+# ops that move or reshape a tensor without changing its values: a DequantizeLinear's output stays dequantized
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def kernel_account(nodes: list[Node]) -> dict:
+    """What an ONNX Runtime session runs, from its optimized graph: `nodes`, `ops` (op type -> count), `integer` (the
+    ops of `ops` that are integer kernels) and `float_on_dequantized`: the weight ops left on float kernels with an
+    input a DequantizeLinear makes, directly
+    or through ops that only move values. That is a quantized layer ONNX Runtime did not fuse into an integer
+    kernel (QLinearConv, QGemm, MatMulInteger...): it dequantizes on every run, slower than float. A weight-only
+    file's layers are all such by design."""
+    made_by = {out: node for node in nodes for out in node.outputs}
+
+    def dequantized(name: str) -> bool:
+        seen = 0
+        node = made_by.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.inputs and seen < 64:
+            node, seen = made_by.get(node.inputs[0]), seen + 1
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    ops = Counter(n.op_type for n in nodes)
+    left = Counter(n.op_type for n in nodes if n.op_type in FLOAT_WEIGHT_OPS and any(map(dequantized, n.inputs)))
+    return {"nodes": len(nodes), "ops": dict(sorted(ops.items())),
+            "integer": {op: n for op, n in sorted(ops.items()) if op in INTEGER_OPS},
+            "float_on_dequantized": dict(sorted(left.items()))}

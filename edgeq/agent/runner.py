@@ -9,7 +9,10 @@ of a window of 5 is within `warmup_tolerance` of the previous window; idle power
 planned length; timed runs until BOTH `runs` and `min_seconds` are met (or `max_seconds` passes,
 which makes the run INVALID). Every raw latency is kept. A power meter, when there is one, is
 sampled on a thread of this process (about 20 reads a second; its small cost is inside the
-timed numbers, the same for every model). It never loads torch.
+timed numbers, the same for every model). Last, what the runtime made of the file, from a second
+load: the ops ONNX Runtime's optimized graph runs (`runtime.kernels`), or the nodes XNNPACK took
+of a TFLite signature that is not the file's first (the first's are read at load). It never loads
+torch.
 """
 
 from __future__ import annotations
@@ -169,13 +172,17 @@ def measure(job_dir: Path) -> dict:
         power = power_report(sampler, baseline, (t0, t1), len(lat))
     result["power"] = power
     result["peak_rss_mb"] = _peak_rss_mb()
-    if getattr(model, "coverage_pending", False):  # a signature past the file's first subgraph: a second load
-        progress("xnnpack coverage", len(lat))
-        model.runtime.update(model.signature_coverage())
+    if getattr(model, "coverage_pending", False):  # ONNX, or a signature past a TFLite file's first subgraph: a second load
+        progress("kernel coverage", len(lat))
+        model.runtime.update(model.deferred_coverage())
     left = {op: n for op, n in ((model.runtime.get("xnnpack") or {}).get("builtin") or {}).items() if op in WEIGHT_OPS}
     if left:  # e.g. INT4 blocks an older runtime's XNNPACK has no kernel for: they run, far slower
         warnings.append("XNNPACK in this runtime left " + ", ".join(f"{n} {op}" for op, n in left.items())
                         + " to LiteRT's built-in kernels")
+    left = (model.runtime.get("kernels") or {}).get("float_on_dequantized")
+    if left:  # a quantized layer this runtime did not fuse (or a weight-only file's, by design)
+        warnings.append("ONNX Runtime here runs " + ", ".join(f"{n} {op}" for op, n in left.items())
+                        + " on float kernels over dequantized tensors (not fused into integer kernels)")
     result["os_threads"] = _threads()
     result["latency_ms"] = {**stats.summarize(lat), "seconds": seconds, "raw": lat}
     reasons = stats.validity(len(lat), seconds, cfg["runs"], cfg["min_seconds"])

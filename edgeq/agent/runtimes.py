@@ -61,14 +61,46 @@ class OrtModel:
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path, self.threads, self.coverage_pending = path, threads, True
+        self.session = ort.InferenceSession(str(path), self._options(), providers=["CPUExecutionProvider"])
         self.runtime = {"name": "onnxruntime", "version": ort.__version__,
                         "provider": self.session.get_providers()[0],
                         "providers_available": ort.get_available_providers()}
+
+    def _options(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        return opts
+
+    def deferred_coverage(self) -> dict:
+        """`kernels`: what this board's ONNX Runtime made of the file (`onnxcheck.kernel_account` of the graph it
+        optimized: op counts, and the weight ops it left float on dequantized tensors), or `kernels_note` saying why
+        not measured. ONNX Runtime writes its optimized graph only while it creates a session, so a second session
+        with the timed one's options writes it (weights to a side file) into a temporary directory in the job's;
+        the runner calls this after the timed runs and the peak RSS, and the timed session is released first."""
+        import onnxruntime as ort
+
+        from .onnxcheck import graph_nodes, kernel_account
+
+        self.session = None
+        gc.collect()
+        try:
+            with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp, _CaptureStderr():
+                opts = self._options()
+                opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+                opts.log_severity_level = 3  # not its warning that an optimized graph may be hardware-specific
+                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+                ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+                account = kernel_account(graph_nodes(opts.optimized_model_filepath))
+        except Exception as exc:  # ORT's errors are plain Exceptions: none may cost the measured result
+            return {"kernels": None, "kernels_note": f"not measured: a second session writing the optimized graph "
+                                                     f"failed ({type(exc).__name__}: {str(exc)[:300]})"}
+        return {"kernels": account, "kernels_note": "the graph a second session with the same options optimized, "
+                                                    "after the timed runs"}
 
     def signature(self) -> list[dict]:
         """Inputs as name, dtype and shape (None or a string for a dynamic dim)."""
@@ -128,7 +160,7 @@ class LiteRtModel:
         """What this board's runtime gave XNNPACK (`xnnpack`: nodes, partitions, op types left to the built-in
         kernels, as FILE.json `graph.xnnpack` says for the export host), or `xnnpack_note` saying why not measured.
         The interpreter lists the nodes of the file's first subgraph only: another signature's (a decoder LM's
-        `decode`) are left to `signature_coverage`, after the measurements."""
+        `decode`) are left to `deferred_coverage`, after the measurements."""
         subgraph = 0 if self.runner is None else (signature_io(self.runner) or (None, None))[1]
         if nodes is None or subgraph is None:
             return {"xnnpack": None, "xnnpack_note": "this runtime's interpreter does not list its nodes"}
@@ -137,7 +169,7 @@ class LiteRtModel:
             return {"xnnpack": None, "xnnpack_note": "not measured yet: measured after the timed runs"}
         return {"xnnpack": delegate_coverage(self.interpreter, nodes)}
 
-    def signature_coverage(self) -> dict:
+    def deferred_coverage(self) -> dict:
         """`xnnpack` for a signature that is not the file's first subgraph, from a second, one-thread interpreter
         holding that signature's subgraph alone (`xnnpack_coverage`, what the export host does for FILE.json, the
         subgraph written beside the file). Its delegate packs the weights again, so the runner calls this last, after

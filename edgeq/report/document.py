@@ -30,7 +30,14 @@ def _fingerprint(col: Column) -> dict[str, Any]:
             "cpu_count": fp.get("cpu_count"), "mem_total_mb": fp.get("mem_total_mb"), "kernel": env["kernel"],
             "os": fp.get("os"), "python": fp.get("python"), "runtime": r.runtime,
             "runtime_version": r.runtime_version, "provider": r.provider, "threads": r.threads,
-            "governor": env["governor"], "freq_max_khz": env["freq_max_khz"]}
+            "governor": env["governor"], "freq_max_khz": env["freq_max_khz"], "kernels": _kernels(r.result)}
+
+
+def _kernels(result: dict | None) -> dict[str, Any]:
+    """What the board's runtime made of the file, as the agent measured it there: ONNX Runtime's optimized graph
+    (`kernels`) or XNNPACK's share of a TFLite graph (`xnnpack`), each with its note; {} for older results."""
+    runtime = (result or {}).get("runtime") or {}
+    return {k: runtime[k] for k in ("kernels", "kernels_note", "xnnpack", "xnnpack_note") if k in runtime}
 
 
 def _size(col: Column, fp32_file: Column | None) -> dict[str, Any]:

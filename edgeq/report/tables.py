@@ -181,16 +181,34 @@ def model_tables(m: dict) -> list[Table]:
     out.append(par)
     env = Table(f"{m['model']}: environment fingerprint of each run",
                 ["run", "board", "fingerprint", "CPU", "machine", "cores", "memory MB", "kernel", "OS", "python",
-                 "runtime", "provider", "threads", "governor", "max freq kHz"], [], key="env")
+                 "runtime", "provider", "threads", "governor", "max freq kHz", "kernels on the board"], [], key="env")
     for c in cols:
         f = c["fingerprint"]
         env.rows.append([f"#{f['id']}", f["device"], (f["fingerprint_sha256"] or NM)[:12], _s(f["cpu_model"]),
                          _s(f["machine"]), _s(f["cpu_count"]), _s(f["mem_total_mb"]), _s(f["kernel"]),
                          _os(f["os"]), _s(f["python"]), f"{f['runtime']} {f['runtime_version']}", _s(f["provider"]),
-                         _s(f["threads"]), _s(f["governor"]), _s(f["freq_max_khz"])])
+                         _s(f["threads"]), _s(f["governor"]), _s(f["freq_max_khz"]), _kernels(f["kernels"])])
     env.notes.append("not measured here means the agent could not read it on the board (e.g. no cpufreq in a VM).")
+    env.notes.append("kernels on the board: ONNX Runtime's integer kernels in the graph it optimized there, and the "
+                     "weight ops it left float over dequantized tensors (not fused: slower than float); for TFLite, "
+                     "XNNPACK's partitions and the ops it left to LiteRT's built-in kernels.")
     out.append(env)
     return out
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
+
+
+def _kernels(k: dict) -> str:
+    if k.get("kernels"):
+        return (f"integer: {_counts(k['kernels'].get('integer') or {})}; "
+                f"float over dequantized: {_counts(k['kernels']['float_on_dequantized'])}")
+    if k.get("xnnpack"):
+        x = k["xnnpack"]
+        return f"XNNPACK: {x['nodes']} nodes in {x['partitions']} partitions; built-in: {_counts(x['builtin'])}"
+    note = k.get("kernels_note") or k.get("xnnpack_note")
+    return f"{NM} ({note})" if note else NM
 
 
 def _s(v: Any) -> str:

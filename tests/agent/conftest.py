@@ -40,6 +40,35 @@ def make_onnx(path: Path, *, hidden: int = 16, external: str | None = None, seed
     return path
 
 
+def make_qdq_onnx(path: Path, *, activations: bool, channels: int = 16) -> Path:
+    """A 1x1 Conv in QDQ form with int8 weights: `activations` puts its input and output on uint8 grids too (ONNX
+    Runtime fuses that into QLinearConv); without, a weight-only Conv on the dequantized weight, which ONNX Runtime
+    leaves float (a weight-only MatMul or Gemm it makes MatMulNBits)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (channels, channels, 1, 1), dtype=np.int8), "Wq"),
+             numpy_helper.from_array(np.float32(0.01), "sw"), numpy_helper.from_array(np.int8(0), "zw"),
+             numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "sw", "zw"], ["W"])]
+    if activations:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                  helper.make_node("Conv", ["xd", "W"], ["m"]),
+                  helper.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"]),
+                  helper.make_node("DequantizeLinear", ["mq", "s", "z"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Conv", ["x", "W"], ["y"]))
+    shape = ["batch", channels, 4, 4]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
 def make_token_onnx(path: Path) -> Path:
     """Token ids [batch, sequence] int64 -> Gather from an embedding: integer inputs with a range."""
     import onnx

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgeq.agent.client import AgentError
-from edgeq.agent.onnxcheck import check_external_data, external_locations
+from edgeq.agent.onnxcheck import check_external_data, external_locations, graph_nodes, kernel_account
 from edgeq.errors import EdgeqError
 
-from .conftest import make_onnx, make_token_onnx, run_job
+from .conftest import make_onnx, make_qdq_onnx, make_token_onnx, run_job
 
 
 def test_onnx_result_has_every_measurement(shared_agent, tiny_onnx):
@@ -32,6 +33,65 @@ def test_onnx_result_has_every_measurement(shared_agent, tiny_onnx):
     fp = r["fingerprint"]
     assert fp["kernel"] and fp["python"] and fp["runtimes"]["onnxruntime"]
     assert "before" in r["conditions"] and "after" in r["conditions"]
+
+
+def _ort_optimized(model: Path, out: Path):
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(out))
+
+
+def test_onnx_result_says_which_kernels_ran(shared_agent, tmp_path):
+    """What ONNX Runtime on the agent made of a file, from the graph it optimized there: a QDQ MatMul with its
+    activations on grids runs as QLinearConv; a weight-only Conv stays float on the dequantized weight, and the result
+    warns. The counts are those of the same graph read with the onnx package."""
+    fused = make_qdq_onnx(tmp_path / "qdq.onnx", activations=True)
+    r = run_job(shared_agent.client(), fused)
+    assert r["status"] == "valid", r.get("error")
+    kernels = r["runtime"]["kernels"]
+    assert kernels["ops"].get("QLinearConv") == 1 and "Conv" not in kernels["ops"], kernels
+    assert kernels["integer"] == {"QLinearConv": 1}
+    assert kernels["float_on_dequantized"] == {} and not any("ONNX Runtime" in w for w in r["warnings"])
+    assert not [p for p in (shared_agent.root).rglob("optimized.*")]  # the second session's files are gone
+
+    weight_only = make_qdq_onnx(tmp_path / "wo.onnx", activations=False)
+    r = run_job(shared_agent.client(), weight_only)
+    kernels = r["runtime"]["kernels"]
+    assert kernels["float_on_dequantized"] == {"Conv": 1}, kernels
+    assert ("ONNX Runtime here runs 1 Conv on float kernels over dequantized tensors (not fused into integer "
+            "kernels)") in r["warnings"]
+    model = _ort_optimized(weight_only, tmp_path / "wo.opt.onnx")
+    assert kernels["ops"] == dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+    r = run_job(shared_agent.client(), make_onnx(tmp_path / "f32.onnx"))  # a float file: nothing dequantized
+    assert r["runtime"]["kernels"] == {"nodes": 1, "ops": {"MatMul": 1}, "integer": {}, "float_on_dequantized": {}}
+
+
+def test_kernel_account_failing_leaves_a_note(tmp_path):
+    """The second session may fail (here the file is gone; on a board, the memory limit): the account is null with
+    the reason, and the job keeps what it measured."""
+    from edgeq.agent.runtimes import load
+
+    path = make_qdq_onnx(tmp_path / "qdq.onnx", activations=True)
+    model = load(path, 1)
+    path.unlink()
+    got = model.deferred_coverage()
+    assert got["kernels"] is None and got["kernels_note"].startswith("not measured: a second session"), got
+    assert "NoSuchFile" in got["kernels_note"]  # an ORT error (not an OSError) is caught too
+
+
+def test_graph_nodes_reads_what_onnx_reads(tmp_path):
+    """The torch- and onnx-free wire-format reader gives each node's op type, domain, inputs and outputs as the onnx
+    package does, here on an ONNX Runtime-optimized graph with com.microsoft ops."""
+    model = _ort_optimized(make_qdq_onnx(tmp_path / "qdq.onnx", activations=True), tmp_path / "opt.onnx")
+    assert [tuple(n) for n in graph_nodes(tmp_path / "opt.onnx")] == [
+        (n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+    assert any(n.domain == "com.microsoft" for n in model.graph.node)  # ONNX Runtime's NHWC QLinearConv
+    assert kernel_account(graph_nodes(tmp_path / "opt.onnx"))["float_on_dequantized"] == {}
 
 
 def test_metadata_inputs_and_dims(shared_agent, tmp_path):

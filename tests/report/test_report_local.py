@@ -54,6 +54,14 @@ def test_columns_ratios_and_quality_from_stored_runs(doc_and_rows, artifacts):
     assert c8["vs_fp32"]["energy_ratio"] is None
     assert c8["fingerprint"]["fingerprint_sha256"] == int8.fingerprint_sha256
     assert c8["fingerprint"]["runtime"] == "onnxruntime"
+    # what ONNX Runtime on the agent made of the file, stored with the run and shown in the environment table
+    kernels = c8["fingerprint"]["kernels"]["kernels"]
+    assert kernels == int8.result["runtime"]["kernels"]
+    assert kernels["integer"] == {"MatMulIntegerToFloat": 1, "QLinearMatMul": 1}  # both QDQ MatMuls fused
+    from edgeq.report.tables import _kernels
+
+    assert _kernels(c8["fingerprint"]["kernels"]) == ("integer: 1 MatMulIntegerToFloat, 1 QLinearMatMul; "
+                                                      "float over dequantized: none")
 
 
 def test_pareto_membership_matches_hand_computation(doc_and_rows):
