@@ -14,6 +14,7 @@ weight ops it left float on dequantized tensors.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -81,6 +82,10 @@ def _sub(fields, number: int):
             yield v
 
 
+def _text(buf, span) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
 def _tensor(buf, span, out: list[str]) -> None:
     location = None
     is_external = False
@@ -91,7 +96,7 @@ def _tensor(buf, span, out: list[str]) -> None:
             key = value = None
             for ef, ew, ev in _fields(buf, *v):
                 if ew == 2 and ef in (1, 2):
-                    text = bytes(buf[ev[0]:ev[1]]).decode("utf-8", "replace")
+                    text = _text(buf, ev)
                     key, value = (text, value) if ef == 1 else (key, text)
             if key == "location":
                 location = value
@@ -132,24 +137,31 @@ def _node(buf, span, out, depth):
                 _sparse(buf, v, out, depth)
 
 
-def external_locations(path: str | os.PathLike) -> list[str]:
-    """Every external-data `location` named in an ONNX file ('' for external with no location)."""
-    out: list[str] = []
+@contextlib.contextmanager
+def _mapped(path: str | os.PathLike) -> Iterator[tuple[mmap.mmap, int]]:
+    """An ONNX file's bytes, memory-mapped read-only, and their count (an empty file is malformed)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise MalformedModel("ONNX: empty file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            saw_graph = False
-            for field, wire, value in _fields(buf, 0, size):
-                if field == _MODEL_GRAPH and wire == 2:
-                    saw_graph = True
-                    _graph(buf, value, out, 0)
-                elif field == _MODEL_FUNCTIONS and wire == 2:
-                    for node in _sub(_fields(buf, *value), _FUNC_NODE):
-                        _node(buf, node, out, 1)
-            if not saw_graph:
-                raise MalformedModel("ONNX: no graph in the model")
+            yield buf, size
+
+
+def external_locations(path: str | os.PathLike) -> list[str]:
+    """Every external-data `location` named in an ONNX file ('' for external with no location)."""
+    out: list[str] = []
+    with _mapped(path) as (buf, size):
+        saw_graph = False
+        for field, wire, value in _fields(buf, 0, size):
+            if field == _MODEL_GRAPH and wire == 2:
+                saw_graph = True
+                _graph(buf, value, out, 0)
+            elif field == _MODEL_FUNCTIONS and wire == 2:
+                for node in _sub(_fields(buf, *value), _FUNC_NODE):
+                    _node(buf, node, out, 1)
+        if not saw_graph:
+            raise MalformedModel("ONNX: no graph in the model")
     return out
 
 
@@ -189,28 +201,20 @@ class Node(NamedTuple):
     outputs: tuple[str, ...]
 
 
-def _text(buf, span) -> str:
-    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
-
-
 def graph_nodes(path: str | os.PathLike) -> list[Node]:
     """The nodes of an ONNX file's main graph, in order (subgraphs and functions not opened)."""
     nodes: list[Node] = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise MalformedModel("ONNX: empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graphs = list(_sub(_fields(buf, 0, size), _MODEL_GRAPH))
-            if not graphs:
-                raise MalformedModel("ONNX: no graph in the model")
-            for span in _sub(_fields(buf, *graphs[-1]), _GRAPH_NODE):
-                fields = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: [], _NODE_DOMAIN: []}
-                for f, w, v in _fields(buf, *span):
-                    if w == 2 and f in fields:
-                        fields[f].append(_text(buf, v))
-                nodes.append(Node("".join(fields[_NODE_OP_TYPE][-1:]), "".join(fields[_NODE_DOMAIN][-1:]),
-                                  tuple(fields[_NODE_INPUT]), tuple(fields[_NODE_OUTPUT])))
+    with _mapped(path) as (buf, size):
+        graphs = list(_sub(_fields(buf, 0, size), _MODEL_GRAPH))
+        if not graphs:
+            raise MalformedModel("ONNX: no graph in the model")
+        for span in _sub(_fields(buf, *graphs[-1]), _GRAPH_NODE):
+            fields = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: [], _NODE_DOMAIN: []}
+            for f, w, v in _fields(buf, *span):
+                if w == 2 and f in fields:
+                    fields[f].append(_text(buf, v))
+            nodes.append(Node("".join(fields[_NODE_OP_TYPE][-1:]), "".join(fields[_NODE_DOMAIN][-1:]),
+                              tuple(fields[_NODE_INPUT]), tuple(fields[_NODE_OUTPUT])))
     return nodes
 
 
