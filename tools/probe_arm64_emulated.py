@@ -1,0 +1,477 @@
+"""Probe: edgeq's files in the aarch64 builds of ONNX Runtime and LiteRT, on emulated Raspberry Pi CPUs. Not a test.
+
+    python3 tools/probe_arm64_emulated.py setup --rootfs /tmp/arm64            # once, as root (see `setup`)
+    .venv/bin/python tools/probe_arm64_emulated.py run --rootfs /tmp/arm64 --work /tmp/arm64-work \\
+        --out benchmarks/arm64_emulated_efficientnet
+
+The board profiles' ARM rows were written from the runtimes' documentation and from runs on x86. This runs the files
+in the runtimes' aarch64 wheels (the ones `pip install edgeq[agent]` takes on a Raspberry Pi), in a Debian bookworm
+arm64 userland (Raspberry Pi OS's base: Python 3.11), under qemu-user emulating each CPU of `--cpus`:
+cortex-a72 (Raspberry Pi 4: NEON only, as Jetson Nano's A57), cortex-a76 (Raspberry Pi 5: NEON dot product, fp16, as
+Jetson Orin's A78AE), max (also i8mm, SVE).
+The runtimes pick their kernels by the CPU features the emulated CPU reports, as on the board, so what is measured is
+what an ARM build does with a file: which kernels ONNX Runtime fuses (its optimized graph, read by the board agent's
+own `runtime.kernels` code), which nodes XNNPACK takes, and the outputs, against the same files on this x86 host.
+Emulation says nothing about speed: no time is reported.
+
+Files (`run` exports them into --work unless there): EfficientNet-Lite0 with `w8a8` (ONNX int8: uint8 and int8 weight
+encodings, each with and without --output-grids), `w8a8-sym` (int8 activations, with and without --output-grids: ONNX
+Runtime turns some int8 Q/DQ into uint8 on x86, not on ARM), `w8` (ONNX and TFLite dynamic-int8), `w8a8-static`
+(TFLite int8), fp32 in both formats, ONNX Runtime's quantize_static of the fp32 file, and any --extra files (e.g.
+ai-edge-quantizer's from tools/bench_tflite.py's work directory); inputs: `--eval` held-back crops of the bundled
+photos. Or, with `--files`, a language model's exported files (e.g. `make demo`'s), on `--eval` evaluation windows
+of `--seq-len` tokens; a copy of an ONNX file named `X-acc4.onnx` whose FILE.json asks for MatMulNBits accuracy
+level 4 is also compared with `X.onnx` on the same CPU.
+Per file and CPU: top-1 agreement and max |diff| of the logits against the same file on x86 (beside FILE.json's
+noise floor), top-1 agreement with the fp32 file on that CPU; for ONNX, the ops ONNX Runtime ran on integer kernels,
+by kind (`FUSED`), against those `edgeq check --target` calls integer (rpi4 for cortex-a72, rpi5 otherwise); for
+TFLite, XNNPACK's nodes and what it leaves to built-in kernels against FILE.json `graph.xnnpack` (the x86 export
+host's). With no --no-agent, `edgeq agent serve` also runs there and is profiled over HTTP. Never imported by edgeq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CPUS = {"cortex-a72": "rpi4", "cortex-a76": "rpi5", "max": "rpi5"}
+# what `edgeq check` calls integer (ops with 8-bit activations; MatMuls with 4-bit weights) against the ONNX Runtime
+# kernels those become: category -> (check's ops, ORT's kernels)
+FUSED = {
+    "int8 weight ops": ({"Conv", "Gemm", "MatMul", "MatMulInteger", "ConvInteger"},
+                        {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
+                         "DynamicQuantizeMatMul"}),
+    "4-bit MatMul": ({"MatMul"}, {"MatMulNBits"}),
+    "Add": ({"Add"}, {"QLinearAdd"}),
+    "GlobalAveragePool": ({"GlobalAveragePool"}, {"QLinearGlobalAveragePool"}),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- worker: runs inside the arm64 rootfs (and on the host, for the reference); imports no torch ----
+
+def _hwcaps() -> list[str]:
+    import ctypes
+
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype = ctypes.c_ulong
+    hwcap, hwcap2 = getauxval(16), getauxval(26)  # AT_HWCAP, AT_HWCAP2 (aarch64 bit numbers)
+    bits = {"fphp": (hwcap, 9), "asimddp": (hwcap, 20), "sve": (hwcap, 22), "i8mm": (hwcap2, 13), "bf16": (hwcap2, 14)}
+    return [name for name, (word, bit) in bits.items() if word >> bit & 1]
+
+
+def worker(job: Path, out: Path) -> None:
+    import platform
+
+    from edgeq.agent.runtimes import load
+    from edgeq.export.onnx_runtime import OnnxRunner
+    from edgeq.export.tflite_runtime import TfliteRunner, xnnpack_coverage
+
+    inputs = np.load(job / "inputs.npy")  # images [n, 3, h, w] or token windows [n, seq]
+    result = {"machine": platform.machine(), "python": platform.python_version(), "files": {}}
+    if platform.machine() == "aarch64":
+        result["hwcaps"] = _hwcaps()
+    logits = {}
+    for path in sorted(job.glob("*.onnx")) + sorted(job.glob("*.tflite")):
+        model = load(path, 1)  # as the board agent loads it
+        result.setdefault("runtimes", {})[model.runtime["name"]] = model.runtime["version"]
+        if path.suffix == ".onnx":
+            entry = model.deferred_coverage()  # the agent's `runtime.kernels`
+        else:  # as FILE.json's (the agent reads the same off its interpreter; LiteRT logs XNNPACK once a process)
+            entry = {"xnnpack": xnnpack_coverage(path, "serving_default")}
+        del model
+        # outputs as `edgeq eval` runs the file (ONNX: with FILE.json's session options)
+        runner = OnnxRunner(path, threads=1) if path.suffix == ".onnx" else TfliteRunner(path, threads=1)
+        logits[path.name] = np.concatenate([runner(inputs[i:i + 1])[0] for i in range(len(inputs))])
+        del runner
+        result["files"][path.name] = entry
+        print(path.name, flush=True)
+    np.savez(out.with_suffix(".npz"), **logits)
+    out.write_text(json.dumps(result, indent=1))
+
+
+# ---- host side ----
+
+def setup(rootfs: Path) -> None:
+    """Debian bookworm arm64 (debootstrap), qemu-user through binfmt_misc, and the aarch64 wheels of the runtimes this
+    host's venv has, from PyPI, installed into /opt/venv there. Needs root and Debian's qemu-user-static and
+    debootstrap (`apt-get install qemu-user-static debootstrap`)."""
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=True)
+    if not (binfmt / "qemu-aarch64").exists():
+        (binfmt / "register").write_text(Path("/usr/lib/binfmt.d/qemu-aarch64.conf").read_text().strip())
+    if not (rootfs / "usr/bin/python3").exists():
+        subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv,python3-pip",
+                        "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True)
+    if not (rootfs / "proc/self").exists():
+        subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+    from importlib.metadata import version
+
+    pins = [f"onnxruntime=={version('onnxruntime')}", f"ai-edge-litert=={version('ai-edge-litert')}",
+            f"numpy=={version('numpy')}", "psutil>=5.9", "click>=8.1", "platformdirs>=3", "pyyaml>=6", "tomli-w>=1.0"]
+    wheels = rootfs / "opt/wheels"
+    platforms = [a for v in (17, 27, 28, 31, 34, 35, 36) for a in ("--platform", f"manylinux_2_{v}_aarch64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
+                    "--implementation", "cp", "--platform", "manylinux2014_aarch64", *platforms, "-d", str(wheels), *pins],
+                   check=True, env={**os.environ, "PIP_CONSTRAINT": ""})
+    subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", "test -x /opt/venv/bin/python || python3 -m venv /opt/venv; "
+                    "/opt/venv/bin/pip install -q --no-index --find-links /opt/wheels " + " ".join(f"'{p}'" for p in pins)],
+                   check=True)
+    cpu = rootfs / "sys/devices/system/cpu"  # what pytorch's cpuinfo in onnxruntime reads (no /sys mounted)
+    cpu.mkdir(parents=True, exist_ok=True)
+    for name in ("possible", "present"):
+        (cpu / name).write_text("0-1\n")
+    log(f"arm64 rootfs ready at {rootfs}")
+
+
+def _export_files(work: Path, model: str, calib: int) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgeq.export import export
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+
+    batches = list(calibration_batches(load_model(model), None, calib, 0))
+    qdirs = {}
+    for recipe in ("w8a8", "w8a8-sym", "w8", "w8a8-static"):
+        qdirs[recipe] = work / f"q-{recipe}"
+        if not qdirs[recipe].is_dir():
+            log(f"quantize {recipe}")
+            quantize_model(load_model(model), load_recipe(recipe), batches).save(qdirs[recipe])  # quantizes in place
+    files = {
+        "fp32.onnx": (model, "onnx", {"variant": "fp32"}),
+        "w8a8.onnx": (qdirs["w8a8"], "onnx", {}),
+        "w8a8-int8w.onnx": (qdirs["w8a8"], "onnx", {"int8_weights": "int8"}),
+        "w8a8-grids.onnx": (qdirs["w8a8"], "onnx", {"output_grids": True}),
+        "w8a8-grids-int8w.onnx": (qdirs["w8a8"], "onnx", {"output_grids": True, "int8_weights": "int8"}),
+        "w8a8-sym.onnx": (qdirs["w8a8-sym"], "onnx", {}),
+        "w8a8-sym-grids.onnx": (qdirs["w8a8-sym"], "onnx", {"output_grids": True}),
+        "w8.onnx": (qdirs["w8"], "onnx", {}),
+        "fp32.tflite": (model, "tflite", {"variant": "fp32"}),
+        "w8.tflite": (qdirs["w8"], "tflite", {}),
+        "w8a8-static.tflite": (qdirs["w8a8-static"], "tflite", {}),
+    }
+    for name, (source, fmt, opts) in files.items():
+        if not (work / name).exists():
+            log(f"export {name}")
+            export(source, fmt, work / name, **opts)
+
+    if not (work / "ort-static.onnx").exists():
+        log("ONNX Runtime quantize_static")
+        quant_pre_process(str(work / "fp32.onnx"), str(work / "fp32.pre.onnx"), skip_symbolic_shape=True)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.items = iter([{"input": b[0][i:i + 1].numpy()} for b in batches for i in range(len(b[0]))])
+
+            def get_next(self):
+                return next(self.items, None)
+
+        quantize_static(str(work / "fp32.pre.onnx"), str(work / "ort-static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _agent_smoke(rootfs: Path, work: Path, files: list[Path], cpu: str, worker_result: dict) -> list[dict]:
+    """`edgeq agent serve` in the arm64 userland, profiled from this host with `edgeq profile` over HTTP on 127.0.0.1:
+    whether each job completes and what the agent reports of the runtime (not its times: emulated)."""
+    import secrets
+    import socket
+
+    token = rootfs / "opt/agent-token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log(f"agent on aarch64 {cpu} (emulated), port {port}")
+    proc = subprocess.Popen(["chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "PYTHONPATH=/opt/edgeq-src",
+                             "/opt/venv/bin/python", "-m", "edgeq.cli.main", "agent", "serve", "--port", str(port),
+                             "--token-file", "/opt/agent-token", "--data-dir", "/opt/agent-data", "--power-meter", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("EDGEQ_AGENT_LISTENING"):
+            raise SystemExit(f"the agent did not start: {line!r}")
+        out = []
+        for f in files:
+            done = subprocess.run([str(ROOT / ".venv/bin/edgeq"), "profile", str(f), "--device", line.split()[1],
+                                   "--token-file", str(token), "--runs", "5", "--min-seconds", "0.1",
+                                   "--db", str(work / "agent-smoke.sqlite"), "--json"],
+                                  capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                out.append({"file": f.name, "error": done.stderr.strip()[-500:]})
+                continue
+            row = json.loads(done.stdout)[0]
+            r = row.get("result") or {}
+            runtime = r.get("runtime") or {}
+            key = "kernels" if f.suffix == ".onnx" else "xnnpack"
+            account = runtime.get(key)
+            out.append({"file": f.name, "state": row.get("error") or "done", "status": row.get("status"),
+                        "machine": (r.get("fingerprint") or {}).get("machine"), "runtime": runtime.get("name"),
+                        "version": runtime.get("version"), "provider": runtime.get("provider"), key: account,
+                        "same_as_worker": account == worker_result["files"][f.name][key], "warnings": r.get("warnings")})
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _check_integer(path: Path, target: str) -> dict:
+    from edgeq.targets import check
+
+    rows = check(path, target, runtime="onnxruntime-cpu").rows
+
+    def counts(category: str, row) -> bool:
+        if category == "4-bit MatMul":
+            return any(w in row.signature for w in ("w=int4", "w=uint4"))
+        return row.signature.split()[0] in ("act=uint8", "act=int8")
+
+    return {c: sum(r.count for r in rows if r.op in ops and counts(c, r)) for c, (ops, _) in FUSED.items()}
+
+
+def _top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+
+def run(args) -> None:
+    from hostinfo import machine, md_table, write_result
+
+    from edgeq import data
+    from edgeq.models import load_model
+
+    rootfs, work = Path(args.rootfs), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bundle = load_model(args.model)
+    if args.files:  # given files of a language model: evaluation token windows
+        inputs = data.lm_windows(bundle.tokenizer, "enwiki", "evaluation", args.seq_len, args.eval).astype(np.int64)
+        files = [Path(f) for f in args.files]
+    else:  # an image model: edgeq's files exported here, and ONNX Runtime's quantize_static
+        info = bundle.info
+        inputs = data.images("images", args.eval, info.get("image_size", 224), split="evaluation",
+                             mean=info.get("mean", 0.5), std=info.get("std", 0.5)).astype(np.float32)
+        _export_files(work, args.model, args.calib)
+        files = [f for f in sorted(work.glob("*.onnx")) + sorted(work.glob("*.tflite"))
+                 if not f.name.endswith((".pre.onnx", ".optimized.onnx"))]
+    files += [Path(e) for e in args.extra]
+    del bundle
+
+    inside = f"/opt/edgeq-arm-job-{work.name}"  # the job's directory in the rootfs (and so, one per --work)
+    job = rootfs / inside.lstrip("/")
+    shutil.rmtree(job, ignore_errors=True)
+    job.mkdir(parents=True)
+    np.save(job / "inputs.npy", inputs)
+    for f in files:  # with FILE.json and external data (FILE.data), not a decode graph
+        for extra in [f] + sorted(f.parent.glob(f"{f.name}.*")):
+            shutil.copy(extra, job / extra.name)
+    src = rootfs / "opt/edgeq-src"  # this tree's edgeq, torch-free parts used only
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT / "edgeq", src / "edgeq", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(__file__, job / "probe.py")
+
+    log("x86 reference")
+    host_out = work / "x86.json"
+    subprocess.run([sys.executable, str(job / "probe.py"), "worker", str(job), str(host_out)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+    results = {"x86": json.loads(host_out.read_text())}
+    logits = {"x86": dict(np.load(host_out.with_suffix(".npz")))}
+    for cpu in args.cpus:  # kept in --work: --reuse takes them instead of emulating again
+        if not (args.reuse and (work / f"{cpu}.json").exists()):
+            log(f"aarch64 {cpu} (emulated)")
+            subprocess.run(["chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "PYTHONPATH=/opt/edgeq-src",
+                            "/opt/venv/bin/python", f"{inside}/probe.py", "worker", inside, f"{inside}/{cpu}.json"],
+                           check=True, stdout=subprocess.DEVNULL)
+            for suffix in (".json", ".npz"):
+                shutil.copy(job / f"{cpu}{suffix}", work / f"{cpu}{suffix}")
+        results[cpu] = json.loads((work / f"{cpu}.json").read_text())
+        logits[cpu] = dict(np.load(work / f"{cpu}.npz"))
+
+    agent_json = work / "agent.json"
+    if args.no_agent:
+        agent = []
+    elif args.reuse and agent_json.exists():
+        agent = json.loads(agent_json.read_text())
+    else:
+        agent = _agent_smoke(rootfs, work, [f for f in files if f.suffix == ".onnx"][-1:]
+                             + [f for f in files if f.suffix == ".tflite"][-1:], args.cpus[-1], results[args.cpus[-1]])
+        agent_json.write_text(json.dumps(agent, indent=1))
+
+    rows = {}
+    for f in files:
+        meta_path = f.parent / f"{f.name}.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        floor = (meta.get("parity") or {}).get("noise_floor") or {}
+        row = {"format": f.suffix.lstrip("."), "recipe": meta.get("recipe"), "cpus": {},
+               "noise_floor": {k: floor[k] for k in ("max_abs", "top1_agree") if k in floor} or None}
+        base = f.name.replace("-acc4.onnx", ".onnx")  # a copy run at MatMulNBits accuracy level 4: against level 0
+        if base != f.name and base in logits["x86"]:
+            row["acc4_vs_acc0_max_abs"] = {c: float(np.abs(logits[c][f.name] - logits[c][base]).max())
+                                           for c in ["x86", *args.cpus]}
+        ref = logits["x86"][f.name]
+        fp32 = next((g.name for g in files if g.suffix == f.suffix and g.stem.endswith("fp32")), None)
+        if f.suffix == ".onnx":
+            row["x86_kernels"] = results["x86"]["files"][f.name]["kernels"]
+            row["check"] = {t: _check_integer(f, t) for t in sorted(set(CPUS[c] for c in args.cpus))}
+        else:
+            row["x86_xnnpack"] = results["x86"]["files"][f.name]["xnnpack"]
+            row["file_json_xnnpack"] = ((meta.get("graph") or {}).get("xnnpack") or {}).get("serving_default")
+        for cpu in args.cpus:
+            got = logits[cpu][f.name]
+            cell = {"max_abs_vs_x86": float(np.abs(got - ref).max()), "bitwise_x86": bool(np.array_equal(got, ref)),
+                    "top1_vs_x86": _top1(got, ref), "top1_vs_fp32": _top1(got, logits[cpu][fp32]) if fp32 else None}
+            entry = results[cpu]["files"][f.name]
+            if f.suffix == ".onnx":
+                kernels = entry["kernels"]
+                cell["kernels"] = kernels
+                cell["integer"] = {c: sum(kernels["ops"].get(k, 0) for k in ort) for c, (_, ort) in FUSED.items()}
+                cell["check_agrees"] = cell["integer"] == row["check"][CPUS[cpu]]
+                cell["same_graph_as_x86"] = kernels["ops"] == row["x86_kernels"]["ops"]
+            else:
+                cell["xnnpack"] = entry["xnnpack"]
+                cell["same_as_file_json"] = entry["xnnpack"] == row["file_json_xnnpack"]
+            row["cpus"][cpu] = cell
+        rows[f.name] = row
+
+    result = {"command": args.command, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "model": args.model,
+              "inputs": f"{args.eval} evaluation windows of {args.seq_len} enwiki tokens (top-1: each position's next "
+                        "token)" if args.files else
+                        f"{args.eval} held-back crops of the bundled photos", "cpus": {c: results[c].get("hwcaps") for c in args.cpus},
+              "runtimes": {"x86": results["x86"].get("runtimes"), "aarch64": results[args.cpus[0]].get("runtimes")},
+              "aarch64_python": results[args.cpus[0]]["python"], "agent": agent, "rows": rows}
+    write_result(args.out, result, _markdown(result, args))
+
+
+def _fmt_ops(counts: dict) -> str:
+    return ", ".join(f"{n} {op}" for op, n in counts.items() if n) or "none"
+
+
+def _markdown(result: dict, args) -> str:
+    from hostinfo import md_table
+
+    cpus = args.cpus
+    lines = [f"# edgeq files in the aarch64 builds of ONNX Runtime and LiteRT, emulated ({result['model']})", "",
+             f"Command: `{result['command']}`", "",
+             f"Date {result['date']}. Host: {result['machine']['cpu']}. aarch64: Debian bookworm arm64 (Python "
+             f"{result['aarch64_python']}) under qemu-user {', '.join(cpus)}; runtimes there "
+             f"{result['runtimes']['aarch64']}, on x86 {result['runtimes']['x86']}. CPU features each emulated CPU "
+             f"reported: " + "; ".join(f"{c}: {', '.join(f) or 'NEON only'}" for c, f in result["cpus"].items()) + ".",
+             "", f"Inputs: {result['inputs']}, one at a time, 1 thread. Emulation "
+             "measures which kernels run and what they compute, not speed: no time is reported.", "",
+             "## Outputs: each file on each CPU against the same file on x86", ""]
+    header = ["file"] + [f"{c}: top-1 vs x86 / max abs / top-1 vs fp32" for c in cpus] + [
+        "noise floor: top-1 / max abs"]
+    body = []
+    for name, row in result["rows"].items():
+        floor = row.get("noise_floor")
+        cells = [name]
+        for c in cpus:
+            cell = row["cpus"][c]
+            same = "bitwise" if cell["bitwise_x86"] else f"{cell['max_abs_vs_x86']:.3g}"
+            vs_fp32 = "-" if cell["top1_vs_fp32"] is None else f"{cell['top1_vs_fp32']:.3f}"
+            cells.append(f"{cell['top1_vs_x86']:.3f} / {same} / {vs_fp32}")
+        cells.append(f"{floor['top1_agree']:.3f} / {floor['max_abs']:.3g}" if floor else "-")
+        body.append(cells)
+    lines += md_table(header, body)
+    lines += ["", "Noise floor (FILE.json `parity.noise_floor`, where the export measured one): the PyTorch simulation "
+              "against itself with every quantized layer's input perturbed by 1e-6, the worst of 3 draws on the "
+              "export's parity tokens: how far float reassociation alone moves the outputs."]
+    for name, row in result["rows"].items():
+        if "acc4_vs_acc0_max_abs" in row:
+            diffs = row["acc4_vs_acc0_max_abs"]
+            lines += ["", f"`{name}` is `{name.replace('-acc4.onnx', '.onnx')}` run at MatMulNBits accuracy level 4 "
+                      "(int8 activations where the CPU has a CompInt8 kernel, else CompFp32) instead of 0: max |diff| "
+                      "against level 0 on the same CPU: " + ", ".join(f"{c} {v:.3g}" for c, v in diffs.items())
+                      + " (0: the same float kernel ran)."]
+    lines += ["", "## ONNX: integer kernels ONNX Runtime fused on ARM, against `edgeq check`", "",
+              "Integer: the ops ONNX Runtime ran on integer kernels, by kind (int8 weight ops: QLinearConv, QGemm, "
+              "QLinearMatMul, MatMulIntegerToFloat, MatMulInteger, ConvInteger, DynamicQuantizeMatMul; 4-bit "
+              "MatMul: MatMulNBits; Add: QLinearAdd; GlobalAveragePool: QLinearGlobalAveragePool); `check says`: the "
+              "ops `edgeq check` calls so (8-bit activations; MatMuls with 4-bit weights), target rpi4 for "
+              "cortex-a72, rpi5 otherwise. `float on DQ`: weight ops left on float kernels "
+              "over dequantized tensors (the agent's `runtime.kernels`). `x86 graph`: whether ONNX Runtime's optimized "
+              "graph on x86 has the same ops (float convs differ there: x86 alone has the NCHWc layout transformer).", ""]
+    header = ["file", "x86 graph"] + [f"{c} integer" for c in cpus] + ["check says", "agrees", "float on DQ (ARM)"]
+    body = []
+    for name, row in result["rows"].items():
+        if row["format"] != "onnx":
+            continue
+        first = row["cpus"][cpus[0]]
+        integer = [_fmt_ops(row["cpus"][c]["integer"]) for c in cpus]
+        checks = {t: _fmt_ops(v) for t, v in row["check"].items()}
+        body.append([name, "same as ARM" if all(row["cpus"][c]["same_graph_as_x86"] for c in cpus) else "differs"]
+                    + integer + ["; ".join(f"{t}: {v}" for t, v in checks.items()),
+                                 "yes" if all(row["cpus"][c]["check_agrees"] for c in cpus) else "NO",
+                                 _fmt_ops(first["kernels"]["float_on_dequantized"])])
+    lines += md_table(header, body)
+    lines += [] if not result["agent"] else ["", f"## The board agent on aarch64 ({cpus[-1]}, emulated), profiled from this host over HTTP", "",
+              "`edgeq agent serve` in the arm64 userland, `edgeq profile --device URL` here: each job's state and what "
+              "the agent reported of its runtime (its times are the emulator's and are not reported).", ""]
+    body = [[a["file"], a.get("error") or f"{a['state']} / {a['status']}", a.get("machine"),
+             f"{a.get('runtime')} {a.get('version')} ({a.get('provider')})",
+             "yes" if a.get("same_as_worker") else "NO", "; ".join(a.get("warnings") or []) or "none"]
+            for a in result["agent"]]
+    lines += md_table(["file", "job", "machine", "runtime", "kernels / XNNPACK as measured above", "warnings"], body) if body else []
+    lines += ["", "## TFLite: what XNNPACK took on ARM, against FILE.json `graph.xnnpack` (x86)", ""]
+    header = ["file"] + [f"{c}: nodes / partitions / built-in" for c in cpus] + ["as on x86"]
+    body = []
+    for name, row in result["rows"].items():
+        if row["format"] != "tflite":
+            continue
+        cells = [name]
+        for c in cpus:
+            x = row["cpus"][c]["xnnpack"] or {}
+            cells.append(f"{x.get('nodes')} / {x.get('partitions')} / {_fmt_ops(x.get('builtin') or {})}")
+        cells.append("yes" if all(row["cpus"][c]["xnnpack"] == row["x86_xnnpack"] for c in cpus) else "NO")
+        body.append(cells)
+    lines += md_table(header, body)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        worker(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("setup")
+    s.add_argument("--rootfs", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--rootfs", required=True)
+    r.add_argument("--work", required=True)
+    r.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
+    r.add_argument("--model", default="efficientnet-lite0")
+    r.add_argument("--cpus", nargs="+", default=["cortex-a72", "cortex-a76"], choices=list(CPUS),
+                   help="max (i8mm, SVE: no board of the profiles) is ~3x slower to emulate")
+    r.add_argument("--calib", type=int, default=32)
+    r.add_argument("--eval", type=int, default=16)
+    r.add_argument("--extra", nargs="*", default=[], help="more .onnx / .tflite files of the same model to run")
+    r.add_argument("--files", nargs="*", default=[],
+                   help="a language model's files to run instead of exporting the image model's (fp32 named *fp32*)")
+    r.add_argument("--seq-len", type=int, default=64, help="with --files: tokens per window")
+    r.add_argument("--no-agent", action="store_true", help="skip profiling through the agent on aarch64")
+    r.add_argument("--reuse", action="store_true", help="take the aarch64 runs kept in --work from an earlier run")
+    args = ap.parse_args()
+    args.command = " ".join([".venv/bin/python tools/probe_arm64_emulated.py"] + sys.argv[1:])
+    setup(Path(args.rootfs)) if args.cmd == "setup" else run(args)
+
+
+if __name__ == "__main__":
+    main()
