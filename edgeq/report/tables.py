@@ -187,10 +187,10 @@ def model_tables(m: dict) -> list[Table]:
         env.rows.append([f"#{f['id']}", f["device"], (f["fingerprint_sha256"] or NM)[:12], _s(f["cpu_model"]),
                          _s(f["machine"]), _s(f["cpu_count"]), _s(f["mem_total_mb"]), _s(f["kernel"]),
                          _os(f["os"]), _s(f["python"]), f"{f['runtime']} {f['runtime_version']}", _s(f["provider"]),
-                         _s(f["threads"]), _s(f["governor"]), _s(f["freq_max_khz"]), _kernels(f["kernels"])])
+                         _s(f["threads"]), _s(f["governor"]), _s(f["freq_max_khz"]), _kernels_text(f["kernels"])])
     env.notes.append("not measured here means the agent could not read it on the board (e.g. no cpufreq in a VM).")
     env.notes.append("kernels on the board: ONNX Runtime's integer kernels in the graph it optimized there, and the "
-                     "weight ops it left float over dequantized tensors (not fused: slower than float); for TFLite, "
+                     "weight ops it left float over dequantized tensors (not fused: dequantized on every run); for TFLite, "
                      "XNNPACK's partitions and the ops it left to LiteRT's built-in kernels.")
     out.append(env)
     return out
@@ -200,7 +200,7 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
 
 
-def _kernels(k: dict) -> str:
+def _kernels_text(k: dict) -> str:
     if k.get("kernels"):
         return (f"integer: {_counts(k['kernels'].get('integer') or {})}; "
                 f"float over dequantized: {_counts(k['kernels']['float_on_dequantized'])}")

@@ -58,10 +58,10 @@ def test_columns_ratios_and_quality_from_stored_runs(doc_and_rows, artifacts):
     kernels = c8["fingerprint"]["kernels"]["kernels"]
     assert kernels == int8.result["runtime"]["kernels"]
     assert kernels["integer"] == {"MatMulIntegerToFloat": 1, "QLinearMatMul": 1}  # both QDQ MatMuls fused
-    from edgeq.report.tables import _kernels
+    from edgeq.report.tables import _kernels_text
 
-    assert _kernels(c8["fingerprint"]["kernels"]) == ("integer: 1 MatMulIntegerToFloat, 1 QLinearMatMul; "
-                                                      "float over dequantized: none")
+    assert _kernels_text(c8["fingerprint"]["kernels"]) == ("integer: 1 MatMulIntegerToFloat, 1 QLinearMatMul; "
+                                                           "float over dequantized: none")
 
 
 def test_pareto_membership_matches_hand_computation(doc_and_rows):
