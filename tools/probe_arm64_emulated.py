@@ -1,6 +1,6 @@
 """Probe: edgeq's files in the aarch64 builds of ONNX Runtime and LiteRT, on emulated Raspberry Pi CPUs. Not a test.
 
-    python3 tools/probe_arm64_emulated.py setup --rootfs /tmp/arm64            # once, as root (see `setup`)
+    .venv/bin/python tools/probe_arm64_emulated.py setup --rootfs /tmp/arm64   # once, as root (see `setup`)
     .venv/bin/python tools/probe_arm64_emulated.py run --rootfs /tmp/arm64 --work /tmp/arm64-work \\
         --out benchmarks/arm64_emulated_efficientnet
 
@@ -26,7 +26,10 @@ Per file and CPU: top-1 agreement and max |diff| of the logits against the same 
 noise floor), top-1 agreement with the fp32 file on that CPU; for ONNX, the ops ONNX Runtime ran on integer kernels,
 by kind (`FUSED`), against those `edgeq check --target` calls integer (rpi4 for cortex-a72, rpi5 otherwise); for
 TFLite, XNNPACK's nodes and what it leaves to built-in kernels against FILE.json `graph.xnnpack` (the x86 export
-host's). With no --no-agent, `edgeq agent serve` also runs there and is profiled over HTTP. Never imported by edgeq.
+host's). For the image model's ONNX files, where the CPU's integers first part from x86's: each file again with every
+QuantizeLinear output a graph output too, run on the first inputs; and each QDQ residual Add and the pooling of
+`w8a8-grids.onnx` as a file of its own on random integers, on every platform against the ONNX definition computed
+here. With no --no-agent, `edgeq agent serve` also runs there and is profiled over HTTP. Never imported by edgeq.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ FUSED = {
     "Add": ({"Add"}, {"QLinearAdd"}),
     "GlobalAveragePool": ({"GlobalAveragePool"}, {"QLinearGlobalAveragePool"}),
 }
+
+
+TAP_INPUTS = 4  # inputs whose every quantized tensor is compared between x86 and ARM
+OP_DRAWS = 50  # random integer inputs per single-op file
 
 
 def log(msg: str) -> None:
@@ -102,7 +109,44 @@ def worker(job: Path, out: Path) -> None:
         result["files"][path.name] = entry
         print(path.name, flush=True)
     np.savez(out.with_suffix(".npz"), **logits)
+    taps, ops = _run_taps(job, inputs[:TAP_INPUTS], result), {}
+    for path in sorted((job / "ops").glob("*.onnx")):  # single QDQ units on random integers
+        feeds = np.load(path.with_suffix(".npz"))
+        session = _session(path)
+        n = len(feeds[feeds.files[0]])
+        ops[path.stem] = np.stack([session.run(None, {k: feeds[k][i] for k in feeds.files})[0] for i in range(n)])
+        result.setdefault("ops", {})[path.stem] = _fused(path)
+    np.savez_compressed(out.with_suffix(".taps.npz"), **taps, **{f"op/{k}": v for k, v in ops.items()})
     out.write_text(json.dumps(result, indent=1))
+
+
+def _fused(path: Path) -> dict | None:
+    """The op counts of the graph ONNX Runtime optimized from `path` on this CPU (the agent's `runtime.kernels`)."""
+    from edgeq.agent.runtimes import load
+
+    return (load(path, 1).deferred_coverage()["kernels"] or {}).get("ops")
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _run_taps(job: Path, inputs: np.ndarray, result: dict) -> dict[str, np.ndarray]:
+    """Each taps/FILE.onnx (FILE with every QuantizeLinear output a graph output too) on `inputs`: "FILE/tensor" -> the
+    integers, [n, ...]; the kernels ONNX Runtime made of it in result["taps"]."""
+    taps = {}
+    for path in sorted((job / "taps").glob("*.onnx")):
+        result.setdefault("taps", {})[path.stem] = _fused(path)
+        session = _session(path)
+        names = [o.name for o in session.get_outputs()[1:]]  # the file's own output comes first
+        feed = session.get_inputs()[0].name
+        runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]
+        taps.update({f"{path.stem}/{n}": np.stack([r[j] for r in runs]) for j, n in enumerate(names)})
+    return taps
 
 
 # ---- host side ----
@@ -111,6 +155,14 @@ def setup(rootfs: Path) -> None:
     """Debian bookworm arm64 (debootstrap), qemu-user through binfmt_misc, and the aarch64 wheels of the runtimes this
     host's venv has, from PyPI, installed into /opt/venv there. Needs root and Debian's qemu-user-static and
     debootstrap (`apt-get install qemu-user-static debootstrap`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the aarch64 wheels are pinned to the versions this venv runs on x86
+        runtimes = [f"onnxruntime=={version('onnxruntime')}", f"ai-edge-litert=={version('ai-edge-litert')}",
+                    f"numpy=={version('numpy')}"]
+    except PackageNotFoundError as e:
+        raise SystemExit(f"setup: {e.name} is not installed in {sys.executable}; run setup with the repo's .venv/bin/python")
+    pins = [*runtimes, "psutil>=5.9", "click>=8.1", "platformdirs>=3", "pyyaml>=6", "tomli-w>=1.0"]
     binfmt = Path("/proc/sys/fs/binfmt_misc")
     if not (binfmt / "register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=True)
@@ -121,10 +173,6 @@ def setup(rootfs: Path) -> None:
                         "bookworm", str(rootfs), "http://deb.debian.org/debian"], check=True)
     if not (rootfs / "proc/self").exists():
         subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
-    from importlib.metadata import version
-
-    pins = [f"onnxruntime=={version('onnxruntime')}", f"ai-edge-litert=={version('ai-edge-litert')}",
-            f"numpy=={version('numpy')}", "psutil>=5.9", "click>=8.1", "platformdirs>=3", "pyyaml>=6", "tomli-w>=1.0"]
     wheels = rootfs / "opt/wheels"
     platforms = [a for v in (17, 27, 28, 31, 34, 35, 36) for a in ("--platform", f"manylinux_2_{v}_aarch64")]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
@@ -190,6 +238,106 @@ def _export_files(work: Path, model: str, calib: int) -> None:
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+def _tapped(src: Path, dest: Path) -> list[list[str]]:
+    """`src` with every QuantizeLinear output a graph output too (after the file's own), written to `dest` if it has
+    any: [tensor, the op type whose output the QuantizeLinear quantizes] in graph order. A QuantizeLinear's output
+    stays the output of the kernel ORT fuses it into; the probe compares the kernels with the file's on each CPU."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for n in qs:
+        dtype = types.get(n.input[2], TensorProto.UINT8) if len(n.input) > 2 else TensorProto.UINT8
+        model.graph.output.append(helper.make_tensor_value_info(n.output[0], dtype, None))
+    if qs:
+        onnx.save(model, str(dest))
+    return [[n.output[0], producer.get(n.input[0], "input")] for n in qs]
+
+
+def _single_ops(src: Path, dest: Path, seed: int = 0) -> dict[str, dict]:
+    """One ONNX file per QDQ Add (both inputs dequantized, output quantized: QLinearAdd) and per GlobalAveragePool
+    between DequantizeLinear and QuantizeLinear (QLinearGlobalAveragePool) of `src`, on its grids and shapes, with
+    OP_DRAWS uniformly random integer inputs each (FILE.npz): name -> what `_op_reference` needs."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*g.value_info, *g.input]}
+    rng = np.random.default_rng(seed)
+    found = {}
+
+    def grid(node) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(inits[node.input[1]]), np.asarray(inits[node.input[2]])
+
+    for node in g.node:
+        if node.op_type not in ("Add", "GlobalAveragePool"):
+            continue
+        dqs = [producer.get(i) for i in node.input]
+        after = readers.get(node.output[0], [])
+        if not all(d is not None and d.op_type == "DequantizeLinear" for d in dqs) or len(after) != 1 \
+                or after[0].op_type != "QuantizeLinear":
+            continue
+        params = {f"in{j}": grid(d) for j, d in enumerate(dqs)} | {"out": grid(after[0])}
+        shape = [1, *shapes[dqs[0].input[0]][1:]]
+        names = [f"x{j}" for j in range(len(dqs))]
+        init = []
+        for key, (scale, zero) in params.items():
+            init += [numpy_helper.from_array(scale, f"{key}_s"), numpy_helper.from_array(zero, f"{key}_z")]
+        nodes = [helper.make_node("DequantizeLinear", [x, f"in{j}_s", f"in{j}_z"], [f"f{j}"]) for j, x in enumerate(names)]
+        nodes += [helper.make_node(node.op_type, [f"f{j}" for j in range(len(names))], ["r"]),
+                  helper.make_node("QuantizeLinear", ["r", "out_s", "out_z"], ["y"])]
+        elem = helper.np_dtype_to_tensor_dtype(params["in0"][1].dtype)
+        out_elem = helper.np_dtype_to_tensor_dtype(params["out"][1].dtype)
+        graph = helper.make_graph(nodes, node.name, [helper.make_tensor_value_info(x, elem, shape) for x in names],
+                                  [helper.make_tensor_value_info("y", out_elem, None)], init)
+        single = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        name = f"{node.op_type}-{len(found)}"
+        onnx.save(single, str(dest / f"{name}.onnx"))
+        info = np.iinfo(params["in0"][1].dtype)
+        feeds = {x: rng.integers(info.min, info.max + 1, (OP_DRAWS, *shape), dtype=params["in0"][1].dtype) for x in names}
+        np.savez(dest / f"{name}.npz", **feeds)
+        found[name] = {"op": node.op_type, "node": node.name, "shape": shape, "params": params, "feeds": feeds}
+    return found
+
+
+def _op_reference(op: dict) -> np.ndarray:
+    """The ONNX definition of a single QDQ unit on its inputs: DequantizeLinear in fp32, the op, QuantizeLinear (x /
+    scale in fp32, rounded half to even, saturated). The mean of GlobalAveragePool from the exact integer sum (fp64):
+    ONNX fixes no order of summation in fp32."""
+    (so, zo), out = op["params"]["out"], np.iinfo(op["params"]["out"][1].dtype)
+    ints = [op["feeds"][f"x{j}"].astype(np.int64) - int(op["params"][f"in{j}"][1]) for j in range(len(op["feeds"]))]
+    if op["op"] == "Add":
+        value = sum(i.astype(np.float32) * np.float32(op["params"][f"in{j}"][0]) for j, i in enumerate(ints))
+        scaled = value / np.float32(so)
+    else:
+        n = int(np.prod(op["shape"][2:]))
+        scaled = ints[0].sum(axis=tuple(range(3, ints[0].ndim)), keepdims=True) * (np.float64(op["params"]["in0"][0]) / n) \
+            / np.float64(so)
+    return np.clip(np.rint(scaled) + int(zo), out.min, out.max)
+
+
+def _divergence(order: list[list[str]], host: dict, arm: dict, file: str) -> dict:
+    """Where `file`'s integers on an ARM CPU first differ from x86's, in the graph's order of QuantizeLinear nodes."""
+    differing = []
+    for t, op in order:
+        a, b = host[f"{file}/{t}"].astype(np.int64), arm[f"{file}/{t}"].astype(np.int64)
+        if not np.array_equal(a, b):
+            differing.append({"tensor": t, "quantizes": op, "elements": int((a != b).sum()), "of": int(a.size),
+                              "max_steps": int(np.abs(a - b).max())})
+    return {"tensors": len(order), "differing": len(differing), "first": differing[0] if differing else None,
+            "last": differing[-1] if differing else None}
+
+
 def _agent_smoke(rootfs: Path, work: Path, files: list[Path], cpu: str, worker_result: dict) -> list[dict]:
     """`edgeq agent serve` in the arm64 userland, profiled from this host with `edgeq profile` over HTTP on 127.0.0.1:
     whether each job completes and what the agent reports of the runtime (not its times: emulated)."""
@@ -248,6 +396,11 @@ def _check_integer(path: Path, target: str) -> dict:
     return {c: sum(r.count for r in rows if r.op in ops and counts(c, r)) for c, (ops, _) in FUSED.items()}
 
 
+def _but_transposes(ops: dict | None) -> dict:
+    """Op counts without Transposes: on ARM ORT runs integer convs in NHWC and transposes each tapped tensor back."""
+    return {k: v for k, v in (ops or {}).items() if k != "Transpose"}
+
+
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(-1) == b.argmax(-1)))
 
@@ -282,6 +435,13 @@ def run(args) -> None:
     for f in files:  # with FILE.json and external data (FILE.data), not a decode graph
         for extra in [f] + sorted(f.parent.glob(f"{f.name}.*")):
             shutil.copy(extra, job / extra.name)
+    orders, single_ops = {}, {}
+    if not args.files:  # every quantized tensor of each ONNX file; single QDQ units on random integers
+        (job / "taps").mkdir()
+        (job / "ops").mkdir()
+        orders = {f.stem: order for f in files if f.suffix == ".onnx" and (order := _tapped(f, job / "taps" / f.name))}
+        grids = work / "w8a8-grids.onnx"
+        single_ops = _single_ops(grids, job / "ops") if grids.exists() else {}
     src = rootfs / "opt/edgeq-src"  # this tree's edgeq, torch-free parts used only
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(ROOT / "edgeq", src / "edgeq", ignore=shutil.ignore_patterns("__pycache__"))
@@ -293,16 +453,19 @@ def run(args) -> None:
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
     results = {"x86": json.loads(host_out.read_text())}
     logits = {"x86": dict(np.load(host_out.with_suffix(".npz")))}
+    taps = {"x86": dict(np.load(host_out.with_suffix(".taps.npz")))}
     for cpu in args.cpus:  # kept in --work: --reuse takes them instead of emulating again
         if not (args.reuse and (work / f"{cpu}.json").exists()):
             log(f"aarch64 {cpu} (emulated)")
             subprocess.run(["chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "PYTHONPATH=/opt/edgeq-src",
                             "/opt/venv/bin/python", f"{inside}/probe.py", "worker", inside, f"{inside}/{cpu}.json"],
                            check=True, stdout=subprocess.DEVNULL)
-            for suffix in (".json", ".npz"):
+            for suffix in (".json", ".npz", ".taps.npz"):
                 shutil.copy(job / f"{cpu}{suffix}", work / f"{cpu}{suffix}")
         results[cpu] = json.loads((work / f"{cpu}.json").read_text())
         logits[cpu] = dict(np.load(work / f"{cpu}.npz"))
+        kept = work / f"{cpu}.taps.npz"  # not in a --reuse'd run from before the taps
+        taps[cpu] = dict(np.load(kept)) if kept.exists() else {}
 
     agent_json = work / "agent.json"
     if args.no_agent:
@@ -344,18 +507,32 @@ def run(args) -> None:
                 cell["integer"] = {c: sum(kernels["ops"].get(k, 0) for k in ort) for c, (_, ort) in FUSED.items()}
                 cell["check_agrees"] = cell["integer"] == row["check"][CPUS[cpu]]
                 cell["same_graph_as_x86"] = kernels["ops"] == row["x86_kernels"]["ops"]
+                if f.stem in orders and taps[cpu]:
+                    cell["divergence"] = _divergence(orders[f.stem], taps["x86"], taps[cpu], f.stem)
+                    cell["divergence"]["taps_same_kernels"] = \
+                        _but_transposes(results[cpu]["taps"][f.stem]) == _but_transposes(kernels["ops"])
             else:
                 cell["xnnpack"] = entry["xnnpack"]
                 cell["same_as_file_json"] = entry["xnnpack"] == row["file_json_xnnpack"]
             row["cpus"][cpu] = cell
         rows[f.name] = row
 
+    ops_out = {}
+    for name, op in single_ops.items() if all(taps.values()) else ():
+        ref = _op_reference(op)
+        ops_out[name] = {"op": op["op"], "node": op["node"], "shape": op["shape"], "elements": int(ref.size)}
+        for c in ["x86", *args.cpus]:
+            got = taps[c][f"op/{name}"].astype(np.int64)
+            ops_out[name][c] = {"differ_from_onnx": int((got != ref).sum()), "max_steps": int(np.abs(got - ref).max()),
+                                "kernels": results[c]["ops"][name]}
+
     result = {"command": args.command, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "model": args.model,
               "inputs": f"{args.eval} evaluation windows of {args.seq_len} enwiki tokens (top-1: each position's next "
                         "token)" if args.files else
                         f"{args.eval} held-back crops of the bundled photos", "cpus": {c: results[c].get("hwcaps") for c in args.cpus},
               "runtimes": {"x86": results["x86"].get("runtimes"), "aarch64": results[args.cpus[0]].get("runtimes")},
-              "aarch64_python": results[args.cpus[0]]["python"], "agent": agent, "rows": rows}
+              "aarch64_python": results[args.cpus[0]]["python"], "agent": agent, "rows": rows,
+              "tap_inputs": TAP_INPUTS, "single_ops": ops_out, "single_ops_source": "w8a8-grids.onnx" if ops_out else None}
     write_result(args.out, result, _markdown(result, args))
 
 
@@ -400,6 +577,7 @@ def _markdown(result: dict, args) -> str:
                       "(int8 activations where the CPU has a CompInt8 kernel, else CompFp32) instead of 0: max |diff| "
                       "against level 0 on the same CPU: " + ", ".join(f"{c} {v:.3g}" for c, v in diffs.items())
                       + " (0: the same float kernel ran)."]
+    lines += _divergence_markdown(result, cpus)
     lines += ["", "## ONNX: integer kernels ONNX Runtime fused on ARM, against `edgeq check`", "",
               "Integer: the ops ONNX Runtime ran on integer kernels, by kind (int8 weight ops: QLinearConv, QGemm, "
               "QLinearMatMul, MatMulIntegerToFloat, MatMulInteger, ConvInteger, DynamicQuantizeMatMul; 4-bit "
@@ -443,6 +621,47 @@ def _markdown(result: dict, args) -> str:
         body.append(cells)
     lines += md_table(header, body)
     return "\n".join(lines) + "\n"
+
+
+def _divergence_markdown(result: dict, cpus: list[str]) -> list[str]:
+    from hostinfo import md_table
+
+    rows = {n: r for n, r in result["rows"].items() if all("divergence" in r["cpus"][c] for c in cpus)}
+    if not rows:
+        return []
+    lines = ["", "## Where ARM and x86 part: every quantized tensor of each ONNX file", "",
+             f"Each file again with every QuantizeLinear output a graph output too, on the first {result['tap_inputs']} "
+             "inputs: how many of its quantized tensors hold other integers on the CPU than on x86, and the first of them "
+             "in graph order (the op whose output it quantizes: elements that differ / elements, largest difference in "
+             "grid steps). `kernels`: whether ONNX Runtime fused the tapped file into the same kernels as the file "
+             "(Transposes aside: on ARM ORT runs the integer convs in NHWC and transposes each tapped tensor back).", ""]
+    body = []
+    for name, row in rows.items():
+        cells = [name]
+        for c in cpus:
+            d = row["cpus"][c]["divergence"]
+            first = d["first"]
+            cells.append(f"{d['differing']} of {d['tensors']}" + (
+                f"; first `{first['tensor']}` ({first['quantizes']}): {first['elements']} / {first['of']}, "
+                f"{first['max_steps']} step(s)" if first else ""))
+        cells.append("same" if all(row["cpus"][c]["divergence"]["taps_same_kernels"] for c in cpus) else "DIFFER")
+        body.append(cells)
+    lines += md_table(["file"] + [f"{c}: tensors differing; first" for c in cpus] + ["kernels"], body)
+    if result["single_ops"]:
+        lines += ["", f"Single QDQ units of `{result['single_ops_source']}` (each residual Add and the pooling between "
+                  "its DequantizeLinear and QuantizeLinear nodes, on the file's grids and shapes), on random integer "
+                  "inputs, against the ONNX definition computed here (DequantizeLinear in fp32, the op, x / scale in fp32 "
+                  "rounded half to even; the pooling's mean from the exact integer sum): elements that differ, largest "
+                  "difference in steps.", ""]
+        platforms = ["x86", *cpus]
+        body = []
+        for name, op in result["single_ops"].items():
+            kernels = {p: _fmt_ops(op[p]["kernels"] or {}) for p in platforms}
+            body.append([f"{op['node']} ({op['op']})", op["elements"],
+                         kernels["x86"] if len(set(kernels.values())) == 1 else "; ".join(f"{p}: {k}" for p, k in kernels.items())]
+                        + [f"{op[p]['differ_from_onnx']} / {op[p]['max_steps']}" for p in platforms])
+        lines += md_table(["unit", "elements", "kernel"] + [f"{p}: differ / steps" for p in platforms], body)
+    return lines
 
 
 def main() -> None:
