@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,6 @@ def emit_json(obj) -> None:
 
 def progress(items, desc: str):
     """A tqdm bar on stderr (silent when stderr is not a terminal and EDGEQ_PROGRESS is unset)."""
-    import os
-
     from tqdm import tqdm
 
     disable = not (sys.stderr.isatty() or os.environ.get("EDGEQ_PROGRESS"))
@@ -26,11 +25,25 @@ def progress(items, desc: str):
 
 
 def check_new_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work starts (the write itself is atomic)."""
+    """Refuse an existing output, or one that cannot be written, before any work starts (the write itself is
+    atomic, into a temporary name beside `path`)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise EdgeqError(f"output: {path} already exists (pass --overwrite to replace it)")
+    check_writable_parent(path)
     return path
+
+
+def check_writable_parent(path: Path, what: str = "output") -> None:
+    """The nearest existing ancestor of `path` must be a directory this process can create entries in (the
+    directories between are made when the output is written); `what` names the option in the error."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EdgeqError(f"{what}: cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeqError(f"{what}: cannot write {path}: no permission to write in {parent}")
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from .common import emit_json, json_option
+from .common import check_writable_parent, emit_json, json_option
 
 
 @click.command("eval")
@@ -20,6 +22,8 @@ def eval_cmd(target, task, data, count, seq_len, threads, db, as_json):
     """Evaluate TARGET: a model reference, a quantized-model directory (simulation) or an exported .onnx/.tflite file."""
     from ..evaluate import evaluate
 
+    if db:
+        check_writable_parent(Path(db), "--db")
     result = evaluate(target, task=task, data=data, count=count, seq_len=seq_len, threads=threads)
     if db:
         from ..store import record_eval_result

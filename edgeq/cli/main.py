@@ -1,12 +1,15 @@
 """The `edgeq` command group.
 
 Each command lives in its own module and is imported only when it runs, so `edgeq agent serve`
-on a board never imports torch. User errors (`EdgeqError`) become one line on stderr and exit 2.
+on a board never imports torch. User errors (`EdgeqError`) become one line on stderr and exit 2; an
+operating-system error (a full disk, a path that cannot be written) one line and exit 1, with the traceback
+only under EDGEQ_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("edgeq: interrupted", err=True)
         return 130
+    except OSError as exc:
+        if os.environ.get("EDGEQ_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"edgeq: error: {exc.strerror or exc}{where}", err=True)
+        return 1
     return rv if isinstance(rv, int) else 0
 
 

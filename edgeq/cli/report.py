@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..errors import EdgeqError
+from .common import check_writable_parent
 
 
 @click.command()
@@ -19,6 +22,8 @@ def report(db, model, device, since, force, compare, output) -> None:
     """Write a report of every variant and board in the database (or compare two runs)."""
     from .. import report as rep
 
+    if output:
+        check_writable_parent(Path(output))
     if compare:
         if output:
             click.echo(str(rep.write_compare(db, compare[0], compare[1], output)))

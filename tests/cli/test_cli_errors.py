@@ -85,3 +85,41 @@ def test_w8a16_exports_with_int8_activations_in_onnx_runtime(capsys, tmp_path, t
     meta = json.loads(capsys.readouterr().out)
     assert meta["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"} and meta["exact"] is True
     assert meta["parity"]["top1_agree"] >= 0.9 and meta["parity"]["cos_min"] > 0.99
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "tiny-llama", "--recipe", "w8", "-o", "{blocker}/sub/q"],
+    ["export", "tiny-llama", "--format", "onnx", "--variant", "fp32", "-o", "{blocker}/m.onnx"],
+    ["export", "tiny-llama", "--format", "tflite", "--variant", "fp32", "-o", "{blocker}/m.tflite"],
+    ["report", "--db", "{tmp}/none.sqlite", "-o", "{blocker}/report.html"],
+    ["eval", "{tmp}/blocker", "--db", "{blocker}/results.sqlite"],
+    ["profile", "{tmp}/blocker", "--local", "--db", "{blocker}/results.sqlite"],
+])
+def test_output_under_a_file_is_refused_before_any_work(argv, capsys, tmp_path, tiny_llama_ref):
+    blocker = tmp_path / "blocker"  # a file where a directory would have to be
+    blocker.write_text("mine")
+    code, out, err = _run(capsys, *[a.format(blocker=blocker, tmp=tmp_path) for a in argv])
+    assert code == 2, err
+    assert err.startswith("edgeq: error:") and err.strip().count("\n") == 0
+    assert f"{blocker} is not a directory" in err
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_an_operating_system_error_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import edgeq.report
+
+    target = tmp_path / "report.html"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(edgeq.report, "write_report", full_disk)
+    code, _, err = _run(capsys, "report", "-o", str(target))
+    assert code == 1
+    assert err == f"edgeq: error: {os.strerror(errno.ENOSPC)}: {target}\n"
+    monkeypatch.setenv("EDGEQ_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(OSError):
+        main(["report", "-o", str(target)])
