@@ -14,7 +14,8 @@ Variants (the default follows the source):
 Decoder LMs get two graphs: FILE.onnx (prefill: input_ids -> logits + present key/values) and
 FILE.decode.onnx (one token + past key/values -> logits + presents). When layers quantize their
 inputs per token, the decode graph takes batch 1 (`decode_batch` in the JSON): each layer input is
-then one row, whose grid is the tensor's, and ONNX Runtime runs its fused per-tensor kernels.
+then one row, whose grid is the tensor's, and ONNX Runtime runs its fused per-tensor kernels. With
+external data (big models) both graphs read one FILE.onnx.data holding each distinct tensor once.
 
 The graphs are saved after ONNX Runtime's basic graph optimizations (ONNX operators only; see
 OFFLINE_OPTIMIZATION_SKIPS), which ORT's quant_pre_process also runs before its quantizers.
@@ -33,6 +34,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -180,7 +182,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         written, graph_optimization = [], None
-        big = sum(len(t.raw_data) for t in protos[0].graph.initializer) > EXTERNAL_DATA_BYTES
+        big = sum(len(t.raw_data) for p in protos for t in p.graph.initializer) > EXTERNAL_DATA_BYTES
         use_external = big if external_data is None else bool(external_data)
         for spec, proto in zip(specs, protos):
             path = tmp / names[spec.role]
@@ -188,6 +190,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             if optimize:
                 graph_optimization = _optimize_offline(path, use_external, session_config, _contrib_attributes(proto))
             written.append(path)
+        shared = _share_external_data(written, f"{out.name}.data") if use_external and len(written) > 1 else None
         export_s = time.perf_counter() - t0
         layer_checks = []
         for spec, path, rs in zip(specs, written, rendered):
@@ -209,6 +212,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
             "runtime_min": {"onnxruntime": _runtime_min(rendered, four_bit)},
             "session_config": session_config,
             "external_data": use_external,
+            "external_data_shared": shared,  # the graphs read one FILE.onnx.data: each weight stored once
             "layers": layer_checks,
             "layers_exact": sum(c["exact"] for c in layer_checks),
             "layers_not_in_graph": unused,  # quantized, but nothing the graph returns uses them
@@ -304,6 +308,51 @@ def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
                         location=f"{path.name}.data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
+
+
+def _share_external_data(paths: list[Path], name: str) -> dict:
+    """Rewrite one model's graphs at `paths` (prefill and decode), each with its tensors in a data file of its own, to
+    read one data file `name` beside them that holds each distinct tensor once: the decode graph's weights are the
+    prefill's, so an LM's files took twice its weights on disk. -> FILE.json's `external_data_shared`."""
+    import hashlib
+
+    folder = paths[0].parent
+    staging = folder / f".{name}.shared"
+    stored: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length) in the shared file
+    sources: dict[Path, BinaryIO] = {}
+    repeated = 0
+    models = []
+    with contextlib.ExitStack() as files, open(staging, "wb") as data:
+        for path in paths:
+            model = onnx.load(str(path), load_external_data=False)
+            for t in model.graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in t.external_data}
+                location = folder / info["location"]
+                if location not in sources:
+                    sources[location] = files.enter_context(open(location, "rb"))
+                sources[location].seek(int(info.get("offset", 0)))
+                raw = sources[location].read(int(info["length"]))
+                key = hashlib.sha256(raw).digest()
+                if key in stored:
+                    repeated += len(raw)
+                else:
+                    stored[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                del t.external_data[:]
+                offset, length = stored[key]
+                for k, v in (("location", name), ("offset", str(offset)), ("length", str(length))):
+                    t.external_data.add(key=k, value=v)
+            models.append(model)
+        size = data.tell()
+    for path, model in zip(paths, models):
+        onnx.save_model(model, str(path))  # the proto only: its tensors stay where they now point
+    for source in sources:
+        if source.name != name:
+            source.unlink()
+    os.replace(staging, folder / name)
+    return {"file": name, "bytes": size, "bytes_not_repeated": repeated}
 
 
 def _optimize_offline(path: Path, external: bool, session_config: dict, contrib: dict[str, set[str]] | None = None) -> dict:

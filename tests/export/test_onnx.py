@@ -687,6 +687,28 @@ def test_external_data_is_relative_and_hashed(tiny_exports, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.json"]
 
 
+def test_prefill_and_decode_graphs_share_one_data_file(tiny_exports, tmp_path):
+    """An LM's decode graph reads its weights from the prefill graph's data file, each distinct tensor stored once
+    (before, each graph had a FILE.data of its own: an LM's ONNX files took twice its weights on disk)."""
+    qdir, _, _ = tiny_exports["w4-g128-rtn"]
+    out = tmp_path / "model.onnx"
+    meta = export(qdir, "onnx", out, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.decode.onnx", "model.onnx", "model.onnx.data",
+                                                          "model.onnx.json"]
+    spans = []  # (location, offset, length) of every external tensor of both graphs
+    for path in (out, out.with_name("model.decode.onnx")):
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                spans.append((info["location"], int(info["offset"]), int(info["length"])))
+    assert {loc for loc, _, _ in spans} == {"model.onnx.data"}
+    stored = sum(length for _, _, length in set(spans))
+    shared = meta["external_data_shared"]
+    assert (tmp_path / "model.onnx.data").stat().st_size == stored == shared["bytes"]  # nothing but the tensors
+    assert sum(length for _, _, length in spans) - stored == shared["bytes_not_repeated"] > stored / 2
+    assert meta["parity"]["decode_vs_prefill_max_abs"] < 1e-4  # the decode step runs from it, continuing the prefill
+
+
 def test_int8_weights_as_ort_writes_them(tiny_exports, tmp_path):
     """int8_weights='int8': ORT quantize_dynamic's own weight type (default 'uint8' stores them + 128)."""
     qdir, _, u8_meta = tiny_exports["w8"]
