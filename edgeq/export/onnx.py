@@ -28,6 +28,7 @@ renamed into place only when everything succeeded; the JSON goes last.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -236,10 +237,13 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         mode = 0o666 & ~_umask()  # onnx writes external data 0600; give every file ordinary permissions
         for p in [*companions, main, Path(str(main) + ".json")]:
             os.chmod(p, mode)
+        stale = _stale_companions(out, {p.name for p in companions})
         for p in companions:
             os.replace(p, out.parent / p.name)
         os.replace(main, out)
         os.replace(Path(str(main) + ".json"), Path(str(out) + ".json"))
+        for name in stale:
+            (out.parent / name).unlink(missing_ok=True)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,6 +312,19 @@ def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
                         location=f"{path.name}.data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
+
+
+def _stale_companions(out: Path, written: set[str]) -> list[str]:
+    """The companion files the export being replaced at `out` listed (its FILE.json `files`) that this one does not
+    write, named after `out` (an LM's FILE.decode.onnx.data from before its graphs shared one data file): removed once
+    the new export is in place, so that an export is replaced as a whole."""
+    try:
+        old = json.loads(Path(f"{out}.json").read_text())
+    except (OSError, ValueError):
+        return []
+    names = [f.get("name") for f in old.get("files") or [] if isinstance(f, dict)] if isinstance(old, dict) else []
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and n.startswith(f"{out.stem}.")
+            and n != out.name and n not in written]
 
 
 def _share_external_data(paths: list[Path], name: str) -> dict:

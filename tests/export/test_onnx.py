@@ -709,6 +709,25 @@ def test_prefill_and_decode_graphs_share_one_data_file(tiny_exports, tmp_path):
     assert meta["parity"]["decode_vs_prefill_max_abs"] < 1e-4  # the decode step runs from it, continuing the prefill
 
 
+def test_an_overwritten_export_leaves_none_of_its_old_companions(tiny_exports, tmp_path):
+    """Re-exporting over an export removes the companion files the old FILE.json listed and the new export does not
+    write (an LM's FILE.decode.onnx.data from before its graphs shared one data file); other files stay."""
+    import json
+
+    qdir, _, _ = tiny_exports["w4-g128-rtn"]
+    out = tmp_path / "model.onnx"
+    export(qdir, "onnx", out, decode=False, external_data=True)
+    meta_path = tmp_path / "model.onnx.json"
+    old = json.loads(meta_path.read_text())
+    for name in ("model.decode.onnx.data", "unlisted.bin", "model.notes.txt"):
+        (tmp_path / name).write_text("old")
+    old["files"] += [{"name": "model.decode.onnx.data"}, {"name": "unlisted.bin"}, {"name": "../model.x"}]
+    meta_path.write_text(json.dumps(old))
+    export(qdir, "onnx", out, decode=False, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.notes.txt", "model.onnx", "model.onnx.data",
+                                                          "model.onnx.json", "unlisted.bin"]
+
+
 def test_int8_weights_as_ort_writes_them(tiny_exports, tmp_path):
     """int8_weights='int8': ORT quantize_dynamic's own weight type (default 'uint8' stores them + 128)."""
     qdir, _, u8_meta = tiny_exports["w8"]
