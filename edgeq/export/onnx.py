@@ -52,7 +52,10 @@ from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
 from ..quantize.qmodel import is_qdir
 
 VARIANTS = ("fp32", "int8", "int16x8", "dynamic-int8", "weight-only")
-EXTERNAL_DATA_BYTES = 256 << 20  # above this, tensors go to one FILE.onnx.data beside the file
+# above this (all graphs' tensors), tensors go to one FILE.onnx.data beside the file. ONNX Runtime holds more memory for
+# weights inside the proto (RSS after a run, this host, ORT 1.32): MiniLM-L6 fp32 150 MB inside against 106 MB in a
+# data file, SmolLM2 w8's prefill graph 391 against 226, w4-g64's 436 against 302; below this a single file is handier
+EXTERNAL_DATA_BYTES = 32 << 20
 # ONNX Runtime's basic (level-1) graph optimizations are run once at export and saved into the file, as ORT's
 # quant_pre_process does for the models its own quantizers take: semantics-preserving rewrites in the ONNX domain only
 # (no contrib operators), so the file stays plain ONNX. ORT builds faster sessions from the saved graph than from the
@@ -117,11 +120,11 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     Options: `decode` (decoder LMs: also write the KV-cache decode-step graph), `accuracy_level`
     (ONNX Runtime's MatMulNBits accuracy level recorded for 4-bit files and used for parity; 0 =
     float activations, exact; None = the runtime's default), `external_data` (None: automatic
-    above 256 MB), `int8_weights` ("uint8", the default: 8-bit weights of layers with quantized activations
-    stored as edgeq's int8 + 128 with zero point 128, the same real values, which ONNX Runtime's
-    u8u8 integer kernels compute exactly on every CPU; "int8": as ORT's own quantizer writes them,
-    but its u8s8 kernels saturate int16 pair sums on x86 CPUs without VNNI, which wrecked
-    SmolLM2's logits on this host),
+    above EXTERNAL_DATA_BYTES of tensors in all graphs), `int8_weights` ("uint8", the default: 8-bit
+    weights of layers with quantized activations stored as edgeq's int8 + 128 with zero point 128, the
+    same real values, which ONNX Runtime's u8u8 integer kernels compute exactly on every CPU; "int8": as
+    ORT's own quantizer writes them, but its u8s8 kernels saturate int16 pair sums on x86 CPUs without
+    VNNI, which wrecked SmolLM2's logits on this host),
     `output_grids` (int8 files of image models: also quantize each Conv / Gemm / residual Add output that a float op
     reads besides the next layer's input quantization, on a uint8 grid calibrated on `calib_samples` calibration inputs
     (default 8) or on that next layer's grid, and pool with GlobalAveragePool, so ONNX Runtime runs those ops on integer
