@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from ..errors import EdgeqError
@@ -233,10 +233,9 @@ _PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flat
 def kernel_account(nodes: list[Node]) -> dict:
     """What an ONNX Runtime session runs, from its optimized graph: `nodes`, `ops` (op type -> count), `integer` (the
     ops of `ops` that are integer kernels) and `float_on_dequantized`: the weight ops left on float kernels with an
-    input a DequantizeLinear makes, directly
-    or through ops that only move values. That is a quantized layer ONNX Runtime did not fuse into an integer
-    kernel (QLinearConv, QGemm, MatMulInteger...): it dequantizes on every run, slower than float. A weight-only
-    file's layers are all such by design."""
+    input a DequantizeLinear makes, directly or through ops that only move values. That is a quantized layer ONNX
+    Runtime did not fuse into an integer kernel (QLinearConv, QGemm, MatMulInteger...): it dequantizes on every run,
+    slower than float. A weight-only file's layers are all such by design."""
     made_by = {out: node for node in nodes for out in node.outputs}
 
     def dequantized(name: str) -> bool:

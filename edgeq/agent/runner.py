@@ -109,6 +109,10 @@ def _power_setup(job: dict):
     return meter, None
 
 
+def _counted(ops: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in ops.items())
+
+
 def measure(job_dir: Path) -> dict:
     """Run the job described by JOB_DIR/job.json and return the result document."""
     job = json.loads((job_dir / "job.json").read_text())
@@ -177,12 +181,11 @@ def measure(job_dir: Path) -> dict:
         model.runtime.update(model.deferred_coverage())
     left = {op: n for op, n in ((model.runtime.get("xnnpack") or {}).get("builtin") or {}).items() if op in WEIGHT_OPS}
     if left:  # e.g. INT4 blocks an older runtime's XNNPACK has no kernel for: they run, far slower
-        warnings.append("XNNPACK in this runtime left " + ", ".join(f"{n} {op}" for op, n in left.items())
-                        + " to LiteRT's built-in kernels")
+        warnings.append(f"XNNPACK in this runtime left {_counted(left)} to LiteRT's built-in kernels")
     left = (model.runtime.get("kernels") or {}).get("float_on_dequantized")
     if left:  # a quantized layer this runtime did not fuse (or a weight-only file's, by design)
-        warnings.append("ONNX Runtime here runs " + ", ".join(f"{n} {op}" for op, n in left.items())
-                        + " on float kernels over dequantized tensors (not fused into integer kernels)")
+        warnings.append(f"ONNX Runtime here runs {_counted(left)} on float kernels over dequantized tensors "
+                        "(not fused into integer kernels)")
     result["os_threads"] = _threads()
     result["latency_ms"] = {**stats.summarize(lat), "seconds": seconds, "raw": lat}
     reasons = stats.validity(len(lat), seconds, cfg["runs"], cfg["min_seconds"])

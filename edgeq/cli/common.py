@@ -34,10 +34,10 @@ def check_new_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def check_writable_parent(path: Path, what: str = "output") -> None:
+def check_writable_parent(path: str | Path, what: str = "output") -> None:
     """The nearest existing ancestor of `path` must be a directory this process can create entries in (the
     directories between are made when the output is written); `what` names the option in the error."""
-    parent = path.absolute().parent
+    parent = Path(path).absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .common import check_writable_parent, emit_json, json_option
@@ -23,7 +21,7 @@ def eval_cmd(target, task, data, count, seq_len, threads, db, as_json):
     from ..evaluate import evaluate
 
     if db:
-        check_writable_parent(Path(db), "--db")
+        check_writable_parent(db, "--db")
     result = evaluate(target, task=task, data=data, count=count, seq_len=seq_len, threads=threads)
     if db:
         from ..store import record_eval_result

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..errors import EdgeqError
@@ -23,7 +21,7 @@ def report(db, model, device, since, force, compare, output) -> None:
     from .. import report as rep
 
     if output:
-        check_writable_parent(Path(output))
+        check_writable_parent(output)
     if compare:
         if output:
             click.echo(str(rep.write_compare(db, compare[0], compare[1], output)))

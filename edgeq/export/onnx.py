@@ -18,7 +18,7 @@ then one row, whose grid is the tensor's, and ONNX Runtime runs its fused per-te
 external data (big models) both graphs read one FILE.onnx.data holding each distinct tensor once.
 
 The graphs are saved after ONNX Runtime's basic graph optimizations (ONNX operators only; see
-OFFLINE_OPTIMIZATION_SKIPS), which ORT's quant_pre_process also runs before its quantizers.
+onnx_files.OFFLINE_OPTIMIZATION_SKIPS), which ORT's quant_pre_process also runs before its quantizers.
 Every export reads its integers back from the written file and compares them bitwise with the
 quantized model (`exact`), and runs the file in ONNX Runtime against the PyTorch simulation on
 held-back inputs (`parity`). Files are written into a temporary directory beside the output and
@@ -28,14 +28,11 @@ renamed into place only when everything succeeded; the JSON goes last.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -45,6 +42,7 @@ from ..models.hf import decoder_attention
 from . import register_exporter
 from .batchnorm import bn_folds, folded_integers, rendered_scale
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
+from .onnx_files import put_in_place, write_graphs
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, int32_biases, quantize_graph
 from .onnx_readback import read_back
@@ -52,17 +50,6 @@ from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
 from ..quantize.qmodel import is_qdir
 
 VARIANTS = ("fp32", "int8", "int16x8", "dynamic-int8", "weight-only")
-# above this (all graphs' tensors), tensors go to one FILE.onnx.data beside the file. ONNX Runtime holds more memory for
-# weights inside the proto (RSS after a run, this host, ORT 1.32): MiniLM-L6 fp32 150 MB inside against 106 MB in a
-# data file, SmolLM2 w8's prefill graph 391 against 226, w4-g64's 436 against 302; below this a single file is handier
-EXTERNAL_DATA_BYTES = 32 << 20
-# ONNX Runtime's basic (level-1) graph optimizations are run once at export and saved into the file, as ORT's
-# quant_pre_process does for the models its own quantizers take: semantics-preserving rewrites in the ONNX domain only
-# (no contrib operators), so the file stays plain ONNX. ORT builds faster sessions from the saved graph than from the
-# graph as traced (SmolLM2 w8-fast, ORT 1.32, 3 sessions x 4 processes: decode step 4-5%, 64-token prefill 2-3%; the
-# outputs bitwise the same). Constant folding and the transpose optimizer are left out: they store a tied LM head's
-# Transpose(embedding) as a second table (+113 MB on SmolLM2); ORT still folds it in memory when it loads the file.
-OFFLINE_OPTIMIZATION_SKIPS = ("ConstantFolding", "TransposeOptimizer")
 # Minimum ONNX Runtime versions: opset 21 (ONNX 1.16) came with ORT 1.18 (PR #19745); INT4/UINT4
 # DequantizeLinear (PR #20362), blocked DequantizeLinear (PR #20901) and blocked QuantizeLinear (PR #20977, per-token
 # dynamic grids) with ORT 1.19.
@@ -120,7 +107,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     Options: `decode` (decoder LMs: also write the KV-cache decode-step graph), `accuracy_level`
     (ONNX Runtime's MatMulNBits accuracy level recorded for 4-bit files and used for parity; 0 =
     float activations, exact; None = the runtime's default), `external_data` (None: automatic
-    above EXTERNAL_DATA_BYTES of tensors in all graphs), `int8_weights` ("uint8", the default: 8-bit
+    above onnx_files.EXTERNAL_DATA_BYTES of tensors in all graphs), `int8_weights` ("uint8", the default: 8-bit
     weights of layers with quantized activations stored as edgeq's int8 + 128 with zero point 128, the
     same real values, which ONNX Runtime's u8u8 integer kernels compute exactly on every CPU; "int8": as
     ORT's own quantizer writes them, but its u8s8 kernels saturate int16 pair sums on x86 CPUs without
@@ -131,7 +118,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     kernels too; not part of the simulation, see onnx_outgrids.py),
     `graph_cache` (False: trace the float graph even when this process or the user cache holds it), `optimize`
     (False: write the graph as rendered, without ONNX Runtime's basic graph optimizations, see
-    OFFLINE_OPTIMIZATION_SKIPS, and with float biases, as TensorRT's parser needs them; True: static Convs' and Gemms'
+    onnx_files.OFFLINE_OPTIMIZATION_SKIPS, and with float biases, as TensorRT's parser needs them; True: static Convs' and Gemms'
     biases int32, as ONNX Runtime's integer kernels take them, see onnx_quant.int32_biases),
     `parity_samples` / `parity_seq_len` (held-back inputs), `threads` (for parity).
     """
@@ -185,16 +172,8 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        written, graph_optimization = [], None
-        big = sum(len(t.raw_data) for p in protos for t in p.graph.initializer) > EXTERNAL_DATA_BYTES
-        use_external = big if external_data is None else bool(external_data)
-        for spec, proto in zip(specs, protos):
-            path = tmp / names[spec.role]
-            _save(proto, path, use_external)
-            if optimize:
-                graph_optimization = _optimize_offline(path, use_external, session_config, _contrib_attributes(proto))
-            written.append(path)
-        shared = _share_external_data(written, f"{out.name}.data") if use_external and len(written) > 1 else None
+        written = [tmp / names[s.role] for s in specs]
+        use_external, graph_optimization, shared = write_graphs(protos, written, external_data, optimize, session_config)
         export_s = time.perf_counter() - t0
         layer_checks = []
         for spec, path, rs in zip(specs, written, rendered):
@@ -237,16 +216,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
                                  qdir=source if qm is not None and is_qdir(source) else None, recipe=qm.recipe.name if qm is not None else None,
                                  exact=exact, parity=parity, inputs=_inputs_meta(bundle, written[0]), extra=extra,
                                  files=companions)
-        mode = 0o666 & ~_umask()  # onnx writes external data 0600; give every file ordinary permissions
-        for p in [*companions, main, Path(str(main) + ".json")]:
-            os.chmod(p, mode)
-        stale = _stale_companions(out, {p.name for p in companions})
-        for p in companions:
-            os.replace(p, out.parent / p.name)
-        os.replace(main, out)
-        os.replace(Path(str(main) + ".json"), Path(str(out) + ".json"))
-        for name in stale:
-            (out.parent / name).unlink(missing_ok=True)
+        put_in_place(main, companions, out)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -301,127 +271,6 @@ def host_note() -> str | None:
         return ("host CPU has AVX2 without VNNI: ONNX Runtime's u8s8 integer kernels saturate int16 pair sums here, "
                 "so parity is measured lower than the file's arithmetic; int8_weights='uint8' avoids it")
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-
-
-def _stale_companions(out: Path, written: set[str]) -> list[str]:
-    """The companion files the export being replaced at `out` listed (its FILE.json `files`) that this one does not
-    write, named after `out` (an LM's FILE.decode.onnx.data from before its graphs shared one data file): removed once
-    the new export is in place, so that an export is replaced as a whole."""
-    try:
-        old = json.loads(Path(f"{out}.json").read_text())
-    except (OSError, ValueError):
-        return []
-    names = [f.get("name") for f in old.get("files") or [] if isinstance(f, dict)] if isinstance(old, dict) else []
-    return [n for n in names if isinstance(n, str) and n == Path(n).name and n.startswith(f"{out.stem}.")
-            and n != out.name and n not in written]
-
-
-def _share_external_data(paths: list[Path], name: str) -> dict:
-    """Rewrite one model's graphs at `paths` (prefill and decode), each with its tensors in a data file of its own, to
-    read one data file `name` beside them that holds each distinct tensor once: the decode graph's weights are the
-    prefill's, so an LM's files took twice its weights on disk. -> FILE.json's `external_data_shared`."""
-    import hashlib
-
-    folder = paths[0].parent
-    staging = folder / f".{name}.shared"
-    stored: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length) in the shared file
-    sources: dict[Path, BinaryIO] = {}
-    repeated = 0
-    models = []
-    with contextlib.ExitStack() as files, open(staging, "wb") as data:
-        for path in paths:
-            model = onnx.load(str(path), load_external_data=False)
-            for t in model.graph.initializer:
-                if t.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                info = {e.key: e.value for e in t.external_data}
-                location = folder / info["location"]
-                if location not in sources:
-                    sources[location] = files.enter_context(open(location, "rb"))
-                sources[location].seek(int(info.get("offset", 0)))
-                raw = sources[location].read(int(info["length"]))
-                key = hashlib.sha256(raw).digest()
-                if key in stored:
-                    repeated += len(raw)
-                else:
-                    stored[key] = (data.tell(), len(raw))
-                    data.write(raw)
-                del t.external_data[:]
-                offset, length = stored[key]
-                for k, v in (("location", name), ("offset", str(offset)), ("length", str(length))):
-                    t.external_data.add(key=k, value=v)
-            models.append(model)
-        size = data.tell()
-    for path, model in zip(paths, models):
-        onnx.save_model(model, str(path))  # the proto only: its tensors stay where they now point
-    for source in sources:
-        if source.name != name:
-            source.unlink()
-    os.replace(staging, folder / name)
-    return {"file": name, "bytes": size, "bytes_not_repeated": repeated}
-
-
-def _optimize_offline(path: Path, external: bool, session_config: dict, contrib: dict[str, set[str]] | None = None) -> dict:
-    """Replace the ONNX file at `path` by ONNX Runtime's basic-level optimization of it (OFFLINE_OPTIMIZATION_SKIPS);
-    returns what was run, for FILE.json. `contrib`: the attributes the graph's com.microsoft nodes were written with
-    (`_contrib_attributes`), the only ones they keep."""
-    import onnxruntime as ort
-
-    staging = path.parent / f".{path.name}.optimized"
-    staging.mkdir()
-    try:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(staging / path.name)
-        opts.log_severity_level = 3
-        for key, value in session_config.items():
-            opts.add_session_config_entry(key, value)
-        if external:
-            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(OFFLINE_OPTIMIZATION_SKIPS))
-        if contrib:
-            _drop_written_defaults(staging / path.name, contrib)
-        for p in staging.iterdir():
-            os.replace(p, path.parent / p.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"onnxruntime": ort.__version__, "level": "basic", "skipped": list(OFFLINE_OPTIMIZATION_SKIPS)}
-
-
-def _contrib_attributes(model: onnx.ModelProto) -> dict[str, set[str]]:
-    """The attribute names of each com.microsoft node of a graph, by node name."""
-    return {n.name: {a.name for a in n.attribute} for n in model.graph.node if n.domain == "com.microsoft"}
-
-
-def _drop_written_defaults(path: Path, written: dict[str, set[str]]) -> None:
-    """Remove from a graph ONNX Runtime saved the attributes it added to edgeq's com.microsoft nodes (each one's default,
-    its tensors untouched): older versions refuse attributes their schema lacks (ORT 1.22 a packed table's
-    GatherBlockQuantized `bits` and MatMulNBits `weight_prepacked`, written by 1.32)."""
-    model = onnx.load(str(path), load_external_data=False)
-    dropped = False
-    for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.name in written:
-            keep = [a for a in node.attribute if a.name in written[node.name]]
-            dropped |= len(keep) < len(node.attribute)
-            del node.attribute[:]
-            node.attribute.extend(keep)
-    if dropped:
-        onnx.save(model, str(path))
 
 
 def _container_notes(qm, rendered) -> dict:

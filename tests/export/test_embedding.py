@@ -287,7 +287,7 @@ def test_offline_optimization_keeps_a_tied_table_single(tmp_path, external):
     into a second table (ORT's constant folding and transpose optimizer would), with the tensors inline or external."""
     from onnx import TensorProto, helper
 
-    from edgeq.export.onnx import _optimize_offline, _save
+    from edgeq.export.onnx_files import optimize_offline, save
 
     table = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
     graph = helper.make_graph(
@@ -296,10 +296,10 @@ def test_offline_optimization_keeps_a_tied_table_single(tmp_path, external):
         "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 64])], [numpy_helper.from_array(table, "table")])
     path = tmp_path / "tied.onnx"
-    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path, external)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path, external)
     ids = np.array([[1, 5, 63]], dtype=np.int64)
     before = OnnxRunner(path)(ids)[0]
-    _optimize_offline(path, external, {})
+    optimize_offline(path, external, {})
     model = onnx.load(str(path))
     assert [t.name for t in model.graph.initializer if t.dims and np.prod(t.dims) > 64] == ["table"]
     assert "Identity" not in [n.op_type for n in model.graph.node]  # the basic optimizations did run
