@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..console import progress_shown
 from ..errors import EdgeqError
 
 
@@ -20,8 +21,7 @@ def progress(items, desc: str):
     """A tqdm bar on stderr (silent when stderr is not a terminal and EDGEQ_PROGRESS is unset)."""
     from tqdm import tqdm
 
-    disable = not (sys.stderr.isatty() or os.environ.get("EDGEQ_PROGRESS"))
-    return tqdm(items, desc=desc, leave=False, disable=disable, file=sys.stderr)
+    return tqdm(items, desc=desc, leave=False, disable=not progress_shown(), file=sys.stderr)
 
 
 def check_new_output(path: str | Path, overwrite: bool) -> Path:

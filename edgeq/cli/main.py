@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from ..console import quiet_converters
 from ..errors import EdgeqError
 
 # command name -> (module under edgeq.cli, attribute, one-line help)
@@ -57,6 +58,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_converters()
     try:
         rv = cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
     except EdgeqError as exc:

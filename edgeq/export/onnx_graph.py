@@ -33,6 +33,7 @@ from onnx import helper
 
 from ..errors import EdgeqError
 from ..models.hf import decoder_attention  # traced into decoder LMs' graphs (export/onnx.py): part of the cache key
+from ..models.hf import returned_cache, with_cache
 from ..quantize.modules import QuantEmbedding, QuantLinear, quant_layers, set_module
 from .batchnorm import DequantConv
 
@@ -128,8 +129,8 @@ class LMPrefill(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, past_key_values=_cache(self.model.config), use_cache=True)
-        return (out.logits, *_flat_cache(out.past_key_values))
+        out = with_cache(self.model, _cache(self.model.config), input_ids=input_ids)
+        return (out.logits, *_flat_cache(returned_cache(out)))
 
 
 class LMDecode(torch.nn.Module):
@@ -146,8 +147,8 @@ class LMDecode(torch.nn.Module):
         types = cache_layer_types(config)
         seen = past[2 * next((i for i, t in enumerate(types) if t == "full_attention"), 0)].shape[2]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + seen
-        out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
-        return (out.logits, *_flat_cache(out.past_key_values))
+        out = with_cache(self.model, cache, input_ids=input_ids, position_ids=position_ids)
+        return (out.logits, *_flat_cache(returned_cache(out)))
 
 
 class FirstOutput(torch.nn.Module):

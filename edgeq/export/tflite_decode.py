@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
-from ..models.hf import query_scaling
+from ..models.hf import query_scaling, returned_cache, with_cache
 from .meta import parity_metrics
 from .tflite_runtime import DecodeSession, attention_mask, slot_axis, slot_range, write_row
 
@@ -143,14 +143,14 @@ def full_cache(model: torch.nn.Module, ids: torch.Tensor):
     cache Hugging Face makes by default keeps the last window - 1 only, which the signature's slots cannot follow."""
     from transformers.cache_utils import DynamicCache
 
-    return model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    return with_cache(model, DynamicCache(), input_ids=ids)
 
 
 @torch.no_grad()
 def cache_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
     """Per layer (kv heads, key head dim, value head dim) of the signature's caches, read off the model's own cache
     after a two-token forward (not from its config: families name them differently, and some vary by layer)."""
-    past = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+    past = returned_cache(with_cache(model, None, input_ids=torch.zeros(1, 2, dtype=torch.long)))
     return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in past.layers]
 
 
@@ -181,7 +181,7 @@ class KVPrefill(torch.nn.Module):
 
     def forward(self, input_ids):
         out = full_cache(self.model, input_ids)
-        return (out.logits, *to_signature_layout(out.past_key_values, self.cache_len))
+        return (out.logits, *to_signature_layout(returned_cache(out), self.cache_len))
 
 
 class KVDecode(torch.nn.Module):
@@ -338,7 +338,7 @@ def calibration_steps(model: torch.nn.Module, sequences: list[torch.Tensor], cac
     with torch.no_grad():
         for ids in sequences:
             n = min(ids.shape[1], cache_len)
-            full = to_signature_layout(full_cache(model, ids[:, :n]).past_key_values, cache_len)
+            full = to_signature_layout(returned_cache(full_cache(model, ids[:, :n])), cache_len)
             for p in np.linspace(0, n - 1, per_sequence).astype(int):
                 cache = [c.clone() for c in full]
                 for j, c in enumerate(cache):  # keep slots 0..p-1

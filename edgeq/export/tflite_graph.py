@@ -17,9 +17,12 @@ change a weight's values: a layer whose bytes are not found is an error, not a g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +300,29 @@ def float_graph(bundle, model: torch.nn.Module, seq_len: int, cache: bool = True
     return out, found, seconds, static_slots
 
 
+class _NotForEdgeqUsers(logging.Filter):
+    """litert-torch warns on the root logger that its files take int32 / float32 where the model took int64: edgeq
+    feeds them so, and FILE.json's `inputs` give each input's dtype."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "enable_x64=False downcasts" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _converter_output():
+    """A conversion without the messages that concern litert-torch's callers, not edgeq's users: the int32 inputs
+    (`_NotForEdgeqUsers`) and a deprecation inside torch.export (torch 2.13's pytree, `isinstance(treespec,
+    LeafSpec)`, five times per conversion)."""
+    root, dropped = logging.getLogger(), _NotForEdgeqUsers()
+    root.addFilter(dropped)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        root.removeFilter(dropped)
+
+
 def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = None, cache_len: int | None = None) -> bytes:
     """litert-torch conversion of the float rendering of `model`: a `serving_default` signature, and with
     `cache_len` one that also returns the KV caches (`tflite_decode.KVPrefill`) and a `decode` signature
@@ -306,7 +332,7 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
     import litert_torch
 
     attention = litert_attention(model) if bundle.kind == "causal-lm" else eager_attention(model, bundle.kind == "encoder")
-    with float_rendering(model, folds), attention, torch.no_grad():
+    with float_rendering(model, folds), attention, torch.no_grad(), _converter_output():
         module = graph_module(bundle, model)
         try:
             if cache_len:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import EdgeqError
-from ..models.hf import MOVED_SCALING
+from ..models.hf import MOVED_SCALING, returned_cache
 from .tflite_decode import full_cache, to_signature_layout
 from .tflite_runtime import attention_mask
 
@@ -104,7 +104,7 @@ class HFDecode(torch.nn.Module):
         ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
         try:
             want = model(input_ids=ids).logits[0, -1]
-            cache = to_signature_layout(full_cache(model, ids[:, :-1]).past_key_values, slots)
+            cache = to_signature_layout(returned_cache(full_cache(model, ids[:, :-1])), slots)
             got = HFDecode(model)(ids[:, -1:], torch.tensor([tokens - 1]), torch.from_numpy(attention_mask(tokens - 1, slots)),
                                   *cache)[0].reshape(-1)
         except Exception as exc:  # a layout the step cannot run

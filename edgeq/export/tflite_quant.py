@@ -12,11 +12,12 @@ The read-back in `tflite_check` is what proves the result; nothing here is trust
 from __future__ import annotations
 
 import contextlib
-
 import re
+import warnings
 
 import numpy as np
 
+from ..console import progress_shown
 from ..errors import EdgeqError
 
 ALGORITHM = "min_max_uniform_quantize"
@@ -114,7 +115,8 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     placed = layer_ops(read_model(float_buf), layers)
     qsvs: dict = {}
     if static:
-        qsvs = calibrate(float_buf, entries, calibration or {"serving_default": []}, output_calibration)
+        with _quantizer_output():
+            qsvs = calibrate(float_buf, entries, calibration or {"serving_default": []}, output_calibration)
         share_output_grids(qsvs, placed)
         for name, m in layers.items():
             grid = act_override(m)
@@ -128,7 +130,7 @@ def quantize(float_buf: bytes, layers: dict, ops: dict[str, str], static: bool, 
     qsvs.update(weight_overrides(placed, layers, ops, scales))
     qsvs = {k: {kk: vv for kk, vv in v.items() if kk != "_edgeq"} for k, v in qsvs.items()}
     try:
-        with _duplicates_named_in_bytes():
+        with _duplicates_named_in_bytes(), _quantizer_output():
             result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:
         raise EdgeqError(f"tflite: ai-edge-quantizer refused edgeq's grids: {str(exc).splitlines()[0]}") from None
@@ -153,6 +155,29 @@ def calibrate(float_buf: bytes, entries: list[dict], calibration: dict[str, list
     calib = calibrator.Calibrator(bytes(float_buf), num_threads=1, qsv_update_func=update)
     calib.calibrate(calibration, manager)
     return dict(calib.get_model_qsvs())
+
+
+@contextlib.contextmanager
+def _quantizer_output():
+    """ai-edge-quantizer (0.10.0) draws its progress bars ("Running Calibration:", "Applying Transformations to
+    tensors:") on stderr whatever `enable_progress_bar` says; in the block they follow edgeq's rule (a terminal, or
+    EDGEQ_PROGRESS). Its calibration interpreter keeps every tensor, which calibration needs, and warns that this is for
+    debugging; that warning is dropped."""
+    from ai_edge_quantizer.utils import progress_utils
+
+    original = progress_utils.ProgressBar.__init__
+    shown = progress_shown()
+
+    def init(self, total_steps, description="", disappear_on_finish=False, enable=None):
+        original(self, total_steps, description, disappear_on_finish, enable=enable if shown else False)
+
+    progress_utils.ProgressBar.__init__ = init
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors", category=UserWarning)
+            yield
+    finally:
+        progress_utils.ProgressBar.__init__ = original
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -21,6 +22,20 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # torch warns about its enums; neither concerns edgeq's users.
 for _name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def with_cache(model: torch.nn.Module, cache, **inputs):
+    """`model(**inputs, use_cache=True)` starting from `cache` (None: the model makes its own), by the keyword its
+    forward takes: `cache` in recent transformers (5.25 warns that `past_key_values` goes in 5.40), `past_key_values`
+    in older ones."""
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(**inputs, **({} if cache is None else {keyword: cache}), use_cache=True)
+
+
+def returned_cache(out):
+    """The cache a Hugging Face forward returned: its `cache` field in recent transformers, `past_key_values` in older
+    ones (where recent ones keep that name, it warns)."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
 
 
 @contextlib.contextmanager

@@ -48,4 +48,4 @@ def train_tiny_llama(out_dir: Path) -> None:
         sched.step()
     model.eval()
     model.save_pretrained(out_dir)
-    (out_dir / "training.json").write_text(json.dumps({"config": TINY_CONFIG, "train": TRAIN, "final_loss": float(loss)}))
+    (out_dir / "training.json").write_text(json.dumps({"config": TINY_CONFIG, "train": TRAIN, "final_loss": loss.item()}))

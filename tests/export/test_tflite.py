@@ -21,6 +21,7 @@ pytest.importorskip("ai_edge_quantizer")
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.export import export  # noqa: E402
 from edgeq.models import load_model  # noqa: E402
+from edgeq.models.hf import returned_cache  # noqa: E402
 from edgeq.models.inputs import calibration_batches  # noqa: E402
 from edgeq.quantize.ptq import quantize_model  # noqa: E402
 from edgeq.quantize.qmodel import load_quantized  # noqa: E402
@@ -419,6 +420,7 @@ def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsy
     one = tmp_path / "one.tflite"
     assert main(["export", str(qdir), "--format", "tflite", "--calib-samples", "1", "-o", str(one), "--json"]) == 0
     err = capsys.readouterr().err
+    assert "Running Calibration" not in err  # ai-edge-quantizer's bars follow edgeq's: none where stderr is no terminal
     narrow = json.loads(Path(str(one) + ".json").read_text())["output_grids"]
     assert narrow["calib_samples"] == 1 and narrow["clipped_layers"] > 0, narrow
     for name, (lo, hi, _) in output_grids(one.read_bytes(), layers).items():
@@ -575,7 +577,7 @@ def test_decode_signature_generates_like_transformers(tmp_path):
     prefill = TfliteRunner(tmp_path / "lm.tflite")(padded)
     assert len(prefill) == 1 + len(step.input_specs()) - 3
     with torch.no_grad():  # the prefill's caches are Hugging Face's, keys as they are and values transposed, zero after
-        past = model(input_ids=prompt, use_cache=True).past_key_values.layers[0]
+        past = returned_cache(model(input_ids=prompt, use_cache=True)).layers[0]
     np.testing.assert_allclose(prefill[1][:, :n], past.keys[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(prefill[2][..., :n], past.values[0].transpose(1, 2).numpy(), atol=1e-4)
     stepped = run_steps(step, prompt.numpy(), [np.zeros(s["shape"], dtype=np.float32) for s in step.input_specs()[3:]])
@@ -772,6 +774,27 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
     assert captured.err.startswith("edgeq: warning:") and "beyond the tolerance: cos_min" in captured.err
     assert all(m in captured.err for m in parity["missed"])
     assert "run-time activation grid" not in captured.err  # an fp32 file has no hybrid kernels
+
+
+def test_cli_json_is_all_of_stdout_while_the_graph_converts(capsys, caplog, recwarn, tmp_path, monkeypatch):
+    """A conversion that runs (no cached float graph) prints nothing on stdout but the file's JSON: litert-torch
+    prints its conversion steps there unless told not to, which broke `--json | jq` on a first export. Nor do the
+    converters' messages to their own callers reach the user: litert-torch's int32 inputs, torch.export's deprecation."""
+    import edgeq.cache
+    from edgeq.cli.main import main
+
+    for name in ("LITERT_TORCH_SHOW_PROGRESS", "TF_CPP_MIN_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    graphs = tmp_path / "graphs"  # nothing converted yet (the models stay in the cache they were built in)
+    cache_dir = edgeq.cache.cache_dir
+    monkeypatch.setattr(edgeq.cache, "cache_dir", lambda *parts: graphs if parts == ("tflite-graphs",) else cache_dir(*parts))
+    graphs.mkdir()
+    for source, name in ((CNN, "cnn.tflite"), ("tiny-llama", "lm.tflite")):
+        assert main(["export", source, "--format", "tflite", "--cache-len", "0", "-o", str(tmp_path / name), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["format"] == "tflite"
+    assert len(list(graphs.glob("*.tflite"))) == 2  # both graphs converted here
+    assert not [r for r in caplog.records if "enable_x64" in r.getMessage()]
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
 
 
 def test_within_noise_floor_takes_every_check():
