@@ -32,7 +32,7 @@ from ..errors import EdgeqError
 from ..fileio import read_json, sha256_file
 from .client import AgentClient, AgentError
 from .inputs import asked_dims, dims_label
-from .onnxcheck import external_locations
+from .onnxcheck import MalformedModel, external_locations
 from .protocol import FILE_NAME_RE
 from .server import READY_PREFIX, read_token_file
 
@@ -154,7 +154,11 @@ def bundle(path: str | os.PathLike) -> Bundle:
         raise EdgeqError(f"artifact: file name {path.name!r} must use only letters, digits, _ . -")
     files = []
     if path.suffix == ".onnx":
-        for loc in sorted(set(external_locations(path))):
+        try:
+            locations = external_locations(path)
+        except MalformedModel as exc:
+            raise EdgeqError(f"artifact: {path} is not a readable ONNX model ({exc})") from None
+        for loc in sorted(set(locations)):
             if not FILE_NAME_RE.match(loc) or not (path.parent / loc).is_file():
                 raise EdgeqError(f"artifact: {path.name} names external data {loc!r}, which is not a file "
                                  "beside it with a plain name")
@@ -209,7 +213,8 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
     def run(dev: Device) -> None:
         for b, result, error in profile_on(dev, clients[dev.name], bundles, config, on_progress):
             row = None
-            if result is not None:
+            if result is not None:  # a failure is stored too (what a board cannot run), tied to the file sent
+                result = {**result, "artifact_sha256": result.get("artifact_sha256") or b.sha256}
                 row = store.record_result(db, result, device=dev.name, device_url=dev.url,
                                           artifact_path=str(b.path.resolve()), export_meta=b.meta)
             with lock:

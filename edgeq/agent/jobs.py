@@ -230,6 +230,7 @@ class Agent:
                 result = {"status": "aborted" if state == "aborted" else "failed", "error": error}
             result.update({"protocol": P.PROTOCOL_VERSION, "type": "result", "job_id": job_id, "state": state,
                            "error": error})
+            result.setdefault("artifact_sha256", self.journal.get(job_id)["artifact_sha256"])  # a failed run's too
             self.journal.finish(job_id, state, result, error)
 
     def _kill(self) -> None:

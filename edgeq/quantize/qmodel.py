@@ -111,6 +111,7 @@ class QuantizedModel:
                 "folded_norms": self.folded_norms,
                 "format_version": FORMAT_VERSION,
                 "structure_sha256": self.bundle.structure or None,  # of the model as loaded, before quantization
+                "sha256": {f: sha256_file(tmp / f) for f in TENSOR_FILES},  # checked when the directory is loaded
             })
             write_json_atomic(tmp / "quant.json", self.summary())
         return Path(out)
@@ -160,10 +161,27 @@ def model_float_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique_float_tensors(model).values())
 
 
-def load_quantized(qdir: str | Path) -> QuantizedModel:
-    """Rebuild a quantized model from its directory (the model reference must still resolve)."""
+TENSOR_FILES = ("float.safetensors", "layers.safetensors")
+
+
+def _load_tensors(qdir: Path, name: str, recorded: dict) -> dict:
+    """A tensor file of `qdir`, refused in one line when it is not the file model.json recorded (directories written
+    before 2026-12-05 recorded none) or safetensors cannot read it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = qdir / name
+    if name in recorded and sha256_file(path) != recorded[name]:
+        raise EdgeqError(f"quantized model: {path} is not the file model.json recorded (its sha256 differs: damaged or "
+                         "replaced); quantize again")
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise EdgeqError(f"quantized model: {path} cannot be read ({exc}); quantize again") from None
+
+
+def load_quantized(qdir: str | Path) -> QuantizedModel:
+    """Rebuild a quantized model from its directory (the model reference must still resolve)."""
     qdir = Path(qdir)
     for name in ("model.json", "quant.json", "recipe.toml", "float.safetensors", "layers.safetensors"):
         if not (qdir / name).is_file():
@@ -178,7 +196,7 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     model = bundle.module
     if meta.get("untied_head"):
         untie_head(model)
-    tensors = load_file(qdir / "layers.safetensors")
+    tensors = _load_tensors(qdir, "layers.safetensors", meta.get("sha256") or {})
     for entry in summary["layers"]:
         d = LayerDecision.from_dict(entry)
         name = d.name
@@ -194,7 +212,7 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
         else:
             new = QuantConv2d(d, orig, args["qweight"], args["scale"], args["zero_point"], args["act_scale"], args["act_zero_point"])
         set_module(model, name, new)
-    floats = load_file(qdir / "float.safetensors")
+    floats = _load_tensors(qdir, "float.safetensors", meta.get("sha256") or {})
     missing, unexpected = model.load_state_dict(floats, strict=False)
     if unexpected:
         raise EdgeqError(f"quantized model: {qdir}/float.safetensors has tensors the model lacks: {unexpected[:3]}")

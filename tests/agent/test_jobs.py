@@ -12,6 +12,7 @@ import pytest
 from edgeq.agent.client import AgentError
 from edgeq.agent.onnxcheck import check_external_data, external_locations, graph_nodes, kernel_account
 from edgeq.errors import EdgeqError
+from edgeq.fileio import sha256_file
 
 from .conftest import make_onnx, make_qdq_onnx, make_token_onnx, run_job
 
@@ -377,6 +378,7 @@ def test_external_data_outside_job_dir_refused(shared_agent, tmp_path, location,
     bad, weights = _external_with_location(tmp_path, location)
     r = run_job(shared_agent.client(), bad, files=[weights])
     assert r["status"] == "failed" and expect in r["error"]
+    assert r["artifact_sha256"] == sha256_file(bad)  # a failed result names its file, as a measured one does
 
 
 def test_external_data_symlink_refused(tmp_path):
@@ -412,6 +414,7 @@ def test_memory_limit(shared_agent, tmp_path):
 def test_time_limit(shared_agent, tiny_onnx):
     r = run_job(shared_agent.client(), tiny_onnx, {"timeout_s": 1.5, "min_seconds": 60, "max_seconds": 120})
     assert r["status"] == "failed" and "time limit exceeded" in r["error"]
+    assert r["artifact_sha256"] == sha256_file(tiny_onnx)  # also when the runner was killed and wrote nothing
     assert run_job(shared_agent.client(), tiny_onnx)["status"] == "valid"
 
 

@@ -59,6 +59,25 @@ def test_profile_local_stores_results_tied_to_export_json(tmp_path, capsys, tiny
     assert code == 2 and "999" in err
 
 
+def test_a_file_the_board_cannot_run_is_stored_as_failed_beside_the_others(tmp_path, capsys, tiny_onnx):
+    """A job that fails on the board (a damaged file) is a result too: stored as failed, tied to the file that was
+    sent, and the files after it in the run are measured and stored. Before, its result carried no artifact hash, the
+    store refused it, and the command ended on that error with nothing stored."""
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 64)
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(capsys, "profile", str(bad), str(tiny_onnx), "--local", "--db", str(db), "--json", *FAST_ARGS)
+    assert code == 1, err
+    assert [s["status"] for s in json.loads(out)] == ["failed", "valid"]
+    rows = {r.artifact_sha256: r for r in store.list_results(db)}
+    assert rows[sha256_file(bad)].status == "failed" and rows[sha256_file(tiny_onnx)].status == "valid"
+    assert "Flatbuffer" in rows[sha256_file(bad)].result["error"]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_text("hello")  # refused on this host before anything is sent
+    code, _, err = cli(capsys, "profile", str(garbage), "--local", "--db", str(db))
+    assert code == 2 and err.strip() == f"edgeq: error: artifact: {garbage} is not a readable ONNX model (ONNX: unsupported wire type 4)"
+
+
 def test_profile_two_devices_in_parallel_via_devices_file(tmp_path, capsys, agent_factory, tiny_onnx,
                                                           monkeypatch):
     a, b = agent_factory(name="a"), agent_factory(name="b")

@@ -374,3 +374,24 @@ def test_a_qdir_refuses_a_model_whose_definition_changed(tmp_path):
     (qdir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(EdgeqError, match="was made from another definition of 'factories:small_cnn'"):
         load_quantized(qdir)
+
+
+def test_a_damaged_qdir_is_refused_in_one_line(tmp_path):
+    """model.json records each tensor file's sha256: a changed byte is refused before it is used, and a file safetensors
+    cannot read (a directory written before the hashes were recorded) is one line too, not its traceback."""
+    bundle = load_model("factories:small_cnn")
+    qdir = quantize_model(bundle, QuantRecipe.from_dict({"rules": [{"match": ".*", "weight": {"bits": 8}}]})).save(tmp_path / "q")
+    layers = qdir / "layers.safetensors"
+    data = bytearray(layers.read_bytes())
+    data[-1] ^= 1  # one bit of a tensor, the header intact
+    layers.write_bytes(bytes(data))
+    with pytest.raises(EdgeqError, match="layers.safetensors is not the file model.json recorded"):
+        load_quantized(qdir)
+    meta = json.loads((qdir / "model.json").read_text())
+    del meta["sha256"]
+    (qdir / "model.json").write_text(json.dumps(meta))
+    load_quantized(qdir)  # nothing recorded, nothing checked: the bit goes unseen
+    floats = qdir / "float.safetensors"
+    floats.write_bytes(floats.read_bytes()[:20])
+    with pytest.raises(EdgeqError, match=r"float.safetensors cannot be read \(.*\); quantize again"):
+        load_quantized(qdir)
