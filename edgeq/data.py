@@ -108,6 +108,29 @@ def sentences(source: str = "enwiki", count: int = 64, split: str = "evaluation"
     return out
 
 
+def npy_rows(source: str, split: str, count: int, shape: tuple[int | None, ...] | None = None,
+             floating: bool = True) -> np.ndarray:
+    """Up to `count` rows of a .npy array of model-ready inputs (never unpickled), from the given half: calibration
+    reads the first half of the rows, evaluation the second, so they never overlap. `shape`: each row's (None: any
+    size on that axis); `floating`: float rows (returned as float32), else integer ones."""
+    try:
+        arr = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgeqError(f"data: cannot read {source!r} as a .npy array ({str(exc).splitlines()[0]})") from None
+    kind = np.floating if floating else np.integer
+    fits = shape is None or arr.ndim == len(shape) + 1 and all(w in (None, n) for w, n in zip(shape, arr.shape[1:]))
+    if not np.issubdtype(arr.dtype, kind) or not fits:
+        want = f"[N, {', '.join('?' if n is None else str(n) for n in shape)}]" if shape is not None else "rows"
+        raise EdgeqError(f"data: {source!r} holds {arr.dtype} {list(arr.shape)}; this model takes "
+                         f"{'float' if floating else 'integer'} {want} (rows as the model takes them)")
+    half = len(arr) // 2
+    if half == 0:
+        raise EdgeqError(f"data: {source!r} holds {len(arr)} row(s); calibration reads the first half and evaluation "
+                         "the second, so it needs at least 2")
+    rows = (arr[:half] if split == "calibration" else arr[half:])[:count]
+    return np.ascontiguousarray(rows, dtype=np.float32 if floating else None)
+
+
 def images(source: str = "images", count: int = 32, size: int = 224, split: str = "evaluation",
            mean: float = 0.5, std: float = 0.5) -> np.ndarray:
     """Float images [count, 3, size, size], normalised; bundled photos with crops and flips, or a folder."""

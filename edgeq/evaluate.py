@@ -169,7 +169,6 @@ def evaluate(target: str, task: str | None = None, data: str | None = None, coun
 
 def _against_fp32(t: Target, task: str, source: str, count: int | None) -> dict:
     from . import data as datamod
-    from .models import load_model
 
     ref = resolve_target(t.reference)
     if task == "cosine":
@@ -186,8 +185,9 @@ def _against_fp32(t: Target, task: str, source: str, count: int | None) -> dict:
             b = _mean_pool(t.forward(ids, mask), mask)
             cos.append(float(_cosine(a, b)[0]))
         return {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)), "sentences": len(cos)}
-    info = ref.bundle.info
-    imgs = datamod.images(source, count or 32, info.get("image_size", 224), mean=info.get("mean", 0.5), std=info.get("std", 0.5))
+    from .models.inputs import image_inputs
+
+    imgs = image_inputs(ref.bundle, source, count or 32, "evaluation")
     agree, kls = 0, []
     for img in imgs:
         a = ref.forward(img[None]).astype(np.float64)[0]

@@ -17,7 +17,7 @@ PARITY_SAMPLES = 4
 def held_back_inputs(bundle, count: int = PARITY_SAMPLES, seq_len: int = 64) -> list[tuple]:
     """Inputs from the evaluation half of the default data (never seen by calibration), one sample each."""
     from .. import data
-    from ..models.inputs import default_source, encoder_inputs
+    from ..models.inputs import default_source, encoder_inputs, image_inputs
 
     source = default_source(bundle)
     if bundle.kind == "causal-lm":
@@ -26,7 +26,7 @@ def held_back_inputs(bundle, count: int = PARITY_SAMPLES, seq_len: int = 64) -> 
     if bundle.kind == "encoder":
         return [encoder_inputs(bundle, [s]) for s in data.sentences(source, count)]
     if bundle.kind == "image":
-        imgs = torch.from_numpy(data.images(source, count, bundle.info.get("image_size", 224)))
+        imgs = torch.from_numpy(image_inputs(bundle, source, count, "evaluation"))
         return [(imgs[i : i + 1],) for i in range(count)]
     ex = bundle.example_inputs
     gen = torch.Generator().manual_seed(1234)

@@ -26,11 +26,28 @@ def calibration_batches(bundle: ModelBundle, source: str | None, samples: int, s
         texts = data.sentences(source, samples, split="calibration")
         return [encoder_inputs(bundle, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     if bundle.kind == "image":
-        size = bundle.info.get("image_size", 224)
-        imgs = torch.from_numpy(data.images(source, samples, size, split="calibration",
-                                            mean=bundle.info.get("mean", 0.5), std=bundle.info.get("std", 0.5)))
+        imgs = torch.from_numpy(image_inputs(bundle, source, samples, "calibration"))
         return [(imgs[i : i + batch_size],) for i in range(0, len(imgs), batch_size)]
     return generic_batches(bundle, source, samples, batch_size)
+
+
+def image_inputs(bundle: ModelBundle, source: str, count: int, split: str) -> np.ndarray:
+    """Float inputs [count, C, H, W] for an image model, from the given half of `source`: a .npy array's rows as they
+    are (model-ready), or photos cropped, resized and normalised as the model takes them, averaged over the channels
+    for a model that takes other than 3. The shape is the model's example input's (a factory's), else 3 x its
+    `image_size` (224 unless its bundle says)."""
+    from .. import data
+
+    size = bundle.info.get("image_size", 224)
+    shape = tuple(bundle.example_inputs[0].shape[1:]) if bundle.example_inputs else (3, size, size)
+    if source.endswith(".npy"):
+        return data.npy_rows(source, split, count, shape)
+    channels, height, width = shape
+    if height != width:
+        raise EdgeqError(f"data: {bundle.reference!r} takes {height}x{width} images and photos are cropped square; "
+                         "pass a .npy array of its inputs")
+    imgs = data.images(source, count, width, split=split, mean=bundle.info.get("mean", 0.5), std=bundle.info.get("std", 0.5))
+    return imgs if channels == 3 else np.repeat(imgs.mean(axis=1, keepdims=True), channels, axis=1)
 
 
 def encoder_inputs(bundle: ModelBundle, texts: list[str]) -> tuple:
@@ -39,21 +56,13 @@ def encoder_inputs(bundle: ModelBundle, texts: list[str]) -> tuple:
 
 
 def generic_batches(bundle: ModelBundle, source: str | None, samples: int, batch_size: int) -> list[tuple]:
-    """A generic model calibrates on a .npy array of inputs (first input only), or on images for 4-D image inputs."""
+    """A generic model calibrates on the first half of a .npy array of its first input (as many axes as its example
+    input has, any sizes: the example fixes only what an export traces)."""
     if source and source.endswith(".npy"):
-        try:
-            arr = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise EdgeqError(f"data: cannot read {source!r} as a .npy array ({exc})") from None
-        t = torch.from_numpy(arr)[:samples]
-        return [(t[i : i + batch_size],) for i in range(0, len(t), batch_size)]
-    if bundle.example_inputs and bundle.example_inputs[0].dim() == 4 and source:
         from .. import data
 
-        ex = bundle.example_inputs[0]
-        imgs = data.images(source, samples, ex.shape[-1], split="calibration")
-        imgs = torch.from_numpy(imgs)
-        if ex.shape[1] != 3:
-            imgs = imgs.mean(dim=1, keepdim=True).expand(-1, ex.shape[1], -1, -1)
-        return [(imgs[i : i + batch_size].contiguous(),) for i in range(0, len(imgs), batch_size)]
+        ex = bundle.example_inputs[0] if bundle.example_inputs else None
+        shape, floating = (None, True) if ex is None else ((None,) * (ex.dim() - 1), ex.is_floating_point())
+        t = torch.from_numpy(data.npy_rows(source, "calibration", samples, shape, floating))
+        return [(t[i : i + batch_size],) for i in range(0, len(t), batch_size)]
     raise EdgeqError(f"data: model {bundle.reference!r} is a generic module; pass --calib FILE.npy with a batch of its inputs")
