@@ -21,6 +21,29 @@ from .profile import Runtime, TargetProfile, Verdict, load_profile
 from .uses import CANDIDATE_GROUP_SIZES, OpUse, recipe_name
 
 _ORDER = {"unsupported": 0, "fallback": 1, "native": 2}
+_CLASS_ATTR = re.compile(r"^_*[A-Z][A-Za-z0-9]*(?:_(.+))?$")  # a converter's scope: ModuleClass_attribute
+
+
+def short_node(name: str) -> str:
+    """A node name as `render` prints it. litert-torch names an op `SUBGRAPH:INDEX:` and, for each source op fused into
+    it, `SCOPES;N`, each scope a module's qualified class and attribute (`0:6:pkg._Encoder/transformers.models.bert.
+    modeling_bert.BertModel_m/...BertEmbeddings_embeddings/..._LayerNorm_LayerNorm;4`); printed, those are module paths
+    (`0:6:m.embeddings.LayerNorm`, fused ones joined by " + "). Other names (edgeq's `edgeq/LAYER` labels, ONNX's
+    `/model/layers.0/...`) print as they are; the JSON keeps every name whole."""
+    prefix = re.match(r"^(\d+:\d+:)?", name).group(0)
+    paths: list[str] = []
+    for entry in re.findall(r"([^;]+)(?:;\d*|$)", name[len(prefix):]):
+        parts, changed = [], False
+        for scope in entry.split("/"):
+            found = _CLASS_ATTR.match(scope.rpartition(".")[2]) if "." in scope else None
+            changed |= found is not None
+            if found is None or found.group(1):
+                parts.append(scope if found is None else found.group(1))
+        if not changed or not parts:
+            return name
+        if ".".join(parts) not in paths:
+            paths.append(".".join(parts))
+    return prefix + " + ".join(paths) if paths else name
 
 
 @dataclass
@@ -74,7 +97,7 @@ class CheckReport:
         width = max((len(r.op) for r in self.rows), default=2)
         swidth = max((len(r.signature) for r in self.rows), default=2)
         for r in self.rows:
-            nodes = ", ".join(r.nodes[:max_nodes]) + (f", +{len(r.nodes) - max_nodes}" if len(r.nodes) > max_nodes else "")
+            nodes = ", ".join(map(short_node, r.nodes[:max_nodes])) + (f", +{len(r.nodes) - max_nodes}" if len(r.nodes) > max_nodes else "")
             line = f"  {r.verdict.support:<11} {r.op:<{width}}  {r.signature:<{swidth}}  x{r.count:<4}"
             if r.verdict.support == "native":
                 line += f" {r.verdict.kernel}".rstrip()

@@ -374,3 +374,28 @@ def test_qdq_gemm_bias_forms(tmp_path, monkeypatch, bias):
     assert (("DequantizeLinear", "act=none w=int32/channel") in trt) == (bias != "float"), trt
     if bias != "float":
         assert trt[("DequantizeLinear", "act=none w=int32/channel")][0] == "unsupported"
+
+
+LITERT_NAMES = [  # as litert-torch 0.10 names ops of MiniLM-L6's TFLite file (a fused op lists each source op)
+    "0:6:edgeq.export.tflite_render._Encoder/transformers.models.bert.modeling_bert.BertModel_m/transformers.models.bert."
+    "modeling_bert.BertEmbeddings_embeddings/edgeq.export.tflite_render._UnfoldableLayerNorm_LayerNorm;4",
+    "0:9:edgeq.export.tflite_render._Encoder/transformers.models.bert.modeling_bert.BertModel_m/transformers.models.bert."
+    "modeling_bert.BertEmbeddings_embeddings/edgeq.export.tflite_render._UnfoldableLayerNorm_LayerNorm;;edgeq.export."
+    "tflite_render._Encoder/transformers.models.bert.modeling_bert.BertModel_m/transformers.models.bert.modeling_bert."
+    "BertEmbeddings_embeddings;",
+]
+
+
+def test_printed_node_names_are_module_paths(tflite_fixture, profile_dir):
+    """`edgeq check` prints a converter's op name as the module path it came from (MiniLM-L6's check was 15 KB of
+    qualified class names for a file that ran natively); the JSON keeps the names whole, and names that are not
+    scopes (edgeq's layer labels, ONNX's) print as they are."""
+    from edgeq.targets.check import short_node
+
+    assert [short_node(n) for n in LITERT_NAMES] == ["0:6:m.embeddings.LayerNorm", "0:9:m.embeddings.LayerNorm + m.embeddings"]
+    for name in ("0:21:edgeq/encoder.layer.0.attention.self.query_dequant", "/model/layers.0/self_attn/q_proj/MatMul", "fc1"):
+        assert short_node(name) == name
+    report = check(tflite_fixture["wi8"], "testboard")
+    report.rows[0].nodes = LITERT_NAMES
+    assert "0:6:m.embeddings.LayerNorm, 0:9:m.embeddings.LayerNorm + m.embeddings" in report.render()
+    assert "BertModel_m" not in report.render() and report.to_dict()["ops"][0]["nodes"] == LITERT_NAMES
