@@ -212,6 +212,27 @@ def resolve_db_path(db: str | os.PathLike | None = None) -> Path:
     return default_db_path()
 
 
+def check_db(db_path: str | os.PathLike | None) -> None:
+    """Before a run whose result goes to `db_path`: an existing file there must be a results database this edgeq can
+    write, so no board time (or evaluation) is spent on a result that could not be stored. Opened read-only, nothing
+    is changed; a missing database is created when the first result is stored."""
+    path = resolve_db_path(db_path)
+    if not path.exists():
+        return
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise EdgeqError(f"db: {path}: {exc}") from None
+    if version > SCHEMA_VERSION:
+        raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
+    if not os.access(path, os.W_OK):
+        raise EdgeqError(f"db: {path} cannot be written by this user")
+
+
 def _create_sql(table: str, columns: dict[str, str]) -> str:
     cols = ", ".join(f"{k} {v}" for k, v in columns.items())
     return f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, {cols})"

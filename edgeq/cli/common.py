@@ -34,6 +34,15 @@ def check_new_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def check_results_db(db: str | Path | None) -> None:
+    """The results database a command will store into (None: $EDGEQ_DB or the default) can take the result: checked
+    before the work, which a database that cannot be written would otherwise lose."""
+    from ..store import check_db, resolve_db_path
+
+    check_writable_parent(resolve_db_path(db), "--db")
+    check_db(db)
+
+
 def check_writable_parent(path: str | Path, what: str = "output") -> None:
     """The nearest existing ancestor of `path` must be a directory this process can create entries in (the
     directories between are made when the output is written); `what` names the option in the error."""

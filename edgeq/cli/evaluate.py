@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_writable_parent, emit_json, json_option
+from .common import check_results_db, emit_json, json_option
 
 
 @click.command("eval")
@@ -21,7 +21,7 @@ def eval_cmd(target, task, data, count, seq_len, threads, db, as_json):
     from ..evaluate import evaluate
 
     if db:
-        check_writable_parent(db, "--db")
+        check_results_db(db)
     result = evaluate(target, task=task, data=data, count=count, seq_len=seq_len, threads=threads)
     if db:
         from ..store import record_eval_result

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import EdgeqError
-from .common import check_writable_parent
+from .common import check_results_db
 
 
 def _progress_printer():
@@ -47,7 +47,6 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
     """Profile ARTIFACTS (.onnx / .tflite) on boards in parallel; results go to the database."""
     from ..agent import host
     from ..agent.protocol import check_config
-    from ..store import resolve_db_path
 
     if bool(devices) == bool(local):
         raise EdgeqError("profile: give either --device (one or more) or --local")
@@ -59,7 +58,7 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
         raise EdgeqError("profile: --signature applies to .tflite files (an ONNX decode step is its own FILE.decode.onnx)")
     if weight_cache and any(not str(a).endswith(".tflite") for a in artifacts):
         raise EdgeqError("profile: --weight-cache applies to .tflite files (XNNPACK's weight cache in LiteRT)")
-    check_writable_parent(resolve_db_path(db), "--db")  # before any board spends time on a run that could not be stored
+    check_results_db(db)  # before any board spends time on a run that could not be stored
     config = check_config({"runs": runs, "min_seconds": min_seconds, "threads": threads, "dims": dim_map,
                            "max_seconds": max(60.0, min_seconds * 4), "signature": signature,
                            "weight_cache": weight_cache})

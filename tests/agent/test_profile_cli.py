@@ -78,6 +78,18 @@ def test_a_file_the_board_cannot_run_is_stored_as_failed_beside_the_others(tmp_p
     assert code == 2 and err.strip() == f"edgeq: error: artifact: {garbage} is not a readable ONNX model (ONNX: unsupported wire type 4)"
 
 
+def test_a_database_that_cannot_take_the_result_is_refused_before_the_run(tmp_path, capsys, tiny_onnx):
+    """`--db` naming a file that is not a results database ends the command before any board time is spent (the run
+    used to finish first, and its result was lost when it could not be stored); the file is left as it was."""
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database")
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(bad), *FAST_ARGS)
+    assert code == 2 and err == f"edgeq: error: db: {bad}: file is not a database\n" and not out
+    code, out, err = cli(capsys, "eval", str(tiny_onnx), "--db", str(bad))
+    assert code == 2 and err == f"edgeq: error: db: {bad}: file is not a database\n" and not out
+    assert bad.read_text() == "not a database"
+
+
 def test_profile_two_devices_in_parallel_via_devices_file(tmp_path, capsys, agent_factory, tiny_onnx,
                                                           monkeypatch):
     a, b = agent_factory(name="a"), agent_factory(name="b")
