@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..console import progress_shown
 from .common import check_new_output, emit_json, json_option
 
 
@@ -56,7 +57,7 @@ def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, ba
                        grad_checkpoint=not no_grad_checkpoint, threads=threads)
     ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
     start = time.perf_counter()
-    qm = run_qat(config, output, ckpt, checkpoint_every, resume, progress=not as_json, overwrite=overwrite)
+    qm = run_qat(config, output, ckpt, checkpoint_every, resume, progress=progress_shown(), overwrite=overwrite)
     rec = qm.extra["qat"]
     result = {"output": str(output), "method": method, "recipe": qm.recipe.name, "steps": rec["steps_done"],
               "eval_loss_start": rec["eval_loss_start"], "eval_loss_end": rec["eval_loss_end"],
