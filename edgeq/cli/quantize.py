@@ -58,6 +58,10 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, embed
         "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"],
         "size_reduction": summary["size_reduction"], "seconds": round(time.perf_counter() - start, 2),
     }
+    for idle in qm.extra.get("rules_matching_no_layer", []):
+        click.echo(f"edgeq: note: recipe {summary['recipe']!r} rule {idle['rule']} (match \"{idle['match']}\") decides no layer "
+                   f"of {summary['model']!r}: the layers it was written for are named otherwise here, or an earlier rule "
+                   "takes them", err=True)
     if as_json:
         emit_json(result)
     else:

@@ -262,6 +262,11 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if fuse:
         buf, fused = fuse_siblings(buf)
     fuse_s = time.perf_counter() - t0
+    biases_16x8 = None
+    if variant in FULL_INTEGER:
+        from .tflite_quant import int32_biases_16x8
+
+        buf, biases_16x8 = int32_biases_16x8(buf)
 
     check = None
     if layers and variant != "fp32":
@@ -363,6 +368,8 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if wide and variant == "int8":
         extra["int16x8_layers"] = {"layers": wide, "note": "the recipe's 16-bit layers: int16 activations in and out, int8 weights, "
                                                            "on LiteRT's built-in kernels (XNNPACK runs the int8 layers)"}
+    if biases_16x8 is not None:
+        extra["biases_16x8"] = biases_16x8  # `tflite_quant.int32_biases_16x8`: which 16x8 kernel LiteRT runs
     try:
         return write_export_meta(out, fmt="tflite", variant=variant, model=b.reference,
                                  qdir=source if qm is not None else None, recipe=qm.recipe.name if qm is not None else None,

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import torch
 
-FC2 = r"(down_proj|fc2)$"
+# FC2, the MLP's second linear (the down-projection), as the families edgeq checks name it: Llama / Mistral / Qwen /
+# Gemma / Phi-3 `down_proj`, OPT / Phi `fc2`, GPT-2 `mlp.c_proj`, GPT-NeoX / Falcon `dense_4h_to_h`, BERT / RoBERTa /
+# ELECTRA / MPNet / DeBERTa-v2 `layer.N.output.dense` (not `attention.output.dense`), DistilBERT `ffn.lin2`, ALBERT
+# `ffn_output`, ModernBERT `mlp.Wo`. The presets w8a8-static-fc2a16 and w4a4-fc2a8 name the same layers.
+FC2 = r"(down_proj|fc2|mlp\.c_proj|dense_4h_to_h|layer\.\d+\.output\.dense|ffn\.lin2|ffn_output|mlp\.Wo)$"
 
 
 def _recipe(name: str, w_bits: int | None, a_bits: int | None, group_size: int | None, fc2_bits: int | None = None):
