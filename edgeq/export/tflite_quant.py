@@ -245,7 +245,7 @@ def int32_biases_16x8(buf: bytes) -> tuple[bytes, dict | None]:
     s = schema()
     model_t = read_model(buf)
     names = op_names(model_t)
-    found: dict[int, list] = {}  # bias buffer -> [(subgraph, bias tensor)]
+    found: dict[int, list] = {}  # bias buffer -> the bias tensors reading it (one per signature)
     bounds: dict[str, float] = {}
     kept, unbiased = [], []
     for sg in model_t.subgraphs:
