@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import EdgeqError, choice_error
 
@@ -314,6 +314,14 @@ class QuantRecipe:
             if self.head_activation.quantized:
                 out["embedding"]["head_activation"] = _drop_none(head_activation)
         return out
+
+    def idle_rules(self, deciding: Iterable[Rule]) -> list[dict]:
+        """The quantizing rules not among `deciding` (the rules `rule_for` gave a model's layers): their pattern names
+        none of its layers, or an earlier rule takes every layer it names. A preset written for other module names
+        then quantizes those layers by a later rule, which the user should know (`w8a8-static-fc2a16`'s 16-bit FC2
+        rule once named no BERT layer)."""
+        used = {id(rule) for rule in deciding}
+        return [{"rule": i, "match": r.match} for i, r in enumerate(self.rules) if not r.skip and id(r) not in used]
 
     def rule_for(self, module_name: str, kinds: tuple[str, ...] = ("linear",)) -> Rule | None:
         """The first rule matching `module_name` and, where the rule names kinds, one of the layer's `kinds`

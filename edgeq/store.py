@@ -222,15 +222,19 @@ def check_db(db_path: str | os.PathLike | None) -> None:
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            _check_version(conn, path)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise EdgeqError(f"db: {path}: {exc}") from None
-    if version > SCHEMA_VERSION:
-        raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
     if not os.access(path, os.W_OK):
         raise EdgeqError(f"db: {path} cannot be written by this user")
+
+
+def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
 
 
 def _create_sql(table: str, columns: dict[str, str]) -> str:
@@ -247,9 +251,7 @@ def _connect(db_path: str | os.PathLike | None) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as exc:
         raise EdgeqError(f"db: cannot open {path}: {exc}") from exc
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
+        _check_version(conn, path)
         with conn:
             conn.execute(_create_sql("results", _RESULT_COLUMNS))
             conn.execute(_create_sql("evals", _EVAL_COLUMNS))

@@ -57,14 +57,6 @@ def plan(model: torch.nn.Module, recipe: QuantRecipe) -> dict[str, tuple[str, Ru
     return out
 
 
-def unmatched_rules(recipe: QuantRecipe, targets: dict[str, tuple[str, Rule]]) -> list[dict]:
-    """The recipe's quantizing rules that decide no layer of this model (their pattern names none, or an earlier rule
-    takes every layer it names): a preset written for other module names quantizes such layers by a later rule, which
-    the user should know (`w8a8-static-fc2a16`'s 16-bit FC2 rule once named no BERT layer)."""
-    used = {id(rule) for _, rule in targets.values()}
-    return [{"rule": i, "match": r.match} for i, r in enumerate(recipe.rules) if not r.skip and id(r) not in used]
-
-
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
     """The ModuleList of repeated blocks holding the most parameters, if any."""
     best = None
@@ -112,7 +104,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
             for name, (kind, rule) in _progress(list(targets.items()), progress, "quantize"):
                 _replace(model, name, kind, rule, LayerStats(), recipe)
     extra = {"smoothed_layers": len(smoothed), "smoothing_alpha": recipe.smoothing} if smoothed else {}
-    idle = unmatched_rules(recipe, targets)
+    idle = recipe.idle_rules([rule for _, rule in targets.values()])
     if idle:
         extra["rules_matching_no_layer"] = idle
     if hessian_kinds:
