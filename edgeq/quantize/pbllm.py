@@ -116,15 +116,17 @@ def pb_gptq(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, scale: torch.T
     return (Q, L) if latent else Q
 
 
-def _check_rule(rule) -> None:
+def _check_rule(rule, method: str) -> None:
     spec = rule.weight
     if spec.bits != 8 or not spec.symmetric or spec.granularity != "channel":
-        raise EdgeqError(f"method {rule.method!r}: the rule's weight must be the stored form "
-                         "{ bits = 8, symmetric = true, granularity = 'channel' } (PB-LLM rows are INT8 per-channel rows)")
+        form = f"{'' if spec.symmetric else 'a'}symmetric {spec.bits}-bit {spec.granularity}"
+        raise EdgeqError(f"method {method!r}: the rule matching {rule.match!r} stores {form} weights; PB-LLM needs "
+                         "weight = { bits = 8, symmetric = true, granularity = 'channel' } (its rows are INT8 "
+                         "per-channel rows; the pb-llm preset has it)")
 
 
 def _pb(weight: torch.Tensor, rule, stats: LayerStats, recipe, gptq: bool):
-    _check_rule(rule)
+    _check_rule(rule, rule.method)
     opts = recipe.pbllm
     w = weight.detach().float()
     mask = salient_mask(w, opts.salient_fraction, opts.criterion, stats.hessian, opts.damp)
@@ -201,7 +203,7 @@ class PBLLMQATLinear(QATLayer):
 
     def __init__(self, name, linear, rule, act_qparams=None, options=None):
         super().__init__(name, linear, rule, act_qparams)
-        _check_rule(rule)
+        _check_rule(rule, self.method)
         options = options or {}
         w = linear.weight.detach().float()
         damp = float(options.get("damp", 0.01))

@@ -127,7 +127,7 @@ def build(config: QATConfig):
     torch.manual_seed(config.seed)
     bundle = load_model(config.model)
     if not bundle.is_lm:
-        raise EdgeqError(f"qat: {config.model!r} is a {bundle.kind} model; edgeq qat trains causal LMs")
+        raise EdgeqError(f"qat: {config.model!r} is not a causal LM (it loads as {bundle.kind!r}); edgeq qat trains causal LMs")
     recipe = load_recipe(config.recipe)
     from . import lrqat, pbllm  # noqa: F401
 

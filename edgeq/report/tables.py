@@ -236,13 +236,17 @@ def summary_table(doc: dict) -> Table:
                 ", significant" if r["latency_significant"] else ", not significant")
             lat = pct(r["latency_reduction"], "missing latency") + sig
             en = pct(r["energy_reduction"]) if r["energy_reduction"] is not None else t.nm(r["energy_note"])
-        t.rows.append([r["model"], r["device"], r["bits"], r["label"], f"#{r['id']} vs #{r['baseline_id']}",
+        t.rows.append([r["model"], r["device"], r["bits"], r["label"], _versus(r),
                        pct(r["size_reduction"], "no FP32 file"), pct(r["weights_size_reduction"], "no quant.json"),
                        qd, lat + (" (forced)" if r["forced"] else ""), en])
     if not doc["summary"]:
         t.notes.append("No INT8 or INT4 runs in the database for these filters.")
     t.notes.append("Reductions are 1 - variant / FP32: positive means smaller, faster or less energy.")
     return t
+
+
+def _versus(r: dict) -> str:
+    return f"#{r['id']} vs " + ("no FP32 run" if r["baseline_id"] is None else f"#{r['baseline_id']}")
 
 
 def flagged_table(doc: dict) -> Table:

@@ -28,22 +28,26 @@ def short_node(name: str) -> str:
     """A node name as `render` prints it. litert-torch names an op `SUBGRAPH:INDEX:` and, for each source op fused into
     it, `SCOPES;N`, each scope a module's qualified class and attribute (`0:6:pkg._Encoder/transformers.models.bert.
     modeling_bert.BertModel_m/...BertEmbeddings_embeddings/..._LayerNorm_LayerNorm;4`); printed, those are module paths
-    (`0:6:m.embeddings.LayerNorm`, fused ones joined by " + "). Other names (edgeq's `edgeq/LAYER` labels, ONNX's
+    (`0:6:m.embeddings.LayerNorm`, fused ones joined by " + "; an op of the top module alone is its class, `KVDecode`;
+    ai-edge-quantizer's `_quantized` suffix stays). Other names (edgeq's `edgeq/LAYER` labels, ONNX's
     `/model/layers.0/...`) print as they are; the JSON keeps every name whole."""
     prefix = re.match(r"^(\d+:\d+:)?", name).group(0)
+    tail = re.search(r";\d*(_[a-z]+)$", name)  # a suffix after the last scope: ai-edge-quantizer's `_quantized`
+    suffix = tail.group(1) if tail else ""
     paths: list[str] = []
-    for entry in re.findall(r"([^;]+)(?:;\d*|$)", name[len(prefix):]):
+    for entry in re.findall(r"([^;]+)(?:;\d*|$)", name[len(prefix):len(name) - len(suffix)]):
         parts, changed = [], False
         for scope in entry.split("/"):
             found = _CLASS_ATTR.match(scope.rpartition(".")[2]) if "." in scope else None
             changed |= found is not None
             if found is None or found.group(1):
                 parts.append(scope if found is None else found.group(1))
-        if not changed or not parts:
+        if not changed:
             return name
-        if ".".join(parts) not in paths:
-            paths.append(".".join(parts))
-    return prefix + " + ".join(paths) if paths else name
+        path = ".".join(parts) or entry.rpartition(".")[2]  # an op of the wrapper itself: its class
+        if path not in paths:
+            paths.append(path)
+    return prefix + " + ".join(paths) + suffix if paths else name
 
 
 @dataclass

@@ -25,6 +25,9 @@ def _run(capsys, *argv):
     (["export", "tiny-llama", "--format", "onnx", "--fuse"], "--fuse applies to --format tflite"),
     (["export", "tiny-llama", "--format", "tflite", "--output-grids"], "--output-grids applies to --format onnx"),
     (["export", "tiny-llama", "--format", "onnx", "--calib-samples", "4"], "or to onnx with --output-grids"),
+    (["qat", "factories:small_cnn", "--recipe", "w4a16", "--steps", "1"], "is not a causal LM (it loads as 'image')"),
+    (["qat", "tiny-llama", "--recipe", "w4-g64-litert", "--method", "pb-llm", "--steps", "1", "--seq-len", "32"],
+     "method 'pb-llm': the rule matching '.*' stores symmetric 4-bit group weights"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tmp_path, tiny_llama_ref):
     out = tmp_path / "qdir"

@@ -261,3 +261,14 @@ def test_empty_database_gives_an_empty_report(tmp_path):
 
     assert "No runs in the database match the filters" in to_html(doc)
     assert "No INT8 or INT4 runs" in to_markdown(doc)
+
+
+def test_summary_without_an_fp32_run_says_so(tmp_path):
+    db = tmp_path / "int8-only.sqlite"
+    rid = _add(db, "int8", "pi5", 5.0, (4.9, 5.1), 20.0)
+    from edgeq.report.render import to_markdown
+
+    (row,) = build_report(db)["summary"]
+    assert row["baseline_id"] is None and row["excluded"]
+    text = to_markdown(build_report(db))
+    assert f"#{rid} vs no FP32 run" in text and "#None" not in text

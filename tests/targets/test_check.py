@@ -383,6 +383,11 @@ LITERT_NAMES = [  # as litert-torch 0.10 names ops of MiniLM-L6's TFLite file (a
     "modeling_bert.BertEmbeddings_embeddings/edgeq.export.tflite_render._UnfoldableLayerNorm_LayerNorm;;edgeq.export."
     "tflite_render._Encoder/transformers.models.bert.modeling_bert.BertModel_m/transformers.models.bert.modeling_bert."
     "BertEmbeddings_embeddings;",
+    # ... and tiny-llama's full-integer one: an activation ai-edge-quantizer quantizes, an op of the decode wrapper
+    "0:11:edgeq.export.tflite_decode.KVPrefill/transformers.models.llama.modeling_llama.LlamaForCausalLM_model/"
+    "transformers.models.llama.modeling_llama.LlamaModel_model/transformers.models.llama.modeling_llama."
+    "LlamaDecoderLayer_0/edgeq.export.tflite_render._UnfoldableRMSNorm_input_layernorm;6_quantized",
+    "1:49:edgeq.export.tflite_decode.KVDecode;25",
 ]
 
 
@@ -392,7 +397,8 @@ def test_printed_node_names_are_module_paths(tflite_fixture, profile_dir):
     scopes (edgeq's layer labels, ONNX's) print as they are."""
     from edgeq.targets.check import short_node
 
-    assert [short_node(n) for n in LITERT_NAMES] == ["0:6:m.embeddings.LayerNorm", "0:9:m.embeddings.LayerNorm + m.embeddings"]
+    assert [short_node(n) for n in LITERT_NAMES] == ["0:6:m.embeddings.LayerNorm", "0:9:m.embeddings.LayerNorm + m.embeddings",
+                                                     "0:11:model.model.0.input_layernorm_quantized", "1:49:KVDecode"]
     for name in ("0:21:edgeq/encoder.layer.0.attention.self.query_dequant", "/model/layers.0/self_attn/q_proj/MatMul", "fc1"):
         assert short_node(name) == name
     report = check(tflite_fixture["wi8"], "testboard")
