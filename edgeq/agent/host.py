@@ -166,6 +166,15 @@ def bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(path, sha256_file(path), tuple(files), export_meta(path))
 
 
+def check_signature(b: Bundle, signature: str | None) -> None:
+    """Refuse a signature the file's own FILE.json (written for these bytes) does not list, before any board spends a
+    job on a typo; without that metadata the board's runtime judges."""
+    meta = b.meta or {}
+    known = meta.get("signatures")
+    if signature is not None and known and meta.get("sha256") == b.sha256 and signature not in known:
+        raise EdgeqError(f"--signature: {signature!r} is not a signature of {b.path.name} (it has: {', '.join(sorted(known))})")
+
+
 ProgressFn = Callable[[str, str, dict], None]
 
 
@@ -206,6 +215,8 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
     from .. import store
 
     bundles = [bundle(a) for a in artifacts]
+    for b in bundles:
+        check_signature(b, config.get("signature"))
     clients = {d.name: d.client((tokens or {}).get(d.name), timeout=timeout_s) for d in devices}
     lock = threading.Lock()
     summaries: list[dict] = []

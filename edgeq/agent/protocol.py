@@ -105,7 +105,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_DIMS = {"batch": 1, "sequence": 64}
 
-_NUMERIC_LIMITS = {
+NUMERIC_LIMITS = {
     "runs": (1, 1_000_000), "min_seconds": (0.0, 3600.0), "max_seconds": (0.001, 86400.0),
     "warmup_min": (0, 100_000), "warmup_max": (0, 1_000_000), "warmup_tolerance": (0.0, 10.0),
     "threads": (1, 1024), "seed": (0, 2**32 - 1), "timeout_s": (1.0, 86400.0),
@@ -176,7 +176,7 @@ def check_config(config: Any) -> dict:
         raise ProtocolError(f"config: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_DEFAULTS)}")
     out = dict(CONFIG_DEFAULTS)
     out.update(config)
-    for key, (lo, hi) in _NUMERIC_LIMITS.items():
+    for key, (lo, hi) in NUMERIC_LIMITS.items():
         value = out[key]
         if value is None and CONFIG_DEFAULTS[key] is None:
             continue

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..agent.protocol import NUMERIC_LIMITS
 from ..errors import EdgeqError
 from .common import check_results_db
 
@@ -31,9 +32,9 @@ def _progress_printer():
 @click.option("--local", is_flag=True, help="Start an agent on 127.0.0.1 with a fresh token and use it.")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False), help="Bearer token for URL devices.")
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="Devices TOML (default: user config dir).")
-@click.option("--runs", type=int, default=50, show_default=True, help="Minimum timed runs.")
-@click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Minimum timed duration.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Runtime threads.")
+@click.option("--runs", type=click.IntRange(*NUMERIC_LIMITS["runs"]), default=50, show_default=True, help="Minimum timed runs.")
+@click.option("--min-seconds", type=click.FloatRange(*NUMERIC_LIMITS["min_seconds"]), default=1.0, show_default=True, help="Minimum timed duration.")
+@click.option("--threads", type=click.IntRange(*NUMERIC_LIMITS["threads"]), default=1, show_default=True, help="Runtime threads.")
 @click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128; slots=64: the cache "
               "slots a TFLite decode step holds, with --signature decode).")
 @click.option("--signature", default=None, help="TFLite: the signature to time, e.g. decode (a decoder LM's KV-cache step).")

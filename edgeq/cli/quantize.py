@@ -34,15 +34,17 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, embed
     check_new_output(output, overwrite)
     start = time.perf_counter()
     if recipe == "auto":
-        from ..quantize.mixed import quantize_auto
-
-        from ..quantize.mixed import MixedOptions
+        from ..quantize.mixed import MixedOptions, quantize_auto
 
         qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, bits=bits,
                           options=MixedOptions(embedding_bits=embedding_bits), progress=progress)
     else:
         if embedding_bits is not None:
             raise EdgeqError("--embedding-bits is for --recipe auto; a recipe file sets its own [embedding] table")
+        given = [flag for flag, value in (("--target", target), ("--budget", budget), ("--bits", bits)) if value is not None]
+        if given:
+            raise EdgeqError(f"{given[0]} applies to --recipe auto; recipe {recipe!r} sets every layer's bits itself "
+                             "(check a file against a board with `edgeq check QDIR --target NAME`)")
         rec = load_recipe(recipe)
         bundle = load_model(model)
         batches = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -167,6 +168,24 @@ def test_profile_weight_cache_is_its_own_runtime(tmp_path, capsys, two_signature
         assert code == 0, err
     runtimes = sorted(r.runtime for r in store.list_results(db))
     assert runtimes == ["litert", "litert-compiledmodel"]
+
+
+def test_unknown_signature_is_refused_before_any_job(tmp_path, capsys, two_signature_tflite):
+    """A --signature the file's FILE.json does not list stops the run in one line, before a board spends a job on the
+    typo and the database gets a failed row; FILE.json written for other bytes is not trusted (the board judges)."""
+    art = tmp_path / "two.tflite"
+    art.write_bytes(two_signature_tflite.read_bytes())
+    meta = {"format": "tflite", "sha256": sha256_file(art), "signatures": {"serving_default": {}, "decode": {}}}
+    write_json_atomic(art.with_name(art.name + ".json"), meta)
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(capsys, "profile", str(art), "--local", "--db", str(db), "--signature", "decoder", *FAST_ARGS)
+    assert code == 2 and err.strip() == ("edgeq: error: --signature: 'decoder' is not a signature of two.tflite "
+                                         "(it has: decode, serving_default)")
+    assert store.list_results(db) == []
+    other_bytes = dataclasses.replace(host.bundle(art), sha256="0" * 64)
+    host.check_signature(other_bytes, "decoder")  # no error: the metadata describes some other file
+    code, _, err = cli(capsys, "profile", str(art), "--local", "--runs", "0")
+    assert code == 2 and "'--runs': 0 is not in the range 1<=x<=1000000" in err
 
 
 def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):

@@ -18,6 +18,8 @@ def _run(capsys, *argv):
     (["quantize", "factories:not_a_module", "--recipe", "w8"], "not a torch.nn.Module"),
     (["quantize", "nosuchpkg.mod:make", "--recipe", "w8"], "cannot import 'nosuchpkg.mod'"),
     (["quantize", "tiny-llama", "--recipe", "w4-g128", "--calib", "/no/such/file.txt"], "is not a built-in corpus"),
+    (["quantize", "tiny-llama", "--recipe", "w8", "--budget", "25%"], "--budget applies to --recipe auto"),
+    (["quantize", "tiny-llama", "--recipe", "w8", "--target", "rpi5"], "--target applies to --recipe auto"),
     (["export", "tiny-llama", "--format", "onnx", "--cache-len", "8"], "--cache-len applies to --format tflite"),
     (["export", "tiny-llama", "--format", "tflite", "--accuracy-level", "4"], "--accuracy-level applies to --format onnx"),
     (["export", "tiny-llama", "--format", "tflite", "--int8-weights", "int8"], "--int8-weights applies to --format onnx"),
