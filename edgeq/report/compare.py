@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from .gather import Column
+from .gather import Column, describe_setting
 
 SIGNIFICANCE_METHOD = ("two medians differ significantly when their 95% confidence intervals do not "
                        "overlap (the agent's distribution-free order-statistic CI of each median); "
@@ -111,15 +111,15 @@ def ratios_vs_fp32(col: Column, base: Column | None, force: bool) -> dict[str, A
 
 
 def quality_delta(col: Column, ref) -> dict[str, Any]:
-    """value - FP32 value (and relative %) when both are measured on the same task and data."""
+    """value - FP32 value (and relative %) when both are measured the same way (task, data, windows, count)."""
     q = col.quality
     if q is None or q.value is None:
         return {"delta": None, "delta_pct": None, "note": "not measured: no evaluation of this file's sha256"}
     if ref is None or ref.value is None:
         return {"delta": None, "delta_pct": None, "note": "no FP32 quality to compare with"}
-    if (q.task, q.data) != (ref.task, ref.data):
-        return {"delta": None, "delta_pct": None,
-                "note": f"FP32 was evaluated on {ref.task}/{ref.data}, this file on {q.task}/{q.data}"}
+    if q.setting != ref.setting:
+        return {"delta": None, "delta_pct": None, "note": f"not comparable: FP32 was evaluated as "
+                f"{describe_setting(ref.setting)}, this file as {describe_setting(q.setting)}"}
     d = q.value - ref.value
     return {"delta": d, "delta_pct": None if ref.value == 0 else 100.0 * d / abs(ref.value), "note": None}
 

@@ -53,7 +53,7 @@ def _size(col: Column, fp32_file: Column | None) -> dict[str, Any]:
     return out
 
 
-def _column_doc(col: Column, columns: list[Column], ref_quality, force: bool) -> dict[str, Any]:
+def _column_doc(col: Column, columns: list[Column], g: Gathered, force: bool) -> dict[str, Any]:
     r = col.result
     fp32_files = [c for c in columns if c.is_fp32 and c.model == col.model and c.fmt == col.fmt]
     base = cmp.baseline_for(col, columns)
@@ -62,6 +62,7 @@ def _column_doc(col: Column, columns: list[Column], ref_quality, force: bool) ->
         "energy_ratio": None, "energy_net_ratio": None, "flags": cmp.invalid_flags(col), "excluded": None,
         "forced": False}
     quality = col.quality.to_dict() if col.quality else None
+    ref_quality, _ = reference_quality(g, col.model, col.fmt, col.quality.setting if col.quality else None)
     return {
         "id": r.id, "created": r.created, "device": r.device, "model": col.model, "variant": col.variant,
         "label": col.label, "format": col.fmt, "bits": col.bits, "bits_source": col.bits_source,
@@ -188,7 +189,7 @@ def build_report(db: str | os.PathLike | None = None, *, model: str | None = Non
         cols = [c for c in g.columns if c.model == name]
         fmts = sorted({c.fmt for c in cols})
         ref_q, ref_note = reference_quality(g, name, fmts[0] if fmts else "")
-        docs = [_column_doc(c, cols, ref_q, force) for c in cols]
+        docs = [_column_doc(c, cols, g, force) for c in cols]
         models.append({"model": name, "fp32_quality": ref_q.to_dict() if ref_q else None,
                        "fp32_quality_source": ref_note, "columns": docs, "pareto": _pareto(docs, force),
                        "bit_allocation": _bit_allocation(cols), "parity": _parity(cols)})

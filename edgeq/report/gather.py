@@ -40,6 +40,7 @@ class Quality:
     higher_is_better: bool
     data: str | None
     metrics: dict
+    setting: dict  # how it was measured (`eval_setting`): two qualities are compared only when these agree
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,14 +175,29 @@ def _bits_name(bits: int) -> str:
     return {8: "INT8", 4: "INT4", 32: "FP32"}.get(bits, f"W{bits}")
 
 
-def quality_of(evals: list[store.EvalRecord]) -> Quality | None:
-    """The newest evaluation in `evals` (newest first) whose task has a known primary metric."""
+def eval_setting(ev: store.EvalRecord) -> dict:
+    """Everything besides the target that moves an evaluation's number: task, data, window length (perplexity) and
+    how many windows / sentences / images were read."""
+    samples = next((ev.metrics[k] for k in ("windows", "sentences", "images") if k in ev.metrics), None)
+    return {"task": ev.task, "data": ev.data, "seq_len": (ev.meta or {}).get("seq_len"), "samples": samples}
+
+
+def describe_setting(setting: dict) -> str:
+    text = f"{setting['task']} on {setting['data']}"
+    if setting.get("seq_len"):
+        text += f", {setting['seq_len']}-token windows"
+    return text + (f", {setting['samples']} samples" if setting.get("samples") is not None else "")
+
+
+def quality_of(evals: list[store.EvalRecord], like: dict | None = None) -> Quality | None:
+    """The newest evaluation in `evals` (newest first) whose task has a known primary metric (and, with `like`, whose
+    `eval_setting` is that one)."""
     for ev in evals:
-        if ev.task in QUALITY_METRICS:
+        if ev.task in QUALITY_METRICS and (like is None or eval_setting(ev) == like):
             metric, higher = QUALITY_METRICS[ev.task]
             value = ev.metrics.get(metric)
             return Quality(ev.id, ev.task, metric, None if value is None else float(value), higher,
-                           ev.data, ev.metrics)
+                           ev.data, ev.metrics, eval_setting(ev))
     return None
 
 
@@ -257,14 +273,18 @@ def _labelled(cols: list[Column]) -> list[Column]:
     return out
 
 
-def reference_quality(gathered: Gathered, model: str, fmt: str) -> tuple[Quality | None, str]:
-    """The FP32 quality of `model`: the FP32 export's eval (same format, then any), else the float reference's."""
+def reference_quality(gathered: Gathered, model: str, fmt: str, like: dict | None = None) -> tuple[Quality | None, str]:
+    """The FP32 quality of `model`: the FP32 export's eval (same format, then any), else the float reference's; with
+    `like`, an evaluation measured that way first (a variant's perplexity on 64-token windows is compared with FP32's on
+    64-token windows), and only then the newest of any setting."""
     fp32 = [c for c in gathered.columns if c.model == model and c.is_fp32]
-    for want_fmt in (fmt, None):
-        for c in fp32:
-            if (want_fmt is None or c.fmt == want_fmt) and c.quality is not None:
-                return c.quality, f"eval #{c.quality.eval_id} of the FP32 {c.fmt} file {c.sha[:12]}"
-    q = quality_of(gathered.evals_by_sha.get(store.reference_sha256(model), []))
-    if q is not None:
-        return q, f"eval #{q.eval_id} of the float model reference {model!r}"
+    for setting in ([like] if like is not None else []) + [None]:
+        for want_fmt in (fmt, None):
+            for c in fp32:
+                q = quality_of(gathered.evals_by_sha.get(c.sha, []), setting)
+                if (want_fmt is None or c.fmt == want_fmt) and q is not None:
+                    return q, f"eval #{q.eval_id} of the FP32 {c.fmt} file {c.sha[:12]}"
+        q = quality_of(gathered.evals_by_sha.get(store.reference_sha256(model), []), setting)
+        if q is not None:
+            return q, f"eval #{q.eval_id} of the float model reference {model!r}"
     return None, f"no evaluation of an FP32 file or of the float reference {model!r} in the database"

@@ -272,3 +272,27 @@ def test_summary_without_an_fp32_run_says_so(tmp_path):
     assert row["baseline_id"] is None and row["excluded"]
     text = to_markdown(build_report(db))
     assert f"#{rid} vs no FP32 run" in text and "#None" not in text
+
+
+def test_quality_is_compared_only_with_fp32_measured_the_same_way(tmp_path):
+    """Perplexity depends on the window length and the windows read: a TFLite file fixed at 64 tokens is compared with
+    FP32's evaluation on 64-token windows, not with the newer one on 512; with none like it, no delta is given."""
+    db = tmp_path / "settings.sqlite"
+    ids = {name: _add(db, name, "pi5", p50, (p50 - 0.1, p50 + 0.1), None)
+           for name, p50 in (("fp32", 10.0), ("int8", 5.0), ("int4", 8.0))}
+
+    def ev(name, ppl, seq_len, windows):
+        store.record_eval(db, target_sha256=ARTS[name][0], target_path=None, model_ref=M, task="ppl",
+                          metrics={"ppl": ppl, "windows": windows}, data="enwiki", meta={"seq_len": seq_len})
+
+    ev("fp32", 12.0, 64, 4)
+    ev("fp32", 9.0, 512, 16)  # newer, and what the model's FP32 quality shows
+    ev("int8", 12.5, 64, 4)
+    ev("int4", 11.0, 128, 4)
+    cols, model = _cols(build_report(db))
+    assert model["fp32_quality"]["value"] == 9.0
+    assert cols[ids["int8"]]["quality_delta"]["delta"] == pytest.approx(0.5)
+    d4 = cols[ids["int4"]]["quality_delta"]
+    assert d4["delta"] is None and d4["note"] == ("not comparable: FP32 was evaluated as ppl on enwiki, 512-token "
+                                                  "windows, 16 samples, this file as ppl on enwiki, 128-token windows, "
+                                                  "4 samples")
