@@ -138,8 +138,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate(target: str, task: str | None = None, data: str | None = None, count: int | None = None,
-             seq_len: int = 512, threads: int = 1) -> dict:
-    """Evaluate a target; returns a JSON-ready dict with the metrics and what was measured on."""
+             seq_len: int | None = None, threads: int = 1) -> dict:
+    """Evaluate a target; returns a JSON-ready dict with the metrics and what was measured on. Perplexity windows are
+    `seq_len` tokens: by default a fixed-shape file's own length (a TFLite export), otherwise 512."""
     from . import data as datamod
 
     t = resolve_target(target, threads)
@@ -154,6 +155,7 @@ def evaluate(target: str, task: str | None = None, data: str | None = None, coun
         from .models import load_model
 
         tokenizer = t.bundle.tokenizer if t.bundle is not None else load_model(t.reference).tokenizer
+        seq_len = seq_len or t.fixed_seq_len or 512
         if t.fixed_seq_len and t.fixed_seq_len != seq_len:
             raise EdgeqError(f"eval: {t.path} was exported for sequences of {t.fixed_seq_len} tokens; "
                              f"pass --seq-len {t.fixed_seq_len} (or export with seq_len={seq_len})")

@@ -139,6 +139,23 @@ def test_hybrid_files_against_the_run_time_activation_grid(exported):
         assert "runtime_grid" not in exported[case][1]["parity"], case
 
 
+def test_eval_reads_a_tflite_lm_at_its_own_length(exported, capsys):
+    """`edgeq eval FILE.tflite` on a decoder LM: perplexity windows are the file's fixed length by default and come out
+    near the simulation's on the same windows; another --seq-len is refused in one line naming the file's."""
+    from edgeq.cli.main import main
+
+    path, meta, qdir = exported["llama-int8"]
+    seq = meta["seq_len"]
+    assert main(["eval", str(path), "--count", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["label"] == "tflite" and got["seq_len"] == seq and got["metrics"]["tokens"] == 4 * (seq - 1)
+    assert main(["eval", str(qdir), "--count", "4", "--seq-len", str(seq), "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert abs(got["metrics"]["ppl"] / sim["metrics"]["ppl"] - 1) < 0.02, (got["metrics"], sim["metrics"])
+    assert main(["eval", str(path), "--count", "4", "--seq-len", str(seq * 2)]) == 2
+    assert f"pass --seq-len {seq}" in capsys.readouterr().err
+
+
 def test_graph_cache_key_follows_the_config_and_code(tiny_mistral, tmp_path, monkeypatch):
     """Converted float graphs are cached by what they depend on. A model saved again at its path with another sliding
     window (the same weights) got the old graph: a Mistral's INT4 file computed full attention against a simulation
