@@ -194,3 +194,33 @@ def test_client_certificate_required(agent_factory, certs):
                           client_key=str(certs / "client.key"))
     assert client.info()["protocol"] == 1
     assert agent.token not in (agent.root / "agent.log").read_text()  # never logged
+
+
+def test_token_file_open_to_others_is_warned_about(agent_factory):
+    """Like ssh with a private key: a token other users can read lets them run models on the board, so the agent
+    says so at start (it still serves: the file is the owner's to fix); a 0600 file gets no warning, nor does the
+    installers' 0640 with the agent's group."""
+    private = agent_factory(name="private")
+    private.stop()
+    private.token_file.chmod(0o640)
+    private.start().stop()
+    assert "token file" not in (private.root / "agent.log").read_text()
+    private.token_file.chmod(0o644)
+    shared = private.start()
+    still_serving(shared)
+    log = (shared.root / "agent.log").read_text()
+    assert f"WARNING: token file {shared.token_file} is open to every user (mode 644); chmod 600 it" in log
+    assert shared.token not in log
+
+
+@pytest.mark.parametrize("flag,value", [("--max-upload-mb", "0"), ("--max-upload-mb", "-1"), ("--port", "70000"),
+                                        ("--max-job-seconds", "0"), ("--max-memory-mb", "1")])
+def test_serve_refuses_limits_that_disable_it(flag, value, tmp_path, capsys):
+    """`--max-upload-mb 0` used to mean the default 1 GiB and a negative cap refused every upload; both are refused."""
+    from edgeq.cli.main import main
+
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    assert main(["agent", "serve", "--token-file", str(token), "--data-dir", str(tmp_path / "d"), flag, value]) == 2
+    assert f"Invalid value for '{flag}'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
