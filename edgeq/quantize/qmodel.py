@@ -189,7 +189,11 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     meta = read_json(qdir / "model.json")
     summary = read_json(qdir / "quant.json")
     recipe = load_recipe(qdir / "recipe.toml")
-    bundle = load_model(meta["reference"])
+    try:
+        bundle = load_model(meta["reference"])
+    except EdgeqError as exc:  # the directory holds the quantized layers, the rest comes from the source model
+        raise EdgeqError(f"quantized model: {qdir} needs its source model {meta['reference']!r}, which does not load "
+                         f"here: {exc}") from None
     if meta.get("structure_sha256") and meta["structure_sha256"] != bundle.structure:
         raise EdgeqError(f"quantized model: {qdir} was made from another definition of {meta['reference']!r} (its modules or "
                          "tensors have changed since): quantize it again")

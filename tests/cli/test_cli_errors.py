@@ -128,3 +128,19 @@ def test_an_operating_system_error_is_one_line_exit_1(capsys, tmp_path, monkeypa
     monkeypatch.setenv("EDGEQ_DEBUG", "1")  # the traceback, for a bug report
     with pytest.raises(OSError):
         main(["report", "-o", str(target)])
+
+
+def test_qdir_whose_source_model_does_not_load_says_so(capsys, tmp_path):
+    """A quantized-model directory holds the quantized layers; the rest comes from its source model, so a factory
+    that no longer imports (another working directory) is named as the directory's source."""
+    import json
+
+    qdir = tmp_path / "q"
+    assert main(["quantize", "factories:small_cnn", "--recipe", "w8", "-o", str(qdir)]) == 0
+    capsys.readouterr()
+    meta = json.loads((qdir / "model.json").read_text())
+    (qdir / "model.json").write_text(json.dumps({**meta, "reference": "moved_away:small_cnn"}))
+    code, _, err = _run(capsys, "export", str(qdir), "--format", "onnx", "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and err.startswith(f"edgeq: error: quantized model: {qdir} needs its source model "
+                                        "'moved_away:small_cnn', which does not load here: model: cannot import")
+    assert not (tmp_path / "m.onnx").exists()
