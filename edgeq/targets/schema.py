@@ -103,9 +103,10 @@ def _table(spec: dict[str, tuple[Check, bool]], fact: bool = True) -> Check:
         out = {}
         for key, (checker, required) in full.items():
             if key not in value:
+                if key == "source" and required:
+                    raise _fail(at(key), "a fact without a source")
                 if required:
-                    what = "a fact without a source" if key == "source" else "missing required key"
-                    raise _fail(at(key), what)
+                    raise _fail(where or "top level", f"required key {key!r} is missing")
                 continue
             out[key] = checker(value[key], at(key))
         return out

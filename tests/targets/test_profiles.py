@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,12 @@ def test_weight_options_for_mixed_precision(profile_dir):
     assert prof.supported_weight_bits("lite", acts=["dynamic"]) == [8]
     opts = prof.weight_options("ort", acts=["fp32"])
     assert {(o.bits, o.granularity) for o in opts} == {(8, "channel")}
+
+
+def test_missing_key_is_named_with_its_table(tmp_path):
+    """A profile without `schema = 1` used to say only "schema: missing required key"."""
+    text = TEST_PROFILE.read_text()
+    with pytest.raises(EdgeqError, match=r"\.toml: top level: required key 'schema' is missing$"):
+        load_profile_file(_write(tmp_path, re.sub(r"(?m)^schema = \d+\n", "", text)))
+    with pytest.raises(EdgeqError, match=r"\.toml: memory: required key 'ram_gib' is missing$"):
+        load_profile_file(_write(tmp_path, text.replace("ram_gib = [1]\n", "")))
