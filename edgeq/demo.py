@@ -128,6 +128,10 @@ def _p50(summaries: list[dict], path: str) -> float | None:
     return ((s.get("result") or {}).get("latency_ms") or {}).get("p50")
 
 
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(rows: list[DemoRow]) -> str:
     fp32 = {r.fmt: r for r in rows if r.variant == "fp32"}
     lines = [f"{'variant':<9} {'format':<7} {'size MB':>8} {'reduction':>9} {'ppl':>8} {'Δppl':>7} {'exact':>6} "
@@ -137,7 +141,7 @@ def format_table(rows: list[DemoRow]) -> str:
         red = f"{100 * (1 - r.size_mb / base.size_mb):.0f}%" if base else "-"
         dppl = f"{100 * (r.ppl / base.ppl - 1):+.1f}%" if base and r.ppl and base.ppl else "-"
         speed = f"{base.p50_ms / r.p50_ms:.2f}x" if base and base.p50_ms and r.p50_ms else "-"
-        lines.append(f"{r.variant:<9} {r.fmt:<7} {r.size_mb:>8.1f} {red:>9} {r.ppl or float('nan'):>8.3f} {dppl:>7} "
-                     f"{str(r.exact):>6} {r.top1_parity if r.top1_parity is not None else '-':>11} "
-                     f"{(r.p50_ms or float('nan')):>8.2f} {speed:>7} {(r.decode_ms or float('nan')):>9.2f} {r.status:<8}")
+        lines.append(f"{r.variant:<9} {r.fmt:<7} {r.size_mb:>8.1f} {red:>9} {_num(r.ppl, '.3f'):>8} {dppl:>7} "
+                     f"{_num(r.exact, ''):>6} {_num(r.top1_parity, '.4f'):>11} "
+                     f"{_num(r.p50_ms, '.2f'):>8} {speed:>7} {_num(r.decode_ms, '.2f'):>9} {r.status:<8}")
     return "\n".join(lines)
