@@ -127,6 +127,28 @@ def export_meta(artifact: Path) -> dict | None:
     return None
 
 
+DECODE_GRAPH = ".decode.onnx"  # an ONNX LM export's one-token step, beside FILE.onnx (export/onnx.py names it so)
+
+
+def graph_meta(path: Path, sha256: str, size_bytes: int) -> dict | None:
+    """Metadata for FILE.decode.onnx, which has no JSON of its own: the export's FILE.onnx.json names it in `graph` and
+    lists its sha256 in `files`. It is that export's metadata (model, recipe, variant, exactness and parity: the step
+    holds the same layers, checked against the prefill graph) with this graph's hash and size (with the external data
+    it reads, which the prefill graph shares), `graph_role` saying which graph it is and `graph_of` whose; `inputs` is
+    left to the agent, which reads them from the graph. None when no such export lists these bytes."""
+    if not path.name.endswith(DECODE_GRAPH):
+        return None
+    prefill = path.with_name(path.name[: -len(DECODE_GRAPH)] + ".onnx")
+    parent = export_meta(prefill)
+    if not parent or (parent.get("graph") or {}).get("decode") != path.name:
+        return None
+    entry = next((f for f in parent.get("files") or [] if f.get("name") == path.name), {})
+    if entry.get("sha256") != sha256:
+        return None
+    return {**parent, "sha256": sha256, "size_bytes": size_bytes, "inputs": None, "files": [],
+            "graph_role": "decode", "graph_of": {"name": prefill.name, "sha256": parent.get("sha256")}}
+
+
 def job_meta(meta: dict | None, signature: str | None) -> dict | None:
     """The metadata a job gets: FILE.json, its `inputs` those of `signature` when one is named (a TFLite
     file's `signatures`; without a spec for it the agent reads the signature's own inputs)."""
@@ -163,7 +185,9 @@ def bundle(path: str | os.PathLike) -> Bundle:
                 raise EdgeqError(f"artifact: {path.name} names external data {loc!r}, which is not a file "
                                  "beside it with a plain name")
             files.append((path.parent / loc, sha256_file(path.parent / loc)))
-    return Bundle(path, sha256_file(path), tuple(files), export_meta(path))
+    sha = sha256_file(path)
+    size = path.stat().st_size + sum(f.stat().st_size for f, _ in files)
+    return Bundle(path, sha, tuple(files), export_meta(path) or graph_meta(path, sha, size))
 
 
 def check_signature(b: Bundle, signature: str | None) -> None:

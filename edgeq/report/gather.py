@@ -74,7 +74,8 @@ class Column:
 
     @property
     def signature(self) -> str | None:
-        """The TFLite signature timed (`decode`), None for a file's default graph."""
+        """The TFLite signature timed (`decode`), or the ONNX export's graph (FILE.decode.onnx: `decode`); None for a
+        file's default graph."""
         return signature_of(self.result)
 
     @property
@@ -92,7 +93,15 @@ class Column:
 
 
 def signature_of(rec: store.ResultRecord) -> str | None:
-    return ((rec.result or {}).get("config") or {}).get("signature")
+    """The step a run timed: the job's TFLite signature, or the `graph_role` of an ONNX export's decode graph (one
+    step of the same model as its prefill graph, so the two are columns of one variant, like a TFLite file's two)."""
+    return ((rec.result or {}).get("config") or {}).get("signature") or (rec.export_json or {}).get("graph_role")
+
+
+def _graph_of(rec: store.ResultRecord) -> str | None:
+    """The prefill graph's sha256 for an ONNX decode graph: its quality is the export's (the step computes the same
+    model, its logits checked against the prefill graph's at export)."""
+    return ((rec.export_json or {}).get("graph_of") or {}).get("sha256")
 
 
 def dims_of(rec: store.ResultRecord) -> tuple:
@@ -248,7 +257,7 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
             + (" [weight cache]" if rec.runtime == "litert-compiledmodel" else ""),
             fmt=rec.artifact_format or "?", bits=bits, bits_source=bits_source,
             is_fp32=is_fp32_export(rec.export_json), export=rec.export_json, quant=quant, quant_note=note,
-            quality=quality_of(evals.get(rec.artifact_sha256, [])), superseded=0)
+            quality=quality_of(evals.get(rec.artifact_sha256) or evals.get(_graph_of(rec), [])), superseded=0)
     cols = _labelled([dataclasses.replace(c, superseded=counts[k] - 1) for k, c in columns.items()])
     cols.sort(key=lambda c: (c.model, c.device, not c.is_fp32, c.bits, c.variant, c.id))
     return Gathered(str(path), cols, skipped, evals)

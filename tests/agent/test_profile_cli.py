@@ -258,6 +258,44 @@ def test_profile_decode_step_at_chosen_slots(tmp_path, capsys):
     assert np.allclose(compiled._outputs[0].read(logits.size, np.float32), logits, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_onnx_decode_graph_is_profiled_as_its_exports_decode_step(tmp_path, capsys):
+    """FILE.decode.onnx has no JSON of its own: profiled, it takes its export's metadata from FILE.onnx.json (which lists
+    its sha256), so the report puts it under its model as the variant's `[decode]` column, compared with the FP32
+    export's decode graph, with the export's evaluated quality. Bytes the export does not list stay unknown. (Before,
+    every ONNX decode graph, the demo's included, landed under "unknown model" with no FP32 to compare with.)"""
+    from edgeq.export import export
+    from edgeq.models import load_model
+    from edgeq.models.inputs import calibration_batches
+    from edgeq.quantize.ptq import quantize_model
+    from edgeq.recipe import load_recipe
+    from edgeq.report import build_report
+
+    bundle = load_model("tiny-llama")
+    qdir = quantize_model(bundle, load_recipe("w8-tensor"), calibration_batches(bundle, None, 4, 64)).save(tmp_path / "q")
+    export(qdir, "onnx", tmp_path / "w8.onnx")
+    export("tiny-llama", "onnx", tmp_path / "fp32.onnx")
+    db = tmp_path / "r.sqlite"
+    code, _, err = cli(capsys, "profile", str(tmp_path / "w8.decode.onnx"), str(tmp_path / "fp32.decode.onnx"), "--local",
+                       "--db", str(db), *FAST_ARGS)
+    assert code == 0, err
+    assert main(["eval", str(tmp_path / "w8.onnx"), "--count", "1", "--seq-len", "32", "--db", str(db)]) == 0
+    (model,) = build_report(db)["models"]
+    assert model["model"] == "tiny-llama"
+    cols = {c["artifact_name"]: c for c in model["columns"]}
+    w8, fp32 = cols["w8.decode.onnx"], cols["fp32.decode.onnx"]
+    assert w8["label"] == "dynamic-int8 [decode] w8-tensor" and fp32["is_fp32"]
+    assert w8["vs_fp32"]["baseline_id"] == fp32["id"] and w8["vs_fp32"]["speedup_p50"] is not None
+    assert w8["quality"]["value"] == store.list_evals(db)[0].metrics["ppl"]
+    assert w8["size"]["bytes"] == (tmp_path / "w8.decode.onnx").stat().st_size
+    meta = json.loads((tmp_path / "w8.onnx.json").read_text())
+    for entry in meta["files"]:
+        entry["sha256"] = "0" * 64  # the export listed other bytes under that name
+    (tmp_path / "w8.onnx.json").write_text(json.dumps(meta))
+    assert host.bundle(tmp_path / "w8.decode.onnx").meta is None
+    capsys.readouterr()
+
+
 def test_profile_dim_no_input_has_is_a_warning_not_a_label(tmp_path, capsys, two_signature_tflite):
     """A --dim that sizes no input (a file exported before its decode step named its slot axis) changes nothing:
     the result warns so, and the report does not name the column after it."""
