@@ -288,6 +288,8 @@ def test_onnx_decode_graph_is_profiled_as_its_exports_decode_step(tmp_path, caps
     assert w8["vs_fp32"]["baseline_id"] == fp32["id"] and w8["vs_fp32"]["speedup_p50"] is not None
     assert w8["quality"]["value"] == store.list_evals(db)[0].metrics["ppl"]
     assert w8["size"]["bytes"] == (tmp_path / "w8.decode.onnx").stat().st_size
+    code, _, err = cli(capsys, "eval", str(tmp_path / "w8.decode.onnx"))
+    assert code == 2 and "w8.decode.onnx is the one-token decode step of w8.onnx" in err
     meta = json.loads((tmp_path / "w8.onnx.json").read_text())
     for entry in meta["files"]:
         entry["sha256"] = "0" * 64  # the export listed other bytes under that name
