@@ -19,12 +19,21 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--target", default=None, help="With --recipe auto: the board profile whose bit-widths are allowed.")
 @click.option("--budget", default=None, help="With --recipe auto: size budget, e.g. 60MB, 4.5bits or 25%.")
 @click.option("--bits", default=None, help="With --recipe auto: allowed weight bit-widths, e.g. 2,3,4,8 (narrows the target's set).")
+@click.option("--runtime", default=None,
+              help="With --recipe auto: which of the target's runtimes the plan is for (default: its first, e.g. "
+                   "onnxruntime-cpu; litert-xnnpack for a TFLite file).")
+@click.option("--activation", type=click.Choice(["none", "dynamic"]), default=None,
+              help="With --recipe auto: float activations, or int8 per token at run time. Default: the runtime's "
+                   "(dynamic on TFLite, whose INT4/INT8 kernels quantize them; none otherwise).")
+@click.option("--allow-fallback", is_flag=True,
+              help="With --recipe auto: also bit-widths the runtime runs only through a fallback.")
 @click.option("--embedding-bits", type=click.IntRange(2, 8), default=None,
               help="With --recipe auto: also quantize the input embedding per row (a tied head shares it). Default: float.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
 @json_option
-def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, embedding_bits, output, overwrite, as_json):
+def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runtime, activation, allow_fallback,
+             embedding_bits, output, overwrite, as_json):
     """Quantize MODEL (a built-in name, a Hugging Face directory or package.module:factory)."""
     from ..models import load_model
     from ..models.inputs import calibration_batches
@@ -36,12 +45,16 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, embed
     if recipe == "auto":
         from ..quantize.mixed import MixedOptions, quantize_auto
 
+        options = MixedOptions(embedding_bits=embedding_bits, runtime=runtime, activation=activation,
+                               allow_fallback=allow_fallback)
         qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, bits=bits,
-                          options=MixedOptions(embedding_bits=embedding_bits), progress=progress)
+                          options=options, progress=progress)
     else:
         if embedding_bits is not None:
             raise EdgeqError("--embedding-bits is for --recipe auto; a recipe file sets its own [embedding] table")
-        given = [flag for flag, value in (("--target", target), ("--budget", budget), ("--bits", bits)) if value is not None]
+        given = [flag for flag, value in (("--target", target), ("--budget", budget), ("--bits", bits),
+                                          ("--runtime", runtime), ("--activation", activation),
+                                          ("--allow-fallback", allow_fallback or None)) if value is not None]
         if given:
             raise EdgeqError(f"{given[0]} applies to --recipe auto; recipe {recipe!r} sets every layer's bits itself "
                              "(check a file against a board with `edgeq check QDIR --target NAME`)")

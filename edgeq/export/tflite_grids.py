@@ -72,6 +72,16 @@ def default_variant(qm) -> str:
 
 def check_representable(qm, variant: str) -> None:
     """Refuse grids the variant cannot hold, naming what would work. Never re-quantizes."""
+    try:
+        _check_representable(qm, variant)
+    except EdgeqError as exc:
+        if qm is None or qm.recipe.name != "auto":
+            raise
+        raise EdgeqError(f"{exc}; for a mixed-precision plan, quantize with --recipe auto --runtime litert-xnnpack "
+                         "(its plan holds LiteRT's grids)") from None
+
+
+def _check_representable(qm, variant: str) -> None:
     if variant == "fp32":
         return
     if qm is None:

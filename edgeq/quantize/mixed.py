@@ -39,6 +39,16 @@ ALL_BITS = (2, 3, 4, 5, 6, 8)
 
 
 DYNAMIC_GRID = {"mode": "dynamic", "granularity": "token"}  # `activation = "dynamic"`: int8 per token (ActSpec's defaults)
+# ... on a TFLite runtime: LiteRT's hybrid kernels quantize each row of a layer's input to asymmetric int8 (XNNPACK qd8)
+LITERT_DYNAMIC_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
+
+
+def activation_grid(mode: str, fmt: str | None) -> dict:
+    """The activation table of every rule `auto` writes: float (`none`), or the per-token int8 grid the runtime's
+    kernels compute (LiteRT's asymmetric rows for a TFLite runtime, edgeq's symmetric ones otherwise)."""
+    if mode == "none":
+        return {"mode": "none"}
+    return LITERT_DYNAMIC_GRID if fmt == "tflite" else DYNAMIC_GRID
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,8 @@ class MixedOptions:
     group_size: int | None = 128  # for bits < 8; None = per channel
     symmetric: bool = True
     eight_bit_granularity: str = "channel"  # 8-bit layers: channel, or group (with group_size)
-    activation: str = "none"  # none (weight-only) | dynamic (int8 per token, on the fly)
+    activation: str | None = "none"  # none (weight-only) | dynamic (int8 per token, on the fly) | None: the runtime's
+    # own (dynamic on a TFLite runtime, whose INT4 / INT8 kernels quantize activations at run time; none otherwise)
     method: str = "rtn"  # how the chosen bits are applied: rtn | gptq
     runtime: str | None = None  # the target's runtime to ask (default: its default runtime)
     allow_fallback: bool = False  # also use bit-widths the runtime runs only through a fallback
@@ -59,7 +70,7 @@ class MixedOptions:
     embedding_bits: int | None = None  # also quantize the input embedding (and a tied head with it) per row; None = float
 
     def __post_init__(self):
-        if self.activation not in ("none", "dynamic"):
+        if self.activation not in ("none", "dynamic", None):
             raise choice_error("mixed.activation", self.activation, ("none", "dynamic"))
         if self.method not in METHODS:
             raise choice_error("mixed.method", self.method, sorted(METHODS))
@@ -117,15 +128,19 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
             raise EdgeqError("--recipe auto: pass --target NAME or an explicit --bits set (e.g. --bits 2,3,4,8)")
         specs = {b: _spec(b, options, "group" if (b < 8 or options.eight_bit_granularity == "group") and gs else "channel", gs)
                  for b in explicit}
-        return specs, {"name": None, "bits": explicit, "source": "--bits"}
+        return specs, {"name": None, "bits": explicit, "source": "--bits",
+                       "activation_grid": activation_grid(options.activation or "none", None)}
     from ..targets import load_profile
     from ..targets.uses import onnx_dynamic_form
 
     profile = load_profile(target)
-    act = "fp32" if options.activation == "none" else "dynamic"
     support = ("native", "fallback") if options.allow_fallback else ("native",)
     rt = profile.runtime(options.runtime)
     runtime = rt.name
+    mode = options.activation or ("dynamic" if rt.format == "tflite" else "none")
+    act = "fp32" if mode == "none" else "dynamic"
+    # LiteRT stores block scales in 16 bits: bf16-exact scales are what a TFLite file holds bitwise
+    scale_dtype = "bf16" if rt.format == "tflite" else None
     if rt.format == "onnx" and act == "dynamic":
         # as the export renders the per-token grid (build_recipe's): before some weight formats as float ops,
         # so the layer's op reads float inputs; each format is judged by the op its layer becomes
@@ -146,28 +161,32 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
         grans = {(o.granularity, o.group_size) for o in mine}
         prefer_group = bits < 8 or options.eight_bit_granularity == "group"
         if prefer_group and gs is not None and ("group", gs) in grans:
-            specs[bits] = _spec(bits, options, "group", gs)
+            specs[bits] = _spec(bits, options, "group", gs, scale_dtype)
         elif ("channel", None) in grans:
             specs[bits] = _spec(bits, options, "channel", None)
         elif any(g == "group" for g, _ in grans):
             sizes = sorted(s for g, s in grans if g == "group")
             pick = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(gs or 128)), -s))
-            specs[bits] = _spec(bits, options, "group", pick)
+            specs[bits] = _spec(bits, options, "group", pick, scale_dtype)
     if not specs:
         wanted = f"{','.join(map(str, explicit))}-bit " if explicit else ""
+        others = [name for name in profile.runtimes if name != runtime]
         hints = ["--allow-fallback", "--bits with other widths"] + (
-            ["--activation dynamic"] if options.activation == "none" else ["--activation none"])
+            ["--activation dynamic"] if mode == "none" else ["--activation none"]) + [f"--runtime {r}" for r in others]
         raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {wanted}{'signed' if options.symmetric else 'unsigned'} "
                          f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
-    info = {"name": profile.name, "runtime": runtime, "activation": act, "support": list(support),
-            "bits": sorted(specs), "source": profile.path}
+    info = {"name": profile.name, "runtime": runtime, "format": rt.format, "activation": act,
+            "activation_grid": activation_grid(mode, rt.format), "support": list(support), "bits": sorted(specs),
+            "source": profile.path}
     return specs, info
 
 
-def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None) -> WeightSpec:
+def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None,
+          scale_dtype: str | None = None) -> WeightSpec:
     sym = options.symmetric or bits == 8  # 8-bit is symmetric by edgeq's convention (LiteRT narrow range)
     return WeightSpec.from_dict({"bits": bits, "symmetric": sym, "granularity": granularity,
-                                 **({"group_size": group_size} if granularity == "group" else {})})
+                                 **({"group_size": group_size} if granularity == "group" else {}),
+                                 **({"scale_dtype": scale_dtype} if scale_dtype else {})})
 
 
 def candidate_layers(model: torch.nn.Module, options: MixedOptions) -> list[str]:
@@ -249,7 +268,7 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
     """One exact-name rule per layer, in the model's order."""
     import re
 
-    act = {"mode": "none"} if options.activation == "none" else DYNAMIC_GRID
+    act = (analysis.target or {}).get("activation_grid") or activation_grid(options.activation or "none", None)
     rules = []
     for layer in analysis.layers:
         spec = analysis.specs[allocation.picks[layer].bits]

@@ -253,6 +253,30 @@ def test_onnx_dynamic_bits_are_judged_as_the_export_renders_them(board):
     assert gate_export({"layers": layers}, board, fmt="onnx").status == "native"
 
 
+def test_a_tflite_runtime_plan_holds_litert_grids():
+    """`--recipe auto --target rpi5 --runtime litert-xnnpack`: LiteRT's INT4 and INT8 kernels quantize activations per
+    row at run time, so the plan's layers take that grid (asymmetric int8 per token) by default, and its INT4 blocks
+    bf16-exact scales: every variant's grids are representable in TFLite (before, the CLI could only plan for the
+    profile's first runtime, ONNX Runtime, and that plan could not be exported to TFLite)."""
+    from edgeq.export.tflite_grids import representability
+
+    opts = MixedOptions(activation=None, runtime="litert-xnnpack", measure="none")
+    specs, info = allowed_bit_specs("rpi5", None, opts)
+    assert set(specs) == {4, 8} and specs[4].scale_dtype == "bf16" and info["format"] == "tflite"
+    qm = auto_quantize(_toy(), "rpi5", "6bits", _batches(1), options=opts)
+    layers = qm.summary()["layers"]
+    assert {e["weight"]["bits"] for e in layers} == {4, 8}
+    for e in layers:
+        assert {k: e["activation"][k] for k in ("mode", "bits", "granularity", "symmetric")} == \
+            {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
+    assert representability(qm)["variants"]["int4"]["representable"] is True
+    onnx_plan = allowed_bit_specs("rpi5", None, MixedOptions(activation=None, measure="none"))
+    assert onnx_plan[1]["runtime"] == "onnxruntime-cpu" and onnx_plan[1]["activation_grid"] == {"mode": "none"}
+    with pytest.raises(EdgeqError, match="runs no signed Linear weight format natively with activations fp32 .*"
+                                         "--activation dynamic, --runtime onnxruntime-cpu"):
+        allowed_bit_specs("rpi5", None, MixedOptions(activation="none", runtime="litert-xnnpack"))
+
+
 def test_parse_bits():
     from edgeq.quantize.mixed import parse_bits
 
