@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import EdgeqError
 from ..fileio import write_json_atomic
 from . import protocol as P
+from .artifacts import GiB, ArtifactStore
 from .journal import Journal
 
 MAX_QUEUED_JOBS = 256
@@ -43,6 +44,8 @@ class AgentConfig:
     max_upload_bytes: int = P.DEFAULT_MAX_UPLOAD_BYTES
     max_job_seconds: float = 900.0
     max_memory_mb: int | None = None  # None: 80% of physical memory
+    max_store_bytes: int = 8 * GiB  # uploaded files kept for re-use (least recently used evicted past it)
+    min_free_bytes: int = 512 << 20  # an upload that would leave the disk with less is refused
     power_meter: str = "auto"
     sysfs_root: str = "/"
     request_timeout_s: float = 60.0
@@ -93,12 +96,11 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         self.data_dir = Path(cfg.data_dir)
-        (self.data_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.data_dir / "journal.sqlite")
         self.recovered = self.journal.recover()
-        for tmp in (self.data_dir / "artifacts").glob(".upload-*"):
-            tmp.unlink(missing_ok=True)
+        self.artifacts = ArtifactStore(self.data_dir / "artifacts", cfg.max_store_bytes, cfg.min_free_bytes,
+                                       self.journal.active_artifacts)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -110,13 +112,13 @@ class Agent:
                      "version": fingerprint.runtime_versions().get("edgeq"),
                      "fingerprint": fingerprint.fingerprint(),
                      "power_meter": meter.describe() if meter else None, "power_reason": reason,
-                     "max_upload_bytes": cfg.max_upload_bytes, "max_job_seconds": cfg.max_job_seconds,
+                     "max_upload_bytes": cfg.max_upload_bytes, "max_store_bytes": cfg.max_store_bytes,
+                     "max_job_seconds": cfg.max_job_seconds,
                      "max_memory_mb": cfg.max_memory_mb}
         self._worker.start()
 
-    # ----- artifacts
     def artifact_path(self, sha: str) -> Path:
-        return self.data_dir / "artifacts" / sha
+        return self.artifacts.path(sha)
 
     # ----- jobs
     def submit(self, request: dict) -> tuple[int, dict]:
@@ -159,6 +161,7 @@ class Agent:
             shutil.rmtree(job_dir)
         job_dir.mkdir(parents=True)
         for ref in [request["artifact"], *request["files"]]:
+            self.artifacts.touch(ref["sha256"])
             src, dst = self.artifact_path(ref["sha256"]), job_dir / ref["name"]
             try:
                 os.link(src, dst)

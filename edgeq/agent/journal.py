@@ -95,6 +95,16 @@ class Journal:
                 "UPDATE jobs SET state=?, finished=?, error=?, result=? WHERE job_id=? AND state='running'",
                 (state, time.time(), error, json.dumps(result) if result is not None else None, job_id))
 
+    def active_artifacts(self) -> set[str]:
+        """The sha256 of every file a queued or running job names (the artifact store keeps them)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT request FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+        out = set()
+        for (request,) in rows:
+            req = json.loads(request)
+            out.update(ref["sha256"] for ref in [req["artifact"], *req.get("files", [])])
+        return out
+
     def queued(self) -> list[str]:
         with self._lock:
             rows = self._conn.execute("SELECT job_id FROM jobs WHERE state='queued' ORDER BY created").fetchall()

@@ -18,9 +18,12 @@ data must stay inside the job directory: `../`, absolute paths and symlinks are 
 loading); choose the power meter or any command (that is agent-side configuration only);
 exhaust memory with a body (every body is size-capped BEFORE it is buffered: Content-Length is
 required and checked, then the body is streamed with a hard cap); exhaust threads or the queue
-(at most 64 concurrent connections, each with a socket timeout; at most 256 queued jobs -> 429).
-What the token does NOT protect against: a holder of the token can fill the disk with uploads up
-to the cap each (artifacts are content-addressed and kept) and keep the board busy.
+(at most 64 concurrent connections, each with a socket timeout; at most 256 queued jobs -> 429);
+fill the disk (uploads are content-addressed and kept within `--max-store-gb`, least recently used
+evicted first, and an upload that would leave less than `--min-free-mb` free is refused -> 507
+before a byte is written: `artifacts.py`).
+What the token does NOT protect against: a holder of the token can keep the board busy, and keep
+the store full of files it keeps using (then other uploads get 507 until those jobs are done).
 
 Transport
 ---------

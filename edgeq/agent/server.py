@@ -128,6 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.agent.artifact_path(sha)
         if not P.SHA256_RE.match(sha) or not path.is_file():
             raise P.ProtocolError(f"artifact {sha[:64]!r} is not stored here", 404)
+        self.agent.artifacts.touch(sha)  # a host about to use it: not evicted before its job is submitted
         self._send(200, {"protocol": P.PROTOCOL_VERSION, "type": "artifact", "sha256": sha,
                          "size": path.stat().st_size})
 
@@ -140,7 +141,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         tmp = self.agent.data_dir / "artifacts" / f".upload-{sha}-{threading.get_ident()}-{time.monotonic_ns()}"
         digest, remaining = hashlib.sha256(), length
         try:
-            with open(tmp, "wb") as f:
+            with self.agent.artifacts.reserve(length), open(tmp, "wb") as f:
                 while remaining:
                     block = self.rfile.read(min(_CHUNK, remaining))
                     if not block:
@@ -150,9 +151,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     remaining -= len(block)
                 f.flush()
                 os.fsync(f.fileno())
-            if digest.hexdigest() != sha:
-                raise P.ProtocolError(f"upload hashes to {digest.hexdigest()}, not the pinned {sha}; discarded")
-            os.replace(tmp, self.agent.artifact_path(sha))
+                if digest.hexdigest() != sha:
+                    raise P.ProtocolError(f"upload hashes to {digest.hexdigest()}, not the pinned {sha}; discarded")
+                os.replace(tmp, self.agent.artifact_path(sha))
         except (OSError, socket.timeout) as exc:
             raise P.ProtocolError(f"upload failed: {exc}") from None
         finally:

@@ -23,13 +23,18 @@ def agent() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Jobs, artifacts and the journal (default: the user data dir).")
 @click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=None, help="Largest artifact file accepted (default 1024).")
+@click.option("--max-store-gb", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True,
+              help="Uploaded files kept for re-use; past it the least recently used are evicted (never those a queued "
+                   "or running job needs).")
+@click.option("--min-free-mb", type=click.IntRange(0), default=512, show_default=True,
+              help="Refuse an upload that would leave the disk with less free space.")
 @click.option("--max-job-seconds", type=click.FloatRange(0, min_open=True), default=900.0, show_default=True, help="Wall-time limit per job.")
 @click.option("--max-memory-mb", type=click.IntRange(64), default=None, help="Address-space limit per job (default 80% of RAM).")
 @click.option("--power-meter", default="auto", show_default=True,
               help="auto, none, jetson-ina3221, rpi5-pmic, hwmon, rapl, or command:<cmd printing watts>.")
 @click.option("--sysfs-root", default="/", hidden=True, help="Read sensors under this root (tests: recorded trees).")
-def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_job_seconds,
-          max_memory_mb, power_meter, sysfs_root) -> None:
+def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_store_gb, min_free_mb,
+          max_job_seconds, max_memory_mb, power_meter, sysfs_root) -> None:
     """Serve protocol v1 until SIGTERM; prints 'EDGEQ_AGENT_LISTENING <url>' when ready."""
     from ..agent import protocol
     from ..agent.server import AgentConfig, read_token_file, serve as run
@@ -43,6 +48,7 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         tls_cert=Path(tls_cert) if tls_cert else None, tls_key=Path(tls_key) if tls_key else None,
         client_ca=Path(client_ca) if client_ca else None,
         max_upload_bytes=protocol.DEFAULT_MAX_UPLOAD_BYTES if max_upload_mb is None else int(max_upload_mb * (1 << 20)),
+        max_store_bytes=int(max_store_gb * (1 << 30)), min_free_bytes=min_free_mb << 20,
         max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter,
         sysfs_root=sysfs_root)
     mode = Path(token_file).stat().st_mode & 0o777
