@@ -150,7 +150,7 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
                              == "float" else "dynamic")]
     else:
         opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
-    specs = {}
+    specs, blocks = {}, {}
     for bits in sorted({o.bits for o in opts}):
         if explicit is not None and bits not in explicit:
             continue
@@ -159,6 +159,7 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
         if not mine:
             continue
         grans = {(o.granularity, o.group_size) for o in mine}
+        blocks[bits] = sorted(s for g, s in grans if g == "group")
         prefer_group = bits < 8 or options.eight_bit_granularity == "group"
         if prefer_group and gs is not None and ("group", gs) in grans:
             specs[bits] = _spec(bits, options, "group", gs, scale_dtype)
@@ -177,8 +178,28 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
                          f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
     info = {"name": profile.name, "runtime": runtime, "format": rt.format, "activation": act,
             "activation_grid": activation_grid(mode, rt.format), "support": list(support), "bits": sorted(specs),
-            "source": profile.path}
+            "block_sizes": {b: blocks[b] for b in specs}, "source": profile.path}
     return specs, info
+
+
+def fit_blocks(specs: dict[int, WeightSpec], widths: Iterable[int], target_info: dict) -> dict[int, WeightSpec]:
+    """On a TFLite runtime, which has no short last block (the export refuses one), each grouped format takes the
+    largest block size the runtime runs, up to the asked one, that divides every candidate layer's input width
+    (SmolLM2's 576 and 1536: 64, not 128). Other runtimes pad the last block: `specs` as they are."""
+    if target_info.get("format") != "tflite":
+        return specs
+    widths = sorted(set(widths))
+    out = dict(specs)
+    for bits, spec in specs.items():
+        if spec.granularity != "group" or all(w % spec.group_size == 0 for w in widths):
+            continue
+        fits = [b for b in target_info["block_sizes"].get(bits, []) if b <= spec.group_size and all(w % b == 0 for w in widths)]
+        if not fits:
+            raise EdgeqError(f"--recipe auto: no {bits}-bit block size {target_info['runtime']} runs divides every layer's "
+                             f"input width ({', '.join(map(str, widths))}), and LiteRT has no short last block; "
+                             f"leave {bits} out of --bits")
+        out[bits] = replace(spec, group_size=max(fits))
+    return out
 
 
 def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None,
@@ -312,7 +333,8 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
     base = None
     if analysis is None:
         specs, target_info = allowed_bit_specs(target, allowed_bits, options)
-        analysis = analyze(bundle, batches, specs, options, progress)
+        widths = [bundle.module.get_submodule(n).in_features for n in candidate_layers(bundle.module, options)]
+        analysis = analyze(bundle, batches, fit_blocks(specs, widths, target_info), options, progress)
         analysis.target = target_info
         base = analysis.base_loss  # measured on the same batches as measure_set
     else:

@@ -270,6 +270,12 @@ def test_a_tflite_runtime_plan_holds_litert_grids():
         assert {k: e["activation"][k] for k in ("mode", "bits", "granularity", "symmetric")} == \
             {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
     assert representability(qm)["variants"]["int4"]["representable"] is True
+    from edgeq.quantize.mixed import fit_blocks
+
+    assert fit_blocks(specs, [576, 1536], info)[4].group_size == 64  # SmolLM2: LiteRT has no short last block
+    assert fit_blocks(specs, [128, 512], info) == specs
+    with pytest.raises(EdgeqError, match="no 4-bit block size litert-xnnpack runs divides every layer's input width"):
+        fit_blocks(specs, [576, 100], info)
     onnx_plan = allowed_bit_specs("rpi5", None, MixedOptions(activation=None, measure="none"))
     assert onnx_plan[1]["runtime"] == "onnxruntime-cpu" and onnx_plan[1]["activation_grid"] == {"mode": "none"}
     with pytest.raises(EdgeqError, match="runs no signed Linear weight format natively with activations fp32 .*"
