@@ -57,7 +57,7 @@ def show(name: str, as_json: bool) -> None:
     rail = f", input rail {p['input_rail']}" if p.get("input_rail") else ""
     click.echo(f"  power sensor: {p['sensor']}{rail}")
     for rt in prof.runtimes.values():
-        click.echo(f"  runtime {rt.name}{' (default)' if rt.default else ''}: {rt.package} {rt.version}, "
+        click.echo(f"  runtime {rt.name}{f' (default for {rt.format})' if rt.default else ''}: {rt.package} {rt.version}, "
                    f"{rt.format}, {rt.provider}; {len(rt.rules)} op rules")
         for kind in ("linear",):
             native = prof.weight_options(rt.name, kind=kind)

@@ -17,6 +17,7 @@ def test_targets_list_and_show(profile_dir, capsys):
     assert main(["targets", "show", "rpi4"]) == 0
     out = capsys.readouterr().out
     assert "Cortex-A72" in out and "asimddp" in out and "power sensor: none" in out
+    assert "runtime onnxruntime-cpu (default for onnx)" in out and "runtime litert-xnnpack (default for tflite)" in out
     assert main(["targets", "show", "jetson-orin-nano", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["power"]["input_rail"] == "VDD_IN" and "tensorrt" in data["runtimes"]
