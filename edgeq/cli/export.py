@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import check_new_output, emit_json, json_option
@@ -9,7 +11,8 @@ from .common import check_new_output, emit_json, json_option
 
 @click.command()
 @click.argument("source")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), required=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), default=None,
+              help="Output format (default: the output's suffix, .onnx or .tflite).")
 @click.option("--variant", default=None, help="Rendering (default follows the recipe): onnx fp32|int8|int16x8|dynamic-int8|weight-only; tflite fp32|dynamic-int8|int8|int16x8|int4.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="File to write (FILE.json is written beside it).")
 @click.option("--target", default=None, help="Board profile to check the export against (see `edgeq targets list`).")
@@ -50,6 +53,10 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     from ..errors import EdgeqError
     from ..export import export as run_export
 
+    if fmt is None:
+        fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(Path(output).suffix)
+        if fmt is None:
+            raise EdgeqError(f"export: pass --format onnx or tflite (the output {output!r} ends in neither .onnx nor .tflite)")
     check_new_output(output, overwrite)
     options = {}
     if target:

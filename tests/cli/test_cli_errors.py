@@ -24,6 +24,7 @@ def _run(capsys, *argv):
     (["quantize", "tiny-llama", "--recipe", "auto", "--target", "rpi5", "--runtime", "tensorrt", "--budget", "5bits"],
      "--runtime: 'tensorrt' is not a runtime of rpi5"),
     (["export", "tiny-llama", "--format", "onnx", "--cache-len", "8"], "--cache-len applies to --format tflite"),
+    (["export", "tiny-llama"], "export: pass --format onnx or tflite (the output"),
     (["export", "tiny-llama", "--format", "tflite", "--accuracy-level", "4"], "--accuracy-level applies to --format onnx"),
     (["export", "tiny-llama", "--format", "tflite", "--int8-weights", "int8"], "--int8-weights applies to --format onnx"),
     (["export", "tiny-llama", "--format", "tflite", "--no-optimize"], "--no-optimize applies to --format onnx"),
@@ -42,6 +43,13 @@ def test_bad_input_exits_2_with_one_line_and_no_output(argv, message, capsys, tm
     assert err.strip().count("\n") == 0 and err.startswith("edgeq: error:")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left either
+
+
+def test_export_format_follows_the_output_suffix(capsys, tmp_path, tiny_llama_ref):
+    import json
+
+    assert main(["export", "tiny-llama", "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "onnx"
 
 
 def test_existing_output_is_kept(capsys, tmp_path, tiny_llama_ref):
