@@ -58,7 +58,10 @@ class WeightSpec:
         _check_keys(where, data, [f.name for f in dataclasses.fields(cls)])
         spec = cls(**data)
         if spec.bits != 16:  # 16 = the weight stays float (W16Ax): no weight quantization at all
-            _int_in(f"{where}.bits", spec.bits, 1, 8)
+            try:
+                _int_in(f"{where}.bits", spec.bits, 1, 8)
+            except EdgeqError as exc:
+                raise EdgeqError(f"{exc}, or 16 (the weight stays float)") from None
         if spec.granularity not in GRANULARITIES:
             raise choice_error(f"{where}.granularity", spec.granularity, GRANULARITIES)
         if spec.granularity == "group":

@@ -22,7 +22,7 @@ def test_required_presets_exist_and_load():
 
 @pytest.mark.parametrize("data,message", [
     ({"rules": [{"match": ".*", "wieght": {}}]}, "unknown key 'wieght'"),
-    ({"rules": [{"match": ".*", "weight": {"bits": 9}}]}, "bits: 9 is not an integer in [1, 8]"),
+    ({"rules": [{"match": ".*", "weight": {"bits": 9}}]}, "bits: 9 is not an integer in [1, 8], or 16 (the weight stays float)"),
     ({"rules": [{"match": ".*", "weight": {"granularity": "group", "group_size": 100}}]}, "not a power of two"),
     ({"rules": [{"match": "(", "weight": {}}]}, "is not a regular expression"),
     ({"rules": [{"match": ".*", "method": "magic"}]}, "method: 'magic' is not one of"),
