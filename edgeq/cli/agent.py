@@ -22,13 +22,15 @@ def agent() -> None:
               help="Require client certificates signed by this CA (mutual TLS).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Jobs, artifacts and the journal (default: the user data dir).")
-@click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=None, help="Largest artifact file accepted (default 1024).")
+@click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=None,
+              help="Largest artifact file accepted (default 1024).")
 @click.option("--max-store-gb", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True,
               help="Uploaded files kept for re-use; past it the least recently used are evicted (never those a queued "
                    "or running job needs).")
 @click.option("--min-free-mb", type=click.IntRange(0), default=512, show_default=True,
               help="Refuse an upload that would leave the disk with less free space.")
-@click.option("--max-job-seconds", type=click.FloatRange(0, min_open=True), default=900.0, show_default=True, help="Wall-time limit per job.")
+@click.option("--max-job-seconds", type=click.FloatRange(0, min_open=True), default=900.0, show_default=True,
+              help="Wall-time limit per job.")
 @click.option("--max-memory-mb", type=click.IntRange(64), default=None, help="Address-space limit per job (default 80% of RAM).")
 @click.option("--power-meter", default="auto", show_default=True,
               help="auto, none, jetson-ina3221, rpi5-pmic, hwmon, rapl, or command:<cmd printing watts>.")

@@ -10,7 +10,8 @@ from .common import check_results_db, emit_json, json_option
 @click.command("eval")
 @click.argument("target")
 @click.option("--task", type=click.Choice(["ppl", "cosine", "top1"]), default=None, help="Default: ppl for LMs, cosine for encoders, top1 for image models.")
-@click.option("--data", default=None, help="Evaluation data (evaluation half): enwiki, pydoc, images, a text file, an image folder or a .npy array.")
+@click.option("--data", default=None,
+              help="Evaluation data (evaluation half): enwiki, pydoc, images, a text file, an image folder or a .npy array.")
 @click.option("--count", type=click.IntRange(1, 100000), default=None, help="Windows / sentences / images to evaluate.")
 @click.option("--seq-len", type=click.IntRange(8, 32768), default=None,
               help="Window length for perplexity. Default: a fixed-shape file's own (TFLite), else 512.")

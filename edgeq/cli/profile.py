@@ -33,7 +33,8 @@ def _progress_printer():
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False), help="Bearer token for URL devices.")
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="Devices TOML (default: user config dir).")
 @click.option("--runs", type=click.IntRange(*NUMERIC_LIMITS["runs"]), default=50, show_default=True, help="Minimum timed runs.")
-@click.option("--min-seconds", type=click.FloatRange(*NUMERIC_LIMITS["min_seconds"]), default=1.0, show_default=True, help="Minimum timed duration.")
+@click.option("--min-seconds", type=click.FloatRange(*NUMERIC_LIMITS["min_seconds"]), default=1.0, show_default=True,
+              help="Minimum timed duration.")
 @click.option("--threads", type=click.IntRange(*NUMERIC_LIMITS["threads"]), default=1, show_default=True, help="Runtime threads.")
 @click.option("--dim", "dims", multiple=True, help="Symbolic input dim, NAME=SIZE (e.g. sequence=128; slots=64: the cache "
               "slots a TFLite decode step holds, with --signature decode).")
