@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 from . import protocol as P
 
 RECENT_S = 900.0  # a file uploaded, checked for or run this recently is never evicted
-GiB = 1 << 30
+MiB, GiB = 1 << 20, 1 << 30
 
 
 class ArtifactStore:
@@ -81,5 +81,5 @@ class ArtifactStore:
                 "retry once those jobs are done", 507)
         if free - size < self.min_free_bytes:
             raise P.ProtocolError(
-                f"the board's disk has {max(free, 0) >> 20} MB free: a {size >> 20} MB upload would leave less than the "
-                f"{self.min_free_bytes >> 20} MB the agent keeps free (agent --min-free-mb)", 507)
+                f"the board's disk has {max(free, 0) / MiB:.1f} MB free: a {size / MiB:.1f} MB upload would leave less "
+                f"than the {self.min_free_bytes / MiB:.0f} MB the agent keeps free (agent --min-free-mb)", 507)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -35,9 +36,9 @@ def test_evicts_least_recently_used_files_no_job_needs(tmp_path):
 
 
 def test_refuses_an_upload_that_would_fill_the_disk(tmp_path):
-    free = __import__("shutil").disk_usage(tmp_path).free
+    free = shutil.disk_usage(tmp_path).free
     store = ArtifactStore(tmp_path / "a", max_bytes=1 << 62, min_free_bytes=free + (1 << 30), in_use=set)
-    with pytest.raises(P.ProtocolError, match=r"the board's disk has \d+ MB free: a 0 MB upload would leave less") as exc:
+    with pytest.raises(P.ProtocolError, match=r"the board's disk has [\d.]+ MB free: a 0.0 MB upload would leave less") as exc:
         _put(store, "x", 10)
     assert exc.value.status == 507 and list(store.root.iterdir()) == []
 
