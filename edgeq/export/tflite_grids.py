@@ -75,7 +75,8 @@ def check_representable(qm, variant: str) -> None:
     try:
         _check_representable(qm, variant)
     except EdgeqError as exc:
-        if qm is None or qm.recipe.name != "auto":
+        planned_for = ((qm.extra.get("mixed") or {}).get("target") or {}).get("format") if qm is not None else None
+        if qm is None or qm.recipe.name != "auto" or planned_for == "tflite":
             raise
         raise EdgeqError(f"{exc}; for a mixed-precision plan, quantize with --recipe auto --runtime litert-xnnpack "
                          "(its plan holds LiteRT's grids)") from None

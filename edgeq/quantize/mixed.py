@@ -435,7 +435,9 @@ def quantize_auto(model: str, target: str | None = None, budget: str | None = No
     parsed = parse_budget(budget)  # fail fast, before loading the model
     allowed = parse_bits(bits)
     options = options or MixedOptions()
-    allowed_bit_specs(target, allowed, options)  # a bad --target / --bits fails before the model loads
+    _, info = allowed_bit_specs(target, allowed, options)  # a bad --target / --bits fails before the model loads
+    if info.get("format") == "tflite" and options.embedding_bits not in (None, 4, 8):
+        raise EdgeqError(f"--embedding-bits {options.embedding_bits}: {info['runtime']} holds 4- or 8-bit embedding tables")
     bundle = load_model(model)
     # batch size 1: the Fisher pass keeps every layer's input for one batch in memory
     batches = calibration_batches(bundle, calib, samples or 8, seq_len or 512, batch_size=1)

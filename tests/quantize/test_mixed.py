@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -270,6 +271,15 @@ def test_a_tflite_runtime_plan_holds_litert_grids():
         assert {k: e["activation"][k] for k in ("mode", "bits", "granularity", "symmetric")} == \
             {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
     assert representability(qm)["variants"]["int4"]["representable"] is True
+    from edgeq.export.tflite_grids import check_representable
+
+    with pytest.raises(EdgeqError, match="needs 8-bit weights with static") as exc:
+        check_representable(qm, "int8")  # full integer: refused, without pointing at the runtime it was planned for
+    assert "--runtime litert-xnnpack" not in str(exc.value)
+    from edgeq.quantize.mixed import quantize_auto
+
+    with pytest.raises(EdgeqError, match="--embedding-bits 6: litert-xnnpack holds 4- or 8-bit embedding tables"):
+        quantize_auto("no-such-model", target="rpi5", budget="5bits", options=replace(opts, embedding_bits=6))
     from edgeq.quantize.mixed import fit_blocks
 
     assert fit_blocks(specs, [576, 1536], info)[4].group_size == 64  # SmolLM2: LiteRT has no short last block
