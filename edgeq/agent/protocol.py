@@ -107,6 +107,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }
 SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_DIMS = {"batch": 1, "sequence": 64}
+MAX_DIM = 1 << 20  # the largest size a job may give a symbolic input dim
 
 NUMERIC_LIMITS = {
     "runs": (1, 1_000_000), "min_seconds": (0.0, 3600.0), "max_seconds": (0.001, 86400.0),
@@ -191,9 +192,9 @@ def check_config(config: Any) -> dict:
         out[key] = int(out[key])
     dims = out["dims"]
     if not isinstance(dims, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DIM
             for k, v in dims.items()):
-        raise ProtocolError("config.dims: must map dim names to integers in [1, 1048576]")
+        raise ProtocolError(f"config.dims: must map dim names to integers in [1, {MAX_DIM}]")
     for key in ("power", "weight_cache"):
         if not isinstance(out[key], bool):
             raise ProtocolError(f"config.{key}: must be true or false")

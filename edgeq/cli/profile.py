@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..agent.protocol import NUMERIC_LIMITS
+from ..agent.protocol import MAX_DIM, NUMERIC_LIMITS
 from ..errors import EdgeqError
 from .common import check_results_db
 
@@ -56,6 +56,9 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
         dim_map = {k: int(v) for k, v in (d.split("=", 1) for d in dims)}
     except ValueError:
         raise EdgeqError(f"--dim: expected NAME=SIZE, got {list(dims)}") from None
+    for name, size in dim_map.items():
+        if not 1 <= size <= MAX_DIM:
+            raise EdgeqError(f"--dim {name}={size}: a size is an integer in [1, {MAX_DIM}]")
     if signature is not None and any(not str(a).endswith(".tflite") for a in artifacts):
         raise EdgeqError("profile: --signature applies to .tflite files (an ONNX decode step is its own FILE.decode.onnx)")
     if weight_cache and any(not str(a).endswith(".tflite") for a in artifacts):

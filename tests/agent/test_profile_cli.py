@@ -186,6 +186,8 @@ def test_unknown_signature_is_refused_before_any_job(tmp_path, capsys, two_signa
     host.check_signature(other_bytes, "decoder")  # no error: the metadata describes some other file
     code, _, err = cli(capsys, "profile", str(art), "--local", "--runs", "0")
     assert code == 2 and "'--runs': 0 is not in the range 1<=x<=1000000" in err
+    code, _, err = cli(capsys, "profile", str(art), "--local", "--signature", "decode", "--dim", "slots=0")
+    assert code == 2 and "--dim slots=0: a size is an integer in [1, 1048576]" in err
 
 
 def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):
