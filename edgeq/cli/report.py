@@ -31,3 +31,18 @@ def report(db, model, device, since, force, compare, output) -> None:
     if not output:
         raise EdgeqError("report: -o/--output is required (report.html, report.md or report.json)")
     click.echo(str(rep.write_report(db, output, model=model, device=device, since=since, force=force)))
+    _unknown_filters(db, model, device)
+
+
+def _unknown_filters(db, model: str | None, device: str | None) -> None:
+    """A --model or --device that no stored run has (a typo) is said on stderr, with the ones there are."""
+    from ..store import list_results
+
+    if not model and not device:
+        return
+    rows = list_results(db)
+    for flag, value, known in (("--model", model, {r.model_ref for r in rows if r.model_ref}),
+                               ("--device", device, {r.device for r in rows})):
+        if value and value not in known:
+            click.echo(f"edgeq: note: {flag} {value!r} matches no stored run (the database has: "
+                       f"{', '.join(sorted(known)) or 'none'})", err=True)

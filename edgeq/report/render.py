@@ -90,6 +90,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
              f"Generated {doc['generated']} from `{doc['db']}`; filters {doc['filters']}; --force={doc['force']}.",
              "Plots: see the HTML rendering (`edgeq report -o report.html`).", "", "## Summary", "",
              _md_table(summary_table(doc)), _md_table(flagged_table(doc))]
+    if not doc["models"]:
+        parts += ["_No runs in the database match the filters._", ""]
     for m in doc["models"]:
         parts += [f"## {m['model']}", ""] + [_md_table(t) for t in model_tables(m)]
     parts += ["## Methods", ""] + [f"- **{k}**: {v}" for k, v in doc["methods"].items()]

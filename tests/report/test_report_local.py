@@ -128,6 +128,10 @@ def test_write_three_formats_and_cli(profiled_db, tmp_path, capsys):
     rc = main(["report", "--db", str(profiled_db), "--device", "local", "-o", str(tmp_path / "c.md")])
     assert rc == 0 and (tmp_path / "c.md").is_file()
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.md")
+    rc = main(["report", "--db", str(profiled_db), "--model", "toy-matmull", "-o", str(tmp_path / "typo.md")])
+    assert rc == 0 and "_No runs in the database match the filters._" in (tmp_path / "typo.md").read_text()
+    assert capsys.readouterr().err == (f"edgeq: note: --model 'toy-matmull' matches no stored run (the database has: "
+                                       f"{MODEL})\n")
     assert main(["report", "--db", str(profiled_db), "-o", str(tmp_path / "r.pdf")]) == 2
     assert "output suffix" in capsys.readouterr().err
     assert main(["report", "--db", str(profiled_db)]) == 2
