@@ -169,6 +169,9 @@ def main() -> None:
                     help="recipe(s) for the full-integer int8 rows (default w8a8-static; w8a8-static-fc2a16 adds 16x8 down-projections)")
     ap.add_argument("--int8-qdir", nargs="+", default=[],
                     help="existing QDIRs (e.g. from `edgeq qat --loss kd`) exported as --variant int8 rows named by their directory")
+    ap.add_argument("--qdir", nargs="+", default=[],
+                    help="existing QDIRs (e.g. `edgeq quantize --recipe auto --runtime litert-xnnpack`) exported as their "
+                         "recipe's default variant, rows named by their directory")
     ap.add_argument("--output-calibration", nargs="+", default=[OUTPUT_CALIBRATIONS[0]], choices=OUTPUT_CALIBRATIONS,
                     help="full-integer rows: how their output grids are calibrated (`edgeq export --output-calibration`); "
                          "each method a row of the same QDIR, named with it unless it is minmax, the default")
@@ -217,6 +220,11 @@ def main() -> None:
 
     jobs = [(recipe_name, variant, None) for recipe_name, variant in recipes.items()]
     jobs += [(str(Path(q).resolve()), "int8", Path(q).resolve()) for q in args.int8_qdir]
+    if args.qdir:
+        from edgeq.export.tflite_grids import default_variant
+        from edgeq.quantize.qmodel import load_quantized
+
+        jobs += [(str(Path(q).resolve()), default_variant(load_quantized(q)), Path(q).resolve()) for q in args.qdir]
     jobs = [(*job, method) for job in jobs for method in (args.output_calibration if job[1] in tflite_export.FULL_INTEGER else [None])]
     for recipe_name, variant, given, method in jobs:
         stem = Path(recipe_name).stem if given is None else given.name
@@ -248,6 +256,12 @@ def main() -> None:
                 rows[name]["qat"] = {k: rec[k] for k in ("method", "config", "steps_done", "eval_loss_start", "eval_loss_end",
                                                        "eval_top1_agree_fp32_start", "eval_top1_agree_fp32_end", "step_seconds")
                                      if k in rec}
+            if "mixed" in qmeta:  # `--recipe auto`: the plan's budget, target and bits per layer
+                rec = qmeta["mixed"]
+                bits = [e["weight"]["bits"] for e in qmeta["layers"]]
+                rows[name]["mixed"] = {"budget": rec.get("budget"), "target": rec.get("target"),
+                                       "avg_bits": qmeta.get("avg_bits"),
+                                       "layers_by_bits": {str(b): bits.count(b) for b in sorted(set(bits))}}
 
     # every signature of the fp32 file needs feeds (a decoder LM's has a decode step too): the feeds edgeq's
     # own full-integer export calibrates with, from the same 8 calibration inputs
