@@ -25,6 +25,8 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--activation", type=click.Choice(["none", "dynamic"]), default=None,
               help="With --recipe auto: float activations, or int8 per token at run time. Default: the runtime's "
                    "(dynamic on TFLite, whose INT4/INT8 kernels quantize them; none otherwise).")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="With --recipe auto: how the chosen bits are applied (default rtn; gptq: slower, better at 4 bits).")
 @click.option("--allow-fallback", is_flag=True,
               help="With --recipe auto: also bit-widths the runtime runs only through a fallback.")
 @click.option("--embedding-bits", type=click.IntRange(2, 8), default=None,
@@ -32,7 +34,7 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--output", "-o", required=True, type=click.Path(), help="Quantized-model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
 @json_option
-def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runtime, activation, allow_fallback,
+def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runtime, activation, method, allow_fallback,
              embedding_bits, output, overwrite, as_json):
     """Quantize MODEL (a built-in name, a Hugging Face directory or package.module:factory)."""
     from ..models import load_model
@@ -46,14 +48,14 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
         from ..quantize.mixed import MixedOptions, quantize_auto
 
         options = MixedOptions(embedding_bits=embedding_bits, runtime=runtime, activation=activation,
-                               allow_fallback=allow_fallback)
+                               allow_fallback=allow_fallback, method=method or "rtn")
         qm = quantize_auto(model, target=target, budget=budget, calib=calib, samples=samples, seq_len=seq_len, bits=bits,
                           options=options, progress=progress)
     else:
         if embedding_bits is not None:
             raise EdgeqError("--embedding-bits is for --recipe auto; a recipe file sets its own [embedding] table")
         given = [flag for flag, value in (("--target", target), ("--budget", budget), ("--bits", bits),
-                                          ("--runtime", runtime), ("--activation", activation),
+                                          ("--runtime", runtime), ("--activation", activation), ("--method", method),
                                           ("--allow-fallback", allow_fallback or None)) if value is not None]
         if given:
             raise EdgeqError(f"{given[0]} applies to --recipe auto; recipe {recipe!r} sets every layer's bits itself "

@@ -21,6 +21,7 @@ def _run(capsys, *argv):
     (["quantize", "tiny-llama", "--recipe", "w8", "--budget", "25%"], "--budget applies to --recipe auto"),
     (["quantize", "tiny-llama", "--recipe", "w8", "--target", "rpi5"], "--target applies to --recipe auto"),
     (["quantize", "tiny-llama", "--recipe", "w8", "--runtime", "litert-xnnpack"], "--runtime applies to --recipe auto"),
+    (["quantize", "tiny-llama", "--recipe", "w8", "--method", "gptq"], "--method applies to --recipe auto"),
     (["quantize", "tiny-llama", "--recipe", "auto", "--target", "rpi5", "--runtime", "tensorrt", "--budget", "5bits"],
      "--runtime: 'tensorrt' is not a runtime of rpi5"),
     (["export", "tiny-llama", "--format", "onnx", "--cache-len", "8"], "--cache-len applies to --format tflite"),

@@ -157,19 +157,20 @@ def test_eval_reads_a_tflite_lm_at_its_own_length(exported, capsys):
 
 
 def test_auto_plan_for_litert_exports_exactly(tmp_path, capsys):
-    """`edgeq quantize --recipe auto --target rpi5 --runtime litert-xnnpack`: a mixed INT4 / INT8 plan whose grids the
-    TFLite file holds bitwise, natively on the board's LiteRT; a plan for ONNX Runtime is refused with the way to it."""
+    """`edgeq quantize --recipe auto --target rpi5 --runtime litert-xnnpack --method gptq`: a mixed INT4 / INT8 plan
+    whose grids the TFLite file holds bitwise, natively on the board's LiteRT; a plan for ONNX Runtime is refused with
+    the way to it."""
     from edgeq.cli.main import main
 
     qdir, onnx_qdir, out = tmp_path / "q", tmp_path / "q-ort", tmp_path / "auto.tflite"
     common = ["--recipe", "auto", "--target", "rpi5", "--budget", "6bits", "--samples", "2", "--seq-len", "64"]
-    assert main(["quantize", "tiny-llama", *common, "--runtime", "litert-xnnpack", "-o", str(qdir)]) == 0
+    assert main(["quantize", "tiny-llama", *common, "--runtime", "litert-xnnpack", "--method", "gptq", "-o", str(qdir)]) == 0
     assert main(["export", str(qdir), "--format", "tflite", "-o", str(out), "--target", "rpi5", "--json"]) == 0
     capsys.readouterr()
     meta = json.loads(Path(str(out) + ".json").read_text())
     assert meta["exact"] is True and meta["variant"] == "int4" and meta["parity"]["cos_min"] > 0.999
-    bits = {e["weight"]["bits"] for e in json.loads((qdir / "quant.json").read_text())["layers"]}
-    assert bits == {4, 8}
+    layers = json.loads((qdir / "quant.json").read_text())["layers"]
+    assert {e["weight"]["bits"] for e in layers} == {4, 8} and {e["method"] for e in layers} == {"gptq"}
     assert main(["quantize", "tiny-llama", *common, "--activation", "dynamic", "-o", str(onnx_qdir)]) == 0
     assert main(["export", str(onnx_qdir), "--format", "tflite", "-o", str(tmp_path / "x.tflite")]) == 2
     assert "quantize with --recipe auto --runtime litert-xnnpack" in capsys.readouterr().err
