@@ -296,7 +296,7 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
         w = {k: v for k, v in spec.__dict__.items() if v is not None}
         rules.append({"match": f"^{re.escape(layer)}$", "weight": w, "activation": act, "method": options.method})
     bits = sorted({c.bits for c in allocation.picks.values()})
-    extra = {"embedding": {"bits": options.embedding_bits, "symmetric": True, "granularity": "channel"}} \
+    extra = {"embedding": embedding_table(options.embedding_bits, analysis.target or {})} \
         if options.embedding_bits is not None else {}
     return QuantRecipe.from_dict({
         "name": name,
@@ -307,11 +307,25 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
     })
 
 
-def embedding_bytes(model: torch.nn.Module, bits: int | None) -> int:
-    """The input embedding table's stored bytes: fp32 (bits None), or b-bit rows plus one fp32 scale per row."""
+def embedding_table(bits: int, target_info: dict) -> dict:
+    """The recipe's `[embedding]` table for `--embedding-bits`: b-bit rows with one scale each; for a TFLite runtime, at
+    4 bits blocks of 32 with bf16 scales (as the preset w4-g64-litert-emb4 stores them), and the tied head's input on
+    LiteRT's per-row int8 grid, which its hybrid kernel computes."""
+    if target_info.get("format") != "tflite":
+        return {"bits": bits, "symmetric": True, "granularity": "channel"}
+    table = {"bits": bits, "symmetric": True, "granularity": "channel", "head_activation": LITERT_DYNAMIC_GRID}
+    if bits == 4:
+        table.update(granularity="group", group_size=32, scale_dtype="bf16")
+    return table
+
+
+def embedding_bytes(model: torch.nn.Module, table: dict | None) -> int:
+    """The input embedding table's stored bytes: fp32 (no table), or as `embedding_table` stores it (quant.json's count)."""
     emb = model.get_input_embeddings()
-    rows, cols = emb.weight.shape
-    return rows * cols * 4 if bits is None else math.ceil(rows * cols * bits / 8) + rows * 4
+    if table is None:
+        return emb.weight.numel() * 4
+    spec = WeightSpec.from_dict({k: v for k, v in table.items() if k != "head_activation"})
+    return spec_bytes(tuple(emb.weight.shape), spec)
 
 
 def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget, calib_batches,
@@ -341,8 +355,9 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
     if options.embedding_bits is not None:
         # the table leaves the float part of the budget at its integer size (what quant.json will count)
+        table = embedding_table(options.embedding_bits, analysis.target or {})
         analysis = replace(analysis, fixed_bytes=analysis.fixed_bytes - embedding_bytes(bundle.module, None)
-                                       + embedding_bytes(bundle.module, options.embedding_bits))
+                                       + embedding_bytes(bundle.module, table))
     allocation = plan(analysis, budget)
     recipe = build_recipe(analysis, allocation, options)
     alone = {}

@@ -293,6 +293,23 @@ def test_a_tflite_runtime_plan_holds_litert_grids():
         allowed_bit_specs("rpi5", None, MixedOptions(activation="none", runtime="litert-xnnpack"))
 
 
+def test_a_tflite_plans_embedding_table_is_litert_s():
+    """`--embedding-bits 4` on a TFLite runtime stores the table in blocks of 32 with bf16 scales, as the preset
+    w4-g64-litert-emb4 does, and the tied head reads its input on LiteRT's per-row grid; the budget counts it so."""
+    from edgeq.quantize.mixed import embedding_bytes, embedding_table
+
+    tflite = {"format": "tflite"}
+    assert embedding_table(4, tflite)["granularity"] == "group" and embedding_table(4, tflite)["group_size"] == 32
+    assert embedding_table(8, tflite)["granularity"] == "channel"
+    assert embedding_table(4, tflite)["head_activation"]["symmetric"] is False
+    assert embedding_table(4, {"format": "onnx"}) == {"bits": 4, "symmetric": True, "granularity": "channel"}
+    model = torch.nn.Module()
+    model.get_input_embeddings = lambda: torch.nn.Embedding(1000, 64)
+    assert embedding_bytes(model, None) == 1000 * 64 * 4
+    assert embedding_bytes(model, embedding_table(8, tflite)) == 1000 * 64 + 1000 * 4
+    assert embedding_bytes(model, embedding_table(4, tflite)) == 1000 * 32 + 1000 * 2 * 2  # two bf16 scales a row
+
+
 def test_parse_bits():
     from edgeq.quantize.mixed import parse_bits
 
