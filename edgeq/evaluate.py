@@ -45,12 +45,12 @@ def resolve_target(target: str, threads: int = 1) -> Target:
     if path.suffix in (".onnx", ".tflite") and path.is_file():
         meta_path = Path(str(path) + ".json")
         if not meta_path.is_file():
-            from .agent.host import DECODE_GRAPH
+            from .export import prefill_of
 
-            prefill = path.name[: -len(DECODE_GRAPH)] + ".onnx" if path.name.endswith(DECODE_GRAPH) else None
-            if prefill and (path.parent / prefill).is_file():
-                raise EdgeqError(f"eval: {path.name} is the one-token decode step of {prefill}, which computes the same "
-                                 f"model over whole windows: evaluate {path.parent / prefill}")
+            prefill = prefill_of(path)
+            if prefill is not None and prefill.is_file():
+                raise EdgeqError(f"eval: {path.name} is the one-token decode step of {prefill.name}, which computes the "
+                                 f"same model over whole windows: evaluate {prefill}")
             raise EdgeqError(f"eval: {path} has no {meta_path.name} beside it (export it with edgeq export)")
         meta = read_json(meta_path)
         reference = meta.get("source", {}).get("model")

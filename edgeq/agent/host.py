@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EdgeqError
+from ..export import prefill_of
 from ..fileio import read_json, sha256_file
 from .client import AgentClient, AgentError
 from .inputs import asked_dims, dims_label
@@ -127,18 +128,15 @@ def export_meta(artifact: Path) -> dict | None:
     return None
 
 
-DECODE_GRAPH = ".decode.onnx"  # an ONNX LM export's one-token step, beside FILE.onnx (export/onnx.py names it so)
-
-
 def graph_meta(path: Path, sha256: str, size_bytes: int) -> dict | None:
     """Metadata for FILE.decode.onnx, which has no JSON of its own: the export's FILE.onnx.json names it in `graph` and
     lists its sha256 in `files`. It is that export's metadata (model, recipe, variant, exactness and parity: the step
     holds the same layers, checked against the prefill graph) with this graph's hash and size (with the external data
     it reads, which the prefill graph shares), `graph_role` saying which graph it is and `graph_of` whose; `inputs` is
     left to the agent, which reads them from the graph. None when no such export lists these bytes."""
-    if not path.name.endswith(DECODE_GRAPH):
+    prefill = prefill_of(path)
+    if prefill is None:
         return None
-    prefill = path.with_name(path.name[: -len(DECODE_GRAPH)] + ".onnx")
     parent = export_meta(prefill)
     if not parent or (parent.get("graph") or {}).get("decode") != path.name:
         return None

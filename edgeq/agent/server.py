@@ -138,7 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = self._content_length(self.agent.cfg.max_upload_bytes)
         if length is None:
             return
-        tmp = self.agent.data_dir / "artifacts" / f".upload-{sha}-{threading.get_ident()}-{time.monotonic_ns()}"
+        tmp = self.agent.artifacts.root / f".upload-{sha}-{threading.get_ident()}-{time.monotonic_ns()}"
         digest, remaining = hashlib.sha256(), length
         try:
             with self.agent.artifacts.reserve(length), open(tmp, "wb") as f:

@@ -14,6 +14,17 @@ from ..errors import EdgeqError, choice_error
 
 # fmt -> (exporter, file suffix)
 EXPORTERS: dict[str, tuple[Callable, str]] = {}
+DECODE_GRAPH = ".decode.onnx"  # an ONNX decoder LM export's one-token step: FILE.decode.onnx beside FILE.onnx
+
+
+def decode_graph_name(out: Path) -> str:
+    return f"{Path(out).stem}{DECODE_GRAPH}"
+
+
+def prefill_of(path: Path) -> Path | None:
+    """FILE.onnx, the prefill graph of an export's FILE.decode.onnx; None for any other name."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(DECODE_GRAPH)] + ".onnx") if path.name.endswith(DECODE_GRAPH) else None
 
 
 def register_exporter(fmt: str, suffix: str):

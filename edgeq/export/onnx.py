@@ -39,7 +39,7 @@ import onnx
 
 from ..errors import EdgeqError, choice_error
 from ..models.hf import decoder_attention
-from . import register_exporter
+from . import decode_graph_name, register_exporter
 from .batchnorm import bn_folds, folded_integers, rendered_scale
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_files import put_in_place, write_graphs
@@ -159,7 +159,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     for r in (r for rs in rendered for r in rs if r.layer in folds):
         r.rescaled_channels = folds[r.layer].dead_channels()
     unused = sorted(set.intersection(*[set(a) for _, a in results])) if results else []
-    names = {"prefill": out.name, "decode": f"{out.stem}.decode.onnx", "model": out.name}
+    names = {"prefill": out.name, "decode": decode_graph_name(out), "model": out.name}
     four_bit = any(r.container in ("int4", "uint4") for rs in rendered for r in rs)
     # ONNX Runtime fuses DequantizeLinear -> MatMul with a float input into MatMulNBits (4-bit blocks, and 8-bit per
     # channel too), whose default accuracy level quantizes that input again, on its own blockwise int8 grid: the level

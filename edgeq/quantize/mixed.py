@@ -29,26 +29,13 @@ from ..recipe import ActSpec, QuantRecipe, WeightSpec
 from .allocate import Allocation, Choice, LayerOptions, allocate
 from .budget import Budget, parse_budget
 from .methods import METHODS
+from .mixed_formats import activation_grid, allowed_bit_specs, embedding_table, fit_blocks, parse_bits
 from .qmodel import QuantizedModel, model_float_bytes
 from .sensitivity import LayerSensitivity, Objective, fisher_sensitivity, mean_loss, measure_layers, predicted_loss
 from .transforms import fold_norms, head_name, is_tied
 
 AUTO_RECIPE = "auto"
 MEASURE = ("none", "model", "layers")
-ALL_BITS = (2, 3, 4, 5, 6, 8)
-
-
-DYNAMIC_GRID = {"mode": "dynamic", "granularity": "token"}  # `activation = "dynamic"`: int8 per token (ActSpec's defaults)
-# ... on a TFLite runtime: LiteRT's hybrid kernels quantize each row of a layer's input to asymmetric int8 (XNNPACK qd8)
-LITERT_DYNAMIC_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
-
-
-def activation_grid(mode: str, fmt: str | None) -> dict:
-    """The activation table of every rule `auto` writes: float (`none`), or the per-token int8 grid the runtime's
-    kernels compute (LiteRT's asymmetric rows for a TFLite runtime, edgeq's symmetric ones otherwise)."""
-    if mode == "none":
-        return {"mode": "none"}
-    return LITERT_DYNAMIC_GRID if fmt == "tflite" else DYNAMIC_GRID
 
 
 @dataclass(frozen=True)
@@ -108,106 +95,6 @@ class Analysis:
                        table={n: {b: t[b] for b in keep} for n, t in self.table.items()},
                        bytes_table={n: {b: t[b] for b in keep} for n, t in self.bytes_table.items()},
                        target={**self.target, "bits": keep})
-
-
-def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, options: MixedOptions) -> tuple[dict[int, WeightSpec], dict]:
-    """bits -> WeightSpec that mixed precision may use; from the target profile and/or an explicit set.
-
-    The one place that asks a board profile which weight formats run natively for a Linear
-    (`TargetProfile.weight_options`); an explicit set narrows the target's set.
-    """
-    explicit = None
-    if allowed_bits is not None:
-        explicit = sorted({int(b) for b in allowed_bits})
-        bad = [b for b in explicit if b not in ALL_BITS]
-        if bad or not explicit:
-            raise EdgeqError(f"--bits: {bad[0] if bad else 'empty'!r} is not a bit-width mixed precision uses (allowed: {', '.join(map(str, ALL_BITS))})")
-    gs = options.group_size
-    if target is None:
-        if explicit is None:
-            raise EdgeqError("--recipe auto: pass --target NAME or an explicit --bits set (e.g. --bits 2,3,4,8)")
-        specs = {b: _spec(b, options, "group" if (b < 8 or options.eight_bit_granularity == "group") and gs else "channel", gs)
-                 for b in explicit}
-        return specs, {"name": None, "bits": explicit, "source": "--bits",
-                       "activation_grid": activation_grid(options.activation or "none", None)}
-    from ..targets import load_profile
-    from ..targets.uses import onnx_dynamic_form
-
-    profile = load_profile(target)
-    support = ("native", "fallback") if options.allow_fallback else ("native",)
-    rt = profile.runtime(options.runtime)
-    runtime = rt.name
-    mode = options.activation or ("dynamic" if rt.format == "tflite" else "none")
-    act = "fp32" if mode == "none" else "dynamic"
-    # LiteRT stores block scales in 16 bits: bf16-exact scales are what a TFLite file holds bitwise
-    scale_dtype = "bf16" if rt.format == "tflite" else None
-    if rt.format == "onnx" and act == "dynamic":
-        # as the export renders the per-token grid (build_recipe's): before some weight formats as float ops,
-        # so the layer's op reads float inputs; each format is judged by the op its layer becomes
-        g = ActSpec(**DYNAMIC_GRID)
-        opts = [o for o in profile.weight_options(runtime, kind="linear", acts=("dynamic", "fp32"), support=support)
-                if o.act == ("fp32" if onnx_dynamic_form(True, o.bits, o.group_size, g.bits, g.symmetric, g.granularity)
-                             == "float" else "dynamic")]
-    else:
-        opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
-    specs, blocks = {}, {}
-    for bits in sorted({o.bits for o in opts}):
-        if explicit is not None and bits not in explicit:
-            continue
-        signed = options.symmetric or bits == 8  # 8-bit weights are always symmetric (see _spec)
-        mine = [o for o in opts if o.bits == bits and o.dtype.startswith("int" if signed else "uint")]
-        if not mine:
-            continue
-        grans = {(o.granularity, o.group_size) for o in mine}
-        blocks[bits] = sorted(s for g, s in grans if g == "group")
-        prefer_group = bits < 8 or options.eight_bit_granularity == "group"
-        if prefer_group and gs is not None and ("group", gs) in grans:
-            specs[bits] = _spec(bits, options, "group", gs, scale_dtype)
-        elif ("channel", None) in grans:
-            specs[bits] = _spec(bits, options, "channel", None)
-        elif any(g == "group" for g, _ in grans):
-            sizes = sorted(s for g, s in grans if g == "group")
-            pick = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(gs or 128)), -s))
-            specs[bits] = _spec(bits, options, "group", pick, scale_dtype)
-    if not specs:
-        wanted = f"{','.join(map(str, explicit))}-bit " if explicit else ""
-        others = [name for name in profile.runtimes if name != runtime]
-        hints = ["--allow-fallback", "--bits with other widths"] + (
-            ["--activation dynamic"] if mode == "none" else ["--activation none"]) + [f"--runtime {r}" for r in others]
-        raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {wanted}{'signed' if options.symmetric else 'unsigned'} "
-                         f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
-    info = {"name": profile.name, "runtime": runtime, "format": rt.format, "activation": act,
-            "activation_grid": activation_grid(mode, rt.format), "support": list(support), "bits": sorted(specs),
-            "block_sizes": {b: blocks[b] for b in specs}, "source": profile.path}
-    return specs, info
-
-
-def fit_blocks(specs: dict[int, WeightSpec], widths: Iterable[int], target_info: dict) -> dict[int, WeightSpec]:
-    """On a TFLite runtime, which has no short last block (the export refuses one), each grouped format takes the
-    largest block size the runtime runs, up to the asked one, that divides every candidate layer's input width
-    (SmolLM2's 576 and 1536: 64, not 128). Other runtimes pad the last block: `specs` as they are."""
-    if target_info.get("format") != "tflite":
-        return specs
-    widths = sorted(set(widths))
-    out = dict(specs)
-    for bits, spec in specs.items():
-        if spec.granularity != "group" or all(w % spec.group_size == 0 for w in widths):
-            continue
-        fits = [b for b in target_info["block_sizes"].get(bits, []) if b <= spec.group_size and all(w % b == 0 for w in widths)]
-        if not fits:
-            raise EdgeqError(f"--recipe auto: no {bits}-bit block size {target_info['runtime']} runs divides every layer's "
-                             f"input width ({', '.join(map(str, widths))}), and LiteRT has no short last block; "
-                             f"leave {bits} out of --bits")
-        out[bits] = replace(spec, group_size=max(fits))
-    return out
-
-
-def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None,
-          scale_dtype: str | None = None) -> WeightSpec:
-    sym = options.symmetric or bits == 8  # 8-bit is symmetric by edgeq's convention (LiteRT narrow range)
-    return WeightSpec.from_dict({"bits": bits, "symmetric": sym, "granularity": granularity,
-                                 **({"group_size": group_size} if granularity == "group" else {}),
-                                 **({"scale_dtype": scale_dtype} if scale_dtype else {})})
 
 
 def candidate_layers(model: torch.nn.Module, options: MixedOptions) -> list[str]:
@@ -305,18 +192,6 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
         "untie_head": False,
         **extra,
     })
-
-
-def embedding_table(bits: int, target_info: dict) -> dict:
-    """The recipe's `[embedding]` table for `--embedding-bits`: b-bit rows with one scale each; for a TFLite runtime, at
-    4 bits blocks of 32 with bf16 scales (as the preset w4-g64-litert-emb4 stores them), and the tied head's input on
-    LiteRT's per-row int8 grid, which its hybrid kernel computes."""
-    if target_info.get("format") != "tflite":
-        return {"bits": bits, "symmetric": True, "granularity": "channel"}
-    table = {"bits": bits, "symmetric": True, "granularity": "channel", "head_activation": LITERT_DYNAMIC_GRID}
-    if bits == 4:
-        table.update(granularity="group", group_size=32, scale_dtype="bf16")
-    return table
 
 
 def embedding_bytes(model: torch.nn.Module, table: dict | None) -> int:
@@ -422,20 +297,6 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / den if den else None
-
-
-def parse_bits(text: str | Iterable[int] | None) -> list[int] | None:
-    """`--bits 2,3,4,8` -> [2, 3, 4, 8]; None stays None (the target decides)."""
-    if text is None or not isinstance(text, str):
-        return None if text is None else sorted({int(b) for b in text})
-    try:
-        bits = sorted({int(b) for b in text.replace(" ", "").split(",") if b})
-    except ValueError:
-        raise EdgeqError(f"--bits: {text!r} is not a comma-separated list of bit-widths (e.g. 2,3,4,8)") from None
-    bad = [b for b in bits if b not in ALL_BITS]
-    if not bits or bad:
-        raise EdgeqError(f"--bits: {text!r} is not a set of bit-widths from {', '.join(map(str, ALL_BITS))}")
-    return bits
 
 
 def quantize_auto(model: str, target: str | None = None, budget: str | None = None, calib: str | None = None,
