@@ -17,6 +17,7 @@ This module never changes the core's byte accounting: sizes are computed exactly
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import EdgeqError, choice_error
 from ..models import ModelBundle
-from ..recipe import ActSpec, QuantRecipe, WeightSpec
+from ..recipe import ActSpec, CalibOptions, QuantRecipe, WeightSpec
 from .allocate import Allocation, Choice, LayerOptions, allocate
 from .budget import Budget, parse_budget
 from .methods import METHODS
@@ -55,6 +56,9 @@ class MixedOptions:
     skip: str | None = None  # regex of layer names to keep float
     sensitivity_batches: int | None = None  # use only the first N calibration batches for the analysis
     embedding_bits: int | None = None  # also quantize the input embedding (and a tied head with it) per row; None = float
+    # fold norm gains into the linears they feed before analysis and quantization; None: only when every candidate
+    # format is 8-bit (a gain folded into 4-bit groups widens each group's range, as the INT4 presets measured)
+    fold_norms: bool | None = None
 
     def __post_init__(self):
         if self.activation not in ("none", "dynamic", None):
@@ -69,6 +73,10 @@ class MixedOptions:
             raise choice_error("mixed.eight_bit_granularity", self.eight_bit_granularity, ("channel", "group"))
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
             raise EdgeqError(f"--group-size: {self.group_size} is not a power of two >= 8")
+
+    def folds(self, specs: dict[int, WeightSpec]) -> bool:
+        """Whether norms are folded for this set of candidate formats."""
+        return self.fold_norms if self.fold_norms is not None else min(specs) >= 8
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Analysis:
     objective: str
     forced: list[str] = field(default_factory=list)
     target: dict = field(default_factory=dict)
+    folded_norms: bool = True  # the analysis ran on a norm-folded model (the quantized model must be folded too)
 
     def restrict(self, bits: Iterable[int]) -> "Analysis":
         """The same analysis with fewer candidate bit-widths (e.g. another target's set)."""
@@ -131,7 +140,7 @@ def spec_bytes(shape: tuple, spec: WeightSpec, act: ActSpec | None = None) -> in
 
 def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], options: MixedOptions = MixedOptions(),
             progress=None) -> Analysis:
-    """Fold norms (as quantize_model will), then measure every candidate layer's sensitivity."""
+    """Fold norms if `options` says so (quantize_model then folds too), then measure every candidate layer's sensitivity."""
     model = bundle.module.eval()
     batches = list(calib_batches or [])
     if not batches:
@@ -139,7 +148,9 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     if options.sensitivity_batches:
         batches = batches[: options.sensitivity_batches]
     fp32_bytes = model_float_bytes(model)
-    fold_norms(model)
+    folded = options.folds(specs)
+    if folded:
+        fold_norms(model)
     names = candidate_layers(model, options)
     if not names:
         raise EdgeqError(f"--recipe auto: {bundle.reference!r} has no Linear layer to quantize")
@@ -156,7 +167,8 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     forced = []
     if options.outlier_kurtosis is not None:
         forced = [n for n in names if sens[n].kurtosis > options.outlier_kurtosis]
-    return Analysis(sens, specs, table, bytes_table, fp32_bytes - cand_bytes, fp32_bytes, base, objective.name, forced)
+    return Analysis(sens, specs, table, bytes_table, fp32_bytes - cand_bytes, fp32_bytes, base, objective.name, forced,
+                    folded_norms=folded)
 
 
 def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
@@ -172,8 +184,9 @@ def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
     return allocate(layers, analysis.fixed_bytes, limit)
 
 
-def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptions, name: str = AUTO_RECIPE) -> QuantRecipe:
-    """One exact-name rule per layer, in the model's order."""
+def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptions, name: str = AUTO_RECIPE,
+                 calibration: CalibOptions | None = None) -> QuantRecipe:
+    """One exact-name rule per layer, in the model's order; `calibration`: what the quantization ran on."""
     import re
 
     act = (analysis.target or {}).get("activation_grid") or activation_grid(options.activation or "none", None)
@@ -190,6 +203,8 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
         "description": f"auto mixed precision (bits {bits}, {allocation.details['avg_bits']:.3f} avg bits) from Fisher sensitivity x weight variance",
         "rules": rules,
         "untie_head": False,
+        "fold_norms": analysis.folded_norms,
+        **({"calibration": dataclasses.asdict(calibration)} if calibration else {}),
         **extra,
     })
 
@@ -205,13 +220,14 @@ def embedding_bytes(model: torch.nn.Module, table: dict | None) -> int:
 
 def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget, calib_batches,
                   allowed_bits: Iterable[int] | None = None, options: MixedOptions = MixedOptions(),
-                  analysis: Analysis | None = None, progress=None) -> QuantizedModel:
+                  analysis: Analysis | None = None, progress=None, calibration: CalibOptions | None = None) -> QuantizedModel:
     """Quantize `bundle` in place with per-layer bits chosen under `budget` from the target's bit set.
 
     `budget`: "60MB" | "4.5bits" | "25%" (see budget.py). `target`: a profile name, or None with
     `allowed_bits`. `analysis`: a previous `analyze` result for the same model (skips the Fisher pass).
     quant.json gets a `mixed` table: per-layer bits, sensitivity, variance, kurtosis, predicted and
-    measured loss, the budget and the solver's record.
+    measured loss, the budget and the solver's record. `calibration`: how `calib_batches` were drawn, written
+    into recipe.toml so that the recipe re-runs as it ran.
     """
     from .ptq import quantize_model
 
@@ -226,7 +242,7 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         analysis = analyze(bundle, batches, fit_blocks(specs, widths, target_info), options, progress)
         analysis.target = target_info
         base = analysis.base_loss  # measured on the same batches as measure_set
-    else:
+    elif analysis.folded_norms:
         fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
     if options.embedding_bits is not None:
         # the table leaves the float part of the budget at its integer size (what quant.json will count)
@@ -234,7 +250,7 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         analysis = replace(analysis, fixed_bytes=analysis.fixed_bytes - embedding_bytes(bundle.module, None)
                                        + embedding_bytes(bundle.module, table))
     allocation = plan(analysis, budget)
-    recipe = build_recipe(analysis, allocation, options)
+    recipe = build_recipe(analysis, allocation, options, calibration=calibration)
     alone = {}
     if options.measure != "none" and (base is None or not bundle.is_lm):
         # the float loss on these batches; for non-LMs this also records the float outputs the loss compares with
@@ -316,5 +332,6 @@ def quantize_auto(model: str, target: str | None = None, budget: str | None = No
         raise EdgeqError(f"--embedding-bits {options.embedding_bits}: {info['runtime']} holds 4- or 8-bit embedding tables")
     bundle = load_model(model)
     # batch size 1: the Fisher pass keeps every layer's input for one batch in memory
-    batches = calibration_batches(bundle, calib, samples or 8, seq_len or 512, batch_size=1)
-    return auto_quantize(bundle, target, parsed, batches, allowed, options, progress=progress)
+    calibration = CalibOptions(samples=samples or 8, seq_len=seq_len or 512)
+    batches = calibration_batches(bundle, calib, calibration.samples, calibration.seq_len, batch_size=1)
+    return auto_quantize(bundle, target, parsed, batches, allowed, options, progress=progress, calibration=calibration)

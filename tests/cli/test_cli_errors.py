@@ -82,6 +82,18 @@ def test_quantize_then_inspect_and_eval(capsys, tmp_path, tiny_llama_ref):
     assert "does not apply to a causal-lm" in capsys.readouterr().err
 
 
+def test_recipe_toml_records_the_calibration_that_ran(capsys, tmp_path, tiny_llama_ref):
+    """--samples / --seq-len override the recipe's calibration; recipe.toml says what ran, so it re-runs the same."""
+    from edgeq.recipe import load_recipe
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-llama", "--recipe", "w4-g64", "--calib", "enwiki", "--samples", "2", "--seq-len", "32",
+                 "-o", str(out)]) == 0
+    written = load_recipe(str(out / "recipe.toml"))
+    assert (written.calibration.samples, written.calibration.seq_len) == (2, 32)
+    assert load_recipe("w4-g64").calibration.samples == 32
+
+
 def test_recipes_lists_presets(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
