@@ -3,7 +3,7 @@
     qm = auto_quantize(bundle, target="rpi5", budget="4.5bits", calib_batches=batches)
     qm.save("out/")   # recipe.toml has one exact-name rule per layer; quant.json["mixed"] the reasons
 
-Stages: `analyze` (fold norms, Fisher sensitivity, weight variance, input kurtosis and the
+Stages: `analyze` (fold norms when every candidate format is 8-bit, Fisher sensitivity, weight variance, input kurtosis and the
 predicted loss of every layer at every candidate bit-width) -> `plan` (bits per layer under the
 budget: closed-form rate-distortion start, integer greedy / Lagrangian refinement; see allocate.py)
 -> `quantize_model` with the resulting per-layer recipe -> measured loss. `analyze` is separate so
