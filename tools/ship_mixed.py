@@ -86,6 +86,7 @@ def main() -> None:
         "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"],
         "size_reduction": summary["size_reduction"],
         "bits_used": sorted({e["weight"]["bits"] for e in summary["layers"]}),
+        "fold_norms": qm.recipe.fold_norms,
         "ppl_fp32_onnx": onnx_ppl(fp32, windows),
         "ppl_sim": ppl_sim,
         "ppl_onnx": onnx_ppl(out, windows),
@@ -103,12 +104,12 @@ def main() -> None:
           f"Command: `{result['command']}` ({result['created']})", "",
           "| | value |", "|---|---|"]
     for k in ("budget", "bits", "embedding", "eval", "calibration", "bytes_before", "bytes_after", "size_reduction", "bits_used",
-              "ppl_fp32_onnx", "ppl_sim", "ppl_onnx", "ppl_delta_vs_fp32", "target_80pct_within_6pct", "quantize_s", "export_s",
+              "fold_norms", "ppl_fp32_onnx", "ppl_sim", "ppl_onnx", "ppl_delta_vs_fp32", "target_80pct_within_6pct", "quantize_s", "export_s",
               "peak_rss_mb"):
         md.append(f"| {k} | {result[k]} |")
     md.append(f"| onnx | {json.dumps(result['onnx'])} |")
-    md += ["", "ONNX size counts the prefill and the decode graph (each a full copy of the weights); bytes_after is the "
-           "quantized model (quant.json accounting: integers, scales, zero points, float tensors)."]
+    md += ["", "ONNX size counts the prefill graph, the decode graph and the external data they share (5- and 6-bit "
+           "values in int8 containers); bytes_after is the quantized model (quant.json accounting: integers, scales, zero points, float tensors)."]
     write_text_atomic(stem.with_suffix(".md"), "\n".join(md) + "\n")
     print(json.dumps(result, indent=1))
 
