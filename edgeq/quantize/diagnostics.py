@@ -33,7 +33,8 @@ def _recipe(name: str, w_bits: int | None, a_bits: int | None, group_size: int |
     if fc2_bits is not None:
         rules.append(rule(FC2, fc2_bits))
     rules.append(rule(".*", a_bits))
-    return QuantRecipe.from_dict({"name": name, "rules": rules})
+    # norm gains unfolded, as the w4a16 / w16a4 / w4a4 / w4a4-fc2a8 presets keep them
+    return QuantRecipe.from_dict({"name": name, "rules": rules, "fold_norms": False})
 
 
 def _gran(group_size):
