@@ -3,8 +3,8 @@
     qm = auto_quantize(bundle, target="rpi5", budget="4.5bits", calib_batches=batches)
     qm.save("out/")   # recipe.toml has one exact-name rule per layer; quant.json["mixed"] the reasons
 
-Stages: `analyze` (fold norms when every candidate format is 8-bit, Fisher sensitivity, weight variance, input kurtosis and the
-predicted loss of every layer at every candidate bit-width) -> `plan` (bits per layer under the
+Stages: `analyze` (fold norms if every candidate format is 8-bit; Fisher sensitivity, weight variance,
+input kurtosis and the predicted loss of every layer at every candidate bit-width) -> `plan` (bits per layer under the
 budget: closed-form rate-distortion start, integer greedy / Lagrangian refinement; see allocate.py)
 -> `quantize_model` with the resulting per-layer recipe -> measured loss. `analyze` is separate so
 one analysis serves many budgets (tools/bench_mixed.py).
@@ -17,9 +17,8 @@ This module never changes the core's byte accounting: sizes are computed exactly
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -204,7 +203,7 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
         "rules": rules,
         "untie_head": False,
         "fold_norms": analysis.folded_norms,
-        **({"calibration": dataclasses.asdict(calibration)} if calibration else {}),
+        **({"calibration": asdict(calibration)} if calibration else {}),
         **extra,
     })
 
@@ -220,14 +219,14 @@ def embedding_bytes(model: torch.nn.Module, table: dict | None) -> int:
 
 def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget, calib_batches,
                   allowed_bits: Iterable[int] | None = None, options: MixedOptions = MixedOptions(),
-                  analysis: Analysis | None = None, progress=None, calibration: CalibOptions | None = None) -> QuantizedModel:
+                  analysis: Analysis | None = None, progress=None) -> QuantizedModel:
     """Quantize `bundle` in place with per-layer bits chosen under `budget` from the target's bit set.
 
     `budget`: "60MB" | "4.5bits" | "25%" (see budget.py). `target`: a profile name, or None with
     `allowed_bits`. `analysis`: a previous `analyze` result for the same model (skips the Fisher pass).
     quant.json gets a `mixed` table: per-layer bits, sensitivity, variance, kurtosis, predicted and
-    measured loss, the budget and the solver's record. `calibration`: how `calib_batches` were drawn, written
-    into recipe.toml so that the recipe re-runs as it ran.
+    measured loss, the budget and the solver's record. recipe.toml records how many calibration windows (and of
+    what length) the batches held, so that the recipe re-runs as it ran.
     """
     from .ptq import quantize_model
 
@@ -250,7 +249,7 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         analysis = replace(analysis, fixed_bytes=analysis.fixed_bytes - embedding_bytes(bundle.module, None)
                                        + embedding_bytes(bundle.module, table))
     allocation = plan(analysis, budget)
-    recipe = build_recipe(analysis, allocation, options, calibration=calibration)
+    recipe = build_recipe(analysis, allocation, options, calibration=_calibration_of(bundle, batches))
     alone = {}
     if options.measure != "none" and (base is None or not bundle.is_lm):
         # the float loss on these batches; for non-LMs this also records the float outputs the loss compares with
@@ -263,6 +262,12 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
     measured = mean_loss(qm.model, measure_set, objective) if options.measure != "none" else None
     qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone, base)
     return qm
+
+
+def _calibration_of(bundle: ModelBundle, batches: list) -> CalibOptions:
+    """What the calibration batches hold: their sample count, and a causal LM's window length."""
+    samples = sum(len(b[0]) for b in batches)
+    return CalibOptions(samples=samples, seq_len=batches[0][0].shape[-1]) if bundle.is_lm else CalibOptions(samples=samples)
 
 
 def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options: MixedOptions, summary: dict,
@@ -332,6 +337,5 @@ def quantize_auto(model: str, target: str | None = None, budget: str | None = No
         raise EdgeqError(f"--embedding-bits {options.embedding_bits}: {info['runtime']} holds 4- or 8-bit embedding tables")
     bundle = load_model(model)
     # batch size 1: the Fisher pass keeps every layer's input for one batch in memory
-    calibration = CalibOptions(samples=samples or 8, seq_len=seq_len or 512)
-    batches = calibration_batches(bundle, calib, calibration.samples, calibration.seq_len, batch_size=1)
-    return auto_quantize(bundle, target, parsed, batches, allowed, options, progress=progress, calibration=calibration)
+    batches = calibration_batches(bundle, calib, samples or 8, seq_len or 512, batch_size=1)
+    return auto_quantize(bundle, target, parsed, batches, allowed, options, progress=progress)
