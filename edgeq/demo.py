@@ -64,7 +64,10 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
                 start = time.perf_counter()
                 recipe = load_recipe(recipe_name)
                 bundle = load_model(model)
-                batches = calibration_batches(bundle, None, calib_samples, recipe.calibration.seq_len) if recipe.needs_calibration else None
+                batches = None
+                if recipe.needs_calibration:
+                    recipe = recipe.calibrated(calib_samples)
+                    batches = calibration_batches(bundle, None, calib_samples, recipe.calibration.seq_len)
                 quantize_model(bundle, recipe, batches, progress=progress).save(qdir, overwrite=True)
                 say(f"quantized {model} with {recipe_name} in {time.perf_counter() - start:.0f} s -> {qdir}")
             source = str(qdir)

@@ -340,6 +340,12 @@ class QuantRecipe:
             not r.skip and (r.method != "rtn" or r.activation.mode == "static") for r in self.rules
         )
 
+    def calibrated(self, samples: int | None = None, seq_len: int | None = None) -> "QuantRecipe":
+        """This recipe with the calibration that runs (None keeps the recipe's own), as its recipe.toml records it."""
+        calibration = dataclasses.replace(self.calibration, samples=samples or self.calibration.samples,
+                                          seq_len=seq_len or self.calibration.seq_len)
+        return dataclasses.replace(self, calibration=calibration)
+
 
 def _drop_none(obj):
     if isinstance(obj, dict):

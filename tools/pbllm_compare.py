@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--criteria", nargs="+", default=["hessian", "magnitude"], choices=["hessian", "magnitude"])
+    ap.add_argument("--fold-norms", choices=["true", "false"], default="false",
+                    help="fold norm gains into the weights first (false: as the pb-llm preset; runs before 2026-12-05 folded)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "pbllm_compare"))
     ap.add_argument("--render", default=None, help="only re-render OUT.md from OUT.json")
     a = ap.parse_args()
@@ -47,7 +50,7 @@ def main() -> None:
 
     def run(name, rules, pbllm=None, **extra):
         recipe = QuantRecipe.from_dict({"name": name, "rules": [{"match": "lm_head$", "skip": True}] + rules,
-                                        **({"pbllm": pbllm} if pbllm else {})})
+                                        "fold_norms": a.fold_norms == "true", **({"pbllm": pbllm} if pbllm else {})})
         qm = quantize_model(load_model(a.model), recipe, calib)
         s = qm.summary()
         rec = next((l.get(l["method"]) for l in s["layers"] if isinstance(l.get(l["method"]), dict)), None)
@@ -61,13 +64,13 @@ def main() -> None:
     w8 = {"bits": 8, "symmetric": True, "granularity": "channel"}
     for f in a.fractions:
         for method in ("pb-llm", "pb-llm-rtn"):
-            for crit in ("hessian", "magnitude"):
+            for crit in a.criteria:
                 run(f"{method} f={f} {crit}", [{"match": ".*", "weight": w8, "method": method}],
                     {"salient_fraction": f, "criterion": crit}, fraction=f, method=method, criterion=crit)
     out = {"command": " ".join([Path(sys.executable).name, "tools/pbllm_compare.py"] + sys.argv[1:]), "model": a.model,
            "scale_note": f"{a.model} ({sum(p.numel() for p in bundle.module.parameters()) / 1e6:.2f}M params) on 2 shared CPU "
                          "cores; all Linear layers but lm_head; PTQ only",
-           "calib_samples": a.calib_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
+           "fold_norms": a.fold_norms == "true", "calib_samples": a.calib_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
            "wall_seconds": round(time.time() - t0, 1), "rows": rows}
     Path(a.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     Path(a.out + ".md").write_text(markdown(out))
@@ -76,7 +79,8 @@ def main() -> None:
 def markdown(out: dict) -> str:
     """The Markdown table of a run's JSON (also: `python tools/pbllm_compare.py --render OUT`)."""
     lines = [f"# PB-LLM PTQ on {out['model']}", "", f"Command: `{out['command']}`", "", out["scale_note"] + ".",
-             f"Calibration {out['calib_samples']} x {out['seq_len']} tokens; perplexity on {out['eval_windows']} disjoint evaluation windows.",
+             f"Calibration {out['calib_samples']} x {out['seq_len']} tokens; perplexity on {out['eval_windows']} disjoint evaluation windows; "
+             f"norm gains {'folded into the weights' if out.get('fold_norms', True) else 'unfolded'}.",
              "bits/weight counts the mask as a dense 1-bit bitmap plus per-row alpha (fp32) and k (int8); the file stores INT8 rows."
              + (f" {out['note']}" if out.get("note") else ""), "",
              "| variant | ppl | bits/weight (mask incl.) | bits/weight (no mask) |", "|---|---|---|---|"]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 RECIPE = """description = "PB-LLM QAT comparison (tools/pbllm_qat.py)"
+fold_norms = {fold}
 [[rules]]
 match = "lm_head$"
 skip = true
@@ -56,7 +57,7 @@ def ptq_reference(a) -> dict:
     torch.set_num_threads(QATConfig(model=a.model, recipe="pb-llm").threads)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "pbllm.toml"
-        recipe.write_text(RECIPE.format(fraction=a.fraction, init="gptq"))
+        recipe.write_text(RECIPE.format(fraction=a.fraction, init="gptq", fold=a.fold_norms))
         bundle = load_model(a.model)
         t0 = time.perf_counter()
         qm = quantize_model(bundle, load_recipe(str(recipe)), calibration_batches(bundle, "enwiki", 16, a.seq_len))
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--fold-norms", choices=["true", "false"], default="false",
+                    help="fold norm gains into the weights first (false: as the pb-llm preset; runs before 2026-12-05 folded)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     rows = {"ptq": ptq_reference(a)}
@@ -83,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for init in ("float", "gptq"):
             recipe = Path(tmp) / f"pbllm-{init}.toml"
-            recipe.write_text(RECIPE.format(fraction=a.fraction, init=init))
+            recipe.write_text(RECIPE.format(fraction=a.fraction, init=init, fold=a.fold_norms))
             t0 = time.perf_counter()
             cfg = QATConfig(model=a.model, recipe=str(recipe), method="pb-llm", steps=a.steps, batch=a.batch, seq_len=a.seq_len,
                             eval_windows=a.eval_windows, lr=a.lr, calib_samples=16)
@@ -95,11 +98,13 @@ def main() -> None:
             print(json.dumps({init: rows[init]}), flush=True)
     out = {"command": " ".join([".venv/bin/python tools/pbllm_qat.py"] + sys.argv[1:]), "model": a.model,
            "salient_fraction": a.fraction, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
-           "eval_windows": a.eval_windows, "lr": a.lr, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+           "eval_windows": a.eval_windows, "lr": a.lr, "fold_norms": a.fold_norms == "true",
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     write_json_atomic(Path(a.out + ".json"), out)
     lines = [f"# PB-LLM QAT on {a.model}: start from the floats or from PB-GPTQ", "", "```", out["command"], "```", "",
              f"Salient fraction {a.fraction} (Hessian criterion), {a.steps} QAT steps of {a.batch} x {a.seq_len} enwiki tokens, "
-             f"lr {a.lr} (cosine); perplexity on {a.eval_windows} evaluation windows of {a.seq_len} tokens before and after.", "",
+             f"lr {a.lr} (cosine); perplexity on {a.eval_windows} evaluation windows of {a.seq_len} tokens before and after; "
+             f"norm gains {'folded into the weights' if a.fold_norms == 'true' else 'unfolded'}.", "",
              "| start (qat_init) | ppl at start | ppl after QAT | s/step | peak RSS MB |", "|---|---|---|---|---|"]
     gap = rows["gptq"]["eval_loss_start"] - rows["ptq"]["eval_loss"]
     start = "begins exactly there" if gap == 0 else f"begins {gap:+.3g} nats away from it"

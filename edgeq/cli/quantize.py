@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import click
@@ -65,9 +64,7 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
         bundle = load_model(model)
         batches = None
         if rec.needs_calibration or calib:
-            # recipe.toml records the calibration that ran, so that re-running it reproduces the directory
-            rec = dataclasses.replace(rec, calibration=dataclasses.replace(
-                rec.calibration, samples=samples or rec.calibration.samples, seq_len=seq_len or rec.calibration.seq_len))
+            rec = rec.calibrated(samples, seq_len)  # recipe.toml records what ran, so that it re-runs the same
             batches = calibration_batches(bundle, calib, rec.calibration.samples, rec.calibration.seq_len)
         qm = quantize_model(bundle, rec, batches, progress=progress)
     qm.save(output, overwrite=overwrite)
