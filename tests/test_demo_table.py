@@ -1,4 +1,5 @@
-"""The demo: its closing table (ratios against the same format's FP32 row, a dash for what was not measured) and a whole run on tiny-llama."""
+"""The demo: its closing table (ratios against the same format's FP32 row, a dash for what was not measured) and a
+whole run on tiny-llama."""
 
 from __future__ import annotations
 
