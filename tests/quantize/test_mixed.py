@@ -419,3 +419,28 @@ def test_auto_folds_norm_gains_only_when_every_format_is_8_bit(tmp_path):
     forced = quantize_auto("tiny-llama", budget="60%", calib="enwiki", samples=2, seq_len=32, bits="4,8",
                            options=MixedOptions(group_size=32, measure="none", fold_norms=True))
     assert forced.recipe.fold_norms is True
+
+
+def test_a_mixed_plan_measured_worse_than_the_uniform_one_is_not_kept():
+    """The allocator trusts predicted losses; both it and the uniform plan of the same budget are measured and the
+    lower kept. With the analysis' predictions turned upside down (the sensitive layer looks the safest to cut) the
+    mixed plan measures worse and the uniform one is kept; with the true ones the mixed plan is."""
+    from edgeq.quantize.mixed import analyze
+
+    opts = MixedOptions(group_size=32, measure="model")
+    specs, _ = allowed_bit_specs(None, [2, 3, 4, 8], opts)
+    true = analyze(_toy(), _batches(1), specs, opts)
+    upside_down = replace(true, table={n: {b: 1.0 / max(v, 1e-12) for b, v in t.items()} for n, t in true.table.items()},
+                          layers={n: replace(s, fisher=1.0 / s.fisher.clamp_min(1e-12)) for n, s in true.layers.items()})
+    for analysis, uniform_kept in ((true, False), (upside_down, True)):
+        qm = auto_quantize(_toy(), None, "4.3bits", _batches(1), options=opts, analysis=analysis)
+        s = qm.summary()
+        m, other = s["mixed"], s["mixed"]["measured_alternative"]
+        assert m["allocation"]["strategy"].startswith("uniform") is uniform_kept
+        assert other["strategy"].startswith("uniform") is not uniform_kept
+        assert m["measured_loss"] < other["measured_loss"] and s["avg_bits"] <= 4.3
+        bits = {layer["weight"]["bits"] for layer in s["layers"]}
+        assert (len(bits) == 1) is uniform_kept
+        assert m["measured_loss_increase"] == pytest.approx(_output_mse(qm.model, _toy().module, _batches(1)), rel=1e-4)
+    none = auto_quantize(_toy(), None, "4.3bits", _batches(1), options=replace(opts, measure="none"), analysis=true)
+    assert "measured_alternative" not in none.summary()["mixed"]
