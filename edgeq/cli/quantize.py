@@ -79,6 +79,11 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
         click.echo(f"edgeq: note: recipe {summary['recipe']!r} rule {idle['rule']} (match \"{idle['match']}\") decides no layer "
                    f"of {summary['model']!r}: the layers it was written for are named otherwise here, or an earlier rule "
                    "takes them", err=True)
+    mixed = qm.extra.get("mixed") or {}
+    if "measured_alternative" in mixed:
+        other, kept = mixed["measured_alternative"], mixed["allocation"]["strategy"]
+        click.echo(f"edgeq: note: kept the {kept} plan (loss {mixed['measured_loss']:.4f} on the calibration windows) over the "
+                   f"{other['strategy']} one ({other['measured_loss']:.4f}), both within the budget", err=True)
     if as_json:
         emit_json(result)
     else:

@@ -444,3 +444,15 @@ def test_a_mixed_plan_measured_worse_than_the_uniform_one_is_not_kept():
         assert m["measured_loss_increase"] == pytest.approx(_output_mse(qm.model, _toy().module, _batches(1)), rel=1e-4)
     none = auto_quantize(_toy(), None, "4.3bits", _batches(1), options=replace(opts, measure="none"), analysis=true)
     assert "measured_alternative" not in none.summary()["mixed"]
+
+
+def test_cli_says_which_measured_plan_it_kept(tmp_path, capsys):
+    from edgeq.cli.main import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tiny-llama", "--recipe", "auto", "--bits", "2,3,4,8", "--budget", "4.3bits", "--calib", "enwiki",
+                 "--samples", "2", "--seq-len", "32", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    mixed = json.loads((out / "quant.json").read_text())["mixed"]
+    kept, other = mixed["allocation"]["strategy"], mixed["measured_alternative"]["strategy"]
+    assert f"kept the {kept} plan" in err and f"over the {other} one" in err and "uniform" in kept + other
