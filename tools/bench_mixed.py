@@ -1,7 +1,10 @@
 """Benchmark: hardware-aware mixed precision vs uniform INT4 g128 / INT8 on SmolLM2-135M (issue 6 item 5).
 
-    .venv/bin/python tools/bench_mixed.py --out benchmarks/mixed            # full run (~1 h on 2 cores)
+    .venv/bin/python tools/bench_mixed.py --out benchmarks/mixed_unfolded   # full run (~6 min on 2 cores)
     .venv/bin/python tools/bench_mixed.py --out /tmp/mixed-quick --quick    # sanity run
+
+Norm gains stay unfolded (--fold-norms false, as `--recipe auto` and the INT4 presets); benchmarks/mixed/ is a
+run from before that choice existed, with every plan and baseline folded.
 
 Everything is weight-only round-to-nearest (RTN): asymmetric groups of 128 for 2-6 bits (never the
 asymmetric g32 that reproduces the Q4_1 source exactly), symmetric per channel for 8 bits, in the PyTorch simulation; perplexity on 16 evaluation windows of 512 tokens of enwiki
@@ -17,6 +20,7 @@ pareto.png / pareto.svg. Not imported by edgeq.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import platform
@@ -24,6 +28,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -51,15 +56,16 @@ def log(msg: str) -> None:
 
 
 SYMMETRIC = False  # 2-6 bits: asymmetric (uint) groups of 128; 8 bits is always symmetric per channel
-OPTIONS = MixedOptions(symmetric=SYMMETRIC, measure="model")
+OPTIONS = MixedOptions(symmetric=SYMMETRIC, measure="model")  # main() sets fold_norms from --fold-norms
 
 
-def uniform_recipe(bits: int, group: int | None) -> QuantRecipe:
+def uniform_recipe(bits: int, group: int | None, fold_norms: bool) -> QuantRecipe:
     w = {"bits": bits, "symmetric": SYMMETRIC or bits == 8, "granularity": "group" if group else "channel"}
     if group:
         w["group_size"] = group
     # the tied head stays float, as in the mixed plans
     return QuantRecipe.from_dict({"name": f"w{bits}" + (f"-g{group}" if group else ""), "untie_head": False,
+                                  "fold_norms": fold_norms,
                                   "rules": [{"match": r"^lm_head$", "skip": True}, {"match": ".*", "weight": w}]})
 
 
@@ -125,7 +131,7 @@ class Bench:
 
     def uniform(self, bits: int, group: int | None, emb: bool = False) -> dict:
         b = self.fresh()
-        qm = quantize_model(b, uniform_recipe(bits, group), None)
+        qm = quantize_model(b, uniform_recipe(bits, group, OPTIONS.fold_norms), None)
         s = qm.summary()
         size, extra = s["bytes_after"], {}
         if emb:
@@ -161,7 +167,8 @@ def correlation(bench: Bench, analysis, n_layers: int, bits: int) -> dict:
     b = bench.fresh()
     from edgeq.quantize.transforms import fold_norms
 
-    fold_norms(b.module)
+    if analysis.folded_norms:
+        fold_norms(b.module)
     names = random.Random(0).sample(sorted(analysis.layers), min(n_layers, len(analysis.layers)))
     batches = bench.calib[: bench.args.measure_windows]
     obj = Objective(True)
@@ -186,7 +193,19 @@ def main() -> None:
     ap.add_argument("--measure-layers", type=int, default=24, help="layers sampled for the predicted-vs-measured check (0: skip)")
     ap.add_argument("--measure-windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fold-norms", choices=["true", "false"], default="false",
+                    help="fold norm gains into the weights, mixed plans and uniform baselines alike (false: as --recipe auto "
+                         "and the INT4 presets; runs before 2026-12-05 folded)")
+    ap.add_argument("--render", action="store_true", help="only write OUT/results.md and the plots from OUT/results.json")
     args = ap.parse_args()
+    if args.render:
+        out = Path(args.out)
+        data = json.loads((out / "results.json").read_text())
+        report(SimpleNamespace(args=args, out=out, data=data, fp32_bytes=data["configs"]["fp32"]["bytes"],
+                               windows=[None] * args.eval_windows))
+        return
+    global OPTIONS
+    OPTIONS = replace(OPTIONS, fold_norms=args.fold_norms == "true")
     if args.quick:
         args.eval_windows, args.calib_windows, args.seq_len, args.measure_layers = 2, 2, 256, 2
     torch.set_num_threads(args.threads)
@@ -196,7 +215,8 @@ def main() -> None:
     bench.data["command"] = "python tools/bench_mixed.py " + " ".join(sys.argv[1:])
     bench.data["setup"] = {"model": MODEL, "eval": f"enwiki evaluation half, {len(bench.windows)} windows x {args.seq_len} tokens",
                            "calibration": f"enwiki calibration half, {args.calib_windows} windows x {args.seq_len} tokens",
-                           "method": "weight-only RTN; 2-6 bits asymmetric g128, 8 bits symmetric per channel; tied embedding/head fp32 unless noted",
+                           "method": "weight-only RTN; 2-6 bits asymmetric g128, 8 bits symmetric per channel; tied embedding/head fp32 unless noted; "
+                                     f"norm gains {'folded' if OPTIONS.fold_norms else 'unfolded'}",
                            "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads}
     bench.record("fp32", bench.fp32)
     w4 = bench.record("w4-g128", lambda: bench.uniform(4, 128))
@@ -313,7 +333,14 @@ def report(bench: Bench) -> None:
                   f"{bench.data['analysis']['seconds']} s. Total benchmark: {bench.data.get('total_seconds', '?')} s."]
     lines += ["", "Sizes are whole-model bytes with quant.json's accounting (integers + scales + every float tensor). "
               "`emb int8 (sim)`: the tied embedding/head is rounded to int8 per row in place and counted at "
-              "int8 + fp32 row scales; the QDIR does not store it quantized yet.", ""]
+              "int8 + fp32 row scales (simulated here; `edgeq quantize --recipe auto --embedding-bits 8` stores it, "
+              "benchmarks/mixed/ship_80.md).", ""]
+    uniform = [n for n, e in cfg.items() if str(e.get("strategy", "")).startswith("uniform")]
+    if any("strategy" in e for e in cfg.values()):
+        lines += ["Mixed rows are what `--recipe auto` keeps: the allocator's plan, or the uniform plan of the same budget "
+                  f"when that measured a lower loss on the {bench.args.measure_windows} calibration windows the final loss "
+                  "is measured on (plans/*.json: `mixed.measured_alternative` has the other). Kept uniform: "
+                  + (", ".join(f"`{n}`" for n in uniform) if uniform else "none") + ".", ""]
     write_text_atomic(bench.out / "results.md", "\n".join(lines))
     plot(bench, pareto)
 
