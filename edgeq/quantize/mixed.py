@@ -172,24 +172,27 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
                     folded_norms=folded)
 
 
-def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
-    """Bits per layer under `budget` from an analysis (no model needed)."""
+def _limit(analysis: Analysis, budget: Budget | str) -> tuple[float, int]:
+    """The most bytes `budget` allows the whole model, and the candidate layers' parameter count."""
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     params = sum(s.params for s in analysis.layers.values())
+    return budget.max_total_bytes(analysis.fixed_bytes, params, analysis.fp32_bytes), params
+
+
+def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
+    """Bits per layer under `budget` from an analysis (no model needed)."""
+    limit, _ = _limit(analysis, budget)
     layers = []
     for name, s in analysis.layers.items():
         choices = sorted((Choice(b, analysis.bytes_table[name][b], analysis.table[name][b]) for b in analysis.specs),
                          key=lambda c: (c.bytes, c.bits))
         layers.append(LayerOptions(name, s.params, max(s.sensitivity * s.variance, 1e-30), choices, fixed=name in analysis.forced))
-    limit = budget.max_total_bytes(analysis.fixed_bytes, params, analysis.fp32_bytes)
     return allocate(layers, analysis.fixed_bytes, limit)
 
 
 def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
     """Every layer at the widest single bit-width the budget holds (forced layers at the widest of all), or None."""
-    budget = parse_budget(budget) if isinstance(budget, str) else budget
-    params = sum(s.params for s in analysis.layers.values())
-    limit = budget.max_total_bytes(analysis.fixed_bytes, params, analysis.fp32_bytes)
+    limit, params = _limit(analysis, budget)
     for bits in sorted(analysis.specs, reverse=True):
         picks = {}
         for name in analysis.layers:
@@ -295,17 +298,21 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         other = quantize_model(replace(bundle, module=spare), build_recipe(analysis, uniform, options, calibration=calibration),
                                batches, progress)
         other_loss = mean_loss(other.model, measure_set, objective)
-        kept, dropped = (uniform, allocation) if other_loss < measured else (allocation, uniform)
-        alternative = {"strategy": dropped.strategy, "avg_bits": dropped.details["avg_bits"],
-                       "predicted_loss": dropped.predicted_loss,
-                       "measured_loss": measured if kept is uniform else other_loss}
-        if kept is uniform:
-            qm, allocation, measured, alone = other, uniform, other_loss, {}
-            summary = qm.summary()
+        if other_loss < measured:
+            alternative = _alternative(allocation, measured)
+            qm, allocation, measured, alone, summary = other, uniform, other_loss, {}, other.summary()
+        else:
+            alternative = _alternative(uniform, other_loss)
     qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone, base)
     if alternative is not None:
         qm.extra["mixed"]["measured_alternative"] = alternative
     return qm
+
+
+def _alternative(allocation: Allocation, measured: float) -> dict:
+    """quant.json's record of the measured plan that was not kept."""
+    return {"strategy": allocation.strategy, "avg_bits": allocation.details["avg_bits"],
+            "predicted_loss": allocation.predicted_loss, "measured_loss": measured}
 
 
 def _calibration_of(bundle: ModelBundle, batches: list) -> CalibOptions:
@@ -333,7 +340,7 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
         }
     out = {
         "budget": budget.to_dict(),
-        "budget_max_bytes": budget.max_total_bytes(analysis.fixed_bytes, sum(s.params for s in analysis.layers.values()), analysis.fp32_bytes),
+        "budget_max_bytes": _limit(analysis, budget)[0],
         "target": analysis.target,
         "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
         "options": {k: v for k, v in options.__dict__.items()},
