@@ -95,7 +95,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        self.data_dir = Path(cfg.data_dir)
+        self.data_dir = Path(cfg.data_dir).resolve()  # each runner works in its job's directory: no relative paths
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.data_dir / "journal.sqlite")
         self.recovered = self.journal.recover()

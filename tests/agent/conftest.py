@@ -89,9 +89,11 @@ class AgentProc:
     """`edgeq agent serve` as a real child process on 127.0.0.1:0; can be killed and restarted."""
 
     def __init__(self, root: Path, extra: list[str] | None = None, host: str = "127.0.0.1",
-                 netns: str | None = None):
+                 netns: str | None = None, relative: bool = False):
+        """`relative`: started in `root` with `--data-dir data`, as a user typing a relative path would."""
         self.root = root
         self.data_dir = root / "data"
+        self.relative = relative
         self.token = secrets.token_urlsafe(24)
         self.token_file = root / "token"
         self.token_file.write_text(self.token)
@@ -106,11 +108,12 @@ class AgentProc:
     def start(self, port: int = 0) -> "AgentProc":
         cmd = [sys.executable, "-m", "edgeq.cli.main", "agent", "serve", "--host", self.host,
                "--port", str(port), "--token-file", str(self.token_file), "--data-dir",
-               str(self.data_dir), "--power-meter", "none", *self.extra]
+               "data" if self.relative else str(self.data_dir), "--power-meter", "none", *self.extra]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.log = open(self.root / "agent.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=self.root if self.relative else None)
         timer = threading.Timer(60, self.proc.kill)
         timer.start()
         line = self.proc.stdout.readline()

@@ -36,6 +36,16 @@ def test_onnx_result_has_every_measurement(shared_agent, tiny_onnx):
     assert "before" in r["conditions"] and "after" in r["conditions"]
 
 
+def test_a_relative_data_dir_runs_jobs(agent_factory, tiny_onnx):
+    """`edgeq agent serve --data-dir data`: the runner works in its job's directory, so every path the agent hands
+    it must not be relative to where the agent started (the runner's result went under the job's own directory and
+    each job failed: "the runner exited with code 3 without a result")."""
+    agent = agent_factory(relative=True)
+    r = run_job(agent.client(), tiny_onnx, {"runs": 5, "min_seconds": 0.05})
+    assert r["state"] == "done" and r["status"] == "valid", r.get("error")
+    assert list((agent.root / "data" / "jobs").glob("*/result.json"))
+
+
 def _ort_optimized(model: Path, out: Path):
     import onnx
     import onnxruntime as ort
