@@ -8,7 +8,7 @@ The devices file (TOML; `--devices PATH`, else `$EDGEQ_DEVICES`, else
     token_file = "~/.config/edgeq/pi5.token"
     ca_file = "~/.config/edgeq/pi5-ca.pem"          # optional: the agent's CA (or self-signed cert)
     client_cert = "~/.config/edgeq/host.pem"       # optional: mutual TLS
-    client_key = "~/.config/edgeq/host.key"
+    client_key = "host.key"                          # a relative path is the devices file's neighbour
 
 Boards run in parallel (one thread each); artifacts on one board run one after the other.
 A result is stored only once the agent has returned it whole; a lost connection stores nothing.
@@ -39,6 +39,7 @@ from .server import READY_PREFIX, read_token_file
 
 ENV_DEVICES = "EDGEQ_DEVICES"
 _DEVICE_KEYS = {"url", "token_file", "ca_file", "client_cert", "client_key"}
+_PATH_KEYS = _DEVICE_KEYS - {"url"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,9 @@ def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
         unknown = set(entry) - _DEVICE_KEYS
         if unknown or "url" not in entry:
             raise EdgeqError(f"devices file: {p}: device {name!r} needs 'url' and allows only {sorted(_DEVICE_KEYS)}")
-        out[name] = Device(name=name, **entry)
+        # as kubeconfig does: a relative path is read from the file's directory, not wherever edgeq runs
+        paths = {k: str(p.parent / Path(v).expanduser()) for k, v in entry.items() if k in _PATH_KEYS}
+        out[name] = Device(name=name, **{**entry, **paths})
     return out
 
 

@@ -111,6 +111,19 @@ def test_profile_two_devices_in_parallel_via_devices_file(tmp_path, capsys, agen
     assert len(store.list_results(device=a.url)) == 1
 
 
+def test_devices_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    """A devices file beside its token reads it wherever edgeq runs; `~` and absolute paths stay as they are."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "devices.toml").write_text('[devices.pi5]\nurl = "https://pi5.local:8765"\ntoken_file = "pi5.token"\n'
+                                       'ca_file = "~/ca.pem"\nclient_cert = "/etc/edgeq/host.pem"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dev = host.load_devices(conf / "devices.toml")["pi5"]
+    assert (dev.token_file, dev.ca_file, dev.client_cert, dev.client_key) == \
+        (str(conf / "pi5.token"), str(tmp_path / "home" / "ca.pem"), "/etc/edgeq/host.pem", None)
+
+
 def test_device_errors(tmp_path, capsys, tiny_onnx):
     devices = tmp_path / "devices.toml"
     devices.write_text('[devices.x]\nurl = "http://127.0.0.1:1"\npassword = "no"\n')
