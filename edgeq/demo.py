@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .console import size_text
+
 # (name, recipe or None for FP32, ONNX variant, TFLite variant or None)
 # w8a8 quantizes the FC2 input per token at run time, which full-integer TFLite cannot express
 # (its int8 variant needs static activations everywhere: recipe w8a8-static, SmolLM2 +6% with SmoothQuant 0.8).
@@ -81,7 +83,7 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
             options = tflite_options if fmt == "tflite" else {}
             meta = export(source, fmt, path, variant=variant, **options)
             parity = meta.get("parity") or {}
-            say(f"exported {path.name} ({meta['size_bytes'] / 1e6:.1f} MB, exact={meta['exact']}, "
+            say(f"exported {path.name} ({size_text(meta['size_bytes'], 1)}, exact={meta['exact']}, "
                 f"top1 parity {parity.get('top1_agree')}) in {time.perf_counter() - start:.0f} s")
             result = evaluate(str(path), count=eval_windows, seq_len=seq_len)
             record_eval_result(db, result)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..console import size_text
 from .common import check_new_output, emit_json, json_option
 
 
@@ -119,7 +120,7 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         emit_json(meta)
         return
     click.echo(
-        f"{output}: {meta['format']} {meta['variant']}, {meta['size_bytes'] / 1e6:.2f} MB, exact={meta['exact']}, "
+        f"{output}: {meta['format']} {meta['variant']}, {size_text(meta['size_bytes'])}, exact={meta['exact']}, "
         f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "
         f"top1_agree={parity.get('top1_agree')}"
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..console import size_text
 from ..errors import EdgeqError
 from .common import emit_json, json_option
 
@@ -36,7 +37,7 @@ def inspect(target, activations, calib, as_json):
         emit_json(summary)
         return
     click.echo(f"{summary['model']}  recipe={summary['recipe']}  avg_bits={summary['avg_bits']}  "
-               f"{summary['bytes_before'] / 1e6:.2f} MB -> {summary['bytes_after'] / 1e6:.2f} MB "
+               f"{size_text(summary['bytes_before'])} -> {size_text(summary['bytes_after'])} "
                f"({100 * summary['size_reduction']:.1f}% smaller)")
     name_w = max([len(layer["name"]) for layer in summary["layers"]] + [5])
     click.echo(f"{'layer':<{name_w}}  {'shape':>11}  {'weights':<10} {'act':<9} {'method':<6} {'gamma':>5} {'bytes':>10}")

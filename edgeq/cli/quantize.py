@@ -6,6 +6,7 @@ import time
 
 import click
 
+from ..console import size_text
 from ..errors import EdgeqError
 from .common import check_new_output, emit_json, json_option, progress
 
@@ -89,6 +90,6 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
     else:
         click.echo(
             f"{result['output']}: {result['layers']} layers quantized with {result['recipe']}, avg {result['avg_bits']} bits/weight, "
-            f"{result['bytes_before'] / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB "
+            f"{size_text(result['bytes_before'], 1)} -> {size_text(result['bytes_after'], 1)} "
             f"({100 * result['size_reduction']:.1f}% smaller) in {result['seconds']} s"
         )

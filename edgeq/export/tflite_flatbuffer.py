@@ -34,6 +34,28 @@ def write_model(model_t) -> bytes:
     return bytes(builder.Output())
 
 
+def one_add_model() -> bytes:
+    """The smallest file that makes LiteRT apply its XNNPACK delegate: y = x + x on one float."""
+    s = schema()
+    model = s.ModelT()
+    model.version, model.buffers = 3, [s.BufferT()]
+    tensors = []
+    for name in (b"x", b"y"):
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, [1], s.TensorType.FLOAT32, 0
+        tensors.append(t)
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.ADD
+    code.version = 1
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 0], [1]
+    op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.AddOptions, s.AddOptionsT()
+    graph = s.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [1], [op]
+    model.subgraphs, model.operatorCodes = [graph], [code]
+    return write_model(model)
+
+
 def signature_subgraphs(buf: bytes) -> dict[str, int]:
     """Each signature's subgraph index, read from the flatbuffer without unpacking it."""
     root = schema().Model.GetRootAs(buf, 0)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..console import native_chatter_dropped
 from ..errors import EdgeqError
 from ..models.hf import eager_attention, litert_attention
 from ..quantize.modules import quant_layers
@@ -329,7 +330,8 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
     (`tflite_decode.decode_module`: KVDecode or HFDecode) reading the same weights."""
     import tempfile
 
-    import litert_torch
+    with native_chatter_dropped():  # its converter's native libraries announce oneDNN on loading
+        import litert_torch
 
     attention = litert_attention(model) if bundle.kind == "causal-lm" else eager_attention(model, bundle.kind == "encoder")
     with float_rendering(model, folds), attention, torch.no_grad(), _converter_output():

@@ -20,6 +20,7 @@ import numpy as np
 from ..console import progress_shown
 from ..errors import EdgeqError
 from .tflite_flatbuffer import buffer_bytes, inline_buffers, op_names, read_model, schema, write_model
+from .tflite_runtime import first_delegate_quietly
 
 ALGORITHM = "min_max_uniform_quantize"
 BLOCK_SIZES = (32, 64, 128, 256)  # ai-edge-quantizer's BLOCKWISE_* granularities (LiteRT blockwise kernels)
@@ -162,8 +163,11 @@ def _quantizer_output():
     """ai-edge-quantizer (0.10.0) draws its progress bars ("Running Calibration:", "Applying Transformations to
     tensors:") on stderr whatever `enable_progress_bar` says; in the block they follow edgeq's rule (a terminal, or
     EDGEQ_PROGRESS). Its calibration interpreter keeps every tensor, which calibration needs, and warns that this is for
-    debugging; that warning is dropped."""
+    debugging; that warning is dropped. Its interpreters are LiteRT's: the first in a process announces its delegate,
+    which `first_delegate_quietly` has done already where the CLI keeps such lines out."""
     from ai_edge_quantizer.utils import progress_utils
+
+    first_delegate_quietly()
 
     original = progress_utils.ProgressBar.__init__
     shown = progress_shown()

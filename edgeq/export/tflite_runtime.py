@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import chatter_dropped, native_chatter_dropped
 from ..errors import EdgeqError
+
+_delegate_announced = False
 
 
 def interpreter_class():
@@ -26,7 +29,28 @@ def interpreter_class():
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
             raise EdgeqError("tflite: running .tflite files needs ai-edge-litert (pip install ai-edge-litert)") from None
+    first_delegate_quietly(Interpreter)
     return Interpreter
+
+
+def first_delegate_quietly(Interpreter=None) -> None:
+    """LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." once per process, from native code,
+    when the first interpreter applies its default delegate (at allocation: edgeq's runners and ai-edge-quantizer's
+    calibration allocate in many places). Where the CLI keeps such lines out (`console.chatter_dropped`), that first
+    time is a one-ADD file's, here, with descriptor 2 filtered (`console.native_chatter_dropped`)."""
+    global _delegate_announced
+    if _delegate_announced or not chatter_dropped():
+        return
+    _delegate_announced = True
+    from .tflite_flatbuffer import one_add_model
+
+    try:
+        model = one_add_model()
+        Interpreter = Interpreter or interpreter_class()
+    except EdgeqError:  # tflite_runtime ships no schema module: its line stays
+        return
+    with native_chatter_dropped():
+        Interpreter(model_content=model, num_threads=1).allocate_tensors()
 
 
 def runtime_version() -> str:

@@ -114,7 +114,7 @@ def quality_delta(col: Column, ref) -> dict[str, Any]:
     """value - FP32 value (and relative %) when both are measured the same way (task, data, windows, count)."""
     q = col.quality
     if q is None or q.value is None:
-        return {"delta": None, "delta_pct": None, "note": "not measured: no evaluation of this file's sha256"}
+        return {"delta": None, "delta_pct": None, "note": "no evaluation of this file's sha256"}
     if ref is None or ref.value is None:
         return {"delta": None, "delta_pct": None, "note": "no FP32 quality to compare with"}
     if q.setting != ref.setting:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..console import size_text
+
 NM = "not measured"
 
 
@@ -52,12 +54,10 @@ def ci(pair) -> str:
 
 
 def _size_bytes(v: int | None) -> str:
+    """In the decimal units `edgeq export` prints (539.77 MB), with the exact count."""
     if v is None:
         return NM
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if v >= scale:
-            return f"{v / scale:.2f} {unit} ({v:,} B)"
-    return f"{v:,} B"
+    return f"{v:,} B" if v < 1000 else f"{size_text(v)} ({v:,} B)"
 
 
 def _quality(c: dict, t: Table) -> str:

@@ -82,6 +82,20 @@ def test_quantize_then_inspect_and_eval(capsys, tmp_path, tiny_llama_ref):
     assert "does not apply to a causal-lm" in capsys.readouterr().err
 
 
+def test_sizes_below_a_megabyte_read_in_kilobytes(capsys, tmp_path):
+    """A small CNN's sizes in kB, where two decimals of MB said "0.0 MB -> 0.0 MB"; models in MB read as before."""
+    from edgeq.console import size_text
+
+    assert (size_text(539_770_000), size_text(910_000), size_text(7920), size_text(512)) == \
+        ("539.77 MB", "910.00 kB", "7.92 kB", "512 B")
+    out = tmp_path / "q"
+    assert main(["quantize", "factories:small_cnn", "--recipe", "w8-tensor", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert " kB -> " in said and " MB" not in said, said
+    assert main(["inspect", str(out)]) == 0
+    assert " kB -> " in capsys.readouterr().out
+
+
 def test_recipe_toml_records_the_calibration_that_ran(capsys, tmp_path, tiny_llama_ref):
     """--samples / --seq-len override the recipe's calibration; recipe.toml says what ran, so it re-runs the same."""
     from edgeq.recipe import load_recipe

@@ -834,6 +834,63 @@ def test_cli_json_is_all_of_stdout_while_the_graph_converts(capsys, caplog, recw
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
 
 
+def test_cli_keeps_the_runtimes_native_info_lines_off_stderr(tmp_path):
+    """A first export in a fresh process loads litert-torch's converter (TensorFlow's oneDNN line, absl's notice) and
+    creates the process's first XNNPACK delegate (LiteRT's INFO line; here in ai-edge-quantizer's calibration of the
+    output grids), all written by native code to descriptor 2: none reaches the user. TF_CPP_MIN_LOG_LEVEL=0 brings
+    LiteRT's line back."""
+    import os
+    import subprocess
+    import sys
+
+    from edgeq.console import NATIVE_CHATTER
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["EDGEQ_CACHE"] = str(tmp_path / "cache")  # no converted graph: the converter loads
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    edgeq = [sys.executable, "-c", "import sys; from edgeq.cli.main import main; sys.exit(main())"]
+
+    qdir = _qdir(tmp_path, CNN, "w8a8-static", "q")
+
+    def export(name: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*edgeq, "export", str(qdir), "--format", "tflite", "-o", str(tmp_path / name)],
+                              env={**env, **extra}, capture_output=True, text=True, check=True)
+
+    quiet = export("a.tflite")
+    assert f"{tmp_path / 'a.tflite'}: tflite int8" in quiet.stdout
+    assert not [line for line in NATIVE_CHATTER if line in quiet.stderr], quiet.stderr
+    loud = export("b.tflite", TF_CPP_MIN_LOG_LEVEL="0")  # the graph is cached now: only the interpreter speaks
+    assert "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." in loud.stderr
+
+
+def test_native_chatter_dropped_keeps_every_other_line_in_order():
+    """What native code and Python write to descriptor 2 inside the block comes out after it, in order, without the
+    known INFO lines; with TF_CPP_MIN_LOG_LEVEL=0 (or unset, a library caller's default) nothing is dropped. In a
+    process of its own: pytest's capture gives Python's stderr and descriptor 2 two different files."""
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import os, sys
+        from edgeq.console import NATIVE_CHATTER, native_chatter_dropped
+        with native_chatter_dropped():
+            os.write(2, f"{NATIVE_CHATTER[0]}\\nnative error\\n".encode())
+            print("python warning", file=sys.stderr, flush=True)
+            os.write(2, f"I0000 port.cc:153] {NATIVE_CHATTER[1]}. You may see\\n{NATIVE_CHATTER[2]}\\n".encode())
+        print("after", file=sys.stderr)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+
+    def stderr(**extra: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stderr
+
+    assert stderr(TF_CPP_MIN_LOG_LEVEL="1") == "native error\npython warning\nafter\n"
+    assert stderr(TF_CPP_MIN_LOG_LEVEL="0").count("\n") == stderr().count("\n") == 6
+
+
 def test_within_noise_floor_takes_every_check():
     """A file is within the noise floor when its worst rows (the decode step's too), top-1 agreement and NLL are no
     further from the simulation than the simulation under float noise is, the worst of its draws."""

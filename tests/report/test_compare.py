@@ -206,6 +206,12 @@ def test_runtime_version_mismatch_is_flagged(tmp_path):
     assert col["vs_fp32"]["speedup_p50"] is None
     assert col["quality"] is None  # no eval stored: shown as not measured, never guessed
     assert col["quality_delta"]["delta"] is None
+    from edgeq.report.tables import _delta, _size_bytes
+
+    assert _delta(col) == "not measured (no evaluation of this file's sha256)"
+    # sizes in the decimal units `edgeq export` prints, with the exact count
+    assert (_size_bytes(539_770_123), _size_bytes(7920), _size_bytes(512)) == \
+        ("539.77 MB (539,770,123 B)", "7.92 kB (7,920 B)", "512 B")
 
 
 def test_decode_signature_runs_are_their_own_columns(tmp_path):
