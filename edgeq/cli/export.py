@@ -119,10 +119,11 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     if as_json:
         emit_json(meta)
         return
+    top1 = parity.get("top1_agree")
     click.echo(
         f"{output}: {meta['format']} {meta['variant']}, {size_text(meta['size_bytes'])}, exact={meta['exact']}, "
         f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "
-        f"top1_agree={parity.get('top1_agree')}"
+        f"top1_agree={'n/a' if top1 is None else f'{top1:.4f}'}"
     )
 
 

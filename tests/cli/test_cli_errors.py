@@ -1,5 +1,7 @@
 """CLI user errors: one line on stderr, exit code 2, nothing left behind."""
 
+import re
+
 import pytest
 
 from edgeq.cli.main import main
@@ -51,6 +53,11 @@ def test_export_format_follows_the_output_suffix(capsys, tmp_path, tiny_llama_re
 
     assert main(["export", "tiny-llama", "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "onnx"
+    # without --json, one line whose numbers read alike (top1_agree was printed with every digit of its fraction)
+    assert main(["export", "tiny-llama", "-o", str(tmp_path / "n.onnx")]) == 0
+    line = capsys.readouterr().out
+    assert re.fullmatch(rf"{tmp_path / 'n.onnx'}: onnx fp32, \d+\.\d\d [kM]B, exact=\w+, parity max_abs=\S+ "
+                        r"cos_min=\d\.\d{6} top1_agree=\d\.\d{4}\n", line), line
 
 
 def test_existing_output_is_kept(capsys, tmp_path, tiny_llama_ref):
