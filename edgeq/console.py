@@ -15,6 +15,7 @@ NATIVE_CHATTER = (
     "oneDNN custom operations are on",
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
 )
+_cli = False  # set by `quiet_converters`: this process is the CLI's
 
 
 def progress_shown() -> bool:
@@ -26,7 +27,10 @@ def quiet_converters() -> None:
     """Defaults for the CLI (a variable the user set wins; warnings and errors print either way): LiteRT's converter
     logs INFO lines on stderr ("Estimated count of arithmetic ops") only with TF_CPP_MIN_LOG_LEVEL=0, and litert-torch
     its conversion steps only with LITERT_TORCH_SHOW_PROGRESS=y: it prints them on stdout, where they broke the JSON
-    of `edgeq export --format tflite --json` (stdout carries edgeq's results; its progress bars go to stderr)."""
+    of `edgeq export --format tflite --json` (stdout carries edgeq's results; its progress bars go to stderr). Native
+    code's INFO lines that no variable governs are filtered in this process only (`native_chatter_dropped`)."""
+    global _cli
+    _cli = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
 
@@ -41,37 +45,44 @@ def size_text(n: int | float, digits: int = 2) -> str:
 
 
 def chatter_dropped() -> bool:
-    """The CLI's default (`quiet_converters`), or wherever TF_CPP_MIN_LOG_LEVEL asks for less than INFO; a library
-    caller who set nothing sees every line."""
-    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+    """In the CLI's process (`quiet_converters`, not the agent's job runners, which read LiteRT's lines, nor a library
+    caller's) unless TF_CPP_MIN_LOG_LEVEL=0 asks for INFO lines."""
+    return _cli and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+
+
+class CapturedFd2:
+    """What the block wrote to file descriptor 2, where native code (C++ runtimes) logs, not to `sys.stderr`: `text`
+    after the block. The block's output is held back; the caller decides what to pass on."""
+
+    def __enter__(self) -> "CapturedFd2":
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        return False
 
 
 @contextlib.contextmanager
 def native_chatter_dropped():
-    """Run the block with file descriptor 2 in a temporary file, then write what it caught to stderr without the
-    `NATIVE_CHATTER` lines. Everything else the block prints (warnings, errors, Python's own) comes out, after the
-    block and in order; meant for short blocks (an import, a first interpreter) that draw no progress bar. A no-op
-    when `chatter_dropped()` is false or descriptor 2 is closed."""
+    """Run the block with descriptor 2 captured, then write what it caught to stderr without the `NATIVE_CHATTER`
+    lines. Everything else the block prints (warnings, errors, Python's own) comes out, after the block and in order;
+    meant for short blocks (an import, a first interpreter) that draw no progress bar. A no-op unless
+    `chatter_dropped()`."""
     if not chatter_dropped():
         yield
         return
-    try:
-        saved = os.dup(2)
-    except OSError:
+    with CapturedFd2() as caught:
         yield
-        return
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
-                    if not any(c in line for c in NATIVE_CHATTER)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    kept = [line for line in caught.text.splitlines(keepends=True) if not any(c in line for c in NATIVE_CHATTER)]
+    if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()

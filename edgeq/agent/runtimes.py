@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import CapturedFd2
 from ..errors import EdgeqError
 from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io, xnnpack_coverage
 
@@ -36,21 +37,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-class _CaptureStderr:
-    """Capture the process's fd 2 (C++ runtimes log there, not to sys.stderr)."""
-
-    def __enter__(self):
-        self._tmp = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        return self
+class _CaptureStderr(CapturedFd2):
+    """Descriptor 2 captured (C++ runtimes log there: LiteRT says whether it applied XNNPACK) and passed on whole."""
 
     def __exit__(self, *exc):
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._tmp.seek(0)
-        self.text = self._tmp.read().decode("utf-8", "replace")
-        self._tmp.close()
+        super().__exit__(*exc)
         os.write(2, self.text.encode())
         return False
 
