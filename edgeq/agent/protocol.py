@@ -40,7 +40,8 @@ HTTP/1.1 (or HTTPS), JSON bodies with `Content-Type: application/json`, at most
 
 SUBMIT: `{"protocol": 1, "type": "submit", "job_id": ID, "artifact": {"name", "sha256"},
 "files": [{"name", "sha256"}, ...] (ONNX external data), "metadata": {...} | null (the artifact's
-FILE.json, only `inputs` is used), "config": CONFIG}`.
+FILE.json, of which `inputs` sets the inputs and `runtime_min`, with `sha256` and `variant`, is held against
+the board's runtime before the file loads; other keys are dropped), "config": CONFIG}`.
 
 Job ids match `JOB_ID_RE`. Submitting the same id again returns the same job and, once it has
 finished, the same result: a job runs at most once. The same id with a different request
@@ -222,14 +223,33 @@ def check_submit(msg: dict) -> dict:
     names = [artifact["name"]] + [f["name"] for f in files]
     if len(set(names)) != len(names):
         raise ProtocolError(f"files: names must be unique, got {names}")
-    metadata = msg.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ProtocolError("metadata: must be a JSON object or null")
     return {
         "job_id": job_id, "artifact": artifact, "files": files,
-        "metadata": {"inputs": metadata.get("inputs")} if metadata else None,
+        "metadata": _check_metadata(msg.get("metadata")),
         "config": check_config(msg.get("config")),
     }
+
+
+def _check_metadata(metadata) -> dict | None:
+    """The FILE.json keys a job uses: `inputs` (checked where they are made), and `runtime_min` (runtime -> version
+    text or null, plus a `note`) with the `sha256` and `variant` it was written for."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise ProtocolError("metadata: must be a JSON object or null")
+    out = {"inputs": metadata.get("inputs")}
+    sha, variant, need = metadata.get("sha256"), metadata.get("variant"), metadata.get("runtime_min")
+    if need is not None:
+        if not (isinstance(need, dict) and len(need) <= 16 and all(
+                isinstance(k, str) and len(k) <= 64 and (v is None or isinstance(v, str) and len(v) <= 500)
+                for k, v in need.items())):
+            raise ProtocolError("metadata.runtime_min: must map at most 16 runtime names to version text or null")
+        if not (isinstance(sha, str) and SHA256_RE.match(sha)):
+            raise ProtocolError("metadata.sha256: runtime_min needs the sha256 (64 lowercase hex digits) it was written for")
+        if variant is not None and not (isinstance(variant, str) and len(variant) <= 64):
+            raise ProtocolError("metadata.variant: must be text of at most 64 characters")
+        out.update(sha256=sha, variant=variant, runtime_min=need)
+    return out
 
 
 def request_fingerprint(request: dict) -> str:

@@ -32,7 +32,7 @@ from . import fingerprint as fp
 from . import stats
 from .inputs import asked_dims, make_inputs
 from .protocol import DEFAULT_DIMS
-from .runtimes import WEIGHT_OPS, load
+from .runtimes import WEIGHT_OPS, check_runtime_min, load, runtime_dist
 
 WARMUP_WINDOW = 5
 
@@ -130,6 +130,9 @@ def measure(job_dir: Path) -> dict:
         from .onnxcheck import check_external_data
 
         result["external_data"] = check_external_data(artifact, job_dir)
+    meta = job.get("metadata") or {}
+    mine = meta if meta.get("sha256") == job["artifact"]["sha256"] else None  # a FILE.json of other bytes says nothing
+    warnings = check_runtime_min(mine, *runtime_dist(artifact, cfg.get("weight_cache", False)))
     progress("loading")
     t = time.perf_counter_ns()
     model = load(artifact, cfg["threads"], cfg.get("signature"), cfg.get("weight_cache", False))
@@ -137,7 +140,7 @@ def measure(job_dir: Path) -> dict:
     result["load_ms"] = (time.perf_counter_ns() - t) / 1e6
     result["runtime"] = model.runtime
     result["rss_after_load_mb"] = _peak_rss_mb()
-    spec = (job.get("metadata") or {}).get("inputs")
+    spec = meta.get("inputs")
     if spec:
         for item in spec:
             item.setdefault("from", "metadata")
@@ -148,8 +151,8 @@ def measure(job_dir: Path) -> dict:
     progress("first inference")
     result["first_inference_ms"] = _time_once(model)
     result["warmup"] = _warmup(model, cfg, progress)
-    warnings = [] if result["warmup"]["stable"] else [
-        f"warm-up did not stabilise within {result['warmup']['runs']} runs"]
+    if not result["warmup"]["stable"]:
+        warnings.append(f"warm-up did not stabilise within {result['warmup']['runs']} runs")
     unused = sorted(set(cfg["dims"]) - set(asked_dims(result)) - set(DEFAULT_DIMS))  # batch / sequence also size unnamed dims
     if unused:  # e.g. slots=64 on a file whose metadata predates symbolic cache slots
         warnings.append(f"dims {', '.join(unused)}: no input of this model has a dim of that name; they changed nothing")

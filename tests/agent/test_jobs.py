@@ -121,6 +121,36 @@ def test_run_under_minimum_is_invalid_not_dropped(shared_agent, tiny_onnx):
     assert r["latency_ms"]["n"] == len(r["latency_ms"]["raw"]) > 0
 
 
+def test_a_runtime_the_export_rules_out_fails_the_job_before_it_loads(shared_agent, tiny_tflite, tiny_onnx):
+    """FILE.json's runtime_min, held against the board's runtime: a runtime the export names as unable to run the
+    file (tflite-runtime 2.14 computes hybrid INT8 and INT4 files wrongly) or older than its minimum fails the job with
+    what to install, instead of timing a computation that is not the model's; older than the tested release warns.
+    The runtimes are real; the FILE.json entries are written for this machine's versions, which can run both files."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.agent.runtimes import _version
+
+    litert, ort = _version("ai-edge-litert"), _version("onnxruntime")
+    client = shared_agent.client()
+
+    def meta(path, **runtime_min):
+        return {"sha256": sha256_file(path), "variant": "int4", "runtime_min": runtime_min}
+
+    r = run_job(client, tiny_tflite, metadata=meta(tiny_tflite, **{
+        "ai-edge-litert": None, "tflite-runtime": "2.14 (tested)", "note": "its INT4 kernels give wrong results"}))
+    assert r["status"] == "failed" and r["error"] == (
+        f"runtime: ai-edge-litert {litert} cannot run this int4 file (its FILE.json runtime_min: its INT4 kernels "
+        "give wrong results); install tflite-runtime 2.14 (tested) on the board"), r
+    r = run_job(client, tiny_onnx, metadata=meta(tiny_onnx, onnxruntime="99.1"))
+    assert r["status"] == "failed" and r["error"].startswith(f"runtime: onnxruntime {ort} is older than 99.1, which ")
+    r = run_job(client, tiny_onnx, metadata=meta(tiny_onnx, onnxruntime="99.1 (tested)"))
+    assert r["status"] == "valid" and any("older than 99.1, the release" in w for w in r["warnings"]), r["warnings"]
+    r = run_job(client, tiny_tflite, metadata=meta(tiny_tflite, **{"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None}))
+    assert r["status"] == "valid" and not [w for w in r["warnings"] if "runtime_min" in w], r.get("error")
+    # a FILE.json written for other bytes says nothing about these
+    r = run_job(client, tiny_onnx, metadata={**meta(tiny_onnx, onnxruntime="99.1"), "sha256": "0" * 64})
+    assert r["status"] == "valid", r.get("error")
+
+
 def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     pytest.importorskip("ai_edge_litert")
     r = run_job(shared_agent.client(), tiny_tflite)

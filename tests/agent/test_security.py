@@ -122,6 +122,13 @@ def test_bad_submit_fields_refused(shared_agent, tiny_onnx):
     # an external-data name that would alias the agent's own files in the job directory
     with pytest.raises(AgentError, match="reserved"):
         client.submit("ok5", {"name": "m.onnx", "sha256": sha}, [{"name": "runner.log", "sha256": sha}], None, {})
+    # FILE.json's runtime_min: a map of names to text or null, tied to the sha256 it was written for
+    for meta, expect in (({"runtime_min": {"onnxruntime": "1.19"}}, "metadata.sha256"),
+                         ({"sha256": sha, "runtime_min": {"onnxruntime": 1.19}}, "metadata.runtime_min"),
+                         ({"sha256": sha, "runtime_min": ["onnxruntime"]}, "metadata.runtime_min"),
+                         ({"sha256": sha, "variant": {"x": 1}, "runtime_min": {}}, "metadata.variant")):
+        with pytest.raises(AgentError, match=expect):
+            client.submit("ok6", {"name": "m.onnx", "sha256": sha}, [], meta, {})
 
 
 def test_same_job_id_50_times_runs_once(shared_agent, tiny_onnx):
