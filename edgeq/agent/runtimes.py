@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..console import CapturedFd2
 from ..errors import EdgeqError
+from ..export.runtime_min import runtime_verdict
 from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io, xnnpack_coverage
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV")
@@ -352,9 +352,6 @@ class CompiledLiteRtModel:
             buf.read(n, dtype)
 
 
-RUNTIME_DISTS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")  # the keys of FILE.json's runtime_min that name one
-
-
 def runtime_dist(path: Path, weight_cache: bool = False) -> tuple[str, str | None]:
     """The distribution that runs `path` here, as FILE.json's `runtime_min` names it, and its version."""
     if path.suffix != ".tflite":
@@ -365,34 +362,19 @@ def runtime_dist(path: Path, weight_cache: bool = False) -> tuple[str, str | Non
     return ("ai-edge-litert" if name == "litert" else "tflite-runtime"), version
 
 
-def _release(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", version)[:3])
-
-
 def check_runtime_min(meta: dict | None, dist: str, version: str | None) -> list[str]:
     """Hold an export's `runtime_min` (its FILE.json, written for these bytes) against the runtime about to run the
-    file, before it loads: a runtime the export names as unable to (None: tflite-runtime 2.14 runs hybrid INT8 and
-    INT4 files, with wrong results) or older than a minimum ("1.19": ONNX Runtime's opset-21 and blockwise INT4
-    kernels) is an error, never a latency of a computation that is not the model's; older than the one release it
-    was tested with ("2.3 (tested)") is a warning, which this returns."""
-    need = (meta or {}).get("runtime_min")
-    if not isinstance(need, dict) or dist not in need or version is None:
+    file, before it loads (`runtime_min.runtime_verdict`): a runtime the export rules out or one older than a minimum
+    is an error naming what to install, never a latency of a computation that is not the model's; one older than the
+    release it was tested with is a warning, which this returns."""
+    verdict = runtime_verdict(meta, dist, version)
+    if verdict is None:
         return []
-    what = f"this {meta['variant']} file" if meta.get("variant") else "this file"
-    spec = need[dist]
-    if spec is None:
-        others = ", ".join(f"{k} {need[k]}" for k in RUNTIME_DISTS if need.get(k) and k != dist)
-        note = f": {need['note']}" if need.get("note") else ""
-        raise EdgeqError(f"runtime: {dist} {version} cannot run {what} (its FILE.json runtime_min{note}); "
-                         f"install {others or 'another runtime'} on the board")
-    least = re.match(r"\d+(\.\d+)*", str(spec))
-    if least is None or _release(version) >= _release(least.group(0)):
-        return []
-    if "tested" in str(spec):
-        return [f"{dist} {version} is older than {least.group(0)}, the release {what} was tested with "
-                "(its FILE.json runtime_min)"]
-    raise EdgeqError(f"runtime: {dist} {version} is older than {least.group(0)}, which {what} needs (its FILE.json "
-                     f"runtime_min); pip install -U {dist}")
+    support, why = verdict
+    if support == "untested":
+        return [why]
+    raise EdgeqError(f"runtime: {why}; pip install -U {dist} on the board" if "older than" in why
+                     else f"runtime: {why}: install it on the board")
 
 
 def load(path: Path, threads: int, signature: str | None = None, weight_cache: bool = False):

@@ -23,6 +23,7 @@ from ..quantize.modules import activations_as
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
+from .runtime_min import TFLITE_RUNTIME_MIN
 from .tflite_check import output_clipping, output_grids
 from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
                            hybrid_activations, off_runtime_grid, static_bits)
@@ -40,28 +41,13 @@ DEFAULT_CALIB_SAMPLES = 8  # inputs the full-integer variants' output grids are 
 TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85),
              "int16x8": (0.99, 0.9)}
 
-# What each variant needs at run time. Measured here: every variant runs correctly in ai-edge-litert
-# 2.3 with XNNPACK. In tflite-runtime 2.14 (its last release; run with numpy 1.26) fp32 and full-integer
-# int8 files give the same outputs, while dynamic-int8 and int4 files (hybrid kernels) load and run but
-# give wrong outputs (cosine < 0.9 vs ai-edge-litert on tiny-llama and a small CNN): they need ai-edge-litert.
-# Older ai-edge-litert releases were not tested.
 # A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
 
 CLIPPED_LISTED = 20  # FILE.json `output_grids.clipped`: the layers whose outputs a grid saturated most, by fraction
 
-RUNTIME_MIN = {
-    "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
-    "int8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs up to integer rounding)"},
-    "int16x8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None,
-                "note": "16x8 (int16 activations, int8 weights) runs on LiteRT's built-in kernels, not XNNPACK; "
-                        "tflite-runtime was not tested with it"},
-    "dynamic-int8": {"ai-edge-litert": "2.3 (tested)",
-                     "tflite-runtime": None, "note": "tflite-runtime 2.14 runs the file with wrong results (hybrid kernels)"},
-    "int4": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": None,
-             "note": "INT4 blockwise (BlockwiseQuantization, fp16 block scales): tflite-runtime 2.14 runs it with wrong results"},
-}
+
 def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
     """Held-back inputs in the graph's fixed shape (encoder sentences padded with mask 0)."""
     inputs = held_back_inputs(bundle, seq_len=seq_len)
@@ -333,7 +319,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                   "fused": fused_meta(buf, fused)},
         # per signature, what `edgeq profile --signature NAME` feeds (the top-level `inputs` are serving_default's)
         "signatures": signatures,
-        "runtime_min": {**RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
+        "runtime_min": {**TFLITE_RUNTIME_MIN["int16x8" if wide else variant], "tested": f"{runtime_version()} (XNNPACK)"},
         "conventions": CONVENTIONS,
         # hybrid kernels: whether the file's run-time activation grid is the recipe's
         "activations": hybrid_activations(layers) if variant in HYBRID else None,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import EdgeqError
+from ..export.runtime_min import TFLITE_RUNTIME_MIN, runtime_verdict
+from ..fileio import read_json, sha256_file
 from .profile import Runtime, TargetProfile, Verdict, load_profile
 from .uses import CANDIDATE_GROUP_SIZES, OpUse, recipe_name
 
@@ -73,11 +75,13 @@ class CheckReport:
     format: str
     artifact: str
     rows: list[Row]
+    runtime_min: dict | None = None  # the file's FILE.json runtime_min on this runtime's release, where it has a say
 
     @property
     def status(self) -> str:
-        """The worst verdict: native / fallback / unsupported."""
-        return min((r.verdict.support for r in self.rows), key=_ORDER.__getitem__, default="native")
+        """The worst verdict: native / fallback / unsupported (the file's runtime_min ruling the release out, too)."""
+        worst = min((r.verdict.support for r in self.rows), key=_ORDER.__getitem__, default="native")
+        return "unsupported" if (self.runtime_min or {}).get("support") == "unsupported" else worst
 
     @property
     def exit_code(self) -> int:
@@ -91,13 +95,16 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "runtime": self.runtime, "format": self.format, "artifact": self.artifact,
-                "status": self.status, "counts": self.counts(), "ops": [r.to_dict() for r in self.rows]}
+                "status": self.status, "counts": self.counts(), "runtime_min": self.runtime_min,
+                "ops": [r.to_dict() for r in self.rows]}
 
     def render(self, max_nodes: int = 3) -> str:
         """A plain-text table, worst rows first."""
         c = self.counts()
         lines = [f"{self.artifact} on {self.target} / {self.runtime} ({self.format}): {self.status.upper()} "
                  f"({c['native']} native, {c['fallback']} fallback, {c['unsupported']} unsupported ops)"]
+        if self.runtime_min:
+            lines.append(f"  {self.runtime_min['support']:<11} {self.runtime_min['why']}")
         width = max((len(r.op) for r in self.rows), default=2)
         swidth = max((len(r.signature) for r in self.rows), default=2)
         for r in self.rows:
@@ -186,7 +193,25 @@ def check(thing, profile: str | TargetProfile, runtime: str | None = None, fmt: 
     rt = prof.runtime(runtime, fmt) if fmt is not None else None  # a file is read with its runtime's fusion rules
     fmt, uses = uses_of(path, fmt, accuracy_level, engine=rt.package if rt is not None else None)
     rt = rt or prof.runtime(runtime, fmt)
-    return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt))
+    return CheckReport(prof.name, rt.name, fmt, str(path), classify(uses, rt),
+                       _runtime_min(path, rt) if fmt == kind else None)
+
+
+def _runtime_min(path: Path, rt: Runtime) -> dict | None:
+    """What the file's FILE.json `runtime_min` (when written for these bytes) says of the runtime's release: a runtime
+    the export rules out (tflite-runtime 2.14 for hybrid INT8 and INT4 files) or older than the file's minimum runs no
+    op of it right, whatever the op rows say."""
+    meta_path = Path(str(path) + ".json")
+    try:
+        meta = read_json(meta_path) if meta_path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(path):
+        return None
+    verdict = runtime_verdict(meta, rt.package, rt.version)
+    if verdict is None:
+        return None
+    return {"support": verdict[0], "why": verdict[1], "package": rt.package, "version": rt.version}
 
 
 # For each requested activation mode, the others in order of closeness.
@@ -314,6 +339,8 @@ def gate_export(artifact_or_plan, profile: str | TargetProfile, allow_fallback: 
         report = check(plan_uses(artifact_or_plan, rt.format, accuracy_level), prof, rt.name, rt.format)
     else:
         report = check(artifact_or_plan, profile, runtime, fmt, accuracy_level)
+    if (report.runtime_min or {}).get("support") == "unsupported":
+        raise EdgeqError(_runtime_refusal(report))
     bad = [r for r in report.rows if r.verdict.support == "unsupported"]
     falls = [r for r in report.rows if r.verdict.support == "fallback"]
     if bad or (falls and not allow_fallback):
@@ -340,6 +367,18 @@ def _refusal(report: CheckReport, rows: list[Row], unsupported: bool) -> str:
     hint = f"; nearest working recipe: {suggestions[-1]}" if suggestions else "; no quantized form of it runs natively: keep it float"
     tail = "" if unsupported else " (or pass --allow-fallback to export anyway and record the fallback)"
     return "; ".join(parts) + hint + tail
+
+
+def _runtime_refusal(report: CheckReport) -> str:
+    """A file its board's runtime release cannot run, with the TFLite variants that release runs."""
+    need = report.runtime_min
+    text = f"{report.artifact} on {report.target} / {report.runtime}: {need['why']}"
+    if report.format != "tflite":
+        return text
+    runs = [v for v, spec in TFLITE_RUNTIME_MIN.items()  # a release named for it ("not tested" names none)
+            if re.match(r"\d", spec.get(need["package"]) or "")
+            and runtime_verdict({"runtime_min": spec}, need["package"], need["version"]) is None]
+    return text + (f"; {need['package']} {need['version']} runs the variants {', '.join(runs)} (--variant)" if runs else "")
 
 
 def _strictness(name: str) -> tuple:

@@ -76,6 +76,39 @@ def test_tflite_on_bundled_profiles(tflite_fixture, monkeypatch):
         assert check(tflite_fixture["wi4b32"], target).status == "native", target
 
 
+def test_a_runtime_release_the_file_rules_out_is_unsupported(tflite_fixture, tmp_path, profile_dir):
+    """A board whose TFLite runtime is tflite-runtime 2.14 (a profile of one) cannot run an INT4 file right, though it
+    has a kernel for every op: the file's FILE.json runtime_min says so, `check` reports it and an export gated by the
+    board is refused, naming the variants that release runs."""
+    import shutil
+
+    from edgeq.export.runtime_min import TFLITE_RUNTIME_MIN
+    from edgeq.fileio import sha256_file
+    from edgeq.targets import load_profile_file
+
+    text = (profile_dir / "testboard.toml").read_text()
+    assert 'package = "ai-edge-litert"\nversion = "2.3"' in text
+    old = tmp_path / "oldboard.toml"
+    old.write_text(text.replace('name = "testboard"', 'name = "oldboard"')
+                   .replace('package = "ai-edge-litert"\nversion = "2.3"', 'package = "tflite-runtime"\nversion = "2.14"'))
+    board = load_profile_file(old)
+    f = shutil.copy(tflite_fixture["wi4b32"], tmp_path / "w4.tflite")
+    meta = {"sha256": sha256_file(f), "variant": "int4", "runtime_min": TFLITE_RUNTIME_MIN["int4"]}
+    (tmp_path / "w4.tflite.json").write_text(json.dumps(meta))
+
+    report = check(f, board)
+    assert report.status == "unsupported" and report.exit_code == 1
+    assert report.runtime_min["support"] == "unsupported"
+    assert report.runtime_min["why"].startswith("tflite-runtime 2.14 cannot run this int4 file")
+    assert report.render().splitlines()[1].startswith("  unsupported tflite-runtime 2.14 cannot run this int4 file")
+    with pytest.raises(EdgeqError, match=r"cannot run this int4 file .*runs the variants fp32, int8 \(--variant\)"):
+        gate_export(str(f), board)
+    assert check(f, "testboard").runtime_min is None  # ai-edge-litert 2.3: the release it was tested with
+    # a FILE.json of other bytes says nothing of these
+    (tmp_path / "w4.tflite.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    assert check(f, board).runtime_min is None
+
+
 def _qdir(tmp_path, layers):
     qdir = tmp_path / "q"
     qdir.mkdir()
