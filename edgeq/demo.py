@@ -83,8 +83,9 @@ def run_demo(model: str, out: Path, formats=("onnx", "tflite"), eval_windows: in
             options = tflite_options if fmt == "tflite" else {}
             meta = export(source, fmt, path, variant=variant, **options)
             parity = meta.get("parity") or {}
+            top1 = parity.get("top1_agree")
             say(f"exported {path.name} ({size_text(meta['size_bytes'], 1)}, exact={meta['exact']}, "
-                f"top1 parity {parity.get('top1_agree')}) in {time.perf_counter() - start:.0f} s")
+                f"top1 parity {'n/a' if top1 is None else f'{top1:.4f}'}) in {time.perf_counter() - start:.0f} s")
             result = evaluate(str(path), count=eval_windows, seq_len=seq_len)
             record_eval_result(db, result)
             rows.append(DemoRow(name, fmt, str(path), meta["size_bytes"] / 1e6, meta["exact"], parity.get("top1_agree"),

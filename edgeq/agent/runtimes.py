@@ -370,11 +370,9 @@ def check_runtime_min(meta: dict | None, dist: str, version: str | None) -> list
     verdict = runtime_verdict(meta, dist, version)
     if verdict is None:
         return []
-    support, why = verdict
-    if support == "untested":
-        return [why]
-    raise EdgeqError(f"runtime: {why}; pip install -U {dist} on the board" if "older than" in why
-                     else f"runtime: {why}: install it on the board")
+    if verdict["support"] == "untested":
+        return [verdict["why"]]
+    raise EdgeqError(f"runtime: {verdict['why']}; {verdict['fix']} on the board")
 
 
 def load(path: Path, threads: int, signature: str | None = None, weight_cache: bool = False):

@@ -35,24 +35,25 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version)[:3])
 
 
-def runtime_verdict(meta: dict | None, dist: str, version: str | None) -> tuple[str, str] | None:
-    """How `dist` at `version` runs the file FILE.json `meta` describes: ("unsupported", why) for a runtime the export
-    rules out or one older than a minimum, ("untested", why) for one older than the release it was tested with,
-    None where it runs the file or nothing says otherwise."""
+def runtime_verdict(meta: dict | None, dist: str, version: str | None) -> dict | None:
+    """How `dist` at `version` runs the file FILE.json `meta` describes: {"support": "unsupported", "why", "fix"} for a
+    runtime the export rules out or one older than a minimum, {"support": "untested", "why"} for one older than the
+    release it was tested with, None where it runs the file or nothing says otherwise."""
     need = (meta or {}).get("runtime_min")
     if not isinstance(need, dict) or dist not in need or version is None:
         return None
     what = f"this {meta['variant']} file" if meta.get("variant") else "this file"
     spec = need[dist]
     if spec is None:
-        others = ", ".join(f"{k} {need[k]}" for k in RUNTIME_DISTS if need.get(k) and k != dist)
+        others = " or ".join(f"{k} {need[k]}" for k in RUNTIME_DISTS if need.get(k) and k != dist)
         note = f": {need['note']}" if need.get("note") else ""
-        return "unsupported", (f"{dist} {version} cannot run {what} (its FILE.json runtime_min{note}); "
-                               f"it needs {others or 'another runtime'}")
+        return {"support": "unsupported", "why": f"{dist} {version} cannot run {what} (its FILE.json runtime_min{note})",
+                "fix": f"install {others}" if others else "run it with another runtime"}
     least = re.match(r"\d+(\.\d+)*", str(spec))
     if least is None or release(version) >= release(least.group(0)):
         return None
     if "tested" in str(spec):
-        return "untested", f"{dist} {version} is older than {least.group(0)}, the release {what} was tested with " \
-                           "(its FILE.json runtime_min)"
-    return "unsupported", f"{dist} {version} is older than {least.group(0)}, which {what} needs (its FILE.json runtime_min)"
+        return {"support": "untested", "why": f"{dist} {version} is older than {least.group(0)}, the release {what} was "
+                                              "tested with (its FILE.json runtime_min)"}
+    return {"support": "unsupported", "why": f"{dist} {version} is older than {least.group(0)}, which {what} needs (its "
+                                             "FILE.json runtime_min)", "fix": f"pip install -U {dist}"}

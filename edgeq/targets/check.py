@@ -209,9 +209,7 @@ def _runtime_min(path: Path, rt: Runtime) -> dict | None:
     if not isinstance(meta, dict) or meta.get("sha256") != sha256_file(path):
         return None
     verdict = runtime_verdict(meta, rt.package, rt.version)
-    if verdict is None:
-        return None
-    return {"support": verdict[0], "why": verdict[1], "package": rt.package, "version": rt.version}
+    return None if verdict is None else {**verdict, "package": rt.package, "version": rt.version}
 
 
 # For each requested activation mode, the others in order of closeness.
@@ -372,13 +370,14 @@ def _refusal(report: CheckReport, rows: list[Row], unsupported: bool) -> str:
 def _runtime_refusal(report: CheckReport) -> str:
     """A file its board's runtime release cannot run, with the TFLite variants that release runs."""
     need = report.runtime_min
-    text = f"{report.artifact} on {report.target} / {report.runtime}: {need['why']}"
+    text = f"{report.artifact} on {report.target} / {report.runtime}: {need['why']}; {need['fix']} on the board"
     if report.format != "tflite":
         return text
     runs = [v for v, spec in TFLITE_RUNTIME_MIN.items()  # a release named for it ("not tested" names none)
             if re.match(r"\d", spec.get(need["package"]) or "")
             and runtime_verdict({"runtime_min": spec}, need["package"], need["version"]) is None]
-    return text + (f"; {need['package']} {need['version']} runs the variants {', '.join(runs)} (--variant)" if runs else "")
+    return text + (f", or export a variant {need['package']} {need['version']} runs: {', '.join(runs)} (--variant)"
+                   if runs else "")
 
 
 def _strictness(name: str) -> tuple:

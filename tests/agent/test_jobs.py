@@ -139,7 +139,7 @@ def test_a_runtime_the_export_rules_out_fails_the_job_before_it_loads(shared_age
         "ai-edge-litert": None, "tflite-runtime": "2.14 (tested)", "note": "its INT4 kernels give wrong results"}))
     assert r["status"] == "failed" and r["error"] == (
         f"runtime: ai-edge-litert {litert} cannot run this int4 file (its FILE.json runtime_min: its INT4 kernels "
-        "give wrong results); it needs tflite-runtime 2.14 (tested): install it on the board"), r
+        "give wrong results); install tflite-runtime 2.14 (tested) on the board"), r
     r = run_job(client, tiny_onnx, metadata=meta(tiny_onnx, onnxruntime="99.1"))
     assert r["status"] == "failed" and r["error"] == (f"runtime: onnxruntime {ort} is older than 99.1, which this int4 "
                                                        "file needs (its FILE.json runtime_min); pip install -U "
