@@ -285,24 +285,24 @@ def profile_local(artifacts: list[str | os.PathLike], *, db: str | os.PathLike |
 
 
 def summary_table(summaries: list[dict]) -> str:
-    """A plain-text table of `profile` summaries: one line per (device, artifact), then errors."""
+    """A plain-text table of `profile` summaries, each column as wide as its widest cell (a URL device and a long
+    artifact name read whole): one line per (device, artifact), then errors, warnings and power notes."""
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-    lines = [f"{'device':<12} {'artifact':<40} {'status':<8} {'p50 ms':>9} {'95% CI of median':>21} "
-             f"{'p99 ms':>9} {'n':>7} {'RSS MB':>7} {'runtime / provider':<34} {'mJ/inf':>8}"]
-    notes = []
+    header = ["device", "artifact", "status", "p50 ms", "95% CI of median", "p99 ms", "n", "RSS MB",
+              "runtime / provider", "mJ/inf"]
+    right = {"p50 ms", "95% CI of median", "p99 ms", "n", "RSS MB", "mJ/inf"}
+    rows, notes = [], []
     for s in summaries:
         r = s["result"] or {}
         lat = r.get("latency_ms") or {}
         ci = lat.get("ci95_median") or [None, None]
         rt = r.get("runtime") or {}
         p = r.get("power") or {}
-        runtime = f"{rt.get('name', '-')} / {rt.get('provider', '-')}"
         sig, dims = (r.get("config") or {}).get("signature"), asked_dims(r)
         name = Path(s["artifact"]).name + (f" [{sig}]" if sig else "") + dims_label(dims)
-        lines.append(f"{s['device'][:12]:<12} {name[:40]:<40} {s['status']:<8} "
-                     f"{fmt(lat.get('p50')):>9} {'[' + fmt(ci[0]) + ', ' + fmt(ci[1]) + ']':>21} "
-                     f"{fmt(lat.get('p99')):>9} {lat.get('n', '-'):>7} {fmt(r.get('peak_rss_mb'), '{:.0f}'):>7} "
-                     f"{runtime[:34]:<34} {fmt(p.get('energy_per_inference_mj')):>8}")
+        rows.append([s["device"], name, s["status"], fmt(lat.get("p50")), f"[{fmt(ci[0])}, {fmt(ci[1])}]",
+                     fmt(lat.get("p99")), str(lat.get("n", "-")), fmt(r.get("peak_rss_mb"), "{:.0f}"),
+                     f"{rt.get('name', '-')} / {rt.get('provider', '-')}", fmt(p.get("energy_per_inference_mj"))])
         if s["error"]:
             notes.append(f"{s['device']} {name}: error: {s['error']}")
         for reason in r.get("invalid_reasons") or []:
@@ -311,6 +311,9 @@ def summary_table(summaries: list[dict]) -> str:
             notes.append(f"{s['device']} {name}: warning: {warning}")
         if not s["error"] and p.get("reason"):
             notes.append(f"{s['device']} {name}: power: {p['reason']}")
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    lines = [" ".join(cell.rjust(w) if h in right else cell.ljust(w) for h, cell, w in zip(header, row, widths)).rstrip()
+             for row in [header, *rows]]
     return "\n".join(lines + sorted(set(notes)))
 
 

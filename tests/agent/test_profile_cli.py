@@ -209,6 +209,14 @@ def test_profile_local_library_call_for_demo(tmp_path, tiny_onnx):
     assert summaries[0]["status"] == "valid" and summaries[0]["row_id"] == store.list_results(db)[0].id
     table = host.summary_table(summaries)
     assert "tiny.onnx" in table and "valid" in table and "CPUExecutionProvider" in table
+    # columns as wide as their cells: a URL device and a long runtime / provider read whole, aligned
+    long = {**summaries[0], "device": "http://192.168.1.23:8765",
+            "result": {**summaries[0]["result"], "runtime": {"name": "litert-compiledmodel",
+                                                             "provider": "XNNPACK delegate (weight cache)"}}}
+    header, *rows = host.summary_table([summaries[0], long]).splitlines()[:3]
+    assert rows[1].startswith("http://192.168.1.23:8765 tiny.onnx ")
+    assert "litert-compiledmodel / XNNPACK delegate (weight cache)" in rows[1]
+    assert len({line.index(" tiny.onnx") for line in rows}) == 1 and header.index("artifact") == rows[0].index("tiny.onnx")
 
 
 @pytest.mark.slow
