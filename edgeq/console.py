@@ -44,6 +44,14 @@ def size_text(n: int | float, digits: int = 2) -> str:
     return f"{n:.0f} B"
 
 
+def aligned(header: list[str], rows: list[list[str]], right: set[str] = frozenset()) -> list[str]:
+    """A plain-text table: each column as wide as its widest cell (nothing cut), the columns named in `right`
+    right-aligned (numbers), trailing spaces trimmed."""
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    return [" ".join(cell.rjust(w) if h in right else cell.ljust(w) for h, cell, w in zip(header, row, widths)).rstrip()
+            for row in [header, *rows]]
+
+
 def chatter_dropped() -> bool:
     """In the CLI's process (`quiet_converters`, not the agent's job runners, which read LiteRT's lines, nor a library
     caller's) unless TF_CPP_MIN_LOG_LEVEL=0 asks for INFO lines."""

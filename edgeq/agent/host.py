@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from ..console import aligned
 from ..errors import EdgeqError
 from ..export import prefill_of
 from ..fileio import read_json, sha256_file
@@ -311,10 +312,7 @@ def summary_table(summaries: list[dict]) -> str:
             notes.append(f"{s['device']} {name}: warning: {warning}")
         if not s["error"] and p.get("reason"):
             notes.append(f"{s['device']} {name}: power: {p['reason']}")
-    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-    lines = [" ".join(cell.rjust(w) if h in right else cell.ljust(w) for h, cell, w in zip(header, row, widths)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines + sorted(set(notes)))
+    return "\n".join(aligned(header, rows, right) + sorted(set(notes)))
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..console import aligned
+
 
 @click.group()
 def results() -> None:
@@ -28,12 +30,11 @@ def list_cmd(db, artifact, device, limit, as_json) -> None:
         click.echo(json.dumps([keep(r) for r in rows], indent=1))
         return
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    click.echo(f"{'id':>4} {'created':<25} {'device':<12} {'artifact':<14} {'variant':<14} {'status':<8} "
-               f"{'p50 ms':>9} {'p99 ms':>9} {'n':>6} {'runtime':<12} {'mJ/inf':>8}")
-    for r in rows:
-        click.echo(f"{r.id:>4} {r.created:<25} {r.device[:12]:<12} {r.artifact_sha256[:12]:<14} "
-                   f"{(r.variant or '-')[:14]:<14} {r.status:<8} {fmt(r.p50_ms):>9} {fmt(r.p99_ms):>9} "
-                   f"{r.n_runs or 0:>6} {(r.runtime or '-')[:12]:<12} {fmt(r.energy_mj):>8}")
+    header = ["id", "created", "device", "artifact", "variant", "status", "p50 ms", "p99 ms", "n", "runtime", "mJ/inf"]
+    cells = [[str(r.id), r.created, r.device, r.artifact_sha256[:12], r.variant or "-", r.status, fmt(r.p50_ms),
+              fmt(r.p99_ms), str(r.n_runs or 0), r.runtime or "-", fmt(r.energy_mj)] for r in rows]
+    for line in aligned(header, cells, right={"id", "p50 ms", "p99 ms", "n", "mJ/inf"}):
+        click.echo(line)
 
 
 @results.command("show")

@@ -56,6 +56,13 @@ def test_profile_local_stores_results_tied_to_export_json(tmp_path, capsys, tiny
     assert code == 0 and json.loads(out)["artifact_sha256"] == meta["sha256"]
     code, out, _ = cli(capsys, "results", "list", "--db", str(db))
     assert "w8a8" in out and "valid" in out
+    # a URL device and a long runtime name read whole (they were cut to 12 characters)
+    result = {**row.result, "runtime": {**row.result["runtime"], "name": "litert-compiledmodel"}}
+    store.record_result(db, result, device="http://192.168.1.23:8765", device_url="http://192.168.1.23:8765",
+                        artifact_path=row.artifact_path, export_meta=meta)
+    code, out, _ = cli(capsys, "results", "list", "--db", str(db))
+    newest = out.splitlines()[1]
+    assert " http://192.168.1.23:8765 " in newest and " litert-compiledmodel " in newest, out
     code, _, err = cli(capsys, "results", "show", "999", "--db", str(db))
     assert code == 2 and "999" in err
 
