@@ -81,6 +81,11 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
                    f"of {summary['model']!r}: the layers it was written for are named otherwise here, or an earlier rule "
                    "takes them", err=True)
     mixed = qm.extra.get("mixed") or {}
+    convs = mixed.get("convolutions_left_float") or {}
+    if convs.get("count"):
+        click.echo(f"edgeq: note: --recipe auto planned the Linear layers only; {convs['count']} convolutions "
+                   f"({size_text(convs['bytes'])}) stay float (for an image model, quantize with a preset: w8a8-static, w8)",
+                   err=True)
     if "measured_alternative" in mixed:
         other, kept = mixed["measured_alternative"], mixed["allocation"]["strategy"]
         click.echo(f"edgeq: note: kept the {kept} plan (loss {mixed['measured_loss']:.4f} on the calibration windows) over the "

@@ -95,6 +95,7 @@ class Analysis:
     forced: list[str] = field(default_factory=list)
     target: dict = field(default_factory=dict)
     folded_norms: bool = True  # the analysis ran on a norm-folded model (the quantized model must be folded too)
+    convolutions: dict = field(default_factory=dict)  # the model's convolutions, which stay float: count, bytes
 
     def restrict(self, bits: Iterable[int]) -> "Analysis":
         """The same analysis with fewer candidate bit-widths (e.g. another target's set)."""
@@ -168,8 +169,10 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     forced = []
     if options.outlier_kurtosis is not None:
         forced = [n for n in names if sens[n].kurtosis > options.outlier_kurtosis]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     return Analysis(sens, specs, table, bytes_table, fp32_bytes - cand_bytes, fp32_bytes, base, objective.name, forced,
-                    folded_norms=folded)
+                    folded_norms=folded,
+                    convolutions={"count": len(convs), "bytes": sum(m.weight.numel() * 4 for m in convs)})
 
 
 def _limit(analysis: Analysis, budget: Budget | str) -> tuple[float, int]:
@@ -187,7 +190,14 @@ def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
         choices = sorted((Choice(b, analysis.bytes_table[name][b], analysis.table[name][b]) for b in analysis.specs),
                          key=lambda c: (c.bytes, c.bits))
         layers.append(LayerOptions(name, s.params, max(s.sensitivity * s.variance, 1e-30), choices, fixed=name in analysis.forced))
-    return allocate(layers, analysis.fixed_bytes, limit)
+    try:
+        return allocate(layers, analysis.fixed_bytes, limit)
+    except EdgeqError as exc:
+        convs = analysis.convolutions
+        if not convs.get("count"):
+            raise
+        raise EdgeqError(f"{exc}; of the float part, {convs['count']} convolutions hold {convs['bytes']:,} bytes: auto "
+                         "plans Linear layers only (for an image model, quantize with a preset: w8a8-static, w8)") from None
 
 
 def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
@@ -345,6 +355,7 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
         "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
         "options": {k: v for k, v in options.__dict__.items()},
         "objective": analysis.objective,
+        "convolutions_left_float": analysis.convolutions,
         "sensitivity_method": "empirical Fisher diagonal from per-token gradients (hooks), predicted loss = 0.5*sum F*(Wq-W)^2 for RTN",
         "allocation": {"strategy": allocation.strategy, **allocation.details},
         "avg_bits": summary["avg_bits"],

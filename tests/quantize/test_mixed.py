@@ -7,6 +7,7 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -456,3 +457,23 @@ def test_cli_says_which_measured_plan_it_kept(tmp_path, capsys):
     mixed = json.loads((out / "quant.json").read_text())["mixed"]
     kept, other = mixed["allocation"]["strategy"], mixed["measured_alternative"]["strategy"]
     assert f"kept the {kept} plan" in err and f"over the {other} one" in err and "uniform" in kept + other
+
+
+def test_auto_says_that_convolutions_stay_float(tmp_path, capsys):
+    """auto plans Linear layers only: on an image model the CLI says how much stays float in its convolutions, and a
+    budget the float convolutions alone exceed is refused saying so (EfficientNet's "too small" named no cause)."""
+    from edgeq.cli.main import main
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+    common = ["quantize", "factories:small_cnn", "--recipe", "auto", "--target", "rpi5", "--calib", str(tmp_path / "x.npy")]
+    assert main([*common, "--budget", "6bits", "-o", str(tmp_path / "q")]) == 0
+    convs = 3 * 8 * 9 + 8 * 16 * 9  # conv1 and conv2 weights
+    assert json.loads((tmp_path / "q" / "quant.json").read_text())["mixed"]["convolutions_left_float"] == \
+        {"count": 2, "bytes": 4 * convs}
+    assert "edgeq: note: --recipe auto planned the Linear layers only; 2 convolutions (5.47 kB) stay float" in \
+        capsys.readouterr().err
+    assert main([*common, "--budget", "10%", "-o", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeq: error: --budget: too small") and f"2 convolutions hold {4 * convs:,} bytes" in err
+    assert not (tmp_path / "small").exists()
