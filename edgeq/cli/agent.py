@@ -1,7 +1,9 @@
-"""`edgeq agent serve`: the board-side agent. Imports nothing heavy (no torch)."""
+"""`edgeq agent serve`: the board-side agent; `edgeq agent info`: what a board's agent says of itself (from the host).
+Imports nothing heavy (no torch)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -58,3 +60,49 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         click.echo(f"edgeq-agent: WARNING: token file {token_file} is open to every user (mode {mode:03o}); "
                    "chmod 600 it (or 640 with the agent's group, as the board installers do)", err=True)
     run(cfg)
+
+
+@agent.command("info")
+@click.option("--device", "devices", multiple=True, required=True, help="Device name (devices file) or agent URL; repeatable.")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), help="Bearer token for URL devices.")
+@click.option("--devices-file", type=click.Path(dir_okay=False), help="Devices TOML (default: user config dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the agents' info documents as JSON.")
+def info(devices, token_file, devices_file, as_json) -> int:
+    """Ask each board's agent what it runs: edgeq and runtime versions (what a file's runtime_min is held against),
+    CPU, memory, power meter and limits. Checks the URL, token and TLS settings before a profile run; exit 1 if an
+    agent cannot be reached or refuses."""
+    from ..agent.client import AgentError
+    from ..agent.host import resolve_devices
+
+    answers = []
+    for dev in resolve_devices(list(devices), token_file, devices_file):
+        try:
+            answers.append({"device": dev.name, "url": dev.url, "info": dev.client(timeout=15.0).info(), "error": None})
+        except AgentError as exc:
+            answers.append({"device": dev.name, "url": dev.url, "info": None, "error": str(exc)})
+    if as_json:
+        click.echo(json.dumps(answers, indent=1))
+    else:
+        for a in answers:
+            click.echo("\n".join(_info_lines(a)))
+    return 1 if any(a["error"] for a in answers) else 0
+
+
+def _info_lines(answer: dict) -> list[str]:
+    head = f"{answer['device']}" + (f" ({answer['url']})" if answer["url"] != answer["device"] else "")
+    if answer["error"]:
+        return [f"{head}: error: {answer['error']}"]
+    info, fp = answer["info"], answer["info"].get("fingerprint") or {}
+    runtimes = ", ".join(f"{name} {version or '-'}" for name, version in (fp.get("runtimes") or {}).items()
+                         if name not in ("numpy", "psutil", "edgeq"))
+    meter = info.get("power_meter")
+    power = f"{meter['meter']} ({meter['scope']})" if meter else f"none ({info.get('power_reason')})"
+    mem = info.get("max_memory_mb")
+    os_name = (fp.get("os") or "-").split("=", 1)[-1].strip('"')  # /etc/os-release's first line, PRETTY_NAME="..."
+    return [f"{head}: edgeq {info.get('version') or '?'}, protocol {info.get('protocol')}",
+            f"  board:    {fp.get('board') or '-'}; {fp.get('cpu_model') or '-'} x{fp.get('cpu_count')} ({fp.get('machine')}), "
+            f"{fp.get('mem_total_mb')} MB; {os_name}, kernel {fp.get('kernel')}, Python {fp.get('python')}",
+            f"  runtimes: {runtimes}",
+            f"  power:    {power}",
+            f"  limits:   upload {info.get('max_upload_bytes', 0) >> 20} MB, job {info.get('max_job_seconds')} s, "
+            f"memory {f'{mem} MB' if mem else 'default'}"]

@@ -131,6 +131,31 @@ def test_devices_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
         (str(conf / "pi5.token"), str(tmp_path / "home" / "ca.pem"), "/etc/edgeq/host.pem", None)
 
 
+def test_agent_info_says_what_a_board_runs(tmp_path, capsys, agent_factory):
+    """`edgeq agent info --device`: the agent's versions, runtimes, power meter and limits, by URL or by name from the
+    devices file; an agent that refuses the token or cannot be reached is an error line and exit 1."""
+    from edgeq.agent.fingerprint import runtime_versions
+
+    a = agent_factory()
+    code, out, err = cli(capsys, "agent", "info", "--device", a.url, "--token-file", str(a.token_file))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{a.url}: edgeq {runtime_versions()['edgeq']}, protocol 1"
+    assert f"onnxruntime {runtime_versions()['onnxruntime']}" in lines[2] and lines[2].startswith("  runtimes: ")
+    assert lines[3].startswith("  power:    none (power metering disabled")  # the test agents run --power-meter none
+    devices = tmp_path / "devices.toml"
+    devices.write_text(f'[devices.board]\nurl = "{a.url}"\ntoken_file = "{a.token_file}"\n')
+    wrong = tmp_path / "wrong"
+    wrong.write_text("w" * 32)
+    code, out, _ = cli(capsys, "agent", "info", "--device", "board", "--device", "http://127.0.0.1:9", "--token-file",
+                       str(wrong), "--devices-file", str(devices), "--json")
+    answers = json.loads(out)
+    assert code == 1 and [x["device"] for x in answers] == ["board", "http://127.0.0.1:9"]
+    assert answers[0]["error"].endswith("401: wrong token") and "connection refused" in answers[1]["error"]
+    code, out, _ = cli(capsys, "agent", "info", "--device", "board", "--devices-file", str(devices), "--json")
+    assert code == 0 and json.loads(out)[0]["info"]["fingerprint"]["runtimes"] == runtime_versions()
+
+
 def test_device_errors(tmp_path, capsys, tiny_onnx):
     devices = tmp_path / "devices.toml"
     devices.write_text('[devices.x]\nurl = "http://127.0.0.1:1"\npassword = "no"\n')
