@@ -18,6 +18,7 @@ torch.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -153,6 +154,10 @@ def measure(job_dir: Path) -> dict:
     result["warmup"] = _warmup(model, cfg, progress)
     if not result["warmup"]["stable"]:
         warnings.append(f"warm-up did not stabilise within {result['warmup']['runs']} runs")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and cfg["threads"] > cpus:
+        warnings.append(f"threads {cfg['threads']} exceed the {cpus} CPUs this job may run on: its threads share cores, "
+                        "and the latency measures that contention")
     unused = sorted(set(cfg["dims"]) - set(asked_dims(result)) - set(DEFAULT_DIMS))  # batch / sequence also size unnamed dims
     if unused:  # e.g. slots=64 on a file whose metadata predates symbolic cache slots
         warnings.append(f"dims {', '.join(unused)}: no input of this model has a dim of that name; they changed nothing")

@@ -153,6 +153,16 @@ def test_a_runtime_the_export_rules_out_fails_the_job_before_it_loads(shared_age
     assert r["status"] == "valid", r.get("error")
 
 
+def test_more_threads_than_cpus_is_a_warning(shared_agent, tiny_onnx):
+    """Threads beyond the CPUs the job may run on share cores: the result says so (the run stays valid)."""
+    cpus = len(os.sched_getaffinity(0))
+    r = run_job(shared_agent.client(), tiny_onnx, {"threads": cpus + 2})
+    assert r["status"] == "valid" and r["threads"] == cpus + 2
+    assert f"threads {cpus + 2} exceed the {cpus} CPUs this job may run on" in " ".join(r["warnings"]), r["warnings"]
+    r = run_job(shared_agent.client(), tiny_onnx, {"threads": cpus})
+    assert not [w for w in r["warnings"] if "exceed" in w]
+
+
 def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     pytest.importorskip("ai_edge_litert")
     r = run_job(shared_agent.client(), tiny_tflite)
