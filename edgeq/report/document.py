@@ -69,6 +69,7 @@ def _column_doc(col: Column, columns: list[Column], g: Gathered, force: bool) ->
         "is_fp32": col.is_fp32, "artifact_sha256": col.sha,
         "artifact_name": Path(r.artifact_path).name if r.artifact_path else None,
         "status": r.status, "invalid_reasons": r.invalid_reasons or [], "superseded_runs": col.superseded,
+        "warnings": (r.result or {}).get("warnings") or [],  # what the board noticed of its run (threads over cores...)
         "runtime": r.runtime, "runtime_version": r.runtime_version, "provider": r.provider,
         "threads": r.threads, "group": cmp.envelope_group(col, force),
         "size": _size(col, fp32_files[0] if fp32_files else None),
@@ -218,6 +219,7 @@ def build_compare(db: str | os.PathLike | None, run_a: int, run_b: int) -> dict[
     def side(r: store.ResultRecord) -> dict:
         return {"id": r.id, "created": r.created, "device": r.device, "variant": r.variant, "model": r.model_ref,
                 "artifact_sha256": r.artifact_sha256, "status": r.status, "invalid_reasons": r.invalid_reasons or [],
+                "warnings": (r.result or {}).get("warnings") or [],
                 "runtime": r.runtime, "runtime_version": r.runtime_version, "threads": r.threads, "n": r.n_runs,
                 "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "ci95_median": [r.ci_low_ms, r.ci_high_ms],
                 "peak_rss_mb": r.peak_rss_mb, "energy_mj": r.energy_mj,

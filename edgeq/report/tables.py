@@ -118,7 +118,7 @@ def model_tables(m: dict) -> list[Table]:
             main.nm("size reduction: no FP32 file of this model and format in the database")
         wred = pct(s["weights_size_reduction"]) if s["weights_size_reduction"] is not None else \
             ("-" if c["is_fp32"] else main.nm(f"weights size reduction of #{c['id']}: quant.json {s['quant_note']}"))
-        flags = "; ".join(c["vs_fp32"]["flags"]) or "-"
+        flags = "; ".join(c["vs_fp32"]["flags"] + [f"board: {w}" for w in c["warnings"]]) or "-"
         bits = c["bits"] if c["bits_source"] in ("quant.json", "FILE.json") else f"{c['bits']} (by {c['bits_source']})"
         main.rows.append([f"#{c['id']}", c["device"], c["label"], bits, c["format"], _status(c),
                           _size_bytes(s["bytes"]), red, wred, _quality(c, main), _delta(c),
@@ -273,11 +273,13 @@ def compare_tables(doc: dict) -> list[Table]:
                           ("95% CI of median", "ci95_median", ci), ("p90 ms", "p90_ms", ms),
                           ("peak RSS MB", "peak_rss_mb", lambda v: num(v, 1)),
                           ("energy / inference mJ", "energy_mj", num),
-                          ("fingerprint", "fingerprint_sha256", lambda s: (s or NM)[:12])):
+                          ("fingerprint", "fingerprint_sha256", lambda s: (s or NM)[:12]),
+                          ("board's warnings", "warnings", lambda w: "; ".join(w) or "-")):
         rows.append([label, f(a[key]), f(b[key])])
+    energy = [r[0] for r in rows].index("energy / inference mJ")
     for side in (a, b):
         if side["energy_mj"] is None:
-            rows[-2][1 if side is a else 2] = f"{NM} ({side['energy_reason'] or 'no reason stored'})"
+            rows[energy][1 if side is a else 2] = f"{NM} ({side['energy_reason'] or 'no reason stored'})"
     t1 = Table(f"Run #{a['id']} (A) vs run #{b['id']} (B)", ["", f"A #{a['id']}", f"B #{b['id']}"], rows,
                key="compare")
     sig = {True: "SIGNIFICANT: the 95% CIs of the medians do not overlap",

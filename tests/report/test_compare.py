@@ -214,6 +214,29 @@ def test_runtime_version_mismatch_is_flagged(tmp_path):
         ("539.77 MB (539,770,123 B)", "7.92 kB (7,920 B)", "512 B")
 
 
+def test_the_boards_warnings_reach_the_report(tmp_path):
+    """What the agent noticed of a run (more threads than cores, a runtime older than the file was tested with) is in
+    the report: the main table's flags, the JSON, and `report compare` (it was stored and never shown)."""
+    from edgeq.report.tables import compare_tables, model_tables
+
+    db = tmp_path / "w.sqlite"
+    base = _add(db, "fp32", "pi5", 10.0, (9.8, 10.2), None)
+    warned = "threads 4 exceed the 2 CPUs this job may run on: its threads share cores"
+    sha, size, recipe, _ = ARTS["int8"]
+    run = store.record_result(db, {**_result(sha, 5.0, (4.9, 5.1), None), "warnings": [warned]}, device="pi5",
+                              artifact_path="/x/int8.onnx", export_meta=_meta(sha, size, recipe))
+    (model,) = build_report(db)["models"]
+    cols = {c["id"]: c for c in model["columns"]}
+    assert cols[run]["warnings"] == [warned] and cols[base]["warnings"] == []
+    main = model_tables(model)[0]
+    flags = {row[0]: row[-1] for row in main.rows}
+    assert flags[f"#{run}"] == f"board: {warned}" and flags[f"#{base}"] == "-"
+    compare = compare_tables(build_compare(db, base, run))[0]
+    assert ["board's warnings", "-", warned] in compare.rows
+    energy = next(r for r in compare.rows if r[0] == "energy / inference mJ")
+    assert energy[1].startswith("not measured (no power sensor found")
+
+
 def test_decode_signature_runs_are_their_own_columns(tmp_path):
     """The prefill and the decode step of one TFLite file (same sha256) are two columns, each compared with
     the FP32 file's run of the same signature."""
