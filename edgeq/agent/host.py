@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from ..console import aligned
+from ..console import aligned, native_chatter_dropped
 from ..errors import EdgeqError
 from ..export import prefill_of
 from ..fileio import read_json, sha256_file
@@ -230,13 +230,53 @@ def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], confi
     return out
 
 
+def host_digest(b: Bundle, result: dict) -> dict:
+    """The file run here, in this host's runtime, on the inputs the board's result records (remade from its seed):
+    {"digest", "runtime"}, or {"why"} when this host cannot run it."""
+    from .inputs import make_inputs
+    from .outputs import digest
+    from .runtimes import load
+
+    cfg = result.get("config") or {}
+    try:
+        spec = [{k: item.get(k) for k in ("name", "dtype", "shape", "range")} for item in result.get("inputs") or []]
+        feeds, _ = make_inputs(spec, {}, int(cfg.get("seed", 0)))
+        with native_chatter_dropped():  # the CLI's process: LiteRT's first delegate announces itself
+            model = load(b.path, 1, cfg.get("signature"), bool(cfg.get("weight_cache")))
+        model.prepare(feeds)
+        return {"digest": digest(model.outputs(), feeds),
+                "runtime": f"{model.runtime.get('name')} {model.runtime.get('version')} on this host"}
+    except Exception as exc:  # a runtime's errors are plain Exceptions: the board's result stands without the check
+        return {"why": f"this host could not run the file ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"}
+
+
+def output_check(b: Bundle, result: dict, references: dict, lock: threading.Lock) -> dict | None:
+    """The board's outputs (`outputs.digest` in its result) against this host's for the same file and inputs,
+    each reference computed once per file, signature and inputs; None when the board sent none (a failed job)."""
+    from .outputs import compare
+
+    board = result.get("outputs")
+    if not board:
+        return None
+    cfg = result.get("config") or {}
+    key = (b.sha256, cfg.get("signature"), bool(cfg.get("weight_cache")), board.get("inputs_sha256"))
+    with lock:
+        if key not in references:
+            references[key] = host_digest(b, result)
+    ref = references[key]
+    if "why" in ref:
+        return {"compared": False, "why": ref["why"]}
+    return {**compare(board, ref["digest"]), "reference": ref["runtime"]}
+
+
 def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: dict, db: str | None,
             tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None,
-            timeout_s: float = 30.0) -> list[dict]:
+            timeout_s: float = 30.0, check_outputs: bool = True) -> list[dict]:
     """Profile artifacts on devices in parallel and store every returned result.
 
     Returns one summary per (device, artifact): device, artifact, status, error, row id, result.
-    `timeout_s` is the per-request network timeout (not the job's duration).
+    `timeout_s` is the per-request network timeout (not the job's duration). `check_outputs`: run each file here too,
+    on the board's inputs, and store how the board's outputs compare (`output_check` in the result).
     """
     from .. import store
 
@@ -244,7 +284,7 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
     for b in bundles:
         check_signature(b, config.get("signature"))
     clients = {d.name: d.client((tokens or {}).get(d.name), timeout=timeout_s) for d in devices}
-    lock = threading.Lock()
+    lock, references_lock, references = threading.Lock(), threading.Lock(), {}
     summaries: list[dict] = []
 
     def run(dev: Device) -> None:
@@ -252,6 +292,9 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
             row = None
             if result is not None:  # a failure is stored too (what a board cannot run), tied to the file sent
                 result = {**result, "artifact_sha256": result.get("artifact_sha256") or b.sha256}
+                checked = output_check(b, result, references, references_lock) if check_outputs else None
+                if checked is not None:
+                    result["output_check"] = checked
                 row = store.record_result(db, result, device=dev.name, device_url=dev.url,
                                           artifact_path=str(b.path.resolve()), export_meta=b.meta)
             with lock:
@@ -290,7 +333,7 @@ def summary_table(summaries: list[dict]) -> str:
     artifact name read whole): one line per (device, artifact), then errors, warnings and power notes."""
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
     header = ["device", "artifact", "status", "p50 ms", "95% CI of median", "p99 ms", "n", "RSS MB",
-              "runtime / provider", "mJ/inf"]
+              "runtime / provider", "mJ/inf", "outputs vs host"]
     right = {"p50 ms", "95% CI of median", "p99 ms", "n", "RSS MB", "mJ/inf"}
     rows, notes = [], []
     for s in summaries:
@@ -303,16 +346,35 @@ def summary_table(summaries: list[dict]) -> str:
         name = Path(s["artifact"]).name + (f" [{sig}]" if sig else "") + dims_label(dims)
         rows.append([s["device"], name, s["status"], fmt(lat.get("p50")), f"[{fmt(ci[0])}, {fmt(ci[1])}]",
                      fmt(lat.get("p99")), str(lat.get("n", "-")), fmt(r.get("peak_rss_mb"), "{:.0f}"),
-                     f"{rt.get('name', '-')} / {rt.get('provider', '-')}", fmt(p.get("energy_per_inference_mj"))])
+                     f"{rt.get('name', '-')} / {rt.get('provider', '-')}", fmt(p.get("energy_per_inference_mj")),
+                     _agreement(r.get("output_check"))])
         if s["error"]:
             notes.append(f"{s['device']} {name}: error: {s['error']}")
         for reason in r.get("invalid_reasons") or []:
             notes.append(f"{s['device']} {name}: INVALID: {reason}")
         for warning in r.get("warnings") or []:
             notes.append(f"{s['device']} {name}: warning: {warning}")
+        check = r.get("output_check")
+        if check and not check.get("compared"):
+            notes.append(f"{s['device']} {name}: outputs not compared: {check['why']}")
+        elif check and not check["agrees"]:
+            notes.append(f"{s['device']} {name}: warning: its outputs differ from {check['reference']}: cosine "
+                         f"{check['cos_min']:.4f}, argmax agreement {_maybe(check['argmax_agree'])}: the board's runtime "
+                         "does not compute what this host's does")
         if not s["error"] and p.get("reason"):
             notes.append(f"{s['device']} {name}: power: {p['reason']}")
     return "\n".join(aligned(header, rows, right) + sorted(set(notes)))
+
+
+def _agreement(check: dict | None) -> str:
+    """The summary's word for an output check: same, DIFFER, or - (not compared, or none)."""
+    if not check or not check.get("compared"):
+        return "-"
+    return "same" if check["agrees"] else "DIFFER"
+
+
+def _maybe(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -65,7 +65,10 @@ RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 took of the signature run; a signature past the file's first subgraph is loaded alone for it after the timed
 runs, "xnnpack_note" saying so; null with "xnnpack_note" giving the reason where not measured)}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
 "ci95_median": [lo, hi], "ci_method", "raw": [...]}, "peak_rss_mb", "power": {...},
-"inputs": [...], "fingerprint": {...}, "conditions": {...}}`.
+"inputs": [...], "outputs": {"inputs_sha256", "per_tensor_sample", "tensors": [{"name", "shape", "dtype", "size",
+"sample", "argmax", "nonfinite"}]} (a digest of one more run's outputs, `agent/outputs.py`), "warnings": [...],
+"fingerprint": {...}, "conditions": {...}}`. The host adds "output_check" (its own run's digest compared) before
+it stores the result.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from ..fileio import write_json_atomic
 from . import fingerprint as fp
 from . import stats
 from .inputs import asked_dims, make_inputs
+from .outputs import digest
 from .protocol import DEFAULT_DIMS
 from .runtimes import WEIGHT_OPS, check_runtime_min, load, runtime_dist
 
@@ -184,6 +185,8 @@ def measure(job_dir: Path) -> dict:
         power = power_report(sampler, baseline, (t0, t1), len(lat))
     result["power"] = power
     result["peak_rss_mb"] = _peak_rss_mb()
+    progress("outputs", len(lat))
+    result["outputs"] = digest(model.outputs(), feeds)  # what this board computed, for the host to compare with its own
     if getattr(model, "coverage_pending", False):  # ONNX, or a signature past a TFLite file's first subgraph: a second load
         progress("kernel coverage", len(lat))
         model.runtime.update(model.deferred_coverage())

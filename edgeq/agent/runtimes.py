@@ -106,6 +106,10 @@ class OrtModel:
     def run(self) -> None:
         self.session.run(None, self._feeds)
 
+    def outputs(self) -> list[tuple[str, np.ndarray]]:
+        """One more run, its outputs by name (`outputs.digest` sends them back in brief)."""
+        return list(zip((o.name for o in self.session.get_outputs()), self.session.run(None, self._feeds)))
+
 
 def _litert_interpreter():
     try:
@@ -260,6 +264,7 @@ class LiteRtModel:
         w.AllocateTensors(sg)
         for name, arr in feeds.items():
             w.SetTensor(inputs[name], arr, sg)
+        self._output_names = list(outputs)
         return w, sg, list(outputs.values())
 
     def run(self) -> None:
@@ -275,6 +280,21 @@ class LiteRtModel:
         self.interpreter.invoke()
         for idx in self._outputs:
             self.interpreter.get_tensor(idx)
+
+    def outputs(self) -> list[tuple[str, np.ndarray]]:
+        """One more run, its outputs by name: a signature's in their name order (output_0, output_1, ...), the first
+        subgraph's as the interpreter lists them."""
+        if self.runner is not None:
+            if self._signature_io is None:
+                return sorted(((n, np.asarray(a)) for n, a in self.runner(**self._feeds).items()),
+                              key=lambda kv: arg_order(kv[0]))
+            w, sg, indices = self._signature_io
+            w.Invoke(sg)
+            return sorted(((n, np.array(w.GetTensor(i, sg))) for n, i in zip(self._output_names, indices)),
+                          key=lambda kv: arg_order(kv[0]))
+        self.interpreter.invoke()
+        return [(d["name"], np.array(self.interpreter.get_tensor(d["index"])))
+                for d in self.interpreter.get_output_details()]
 
 
 class CompiledLiteRtModel:
@@ -350,6 +370,14 @@ class CompiledLiteRtModel:
         self.model.run_by_index(self.index, self._inputs, self._outputs)
         for buf, (n, dtype) in zip(self._outputs, self._reads):  # read the outputs, as the Interpreter's runs do
             buf.read(n, dtype)
+
+    def outputs(self) -> list[tuple[str, np.ndarray]]:
+        """One more run, its outputs by name, in their name order as the Interpreter's signature runner gives them."""
+        self.model.run_by_index(self.index, self._inputs, self._outputs)
+        shapes = self.model.get_output_tensor_details(self.key)
+        got = [(name, np.asarray(buf.read(n, dtype)).reshape([int(x) for x in shapes[name]["shape"]]))
+               for buf, name, (n, dtype) in zip(self._outputs, self._names["outputs"], self._reads)]
+        return sorted(got, key=lambda kv: arg_order(kv[0]))
 
 
 def runtime_dist(path: Path, weight_cache: bool = False) -> tuple[str, str | None]:

@@ -42,10 +42,13 @@ def _progress_printer():
 @click.option("--weight-cache", is_flag=True,
               help="TFLite: load through LiteRT's CompiledModel with XNNPACK's weight cache in memory, so a file's "
                    "signatures share one packed copy of each weight (the Interpreter, the default, packs one per signature).")
+@click.option("--no-output-check", "no_output_check", is_flag=True,
+              help="Do not run each file on this host too to compare the board's outputs with this host's (the board "
+                   "digests its outputs either way).")
 @click.option("--db", type=click.Path(dir_okay=False), help="Results database (default: $EDGEQ_DB or user data dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def profile(artifacts, devices, local, token_file, devices_file, runs, min_seconds, threads, dims, signature,
-            weight_cache, db, as_json) -> int:
+            weight_cache, no_output_check, db, as_json) -> int:
     """Profile ARTIFACTS (.onnx / .tflite) on boards in parallel; results go to the database."""
     from ..agent import host
     from ..agent.protocol import check_config
@@ -70,10 +73,11 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
     progress = None if as_json and not sys.stderr.isatty() else _progress_printer()
     if local:
         with host.LocalAgent() as agent:
-            summaries = host.profile(artifacts, [agent.device()], config, db, on_progress=progress)
+            summaries = host.profile(artifacts, [agent.device()], config, db, on_progress=progress,
+                                     check_outputs=not no_output_check)
     else:
         summaries = host.profile(artifacts, host.resolve_devices(list(devices), token_file, devices_file),
-                                 config, db, on_progress=progress)
+                                 config, db, on_progress=progress, check_outputs=not no_output_check)
     if as_json:
         click.echo(json.dumps(summaries, indent=1, default=str))
     else:

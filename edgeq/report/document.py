@@ -150,9 +150,28 @@ def _parity(columns: list[Column]) -> list[dict]:
                     "cos_min": p.get("cos_min"), "top1_agree": p.get("top1_agree"),
                     "samples": p.get("samples"),
                     "note": None if p else "no parity in FILE.json",
-                    "on_device": None,
-                    "on_device_note": "not measured: the agent returns timings, not outputs"})
+                    **_on_device([col for col in columns if col.sha == c.sha])})
     return out
+
+
+def _on_device(runs: list[Column]) -> dict:
+    """What each board computed from the file against this host's runtime on the same inputs (the result's
+    `output_check`, `agent/outputs.py`): a record per run, and one line for the table."""
+    found, parts = [], []
+    for c in runs:
+        check = (c.result.result or {}).get("output_check")
+        if not check:
+            continue
+        found.append({"run": c.id, "device": c.device, **{k: v for k, v in check.items() if k != "outputs"}})
+        if not check.get("compared"):
+            parts.append(f"{c.device} #{c.id}: not compared ({check['why']})")
+            continue
+        argmax = "-" if check["argmax_agree"] is None else f"{check['argmax_agree']:.4f}"
+        parts.append(f"{c.device} #{c.id}: {'same as' if check['agrees'] else 'DIFFERS from'} {check['reference']} "
+                     f"(cosine {check['cos_min']:.6f}, argmax agreement {argmax})")
+    return {"on_device": found or None,
+            "on_device_note": "; ".join(parts) or "not measured: no run of it returned outputs (profiled by an agent "
+                                                  "that returned timings only)"}
 
 
 def _summary(models: list[dict]) -> list[dict]:

@@ -163,6 +163,48 @@ def test_more_threads_than_cpus_is_a_warning(shared_agent, tiny_onnx):
     assert not [w for w in r["warnings"] if "exceed" in w]
 
 
+def test_a_result_digests_what_the_board_computed(shared_agent, tiny_onnx, two_signature_tflite):
+    """After the timed runs the board runs the file once more and sends back a digest of its outputs (sampled values,
+    each row's argmax, the inputs' hash); this host, running the same file on the inputs remade from the seed, gets the
+    same digest: `output_check` agrees. The file's ONNX graph and a TFLite signature (outputs in name order)."""
+    import threading
+
+    from edgeq.agent import host
+
+    for path, config in ((tiny_onnx, {}), (two_signature_tflite, {"signature": "decode"})):
+        if path.suffix == ".tflite":
+            pytest.importorskip("ai_edge_litert")
+        r = run_job(shared_agent.client(), path, config)
+        assert r["status"] == "valid", r.get("error")
+        out = r["outputs"]
+        assert len(out["inputs_sha256"]) == 64 and out["tensors"], out
+        for t in out["tensors"]:
+            assert len(t["sample"]) == min(t["size"], out["per_tensor_sample"]) and t["nonfinite"] == 0
+        check = host.output_check(host.bundle(path), r, {}, threading.Lock())
+        assert check["compared"] and check["agrees"] and check["max_abs"] == 0.0, check
+        assert check["reference"].endswith("on this host") and not check["not_compared"]
+
+
+def test_output_digests_compare_values_rows_and_inputs():
+    """`compare` of two digests: the same outputs agree; a sampled value moved, rows whose largest entry moved, a
+    value that is not finite on one side or other inputs are each told apart."""
+    from edgeq.agent.outputs import compare, digest
+
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
+    logits = rng.standard_normal((1, 64, 50)).astype(np.float32)
+    same = compare(digest([("logits", logits)], feeds), digest([("logits", logits.copy())], feeds))
+    assert same["agrees"] and same["cos_min"] == pytest.approx(1.0) and same["argmax_agree"] == 1.0
+    noisy = compare(digest([("logits", logits)], feeds), digest([("logits", -logits)], feeds))
+    assert not noisy["agrees"] and noisy["cos_min"] == pytest.approx(-1.0) and noisy["argmax_agree"] < 0.1
+    nan = logits.copy()
+    nan[0, 0, 0] = np.nan
+    told = compare(digest([("logits", logits)], feeds), digest([("logits", nan)], feeds))
+    assert not told["agrees"] and told["nonfinite_differ"] == ["logits"]
+    other = compare(digest([("logits", logits)], feeds), digest([("logits", logits)], {"x": feeds["x"] + 1}))
+    assert other == {"compared": False, "why": other["why"]} and "other inputs" in other["why"]
+
+
 def test_tflite_uses_xnnpack(shared_agent, tiny_tflite):
     pytest.importorskip("ai_edge_litert")
     r = run_job(shared_agent.client(), tiny_tflite)

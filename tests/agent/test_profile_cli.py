@@ -131,6 +131,32 @@ def test_devices_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
         (str(conf / "pi5.token"), str(tmp_path / "home" / "ca.pem"), "/etc/edgeq/host.pem", None)
 
 
+def test_profile_tells_a_board_that_computes_something_else(tmp_path, capsys, tiny_onnx, monkeypatch):
+    """`profile` compares each board's outputs with this host's run of the file on the same inputs: the table says
+    `same`, or `DIFFER` with a warning naming the host's runtime (here the host's reference is made to compute the
+    negated outputs: this machine has no board whose runtime computes wrongly; tflite-runtime 2.14's hybrid kernels
+    are one, per the export's runtime_min). `--no-output-check` leaves the column empty."""
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), *FAST_ARGS)
+    header, row = out.splitlines()[:2]
+    assert code == 0 and header.endswith("outputs vs host") and row.endswith(" same"), out
+    real = host.host_digest
+
+    def negated(b, result):
+        ref = real(b, result)
+        tensors = [{**t, "sample": [-v for v in t["sample"]]} for t in ref["digest"]["tensors"]]
+        return {**ref, "digest": {**ref["digest"], "tensors": tensors}}
+
+    monkeypatch.setattr(host, "host_digest", negated)
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), *FAST_ARGS)
+    assert out.splitlines()[1].endswith(" DIFFER"), out
+    assert "local tiny.onnx: warning: its outputs differ from onnxruntime " in out and "cosine -1.0000" in out
+    stored = store.list_results(db)[0].result["output_check"]
+    assert stored["compared"] and not stored["agrees"]
+    code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), "--no-output-check", *FAST_ARGS)
+    assert out.splitlines()[1].endswith(" -") and "output_check" not in store.list_results(db)[0].result
+
+
 def test_agent_info_says_what_a_board_runs(tmp_path, capsys, agent_factory):
     """`edgeq agent info --device`: the agent's versions, runtimes, power meter and limits, by URL or by name from the
     devices file; an agent that refuses the token or cannot be reached is an error line and exit 1."""

@@ -97,7 +97,12 @@ def test_bit_allocation_parity_and_summary(doc_and_rows, artifacts):
     parity = {r["artifact_sha256"]: r for r in model["parity"]}
     meta = json.loads(artifacts["int4"].with_name("int4.onnx.json").read_text())
     assert parity[meta["sha256"]]["max_abs"] == meta["parity"]["max_abs"]
-    assert parity[meta["sha256"]]["on_device"] is None
+    # the board's outputs against this host's on the same inputs: one record per run of the file (a local agent:
+    # the same runtime, so the same outputs)
+    (run,) = parity[meta["sha256"]]["on_device"]
+    assert run["run"] == by[("int4", 1)].id and run["compared"] and run["agrees"] and run["cos_min"] > 0.999999
+    assert run["reference"].startswith("onnxruntime ") and run["reference"].endswith(" on this host")
+    assert parity[meta["sha256"]]["on_device_note"].startswith(f"local #{run['run']}: same as onnxruntime ")
     summary = {(r["bits"], r["id"]) for r in doc["summary"]}
     assert ("INT8", by[("int8", 1)].id) in summary and ("INT4", by[("int4", 1)].id) in summary
 
