@@ -90,6 +90,20 @@ def _runner_limits(memory_mb: int, cpu_seconds: int):
     return apply
 
 
+def killed_by(signum: int, memory_mb: int, cpu_seconds: int) -> str:
+    """Why a runner died of signal `signum`, as far as the signal tells."""
+    sig = signal.Signals(signum).name
+    if sig == "SIGXCPU":
+        return f"the runner was killed by SIGXCPU (the job's CPU-time limit, {cpu_seconds} s)"
+    if sig == "SIGKILL":
+        return (f"the runner was killed by SIGKILL (the system's out-of-memory killer, or another process; the job's "
+                f"memory limit is {memory_mb} MB)")
+    if sig in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"):
+        return (f"the runner was killed by {sig}: the runtime crashed on this file (a runtime that cannot run it, e.g. "
+                f"an older release, or an allocation past the job's memory limit of {memory_mb} MB)")
+    return f"the runner was killed by {sig}"
+
+
 class Agent:
     """Job bookkeeping and the single worker thread that runs jobs in order."""
 
@@ -202,11 +216,8 @@ class Agent:
         for ref in [request["artifact"], *request["files"]]:
             (job_dir / ref["name"]).unlink(missing_ok=True)
         if code < 0:
-            sig = signal.Signals(-code).name
-            hint = f" (memory limit {memory} MB or CPU limit {int(timeout) + 1} s)" if sig in (
-                "SIGKILL", "SIGABRT", "SIGSEGV", "SIGXCPU", "SIGBUS") else ""
             tail = (job_dir / "runner.log").read_bytes()[-300:].decode("utf-8", "replace").strip()
-            return "failed", None, f"the runner was killed by {sig}{hint}: {tail[-200:]}"
+            return "failed", None, f"{killed_by(-code, memory, int(timeout) + 1)}: {tail[-200:]}"
         if result is None:
             return "failed", None, f"the runner exited with code {code} without a result"
         if result.get("status") == "failed" or code != 0:

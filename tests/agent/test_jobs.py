@@ -505,6 +505,20 @@ def test_memory_limit(shared_agent, tmp_path):
     assert r["status"] == "failed" and "memory limit" in r["error"], r["error"]
 
 
+def test_a_killed_runner_says_what_the_signal_tells():
+    """A crash is not blamed on a limit it did not hit: tflite-runtime 2.14 died of SIGSEGV on an INT4 file (measured
+    on a board venv of it), which the message called "memory limit or CPU limit"."""
+    import signal
+
+    from edgeq.agent.jobs import killed_by
+
+    segv = killed_by(signal.SIGSEGV, 600, 901)
+    assert segv.startswith("the runner was killed by SIGSEGV: the runtime crashed on this file") and "600 MB" in segv
+    assert killed_by(signal.SIGXCPU, 600, 901).endswith("(the job's CPU-time limit, 901 s)")
+    assert "out-of-memory killer" in killed_by(signal.SIGKILL, 600, 901)
+    assert killed_by(signal.SIGTERM, 600, 901) == "the runner was killed by SIGTERM"
+
+
 def test_time_limit(shared_agent, tiny_onnx):
     r = run_job(shared_agent.client(), tiny_onnx, {"timeout_s": 1.5, "min_seconds": 60, "max_seconds": 120})
     assert r["status"] == "failed" and "time limit exceeded" in r["error"]
