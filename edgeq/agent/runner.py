@@ -186,7 +186,10 @@ def measure(job_dir: Path) -> dict:
     result["power"] = power
     result["peak_rss_mb"] = _peak_rss_mb()
     progress("outputs", len(lat))
-    result["outputs"] = digest(model.outputs(), feeds)  # what this board computed, for the host to compare with its own
+    try:  # what this board computed, for the host to compare with its own; the timings stand without it
+        result["outputs"] = digest(model.outputs(), feeds)
+    except Exception as exc:  # a runtime's errors are plain Exceptions (a memory limit met by the extra outputs)
+        warnings.append(f"outputs not digested ({type(exc).__name__}: {str(exc)[:200]})")
     if getattr(model, "coverage_pending", False):  # ONNX, or a signature past a TFLite file's first subgraph: a second load
         progress("kernel coverage", len(lat))
         model.runtime.update(model.deferred_coverage())
