@@ -31,6 +31,7 @@ from typing import Callable
 from ..console import aligned, native_chatter_dropped
 from ..errors import EdgeqError
 from ..export import prefill_of
+from ..export.runtime_min import runtime_for, runtime_verdict
 from ..fileio import read_json, sha256_file
 from .client import AgentClient, AgentError
 from .inputs import asked_dims, dims_label
@@ -206,10 +207,20 @@ ProgressFn = Callable[[str, str, dict], None]
 
 def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], config: dict,
                on_progress: ProgressFn | None = None) -> list[tuple[Bundle, dict | None, str | None]]:
-    """Run every bundle on one device, in order; (bundle, result or None, error or None) each."""
+    """Run every bundle on one device, in order; (bundle, result or None, error or None) each. A file whose FILE.json
+    rules out the runtime the agent's /v1/info names is not sent (`not_sent`): the agent would refuse it after the
+    upload, which for a 500 MB file over a board's Wi-Fi is minutes."""
     out = []
+    try:
+        info = client.info()
+    except AgentError as exc:
+        return [(b, None, f"not run: {exc}") for b in bundles]
     for b in bundles:
         job_id = f"{b.sha256[:12]}-{uuid.uuid4().hex[:12]}"
+        refused = not_sent(b, info, config)
+        if refused is not None:
+            out.append((b, refused, None))
+            continue
         try:
             if on_progress:
                 on_progress(device.name, b.path.name, {"state": "uploading"})
@@ -228,6 +239,20 @@ def profile_on(device: Device, client: AgentClient, bundles: list[Bundle], confi
                     out.append((rest, None, f"not run: {exc}"))
                 break
     return out
+
+
+def not_sent(b: Bundle, info: dict, config: dict) -> dict | None:
+    """The failed result of a file the agent's runtime cannot run by its FILE.json's runtime_min (`runtime_verdict`, as
+    the agent itself would decide before loading it), or None to send it."""
+    fp = info.get("fingerprint") or {}
+    meta = b.meta if (b.meta or {}).get("sha256") == b.sha256 else None
+    dist, version = runtime_for(b.path.suffix, bool(config.get("weight_cache")), fp.get("runtimes") or {})
+    verdict = runtime_verdict(meta, dist, version)
+    if verdict is None or verdict["support"] != "unsupported":
+        return None
+    return {"status": "failed", "artifact_sha256": b.sha256, "format": b.path.suffix.lstrip("."), "config": config,
+            "fingerprint": fp, "error": f"runtime: {verdict['why']}; {verdict['fix']} on the board (not sent: the "
+                                        f"agent's /v1/info names {dist} {version})"}
 
 
 def host_digest(b: Bundle, result: dict) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..console import CapturedFd2
 from ..errors import EdgeqError
-from ..export.runtime_min import runtime_verdict
+from ..export.runtime_min import runtime_for, runtime_verdict
 from ..export.tflite_runtime import arg_order, delegate_coverage, node_count, signature_io, xnnpack_coverage
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV")
@@ -381,13 +381,11 @@ class CompiledLiteRtModel:
 
 
 def runtime_dist(path: Path, weight_cache: bool = False) -> tuple[str, str | None]:
-    """The distribution that runs `path` here, as FILE.json's `runtime_min` names it, and its version."""
-    if path.suffix != ".tflite":
-        return "onnxruntime", _version("onnxruntime")
-    if weight_cache:
-        return "ai-edge-litert", _version("ai-edge-litert")
-    _, name, version = _litert_interpreter()
-    return ("ai-edge-litert" if name == "litert" else "tflite-runtime"), version
+    """The distribution that runs `path` here, as FILE.json's `runtime_min` names it, and its version (the rule the
+    host applies to an agent's /v1/info before it uploads)."""
+    from .fingerprint import runtime_versions
+
+    return runtime_for(path.suffix, weight_cache, runtime_versions())
 
 
 def check_runtime_min(meta: dict | None, dist: str, version: str | None) -> list[str]:

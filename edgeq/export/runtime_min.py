@@ -30,6 +30,17 @@ TFLITE_RUNTIME_MIN = {
 }
 
 
+def runtime_for(suffix: str, weight_cache: bool, versions: dict[str, str | None]) -> tuple[str, str | None]:
+    """The runtime (distribution, version) an agent with these installed `versions` (its fingerprint's `runtimes`)
+    runs a file with: ONNX Runtime, else ai-edge-litert, tflite-runtime only where ai-edge-litert is absent (and never
+    for the weight cache, which is ai-edge-litert's)."""
+    if suffix != ".tflite":
+        return "onnxruntime", versions.get("onnxruntime")
+    if weight_cache or versions.get("ai-edge-litert"):
+        return "ai-edge-litert", versions.get("ai-edge-litert")
+    return "tflite-runtime", versions.get("tflite-runtime")
+
+
 def release(version: str) -> tuple[int, ...]:
     """"1.32.0" -> (1, 32, 0): enough to order the runtimes' releases (no pre-release tags in runtime_min)."""
     return tuple(int(n) for n in re.findall(r"\d+", version)[:3])

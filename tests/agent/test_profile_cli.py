@@ -20,6 +20,7 @@ from edgeq.fileio import sha256_file, write_json_atomic
 from .conftest import make_token_onnx
 
 FAST_ARGS = ["--runs", "10", "--min-seconds", "0.05"]
+FAST_CONFIG = {"runs": 10, "min_seconds": 0.05}
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -155,6 +156,31 @@ def test_profile_tells_a_board_that_computes_something_else(tmp_path, capsys, ti
     assert stored["compared"] and not stored["agrees"]
     code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), "--no-output-check", *FAST_ARGS)
     assert out.splitlines()[1].endswith(" -") and "output_check" not in store.list_results(db)[0].result
+
+
+def test_a_file_the_boards_runtime_cannot_run_is_not_uploaded(tmp_path, agent_factory, tiny_tflite):
+    """Before uploading, the host holds each file's FILE.json runtime_min against the runtime the agent's /v1/info
+    names (the rule the agent applies before loading): a ruled-out file is stored as failed, saying so, and never sent.
+    The FILE.json here rules out this machine's ai-edge-litert, which does run the file: the rule is what is tested."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeq.agent.fingerprint import runtime_versions
+    from edgeq.agent.protocol import check_config
+
+    a = agent_factory()
+    f = tmp_path / "w4.tflite"
+    f.write_bytes(tiny_tflite.read_bytes())
+    write_json_atomic(tmp_path / "w4.tflite.json", {
+        "format": "tflite", "variant": "int4", "sha256": sha256_file(f),
+        "runtime_min": {"ai-edge-litert": None, "tflite-runtime": "2.14 (tested)", "note": "wrong results"}})
+    db = tmp_path / "r.sqlite"
+    (s,) = host.profile([f], [host.Device(a.url, a.url, str(a.token_file))], check_config(FAST_CONFIG), str(db))
+    litert = runtime_versions()["ai-edge-litert"]
+    assert s["status"] == "failed" and s["error"] == (
+        f"runtime: ai-edge-litert {litert} cannot run this int4 file (its FILE.json runtime_min: wrong results); "
+        f"install tflite-runtime 2.14 (tested) on the board (not sent: the agent's /v1/info names ai-edge-litert {litert})")
+    assert not a.client().has_artifact(sha256_file(f))
+    (row,) = store.list_results(db)
+    assert row.status == "failed" and row.fingerprint["runtimes"]["ai-edge-litert"] == litert
 
 
 def test_agent_info_says_what_a_board_runs(tmp_path, capsys, agent_factory):
