@@ -16,8 +16,9 @@ RUNTIME_DISTS = ("onnxruntime", "ai-edge-litert", "tflite-runtime")  # the keys 
 # What each variant needs at run time. Measured here: every variant runs correctly in ai-edge-litert
 # 2.3 with XNNPACK. In tflite-runtime 2.14 (its last release; run with numpy 1.26) fp32 and full-integer
 # int8 files give the same outputs, while dynamic-int8 and int4 files (hybrid kernels) load and run but
-# give wrong outputs (cosine < 0.9 vs ai-edge-litert on tiny-llama and a small CNN): they need ai-edge-litert.
-# Older ai-edge-litert releases were not tested.
+# give wrong outputs (cosine < 0.9 vs ai-edge-litert on tiny-llama and a small CNN; through the board agent, tiny-llama's
+# logits all zero, or the runtime crashing on an INT4 file: benchmarks/old_runtime_tflite_runtime_2_14.md): they need
+# ai-edge-litert. Older ai-edge-litert releases were not tested.
 TFLITE_RUNTIME_MIN = {
     "fp32": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs)"},
     "int8": {"ai-edge-litert": "2.3 (tested)", "tflite-runtime": "2.14 (tested: same outputs up to integer rounding)"},
