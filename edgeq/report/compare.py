@@ -39,11 +39,24 @@ def envelope(col: Column) -> dict[str, Any]:
     return env
 
 
+def outputs_differ(col: Column) -> dict | None:
+    """The run's output check (`agent/outputs.py`) when the board's outputs differ from the host's: its timing is of
+    a computation that is not the model's."""
+    check = (col.result.result or {}).get("output_check") or {}
+    return check if check.get("compared") and not check.get("agrees") else None
+
+
 def invalid_flags(col: Column) -> list[str]:
-    if col.result.status == "valid":
-        return []
-    reasons = "; ".join(col.result.invalid_reasons or []) or "no reason stored"
-    return [f"run #{col.id} is {col.result.status.upper()}: {reasons}"]
+    """Why a run cannot be compared whatever its envelope: not VALID, or its outputs differ from the host's."""
+    out = []
+    if col.result.status != "valid":
+        reasons = "; ".join(col.result.invalid_reasons or []) or "no reason stored"
+        out.append(f"run #{col.id} is {col.result.status.upper()}: {reasons}")
+    differ = outputs_differ(col)
+    if differ:
+        out.append(f"run #{col.id}'s outputs differ from {differ['reference']} (cosine {differ['cos_min']:.4f}): the "
+                   "board's runtime computes something else than the file")
+    return out
 
 
 def envelope_diffs(a: Column, b: Column) -> list[str]:

@@ -70,6 +70,7 @@ def _column_doc(col: Column, columns: list[Column], g: Gathered, force: bool) ->
         "artifact_name": Path(r.artifact_path).name if r.artifact_path else None,
         "status": r.status, "invalid_reasons": r.invalid_reasons or [], "superseded_runs": col.superseded,
         "warnings": (r.result or {}).get("warnings") or [],  # what the board noticed of its run (threads over cores...)
+        "outputs_differ": cmp.outputs_differ(col) is not None,  # from the host's: a wrong computation was timed
         "runtime": r.runtime, "runtime_version": r.runtime_version, "provider": r.provider,
         "threads": r.threads, "group": cmp.envelope_group(col, force),
         "size": _size(col, fp32_files[0] if fp32_files else None),
@@ -91,7 +92,8 @@ def _pareto(cols: list[dict], force: bool) -> dict[str, Any]:
     measured = [c for c in cols if c["quality"] and c["quality"]["value"] is not None]
     tasks = [c["quality"]["task"] for c in measured]
     task = max(set(tasks), key=tasks.count) if tasks else None  # one quality axis: the commonest task
-    usable = [c for c in measured if c["quality"]["task"] == task and (force or c["status"] == "valid")]
+    usable = [c for c in measured if c["quality"]["task"] == task
+              and (force or (c["status"] == "valid" and not c["outputs_differ"]))]
     ids = {c["id"] for c in usable}
     out: dict[str, Any] = {"latency": {}, "energy": {}, "size": [], "method": cmp.PARETO_METHOD, "task": task,
                            "excluded": sorted(c["id"] for c in cols if c["id"] not in ids)}

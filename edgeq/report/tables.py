@@ -143,7 +143,8 @@ def model_tables(m: dict) -> list[Table]:
         if c["id"] in p["excluded"]:
             q = c["quality"]
             why = ("no quality measured" if not (q and q["value"] is not None) else
-                   f"quality task {q['task']}, the front uses {p['task']}" if q["task"] != p["task"] else "INVALID run")
+                   f"quality task {q['task']}, the front uses {p['task']}" if q["task"] != p["task"] else
+                   "INVALID run" if c["status"] != "valid" else "its outputs differ from the host's")
             pareto.rows.append([f"#{c['id']}", c["group"], c["label"]] + [f"excluded ({why})"] * 3)
             continue
         en_cell = ("yes" if c["id"] in en else "no") if c["energy"]["per_inference_mj"] is not None else NM

@@ -237,6 +237,34 @@ def test_the_boards_warnings_reach_the_report(tmp_path):
     assert energy[1].startswith("not measured (no power sensor found")
 
 
+def test_a_run_whose_outputs_differ_from_the_hosts_is_kept_out_of_ratios_and_fronts(tmp_path):
+    """A board that computed something else than the file (its output check against the host DIFFERs) timed a wrong
+    computation: the report flags the run and leaves it out of the speedup and the Pareto fronts (--force puts it
+    back), as for an INVALID run."""
+    from edgeq.report.tables import model_tables
+
+    db = tmp_path / "d.sqlite"
+    base = _add(db, "fp32", "pi5", 10.0, (9.8, 10.2), None)
+    check = {"compared": True, "agrees": False, "cos_min": 0.0, "max_abs": 5.2, "argmax_agree": 0.0,
+             "reference": "litert 2.3.0 on this host"}
+    sha, size, recipe, ppl = ARTS["int8"]
+    run = store.record_result(db, {**_result(sha, 2.0, (1.9, 2.1), None), "output_check": check}, device="pi5",
+                              artifact_path="/x/int8.onnx", export_meta=_meta(sha, size, recipe))
+    for name in ("fp32", "int8"):
+        store.record_eval(db, target_sha256=ARTS[name][0], target_path=None, model_ref=M, task="ppl",
+                          metrics={"ppl": ARTS[name][3]}, data="enwiki")
+    cols, model = _cols(build_report(db))
+    v = cols[run]["vs_fp32"]
+    assert cols[run]["outputs_differ"] and not cols[base]["outputs_differ"]
+    assert v["speedup_p50"] is None and v["excluded"].startswith("envelope differs")
+    assert f"run #{run}'s outputs differ from litert 2.3.0 on this host (cosine 0.0000)" in v["flags"][0]
+    assert run in model["pareto"]["excluded"] and base not in model["pareto"]["excluded"]
+    pareto = {row[0]: row for row in model_tables(model)[1].rows}
+    assert pareto[f"#{run}"][3] == "excluded (its outputs differ from the host's)"
+    forced, _ = _cols(build_report(db, force=True))
+    assert forced[run]["vs_fp32"]["speedup_p50"] == pytest.approx(5.0) and forced[run]["vs_fp32"]["forced"]
+
+
 def test_decode_signature_runs_are_their_own_columns(tmp_path):
     """The prefill and the decode step of one TFLite file (same sha256) are two columns, each compared with
     the FP32 file's run of the same signature."""
