@@ -52,7 +52,7 @@ def digest(outputs: list[tuple[str, np.ndarray]], feeds: dict[str, np.ndarray]) 
         flat = arr.reshape(-1)
         entry = {"name": name, "shape": list(arr.shape), "dtype": arr.dtype.name, "size": int(flat.size),
                  "sample": [_value(v) for v in flat[_positions(flat.size, k)].astype(np.float64)],
-                 "nonfinite": int(flat.size - np.count_nonzero(np.isfinite(flat.astype(np.float64)))),
+                 "nonfinite": int(np.count_nonzero(~np.isfinite(flat))) if arr.dtype.kind in "fc" else 0,
                  "argmax": None}
         if arr.dtype.kind == "f" and arr.ndim >= 2 and arr.shape[-1] > 1:
             rows = arr.reshape(-1, arr.shape[-1])
