@@ -28,11 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from ..console import aligned, native_chatter_dropped
+from ..console import aligned
 from ..errors import EdgeqError
 from ..export import prefill_of
 from ..export.runtime_min import runtime_for, runtime_verdict
 from ..fileio import read_json, sha256_file
+from . import outputs
 from .client import AgentClient, AgentError
 from .inputs import asked_dims, dims_label
 from .onnxcheck import MalformedModel, external_locations
@@ -255,45 +256,6 @@ def not_sent(b: Bundle, info: dict, config: dict) -> dict | None:
                                         f"agent's /v1/info names {dist} {version})"}
 
 
-def host_digest(b: Bundle, result: dict) -> dict:
-    """The file run here, in this host's runtime, on the inputs the board's result records (remade from its seed):
-    {"digest", "runtime"}, or {"why"} when this host cannot run it."""
-    from .inputs import make_inputs
-    from .outputs import digest
-    from .runtimes import load
-
-    cfg = result.get("config") or {}
-    try:
-        spec = [{k: item.get(k) for k in ("name", "dtype", "shape", "range")} for item in result.get("inputs") or []]
-        feeds, _ = make_inputs(spec, {}, int(cfg.get("seed", 0)))
-        with native_chatter_dropped():  # the CLI's process: LiteRT's first delegate announces itself
-            model = load(b.path, 1, cfg.get("signature"), bool(cfg.get("weight_cache")))
-        model.prepare(feeds)
-        return {"digest": digest(model.outputs(), feeds),
-                "runtime": f"{model.runtime.get('name')} {model.runtime.get('version')} on this host"}
-    except Exception as exc:  # a runtime's errors are plain Exceptions: the board's result stands without the check
-        return {"why": f"this host could not run the file ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"}
-
-
-def output_check(b: Bundle, result: dict, references: dict, lock: threading.Lock) -> dict | None:
-    """The board's outputs (`outputs.digest` in its result) against this host's for the same file and inputs,
-    each reference computed once per file, signature and inputs; None when the board sent none (a failed job)."""
-    from .outputs import compare
-
-    board = result.get("outputs")
-    if not board:
-        return None
-    cfg = result.get("config") or {}
-    key = (b.sha256, cfg.get("signature"), bool(cfg.get("weight_cache")), board.get("inputs_sha256"))
-    with lock:
-        if key not in references:
-            references[key] = host_digest(b, result)
-    ref = references[key]
-    if "why" in ref:
-        return {"compared": False, "why": ref["why"]}
-    return {**compare(board, ref["digest"]), "reference": ref["runtime"]}
-
-
 def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: dict, db: str | None,
             tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None,
             timeout_s: float = 30.0, check_outputs: bool = True) -> list[dict]:
@@ -317,7 +279,8 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
             row = None
             if result is not None:  # a failure is stored too (what a board cannot run), tied to the file sent
                 result = {**result, "artifact_sha256": result.get("artifact_sha256") or b.sha256}
-                checked = output_check(b, result, references, references_lock) if check_outputs else None
+                checked = outputs.output_check(b.path, b.sha256, result, references, references_lock) \
+                    if check_outputs else None
                 if checked is not None:
                     result["output_check"] = checked
                 row = store.record_result(db, result, device=dev.name, device_url=dev.url,

@@ -5,7 +5,7 @@ After the timed runs the runner invokes the file once more on the same seeded in
 has many outputs, e.g. a decoder's KV caches: at most `TOTAL` values in all), the index of its largest value along
 the last axis for up to `ROWS` rows (a language model's next token at each position), how many values are not
 finite, and the sha256 of the inputs it ran on. The host runs the same file with the same inputs in its own runtime
-(`host.output_check`) and `compare`s: the cosine and largest difference of the sampled values, and how often the
+(`output_check`, from `host.profile`) and `compare`s: the cosine and largest difference of the sampled values, and how often the
 rows' largest entries agree. A board whose runtime computes something else (tflite-runtime 2.14 runs dynamic-int8
 and INT4 files with wrong results) shows up there, whatever its latency. Torch-free, like the rest of the agent.
 """
@@ -13,8 +13,12 @@ and INT4 files with wrong results) shows up there, whatever its latency. Torch-f
 from __future__ import annotations
 
 import hashlib
+import threading
+from pathlib import Path
 
 import numpy as np
+
+from ..console import native_chatter_dropped
 
 SAMPLE = 1024  # values per output tensor at most
 TOTAL = 16384  # values over all outputs at most
@@ -93,3 +97,40 @@ def compare(board: dict, host: dict) -> dict:
     out["agrees"] = (out["cos_min"] >= COS and (out["argmax_agree"] is None or out["argmax_agree"] >= ARGMAX)
                      and not out["nonfinite_differ"])
     return out
+
+
+def host_digest(path: Path, result: dict) -> dict:
+    """The file run here, in this host's runtime, on the inputs the board's result records (remade from its seed):
+    {"digest", "runtime"}, or {"why"} when this host cannot run it."""
+    from .inputs import make_inputs
+    from .runtimes import load
+
+    cfg = result.get("config") or {}
+    try:
+        spec = [{k: item.get(k) for k in ("name", "dtype", "shape", "range")} for item in result.get("inputs") or []]
+        feeds, _ = make_inputs(spec, {}, int(cfg.get("seed", 0)))
+        with native_chatter_dropped():  # the CLI's process: LiteRT's first delegate announces itself
+            model = load(path, 1, cfg.get("signature"), bool(cfg.get("weight_cache")))
+        model.prepare(feeds)
+        return {"digest": digest(model.outputs(), feeds),
+                "runtime": f"{model.runtime.get('name')} {model.runtime.get('version')} on this host"}
+    except Exception as exc:  # a runtime's errors are plain Exceptions: the board's result stands without the check
+        return {"why": f"this host could not run the file ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"}
+
+
+def output_check(path: Path, sha256: str, result: dict, references: dict, lock: threading.Lock) -> dict | None:
+    """The board's outputs (`digest` in its result) against this host's for the same file (`path`, whose bytes hash
+    to `sha256`) and inputs, each reference computed once per file, signature and inputs (`references`, shared by
+    the boards' threads under `lock`); None when the board sent none (a failed job)."""
+    board = result.get("outputs")
+    if not board:
+        return None
+    cfg = result.get("config") or {}
+    key = (sha256, cfg.get("signature"), bool(cfg.get("weight_cache")), board.get("inputs_sha256"))
+    with lock:
+        if key not in references:
+            references[key] = host_digest(path, result)
+    ref = references[key]
+    if "why" in ref:
+        return {"compared": False, "why": ref["why"]}
+    return {**compare(board, ref["digest"]), "reference": ref["runtime"]}

@@ -169,7 +169,7 @@ def test_a_result_digests_what_the_board_computed(shared_agent, tiny_onnx, two_s
     same digest: `output_check` agrees. The file's ONNX graph and a TFLite signature (outputs in name order)."""
     import threading
 
-    from edgeq.agent import host
+    from edgeq.agent import host, outputs
 
     for path, config in ((tiny_onnx, {}), (two_signature_tflite, {"signature": "decode"})):
         if path.suffix == ".tflite":
@@ -180,7 +180,7 @@ def test_a_result_digests_what_the_board_computed(shared_agent, tiny_onnx, two_s
         assert len(out["inputs_sha256"]) == 64 and out["tensors"], out
         for t in out["tensors"]:
             assert len(t["sample"]) == min(t["size"], out["per_tensor_sample"]) and t["nonfinite"] == 0
-        check = host.output_check(host.bundle(path), r, {}, threading.Lock())
+        check = outputs.output_check(path, host.bundle(path).sha256, r, {}, threading.Lock())
         assert check["compared"] and check["agrees"] and check["max_abs"] == 0.0, check
         assert check["reference"].endswith("on this host") and not check["not_compared"]
 

@@ -141,14 +141,16 @@ def test_profile_tells_a_board_that_computes_something_else(tmp_path, capsys, ti
     code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), *FAST_ARGS)
     header, row = out.splitlines()[:2]
     assert code == 0 and header.endswith("outputs vs host") and row.endswith(" same"), out
-    real = host.host_digest
+    from edgeq.agent import outputs
+
+    real = outputs.host_digest
 
     def negated(b, result):
         ref = real(b, result)
         tensors = [{**t, "sample": [-v for v in t["sample"]]} for t in ref["digest"]["tensors"]]
         return {**ref, "digest": {**ref["digest"], "tensors": tensors}}
 
-    monkeypatch.setattr(host, "host_digest", negated)
+    monkeypatch.setattr(outputs, "host_digest", negated)
     code, out, err = cli(capsys, "profile", str(tiny_onnx), "--local", "--db", str(db), *FAST_ARGS)
     assert out.splitlines()[1].endswith(" DIFFER"), out
     assert "local tiny.onnx: warning: its outputs differ from onnxruntime " in out and "cosine -1.0000" in out
