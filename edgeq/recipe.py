@@ -44,6 +44,12 @@ def _int_in(where: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+def _flag(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise EdgeqError(f"{where}: {value!r} is not true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     bits: int = 8
@@ -261,6 +267,9 @@ class QuantRecipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     calibration: CalibOptions = field(default_factory=CalibOptions)
     fold_norms: bool = True
+    # each BatchNorm2d after a conv folded into it before quantizing (transforms.fold_batchnorms); false leaves them to
+    # the exporters, which fold them on edgeq's grid (the files' scales then not bitwise edgeq's)
+    fold_batchnorms: bool = True
     untie_head: bool = True
     pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)
     smoothing: float = 0.0  # SmoothQuant alpha for layers with quantized activations of <= 8 bits; 0 = off
@@ -272,8 +281,8 @@ class QuantRecipe:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "QuantRecipe":
-        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "untie_head", "pbllm",
-                                  "smoothing", "embedding"])
+        _check_keys(where, data, ["name", "description", "rules", "gptq", "calibration", "fold_norms", "fold_batchnorms",
+                                  "untie_head", "pbllm", "smoothing", "embedding"])
         embedding, head_activation = None, ActSpec()
         if "embedding" in data:
             table = dict(data["embedding"])
@@ -298,8 +307,9 @@ class QuantRecipe:
             rules=tuple(Rule.from_dict(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
             gptq=GPTQOptions.from_dict(data.get("gptq", {})),
             calibration=CalibOptions.from_dict(data.get("calibration", {})),
-            fold_norms=bool(data.get("fold_norms", True)),
-            untie_head=bool(data.get("untie_head", True)),
+            fold_norms=_flag(f"{where}.fold_norms", data.get("fold_norms", True)),
+            fold_batchnorms=_flag(f"{where}.fold_batchnorms", data.get("fold_batchnorms", True)),
+            untie_head=_flag(f"{where}.untie_head", data.get("untie_head", True)),
             pbllm=PBLLMOptions.from_dict(data.get("pbllm", {})),
             smoothing=float(smoothing),
             embedding=embedding,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantize.modules import QuantConv2d, activations_as, quant_layers
+from ..quantize.transforms import batchnorm_affine, conv_norm_pairs
 from ..recipe import ActSpec
 
 
@@ -90,35 +91,14 @@ class BnFold:
 
 
 def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
-    """conv layer -> (factor, shift) of the eval-mode BatchNorm2d reading its output, found by tracing one call."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    """conv layer -> (factor, shift) of the eval-mode BatchNorm2d reading its output, found by tracing one call.
+
+    Quantized-model directories fold their BatchNorms before quantizing (`transforms.fold_batchnorms`), so this finds
+    none left in them; it folds those of directories quantized with `fold_batchnorms = false` or before 2026-12-05."""
     convs = {n: m for n, m in quant_layers(model).items() if isinstance(m, QuantConv2d)}
-    if not norms or not convs:
-        return {}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
-
-    def pre(mod, a, n):
-        hit = produced.get(id(a[0]))
-        if hit is not None and hit[1] is a[0]:
-            pairs[hit[0]] = n
-
-    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)) for n, m in norms.items()]
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
     folds = {}
-    for conv, norm in pairs.items():
-        bn = norms[norm]
-        if bn.training or bn.running_var is None:
-            continue
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
-        factor, shift = factor.detach().float(), shift.detach().float()
+    for conv, norm in conv_norm_pairs(model, convs, example).items():
+        factor, shift = batchnorm_affine(model.get_submodule(norm))
         folds[conv] = BnFold(norm, factor, shift, *_off_int32_grid(convs[conv], factor, shift))
     if folds and not _folding_holds(model, example, folds):
         folds = {c: f for c, f in folds.items() if _folding_holds(model, example, {c: f})}

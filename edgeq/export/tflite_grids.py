@@ -156,7 +156,8 @@ def representability(qm) -> dict:
     """What quant.json says of a quantized model's grids in TFLite: per quantized variant, whether `edgeq export
     --format tflite --variant V` holds edgeq's integers and scales as they are (the export's read-back then proves
     it bitwise), or the one-line reason it refuses, naming what works; the conventions LiteRT's kernels read them
-    with; and where a BatchNorm after a quantized conv will be folded into its scales (integers kept, scales not)."""
+    with; and, for a recipe with fold_batchnorms = false, that a BatchNorm after a quantized conv will be folded into
+    its scales (integers kept, scales not)."""
     variants = {}
     for variant in VARIANTS[1:]:
         try:
@@ -165,7 +166,8 @@ def representability(qm) -> dict:
         except EdgeqError as exc:
             variants[variant] = {"representable": False, "why": str(exc).removeprefix("tflite: ")}
     convs = [m for m in qm.layers().values() if m.decision.kind == "conv2d"]
-    batchnorm = convs and any(isinstance(m, torch.nn.BatchNorm2d) for m in qm.model.modules())
+    # a recipe with fold_batchnorms (the default) has folded every norm the export could (transforms.fold_batchnorms)
+    batchnorm = convs and not qm.recipe.fold_batchnorms and any(isinstance(m, torch.nn.BatchNorm2d) for m in qm.model.modules())
     return {"default_variant": default_variant(qm), "variants": variants, "conventions": CONVENTIONS,
             "note": ("a BatchNorm after a quantized conv is folded at export on edgeq's grid: the file holds edgeq's integers "
                      "with scales times the BatchNorm factor (FILE.json exact: false)") if batchnorm else None}

@@ -26,7 +26,7 @@ from .methods import METHODS, LayerStats
 from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantLinear, set_module
 from .observers import ActObserver, HessianAccumulator, StopForward, UntilSeen, feed_observing_inputs
 from .qmodel import QuantizedModel, model_float_bytes
-from .transforms import fold_norms, head_and_embedding, head_name, is_tied, smooth, smoothable, untie_head
+from .transforms import fold_batchnorms, fold_norms, head_and_embedding, head_name, is_tied, smooth, smoothable, untie_head
 
 
 def quantizable(module: torch.nn.Module) -> str | None:
@@ -78,6 +78,8 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     if head and is_tied(model) and recipe.untie_head and recipe.rule_for(head) is not None:
         untied = untie_head(model)
     folded = fold_norms(model) if recipe.fold_norms else []
+    example = tuple(bundle.example_inputs)
+    folded_bn = fold_batchnorms(model, example) if recipe.fold_batchnorms and example else {}
     embedded = quantize_embedding(model, recipe.embedding, recipe.head_activation) if recipe.embedding is not None else []
     targets = plan(model, recipe)
     if not targets and not embedded:
@@ -110,7 +112,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     if hessian_kinds:
         # how many value projections got the attention-mixed Hessian ("attention") or fell back ("input")
         extra["gptq_value_hessians"] = {k: list(hessian_kinds.values()).count(k) for k in sorted(set(hessian_kinds.values()))}
-    return QuantizedModel(bundle, recipe, bytes_before, untied, folded, extra)
+    return QuantizedModel(bundle, recipe, bytes_before, untied, folded, extra, folded_bn)
 
 
 @torch.no_grad()
@@ -198,6 +200,9 @@ def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
     if rule.activation.mode == "static":
         a = rule.activation
         act_scale, act_zp = stats.observer.qparams(a.calibration, a.bits, a.symmetric, a.percentile)
+    fitted = []
+    if act_scale is not None and rule.activation.bits == 8 and 2 <= rule.weight.bits <= 8 and module.bias is not None:
+        q, scale, fitted = fit_bias_grid(w2, q, scale, zp, module.bias.detach(), float(act_scale), rule.weight)
     activation = rule.activation
     if kind == "conv2d" and activation.mode == "dynamic" and activation.granularity != "tensor":
         # a convolution's input has no token axis: its dynamic grid is the whole tensor (recorded so)
@@ -207,7 +212,40 @@ def _replace(model, name, kind, rule: Rule, stats: LayerStats, recipe) -> None:
         new = QuantLinear(decision, q, scale, zp, module.bias, act_scale, act_zp)
     else:
         new = QuantConv2d(decision, module, q, scale, zp, act_scale, act_zp)
+    if fitted:
+        new.bias_fit_channels = fitted  # quant.json's layer entry
     set_module(model, name, new)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def fit_bias_grid(w2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor,
+                  act_scale: float, spec) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A layer with a static 8-bit input has its bias stored as int32 on the grid input scale x weight scale (ONNX's
+    QLinearConv / QDQ, TFLite's full-integer kernels). A channel whose bias that grid cannot hold (weights near 0, as
+    a BatchNorm with a gain near 0 folded into the conv leaves: the channel's output is its bias) gets the least
+    scale at which it fits with room to spare, |b| / (input scale x 2^30), and its weights requantized on it (to ~0),
+    as ONNX Runtime's quantize_static rescales such weights; a per-tensor scale is raised as a whole. Returns the
+    integers, the scales and the channels changed. Deciding it here keeps the simulation and both files on the same
+    integers; left to the exporters, ai-edge-quantizer clipped such a bias to ~0 and ONNX Runtime cast it to INT_MIN."""
+    from .primitives import quantize, round_scale
+
+    b = bias.abs().double().reshape(-1, 1)
+    over = b >= INT32_MAX * act_scale * scale.abs().double()
+    if not over.any():
+        return q, scale, []
+    need = (b / (act_scale * 2**30)).float()
+    if scale.shape[0] == 1:
+        need, over = need.max().reshape(1, 1), over.any().reshape(1, 1)
+    new = round_scale(torch.where(over, need * torch.sign(scale), scale), spec.scale_dtype)
+    rows = over.flatten().nonzero().flatten()
+    if scale.shape[0] == 1:
+        rows = torch.arange(w2.shape[0])
+    q = q.clone()
+    q[rows] = quantize(w2[rows], new.expand(w2.shape[0], -1)[rows], zp.expand(w2.shape[0], -1)[rows], spec.bits,
+                       spec.symmetric).to(q.dtype)
+    return q, new, rows.tolist()
 
 
 def _method_hessian(name: str, rule: Rule) -> bool:

@@ -22,7 +22,7 @@ from ..models import ModelBundle, load_model
 from ..recipe import QuantRecipe, dump_recipe_toml, load_recipe
 from .methods import METHOD_RECORDS
 from .modules import TIED_METHOD, LayerDecision, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_module
-from .transforms import untie_head
+from .transforms import fold_batchnorms, untie_head
 
 FORMAT_VERSION = 1
 QUANT_BUFFERS = ("qweight", "scale", "zero_point", "act_scale", "act_zero_point")
@@ -36,6 +36,7 @@ class QuantizedModel:
     untied: bool = False
     folded_norms: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific records (e.g. QAT, sensitivity)
+    folded_batchnorms: dict = field(default_factory=dict)  # conv -> BatchNorm2d folded into it before quantizing
 
     @property
     def model(self) -> torch.nn.Module:
@@ -61,6 +62,8 @@ class QuantizedModel:
             record = METHOD_RECORDS.get(d.method)
             if record is not None:  # method-specific accounting (e.g. PB-LLM's real bits per weight)
                 entry[d.method] = record(m, self.recipe)
+            if getattr(m, "bias_fit_channels", None):  # ptq.fit_bias_grid
+                entry["bias_fit_channels"] = m.bias_fit_channels
             entry["bytes_fp32"] = numel * 4
             entry["params"] = numel
             layers.append(entry)
@@ -79,6 +82,7 @@ class QuantizedModel:
             "recipe": self.recipe.name,
             "untied_head": self.untied,
             "folded_norms": self.folded_norms,
+            "folded_batchnorms": self.folded_batchnorms,
             "layers": layers,
             "quantized_params": q_params,
             "avg_bits": round(q_bits / q_params, 4) if q_params else None,
@@ -109,6 +113,7 @@ class QuantizedModel:
                 "kind": self.bundle.kind,
                 "untied_head": self.untied,
                 "folded_norms": self.folded_norms,
+                "folded_batchnorms": self.folded_batchnorms,
                 "format_version": FORMAT_VERSION,
                 "structure_sha256": self.bundle.structure or None,  # of the model as loaded, before quantization
                 "sha256": {f: sha256_file(tmp / f) for f in TENSOR_FILES},  # checked when the directory is loaded
@@ -200,6 +205,8 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     model = bundle.module
     if meta.get("untied_head"):
         untie_head(model)
+    if meta.get("folded_batchnorms"):
+        fold_batchnorms(model, (), meta["folded_batchnorms"])
     tensors = _load_tensors(qdir, "layers.safetensors", meta.get("sha256") or {})
     for entry in summary["layers"]:
         d = LayerDecision.from_dict(entry)
@@ -221,12 +228,13 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     if unexpected:
         raise EdgeqError(f"quantized model: {qdir}/float.safetensors has tensors the model lacks: {unexpected[:3]}")
     extra = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}
-    qm = QuantizedModel(bundle, recipe, summary["bytes_before"], bool(meta.get("untied_head")), meta.get("folded_norms", []), extra)
+    qm = QuantizedModel(bundle, recipe, summary["bytes_before"], bool(meta.get("untied_head")), meta.get("folded_norms", []), extra,
+                        meta.get("folded_batchnorms") or {})
     model.eval()
     return qm
 
 
-_SUMMARY_KEYS = {"format_version", "model", "kind", "recipe", "untied_head", "folded_norms", "layers", "quantized_params",
+_SUMMARY_KEYS = {"format_version", "model", "kind", "recipe", "untied_head", "folded_norms", "folded_batchnorms", "layers", "quantized_params",
                  "avg_bits", "bytes_before", "bytes_after", "size_reduction", "tflite"}
 
 

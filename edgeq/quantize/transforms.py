@@ -1,15 +1,18 @@
-"""Exact graph rewrites done before quantization decisions: untie the LM head, fold norm scales.
+"""Exact graph rewrites done before quantization decisions: untie the LM head, fold norm scales and BatchNorms.
 
 Folding RMSNorm/LayerNorm gains into the linears that follow is exact (a diagonal scale commutes
 into the weight's columns) and must happen before quantization: the LiteRT converter folds them
 anyway, and integers chosen before folding would no longer be the ones in the file.
 A norm is folded only when its output feeds nothing but linear layers (pre-norm blocks): measured on a probe
-input (`llama_norm_groups`, `fold_norms`), not read from names.
+input (`llama_norm_groups`, `fold_norms`), not read from names. A BatchNorm2d after a conv folds into the conv's
+weight rows and bias (`fold_batchnorms`), for the same reason.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .modules import set_module
 
 
 def head_and_embedding(model: torch.nn.Module):
@@ -213,3 +216,107 @@ def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
             lin.weight.mul_(s[None, :].to(lin.weight.dtype))
         smoothed.update(dict.fromkeys(consumers, s))
     return smoothed
+
+
+def batchnorm_affine(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor, shift) of an eval-mode BatchNorm2d, which computes x * factor + shift per channel (fp32)."""
+    factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
+    return factor.detach().float(), shift.detach().float()
+
+
+@torch.no_grad()
+def conv_norm_pairs(model: torch.nn.Module, convs: dict[str, torch.nn.Module], example: tuple) -> dict[str, str]:
+    """conv name -> the eval-mode BatchNorm2d called on that conv's output tensor, found by running `example` once."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+             and not m.training and m.running_var is not None}
+    if not norms or not convs:
+        return {}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}
+
+    def pre(norm_name, x):
+        hit = produced.get(id(x))
+        if hit is not None and hit[1] is x:
+            pairs[hit[0]] = norm_name
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
+    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(n, a[0])) for n, m in norms.items()]
+    try:
+        model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def probe_like(example: tuple) -> tuple:
+    """`example` with each float tensor replaced by seeded N(0, 1) values of its shape (an all-zero image hides what
+    a conv's weights do); integer inputs (token ids, masks) kept."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(t.shape, generator=gen).to(t.dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+                 for t in example)
+
+
+def _outputs(model: torch.nn.Module, example: tuple) -> list[torch.Tensor]:
+    return [t.double() for t in torch.utils._pytree.tree_leaves(model(*example)) if torch.is_tensor(t)]
+
+
+@torch.no_grad()
+def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str] | None = None) -> dict[str, str]:
+    """Fold each eval-mode BatchNorm2d called on a Conv2d's output into that conv and make the norm an identity:
+    the conv's weight rows are multiplied by the norm's factor, its bias becomes bias * factor + shift. Returns
+    conv -> norm folded.
+
+    This happens before quantization decisions, as norm gains are folded into linears (`fold_norms`): TFLite has no
+    separate BatchNorm and ONNX Runtime fuses a QDQ Conv only without one after it, so the files hold the folded
+    weights, and the integers and scales edgeq decides on them are then the files' own. A norm is folded only where
+    the model computes the same (probe input, `same_logits`' tolerance): one whose conv output a skip connection
+    also reads, or one called on other tensors too, stays. With `pairs` (a quantized-model directory's record) those
+    folds are made again without checking."""
+    if pairs is None:
+        convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        pairs = conv_norm_pairs(model, convs, example)
+        if not pairs:
+            return {}
+        probe = probe_like(example)
+        ref = _outputs(model, probe)
+
+        def holds() -> bool:
+            return all(a.shape == b.shape and same_logits(a, b) for a, b in zip(_outputs(model, probe), ref))
+
+        undo = _fold_batchnorms(model, pairs)
+        if holds():
+            return dict(pairs)
+        undo()
+        folded = {}
+        for conv, norm in pairs.items():  # some fold changes the model: keep the ones that do not, one at a time
+            undo = _fold_batchnorms(model, {conv: norm})
+            if holds():
+                folded[conv] = norm
+            else:
+                undo()
+        return folded
+    _fold_batchnorms(model, pairs)
+    return dict(pairs)
+
+
+def _fold_batchnorms(model: torch.nn.Module, pairs: dict[str, str]):
+    """Fold `pairs` (conv -> norm) in place; returns a function that undoes it."""
+    saved = []
+    for conv_name, norm_name in pairs.items():
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        factor, shift = batchnorm_affine(norm)
+        saved.append((conv, conv.weight.detach().clone(), conv.bias, norm_name, norm))
+        conv.weight.mul_(factor.to(conv.weight.dtype).reshape(-1, *[1] * (conv.weight.dim() - 1)))
+        bias = shift if conv.bias is None else conv.bias.detach().float() * factor + shift
+        conv.bias = torch.nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        set_module(model, norm_name, torch.nn.Identity())
+
+    def undo():
+        for conv, weight, bias, norm_name, norm in reversed(saved):
+            conv.weight.copy_(weight)
+            conv.bias = bias
+            set_module(model, norm_name, norm)
+
+    return undo

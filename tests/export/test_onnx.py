@@ -13,6 +13,7 @@ are held to max_abs < 0.1, cos >= 0.9999 and top-1 agreement >= 0.98.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def _recipe(spec: str, tmp: Path):
     return load_recipe(spec)
 
 
-def _quantize(ref: str, spec: str, tmp: Path, source: str | None = "enwiki") -> Path:
+def _quantize(ref: str, spec: str, tmp: Path, source: str | None = "enwiki", fold_batchnorms: bool = True) -> Path:
+    """`fold_batchnorms=False`: a directory whose BatchNorms the export folds (recipe fold_batchnorms = false, or one
+    quantized before edgeq folded them itself)."""
     bundle = load_model(ref)
-    recipe = _recipe(spec, tmp)
+    recipe = dataclasses.replace(_recipe(spec, tmp), fold_batchnorms=fold_batchnorms)
     calib = calibration_batches(bundle, source, 8, 64) if recipe.needs_calibration else None
     qdir = tmp / f"q-{recipe.name}"
     quantize_model(bundle, recipe, calib).save(qdir)
@@ -464,12 +467,12 @@ def test_static_biases_are_int32_so_the_classifier_gemm_runs_integer(cnn_exports
 
 
 def test_a_dead_channel_gets_a_scale_its_int32_bias_fits(tmp_path):
-    """A folded norm's dead channel (gain 1e-9, shift 2) has a weight scale of ~1e-11, so its bias needs ~1e13 int32
+    """(A directory whose norms the export folds; edgeq's own fold: test_batchnorm_fold.py.) A folded norm's dead channel (gain 1e-9, shift 2) has a weight scale of ~1e-11, so its bias needs ~1e13 int32
     steps; ONNX Runtime's own bias quantization casts that to INT_MIN (the channel's 2 read as ~0). The fold gives the
     channel zero integers on a scale its bias fits: the file then computes the simulation (the channel's weights added
     ~1e-9), with int32 biases written by edgeq or, without optimizations, by ONNX Runtime when it loads the file; the
     layer is reported rescaled, not exact."""
-    qdir = _quantize("tests.export.onnx_cnn:dead_channel_cnn", "w8a8", tmp_path, source="images")
+    qdir = _quantize("tests.export.onnx_cnn:dead_channel_cnn", "w8a8", tmp_path, source="images", fold_batchnorms=False)
     for optimize in (True, False):
         meta = export(qdir, "onnx", tmp_path / f"dead-{optimize}.onnx", optimize=optimize)
         layers = {c["layer"]: c for c in meta["layers"]}
@@ -511,14 +514,14 @@ def test_symmetric_int8_activations_for_tensorrt(tmp_path):
 
 
 def test_batchnorms_fold_into_their_convs_so_onnx_runtime_runs_them_integer(tmp_path):
-    """A BatchNormalization between a QDQ Conv and the next layer's QuantizeLinear kept ONNX Runtime from fusing it:
+    """(A directory whose norms the export folds; edgeq's own fold: test_batchnorm_fold.py.) A BatchNormalization between a QDQ Conv and the next layer's QuantizeLinear kept ONNX Runtime from fusing it:
     EfficientNet-Lite0 w8a8 ran all 49 Convs in float on weights dequantized every run, 3x slower than fp32. The norm
     is folded into the Conv on edgeq's grid (its integers, scales times gamma / sqrt(var + eps), negative gains
     included), and a TF-style zero Pad before a layer reads the quantized input, so ORT fuses each Conv whose output
     only a QuantizeLinear reads; one read by a float op stays float, as `edgeq check` of the file says."""
     from edgeq.targets import check
 
-    qdir = _quantize("tests.export.onnx_cnn:batchnorm_cnn", "w8a8", tmp_path, source="images")
+    qdir = _quantize("tests.export.onnx_cnn:batchnorm_cnn", "w8a8", tmp_path, source="images", fold_batchnorms=False)
     out = tmp_path / "bn.onnx"
     meta = export(qdir, "onnx", out)
     assert meta["bn_folded"] == {"stem": "stem_bn", "dw": "dw_bn", "pw": "pw_bn"}
@@ -648,9 +651,9 @@ def test_check_counts_the_integer_ops_ort_runs(tmp_path, model, recipe, options)
 
 
 def test_a_norm_whose_conv_output_is_also_read_elsewhere_stays_a_separate_op(tmp_path):
-    """Folding a norm rewrites its conv's output: with a skip connection reading that output too, the fold would feed
+    """(A directory whose norms the export folds.) Folding a norm rewrites its conv's output: with a skip connection reading that output too, the fold would feed
     it normalised values. That norm stays a BatchNormalization; the others are folded."""
-    qdir = _quantize("tests.export.onnx_cnn:skip_around_norm_cnn", "w8a8", tmp_path, source="images")
+    qdir = _quantize("tests.export.onnx_cnn:skip_around_norm_cnn", "w8a8", tmp_path, source="images", fold_batchnorms=False)
     meta = export(qdir, "onnx", tmp_path / "skip.onnx")
     assert meta["bn_folded"] == {"stem": "stem_bn"}
     assert meta["parity"]["cos_min"] >= 0.999, meta["parity"]

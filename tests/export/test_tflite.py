@@ -6,6 +6,7 @@ Conversions are slow (litert-torch), so each model architecture is converted onc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -32,9 +33,11 @@ CNN = "tests.export.tflite_cnn:small_cnn"
 pytestmark = pytest.mark.slow
 
 
-def _qdir(root: Path, model: str, recipe, name: str) -> Path:
+def _qdir(root: Path, model: str, recipe, name: str, fold_batchnorms: bool = True) -> Path:
+    """`fold_batchnorms=False`: a directory whose BatchNorms the export folds (see test_batchnorm_fold.py)."""
     bundle = load_model(model)
     recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    recipe = dataclasses.replace(recipe, fold_batchnorms=fold_batchnorms)
     calib = None
     if recipe.needs_calibration:
         calib = calibration_batches(bundle, None, 8, 128 if bundle.is_lm else 0)
@@ -1209,7 +1212,7 @@ def test_a_dead_channels_bias_fits_its_int32_grid(tmp_path):
     int8 file's stem bias reads back 2 there; the layer's other channels keep edgeq's integers."""
     from ai_edge_litert.interpreter import Interpreter
 
-    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:dead_channel_cnn", "w8a8", "q")
+    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:dead_channel_cnn", "w8a8", "q", fold_batchnorms=False)
     path = tmp_path / "dead.tflite"
     meta = export(qdir, "tflite", path)
     stem = meta["readback"]["per_layer"]["stem"]
@@ -1228,7 +1231,7 @@ def test_a_dead_channels_bias_fits_its_int32_grid(tmp_path):
 def test_batchnorms_fold_into_their_convs_on_edgeqs_grid(tmp_path):
     """TFLite has no separate BatchNorm: each one after a quantized conv is folded into it with edgeq's integers kept
     and its scales times gamma / sqrt(var + eps) (negative gains: |scale| and negated integers), read back bitwise."""
-    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:batchnorm_cnn", "w8a8", "q")
+    qdir = _qdir(tmp_path, "tests.export.onnx_cnn:batchnorm_cnn", "w8a8", "q", fold_batchnorms=False)
     meta = export(qdir, "tflite", tmp_path / "bn.tflite")
     assert meta["variant"] == "int8" and meta["bn_folded"] == {"stem": "stem_bn", "dw": "dw_bn", "pw": "pw_bn"}
     assert meta["exact"] is False and meta["exact_integers"] is True and not meta["readback"]["mismatches"]
