@@ -57,6 +57,24 @@ def plan(model: torch.nn.Module, recipe: QuantRecipe) -> dict[str, tuple[str, Ru
     return out
 
 
+def check_convolutions(model: torch.nn.Module, targets: dict[str, tuple[str, Rule]], recipe: QuantRecipe) -> None:
+    """Refuse, before any calibration, a recipe that gives convolutions what only linear layers take: group-wise
+    weights (no runtime has blockwise convolution kernels; the INT4 presets are for language models) and GPTQ on a
+    grouped or depthwise conv (its rows are not one input's patches)."""
+    convs = {n: rule for n, (kind, rule) in targets.items() if kind == "conv2d"}
+    grouped = [n for n, rule in convs.items() if rule.weight.granularity == "group"]
+    if grouped:
+        raise EdgeqError(f"recipe {recipe.name!r}: {len(grouped)} convolution(s) ({grouped[0]} first) match a rule with "
+                         "group-wise weights, which are for linear layers (no runtime has blockwise convolution kernels); "
+                         "for a CNN use w8 or w8a8-static, or give convolutions a rule of their own before it "
+                         "(kind = \"conv2d\", granularity = \"channel\")")
+    gptq = [n for n, rule in convs.items() if METHODS[rule.method][1] and model.get_submodule(n).groups != 1]
+    if gptq:
+        raise EdgeqError(f"recipe {recipe.name!r}: {len(gptq)} grouped/depthwise convolution(s) ({gptq[0]} first) match a "
+                         f"rule with method {convs[gptq[0]].method!r}, which they do not support; give them a rule of their "
+                         "own before it (kind = \"depthwise\", with method = \"rtn\" or skip = true)")
+
+
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
     """The ModuleList of repeated blocks holding the most parameters, if any."""
     best = None
@@ -84,6 +102,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     targets = plan(model, recipe)
     if not targets and not embedded:
         raise EdgeqError(f"recipe {recipe.name!r}: no rule matches any Linear/Conv2d layer of {bundle.reference!r}")
+    check_convolutions(model, targets, recipe)
     needs_stats = any(METHODS[r.method][1] or r.activation.mode == "static" for _, r in targets.values())
     needs_data = recipe.smoothing > 0 or needs_stats
     batches = list(calib_batches) if calib_batches is not None else []

@@ -115,8 +115,24 @@ def test_factory_cnn_quantizes_convs_and_linear(tmp_path):
 def test_group_size_on_conv_is_refused():
     bundle = load_model("factories:small_cnn")
     recipe = QuantRecipe.from_dict({"rules": [{"match": "conv", "weight": {"bits": 4, "granularity": "group", "group_size": 16}}]})
-    with pytest.raises(EdgeqError, match="granularity = 'channel' for convolutions"):
+    with pytest.raises(EdgeqError, match=r"2 convolution\(s\) \(conv1 first\) match a rule with group-wise weights.*w8 or "
+                                         r"w8a8-static.*kind = \"conv2d\""):
         quantize_model(bundle, recipe)
+
+
+def test_an_llm_int4_preset_on_a_cnn_is_refused_before_calibrating():
+    """`edgeq quantize efficientnet-lite0 -r w4-g64-litert` stopped inside GPTQ's calibration with "GPTQ on
+    grouped/depthwise convolutions is not supported; use method = 'rtn' for them" (no layer named, and a preset a
+    user cannot edit), then, its depthwise convs skipped, on the first conv's group-wise weights. Both are refused
+    up front, naming a layer and what to do, with no calibration data needed to find out."""
+    bundle = load_model("tests.export.onnx_cnn:batchnorm_cnn")
+    with pytest.raises(EdgeqError, match=r"recipe 'w4-g64-litert': 3 convolution\(s\) \(stem first\).*group-wise"):
+        quantize_model(bundle, load_recipe("w4-g64-litert"))
+    recipe = QuantRecipe.from_dict({"name": "gptq-convs", "rules": [
+        {"match": ".*", "kind": ["conv2d"], "method": "gptq", "weight": {"bits": 4}}]})
+    with pytest.raises(EdgeqError, match=r"1 grouped/depthwise convolution\(s\) \(dw first\) match a rule with method "
+                                         r"'gptq'.*kind = \"depthwise\""):
+        quantize_model(load_model("tests.export.onnx_cnn:batchnorm_cnn"), recipe)
 
 
 def test_smoothing_is_exact_in_float_and_recorded(tiny_llama_ref):
