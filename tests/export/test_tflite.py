@@ -473,6 +473,7 @@ def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsy
     assert sum(e["values"] for e in narrow["clipped"].values()) >= sum(e["values"] for e in clipped.values())
     worst = next(iter(narrow["clipped"]))
     assert "edgeq: note: the output grids calibrated at export saturate" in err and worst in err and "--calib-samples" in err
+    assert "recipe w8a8-static-fc2a16 gives them to the MLP down-projections" in err  # the preset that does it
     # an LM's warning sets the file's NLL beside the simulation's, and the simulation's own noise floor beside both
     assert "mean NLL" in err and "the simulation against itself, its layers' inputs perturbed by 1e-06: cos_min" in err
 
