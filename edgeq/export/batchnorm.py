@@ -30,6 +30,8 @@ class DequantConv(torch.nn.Module):
         super().__init__()
         self.static_padding = q.static_padding
         self.conv_args = q.conv_args
+        self.in_channels, self.out_channels, self.kernel_size = q.in_channels, q.out_channels, q.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups  # as QuantConv2d
         self.weight = torch.nn.Parameter(render_weight(q, fold), requires_grad=False)
         bias = q.bias.detach() if q.bias is not None else None
         if fold is not None:

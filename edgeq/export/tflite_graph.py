@@ -333,7 +333,9 @@ def convert(bundle, model: torch.nn.Module, seq_len: int, folds: dict | None = N
     with native_chatter_dropped():  # its converter's native libraries announce oneDNN on loading
         import litert_torch
 
-    attention = litert_attention(model) if bundle.kind == "causal-lm" else eager_attention(model, bundle.kind == "encoder")
+    # encoders' and vision transformers' sdpa would be lowered with queries and keys scaled by sqrt(scale) each, folded
+    # into their weights (`eager_attention`)
+    attention = litert_attention(model) if bundle.kind == "causal-lm" else eager_attention(model, bundle.kind in ("encoder", "image"))
     with float_rendering(model, folds), attention, torch.no_grad(), _converter_output():
         module = graph_module(bundle, model)
         try:

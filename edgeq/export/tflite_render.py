@@ -71,8 +71,15 @@ class _UnfoldableLayerNorm(torch.nn.Module):
     def __init__(self, norm):
         super().__init__()
         self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        # Hugging Face ConvNeXt's LayerNorm subclass normalizes the channels of an NCHW map (permuted last and back)
+        self.channels_first = getattr(norm, "data_format", "channels_last") == "channels_first"
 
     def forward(self, x):
+        if self.channels_first:
+            return self._normalized(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._normalized(x)
+
+    def _normalized(self, x):
         centered = x - x.mean(-1, keepdim=True)
         y = centered * (torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight)
         return y if self.bias is None else y + self.bias
@@ -110,6 +117,25 @@ def _dequant_linear(q: QuantLinear) -> torch.nn.Linear:
     return lin
 
 
+class _WholeMapPool(torch.nn.Module):
+    """An AvgPool2d whose window covers its whole input (Hugging Face EfficientNet's global pooling: a kernel of
+    `hidden_dim` with ceil_mode, over a 7x7 map) as the mean over the map, which it computes (ceil mode divides by
+    the cells inside the input). As an AVERAGE_POOL_2D over a padded map the converter folds the count correction
+    (1280^2 / 49) into the next FULLY_CONNECTED's weight, which then no longer holds edgeq's integers. Any other
+    window pools as before."""
+
+    def __init__(self, pool: torch.nn.AvgPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        k, s, p = (torch.nn.modules.utils._pair(v) for v in (self.pool.kernel_size, self.pool.stride, self.pool.padding))
+        covers = all(k[i] >= x.shape[-2 + i] and s[i] >= x.shape[-2 + i] and p[i] == 0 for i in range(2))
+        if covers and self.pool.divisor_override is None and (self.pool.ceil_mode or k == tuple(x.shape[-2:])):
+            return x.mean(dim=(-2, -1), keepdim=True)
+        return self.pool(x)
+
+
 @contextlib.contextmanager
 def float_rendering(model: torch.nn.Module, folds: dict | None = None):
     """Temporarily swap every quantized layer for a float layer with its dequantized weight
@@ -121,12 +147,15 @@ def float_rendering(model: torch.nn.Module, folds: dict | None = None):
     norms = {f.norm: model.get_submodule(f.norm) for f in folds.values()}
     gained = _gained_norms(model) if layers else {}
     capped = _final_cap(model, gained)
-    originals = {n: model.get_submodule(n) for n in [*norms, *gained, *([capped[2]] if capped else [])]}
+    pools = [n for n, m in model.named_modules() if type(m) is torch.nn.AvgPool2d] if layers else []
+    originals = {n: model.get_submodule(n) for n in [*norms, *gained, *pools, *([capped[2]] if capped else [])]}
     try:
         for name, q in layers.items():
             set_module(model, name, _dequant_module(q, folds.get(name)))
         for n in norms:
             set_module(model, n, torch.nn.Identity())
+        for n in pools:
+            set_module(model, n, _WholeMapPool(originals[n]))
         for n, m in gained.items():
             set_module(model, n, m)
         if capped:
@@ -267,4 +296,6 @@ def tflite_weight(module, fold=None) -> np.ndarray:
         return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
     if module.conv_args["groups"] == module.in_channels == module.out_channels:
         return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
-    raise EdgeqError(f"tflite: layer {module.decision.name}: grouped convolutions other than depthwise have no TFLite kernel")
+    raise EdgeqError(f"tflite: layer {module.decision.name}: grouped convolutions other than depthwise have no quantized "
+                     "TFLite kernel (float ones convert); leave them float with a rule before the others "
+                     f"(match = \"{module.decision.name}$\", skip = true), or export --format onnx (QLinearConv takes groups)")

@@ -222,6 +222,8 @@ def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal = any(a.endswith("ForCausalLM") or a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in archs)  # GPT2LMHeadModel
+    if not causal and any(a.endswith("ForImageClassification") for a in archs):
+        return _image_classifier(path, reference, **kwargs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kwargs)
@@ -236,3 +238,62 @@ def load_hf_dir(path: Path, reference: str, **kwargs) -> ModelBundle:
     ids = torch.tensor([tokenizer("edgeq quantizes models for edge boards.")["input_ids"]])
     example = (ids,) if causal else (ids, torch.ones_like(ids))
     return ModelBundle(model, kind, reference, tokenizer=tokenizer, example_inputs=example)
+
+
+def _image_classifier(path: Path, reference: str, **kwargs) -> ModelBundle:
+    """A Hugging Face image classifier (ResNet, MobileNet, EfficientNet, ConvNeXt, ViT, ...): an image model whose
+    inputs are made as its preprocessor_config.json says (the crop size, the mean and std per channel), its example
+    input one such image; without that file, the config's `image_size` (224 if none) and mean = std = 0.5."""
+    import transformers
+
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32,
+                                                                             local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise EdgeqError(f"model: cannot load Hugging Face directory {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    fold_layer_scales(model)
+    prep = {}
+    if (path / "preprocessor_config.json").is_file():
+        try:
+            prep = json.loads((path / "preprocessor_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise EdgeqError(f"model: {path / 'preprocessor_config.json'} is not valid JSON ({exc})") from None
+    size = _image_size(prep.get("crop_size") or prep.get("size")) or getattr(model.config, "image_size", None) or 224
+    size = size if isinstance(size, int) else size[0] if isinstance(size, (list, tuple)) else 224
+    channels = getattr(model.config, "num_channels", 3)
+    mean, std = prep.get("image_mean", 0.5), prep.get("image_std", 0.5)
+    return ModelBundle(model, "image", reference, example_inputs=(torch.zeros(1, channels, size, size),),
+                       info={"image_size": size, "mean": mean, "std": std})
+
+
+def _image_size(size) -> int | None:
+    """The square side a preprocessor's `crop_size` / `size` gives: an int, {"height", "width"} (equal) or
+    {"shortest_edge"}; None for anything else."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        if size.get("height") and size.get("height") == size.get("width"):
+            return int(size["height"])
+        if isinstance(size.get("shortest_edge"), int):
+            return size["shortest_edge"]
+    return None
+
+
+@torch.no_grad()
+def fold_layer_scales(model: torch.nn.Module) -> list[str]:
+    """Fold ConvNeXt's layer scale (`layer_scale_parameter * pwconv2(x)`, one factor per channel) into pwconv2's
+    weight rows and bias, exactly, and make it 1, as `fold_multipliers` does for Granite: LiteRT's converter folds a
+    constant MUL after a FULLY_CONNECTED into its weight, which would change the integers edgeq chose. Returns the
+    blocks folded."""
+    folded = []
+    for name, block in model.named_modules():
+        gamma, linear = getattr(block, "layer_scale_parameter", None), getattr(block, "pwconv2", None)
+        if not isinstance(gamma, torch.Tensor) or not isinstance(linear, torch.nn.Linear) or gamma.shape != (linear.out_features,):
+            continue
+        linear.weight.mul_(gamma[:, None])
+        if linear.bias is not None:
+            linear.bias.mul_(gamma)
+        gamma.fill_(1.0)
+        folded.append(name)
+    return folded

@@ -111,7 +111,7 @@ def quantize_model(bundle: ModelBundle, recipe: QuantRecipe, calib_batches: Iter
     smoothed, smooth_in_blocks = {}, []
     if recipe.smoothing > 0:
         _, among = smoothing_targets(model, targets)
-        blocks = find_blocks(model) if recipe.calibration.sequential else None
+        blocks = calibration_blocks(model, batches, recipe.calibration.sequential)
         if needs_stats and blocks is not None and all(n.startswith(f"{blocks[0]}.") for n in among):
             smooth_in_blocks = among  # from the pass that takes the blocks' statistics
         else:
@@ -426,7 +426,7 @@ def calibrate_blockwise(model, targets, recipe, batches, finish, needs_hessian=N
     if smooth_layers and not sequential:
         raise ValueError("calibrate_blockwise: smoothing inside the blocks needs the sequential pass")
     with eager_attention(model, weighted):
-        blocks = find_blocks(model) if sequential else None
+        blocks = calibration_blocks(model, batches, sequential)
         done: set[str] = set()
         if blocks is not None:
             prefix, block_list = blocks
@@ -471,6 +471,53 @@ def _divide_inputs(stats: dict, scales: dict[str, torch.Tensor]) -> None:
 def no_cache(model) -> dict:
     """Forward kwargs turning off a Hugging Face model's KV cache (calibration re-runs blocks)."""
     return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+
+
+def calibration_blocks(model, batches, sequential: bool = True) -> tuple[str, torch.nn.ModuleList] | None:
+    """The blocks a sequential calibration goes through (`find_blocks`), or None (one pass of the whole model) when
+    the recipe says `calibration.sequential = false` or the blocks do not chain: fed the first block's arguments with
+    each block's output in place of its hidden state, every block must compute what it computes in the model (the
+    first batch's first input, float). Swin's stages take their map's height and width (`input_dimensions`), which
+    halve at each; chaining them fed stage 1 stage 0's and failed. EfficientNet-Lite's blocks differ only in a
+    drop-connect rate that does nothing in eval mode: they chain."""
+    blocks = find_blocks(model) if sequential else None
+    if blocks is None or not batches:
+        return blocks
+    block_list = list(blocks[1])
+    calls, outputs = {}, {}
+
+    def output(i, out):
+        outputs[i] = _first(out)
+        if i == len(block_list) - 1:
+            raise StopForward  # (what comes after the blocks, an LM head, need not run)
+
+    hooks = []
+    for i, block in enumerate(block_list):
+        hooks.append(block.register_forward_pre_hook(lambda m, a, k, i=i: calls.setdefault(i, []).append((a, k)),
+                                                     with_kwargs=True))
+        hooks.append(block.register_forward_hook(lambda m, a, o, i=i: output(i, o)))
+    sample = tuple(t[:1] if torch.is_tensor(t) else t for t in batches[0])  # one input is enough, and cheap
+    try:
+        with torch.no_grad():
+            model(*sample, **no_cache(model))
+    except StopForward:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(len(calls.get(i, [])) != 1 or not torch.is_tensor(outputs.get(i)) for i in range(len(block_list))):
+        return None  # a block skipped or called twice
+    args, kwargs = calls[0][0]
+    with torch.no_grad():
+        for i, block in enumerate(block_list):
+            try:
+                out = _first(block(*args, **kwargs))
+            except Exception:  # (Swin: a view of the wrong map size)
+                return None
+            if not torch.is_tensor(out) or out.shape != outputs[i].shape or not torch.allclose(out, outputs[i], rtol=1e-4, atol=1e-6):
+                return None
+            args, kwargs = _with_hidden(args, kwargs, out)
+    return blocks
 
 
 def _with_hidden(args, kwargs, hidden):

@@ -16,11 +16,17 @@ from .modules import set_module
 
 
 def head_and_embedding(model: torch.nn.Module):
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    head = get_out() if get_out else None
-    emb = get_in() if get_in else None
-    return head, emb
+    """The LM head and the input embedding of a Hugging Face model (None where it has none: transformers raises
+    NotImplementedError for an image classifier's input embeddings)."""
+    return _called(model, "get_output_embeddings"), _called(model, "get_input_embeddings")
+
+
+def _called(model: torch.nn.Module, getter: str):
+    get = getattr(model, getter, None)
+    try:
+        return get() if get else None
+    except NotImplementedError:
+        return None
 
 
 def head_name(model: torch.nn.Module) -> str | None:
