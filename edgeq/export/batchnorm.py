@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantize.modules import QuantConv2d, activations_as, quant_layers
-from ..quantize.transforms import batchnorm_affine, conv_norm_pairs
+from ..quantize.transforms import batchnorm_affine, batchnorm_pairs
 from ..recipe import ActSpec
 
 
@@ -99,7 +99,7 @@ def bn_folds(model: torch.nn.Module, example: tuple) -> dict[str, BnFold]:
     none left in them; it folds those of directories quantized with `fold_batchnorms = false` or before 2026-12-05."""
     convs = {n: m for n, m in quant_layers(model).items() if isinstance(m, QuantConv2d)}
     folds = {}
-    for conv, norm in conv_norm_pairs(model, convs, example).items():
+    for conv, norm in batchnorm_pairs(model, convs, example).items():
         factor, shift = batchnorm_affine(model.get_submodule(norm))
         folds[conv] = BnFold(norm, factor, shift, *_off_int32_grid(convs[conv], factor, shift))
     if folds and not _folding_holds(model, example, folds):

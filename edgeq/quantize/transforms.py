@@ -5,7 +5,7 @@ into the weight's columns) and must happen before quantization: the LiteRT conve
 anyway, and integers chosen before folding would no longer be the ones in the file.
 A norm is folded only when its output feeds nothing but linear layers (pre-norm blocks): measured on a probe
 input (`llama_norm_groups`, `fold_norms`), not read from names. A BatchNorm2d after a conv folds into the conv's
-weight rows and bias (`fold_batchnorms`), for the same reason.
+weight rows and bias (`fold_batchnorms`; a BatchNorm1d after a linear layer too), for the same reason.
 """
 
 from __future__ import annotations
@@ -224,30 +224,38 @@ def smooth(model: torch.nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
     return smoothed
 
 
-def batchnorm_affine(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(factor, shift) of an eval-mode BatchNorm2d, which computes x * factor + shift per channel (fp32)."""
+def batchnorm_affine(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor, shift) of an eval-mode BatchNorm, which computes x * factor + shift per channel (fp32)."""
     factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
     shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
     return factor.detach().float(), shift.detach().float()
 
 
 @torch.no_grad()
-def conv_norm_pairs(model: torch.nn.Module, convs: dict[str, torch.nn.Module], example: tuple) -> dict[str, str]:
-    """conv name -> the eval-mode BatchNorm2d called on that conv's output tensor, found by running `example` once."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+def batchnorm_pairs(model: torch.nn.Module, layers: dict[str, torch.nn.Module], example: tuple) -> dict[str, str]:
+    """layer name -> the eval-mode BatchNorm called on that layer's output, found by running `example` once: a
+    BatchNorm2d on a conv's output tensor, a BatchNorm1d on a linear layer's output flattened to [rows, features]
+    (LeViT's `MLPLayerWithBN`: `batch_norm(linear(x).flatten(0, 1))`, a view of the same memory)."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))
              and not m.training and m.running_var is not None}
-    if not norms or not convs:
+    if not norms or not layers:
         return {}
     produced: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: dict[str, str] = {}
 
-    def pre(norm_name, x):
-        hit = produced.get(id(x))
-        if hit is not None and hit[1] is x:
-            pairs[hit[0]] = norm_name
+    def pre(norm_name, norm, x):
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            hit = produced.get(id(x))
+            if hit is not None and hit[1] is x:
+                pairs[hit[0]] = norm_name
+        elif x.dim() == 2 and x.shape[1] == norm.num_features:
+            for name, out in produced.values():
+                if (isinstance(layers[name], torch.nn.Linear) and out.data_ptr() == x.data_ptr()
+                        and out.numel() == x.numel() and out.shape[-1] == x.shape[1]):
+                    pairs[name] = norm_name
 
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in convs.items()]
-    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(n, a[0])) for n, m in norms.items()]
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: produced.__setitem__(id(o), (n, o))) for n, m in layers.items()]
+    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: pre(n, mod, a[0])) for n, m in norms.items()]
     try:
         model(*example)
     finally:
@@ -270,9 +278,9 @@ def _outputs(model: torch.nn.Module, example: tuple) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str] | None = None) -> dict[str, str]:
-    """Fold each eval-mode BatchNorm2d called on a Conv2d's output into that conv and make the norm an identity:
-    the conv's weight rows are multiplied by the norm's factor, its bias becomes bias * factor + shift. Returns
-    conv -> norm folded.
+    """Fold each eval-mode BatchNorm called on a Conv2d's or Linear's output (`batchnorm_pairs`) into that layer and
+    make the norm an identity: the layer's weight rows are multiplied by the norm's factor, its bias becomes
+    bias * factor + shift. Returns layer -> norm folded.
 
     This happens before quantization decisions, as norm gains are folded into linears (`fold_norms`): TFLite has no
     separate BatchNorm and ONNX Runtime fuses a QDQ Conv only without one after it, so the files hold the folded
@@ -281,8 +289,8 @@ def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str
     also reads, or one called on other tensors too, stays. With `pairs` (a quantized-model directory's record) those
     folds are made again without checking."""
     if pairs is None:
-        convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-        pairs = conv_norm_pairs(model, convs, example)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+        pairs = batchnorm_pairs(model, layers, example)
         if not pairs:
             return {}
         probe = probe_like(example)

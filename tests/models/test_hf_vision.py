@@ -3,8 +3,9 @@ normalisation), quantized and exported to both formats with edgeq's integers hel
 the families that each needed something (tools/check_vision_families.py checks more, benchmarks/vision_families.md):
 MobileNetV2 (its TF-style padding reads its convs' stride), ConvNeXt (channels-first LayerNorm, a layer scale the
 converter would fold into pwconv2), EfficientNet (global pooling as a 1280-wide AvgPool2d, whose count correction the
-converter would fold into the classifier), Swin (stages that do not chain in sequential calibration) and ViT (sdpa,
-which the converter would lower into its query and key weights)."""
+converter would fold into the classifier), Swin (stages that do not chain in sequential calibration), ViT (sdpa,
+which the converter would lower into its query and key weights) and LeViT (a BatchNorm1d after its linear layers,
+which the converter would fold into their weights)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def _configs():
         "swin": t.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, patch_size=4, **labels),
         "vit": t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            patch_size=16, **labels),
+        "levit": t.LevitConfig(hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+                               patch_size=16, architectures=["LevitForImageClassification"], **labels),
     }
 
 
@@ -44,7 +47,7 @@ def _save(family: str, path) -> str:
     model = transformers.AutoModelForImageClassification.from_config(_configs()[family]).eval()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):  # trained-looking statistics
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # trained-looking statistics
                 m.running_mean.normal_(0.0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
             if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), torch.Tensor):
