@@ -267,8 +267,8 @@ class QuantRecipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     calibration: CalibOptions = field(default_factory=CalibOptions)
     fold_norms: bool = True
-    # each BatchNorm2d after a conv folded into it before quantizing (transforms.fold_batchnorms); false leaves them to
-    # the exporters, which fold them on edgeq's grid (the files' scales then not bitwise edgeq's)
+    # each BatchNorm after a conv (or linear layer) folded into it before quantizing (transforms.fold_batchnorms); false
+    # leaves them to the exporters, which fold a conv's on edgeq's grid (the files' scales then not bitwise edgeq's)
     fold_batchnorms: bool = True
     untie_head: bool = True
     pbllm: PBLLMOptions = field(default_factory=PBLLMOptions)

@@ -36,7 +36,7 @@ class QuantizedModel:
     untied: bool = False
     folded_norms: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific records (e.g. QAT, sensitivity)
-    folded_batchnorms: dict = field(default_factory=dict)  # conv -> BatchNorm2d folded into it before quantizing
+    folded_batchnorms: dict = field(default_factory=dict)  # conv or linear layer -> BatchNorm folded into it before quantizing
 
     @property
     def model(self) -> torch.nn.Module:

@@ -285,7 +285,7 @@ def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str
     This happens before quantization decisions, as norm gains are folded into linears (`fold_norms`): TFLite has no
     separate BatchNorm and ONNX Runtime fuses a QDQ Conv only without one after it, so the files hold the folded
     weights, and the integers and scales edgeq decides on them are then the files' own. A norm is folded only where
-    the model computes the same (probe input, `same_logits`' tolerance): one whose conv output a skip connection
+    the model computes the same (probe input, `same_logits`' tolerance): one whose layer's output a skip connection
     also reads, or one called on other tensors too, stays. With `pairs` (a quantized-model directory's record) those
     folds are made again without checking."""
     if pairs is None:
@@ -304,10 +304,10 @@ def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str
             return dict(pairs)
         undo()
         folded = {}
-        for conv, norm in pairs.items():  # some fold changes the model: keep the ones that do not, one at a time
-            undo = _fold_batchnorms(model, {conv: norm})
+        for layer, norm in pairs.items():  # some fold changes the model: keep the ones that do not, one at a time
+            undo = _fold_batchnorms(model, {layer: norm})
             if holds():
-                folded[conv] = norm
+                folded[layer] = norm
             else:
                 undo()
         return folded
@@ -316,21 +316,21 @@ def fold_batchnorms(model: torch.nn.Module, example: tuple, pairs: dict[str, str
 
 
 def _fold_batchnorms(model: torch.nn.Module, pairs: dict[str, str]):
-    """Fold `pairs` (conv -> norm) in place; returns a function that undoes it."""
+    """Fold `pairs` (layer -> norm) in place; returns a function that undoes it."""
     saved = []
-    for conv_name, norm_name in pairs.items():
-        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+    for layer_name, norm_name in pairs.items():
+        layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
         factor, shift = batchnorm_affine(norm)
-        saved.append((conv, conv.weight.detach().clone(), conv.bias, norm_name, norm))
-        conv.weight.mul_(factor.to(conv.weight.dtype).reshape(-1, *[1] * (conv.weight.dim() - 1)))
-        bias = shift if conv.bias is None else conv.bias.detach().float() * factor + shift
-        conv.bias = torch.nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        saved.append((layer, layer.weight.detach().clone(), layer.bias, norm_name, norm))
+        layer.weight.mul_(factor.to(layer.weight.dtype).reshape(-1, *[1] * (layer.weight.dim() - 1)))
+        bias = shift if layer.bias is None else layer.bias.detach().float() * factor + shift
+        layer.bias = torch.nn.Parameter(bias.to(layer.weight.dtype), requires_grad=False)
         set_module(model, norm_name, torch.nn.Identity())
 
     def undo():
-        for conv, weight, bias, norm_name, norm in reversed(saved):
-            conv.weight.copy_(weight)
-            conv.bias = bias
+        for layer, weight, bias, norm_name, norm in reversed(saved):
+            layer.weight.copy_(weight)
+            layer.bias = bias
             set_module(model, norm_name, norm)
 
     return undo
