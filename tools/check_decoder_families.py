@@ -217,8 +217,13 @@ def markdown(result: dict) -> str:
              "agreement for LMs); TFLite / ONNX: "
              "variant, `exact`, parity cosine against the simulation, TFLite layers read back (of the quantized ones) "
              "and the decode step's parity cosine where there is a decode signature; ONNX: the decode graph's logits against "
-             "the prefill graph's (max abs).", "",
-             "| family | recipe | layers | sim vs float | TFLite | ONNX |", "|---|---|---|---|---|---|"]
+             "the prefill graph's (max abs).", ""]
+    return "\n".join(lines + table(result)) + "\n"
+
+
+def table(result: dict) -> list[str]:
+    """The checks' table (tools/check_vision_families.py's too): a row per family and recipe."""
+    lines = ["| family | recipe | layers | sim vs float | TFLite | ONNX |", "|---|---|---|---|---|---|"]
     for key, row in result["rows"].items():
         family, recipe = key.split(" ", 1)
         if "error" in row:
@@ -228,7 +233,7 @@ def markdown(result: dict) -> str:
         top1 = "" if sim["top1_agree"] is None else f" / {sim['top1_agree']:.3f}"
         lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f}{top1} | "
                      f"{_cell(row.get('tflite'))} | {_cell(row.get('onnx'))} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

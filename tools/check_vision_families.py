@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from check_decoder_families import CONFIG_MARK, _cell, check, stale  # noqa: E402
+from check_decoder_families import CONFIG_MARK, check, stale, table  # noqa: E402
 from hostinfo import machine, write_result  # noqa: E402
 
 SIZE = 64  # image side; every family below takes it
@@ -133,17 +133,8 @@ def markdown(result: dict) -> str:
              f"{result['image_size']} px, random weights (BatchNorm statistics and norm gains away from their initial "
              "values), calibrated on the bundled photos. sim vs float: the quantized model's logits against the float "
              "model's on 8 random images (cosine / top-1 agreement); TFLite / ONNX: variant, `exact`, parity cosine "
-             "against the simulation, TFLite layers read back (of the quantized ones).", "",
-             "| family | recipe | layers | sim vs float | TFLite | ONNX |", "|---|---|---|---|---|---|"]
-    for key, row in result["rows"].items():
-        family, recipe = key.split(" ", 1)
-        if "error" in row:
-            lines.append(f"| {family} | {recipe} | - | - | {row['error'][:160]} | - |")
-            continue
-        sim = row["simulation_vs_float"]
-        lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f} / {sim['top1_agree']:.3f} | "
-                     f"{_cell(row.get('tflite'))} | {_cell(row.get('onnx'))} |")
-    return "\n".join(lines) + "\n"
+             "against the simulation, TFLite layers read back (of the quantized ones).", ""]
+    return "\n".join(lines + table(result)) + "\n"
 
 
 if __name__ == "__main__":
