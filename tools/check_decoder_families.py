@@ -87,6 +87,15 @@ def stale(path: Path, make_config) -> bool:
     return not mark.is_file() or mark.read_text(encoding="utf-8") != make_config().to_json_string()
 
 
+def discard(work: Path, family: str) -> None:
+    """A family's model in --work and what was made from it (made again when the check's config changed)."""
+    for old in [work / family, *work.glob(f"{family}-*")]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def float_agreement(model_dir: Path, qdir: Path) -> dict:
     import torch
 
@@ -170,11 +179,7 @@ def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: st
     for family in args.families or list(makers):
         model_dir = work / family
         if stale(model_dir, makers[family]):
-            for old in [model_dir, *work.glob(f"{family}-*")]:  # the model and what was made from it
-                if old.is_dir():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink(missing_ok=True)
+            discard(work, family)
             make(family, makers[family], tokenizer, model_dir, auto)
         for recipe in args.recipe:
             print(f"{family} {recipe}", flush=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from check_decoder_families import CONFIG_MARK, check, stale, table  # noqa: E402
+from check_decoder_families import CONFIG_MARK, check, discard, stale, table  # noqa: E402
 from hostinfo import machine, write_result  # noqa: E402
 
 SIZE = 64  # image side; every family below takes it
@@ -108,8 +108,7 @@ def main() -> None:
     for family in args.families or list(makers):
         model_dir = work / family
         if stale(model_dir, makers[family]):
-            for old in [model_dir, *work.glob(f"{family}-*")]:
-                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+            discard(work, family)
             try:
                 make(makers[family], model_dir)
             except Exception as exc:  # transformers cannot build it: a row saying so, not a crash of the check
