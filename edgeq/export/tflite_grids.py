@@ -70,6 +70,12 @@ def default_variant(qm) -> str:
     return "dynamic-int8"
 
 
+def grouped_conv_refusal(name: str) -> str:
+    return (f"tflite: layer {name}: grouped convolutions other than depthwise have no quantized TFLite kernel (float "
+            f"ones convert); leave them float with a rule before the others (match = \"{name}$\", skip = true), or export "
+            "--format onnx (QLinearConv takes groups)")
+
+
 def check_representable(qm, variant: str) -> None:
     """Refuse grids the variant cannot hold, naming what would work. Never re-quantizes."""
     try:
@@ -93,6 +99,8 @@ def _check_representable(qm, variant: str) -> None:
     for name, m in qm.layers().items():
         d, w, a = m.decision, m.decision.weight, m.decision.activation
         where = f"tflite: layer {name} ({w.name}, act={a.mode}{a.bits if a.quantized else ''})"
+        if d.kind == "conv2d" and m.groups != 1 and not m.groups == m.in_channels == m.out_channels:
+            raise EdgeqError(grouped_conv_refusal(name))  # (depthwise convs are DEPTHWISE_CONV_2D)
         if d.kind == "embedding":
             if variant in FULL_INTEGER:
                 raise EdgeqError(f"{where}: a full-integer (--variant {variant}) graph keeps its embedding table float here; "

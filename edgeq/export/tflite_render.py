@@ -17,6 +17,7 @@ from ..errors import EdgeqError
 from ..quantize.modules import QuantEmbedding, QuantLinear, quant_layers, set_module
 from ..quantize.transforms import gain_offset, head_name
 from .batchnorm import DequantConv, render_weight
+from .tflite_grids import grouped_conv_refusal
 
 
 class _UnfoldableRMSNorm(torch.nn.Module):
@@ -296,6 +297,4 @@ def tflite_weight(module, fold=None) -> np.ndarray:
         return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
     if module.conv_args["groups"] == module.in_channels == module.out_channels:
         return np.ascontiguousarray(w.transpose(1, 2, 3, 0))
-    raise EdgeqError(f"tflite: layer {module.decision.name}: grouped convolutions other than depthwise have no quantized "
-                     "TFLite kernel (float ones convert); leave them float with a rule before the others "
-                     f"(match = \"{module.decision.name}$\", skip = true), or export --format onnx (QLinearConv takes groups)")
+    raise EdgeqError(grouped_conv_refusal(module.decision.name))

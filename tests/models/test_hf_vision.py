@@ -103,3 +103,30 @@ def test_the_preprocessors_crop_and_normalisation_make_the_inputs(tmp_path):
     # per-channel normalisation: undone, every channel is back in [0, 1]
     pixels = images * np.array(std)[None, :, None, None] + np.array(mean)[None, :, None, None]
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_grouped_convolutions_are_refused_for_tflite_naming_the_rule_that_leaves_them_float(tmp_path):
+    """RegNet's grouped convolutions (neither plain nor depthwise) have no quantized TFLite kernel: quant.json says so
+    at quantize time, the export refuses before converting, and the skip rule the message names gives a file."""
+    import transformers
+
+    from edgeq.errors import EdgeqError
+    from edgeq.recipe import QuantRecipe
+
+    torch.manual_seed(0)
+    config = transformers.RegNetConfig(embedding_size=16, groups_width=8, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+    transformers.AutoModelForImageClassification.from_config(config).eval().save_pretrained(tmp_path / "regnet")
+    ref = str(tmp_path / "regnet")
+    bundle = load_model(ref)
+    qdir = quantize_model(bundle, load_recipe("w8"), calibration_batches(bundle, None, 4, 0)).save(tmp_path / "q")
+    said = json.loads((qdir / "quant.json").read_text())["tflite"]["variants"]["dynamic-int8"]
+    assert said["representable"] is False and "grouped convolutions" in said["why"]
+    with pytest.raises(EdgeqError, match=r"grouped convolutions other than depthwise.*skip = true.*--format onnx"):
+        export(qdir, "tflite", tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+    recipe = QuantRecipe.from_dict({"name": "w8-float-grouped", "rules": [
+        {"match": r"layer\.1\.convolution$", "skip": True},  # RegNet's grouped convs
+        {"match": ".*", "kind": ["depthwise"], "skip": True},
+        {"match": ".*", "weight": {"bits": 8}, "activation": {"mode": "dynamic", "granularity": "token", "symmetric": True}}]})
+    qdir = quantize_model(load_model(ref), recipe).save(tmp_path / "q2")
+    assert export(qdir, "tflite", tmp_path / "m.tflite")["exact"] is True
