@@ -103,8 +103,8 @@ class QuantConv2d(_QuantBase):
         # TF-style "same" convolutions (EfficientNet ports) pad in a submodule before the conv
         self.static_padding = getattr(conv, "static_padding", None)
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups  # read by
-        # model code as on nn.Conv2d (Hugging Face MobileNet's TF-style padding reads its conv's stride and dilation)
+        # nn.Conv2d's attributes, which model code reads (Hugging Face MobileNet's TF-style padding: stride, dilation)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self._init_quant(decision, qweight, scale, zero_point, act_scale, act_zero_point)
         self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
