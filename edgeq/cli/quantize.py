@@ -75,7 +75,15 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
         "layers": len(summary["layers"]), "avg_bits": summary["avg_bits"],
         "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"],
         "size_reduction": summary["size_reduction"], "seconds": round(time.perf_counter() - start, 2),
+        "batchnorms_folded": len(summary.get("folded_batchnorms") or {}),
     }
+    fitted = {e["name"]: e["bias_fit_channels"] for e in summary["layers"] if e.get("bias_fit_channels")}
+    if fitted:
+        channels = sum(map(len, fitted.values()))
+        click.echo(f"edgeq: note: {channels} output channel{'s' * (channels != 1)} in {len(fitted)} "
+                   f"layer{'s' * (len(fitted) != 1)} had weights near zero and a bias their int32 grid (input scale x "
+                   "weight scale) could not hold, as a BatchNorm with a gain near 0 leaves once folded: their scales were "
+                   "raised until it fits, their weights are now zero (quant.json bias_fit_channels)", err=True)
     for idle in qm.extra.get("rules_matching_no_layer", []):
         click.echo(f"edgeq: note: recipe {summary['recipe']!r} rule {idle['rule']} (match \"{idle['match']}\") decides no layer "
                    f"of {summary['model']!r}: the layers it was written for are named otherwise here, or an earlier rule "
@@ -97,4 +105,5 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
             f"{result['output']}: {result['layers']} layers quantized with {result['recipe']}, avg {result['avg_bits']} bits/weight, "
             f"{size_text(result['bytes_before'], 1)} -> {size_text(result['bytes_after'], 1)} "
             f"({100 * result['size_reduction']:.1f}% smaller) in {result['seconds']} s"
+            + (f"; {result['batchnorms_folded']} BatchNorms folded into their layers first" if result["batchnorms_folded"] else "")
         )

@@ -121,3 +121,14 @@ def test_recipe_flags_are_booleans():
         with pytest.raises(EdgeqError, match=f"recipe.{key}: 'false' is not true or false"):
             QuantRecipe.from_dict({"rules": rules, key: "false"})
     assert QuantRecipe.from_dict({"rules": rules, "fold_batchnorms": False}).fold_batchnorms is False
+
+
+def test_quantize_says_what_it_folded_and_which_channels_it_rescaled(tmp_path, capsys):
+    from edgeq.cli.main import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "tests.export.onnx_cnn:dead_channel_cnn", "--recipe", "w8a8", "--calib", "images",
+                 "-o", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "; 3 BatchNorms folded into their layers first" in said.out
+    assert "edgeq: note: 1 output channel in 1 layer had weights near zero" in said.err and "bias_fit_channels" in said.err
