@@ -122,8 +122,8 @@ class _WholeMapPool(torch.nn.Module):
     """An AvgPool2d whose window covers its whole input (Hugging Face EfficientNet's global pooling: a kernel of
     `hidden_dim` with ceil_mode, over a 7x7 map) as the mean over the map, which it computes (ceil mode divides by
     the cells inside the input). As an AVERAGE_POOL_2D over a padded map the converter folds the count correction
-    (1280^2 / 49) into the next FULLY_CONNECTED's weight, which then no longer holds edgeq's integers. Any other
-    window pools as before."""
+    (25600 = 320^2 / 4 on the checked model's 2x2 map) into the next FULLY_CONNECTED's weight, which then no longer
+    holds edgeq's integers. Any other window pools as before."""
 
     def __init__(self, pool: torch.nn.AvgPool2d):
         super().__init__()
