@@ -159,6 +159,27 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
     return row
 
 
+def check_families(makers: dict, make_one, families: list[str] | None, recipes: list[str], work: Path) -> dict:
+    """The check's rows: each family's model made in `work` by `make_one(family, path)` (again when its config has
+    changed), then `check` with each recipe. A family transformers cannot build gets rows saying so."""
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for family in families or list(makers):
+        model_dir = work / family
+        if stale(model_dir, makers[family]):
+            discard(work, family)
+            try:
+                make_one(family, model_dir)
+            except Exception as exc:  # a finding, not a crash of the check
+                rows.update({f"{family} {r}": {"error": f"make: {type(exc).__name__}: {exc}"} for r in recipes})
+                shutil.rmtree(model_dir, ignore_errors=True)
+                continue
+        for recipe in recipes:
+            print(f"{family} {recipe}", flush=True)
+            rows[f"{family} {recipe}"] = check(model_dir, recipe, work)
+    return rows
+
+
 def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: str = "AutoModelForCausalLM",
          kind: str = "decoders") -> None:
     """The check's command line; tools/check_encoder_families.py runs it with its own families."""
@@ -173,17 +194,8 @@ def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: st
 
     tokenizer = load_model("minilm-l6").tokenizer
     makers = make_configs(tokenizer.vocab_size, tokenizer.pad_token_id)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for family in args.families or list(makers):
-        model_dir = work / family
-        if stale(model_dir, makers[family]):
-            discard(work, family)
-            make(family, makers[family], tokenizer, model_dir, auto)
-        for recipe in args.recipe:
-            print(f"{family} {recipe}", flush=True)
-            rows[f"{family} {recipe}"] = check(model_dir, recipe, work)
+    rows = check_families(makers, lambda family, path: make(family, makers[family], tokenizer, path, auto),
+                          args.families, args.recipe, Path(args.work))
     import transformers
 
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),

@@ -16,7 +16,6 @@ imported by edgeq.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from check_decoder_families import CONFIG_MARK, check, discard, stale, table  # noqa: E402
+from check_decoder_families import CONFIG_MARK, check_families, table  # noqa: E402
 from hostinfo import machine, write_result  # noqa: E402
 
 SIZE = 64  # image side; every family below takes it
@@ -102,22 +101,8 @@ def main() -> None:
     command = " ".join([".venv/bin/python tools/check_vision_families.py"] + sys.argv[1:])
     check_decoder_families.float_agreement = float_agreement  # `check` measures the simulation on images here
     makers = configs()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for family in args.families or list(makers):
-        model_dir = work / family
-        if stale(model_dir, makers[family]):
-            discard(work, family)
-            try:
-                make(makers[family], model_dir)
-            except Exception as exc:  # transformers cannot build it: a row saying so, not a crash of the check
-                rows.update({f"{family} {r}": {"error": f"make: {type(exc).__name__}: {exc}"} for r in args.recipe})
-                shutil.rmtree(model_dir, ignore_errors=True)
-                continue
-        for recipe in args.recipe:
-            print(f"{family} {recipe}", flush=True)
-            rows[f"{family} {recipe}"] = check(model_dir, recipe, work)
+    rows = check_families(makers, lambda family, path: make(makers[family], path), args.families, args.recipe,
+                          Path(args.work))
     import transformers
 
     result = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),

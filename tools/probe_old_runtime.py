@@ -115,7 +115,7 @@ def main() -> int:
     doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
            "board_runtimes": info["fingerprint"]["runtimes"], "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [f"# tiny-llama's TFLite files on a board with tflite-runtime 2.14 only (probe)", "",
+    lines = ["# tiny-llama's TFLite files on a board with tflite-runtime 2.14 only (probe)", "",
              "```", f".venv/bin/python tools/probe_old_runtime.py --venv {args.venv} --work {args.work} --out {args.out}",
              "```", "",
              f"Created {doc['created']}. The agent ran from a venv with "

@@ -33,7 +33,7 @@ from ..errors import EdgeqError
 from ..models.hf import eager_attention, litert_attention
 from ..quantize.modules import quant_layers
 from .tflite_decode import dynamic_slots, resize_check
-from .tflite_flatbuffer import op_names, read_model, schema, signature_subgraphs, write_model
+from .tflite_flatbuffer import op_names, read_model, schema, write_model
 from .tflite_render import example_inputs, float_rendering, graph_module, tflite_weight, unused_layers
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "EMBEDDING_LOOKUP")  # input 1: weight / table

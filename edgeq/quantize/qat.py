@@ -288,7 +288,7 @@ def prepare_qat(bundle: ModelBundle, recipe: QuantRecipe, method: str = "lsq", c
         # exactly at `edgeq quantize --recipe pb-llm`'s integers
         if not calib_batches:
             raise EdgeqError(f"qat: method {method!r} needs calibration data (its salient mask / PB-GPTQ start use Hessians)")
-        from .ptq import calibrate_blockwise
+        from .calibration import calibrate_blockwise
 
         def finish(names, stats, _bar):
             for name in names:

@@ -9,7 +9,6 @@ model reference and never unpickles anything.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -82,7 +82,7 @@ def test_swins_stages_are_calibrated_in_one_pass_and_decoders_layers_in_sequence
     """Sequential calibration feeds each block the one before's output with the first block's other arguments. Swin's
     stages take their own map size, so they do not chain (stage 1 got stage 0's and failed); they are calibrated in
     one pass of the model instead. A decoder's layers chain."""
-    from edgeq.quantize.ptq import calibration_blocks, find_blocks
+    from edgeq.quantize.calibration import calibration_blocks, find_blocks
 
     swin = load_model(_save("swin", tmp_path / "swin"))
     assert find_blocks(swin.module) is not None

@@ -54,7 +54,8 @@ def test_value_projection_hessian_mixes_inputs_by_attention(tiny_llama_ref):
     """v_proj's Hessian is built from sum_j a_hij x_j, what the attention output is made of."""
     from edgeq.models import load_model
     from edgeq.models.hf import eager_attention as _eager_attention
-    from edgeq.quantize.ptq import _observing, no_cache, plan
+    from edgeq.quantize.calibration import _observing, no_cache
+    from edgeq.quantize.ptq import plan
 
     model = load_model(tiny_llama_ref).module.eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -99,7 +100,8 @@ def test_unknown_value_hessian_is_refused():
 def test_layers_reading_one_input_share_one_hessian(tiny_llama_ref):
     """q/k read the same tensor (one Hessian, accumulated once); o_proj reads another."""
     from edgeq.models import load_model
-    from edgeq.quantize.ptq import _observing, plan
+    from edgeq.quantize.calibration import _observing
+    from edgeq.quantize.ptq import plan
 
     model = load_model(tiny_llama_ref).module.eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

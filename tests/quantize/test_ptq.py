@@ -321,7 +321,8 @@ def test_smoothing_statistics_carry_over_to_the_smoothed_inputs(tiny_llama_ref):
     """SmoothQuant inside the block passes: ranges and samples taken on x, divided per channel by s, are those of the
     smoothed model's own inputs x / s (observed again after the fact), and every smoothable layer was smoothed."""
     from edgeq.quantize.observers import ActObserver, feed_observing_inputs
-    from edgeq.quantize.ptq import calibrate_blockwise, plan
+    from edgeq.quantize.calibration import calibrate_blockwise
+    from edgeq.quantize.ptq import plan
     from edgeq.quantize.transforms import smoothable
 
     bundle = load_model(tiny_llama_ref)
