@@ -12,7 +12,7 @@ One run per model, on the same float graph and the same data:
   decoder LM's decode signature the decode steps edgeq's own full-integer export calibrates with).
 Quality: language models: perplexity on 16 evaluation windows of 512 tokens of enwiki
 (`lm_windows(tok, "enwiki", "evaluation", 512, 16)`) and next-token top-1 agreement with the FP32 file;
-images: top-1 agreement and mean KL(fp32 || variant) on 64 evaluation images. Latency: one full forward of
+images: top-1 agreement and mean KL(fp32 || variant) on --images evaluation images (64). Latency: one full forward of
 the file's input shape in LiteRT with XNNPACK, at 1 and 2 threads, variants interleaved round-robin, median of
 --reps after 3 warm-up calls. Writes OUT.json and OUT.md (command at the top). Never imported by edgeq.
 """
@@ -177,6 +177,7 @@ def main() -> None:
                          "each method a row of the same QDIR, named with it unless it is minmax, the default")
     ap.add_argument("--only", nargs="*", default=None,
                     help="edgeq recipes to include this run (default all); rows finished by an earlier run are kept")
+    ap.add_argument("--images", type=int, default=64, help="image models: evaluation images for top-1 agreement and KL")
     ap.add_argument("--skip-latency", action="store_true", help="quality and size only (latency is measured in a later run)")
     ap.add_argument("--no-aeq", action="store_true", help="skip ai-edge-quantizer's recipes (another run's output has them)")
     ap.add_argument("--reuse-graphs", action="store_true",
@@ -261,7 +262,9 @@ def main() -> None:
                 bits = [e["weight"]["bits"] for e in qmeta["layers"]]
                 rows[name]["mixed"] = {"budget": rec.get("budget"), "target": rec.get("target"),
                                        "avg_bits": qmeta.get("avg_bits"),
-                                       "layers_by_bits": {str(b): bits.count(b) for b in sorted(set(bits))}}
+                                       "layers_by_bits": {str(b): bits.count(b) for b in sorted(set(bits))},
+                                       "convolutions_kept_float": len(rec.get("convolutions_kept_float") or []),
+                                       "measured_loss_increase": rec.get("measured_loss_increase")}
 
     # every signature of the fp32 file needs feeds (a decoder LM's has a decode step too): the feeds edgeq's
     # own full-integer export calibrates with, from the same 8 calibration inputs
@@ -298,7 +301,7 @@ def main() -> None:
                 save(out, command, args, bundle, meta, rows, is_lm)
         example = [windows[0][None, : args.seq_len].astype(np.int64)]
     else:
-        images = data.images("images", 64, bundle.info.get("image_size", 224), split="evaluation")
+        images = data.images("images", args.images, bundle.info.get("image_size", 224), split="evaluation")
         q, ref = image_quality(files["fp32"], images, None)
         rows["fp32"].update(q)
         for name, path in files.items():
@@ -351,6 +354,16 @@ def targets(rows: dict, is_lm: bool) -> dict:
         out[f"int4_ppl_below_dynamic_wi4b32{tag}"] = {"edgeq": int4["ppl"], "aeq": aeq4["ppl"], "met": int4["ppl"] < aeq4["ppl"]}
         out[f"int4_size_not_larger{tag}"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"],
                                              "met": int4["size_mb"] <= aeq4["size_mb"]}
+    key = "ppl" if is_lm else "kl_fp32"
+    w8 = rows.get(f"edgeq dynamic-int8 ({DEFAULT_RECIPES['dynamic-int8']})")
+    for name, r in rows.items():  # `--recipe auto` rows against the uniform preset and ai-edge-quantizer's dynamic file
+        if "mixed" not in r or key not in r or not w8 or key not in w8:
+            continue
+        entry = {"size_ratio_vs_w8": round(r["size_mb"] / w8["size_mb"], 3), f"{key}_ratio_vs_w8": round(r[key] / w8[key], 3)}
+        for peer, label in ((w8, "w8"), (aeq_dyn, "aeq_dynamic_wi8")):
+            if peer and "latency_1t" in r and "latency_1t" in peer:
+                entry[f"latency_1t_ratio_vs_{label}"] = round(r["latency_1t"]["median_ms"] / peer["latency_1t"]["median_ms"], 3)
+        out[f"mixed {name[len('edgeq '):]}"] = {**entry, "target": "report"}
     return out
 
 
@@ -384,6 +397,12 @@ def markdown(result: dict, is_lm: bool) -> str:
                       f"({c['eval_windows']} x {c['seq_len']} tokens, PyTorch): top-1 agreement with FP32 "
                       f"{qat.get('eval_top1_agree_fp32_start')} -> {qat.get('eval_top1_agree_fp32_end')}, "
                       f"loss {qat['eval_loss_start']:.4f} -> {qat['eval_loss_end']:.4f}."]
+        if "mixed" in r:
+            m = r["mixed"]
+            lines += ["", f"{name}: `edgeq quantize --recipe auto` for {m['target'].get('name')} / {m['target'].get('runtime')} "
+                      f"at a budget of {m['budget'].get('text', m['budget'])}: {m['avg_bits']} avg bits, quantized layers by "
+                      f"bits {m['layers_by_bits']}, {m.get('convolutions_kept_float', 0)} plain convolutions kept float by the "
+                      f"plan; its loss increase on the calibration inputs (PyTorch) {m.get('measured_loss_increase')}."]
     lines += ["", "## Targets", ""]
     for k, v in result["targets"].items():
         lines.append(f"- {k}: {json.dumps(v)}")

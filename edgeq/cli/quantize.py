@@ -91,13 +91,18 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
     mixed = qm.extra.get("mixed") or {}
     convs = mixed.get("convolutions_left_float") or {}
     if convs.get("count"):
-        click.echo(f"edgeq: note: --recipe auto planned the Linear layers only; {convs['count']} convolutions "
-                   f"({size_text(convs['bytes'])}) stay float (for an image model, quantize with a preset: w8a8-static, w8)",
-                   err=True)
+        click.echo(f"edgeq: note: --recipe auto: {convs['count']} convolution{'s' * (convs['count'] != 1)} "
+                   f"({size_text(convs['bytes'])}) stay{'s' * (convs['count'] == 1)} float whatever the budget: {convs['why']}", err=True)
+    kept = mixed.get("convolutions_kept_float") or []
+    if kept:
+        click.echo(f"edgeq: note: the plan keeps {len(kept)} convolution{'s' * (len(kept) != 1)} float, where 8 bits "
+                   f"would cost the most loss per byte saved ({kept[0]}{', ...' if len(kept) > 1 else ''}; quant.json "
+                   "mixed.convolutions_kept_float)", err=True)
     if "measured_alternative" in mixed:
         other, kept = mixed["measured_alternative"], mixed["allocation"]["strategy"]
-        click.echo(f"edgeq: note: kept the {kept} plan (loss {mixed['measured_loss']:.4f} on the calibration windows) over the "
-                   f"{other['strategy']} one ({other['measured_loss']:.4f}), both within the budget", err=True)
+        loss = mixed["objective"].split(" (")[0]  # next-token cross-entropy, or mean squared error to the float output
+        click.echo(f"edgeq: note: kept the {kept} plan ({loss} {mixed['measured_loss']:.4g} on the calibration data) over the "
+                   f"{other['strategy']} one ({other['measured_loss']:.4g}), both within the budget", err=True)
     if as_json:
         emit_json(result)
     else:

@@ -11,9 +11,13 @@ budget, also quantized and measured: the lower is kept). `analyze` is separate s
 one analysis serves many budgets (tools/bench_mixed.py).
 
 The bit-widths come from the target profile (the weight formats its runtime runs natively for a
-Linear with the chosen activation mode) or from an explicit `allowed_bits`; Linear layers are the
-candidates (a tied LM head stays float and shared with the embedding; convolutions are left float).
-This module never changes the core's byte accounting: sizes are computed exactly as quant.json.
+Linear, or a convolution, with the chosen activation mode) or from an explicit `allowed_bits`. Linear layers are
+candidates at those bit-widths (a tied LM head stays float and shared with the embedding). Plain convolutions
+(groups = 1) are candidates at 8 bits per channel, the one convolution format runtimes run, or float
+(`FLOAT_BITS`: their fp32 bytes, no predicted loss), so a CNN's plan chooses which convolutions stay float; BatchNorms
+are folded into them first, as `quantize_model` folds them. Depthwise and grouped convolutions stay float (XNNPACK
+has no dynamically quantized depthwise kernel, TFLite no quantized grouped one). This module never changes the
+core's byte accounting: sizes are computed exactly as quant.json.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from ..recipe import ActSpec, CalibOptions, QuantRecipe, WeightSpec
 from .allocate import Allocation, Choice, LayerOptions, allocate
 from .budget import Budget, parse_budget
 from .methods import METHODS
-from .mixed_formats import activation_grid, allowed_bit_specs, embedding_table, fit_blocks, parse_bits
+from .mixed_formats import activation_grid, allowed_bit_specs, conv_bit_specs, embedding_table, fit_blocks, parse_bits
 from .qmodel import QuantizedModel, model_float_bytes
 from .sensitivity import LayerSensitivity, Objective, fisher_sensitivity, mean_loss, measure_layers, predicted_loss
-from .transforms import fold_norms, head_name, is_tied
+from .transforms import fold_batchnorms, fold_norms, head_name, is_tied
 
 AUTO_RECIPE = "auto"
 MEASURE = ("none", "model", "layers")
+FLOAT_BITS = 32  # a convolution's choice to stay float: its fp32 weight bytes, no predicted loss
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ class Analysis:
     """Everything measured before bits are chosen; reusable across budgets for the same model."""
 
     layers: dict[str, LayerSensitivity]
-    specs: dict[int, WeightSpec]  # bits -> weight format
-    table: dict[str, dict[int, float]]  # layer -> bits -> predicted loss increase
+    specs: dict[int, WeightSpec]  # bits -> weight format of a Linear layer
+    table: dict[str, dict[int, float]]  # layer -> bits -> predicted loss increase (a convolution's: 8 and FLOAT_BITS)
     bytes_table: dict[str, dict[int, int]]  # layer -> bits -> stored bytes (quant.json accounting)
     fixed_bytes: int  # every float tensor that stays float (candidates' weights excluded)
     fp32_bytes: int  # the float model's size (quant.json bytes_before)
@@ -95,17 +100,35 @@ class Analysis:
     forced: list[str] = field(default_factory=list)
     target: dict = field(default_factory=dict)
     folded_norms: bool = True  # the analysis ran on a norm-folded model (the quantized model must be folded too)
-    convolutions: dict = field(default_factory=dict)  # the model's convolutions, which stay float: count, bytes
+    convolutions: dict = field(default_factory=dict)  # the convolutions that stay float whatever the plan: count, bytes, why
+    conv_specs: dict[int, WeightSpec] = field(default_factory=dict)  # bits -> weight format of a candidate convolution
+    folded_batchnorms: dict = field(default_factory=dict)  # conv -> BatchNorm folded into it before the analysis
 
     def restrict(self, bits: Iterable[int]) -> "Analysis":
         """The same analysis with fewer candidate bit-widths (e.g. another target's set)."""
         keep = sorted(set(bits) & set(self.specs))
         if not keep:
             raise EdgeqError(f"--bits: none of {sorted(set(bits))} was analysed (analysed: {sorted(self.specs)})")
+        kept = set(keep) | {FLOAT_BITS}
         return replace(self, specs={b: self.specs[b] for b in keep},
-                       table={n: {b: t[b] for b in keep} for n, t in self.table.items()},
-                       bytes_table={n: {b: t[b] for b in keep} for n, t in self.bytes_table.items()},
+                       conv_specs={b: s for b, s in self.conv_specs.items() if b in kept},
+                       table={n: {b: v for b, v in t.items() if b in kept} for n, t in self.table.items()},
+                       bytes_table={n: {b: v for b, v in t.items() if b in kept} for n, t in self.bytes_table.items()},
                        target={**self.target, "bits": keep})
+
+    def is_conv(self, name: str) -> bool:
+        return len(self.layers[name].shape) == 4
+
+    def spec(self, name: str, bits: int) -> WeightSpec | None:
+        """The weight format of `name` at `bits` (None: float)."""
+        if bits == FLOAT_BITS:
+            return None
+        return (self.conv_specs if self.is_conv(name) else self.specs)[bits]
+
+    def choices(self, name: str) -> list[Choice]:
+        """`name`'s choices, smallest first."""
+        return sorted((Choice(b, self.bytes_table[name][b], loss) for b, loss in self.table[name].items()),
+                      key=lambda c: (c.bytes, c.bits))
 
 
 def candidate_layers(model: torch.nn.Module, options: MixedOptions) -> list[str]:
@@ -126,6 +149,43 @@ def candidate_layers(model: torch.nn.Module, options: MixedOptions) -> list[str]
     return out
 
 
+def candidate_convolutions(model: torch.nn.Module, options: MixedOptions, conv_specs: dict[int, WeightSpec],
+                           why_float: str | None) -> tuple[list[str], dict]:
+    """(the convolutions a plan may quantize or keep float, what stays float whatever the plan: count, bytes, why).
+
+    A candidate is a plain Conv2d (groups = 1) that edgeq quantizes (`ptq.quantizable`), when the runtime has a
+    convolution format (`conv_specs`; otherwise `why_float` says why not). A depthwise convolution stays float: XNNPACK,
+    LiteRT's CPU path, has no dynamically quantized depthwise kernel and leaves it on TFLite's hybrid one, which split
+    EfficientNet-Lite0's graph in 17 partitions (the w8 preset skips them too); a grouped one has no quantized TFLite
+    kernel."""
+    import re
+
+    from .ptq import quantizable
+
+    out, left, reasons = [], [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue
+        if options.skip and re.search(options.skip, name):
+            reason = "--skip"
+        elif quantizable(module) != "conv2d":
+            reason = "not a Conv2d edgeq quantizes"
+        elif not conv_specs:
+            reason = why_float or "no convolution format was asked for"
+        elif module.groups != 1:
+            reason = "depthwise and grouped convolutions stay float (XNNPACK has no dynamically quantized depthwise " \
+                     "kernel, TFLite no quantized grouped one)"
+        else:
+            out.append(name)
+            continue
+        left.append(module)
+        reasons.append(reason)
+    floats = {"count": len(left), "bytes": sum(m.weight.numel() * 4 for m in left)}
+    if left:
+        floats["why"] = "; ".join(dict.fromkeys(reasons))
+    return out, floats
+
+
 def spec_bytes(shape: tuple, spec: WeightSpec, act: ActSpec | None = None) -> int:
     """Stored bytes of one layer, as `qmodel.layer_bytes` counts them (integers + scales + zero points)."""
     out, numel = shape[0], math.prod(shape)
@@ -141,8 +201,10 @@ def spec_bytes(shape: tuple, spec: WeightSpec, act: ActSpec | None = None) -> in
 
 
 def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], options: MixedOptions = MixedOptions(),
-            progress=None) -> Analysis:
-    """Fold norms if `options` says so (quantize_model then folds too), then measure every candidate layer's sensitivity."""
+            progress=None, conv_specs: dict[int, WeightSpec] | None = None, conv_float_why: str | None = None) -> Analysis:
+    """Fold norms if `options` says so and BatchNorms into their convolutions (quantize_model then folds too), then
+    measure every candidate layer's sensitivity. `conv_specs`: the convolution formats (`mixed_formats.conv_bit_specs`);
+    without them convolutions stay float, `conv_float_why` says why."""
     model = bundle.module.eval()
     batches = list(calib_batches or [])
     if not batches:
@@ -153,9 +215,14 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     folded = options.folds(specs)
     if folded:
         fold_norms(model)
-    names = candidate_layers(model, options)
+    example = tuple(bundle.example_inputs or ())
+    folded_bn = fold_batchnorms(model, example) if example else {}
+    conv_specs = dict(conv_specs or {})
+    linears = candidate_layers(model, options)
+    convs, left_float = candidate_convolutions(model, options, conv_specs, conv_float_why)
+    names = [n for n, _ in model.named_modules() if n in set(linears) | set(convs)]  # in the model's order
     if not names:
-        raise EdgeqError(f"--recipe auto: {bundle.reference!r} has no Linear layer to quantize")
+        raise EdgeqError(f"--recipe auto: {bundle.reference!r} has no Linear layer or plain convolution to quantize")
     objective = Objective(bundle.is_lm)
     with torch.no_grad():
         base = mean_loss(model, batches, objective)
@@ -163,16 +230,20 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     table, bytes_table = {}, {}
     for name in names:
         w = model.get_submodule(name).weight
-        table[name] = {b: predicted_loss(sens[name], w, s) for b, s in specs.items()}
-        bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in specs.items()}
+        formats = conv_specs if name in convs else specs
+        table[name] = {b: predicted_loss(sens[name], w, s) for b, s in formats.items()}
+        bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in formats.items()}
+        if name in convs:
+            table[name][FLOAT_BITS], bytes_table[name][FLOAT_BITS] = 0.0, w.numel() * 4
     cand_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in names)
+    # the float part as quant.json's bytes_after counts it: after the folds (a folded BatchNorm leaves a bias, not
+    # its four tensors); the budget's share stays a share of the unfolded model, quant.json's bytes_before
+    float_bytes = model_float_bytes(model)
     forced = []
-    if options.outlier_kurtosis is not None:
-        forced = [n for n in names if sens[n].kurtosis > options.outlier_kurtosis]
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    return Analysis(sens, specs, table, bytes_table, fp32_bytes - cand_bytes, fp32_bytes, base, objective.name, forced,
-                    folded_norms=folded,
-                    convolutions={"count": len(convs), "bytes": sum(m.weight.numel() * 4 for m in convs)})
+    if options.outlier_kurtosis is not None:  # to the widest Linear format (a convolution's widest is float)
+        forced = [n for n in linears if sens[n].kurtosis > options.outlier_kurtosis]
+    return Analysis(sens, specs, table, bytes_table, float_bytes - cand_bytes, fp32_bytes, base, objective.name, forced,
+                    folded_norms=folded, convolutions=left_float, conv_specs=conv_specs, folded_batchnorms=folded_bn)
 
 
 def _limit(analysis: Analysis, budget: Budget | str) -> tuple[float, int]:
@@ -185,19 +256,16 @@ def _limit(analysis: Analysis, budget: Budget | str) -> tuple[float, int]:
 def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
     """Bits per layer under `budget` from an analysis (no model needed)."""
     limit, _ = _limit(analysis, budget)
-    layers = []
-    for name, s in analysis.layers.items():
-        choices = sorted((Choice(b, analysis.bytes_table[name][b], analysis.table[name][b]) for b in analysis.specs),
-                         key=lambda c: (c.bytes, c.bits))
-        layers.append(LayerOptions(name, s.params, max(s.sensitivity * s.variance, 1e-30), choices, fixed=name in analysis.forced))
+    layers = [LayerOptions(name, s.params, max(s.sensitivity * s.variance, 1e-30), analysis.choices(name),
+                           fixed=name in analysis.forced) for name, s in analysis.layers.items()]
     try:
         return allocate(layers, analysis.fixed_bytes, limit)
     except EdgeqError as exc:
         convs = analysis.convolutions
         if not convs.get("count"):
             raise
-        raise EdgeqError(f"{exc}; of the float part, {convs['count']} convolutions hold {convs['bytes']:,} bytes: auto "
-                         "plans Linear layers only (for an image model, quantize with a preset: w8a8-static, w8)") from None
+        raise EdgeqError(f"{exc}; of the float part, {convs['count']} convolution{'s' * (convs['count'] != 1)} that no "
+                         f"plan quantizes hold{'s' * (convs['count'] == 1)} {convs['bytes']:,} bytes: {convs['why']}") from None
 
 
 def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
@@ -206,7 +274,8 @@ def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
     for bits in sorted(analysis.specs, reverse=True):
         picks = {}
         for name in analysis.layers:
-            b = max(analysis.specs) if name in analysis.forced else bits
+            own = [b for b in analysis.table[name] if b != FLOAT_BITS] or [FLOAT_BITS]  # a convolution: 8 bits at any width
+            b = max(own) if name in analysis.forced else bits if bits in own else min(own)
             picks[name] = Choice(b, analysis.bytes_table[name][b], analysis.table[name][b])
         layer_bytes = sum(c.bytes for c in picks.values())
         if analysis.fixed_bytes + layer_bytes <= limit:
@@ -223,15 +292,19 @@ def build_recipe(analysis: Analysis, allocation: Allocation, options: MixedOptio
     act = (analysis.target or {}).get("activation_grid") or activation_grid(options.activation or "none", None)
     rules = []
     for layer in analysis.layers:
-        spec = analysis.specs[allocation.picks[layer].bits]
+        spec = analysis.spec(layer, allocation.picks[layer].bits)
+        if spec is None:
+            continue  # a convolution the plan keeps float: no rule decides it
         w = {k: v for k, v in spec.__dict__.items() if v is not None}
         rules.append({"match": f"^{re.escape(layer)}$", "weight": w, "activation": act, "method": options.method})
-    bits = sorted({c.bits for c in allocation.picks.values()})
+    bits = sorted({c.bits for c in allocation.picks.values() if c.bits != FLOAT_BITS})
+    floats = sum(c.bits == FLOAT_BITS for c in allocation.picks.values())
     extra = {"embedding": embedding_table(options.embedding_bits, analysis.target or {})} \
         if options.embedding_bits is not None else {}
     return QuantRecipe.from_dict({
         "name": name,
-        "description": f"auto mixed precision (bits {bits}, {allocation.details['avg_bits']:.3f} avg bits) from Fisher sensitivity x weight variance",
+        "description": f"auto mixed precision (bits {bits}{f', {floats} convolutions float' if floats else ''}, "
+                       f"{allocation.details['avg_bits']:.3f} avg bits) from Fisher sensitivity x weight variance",
         "rules": rules,
         "untie_head": False,
         "fold_norms": analysis.folded_norms,
@@ -273,12 +346,17 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
     base = None
     if analysis is None:
         specs, target_info = allowed_bit_specs(target, allowed_bits, options)
+        conv_specs, conv_why = conv_bit_specs(target_info, options, allowed_bits)
         widths = [bundle.module.get_submodule(n).in_features for n in candidate_layers(bundle.module, options)]
-        analysis = analyze(bundle, batches, fit_blocks(specs, widths, target_info), options, progress)
+        analysis = analyze(bundle, batches, fit_blocks(specs, widths, target_info), options, progress, conv_specs, conv_why)
         analysis.target = target_info
         base = analysis.base_loss  # measured on the same batches as measure_set
-    elif analysis.folded_norms:
-        fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
+    else:
+        if analysis.folded_norms:
+            fold_norms(bundle.module)  # the analysis was made on a folded model; folding twice is exact
+        unfolded = {c: n for c, n in analysis.folded_batchnorms.items()
+                     if isinstance(bundle.module.get_submodule(n), torch.nn.modules.batchnorm._BatchNorm)}
+        fold_batchnorms(bundle.module, (), unfolded)  # as the analysed model was (a second fold would not be exact)
     if options.embedding_bits is not None:
         # the table leaves the float part of the budget at its integer size (what quant.json will count)
         table = embedding_table(options.embedding_bits, analysis.target or {})
@@ -298,15 +376,15 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
         # the float loss on these batches; for non-LMs this also records the float outputs the loss compares with
         base = mean_loss(bundle.module, measure_set, objective)
     if options.measure == "layers":
-        plan_specs = {n: analysis.specs[c.bits] for n, c in allocation.picks.items()}
+        plan_specs = {n: analysis.spec(n, c.bits) for n, c in allocation.picks.items() if c.bits != FLOAT_BITS}
         alone = measure_layers(bundle.module, plan_specs, measure_set, objective, base, progress)
-    qm = quantize_model(bundle, recipe, batches, progress)
+    qm = _with_batchnorms(quantize_model(bundle, recipe, batches, progress), analysis)
     summary = qm.summary()
     measured = mean_loss(qm.model, measure_set, objective) if options.measure != "none" else None
     alternative = None
     if uniform is not None:
-        other = quantize_model(replace(bundle, module=spare), build_recipe(analysis, uniform, options, calibration=calibration),
-                               batches, progress)
+        other = _with_batchnorms(quantize_model(replace(bundle, module=spare), build_recipe(
+            analysis, uniform, options, calibration=calibration), batches, progress), analysis)
         other_loss = mean_loss(other.model, measure_set, objective)
         if other_loss < measured:
             alternative = _alternative(allocation, measured)
@@ -316,6 +394,13 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
     qm.extra["mixed"] = _record(analysis, allocation, budget, options, summary, measured, alone, base)
     if alternative is not None:
         qm.extra["mixed"]["measured_alternative"] = alternative
+    return qm
+
+
+def _with_batchnorms(qm: QuantizedModel, analysis: Analysis) -> QuantizedModel:
+    """The BatchNorms the analysis folded, which `quantize_model` found folded already, are the QDIR's folds too: a
+    directory loads by folding them again (quant.json `folded_batchnorms`)."""
+    qm.folded_batchnorms = {**analysis.folded_batchnorms, **qm.folded_batchnorms}
     return qm
 
 
@@ -337,7 +422,8 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
     for name, s in analysis.layers.items():
         c = allocation.picks[name]
         layers[name] = {
-            "bits": c.bits,
+            "bits": c.bits,  # FLOAT_BITS (32): a convolution the plan keeps float
+            **({"kind": "conv2d"} if analysis.is_conv(name) else {}),
             "closed_form_bits": round(allocation.closed_form_bits.get(name, float(c.bits)), 4),
             "forced_8bit": name in analysis.forced,
             "sensitivity": s.sensitivity,
@@ -351,12 +437,16 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
     out = {
         "budget": budget.to_dict(),
         "budget_max_bytes": _limit(analysis, budget)[0],
+        "planned_bytes": allocation.total_bytes,  # the plan's size by the analysis' accounting (= bytes_after)
         "target": analysis.target,
         "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
+        "conv_formats": {str(b): s.name for b, s in analysis.conv_specs.items()},
         "options": {k: v for k, v in options.__dict__.items()},
         "objective": analysis.objective,
-        "convolutions_left_float": analysis.convolutions,
-        "sensitivity_method": "empirical Fisher diagonal from per-token gradients (hooks), predicted loss = 0.5*sum F*(Wq-W)^2 for RTN",
+        "convolutions_left_float": analysis.convolutions,  # those no plan quantizes
+        "convolutions_kept_float": sorted(n for n, c in allocation.picks.items() if c.bits == FLOAT_BITS),
+        "sensitivity_method": "empirical Fisher diagonal from per-token gradients (hooks; a convolution's from its "
+                              "weight's gradient per batch), predicted loss = 0.5*sum F*(Wq-W)^2 for RTN",
         "allocation": {"strategy": allocation.strategy, **allocation.details},
         "avg_bits": summary["avg_bits"],
         "bytes_after": summary["bytes_after"],

@@ -107,6 +107,33 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
     return specs, info
 
 
+CONV_BITS = 8  # the one convolution weight format runtimes run: 8 bits per output channel, symmetric
+
+
+def conv_bit_specs(target_info: dict, options: MixedOptions,
+                   allowed_bits: Iterable[int] | None = None) -> tuple[dict[int, WeightSpec], str | None]:
+    """(bits -> WeightSpec a plain convolution may take, why none when empty), for the target `allowed_bit_specs`
+    described and the explicit --bits. A convolution takes 8-bit per-channel weights or stays float
+    (`mixed.FLOAT_BITS`): no runtime has blockwise convolution kernels, and the profiles list no 4-bit one. The profile
+    is asked as for Linear layers, with the same activations (an ONNX Runtime Conv runs integer kernels only with
+    static activations, which `auto` does not plan: its convolutions stay float unless --allow-fallback stores them
+    8-bit)."""
+    spec = _spec(CONV_BITS, options, "channel", None)
+    if allowed_bits is not None and CONV_BITS not in set(allowed_bits):
+        return {}, f"--bits has no {CONV_BITS} (convolutions take {CONV_BITS}-bit per-channel weights or stay float)"
+    if target_info.get("name") is None:
+        return {CONV_BITS: spec}, None
+    from ..targets import load_profile
+
+    profile = load_profile(target_info["name"])
+    runtime, act = target_info["runtime"], target_info["activation"]
+    opts = profile.weight_options(runtime, kind="conv", acts=(act,), support=tuple(target_info["support"]))
+    if any(o.bits == CONV_BITS and o.granularity == "channel" and o.dtype == "int8" for o in opts):
+        return {CONV_BITS: spec}, None
+    hint = "" if "fallback" in target_info["support"] else " (--allow-fallback stores them 8-bit, run as float)"
+    return {}, f"{runtime} runs no {CONV_BITS}-bit per-channel convolution natively with activations {act}{hint}"
+
+
 def fit_blocks(specs: dict[int, WeightSpec], widths: Iterable[int], target_info: dict) -> dict[int, WeightSpec]:
     """On a TFLite runtime, which has no short last block (the export refuses one), each grouped format takes the
     largest block size the runtime runs, up to the asked one, that divides every candidate layer's input width

@@ -136,6 +136,8 @@ def _fisher_hooks(model, names):
         def fwd(mod, args, output, name=name):
             x = args[0].detach()
             moments[name].add(x)
+            if isinstance(mod, torch.nn.modules.conv._ConvNd):
+                return  # its Fisher is its weight's gradient squared (fisher_sensitivity)
             x2 = x.reshape(-1, x.shape[-1]).float().pow(2)
 
             def grad_hook(grad, x2=x2):
@@ -156,13 +158,17 @@ def _fisher_hooks(model, names):
 
 def fisher_sensitivity(model: torch.nn.Module, names: list[str], batches: list, objective: Objective,
                        progress=None, seed: int = 0) -> dict[str, LayerSensitivity]:
-    """Fisher diagonals, weight variances and input kurtosis of the Linear layers `names`."""
+    """Fisher diagonals, weight variances and input kurtosis of the Linear and Conv2d layers `names`."""
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters()]
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     weights = [model.get_submodule(n).weight for n in names]
+    # A convolution's weight is shared by every position of its output, so its per-position gradients are not at
+    # hand as a Linear's per-token ones are: its Fisher is the squared gradient of each batch. For the Rademacher
+    # probe of a non-LM objective that is an unbiased estimate of diag J^T J; for an LM it is the batch's Fisher.
+    convs = {n for n in names if isinstance(model.get_submodule(n), torch.nn.modules.conv._ConvNd)}
     for w in weights:
         w.requires_grad_(True)
     try:
@@ -172,7 +178,10 @@ def fisher_sensitivity(model: torch.nn.Module, names: list[str], batches: list, 
                 out, factor = objective.fisher_pass(model, batch, i, gen)
                 scale[0] = factor / len(batches)
                 out.backward()
-                for w in weights:
+                for name, w in zip(names, weights):
+                    if name in convs and w.grad is not None:
+                        f = w.grad.detach().float().reshape(w.shape[0], -1).pow(2) * scale[0]
+                        acc[name] = f if acc[name] is None else acc[name] + f
                     w.grad = None
     finally:
         for p, r in zip(params, was):
