@@ -355,14 +355,19 @@ def targets(rows: dict, is_lm: bool) -> dict:
         out[f"int4_size_not_larger{tag}"] = {"edgeq_mb": int4["size_mb"], "aeq_mb": aeq4["size_mb"],
                                              "met": int4["size_mb"] <= aeq4["size_mb"]}
     key = "ppl" if is_lm else "kl_fp32"
-    w8 = rows.get(f"edgeq dynamic-int8 ({DEFAULT_RECIPES['dynamic-int8']})")
-    for name, r in rows.items():  # `--recipe auto` rows against the uniform preset and ai-edge-quantizer's dynamic file
-        if "mixed" not in r or key not in r or not w8 or key not in w8:
+    for name, r in rows.items():  # `--recipe auto` rows against the uniform preset of their variant and ai-edge-quantizer
+        preset_name = DEFAULT_RECIPES.get(r.get("variant"))
+        preset = rows.get(f"edgeq {r.get('variant')} ({preset_name})")
+        aeq = aeq_dyn if r.get("variant") in ("dynamic-int8", "int4") else aeq_static
+        if "mixed" not in r or key not in r or not preset or key not in preset:
             continue
-        entry = {"size_ratio_vs_w8": round(r["size_mb"] / w8["size_mb"], 3), f"{key}_ratio_vs_w8": round(r[key] / w8[key], 3)}
-        for peer, label in ((w8, "w8"), (aeq_dyn, "aeq_dynamic_wi8")):
+        entry = {"preset": preset_name, "size_ratio_vs_preset": round(r["size_mb"] / preset["size_mb"], 3),
+                 f"{key}_ratio_vs_preset": round(r[key] / preset[key], 3)}
+        for peer, label in ((preset, "preset"), (aeq, "aeq")):
             if peer and "latency_1t" in r and "latency_1t" in peer:
                 entry[f"latency_1t_ratio_vs_{label}"] = round(r["latency_1t"]["median_ms"] / peer["latency_1t"]["median_ms"], 3)
+        if aeq:
+            entry["aeq"] = aeq["variant"]
         out[f"mixed {name[len('edgeq '):]}"] = {**entry, "target": "report"}
     return out
 

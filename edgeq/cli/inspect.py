@@ -48,6 +48,12 @@ def inspect(target, activations, calib, as_json):
         act = f"{a['mode']}{a['bits'] if a['mode'] != 'none' else ''}"
         shape = "x".join(str(s) for s in layer["shape"][:2])
         click.echo(f"{layer['name']:<{name_w}}  {shape:>11}  {wname:<10} {act:<9} {layer['method']:<6} {layer['gamma']:>5.2f} {layer['bytes_quant']:>10}")
+    mixed = summary.get("mixed") or {}
+    kept, left = mixed.get("convolutions_kept_float") or [], mixed.get("convolutions_left_float") or {}
+    if kept or left.get("count"):  # `--recipe auto` on a CNN: the float convolutions, which the table does not list
+        click.echo(f"float: {len(kept)} convolution{'s' * (len(kept) != 1)} kept by the plan"
+                   + (f" ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})" if kept else "")
+                   + (f"; {left['count']} that no plan quantizes ({left['why']})" if left.get("count") else ""))
     tflite = summary.get("tflite")  # QDIRs saved before quant.json said so have none
     if tflite:
         held = [v for v, r in tflite["variants"].items() if r["representable"]]

@@ -23,9 +23,10 @@ from .common import check_new_output, emit_json, json_option, progress
 @click.option("--runtime", default=None,
               help="With --recipe auto: which of the target's runtimes the plan is for (default: its first, e.g. "
                    "onnxruntime-cpu; litert-xnnpack for a TFLite file).")
-@click.option("--activation", type=click.Choice(["none", "dynamic"]), default=None,
-              help="With --recipe auto: float activations, or int8 per token at run time. Default: the runtime's "
-                   "(dynamic on TFLite, whose INT4/INT8 kernels quantize them; none otherwise).")
+@click.option("--activation", type=click.Choice(["none", "dynamic", "static"]), default=None,
+              help="With --recipe auto: float activations, int8 per token at run time, or static int8 per tensor from "
+                   "calibration (a full-integer file; 8-bit weights). Default: the runtime's (dynamic on TFLite, whose "
+                   "INT4/INT8 kernels quantize them; none otherwise).")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
               help="With --recipe auto: how the chosen bits are applied (default rtn; gptq: slower, better at 4 bits).")
 @click.option("--allow-fallback", is_flag=True,

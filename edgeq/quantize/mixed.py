@@ -15,9 +15,9 @@ Linear, or a convolution, with the chosen activation mode) or from an explicit `
 candidates at those bit-widths (a tied LM head stays float and shared with the embedding). Plain convolutions
 (groups = 1) are candidates at 8 bits per channel, the one convolution format runtimes run, or float
 (`FLOAT_BITS`: their fp32 bytes, no predicted loss), so a CNN's plan chooses which convolutions stay float; BatchNorms
-are folded into them first, as `quantize_model` folds them. Depthwise and grouped convolutions stay float (XNNPACK
-has no dynamically quantized depthwise kernel, TFLite no quantized grouped one). This module never changes the
-core's byte accounting: sizes are computed exactly as quant.json.
+are folded into them first, as `quantize_model` folds them. Depthwise convolutions are candidates only with static
+activations, grouped ones never (`candidate_convolutions` says why). This module never changes the core's byte
+accounting: sizes are computed exactly as quant.json.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .transforms import fold_batchnorms, fold_norms, head_name, is_tied
 
 AUTO_RECIPE = "auto"
 MEASURE = ("none", "model", "layers")
+ACTIVATIONS = ("none", "dynamic", "static")
 FLOAT_BITS = 32  # a convolution's choice to stay float: its fp32 weight bytes, no predicted loss
 
 
@@ -52,8 +53,9 @@ class MixedOptions:
     group_size: int | None = 128  # for bits < 8; None = per channel
     symmetric: bool = True
     eight_bit_granularity: str = "channel"  # 8-bit layers: channel, or group (with group_size)
-    activation: str | None = "none"  # none (weight-only) | dynamic (int8 per token, on the fly) | None: the runtime's
-    # own (dynamic on a TFLite runtime, whose INT4 / INT8 kernels quantize activations at run time; none otherwise)
+    activation: str | None = "none"  # none (weight-only) | dynamic (int8 per token, on the fly) | static (int8 per
+    # tensor, calibrated: a full-integer file, 8-bit weights only) | None: the runtime's own (dynamic on a TFLite
+    # runtime, whose INT4 / INT8 kernels quantize activations at run time; none otherwise)
     method: str = "rtn"  # how the chosen bits are applied: rtn | gptq
     runtime: str | None = None  # the target's runtime to ask (default: its default runtime)
     allow_fallback: bool = False  # also use bit-widths the runtime runs only through a fallback
@@ -67,8 +69,8 @@ class MixedOptions:
     fold_norms: bool | None = None
 
     def __post_init__(self):
-        if self.activation not in ("none", "dynamic", None):
-            raise choice_error("mixed.activation", self.activation, ("none", "dynamic"))
+        if self.activation not in (*ACTIVATIONS, None):
+            raise choice_error("mixed.activation", self.activation, ACTIVATIONS)
         if self.method not in METHODS:
             raise choice_error("mixed.method", self.method, sorted(METHODS))
         if self.measure not in MEASURE:
@@ -154,27 +156,33 @@ def candidate_convolutions(model: torch.nn.Module, options: MixedOptions, conv_s
     """(the convolutions a plan may quantize or keep float, what stays float whatever the plan: count, bytes, why).
 
     A candidate is a plain Conv2d (groups = 1) that edgeq quantizes (`ptq.quantizable`), when the runtime has a
-    convolution format (`conv_specs`; otherwise `why_float` says why not). A depthwise convolution stays float: XNNPACK,
-    LiteRT's CPU path, has no dynamically quantized depthwise kernel and leaves it on TFLite's hybrid one, which split
-    EfficientNet-Lite0's graph in 17 partitions (the w8 preset skips them too); a grouped one has no quantized TFLite
-    kernel."""
+    convolution format (`conv_specs`; otherwise `why_float` says why not); with static activations a depthwise one
+    too, which both runtimes run on integer kernels (unless GPTQ, which takes no depthwise convolution, applies the
+    bits). With dynamic ones a depthwise convolution stays float: XNNPACK, LiteRT's CPU path, has no dynamically
+    quantized depthwise kernel and leaves it on TFLite's hybrid one, which split EfficientNet-Lite0's graph in 17
+    partitions (the w8 preset skips them too). A grouped one has no quantized TFLite kernel."""
     import re
 
-    from .ptq import quantizable
+    from .ptq import layer_kinds, quantizable
 
+    static = options.activation == "static"
     out, left, reasons = [], [], []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.modules.conv._ConvNd):
             continue
+        depthwise = quantizable(module) == "conv2d" and "depthwise" in layer_kinds(module, "conv2d")
         if options.skip and re.search(options.skip, name):
             reason = "--skip"
         elif quantizable(module) != "conv2d":
             reason = "not a Conv2d edgeq quantizes"
         elif not conv_specs:
             reason = why_float or "no convolution format was asked for"
-        elif module.groups != 1:
-            reason = "depthwise and grouped convolutions stay float (XNNPACK has no dynamically quantized depthwise " \
-                     "kernel, TFLite no quantized grouped one)"
+        elif depthwise and not static:
+            reason = "XNNPACK has no dynamically quantized depthwise kernel (static activations have one)"
+        elif depthwise and options.method != "rtn":
+            reason = f"{options.method} takes no depthwise convolution (--method rtn does)"
+        elif module.groups != 1 and not depthwise:
+            reason = "TFLite has no quantized kernel for grouped convolutions other than depthwise"
         else:
             out.append(name)
             continue

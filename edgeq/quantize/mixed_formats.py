@@ -27,11 +27,19 @@ DYNAMIC_GRID = {"mode": "dynamic", "granularity": "token"}  # `activation = "dyn
 LITERT_DYNAMIC_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
 
 
+# `activation = "static"`: the w8a8-static preset's grid, int8 per tensor from calibration (uint8 in ONNX, int8 with the
+# zero point - 128 in TFLite: the same real grid), which full-integer files hold
+STATIC_GRID = {"mode": "static", "bits": 8, "calibration": "percentile", "percentile": 99.999}
+
+
 def activation_grid(mode: str, fmt: str | None) -> dict:
-    """The activation table of every rule `auto` writes: float (`none`), or the per-token int8 grid the runtime's
-    kernels compute (LiteRT's asymmetric rows for a TFLite runtime, edgeq's symmetric ones otherwise)."""
+    """The activation table of every rule `auto` writes: float (`none`), the per-token int8 grid the runtime's
+    kernels compute (LiteRT's asymmetric rows for a TFLite runtime, edgeq's symmetric ones otherwise), or the static
+    per-tensor grid of a full-integer file."""
     if mode == "none":
         return {"mode": "none"}
+    if mode == "static":
+        return STATIC_GRID
     return LITERT_DYNAMIC_GRID if fmt == "tflite" else DYNAMIC_GRID
 
 
@@ -56,14 +64,15 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
         return specs, {"name": None, "bits": explicit, "source": "--bits",
                        "activation_grid": activation_grid(options.activation or "none", None)}
     from ..targets import load_profile
-    from ..targets.uses import onnx_dynamic_form
+    from ..targets.uses import onnx_dynamic_form, op_act
 
     profile = load_profile(target)
     support = ("native", "fallback") if options.allow_fallback else ("native",)
     rt = profile.runtime(options.runtime)
     runtime = rt.name
     mode = options.activation or ("dynamic" if rt.format == "tflite" else "none")
-    act = "fp32" if mode == "none" else "dynamic"
+    # a static grid is int8 (uint8 in ONNX) at the op; weight-only is asked as fp32 activations in both formats
+    act = op_act(mode, rt.format) if mode == "static" else "fp32" if mode == "none" else "dynamic"
     # LiteRT stores block scales in 16 bits: bf16-exact scales are what a TFLite file holds bitwise
     scale_dtype = "bf16" if rt.format == "tflite" else None
     if rt.format == "onnx" and act == "dynamic":

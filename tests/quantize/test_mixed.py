@@ -525,11 +525,14 @@ def test_auto_plans_plain_convolutions_at_8_bits_or_float(tmp_path, capsys):
     assert main(["quantize", "factories:batchnorm_cnn", "--recipe", "auto", "--target", "rpi5", "--runtime", "litert-xnnpack",
                  "--calib", str(tmp_path / "x.npy"), "--budget", "40%", "-o", str(tmp_path / "cli")]) == 0
     err = capsys.readouterr().err
-    assert "edgeq: note: --recipe auto: 1 convolution (576 B) stays float whatever the budget: depthwise" in err
+    assert ("edgeq: note: --recipe auto: 1 convolution (576 B) stays float whatever the budget: XNNPACK has no "
+            "dynamically quantized depthwise kernel") in err
     m = json.loads((tmp_path / "cli" / "quant.json").read_text())["mixed"]
     kept = m["convolutions_kept_float"]
     assert kept == sorted(n for n, e in m["layers"].items() if e["bits"] == 32)
     assert (f"the plan keeps {len(kept)} convolution" in err) is bool(kept)
+    assert main(["inspect", str(tmp_path / "cli")]) == 0
+    assert f"float: {len(kept)} convolution" in capsys.readouterr().out  # the table lists quantized layers only
 
 
 def test_a_convolution_s_fisher_predicts_its_measured_loss():
@@ -567,6 +570,32 @@ def test_measuring_each_layer_alone_skips_the_convolutions_kept_float(tmp_path):
     layers = qm.extra["mixed"]["layers"]
     kept = {n for n, e in layers.items() if e["bits"] == 32}
     assert kept and all(("measured_loss" in e) is (n not in kept) for n, e in layers.items())
+
+
+@pytest.mark.parametrize("runtime, fmt", [("litert-xnnpack", "tflite"), ("onnxruntime-cpu", "onnx")])
+def test_static_activations_plan_a_full_integer_cnn_with_its_depthwise_convolutions(tmp_path, runtime, fmt):
+    """With `--activation static` every layer takes the w8a8-static grid and depthwise convolutions are candidates too
+    (XNNPACK and ONNX Runtime run them on int8 kernels): the file is full integer and holds edgeq's grids. ONNX
+    Runtime, which runs no weight-only convolution natively, gets its convolutions planned this way."""
+    from edgeq.export import export
+    from edgeq.models import load_model
+
+    x = torch.from_numpy(np.load(_images(tmp_path)))
+    batches = [(x[i : i + 1],) for i in range(8)]
+    options = MixedOptions(runtime=runtime, activation="static", measure="none")
+    qm = auto_quantize(load_model("factories:batchnorm_cnn"), "rpi5", "45%", batches, options=options)
+    m = qm.extra["mixed"]
+    assert set(m["layers"]) == {"stem", "dw", "pw", "head", "fc"} and m["convolutions_left_float"]["count"] == 0
+    assert m["convolutions_kept_float"]  # the budget leaves room for some
+    assert {d.activation.mode for d in (layer.decision for layer in qm.layers().values())} == {"static"}
+    qm.save(tmp_path / "q")
+    meta = export(tmp_path / "q", fmt, tmp_path / f"m.{fmt}")
+    assert meta["variant"] == "int8" and meta["exact"] is True and meta["parity"]["cos_min"] > 0.99
+
+    gptq = auto_quantize(load_model("factories:batchnorm_cnn"), "rpi5", "45%", batches,
+                         options=replace(options, method="gptq"))
+    left = gptq.extra["mixed"]["convolutions_left_float"]
+    assert left["count"] == 1 and left["why"] == "gptq takes no depthwise convolution (--method rtn does)"
 
 
 def test_bits_without_8_leave_convolutions_float():
