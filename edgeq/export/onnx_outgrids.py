@@ -17,6 +17,12 @@ quantize_static quantizes every tensor and edgeq's TFLite int8 files requantize 
 - `global_pools`: a mean over a dequantized tensor's spatial axes (torch's `x.mean((2, 3))`, ReduceMean) becomes
   GlobalAveragePool, which ORT fuses with its QDQ into QLinearGlobalAveragePool; it fuses no QDQ ReduceMean
   (measured, ORT 1.32: EfficientNet-Lite0's pooling ran as DequantizeLinear + float ReduceMean + QuantizeLinear).
+A float Conv / ConvTranspose / Gemm (a layer the recipe leaves float) never reads a dequantized tensor here: ONNX
+Runtime's WeightBiasQuantization (a level-1 optimization, so also at every session's load) quantizes the float
+weight of such a layer to one int8 scale per tensor when it reads a DequantizeLinear (through a Pad it fuses in
+first) and its output goes to a QuantizeLinear: a layer `--recipe auto` kept float became a per-tensor int8 one (EfficientNet-Lite0, static plan
+at 30%: 4 of 23; ORT 1.32). Such a layer reads the float tensor, as in the simulation.
+
 It is a departure from the simulation, which FILE.json's `parity` measures and `output_grids` records.
 """
 
@@ -46,7 +52,7 @@ def outputs_needing_grids(model: onnx.ModelProto) -> dict[str, bool]:
     found = {}
     for node, x in units:
         t, readers = output_readers(g, node, graph_outputs)
-        if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" for r in readers):
+        if t in graph_outputs or not readers or all(r.op_type == "QuantizeLinear" or float_layer(g, r) for r in readers):
             continue
         zero = g.inits.get(x.input[2]) if len(x.input) > 2 else None
         found[t] = zero is not None and zero.data_type == TensorProto.INT8
@@ -89,7 +95,8 @@ def insert(model: onnx.ModelProto, grids: dict[str, tuple[np.ndarray, np.ndarray
         s, z = g.add_init(scale, f"{t}.output_scale"), g.add_init(zero_point, f"{t}.output_zero_point")
         q, dq = g.unique(f"{t}.output_q"), g.unique(f"{t}.output_dq")
         for node, i in g.consumers.get(t, []):
-            node.input[i] = dq
+            if not float_layer(g, node):
+                node.input[i] = dq
         g.emit_after_producer(t, [helper.make_node("QuantizeLinear", [t, s, z], [q], name=g.unique(f"{t}/output_q")),
                                   helper.make_node("DequantizeLinear", [q, s, z], [dq], name=g.unique(f"{t}/output_dq"))])
     g.commit()
@@ -138,7 +145,7 @@ def share_quantized(model: onnx.ModelProto) -> int:
         if producer is None or producer.op_type in ("QuantizeLinear", "DequantizeLinear") or t in graph_outputs:
             continue
         grids = [node for node, i in uses if node.op_type == "QuantizeLinear" and i == 0 and _per_tensor(g, node)]
-        others = [(node, i) for node, i in uses if node.op_type != "QuantizeLinear"]
+        others = [(node, i) for node, i in uses if node.op_type != "QuantizeLinear" and not float_layer(g, node)]
         if not grids or not others:
             continue
         q = max(grids, key=lambda n: _grid_range(g, n))
@@ -150,6 +157,19 @@ def share_quantized(model: onnx.ModelProto) -> int:
         shared += 1
     g.commit()
     return shared
+
+
+def float_layer(g: Graph, node) -> bool:
+    """A Conv / ConvTranspose / Gemm whose weight no DequantizeLinear gives: a layer left float, which ONNX Runtime
+    would quantize per tensor if it read a dequantized tensor (module docstring); or a Pad only such layers read, which
+    ONNX Runtime fuses into them first (EfficientNet's TF-style "same" padding)."""
+    if node.op_type == "Pad":
+        readers = g.consumers.get(node.output[0], [])
+        return bool(readers) and all(float_layer(g, r) for r, _ in readers)
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
+        return False
+    weight = g.producer.get(node.input[1])
+    return weight is None or weight.op_type != "DequantizeLinear"
 
 
 def _per_tensor(g: Graph, q) -> bool:

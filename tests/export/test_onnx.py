@@ -623,6 +623,41 @@ def test_output_grids_make_residual_adds_and_pooling_integer(tmp_path):
     assert convs.get("act=fp32 w=int8/channel", 0) > 0, convs
 
 
+FLOAT_CONVS = """description = "INT8 weights and static INT8 activations, the depthwise convolutions left float"
+[[rules]]
+match = 'blocks\\.[01]\\.dw$'
+skip = true
+[[rules]]
+match = ".*"
+weight = { bits = 8, symmetric = true, granularity = "channel" }
+activation = { mode = "static", bits = 8, calibration = "percentile", percentile = 99.999 }
+"""
+
+
+def test_output_grids_leave_float_convolutions_float(tmp_path):
+    """A convolution the recipe leaves float (as `--recipe auto` keeps some) between quantized ones: ONNX Runtime's
+    WeightBiasQuantization quantizes the float weight of a Conv that reads a DequantizeLinear and writes to a
+    QuantizeLinear to one int8 scale per tensor, at every session's load. With output grids such a Conv reads the float
+    tensor instead, so ORT keeps it float: the file computes what the recipe decided."""
+    from edgeq.targets import check
+
+    qdir = _quantize("tests.export.onnx_cnn:residual_cnn", FLOAT_CONVS, tmp_path, source="images")
+    out = tmp_path / "grids.onnx"
+    meta = export(qdir, "onnx", out, output_grids=True, calib_samples=4)
+    assert len(meta["layers"]) == 6 and all(c["exact"] for c in meta["layers"])
+    so_path = tmp_path / "optimized.onnx"
+    ops = _fused_ops(out, tmp_path, {})
+    optimized = onnx.load(str(so_path))
+    weights = {n.input[1] for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv")}
+    floats = {t.name for t in optimized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert len(weights & floats) == 2, (weights, dict(ops))  # the two float Convs kept their float weights
+    assert not [n for n in optimized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in floats & weights]
+    assert ops["QLinearConv"] <= 5, dict(ops)  # never more integer Convs than the recipe quantized
+    rows = [r for r in check(out, "rpi5", runtime="onnxruntime-cpu").rows if r.op == "Conv"]
+    assert not [r for r in rows if "int32" in r.signature], rows  # no bias-as-weight unit ORT would have made
+    assert meta["parity"]["cos_min"] >= 0.99, meta["parity"]
+
+
 @pytest.mark.parametrize("model, recipe, options", [
     ("batchnorm_cnn", "w8a8", {}),
     ("residual_cnn", "w8a8", {}),
