@@ -10,7 +10,9 @@ Rows (every file run in ONNX Runtime, CPU execution provider):
 - edgeq w8 (`dynamic-int8`);
 - ORT quantize_static on the fp32 file after quant_pre_process (which folds the norms): QDQ, per-channel int8
   weights, uint8 activations, MinMax, every op it quantizes by default; calibrated on the same images as edgeq;
-- ORT quantize_dynamic (per-channel; ConvInteger for convs).
+- ORT quantize_dynamic (per-channel; ConvInteger for convs);
+- `--qdir`: existing QDIRs (e.g. `edgeq quantize --recipe auto --activation static`), each exported as its recipe's
+  default variant with `output_grids=True` and `int8_weights="int8"`, rows named by the directory.
 Quality: top-1 agreement with fp32 and mean KL(fp32 || file) on `--eval` held-back crops of the bundled photos.
 Latency: one image, at 1 and 2 threads, the files interleaved round-robin, median of `--reps` after 5 warm-ups,
 with `session.intra_op.allow_spinning=0` (the other sessions' idle threads would spin on the same cores).
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration images (both quantizers)")
     ap.add_argument("--eval", type=int, default=64, help="held-back evaluation images")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--qdir", nargs="+", default=[], help="existing QDIRs, exported with output grids and int8 weights")
     args = ap.parse_args()
     command = " ".join([".venv/bin/python tools/bench_onnx_cnn.py"] + sys.argv[1:])
     work = Path(args.work)
@@ -154,6 +157,14 @@ def main() -> None:
             return export(qdir, "onnx", files[key], **opts)
 
         timed(key, "edgeq", ", ".join([f"recipe {recipe}"] + [f"{k}={v}" for k, v in opts.items()]), run)
+
+    for qdir in map(Path, args.qdir):
+        key = f"edgeq {qdir.name} output grids int8 weights"
+        files[key] = work / f"{qdir.name}.onnx"
+        recipe = json.loads((qdir / "quant.json").read_text())["recipe"]
+        timed(key, "edgeq", f"recipe {recipe} ({qdir}), output_grids=True, int8_weights=int8",
+              lambda qdir=qdir, key=key: export(qdir, "onnx", files[key], **grids, int8_weights="int8"))
+        rows[key]["qdir"] = str(qdir)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
