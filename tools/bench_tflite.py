@@ -406,7 +406,7 @@ def markdown(result: dict, is_lm: bool) -> str:
             m = r["mixed"]
             lines += ["", f"{name}: `edgeq quantize --recipe auto` for {m['target'].get('name')} / {m['target'].get('runtime')} "
                       f"at a budget of {m['budget'].get('text', m['budget'])}: {m['avg_bits']} avg bits, quantized layers by "
-                      f"bits {m['layers_by_bits']}, {m.get('convolutions_kept_float', 0)} plain convolutions kept float by the "
+                      f"bits {m['layers_by_bits']}, {m.get('convolutions_kept_float', 0)} convolutions kept float by the "
                       f"plan; its loss increase on the calibration inputs (PyTorch) {m.get('measured_loss_increase')}."]
     lines += ["", "## Targets", ""]
     for k, v in result["targets"].items():

@@ -20,8 +20,9 @@ quantize_static quantizes every tensor and edgeq's TFLite int8 files requantize 
 A float Conv / ConvTranspose / Gemm (a layer the recipe leaves float) never reads a dequantized tensor here: ONNX
 Runtime's WeightBiasQuantization (a level-1 optimization, so also at every session's load) quantizes the float
 weight of such a layer to one int8 scale per tensor when it reads a DequantizeLinear (through a Pad it fuses in
-first) and its output goes to a QuantizeLinear: a layer `--recipe auto` kept float became a per-tensor int8 one (EfficientNet-Lite0, static plan
-at 30%: 4 of 23; ORT 1.32). Such a layer reads the float tensor, as in the simulation.
+first) and its output goes to a QuantizeLinear. Layers `--recipe auto` kept float became per-tensor int8 ones
+(EfficientNet-Lite0, static plan at 30%: 4 of 23; ORT 1.32). Such a layer reads the float tensor, as in the
+simulation.
 
 It is a departure from the simulation, which FILE.json's `parity` measures and `output_grids` records.
 """

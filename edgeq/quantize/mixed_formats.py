@@ -125,8 +125,8 @@ def conv_bit_specs(target_info: dict, options: MixedOptions,
     described and the explicit --bits. A convolution takes 8-bit per-channel weights or stays float
     (`mixed.FLOAT_BITS`): no runtime has blockwise convolution kernels, and the profiles list no 4-bit one. The profile
     is asked as for Linear layers, with the same activations (an ONNX Runtime Conv runs integer kernels only with
-    static activations, which `auto` does not plan: its convolutions stay float unless --allow-fallback stores them
-    8-bit)."""
+    static activations: without `--activation static` its convolutions stay float unless --allow-fallback stores
+    them 8-bit)."""
     spec = _spec(CONV_BITS, options, "channel", None)
     if allowed_bits is not None and CONV_BITS not in set(allowed_bits):
         return {}, f"--bits has no {CONV_BITS} (convolutions take {CONV_BITS}-bit per-channel weights or stay float)"
