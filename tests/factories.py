@@ -56,6 +56,26 @@ def batchnorm_cnn():
     return BatchNormCNN().eval(), (torch.zeros(1, 3, 16, 16),)
 
 
+class OddWidthCNN(torch.nn.Module):
+    """A head of linear layers 8, 96 and 100 wide: LiteRT's INT4 blocks (32 to 256) divide only the 96."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = torch.nn.Linear(8, 96)
+        self.fc2 = torch.nn.Linear(96, 100)
+        self.fc3 = torch.nn.Linear(100, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x)).mean((2, 3))
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def odd_width_cnn():
+    torch.manual_seed(0)
+    return OddWidthCNN().eval(), (torch.zeros(1, 3, 16, 16),)
+
+
 class UniformLM(torch.nn.Module):
     """Predicts the uniform distribution over `vocab` tokens: its perplexity is exactly `vocab`."""
 

@@ -124,14 +124,25 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
     from edgeq.recipe import load_recipe
 
     row: dict = {}
-    qdir = work / f"{model_dir.name}-{recipe}"
+    qdir = work / f"{model_dir.name}-{recipe.replace(':', '-').replace('%', 'pc')}"
     try:
-        bundle, r = load_model(str(model_dir)), load_recipe(recipe)
-        row["kind"] = bundle.kind
-        # a QDIR of an earlier run is reused only if made with the recipe as it is now (a preset may have changed)
-        if not qdir.exists() or load_recipe(qdir / "recipe.toml").to_dict() != r.to_dict():
-            batches = calibration_batches(bundle, None, 4, 64) if r.needs_calibration else None
-            quantize_model(bundle, r, batches).save(qdir, overwrite=True)
+        if recipe.startswith("auto:"):  # auto:BUDGET:ACTIVATION, `--recipe auto` for rpi5's LiteRT runtime
+            from edgeq.quantize.mixed import MixedOptions, auto_quantize
+
+            _, budget, activation = recipe.split(":")
+            bundle = load_model(str(model_dir))
+            row["kind"] = bundle.kind
+            options = MixedOptions(runtime="litert-xnnpack", activation=activation)
+            qm = auto_quantize(bundle, "rpi5", budget, calibration_batches(bundle, None, 4, 64, batch_size=1), options=options)
+            qm.save(qdir, overwrite=True)
+            row["convolutions_kept_float"] = len(qm.extra["mixed"]["convolutions_kept_float"])
+        else:
+            bundle, r = load_model(str(model_dir)), load_recipe(recipe)
+            row["kind"] = bundle.kind
+            # a QDIR of an earlier run is reused only if made with the recipe as it is now (a preset may have changed)
+            if not qdir.exists() or load_recipe(qdir / "recipe.toml").to_dict() != r.to_dict():
+                batches = calibration_batches(bundle, None, 4, 64) if r.needs_calibration else None
+                quantize_model(bundle, r, batches).save(qdir, overwrite=True)
     except Exception as exc:  # a finding, not a crash of the check
         row["error"] = f"quantize: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return row
@@ -187,7 +198,8 @@ def main(tool: str = "check_decoder_families.py", make_configs=configs, auto: st
     ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--work", default=f"/tmp/edgeq-check-{kind}")
     ap.add_argument("--families", nargs="+", default=None, help="default: all")
-    ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static", "w4-g64-litert"])
+    ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static", "w4-g64-litert"],
+                    help="presets or recipe files; auto:BUDGET:ACTIVATION is --recipe auto for rpi5's LiteRT runtime")
     args = ap.parse_args()
     command = " ".join([f".venv/bin/python tools/{tool}"] + sys.argv[1:])
     from edgeq.models import load_model
@@ -248,7 +260,8 @@ def table(result: dict) -> list[str]:
             continue
         sim = row["simulation_vs_float"]
         top1 = "" if sim["top1_agree"] is None else f" / {sim['top1_agree']:.3f}"
-        lines.append(f"| {family} | {recipe} | {row['quantized_layers']} | {sim['cos']:.4f}{top1} | "
+        floats = f" ({row['convolutions_kept_float']} convs kept float)" if "convolutions_kept_float" in row else ""
+        lines.append(f"| {family} | {recipe} | {row['quantized_layers']}{floats} | {sim['cos']:.4f}{top1} | "
                      f"{_cell(row.get('tflite'))} | {_cell(row.get('onnx'))} |")
     return lines
 

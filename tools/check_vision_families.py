@@ -6,7 +6,8 @@ The image side of tools/check_decoder_families.py (same check, same table): smal
 (BatchNorm statistics and norm gains drawn away from their initial values, so a norm folded in the wrong form shows),
 saved as local Hugging Face directories and loaded as users' are (`AutoModelForImageClassification`, inputs as the
 directory's preprocessor says: none here, so 3 x image_size, mean = std = 0.5), each quantized with every --recipe on
-the bundled photos and exported to TFLite and ONNX. The families are the backbones edge vision models are built on:
+the bundled photos (`auto:BUDGET:ACTIVATION`: `--recipe auto --target rpi5 --runtime litert-xnnpack`) and exported to
+TFLite and ONNX. The families are the backbones edge vision models are built on:
 ResNet, RegNet (grouped convs), MobileNet v1 / v2, EfficientNet (depthwise, squeeze-excite), ConvNeXt (channels-first
 LayerNorm, layer scale), ViT, DeiT, Swin, MobileViT, LeViT. sim vs float: the quantized model's logits against the
 float model's on 8 random images (cosine; top-1 agreement). Writes OUT.json and OUT.md (command at the top). Never
@@ -96,7 +97,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--work", default="/tmp/edgeq-check-vision")
     ap.add_argument("--families", nargs="+", default=None, help="default: all")
-    ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static"])
+    ap.add_argument("--recipe", nargs="+", default=["w8", "w8a8-static"],
+                    help="presets or recipe files; auto:BUDGET:ACTIVATION (e.g. auto:40%%:static) is --recipe auto for "
+                         "rpi5's LiteRT runtime at that budget")
     args = ap.parse_args()
     command = " ".join([".venv/bin/python tools/check_vision_families.py"] + sys.argv[1:])
     check_decoder_families.float_agreement = float_agreement  # `check` measures the simulation on images here

@@ -105,6 +105,7 @@ class Analysis:
     convolutions: dict = field(default_factory=dict)  # the convolutions that stay float whatever the plan: count, bytes, why
     conv_specs: dict[int, WeightSpec] = field(default_factory=dict)  # bits -> weight format of a candidate convolution
     folded_batchnorms: dict = field(default_factory=dict)  # conv -> BatchNorm folded into it before the analysis
+    layer_specs: dict = field(default_factory=dict)  # layer -> bits -> its own format, or None (`fit_blocks`)
 
     def restrict(self, bits: Iterable[int]) -> "Analysis":
         """The same analysis with fewer candidate bit-widths (e.g. another target's set)."""
@@ -114,6 +115,7 @@ class Analysis:
         kept = set(keep) | {FLOAT_BITS}
         return replace(self, specs={b: self.specs[b] for b in keep},
                        conv_specs={b: s for b, s in self.conv_specs.items() if b in kept},
+                       layer_specs={n: {b: s for b, s in t.items() if b in kept} for n, t in self.layer_specs.items()},
                        table={n: {b: v for b, v in t.items() if b in kept} for n, t in self.table.items()},
                        bytes_table={n: {b: v for b, v in t.items() if b in kept} for n, t in self.bytes_table.items()},
                        target={**self.target, "bits": keep})
@@ -125,7 +127,10 @@ class Analysis:
         """The weight format of `name` at `bits` (None: float)."""
         if bits == FLOAT_BITS:
             return None
-        return (self.conv_specs if self.is_conv(name) else self.specs)[bits]
+        if self.is_conv(name):
+            return self.conv_specs[bits]
+        own = self.layer_specs.get(name, {})
+        return own[bits] if bits in own else self.specs[bits]
 
     def choices(self, name: str) -> list[Choice]:
         """`name`'s choices, smallest first."""
@@ -209,10 +214,12 @@ def spec_bytes(shape: tuple, spec: WeightSpec, act: ActSpec | None = None) -> in
 
 
 def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], options: MixedOptions = MixedOptions(),
-            progress=None, conv_specs: dict[int, WeightSpec] | None = None, conv_float_why: str | None = None) -> Analysis:
+            progress=None, conv_specs: dict[int, WeightSpec] | None = None, conv_float_why: str | None = None,
+            layer_specs: dict | None = None) -> Analysis:
     """Fold norms if `options` says so and BatchNorms into their convolutions (quantize_model then folds too), then
     measure every candidate layer's sensitivity. `conv_specs`: the convolution formats (`mixed_formats.conv_bit_specs`);
-    without them convolutions stay float, `conv_float_why` says why."""
+    without them convolutions stay float, `conv_float_why` says why. `layer_specs`: Linear layers' own formats where
+    `specs`' do not fit them (`mixed_formats.fit_blocks`; None: that bit-width is not theirs)."""
     model = bundle.module.eval()
     batches = list(calib_batches or [])
     if not batches:
@@ -236,9 +243,14 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
         base = mean_loss(model, batches, objective)
     sens = fisher_sensitivity(model, names, batches, objective, progress)
     table, bytes_table = {}, {}
+    layer_specs = dict(layer_specs or {})
     for name in names:
         w = model.get_submodule(name).weight
-        formats = conv_specs if name in convs else specs
+        formats = conv_specs if name in convs else {
+            b: s for b, s in {**specs, **layer_specs.get(name, {})}.items() if s is not None}
+        if not formats:
+            raise EdgeqError(f"--recipe auto: layer {name} (input width {w.shape[1]}) has no format among the allowed "
+                             f"bit-widths {sorted(specs)} on this runtime; allow 8 (--bits)")
         table[name] = {b: predicted_loss(sens[name], w, s) for b, s in formats.items()}
         bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in formats.items()}
         if name in convs:
@@ -251,7 +263,8 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     if options.outlier_kurtosis is not None:  # to the widest Linear format (a convolution's widest is float)
         forced = [n for n in linears if sens[n].kurtosis > options.outlier_kurtosis]
     return Analysis(sens, specs, table, bytes_table, float_bytes - cand_bytes, fp32_bytes, base, objective.name, forced,
-                    folded_norms=folded, convolutions=left_float, conv_specs=conv_specs, folded_batchnorms=folded_bn)
+                    folded_norms=folded, convolutions=left_float, conv_specs=conv_specs, folded_batchnorms=folded_bn,
+                    layer_specs=layer_specs)
 
 
 def _limit(analysis: Analysis, budget: Budget | str) -> tuple[float, int]:
@@ -355,8 +368,9 @@ def auto_quantize(bundle: ModelBundle, target: str | None, budget: str | Budget,
     if analysis is None:
         specs, target_info = allowed_bit_specs(target, allowed_bits, options)
         conv_specs, conv_why = conv_bit_specs(target_info, options, allowed_bits)
-        widths = [bundle.module.get_submodule(n).in_features for n in candidate_layers(bundle.module, options)]
-        analysis = analyze(bundle, batches, fit_blocks(specs, widths, target_info), options, progress, conv_specs, conv_why)
+        widths = {n: bundle.module.get_submodule(n).in_features for n in candidate_layers(bundle.module, options)}
+        specs, layer_specs = fit_blocks(specs, widths, target_info)
+        analysis = analyze(bundle, batches, specs, options, progress, conv_specs, conv_why, layer_specs)
         analysis.target = target_info
         base = analysis.base_loss  # measured on the same batches as measure_set
     else:
@@ -449,6 +463,7 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
         "target": analysis.target,
         "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
         "conv_formats": {str(b): s.name for b, s in analysis.conv_specs.items()},
+        "layer_formats": {n: {str(b): s.name if s else None for b, s in t.items()} for n, t in analysis.layer_specs.items()},
         "options": {k: v for k, v in options.__dict__.items()},
         "objective": analysis.objective,
         "convolutions_left_float": analysis.convolutions,  # those no plan quantizes

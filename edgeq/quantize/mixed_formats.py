@@ -84,7 +84,7 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
                              == "float" else "dynamic")]
     else:
         opts = profile.weight_options(runtime, kind="linear", acts=(act,), support=support)
-    specs, blocks = {}, {}
+    specs, blocks, channels = {}, {}, {}
     for bits in sorted({o.bits for o in opts}):
         if explicit is not None and bits not in explicit:
             continue
@@ -94,6 +94,7 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
             continue
         grans = {(o.granularity, o.group_size) for o in mine}
         blocks[bits] = sorted(s for g, s in grans if g == "group")
+        channels[bits] = ("channel", None) in grans
         prefer_group = bits < 8 or options.eight_bit_granularity == "group"
         if prefer_group and gs is not None and ("group", gs) in grans:
             specs[bits] = _spec(bits, options, "group", gs, scale_dtype)
@@ -112,7 +113,8 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
                          f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
     info = {"name": profile.name, "runtime": runtime, "format": rt.format, "activation": act,
             "activation_grid": activation_grid(mode, rt.format), "support": list(support), "bits": sorted(specs),
-            "block_sizes": {b: blocks[b] for b in specs}, "source": profile.path}
+            "block_sizes": {b: blocks[b] for b in specs}, "channel_bits": [b for b in specs if channels[b]],
+            "source": profile.path}
     return specs, info
 
 
@@ -143,24 +145,31 @@ def conv_bit_specs(target_info: dict, options: MixedOptions,
     return {}, f"{runtime} runs no {CONV_BITS}-bit per-channel convolution natively with activations {act}{hint}"
 
 
-def fit_blocks(specs: dict[int, WeightSpec], widths: Iterable[int], target_info: dict) -> dict[int, WeightSpec]:
+def fit_blocks(specs: dict[int, WeightSpec], widths: dict[str, int],
+               target_info: dict) -> tuple[dict[int, WeightSpec], dict[str, dict[int, WeightSpec | None]]]:
     """On a TFLite runtime, which has no short last block (the export refuses one), each grouped format takes the
     largest block size the runtime runs, up to the asked one, that divides every candidate layer's input width
-    (SmolLM2's 576 and 1536: 64, not 128). Other runtimes pad the last block: `specs` as they are."""
+    (SmolLM2's 576 and 1536: 64, not 128). Where none divides them all (MobileViT's 144-wide layers, a small model's
+    16-wide ones), the format takes the block size that divides the most widths, and each other layer its own: the
+    largest block dividing its width, else one scale per row where the runtime runs that (LiteRT: INT4 per channel),
+    else no format of that bit-width. Returns (the formats, {layer: {bits: its own format, or None}}). Other runtimes
+    pad the last block: `specs` as they are."""
     if target_info.get("format") != "tflite":
-        return specs
-    widths = sorted(set(widths))
-    out = dict(specs)
+        return specs, {}
+    out, own = dict(specs), {}
     for bits, spec in specs.items():
-        if spec.granularity != "group" or all(w % spec.group_size == 0 for w in widths):
+        if spec.granularity != "group" or all(w % spec.group_size == 0 for w in widths.values()):
             continue
-        fits = [b for b in target_info["block_sizes"].get(bits, []) if b <= spec.group_size and all(w % b == 0 for w in widths)]
-        if not fits:
-            raise EdgeqError(f"--recipe auto: no {bits}-bit block size {target_info['runtime']} runs divides every layer's "
-                             f"input width ({', '.join(map(str, widths))}), and LiteRT has no short last block; "
-                             f"leave {bits} out of --bits")
-        out[bits] = replace(spec, group_size=max(fits))
-    return out
+        sizes = [b for b in target_info["block_sizes"].get(bits, []) if b <= spec.group_size] or [spec.group_size]
+        common = max(sizes, key=lambda b: (sum(w % b == 0 for w in widths.values()), b))
+        out[bits] = replace(spec, group_size=common)
+        per_row = replace(spec, granularity="channel", group_size=None, scale_dtype="fp32") \
+            if bits in target_info.get("channel_bits", ()) else None
+        for name, width in widths.items():
+            if width % common:
+                fits = [b for b in sizes if width % b == 0]
+                own.setdefault(name, {})[bits] = replace(spec, group_size=max(fits)) if fits else per_row
+    return out, own
 
 
 def _spec(bits: int, options: MixedOptions, granularity: str, group_size: int | None,

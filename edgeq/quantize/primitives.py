@@ -72,10 +72,17 @@ def expand_groups(p: torch.Tensor, in_features: int, group_size: int | None) -> 
     return p.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
+FP16_NORMAL = (2.0**-14, 65280.0)  # the magnitudes fp16 holds with bf16's precision: its least normal, the largest bf16 <= 65504
+
+
 def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    """Make scales exactly representable where a runtime stores them narrower than fp32."""
+    """Make scales exactly representable where a runtime stores them narrower than fp32. `bf16` is LiteRT's INT4 block
+    scale: fp16 storage holding bf16 values, so bf16 precision within fp16's normal range. A smaller magnitude would
+    lose bits as an fp16 subnormal (a group of weights near zero: ConvNeXt's pwconv2 under an untrained 1e-6 layer
+    scale); its scale is raised to 2^-14, which only coarsens a grid whose values are that small."""
     if scale_dtype == "bf16":
-        return scale.to(torch.bfloat16).to(torch.float32)
+        magnitude = scale.abs().clamp(*FP16_NORMAL)
+        return torch.where(scale < 0, -magnitude, magnitude).to(torch.bfloat16).to(torch.float32)
     return scale.to(torch.float32)
 
 

@@ -31,6 +31,7 @@ from .primitives import (
     expand_groups,
     fake_quant_act,
     qrange,
+    round_scale,
     round_ste,
     storage_dtype,
 )
@@ -51,7 +52,7 @@ def scale_ste(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     """Positive scales, rounded to what the file stores (bf16) in the forward, straight-through in the backward."""
     s = scale.clamp_min(1e-12)
     if scale_dtype == "bf16":
-        return s.to(torch.bfloat16).to(torch.float32).detach() + (s - s.detach())
+        return round_scale(s, "bf16").detach() + (s - s.detach())
     return s
 
 

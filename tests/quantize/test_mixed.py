@@ -283,10 +283,9 @@ def test_a_tflite_runtime_plan_holds_litert_grids():
         quantize_auto("no-such-model", target="rpi5", budget="5bits", options=replace(opts, embedding_bits=6))
     from edgeq.quantize.mixed import fit_blocks
 
-    assert fit_blocks(specs, [576, 1536], info)[4].group_size == 64  # SmolLM2: LiteRT has no short last block
-    assert fit_blocks(specs, [128, 512], info) == specs
-    with pytest.raises(EdgeqError, match="no 4-bit block size litert-xnnpack runs divides every layer's input width"):
-        fit_blocks(specs, [576, 100], info)
+    formats, own = fit_blocks(specs, {"a": 576, "b": 1536}, info)
+    assert formats[4].group_size == 64 and own == {}  # SmolLM2: LiteRT has no short last block
+    assert fit_blocks(specs, {"a": 128, "b": 512}, info) == (specs, {})
     onnx_plan = allowed_bit_specs("rpi5", None, MixedOptions(activation=None, measure="none"))
     assert onnx_plan[1]["runtime"] == "onnxruntime-cpu" and onnx_plan[1]["activation_grid"] == {"mode": "none"}
     with pytest.raises(EdgeqError, match="runs no signed Linear weight format natively with activations fp32 .*"
@@ -596,6 +595,34 @@ def test_static_activations_plan_a_full_integer_cnn_with_its_depthwise_convoluti
                          options=replace(options, method="gptq"))
     left = gptq.extra["mixed"]["convolutions_left_float"]
     assert left["count"] == 1 and left["why"] == "gptq takes no depthwise convolution (--method rtn does)"
+
+
+def test_layers_no_common_block_fits_take_their_own_litert_format(tmp_path):
+    """On a TFLite runtime a layer whose input width the plan's INT4 block does not divide (LiteRT has no short last
+    block) takes the largest block that divides it, else INT4 per row, which LiteRT runs too; before, the whole plan
+    was refused when no block size divided every width (ConvNeXt, Swin, MobileViT and LeViT in
+    benchmarks/vision_families.md). The file holds every layer's integers as planned."""
+    from edgeq.export import export
+    from edgeq.models import load_model
+    from edgeq.quantize.mixed_formats import fit_blocks
+
+    opts = MixedOptions(runtime="litert-xnnpack", activation=None, measure="none")
+    specs, info = allowed_bit_specs("rpi5", None, opts)
+    formats, own = fit_blocks(specs, {"a": 576, "b": 100, "c": 96, "d": 160}, info)
+    assert formats[4].group_size == 32 and formats[8] == specs[8]  # 32 divides the most widths (576, 96, 160)
+    assert own == {"b": {4: replace(specs[4], granularity="channel", group_size=None, scale_dtype="fp32")}}
+
+    x = torch.from_numpy(np.load(_images(tmp_path)))
+    qm = auto_quantize(load_model("factories:odd_width_cnn"), "rpi5", "50%", [(x[i : i + 1],) for i in range(8)],
+                       allowed_bits=[4], options=opts)  # every Linear at 4 bits
+    m = qm.extra["mixed"]
+    assert m["layer_formats"] == {"fc1": {"4": "w4s-c"}, "fc3": {"4": "w4s-c"}}
+    layers = {e["name"]: e["weight"] for e in qm.summary()["layers"]}
+    assert {n: (w["bits"], w["granularity"], w["group_size"]) for n, w in layers.items() if n.startswith("fc")} == {
+        "fc1": (4, "channel", None), "fc2": (4, "group", 32), "fc3": (4, "channel", None)}
+    qm.save(tmp_path / "q")
+    meta = export(tmp_path / "q", "tflite", tmp_path / "m.tflite")
+    assert meta["variant"] == "int4" and meta["exact"] is True
 
 
 def test_bits_without_8_leave_convolutions_float():

@@ -144,3 +144,19 @@ def test_static_symmetric_grid_saturates_at_the_container():
     x = torch.tensor([-40000.0, -32767.6, 5.5, 40000.0])
     assert P.fake_quant_act(x, scale, zp, 16, symmetric=True, narrow=False).tolist() == [-32768.0, -32768.0, 6.0, 32767.0]
     assert P.fake_quant_act(x, scale, zp, 16, symmetric=True).tolist() == [-32767.0, -32767.0, 6.0, 32767.0]
+
+
+def test_bf16_scales_are_exact_in_litert_s_fp16_storage():
+    """LiteRT stores INT4 block scales as fp16 holding bf16 values: a bf16 scale under fp16's least normal (2^-14) lost
+    bits there, and the TFLite export refused the plan (ConvNeXt's pwconv2 under an untrained 1e-6 layer scale). Such a
+    scale is raised to 2^-14; every scale then reads back bitwise from fp16, and weights that small quantize on it."""
+    from edgeq.quantize.primitives import FP16_NORMAL, compute_qparams, round_scale
+
+    scale = torch.tensor([1e-9, 3e-7, 2**-14, 1e-3, 0.37, 9e4, -1e-8])
+    got = round_scale(scale, "bf16")
+    assert got[0] == got[1] == 2**-14 and got[2] == 2**-14 and got[-1] == -(2**-14) and got[5] == FP16_NORMAL[1]
+    assert torch.equal(got.to(torch.float16).to(torch.float32), got)
+    assert torch.equal(got.to(torch.bfloat16).to(torch.float32), got)
+    w = torch.randn(4, 64) * 1e-6
+    s, _ = compute_qparams(w, 4, True, "group", 32, scale_dtype="bf16")
+    assert torch.equal(s.to(torch.float16).to(torch.float32), s) and (s == 2**-14).all()
