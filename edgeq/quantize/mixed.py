@@ -238,19 +238,20 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
     names = [n for n, _ in model.named_modules() if n in set(linears) | set(convs)]  # in the model's order
     if not names:
         raise EdgeqError(f"--recipe auto: {bundle.reference!r} has no Linear layer or plain convolution to quantize")
+    layer_specs = dict(layer_specs or {})
+    formats_of = {name: conv_specs if name in convs else {
+        b: s for b, s in {**specs, **layer_specs.get(name, {})}.items() if s is not None} for name in names}
+    for name, formats in formats_of.items():
+        if not formats:  # before the sensitivity pass, which takes the time
+            raise EdgeqError(f"--recipe auto: layer {name} (input width {model.get_submodule(name).weight.shape[1]}) has "
+                             f"no format among the allowed bit-widths {sorted(specs)} on this runtime; allow 8 (--bits)")
     objective = Objective(bundle.is_lm)
     with torch.no_grad():
         base = mean_loss(model, batches, objective)
     sens = fisher_sensitivity(model, names, batches, objective, progress)
     table, bytes_table = {}, {}
-    layer_specs = dict(layer_specs or {})
-    for name in names:
+    for name, formats in formats_of.items():
         w = model.get_submodule(name).weight
-        formats = conv_specs if name in convs else {
-            b: s for b, s in {**specs, **layer_specs.get(name, {})}.items() if s is not None}
-        if not formats:
-            raise EdgeqError(f"--recipe auto: layer {name} (input width {w.shape[1]}) has no format among the allowed "
-                             f"bit-widths {sorted(specs)} on this runtime; allow 8 (--bits)")
         table[name] = {b: predicted_loss(sens[name], w, s) for b, s in formats.items()}
         bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in formats.items()}
         if name in convs:
