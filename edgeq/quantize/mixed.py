@@ -35,7 +35,8 @@ from ..recipe import ActSpec, CalibOptions, QuantRecipe, WeightSpec
 from .allocate import Allocation, Choice, LayerOptions, allocate
 from .budget import Budget, parse_budget
 from .methods import METHODS
-from .mixed_formats import activation_grid, allowed_bit_specs, conv_bit_specs, embedding_table, fit_blocks, parse_bits
+from .mixed_formats import (STATIC_GRID, activation_grid, allowed_bit_specs, conv_bit_specs, embedding_table, fit_blocks,
+                            parse_bits)
 from .qmodel import QuantizedModel, model_float_bytes
 from .sensitivity import LayerSensitivity, Objective, fisher_sensitivity, mean_loss, measure_layers, predicted_loss
 from .transforms import fold_batchnorms, fold_norms, head_name, is_tied
@@ -250,10 +251,11 @@ def analyze(bundle: ModelBundle, calib_batches, specs: dict[int, WeightSpec], op
         base = mean_loss(model, batches, objective)
     sens = fisher_sensitivity(model, names, batches, objective, progress)
     table, bytes_table = {}, {}
+    act = ActSpec.from_dict(STATIC_GRID) if options.activation == "static" else None  # a static grid's scale + zero point
     for name, formats in formats_of.items():
         w = model.get_submodule(name).weight
         table[name] = {b: predicted_loss(sens[name], w, s) for b, s in formats.items()}
-        bytes_table[name] = {b: spec_bytes(tuple(w.shape), s) for b, s in formats.items()}
+        bytes_table[name] = {b: spec_bytes(tuple(w.shape), s, act) for b, s in formats.items()}
         if name in convs:
             table[name][FLOAT_BITS], bytes_table[name][FLOAT_BITS] = 0.0, w.numel() * 4
     cand_bytes = sum(model.get_submodule(n).weight.numel() * 4 for n in names)

@@ -78,6 +78,29 @@ def test_a_hugging_face_image_classifier_quantizes_and_exports_exactly(tmp_path,
         assert meta["parity"]["within_tolerance"] if fmt == "tflite" else meta["parity"]["cos_min"] >= 0.999, meta["parity"]
 
 
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_auto_plans_a_hugging_face_mobilenet_s_convolutions(tmp_path, activation):
+    """`--recipe auto` on Hugging Face's MobileNetV2 (TF-style padding modules around its convs, BatchNorms after them):
+    the plan quantizes some convolutions and keeps others float, the QDIR reloads computing bitwise the same, and its
+    TFLite file holds every quantized layer exactly."""
+    from edgeq.quantize.mixed import MixedOptions, auto_quantize
+    from edgeq.quantize.qmodel import load_quantized
+
+    ref = _save("mobilenet_v2", tmp_path / "m")
+    bundle = load_model(ref)
+    options = MixedOptions(runtime="litert-xnnpack", activation=activation, measure="none")
+    qm = auto_quantize(bundle, "rpi5", "40%", calibration_batches(bundle, None, 4, 0, batch_size=1), options=options)
+    mixed, summary = qm.extra["mixed"], qm.summary()
+    assert mixed["convolutions_kept_float"] and summary["folded_batchnorms"]
+    assert any(e["kind"] == "conv2d" for e in summary["layers"]) and summary["bytes_after"] == mixed["planned_bytes"]
+    qdir = qm.save(tmp_path / "q")
+    images = torch.from_numpy(image_inputs(load_model(ref), "images", 2, "evaluation"))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(qdir).model(images).logits, qm.model(images).logits)
+    meta = export(qdir, "tflite", tmp_path / "m.tflite")
+    assert meta["variant"] == ("int8" if activation == "static" else "dynamic-int8") and meta["exact"] is True
+
+
 def test_swins_stages_are_calibrated_in_one_pass_and_decoders_layers_in_sequence(tmp_path, tiny_llama_ref):
     """Sequential calibration feeds each block the one before's output with the first block's other arguments. Swin's
     stages take their own map size, so they do not chain (stage 1 got stage 0's and failed); they are calibrated in

@@ -586,6 +586,7 @@ def test_static_activations_plan_a_full_integer_cnn_with_its_depthwise_convoluti
     m = qm.extra["mixed"]
     assert set(m["layers"]) == {"stem", "dw", "pw", "head", "fc"} and m["convolutions_left_float"]["count"] == 0
     assert m["convolutions_kept_float"]  # the budget leaves room for some
+    assert qm.summary()["bytes_after"] == m["planned_bytes"]  # static grids' scales and zero points counted
     assert {d.activation.mode for d in (layer.decision for layer in qm.layers().values())} == {"static"}
     qm.save(tmp_path / "q")
     meta = export(tmp_path / "q", fmt, tmp_path / f"m.{fmt}")
