@@ -365,7 +365,8 @@ def targets(rows: dict, is_lm: bool) -> dict:
                  f"{key}_ratio_vs_preset": round(r[key] / preset[key], 3)}
         for peer, label in ((preset, "preset"), (aeq, "aeq")):
             if peer and "latency_1t" in r and "latency_1t" in peer:
-                entry[f"latency_1t_ratio_vs_{label}"] = round(r["latency_1t"]["median_ms"] / peer["latency_1t"]["median_ms"], 3)
+                ratio = r["latency_1t"]["median_ms"] / peer["latency_1t"]["median_ms"]
+                entry[f"latency_1t_ratio_vs_{label}"] = round(ratio, 3)
         if aeq:
             entry["aeq"] = aeq["variant"]
         out[f"mixed {name[len('edgeq '):]}"] = {**entry, "target": "report"}

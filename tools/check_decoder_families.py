@@ -133,7 +133,8 @@ def check(model_dir: Path, recipe: str, work: Path) -> dict:
             bundle = load_model(str(model_dir))
             row["kind"] = bundle.kind
             options = MixedOptions(runtime="litert-xnnpack", activation=activation)
-            qm = auto_quantize(bundle, "rpi5", budget, calibration_batches(bundle, None, 4, 64, batch_size=1), options=options)
+            batches = calibration_batches(bundle, None, 4, 64, batch_size=1)
+            qm = auto_quantize(bundle, "rpi5", budget, batches, options=options)
             qm.save(qdir, overwrite=True)
             row["convolutions_kept_float"] = len(qm.extra["mixed"]["convolutions_kept_float"])
         else:

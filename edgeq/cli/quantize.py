@@ -92,8 +92,9 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
     mixed = qm.extra.get("mixed") or {}
     convs = mixed.get("convolutions_left_float") or {}
     if convs.get("count"):
-        click.echo(f"edgeq: note: --recipe auto: {convs['count']} convolution{'s' * (convs['count'] != 1)} "
-                   f"({size_text(convs['bytes'])}) stay{'s' * (convs['count'] == 1)} float whatever the budget: {convs['why']}", err=True)
+        n = convs["count"]
+        click.echo(f"edgeq: note: --recipe auto: {n} convolution{'s' * (n != 1)} ({size_text(convs['bytes'])}) "
+                   f"stay{'s' * (n == 1)} float whatever the budget: {convs['why']}", err=True)
     kept = mixed.get("convolutions_kept_float") or []
     if kept:
         click.echo(f"edgeq: note: the plan keeps {len(kept)} convolution{'s' * (len(kept) != 1)} float, where 8 bits "
@@ -102,8 +103,8 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
     if "measured_alternative" in mixed:
         other, kept = mixed["measured_alternative"], mixed["allocation"]["strategy"]
         loss = mixed["objective"].split(" (")[0]  # next-token cross-entropy, or mean squared error to the float output
-        click.echo(f"edgeq: note: kept the {kept} plan ({loss} {mixed['measured_loss']:.4g} on the calibration data) over the "
-                   f"{other['strategy']} one ({other['measured_loss']:.4g}), both within the budget", err=True)
+        click.echo(f"edgeq: note: kept the {kept} plan ({loss} {mixed['measured_loss']:.4g} on the calibration data) "
+                   f"over the {other['strategy']} one ({other['measured_loss']:.4g}), both within the budget", err=True)
     if as_json:
         emit_json(result)
     else:

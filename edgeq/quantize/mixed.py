@@ -103,7 +103,7 @@ class Analysis:
     forced: list[str] = field(default_factory=list)
     target: dict = field(default_factory=dict)
     folded_norms: bool = True  # the analysis ran on a norm-folded model (the quantized model must be folded too)
-    convolutions: dict = field(default_factory=dict)  # the convolutions that stay float whatever the plan: count, bytes, why
+    convolutions: dict = field(default_factory=dict)  # those float whatever the plan: count, bytes, why
     conv_specs: dict[int, WeightSpec] = field(default_factory=dict)  # bits -> weight format of a candidate convolution
     folded_batchnorms: dict = field(default_factory=dict)  # conv -> BatchNorm folded into it before the analysis
     layer_specs: dict = field(default_factory=dict)  # layer -> bits -> its own format, or None (`fit_blocks`)
@@ -288,8 +288,9 @@ def plan(analysis: Analysis, budget: Budget | str) -> Allocation:
         convs = analysis.convolutions
         if not convs.get("count"):
             raise
-        raise EdgeqError(f"{exc}; of the float part, {convs['count']} convolution{'s' * (convs['count'] != 1)} that no "
-                         f"plan quantizes hold{'s' * (convs['count'] == 1)} {convs['bytes']:,} bytes: {convs['why']}") from None
+        n = convs["count"]
+        raise EdgeqError(f"{exc}; of the float part, {n} convolution{'s' * (n != 1)} that no plan quantizes "
+                         f"hold{'s' * (n == 1)} {convs['bytes']:,} bytes: {convs['why']}") from None
 
 
 def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
@@ -298,7 +299,8 @@ def uniform_plan(analysis: Analysis, budget: Budget | str) -> Allocation | None:
     for bits in sorted(analysis.specs, reverse=True):
         picks = {}
         for name in analysis.layers:
-            own = [b for b in analysis.table[name] if b != FLOAT_BITS] or [FLOAT_BITS]  # a convolution: 8 bits at any width
+            # a convolution takes its 8 bits at any width
+            own = [b for b in analysis.table[name] if b != FLOAT_BITS] or [FLOAT_BITS]
             b = max(own) if name in analysis.forced else bits if bits in own else min(own)
             picks[name] = Choice(b, analysis.bytes_table[name][b], analysis.table[name][b])
         layer_bytes = sum(c.bytes for c in picks.values())
@@ -466,7 +468,8 @@ def _record(analysis: Analysis, allocation: Allocation, budget: Budget, options:
         "target": analysis.target,
         "bit_formats": {str(b): s.name for b, s in analysis.specs.items()},
         "conv_formats": {str(b): s.name for b, s in analysis.conv_specs.items()},
-        "layer_formats": {n: {str(b): s.name if s else None for b, s in t.items()} for n, t in analysis.layer_specs.items()},
+        "layer_formats": {n: {str(b): s.name if s else None for b, s in t.items()}
+                          for n, t in analysis.layer_specs.items()},
         "options": {k: v for k, v in options.__dict__.items()},
         "objective": analysis.objective,
         "convolutions_left_float": analysis.convolutions,  # those no plan quantizes

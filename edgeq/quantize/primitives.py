@@ -72,7 +72,8 @@ def expand_groups(p: torch.Tensor, in_features: int, group_size: int | None) -> 
     return p.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-FP16_NORMAL = (2.0**-14, 65280.0)  # the magnitudes fp16 holds with bf16's precision: its least normal, the largest bf16 <= 65504
+# the magnitudes fp16 holds with bf16's precision: its least normal, and the largest bf16 value <= 65504
+FP16_NORMAL = (2.0**-14, 65280.0)
 
 
 def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:

@@ -464,9 +464,9 @@ def _images(tmp_path, n: int = 8):
 
 
 def test_convolutions_stay_float_where_the_runtime_runs_none(tmp_path, capsys):
-    """On the target's default runtime (ONNX Runtime: a Conv runs integer kernels only with static activations, which
-    auto does not plan) the convolutions stay float: the CLI says so and why, and a budget they alone exceed is
-    refused saying so (EfficientNet's "too small" named no cause)."""
+    """On the target's default runtime with its default weight-only plan (ONNX Runtime runs a Conv on integer kernels
+    only with static activations) the convolutions stay float: the CLI says so and why, and a budget they alone exceed
+    is refused saying so (EfficientNet's "too small" named no cause)."""
     from edgeq.cli.main import main
 
     common = ["quantize", "factories:small_cnn", "--recipe", "auto", "--target", "rpi5", "--calib", _images(tmp_path)]
@@ -480,7 +480,8 @@ def test_convolutions_stay_float_where_the_runtime_runs_none(tmp_path, capsys):
     assert "--allow-fallback" in err
     assert main([*common, "--budget", "10%", "-o", str(tmp_path / "small")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("edgeq: error: --budget: too small") and f"2 convolutions that no plan quantizes hold {4 * convs:,} bytes" in err
+    assert err.startswith("edgeq: error: --budget: too small")
+    assert f"2 convolutions that no plan quantizes hold {4 * convs:,} bytes" in err
     assert not (tmp_path / "small").exists()
 
 
@@ -494,7 +495,8 @@ def test_auto_plans_plain_convolutions_at_8_bits_or_float(tmp_path, capsys):
     from edgeq.quantize.qmodel import load_quantized
 
     x = torch.from_numpy(np.load(_images(tmp_path)))
-    options = MixedOptions(runtime="litert-xnnpack", activation=None, measure="none")  # the allocator's plan, not the measured check's
+    # measure="none": the allocator's plan, not the measured check's choice
+    options = MixedOptions(runtime="litert-xnnpack", activation=None, measure="none")
     floats = []
     for budget in ("30%", "40%", "80%"):  # every candidate convolution float: 81% of fp32
         qm = auto_quantize(load_model("factories:batchnorm_cnn"), "rpi5", budget, [(x[i : i + 1],) for i in range(8)],
