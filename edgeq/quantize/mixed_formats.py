@@ -1,6 +1,6 @@
 """Which weight formats and grids `--recipe auto` may use: a target runtime's, or an explicit bit set.
 
-`allowed_bit_specs` asks the board profile which Linear weight formats its runtime runs natively with the chosen
+`MixedOptions` is how `auto` chooses. `allowed_bit_specs` asks the board profile which Linear weight formats its runtime runs natively with the chosen
 activations and gives one `WeightSpec` per bit-width; for a TFLite runtime in LiteRT's conventions (bf16-exact block
 scales, per-row asymmetric int8 activations, `fit_blocks`: blocks that divide every input width, `embedding_table`:
 the `[embedding]` table it holds). `mixed.py` measures and allocates over these formats.
@@ -9,17 +9,58 @@ the `[embedding]` table it holds). `mixed.py` measures and allocates over these 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, replace
+from typing import Iterable
 
-from ..errors import EdgeqError
+from ..errors import EdgeqError, choice_error
 from ..recipe import ActSpec, WeightSpec
-
-if TYPE_CHECKING:
-    from .mixed import MixedOptions
-
+from .methods import METHODS
 
 ALL_BITS = (2, 3, 4, 5, 6, 8)
+MEASURE = ("none", "model", "layers")
+ACTIVATIONS = ("none", "dynamic", "static")
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    """How `auto` chooses: the format of each bit-width, what is measured, which layers are forced."""
+
+    group_size: int | None = 128  # for bits < 8; None = per channel
+    symmetric: bool = True
+    eight_bit_granularity: str = "channel"  # 8-bit layers: channel, or group (with group_size)
+    activation: str | None = "none"  # none (weight-only) | dynamic (int8 per token, on the fly) | static (int8 per
+    # tensor, calibrated: a full-integer file, 8-bit weights only) | None: the runtime's own (dynamic on a TFLite
+    # runtime, whose INT4 / INT8 kernels quantize activations at run time; none otherwise)
+    method: str = "rtn"  # how the chosen bits are applied: rtn | gptq
+    runtime: str | None = None  # the target's runtime to ask (default: its default runtime)
+    allow_fallback: bool = False  # also use bit-widths the runtime runs only through a fallback
+    outlier_kurtosis: float | None = None  # force layers whose input kurtosis exceeds this to 8-bit
+    measure: str = "model"  # none | model (the final model's loss) | layers (also each layer alone)
+    skip: str | None = None  # regex of layer names to keep float
+    sensitivity_batches: int | None = None  # use only the first N calibration batches for the analysis
+    embedding_bits: int | None = None  # also quantize the input embedding (and a tied head with it) per row; None = float
+    # fold norm gains into the linears they feed before analysis and quantization; None: only when every candidate
+    # format is 8-bit (a gain folded into 4-bit groups widens each group's range, as the INT4 presets measured)
+    fold_norms: bool | None = None
+
+    def __post_init__(self):
+        if self.activation not in (*ACTIVATIONS, None):
+            raise choice_error("mixed.activation", self.activation, ACTIVATIONS)
+        if self.method not in METHODS:
+            raise choice_error("mixed.method", self.method, sorted(METHODS))
+        if self.measure not in MEASURE:
+            raise choice_error("mixed.measure", self.measure, MEASURE)
+        if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
+            raise EdgeqError(f"--embedding-bits: {self.embedding_bits} is not in 2..8")
+        if self.eight_bit_granularity not in ("channel", "group"):
+            raise choice_error("mixed.eight_bit_granularity", self.eight_bit_granularity, ("channel", "group"))
+        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise EdgeqError(f"--group-size: {self.group_size} is not a power of two >= 8")
+
+    def folds(self, specs: dict[int, WeightSpec]) -> bool:
+        """Whether norms are folded for this set of candidate formats."""
+        return self.fold_norms if self.fold_norms is not None else min(specs) >= 8
+
 
 
 DYNAMIC_GRID = {"mode": "dynamic", "granularity": "token"}  # `activation = "dynamic"`: int8 per token (ActSpec's defaults)
@@ -111,7 +152,9 @@ def allowed_bit_specs(target: str | None, allowed_bits: Iterable[int] | None, op
             ["--activation dynamic"] if mode == "none" else ["--activation none"]) + [f"--runtime {r}" for r in others]
         raise EdgeqError(f"--target {profile.name}: runtime {runtime} runs no {wanted}{'signed' if options.symmetric else 'unsigned'} "
                          f"Linear weight format natively with activations {act} (try {', '.join(hints)})")
+    conv = profile.weight_options(runtime, kind="conv", acts=(act,), support=support)
     info = {"name": profile.name, "runtime": runtime, "format": rt.format, "activation": act,
+            "conv_channel_int8": any(o.bits == CONV_BITS and o.granularity == "channel" and o.dtype == "int8" for o in conv),
             "activation_grid": activation_grid(mode, rt.format), "support": list(support), "bits": sorted(specs),
             "block_sizes": {b: blocks[b] for b in specs}, "channel_bits": [b for b in specs if channels[b]],
             "source": profile.path}
@@ -124,7 +167,8 @@ CONV_BITS = 8  # the one convolution weight format runtimes run: 8 bits per outp
 def conv_bit_specs(target_info: dict, options: MixedOptions,
                    allowed_bits: Iterable[int] | None = None) -> tuple[dict[int, WeightSpec], str | None]:
     """(bits -> WeightSpec a plain convolution may take, why none when empty), for the target `allowed_bit_specs`
-    described and the explicit --bits. A convolution takes 8-bit per-channel weights or stays float
+    described (`conv_channel_int8`: its runtime runs int8 per-channel convolutions with those activations) and the
+    explicit --bits. A convolution takes 8-bit per-channel weights or stays float
     (`mixed.FLOAT_BITS`): no runtime has blockwise convolution kernels, and the profiles list no 4-bit one. The profile
     is asked as for Linear layers, with the same activations (an ONNX Runtime Conv runs integer kernels only with
     static activations: without `--activation static` its convolutions stay float unless --allow-fallback stores
@@ -132,15 +176,9 @@ def conv_bit_specs(target_info: dict, options: MixedOptions,
     spec = _spec(CONV_BITS, options, "channel", None)
     if allowed_bits is not None and CONV_BITS not in set(allowed_bits):
         return {}, f"--bits has no {CONV_BITS} (convolutions take {CONV_BITS}-bit per-channel weights or stay float)"
-    if target_info.get("name") is None:
+    if target_info.get("name") is None or target_info["conv_channel_int8"]:
         return {CONV_BITS: spec}, None
-    from ..targets import load_profile
-
-    profile = load_profile(target_info["name"])
     runtime, act = target_info["runtime"], target_info["activation"]
-    opts = profile.weight_options(runtime, kind="conv", acts=(act,), support=tuple(target_info["support"]))
-    if any(o.bits == CONV_BITS and o.granularity == "channel" and o.dtype == "int8" for o in opts):
-        return {CONV_BITS: spec}, None
     hint = "" if "fallback" in target_info["support"] else " (--allow-fallback stores them 8-bit, run as float)"
     return {}, f"{runtime} runs no {CONV_BITS}-bit per-channel convolution natively with activations {act}{hint}"
 
