@@ -9,6 +9,10 @@ import click
 from ..console import size_text
 from .common import check_new_output, emit_json, json_option
 
+# A file's parity against the simulation with a rounding the file does and quant.json's simulation does not, as
+# FILE.json records it (`export.tflite._parity_under`): what the CLI calls it, and its key in `parity`.
+BESIDE = (("LiteRT's run-time activation grid", "runtime_grid"), ("the file's output grids", "with_output_grids"))
+
 
 @click.command()
 @click.argument("source")
@@ -94,6 +98,7 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         options["optimize"] = False
     meta = run_export(source, fmt, output, variant=variant, **options)
     parity = meta.get("parity") or {}
+    explained = next((what for what, key in BESIDE if (parity.get(key) or {}).get("within_noise_floor")), None)
     if parity.get("within_tolerance") is False and parity.get("within_noise_floor"):
         floor = parity["noise_floor"]
         nll = f", mean NLL within {floor['nll_spread']:.4f}" if "nll_spread" in floor else ""
@@ -101,21 +106,19 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
                    f"from the {parity.get('reference')} than the simulation is from itself under float noise (worst of "
                    f"{floor['draws']} draws: cos_min {floor['cos_min']:.4f}, top1_agree {floor['top1_agree']:.4f}{nll}): "
                    f"the tolerance is tighter than this model's rounding ties allow (its parity in {output}.json)", err=True)
+    elif parity.get("within_tolerance") is False and explained:
+        click.echo(f"edgeq: note: {output} misses the parity tolerance ({', '.join(parity['missed'])}), but is no further "
+                   f"from the {parity.get('reference')} with {explained} than that simulation is from itself under float "
+                   f"noise: the file computes what edgeq simulates, and the difference is {explained}, which quant.json's "
+                   f"simulation leaves out (its parity in {output}.json)", err=True)
+        _parity_context(parity)
+        _saturation_note(meta)
     elif parity.get("within_tolerance") is False:
         click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance: "
                    f"{', '.join(parity.get('missed') or ['see its parity'])} (its parity in {output}.json); "
                    "check it before shipping it", err=True)
         _parity_context(parity)
-        grids = meta.get("output_grids") or {}
-        if grids.get("clipped"):
-            name, worst = next(iter(grids["clipped"].items()))
-            click.echo(f"edgeq: note: the output grids calibrated at export saturate {grids['clipped_layers']} of "
-                       f"{grids['layers']} layers' outputs on the parity inputs (most: {name}, {worst['values']} of "
-                       f"{worst['of']} values, seen [{worst['seen'][0]:.4g}, {worst['seen'][1]:.4g}] against "
-                       f"[{worst['grid'][0]:.4g}, {worst['grid'][1]:.4g}]); calibrate on more inputs (--calib-samples, "
-                       f"now {grids['calib_samples']}"
-                       f"{'' if grids.get('calibration') != 'moving-average' else ', with --output-calibration minmax'}) "
-                       f"or give those layers 16-bit activations{_sixteen_bit_hint(meta.get('recipe'))}", err=True)
+        _saturation_note(meta)
     if as_json:
         emit_json(meta)
         return
@@ -125,6 +128,21 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         f"parity max_abs={parity.get('max_abs', float('nan')):.3g} cos_min={parity.get('cos_min', float('nan')):.6f} "
         f"top1_agree={'n/a' if top1 is None else f'{top1:.4f}'}"
     )
+
+
+def _saturation_note(meta: dict) -> None:
+    """After a missed parity, on stderr: the full-integer file's output grids that saturate most, and what widens them."""
+    grids = meta.get("output_grids") or {}
+    if not grids.get("clipped"):
+        return
+    name, worst = next(iter(grids["clipped"].items()))
+    click.echo(f"edgeq: note: the output grids calibrated at export saturate {grids['clipped_layers']} of "
+               f"{grids['layers']} layers' outputs on the parity inputs (most: {name}, {worst['values']} of "
+               f"{worst['of']} values, seen [{worst['seen'][0]:.4g}, {worst['seen'][1]:.4g}] against "
+               f"[{worst['grid'][0]:.4g}, {worst['grid'][1]:.4g}]); calibrate on more inputs (--calib-samples, "
+               f"now {grids['calib_samples']}"
+               f"{'' if grids.get('calibration') != 'moving-average' else ', with --output-calibration minmax'}) "
+               f"or give those layers 16-bit activations{_sixteen_bit_hint(meta.get('recipe'))}", err=True)
 
 
 def _sixteen_bit_hint(recipe: str | None) -> str:
@@ -139,10 +157,11 @@ def _sixteen_bit_hint(recipe: str | None) -> str:
 
 def _parity_context(parity: dict) -> None:
     """What a missed parity means, on stderr: an LM's NLL beside the simulation's, the simulation's own noise floor,
-    and for a hybrid file the same against the run-time activation grid its kernels use."""
+    for a hybrid file the same against the run-time activation grid its kernels use, for a full-integer one against
+    its output grids, and an ONNX file's unpinned accuracy level."""
     from ..export.meta import NOISE_REL
 
-    nll, floor, runtime = parity.get("nll"), parity.get("noise_floor"), parity.get("runtime_grid")
+    nll, floor = parity.get("nll"), parity.get("noise_floor")
     parts = []
     if nll:
         parts.append(f"mean NLL {nll['file']:.4f} against the simulation's {nll['simulation']:.4f} on {nll['tokens']} tokens")
@@ -151,12 +170,17 @@ def _parity_context(parity: dict) -> None:
                      f"{floor['cos_min']:.4f}, top1_agree {floor['top1_agree']:.4f}")
     if parts:
         click.echo(f"edgeq: note: {'; '.join(parts)}", err=True)
-    if runtime:
-        text = (f"edgeq: note: against the simulation with LiteRT's run-time activation grid ({runtime['grid']}): "
-                f"cos_min {runtime['cos_min']:.4f}, top1_agree {runtime['top1_agree']:.4f}")
-        if runtime.get("nll_simulation") is not None:
-            text += f", that simulation's mean NLL {runtime['nll_simulation']:.4f}"
-        if runtime.get("noise_floor"):
-            text += (f"; it against itself perturbed: cos_min {runtime['noise_floor']['cos_min']:.4f}, "
-                     f"top1_agree {runtime['noise_floor']['top1_agree']:.4f}")
+    if parity.get("accuracy_level_note"):
+        click.echo(f"edgeq: note: {parity['accuracy_level_note']}", err=True)
+    for what, key in BESIDE:
+        beside = parity.get(key)
+        if not beside:
+            continue
+        text = (f"edgeq: note: against the simulation with {what} ({beside['grid']}): "
+                f"cos_min {beside['cos_min']:.4f}, top1_agree {beside['top1_agree']:.4f}")
+        if beside.get("nll_simulation") is not None:
+            text += f", that simulation's mean NLL {beside['nll_simulation']:.4f}"
+        if beside.get("noise_floor"):
+            text += (f"; it against itself perturbed: cos_min {beside['noise_floor']['cos_min']:.4f}, "
+                     f"top1_agree {beside['noise_floor']['top1_agree']:.4f}")
         click.echo(text, err=True)

@@ -22,9 +22,9 @@ from ..errors import EdgeqError, choice_error
 from ..quantize.modules import activations_as
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
-from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, tolerance_verdict, write_export_meta
 from .runtime_min import TFLITE_RUNTIME_MIN
-from .tflite_check import output_clipping, output_grids
+from .tflite_check import output_clipping, output_grids, output_rounding
 from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
                            hybrid_activations, off_runtime_grid, static_bits)
 from .tflite_quant import OUTPUT_CALIBRATIONS
@@ -32,15 +32,12 @@ from .tflite_quant import OUTPUT_CALIBRATIONS
 DEFAULT_SEQ_LEN = 64
 DEFAULT_CALIB_SAMPLES = 8  # inputs the full-integer variants' output grids are calibrated on
 
-# Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation, per variant: (cos_min, top1_agree).
+# Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation is held to meta.TOLERANCE per variant.
 # fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
 # kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
 # each row to asymmetric int8 where the simulation uses the recipe's grid (w8: symmetric per token;
 # float activations for weight-only layers), and full-integer kernels requantize each layer's output to
 # int8 (a grid calibrated at export; the simulation keeps outputs float), int16 in 16x8 files.
-TOLERANCE = {"fp32": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9), "int8": (0.97, 0.85),
-             "int16x8": (0.99, 0.9)}
-
 # A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
@@ -64,56 +61,42 @@ def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
 
 def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, causal_lm: bool) -> dict | None:
     """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
-    hybrid kernels quantize them at run time (`RUNTIME_GRID`), with that simulation's own noise floor: whether the
-    file departs from the simulation by more than the run-time grid and float noise explain. None: every linear layer
-    is on that grid already (the `-litert` recipes), or there is none."""
-    from .meta import lm_nll, noise_floor
-
+    hybrid kernels quantize them at run time (`RUNTIME_GRID`): whether the file departs from the simulation by more
+    than the run-time grid and float noise explain (`_parity_under`). None: every linear layer is on that grid
+    already (the `-litert` recipes), or there is none."""
     if not off_runtime_grid(layers):
         return None
-    with torch.no_grad(), activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
+    return _parity_under(activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"), ref_module, inputs, got,
+                         causal_lm, "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid "
+                                    "kernels do")
+
+
+def _parity_under(context, ref_module, inputs: list, got: list, causal_lm: bool, grid: str) -> dict:
+    """The file against the simulation run inside `context`, which adds a rounding the file does and the simulation
+    does not (described by `grid`), with that simulation's own noise floor, for an LM its mean NLL, and whether the
+    file is within that floor (`meta.within_noise_floor`): if so, that rounding explains the file's departure."""
+    from .meta import lm_nll, noise_floor, within_noise_floor
+
+    with torch.no_grad(), context:
         ref = [ref_module(*x).float().numpy() for x in inputs]
         out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
-        floor = noise_floor(ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref)
-    out["grid"] = "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid kernels do"
+        floor = noise_floor(ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, causal_lm)
+    out["grid"] = grid
     if floor is not None:
-        out["noise_floor"] = {k: floor[k] for k in ("cos_min", "top1_agree")}
-    if causal_lm:
-        out["nll_simulation"] = lm_nll(ref, inputs)
+        out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread")}
+    nll = {"simulation": lm_nll(ref, inputs), "file": lm_nll(got, inputs)} if causal_lm else None
+    if nll:
+        out["nll_simulation"] = nll["simulation"]
+    out["within_noise_floor"] = within_noise_floor({**out, "nll": nll, "noise_floor": floor})
     return out
 
 
-def _row_checks(parity: dict, cos_bound: float, top1_bound: float) -> list[tuple[str, float, float]]:
-    """(what, measured, lower bound) for the checks `parity` has: the prefill's worst row and top-1 agreement, the decode
-    step's worst row from an empty cache and after a prefill."""
-    step = parity.get("decode") or {}
-    checks = [("cos_min", parity["cos_min"], cos_bound), ("top1_agree", parity["top1_agree"], top1_bound),
-              ("decode.cos_min", step.get("cos_min"), cos_bound),
-              ("decode.after_prefill.cos_min", (step.get("after_prefill") or {}).get("cos_min"), cos_bound)]
-    return [(name, value, bound) for name, value, bound in checks if value is not None]
-
-
-def _missed_tolerance(parity: dict, cos_tol: float, top1_tol: float) -> list[str]:
-    """Each check of `parity` outside the tolerance, as "what: measured vs bound": `_row_checks`, and a resized step
-    against the declared one. Empty: within tolerance."""
-    missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in _row_checks(parity, cos_tol, top1_tol) if value < bound]
+def _resized_missed(parity: dict) -> list[str]:
+    """A resized decode step against the declared one, as a missed check ("what: measured vs bound"), if it is one."""
     resized = (parity.get("decode") or {}).get("resized", {}).get("max_abs_vs_declared")
-    if resized is not None and resized > RESIZED_MAX_ABS:
-        missed.append(f"decode.resized.max_abs_vs_declared {resized:.3g} > {RESIZED_MAX_ABS}")
-    return missed
-
-
-def within_noise_floor(parity: dict) -> bool | None:
-    """Whether a file is no further from the simulation than the simulation is from itself under float noise: each of
-    `_row_checks` at or above the noise floor's, and for an LM its mean NLL within the floor's NLL spread of the
-    simulation's. None without a floor."""
-    floor = parity.get("noise_floor")
-    if not floor:
-        return None
-    nll = parity.get("nll")
-    if nll and "nll_spread" in floor and abs(nll["file"] - nll["simulation"]) > floor["nll_spread"]:
-        return False
-    return all(value >= bound for _, value, bound in _row_checks(parity, floor["cos_min"], floor["top1_agree"]))
+    if resized is None or resized <= RESIZED_MAX_ABS:
+        return []
+    return [f"decode.resized.max_abs_vs_declared {resized:.3g} > {RESIZED_MAX_ABS}"]
 
 
 def _decode_input_meta(step, bundle, cache_len: int, dynamic: bool) -> list[dict]:
@@ -279,6 +262,11 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         off_grid = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
         if off_grid:
             parity["runtime_grid"] = off_grid
+        if grids:
+            parity["with_output_grids"] = _parity_under(
+                output_rounding(layers, grids), ref_module, inputs, got, b.kind == "causal-lm",
+                "each layer's output rounded to its output grid in the file (int8; int16 in 16x8 layers) and saturated "
+                "at its ends, as the file requantizes it")
     signatures = None
     if cache_len:
         step = TfliteRunner(buf, threads=1, signature="decode")
@@ -289,14 +277,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                       "decode": {"inputs": _decode_input_meta(step, b, cache_len, static_slots is None)}}
         del step
     xnnpack = _xnnpack_coverage(buf, ["serving_default"] + (["decode"] if cache_len else []))
-    cos_tol, top1_tol = TOLERANCE[variant]
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
-    missed = _missed_tolerance(parity, cos_tol, top1_tol)
-    parity.update({"reference": reference,
-                   "runtime": f"{runtime_version()} XNNPACK, 1 thread",
-                   "tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol},
-                   "within_tolerance": not missed, "missed": missed,
-                   "within_noise_floor": within_noise_floor(parity)})
+    parity.update({"reference": reference, "runtime": f"{runtime_version()} XNNPACK, 1 thread",
+                   **tolerance_verdict(parity, variant, _resized_missed(parity))})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers

@@ -15,7 +15,6 @@ import contextlib
 import numpy as np
 import torch
 
-from ..errors import EdgeqError
 from ..quantize.modules import QuantEmbedding, QuantLinear
 from .tflite_flatbuffer import buffer_bytes, op_names, read_model, schema
 
@@ -228,3 +227,27 @@ def output_clipping(layers: dict, grids: dict[str, tuple[float, float, float]]):
             h.remove()
         ranked = sorted(((n, e) for n, e in found.items() if e["values"]), key=lambda item: -item[1]["values"] / item[1]["of"])
         clipped.update(ranked)
+
+
+@contextlib.contextmanager
+def output_rounding(layers: dict, grids: dict[str, tuple[float, float, float]]):
+    """Inside the block, each layer's output (float in the simulation) is put on its file's output grid
+    (`output_grids`): rounded to the grid's step and saturated at its ends, as a full-integer file requantizes it.
+    The one rounding such a file adds to the simulation, whose other ops stay float in the file too
+    (`tflite_quant`); TFLite's fixed-point requantization may land a step away from it on a value within float
+    precision of a tie."""
+
+    def hook(name):
+        lo, hi, step = grids[name]
+        k_lo, k_hi = round(lo / step), round(hi / step)
+
+        def put_on_grid(module, args, output):
+            return torch.clamp(torch.round(output / step), k_lo, k_hi) * step
+        return put_on_grid
+
+    handles = [layers[name].register_forward_hook(hook(name)) for name in grids if name in layers]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()

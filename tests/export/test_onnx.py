@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from edgeq.errors import EdgeqError
 from edgeq.export import export
+from edgeq.export.meta import TOLERANCE
 from edgeq.export.onnx_runtime import OnnxRunner
 from edgeq.models import load_model
 from edgeq.models.inputs import calibration_batches
@@ -77,6 +78,8 @@ CASES = {
 # MatMulNBits' accuracy level pinned to float inputs: weight-only layers, and float-op grids before a 4-bit MatMul
 PINNED = ("w4-g128-rtn", "w3a-g32-w8c", "w8-weight-only", "w4-g128-litert")
 EXACT_FLOAT = ("fp32", "w4-g128-rtn", "w3a-g32-w8c", "w8-weight-only")
+# one dynamic grid per tensor on some layer: a decode step quantizes one token's range, the prefill all tokens'
+PER_TENSOR_DYNAMIC = ("w8-fast", "w8-tensor", "w8-sym-tensor")
 
 
 def _recipe(spec: str, tmp: Path):
@@ -129,6 +132,14 @@ def test_metadata_and_files(tiny_exports, name):
         assert meta["layers_exact"] == len(meta["layers"]) == 2 * n_layers  # prefill and decode graphs
         assert meta["source"]["quant_json_sha256"]
     assert meta["session_config"] == ({"session.qdq_matmulnbits_accuracy_level": "0"} if name in PINNED else {})
+    # the verdict TFLite files carry: every tiny-llama file within its variant's tolerance, its decode step held to the
+    # prefill except where a per-tensor dynamic grid takes the step's range from one token
+    parity = meta["parity"]
+    assert parity["within_tolerance"] is True and parity["missed"] == [], parity
+    assert parity["tolerance"] == dict(zip(("cos_min", "top1_agree"), TOLERANCE[CASES[name][1]]))
+    assert parity["reference"] == ("PyTorch fp32" if qdir is None else "PyTorch simulation")
+    assert parity["decode_vs_prefill_bound"] == (None if name in PER_TENSOR_DYNAMIC else 1e-3)
+    assert "accuracy_level_note" not in parity  # pinned to 0 wherever MatMulNBits takes a float input
     if name == "w3a-g32-w8c":
         assert meta["containers"] == {"3": ["uint4"], "8": ["int8"]}
 
@@ -427,6 +438,48 @@ def test_small_cnn_from_factory(cnn_exports, tmp_path, recipe, variant):
     if recipe == "w8a8":
         ops = _fused_ops(out, tmp_path, {})
         assert ops["QLinearConv"] + ops["ConvInteger"] >= 1 or ops["QuantizeLinear"] >= 1, dict(ops)
+
+
+def test_cli_warns_when_an_onnx_file_is_outside_the_parity_tolerance(capsys, tmp_path, monkeypatch):
+    """An ONNX file is held to the tolerance a TFLite file of its variant is: outside it, the file is kept and stderr
+    warns with each check missed, as FILE.json's parity.missed lists them; stdout stays the JSON."""
+    from edgeq.cli.main import main
+    from edgeq.export import meta
+
+    monkeypatch.setitem(meta.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
+    out = tmp_path / "cnn.onnx"
+    assert main(["export", "tests.export.onnx_cnn:small_cnn", "--format", "onnx", "-o", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    parity = json.loads(captured.out)["parity"]
+    assert parity["within_tolerance"] is False and out.exists() and parity["reference"] == "PyTorch fp32"
+    assert parity["missed"] == [f"cos_min {parity['cos_min']:.4f} < 1.5", f"top1_agree {parity['top1_agree']:.4f} < 1.5"]
+    assert captured.err.startswith("edgeq: warning:") and all(m in captured.err for m in parity["missed"])
+    assert parity["within_noise_floor"] is None  # an fp32 file: nothing to perturb, so no note instead of the warning
+
+
+def test_decode_step_is_held_to_the_prefill_unless_a_grid_is_per_tensor():
+    """An ONNX decode step computes what the prefill computes at the same position, to float reassociation: a larger
+    difference is a missed check. Not with a per-tensor dynamic grid, whose range the step takes from one token."""
+    from types import SimpleNamespace
+
+    from edgeq.export.onnx import DECODE_MAX_ABS, _verdict
+
+    parity = {"cos_min": 0.9999, "top1_agree": 1.0, "decode_vs_prefill_max_abs": 0.05}
+    token, tensor = (SimpleNamespace(act_mode="dynamic", act_granularity=g) for g in ("token", "tensor"))
+    held = _verdict(parity, "dynamic-int8", True, [token], threads=1)
+    assert held["within_tolerance"] is False and held["missed"] == [f"decode_vs_prefill_max_abs 0.05 > {DECODE_MAX_ABS}"]
+    assert held["decode_vs_prefill_bound"] == DECODE_MAX_ABS
+    per_tensor = _verdict(parity, "dynamic-int8", True, [token, tensor], threads=1)
+    assert per_tensor["within_tolerance"] is True and per_tensor["decode_vs_prefill_bound"] is None
+    assert _verdict({**parity, "decode_vs_prefill_max_abs": 2e-6}, "dynamic-int8", True, [token], threads=1)["missed"] == []
+
+
+def test_weight_only_parity_names_an_unpinned_accuracy_level(tiny_llama_ref, tmp_path):
+    """MatMulNBits left at ONNX Runtime's default accuracy level quantizes its input on ORT's own grid, which the
+    simulation does not: the parity says so beside its numbers, to explain a drift."""
+    qdir = _quantize(tiny_llama_ref, "w4-g128-rtn", tmp_path)
+    meta = export(qdir, "onnx", tmp_path / "w4.onnx", accuracy_level=None, decode=False)
+    assert meta["session_config"] == {} and "default (4)" in meta["parity"]["accuracy_level_note"]
 
 
 def test_static_biases_are_int32_so_the_classifier_gemm_runs_integer(cnn_exports, tmp_path):
