@@ -59,28 +59,39 @@ def _parity_inputs(bundle, seq_len: int) -> list[tuple]:
     return out
 
 
-def _runtime_grid_parity(layers: dict, ref_module, inputs: list, got: list, causal_lm: bool) -> dict | None:
+def _used_rows(bundle):
+    """`(output, sample) -> rows`: the rows of a file's output its user reads. An encoder's sentences are padded to the
+    file's fixed length, and the padding's rows (attention mask 0) are never read: pooled embeddings leave them out,
+    so parity does too (MiniLM's padding rows agreed on top-1 from 0.47 to 1.0 between files, its tokens' rows from
+    0.75 to 0.84). Every row otherwise."""
+    if bundle.kind != "encoder":
+        return lambda out, sample: out
+    return lambda out, sample: np.asarray(out)[np.asarray(sample[1]).astype(bool)]
+
+
+def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list, causal_lm: bool) -> dict | None:
     """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
     hybrid kernels quantize them at run time (`RUNTIME_GRID`): whether the file departs from the simulation by more
     than the run-time grid and float noise explain (`_parity_under`). None: every linear layer is on that grid
     already (the `-litert` recipes), or there is none."""
     if not off_runtime_grid(layers):
         return None
-    return _parity_under(activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"), ref_module, inputs, got,
+    return _parity_under(activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"), ref_module, run, inputs, got,
                          causal_lm, "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid "
                                     "kernels do")
 
 
-def _parity_under(context, ref_module, inputs: list, got: list, causal_lm: bool, grid: str) -> dict:
-    """The file against the simulation run inside `context`, which adds a rounding the file does and the simulation
-    does not (described by `grid`), with that simulation's own noise floor, for an LM its mean NLL, and whether the
-    file is within that floor (`meta.within_noise_floor`): if so, that rounding explains the file's departure."""
+def _parity_under(context, ref_module, run, inputs: list, got: list, causal_lm: bool, grid: str) -> dict:
+    """The file against the simulation (`ref_module`, whose used rows `run(sample)` gives) run inside `context`, which
+    adds a rounding the file does and the simulation does not (described by `grid`), with that simulation's own noise
+    floor, for an LM its mean NLL, and whether the file is within that floor (`meta.within_noise_floor`): if so, that
+    rounding explains the file's departure."""
     from .meta import lm_nll, noise_floor, within_noise_floor
 
     with torch.no_grad(), context:
-        ref = [ref_module(*x).float().numpy() for x in inputs]
+        ref = [run(x) for x in inputs]
         out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
-        floor = noise_floor(ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, causal_lm)
+        floor = noise_floor(ref_module, run, inputs, ref, causal_lm)
     out["grid"] = grid
     if floor is not None:
         out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread")}
@@ -252,19 +263,24 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         from .tflite_render import graph_module
 
         ref_module = graph_module(b, model)
-        ref = [ref_module(*x).float().numpy() for x in inputs]
-    got = [runner(*[t.numpy() for t in x])[0] for x in inputs]
+        used = _used_rows(b)
+
+        def run(x):
+            return used(ref_module(*x).float().numpy(), x)
+        ref = [run(x) for x in inputs]
+    got = [used(runner(*[t.numpy() for t in x])[0], x) for x in inputs]
     parity = parity_metrics(ref, got)
+    if b.kind == "encoder":
+        parity["rows_used"] = "each sentence's tokens (attention mask 1), not the padding to the file's fixed length"
     if not float_acts:
         with torch.no_grad():
-            add_quality_context(parity, ref_module, lambda x: ref_module(*x).float().numpy(), inputs, ref, got,
-                                b.kind == "causal-lm")
-        off_grid = _runtime_grid_parity(layers, ref_module, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
+            add_quality_context(parity, ref_module, run, inputs, ref, got, b.kind == "causal-lm")
+        off_grid = _runtime_grid_parity(layers, ref_module, run, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
         if off_grid:
             parity["runtime_grid"] = off_grid
         if grids:
             parity["with_output_grids"] = _parity_under(
-                output_rounding(layers, grids), ref_module, inputs, got, b.kind == "causal-lm",
+                output_rounding(layers, grids), ref_module, run, inputs, got, b.kind == "causal-lm",
                 "each layer's output rounded to its output grid in the file (int8; int16 in 16x8 layers) and saturated "
                 "at its ends, as the file requantizes it")
     signatures = None

@@ -744,9 +744,11 @@ def test_fp32_from_model_reference(exported):
 @pytest.mark.parametrize("recipe", ["w8", "w8a16-static"])
 def test_encoder_exports_exactly_without_its_unused_pooler(tiny_bert, tmp_path, recipe):
     """LayerNorm gains and sdpa's query/key scaling are not folded into the linears (the integers read back
-    bitwise), the pooler the embeddings do not use is reported as left out, and `edgeq eval` pads sentences to
+    bitwise), the pooler the embeddings do not use is reported as left out, parity compares the sentences' tokens
+    and not the padding to the file's fixed length, which no embedding reads, and `edgeq eval` pads sentences to
     the file's fixed length."""
     from edgeq.evaluate import evaluate
+    from edgeq.export.meta import held_back_inputs
 
     qdir = _qdir(tmp_path, tiny_bert, recipe, "q")
     path = tmp_path / "bert.tflite"
@@ -756,6 +758,8 @@ def test_encoder_exports_exactly_without_its_unused_pooler(tiny_bert, tmp_path, 
     assert meta["readback"]["layers"] == len(load_quantized(qdir).layers()) - 1
     assert meta["parity"]["cos_min"] > 0.98, meta["parity"]
     assert meta["inputs"][0]["shape"] == [1, 64]
+    tokens = sum(min(int(mask.sum()), 64) for _, mask in held_back_inputs(load_model(tiny_bert)))
+    assert meta["parity"]["rows"] == tokens < 4 * 64 and meta["parity"]["noise_floor"]["rows"] == tokens, meta["parity"]
     metrics = evaluate(str(path), task="cosine", count=4)["metrics"]
     assert metrics["sentences"] == 4 and metrics["cosine_min"] > 0.98, metrics
 
