@@ -9,10 +9,6 @@ import click
 from ..console import size_text
 from .common import check_new_output, emit_json, json_option
 
-# A file's parity against the simulation with a rounding the file does and quant.json's simulation does not, as
-# FILE.json records it (`export.tflite._parity_under`): what the CLI calls it, and its key in `parity`.
-BESIDE = (("LiteRT's run-time activation grid", "runtime_grid"), ("the file's output grids", "with_output_grids"))
-
 
 @click.command()
 @click.argument("source")
@@ -57,6 +53,7 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
     from ..export import export as run_export
+    from ..export.verdict import explained_by
 
     if fmt is None:
         fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(Path(output).suffix)
@@ -98,7 +95,7 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
         options["optimize"] = False
     meta = run_export(source, fmt, output, variant=variant, **options)
     parity = meta.get("parity") or {}
-    explained = next((what for what, key in BESIDE if (parity.get(key) or {}).get("within_noise_floor")), None)
+    explained = explained_by(parity)
     if parity.get("within_tolerance") is False and parity.get("within_noise_floor"):
         floor = parity["noise_floor"]
         nll = f", mean NLL within {floor['nll_spread']:.4f}" if "nll_spread" in floor else ""
@@ -160,6 +157,7 @@ def _parity_context(parity: dict) -> None:
     for a hybrid file the same against the run-time activation grid its kernels use, for a full-integer one against
     its output grids, and an ONNX file's unpinned accuracy level."""
     from ..export.meta import NOISE_REL
+    from ..export.verdict import BESIDE
 
     nll, floor = parity.get("nll"), parity.get("noise_floor")
     parts = []
@@ -172,7 +170,7 @@ def _parity_context(parity: dict) -> None:
         click.echo(f"edgeq: note: {'; '.join(parts)}", err=True)
     if parity.get("accuracy_level_note"):
         click.echo(f"edgeq: note: {parity['accuracy_level_note']}", err=True)
-    for what, key in BESIDE:
+    for key, what in BESIDE:
         beside = parity.get(key)
         if not beside:
             continue

@@ -41,12 +41,13 @@ from ..errors import EdgeqError, choice_error
 from ..models.hf import decoder_attention
 from . import decode_graph_name, register_exporter
 from .batchnorm import bn_folds, folded_integers, rendered_scale
-from .meta import add_quality_context, held_back_inputs, parity_metrics, tolerance_verdict, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .onnx_files import put_in_place, write_graphs
 from .onnx_graph import OPSET, PREFIX, dequantized, export_graph, graph_specs, torch_outputs
 from .onnx_quant import LayerQ, int32_biases, quantize_graph
 from .onnx_readback import read_back
 from .onnx_runtime import ACCURACY_LEVEL_KEY, OnnxRunner
+from .verdict import tolerance_verdict
 from ..quantize.qmodel import is_qdir
 
 VARIANTS = ("fp32", "int8", "int16x8", "dynamic-int8", "weight-only")
@@ -315,7 +316,7 @@ def _inputs_meta(bundle, path: Path) -> list[dict]:
 
 
 def _verdict(parity: dict, variant: str, quantized: bool, layers: list[LayerQ], threads: int) -> dict:
-    """What `parity` was measured against and its verdict (`meta.tolerance_verdict`, as TFLite files have it), with
+    """What `parity` was measured against and its verdict (`verdict.tolerance_verdict`, as TFLite files have it), with
     the decode step held to its prefill where the two compute the same by design: not with a per-tensor dynamic
     grid, which the step takes from one token's range and the prefill from all of them."""
     import onnxruntime

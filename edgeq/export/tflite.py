@@ -22,17 +22,18 @@ from ..errors import EdgeqError, choice_error
 from ..quantize.modules import activations_as
 from ..recipe import ActSpec
 from . import register_exporter, tflite_decode
-from .meta import add_quality_context, held_back_inputs, parity_metrics, tolerance_verdict, write_export_meta
+from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .runtime_min import TFLITE_RUNTIME_MIN
 from .tflite_check import output_clipping, output_grids, output_rounding
 from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
                            hybrid_activations, off_runtime_grid, static_bits)
 from .tflite_quant import OUTPUT_CALIBRATIONS
+from .verdict import tolerance_verdict, within_noise_floor
 
 DEFAULT_SEQ_LEN = 64
 DEFAULT_CALIB_SAMPLES = 8  # inputs the full-integer variants' output grids are calibrated on
 
-# Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation is held to meta.TOLERANCE per variant.
+# Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation is held to verdict.TOLERANCE per variant.
 # fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
 # kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
 # each row to asymmetric int8 where the simulation uses the recipe's grid (w8: symmetric per token;
@@ -84,9 +85,9 @@ def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list,
 def _parity_under(context, ref_module, run, inputs: list, got: list, causal_lm: bool, grid: str) -> dict:
     """The file against the simulation (`ref_module`, whose used rows `run(sample)` gives) run inside `context`, which
     adds a rounding the file does and the simulation does not (described by `grid`), with that simulation's own noise
-    floor, for an LM its mean NLL, and whether the file is within that floor (`meta.within_noise_floor`): if so, that
+    floor, for an LM its mean NLL, and whether the file is within that floor (`verdict.within_noise_floor`): if so, that
     rounding explains the file's departure."""
-    from .meta import lm_nll, noise_floor, within_noise_floor
+    from .meta import lm_nll, noise_floor
 
     with torch.no_grad(), context:
         ref = [run(x) for x in inputs]

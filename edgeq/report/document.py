@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import store
+from ..export.verdict import verdict_text
 from ..agent.stats import CI_METHOD
 from . import compare as cmp
 from .gather import Column, Gathered, gather, reference_quality
@@ -150,7 +151,7 @@ def _parity(columns: list[Column]) -> list[dict]:
         out.append({"artifact_sha256": c.sha, "variant": c.variant, "label": c.label, "format": c.fmt,
                     "exact": (c.export or {}).get("exact"), "max_abs": p.get("max_abs"),
                     "cos_min": p.get("cos_min"), "top1_agree": p.get("top1_agree"),
-                    "samples": p.get("samples"),
+                    "samples": p.get("samples"), "verdict": verdict_text(p) if p else None,
                     "note": None if p else "no parity in FILE.json",
                     **_on_device([col for col in columns if col.sha == c.sha])})
     return out

@@ -171,14 +171,16 @@ def model_tables(m: dict) -> list[Table]:
                              + "; ".join(uniform))
     par = Table(f"{m['model']}: parity (PyTorch simulation vs exported file, from FILE.json)",
                 ["variant", "format", "artifact", "exact", "max |diff|", "min cosine", "top-1 agreement", "samples",
-                 "on-device outputs"], [], key="parity")
+                 "verdict", "on-device outputs"], [], key="parity")
     for r in m["parity"]:
         miss = f"{NM} ({r['note']})" if r["note"] else NM
         par.rows.append([r["label"], r["format"], r["artifact_sha256"][:12], str(r["exact"]),
                          num(r["max_abs"], 4) if r["max_abs"] is not None else miss,
                          num(r["cos_min"], 6) if r["cos_min"] is not None else miss,
                          num(r["top1_agree"], 4) if r["top1_agree"] is not None else miss,
-                         num(r["samples"]) if r["samples"] is not None else miss, r["on_device_note"]])
+                         num(r["samples"]) if r["samples"] is not None else miss,
+                         r["verdict"] or (miss if r["note"] else "no verdict in FILE.json (an ONNX export before 2026-12-05)"),
+                         r["on_device_note"]])
     out.append(par)
     env = Table(f"{m['model']}: environment fingerprint of each run",
                 ["run", "board", "fingerprint", "CPU", "machine", "cores", "memory MB", "kernel", "OS", "python",

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from edgeq.errors import EdgeqError
 from edgeq.export import export
-from edgeq.export.meta import TOLERANCE
+from edgeq.export.verdict import TOLERANCE
 from edgeq.export.onnx_runtime import OnnxRunner
 from edgeq.models import load_model
 from edgeq.models.inputs import calibration_batches
@@ -444,9 +444,9 @@ def test_cli_warns_when_an_onnx_file_is_outside_the_parity_tolerance(capsys, tmp
     """An ONNX file is held to the tolerance a TFLite file of its variant is: outside it, the file is kept and stderr
     warns with each check missed, as FILE.json's parity.missed lists them; stdout stays the JSON."""
     from edgeq.cli.main import main
-    from edgeq.export import meta
+    from edgeq.export import verdict
 
-    monkeypatch.setitem(meta.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
+    monkeypatch.setitem(verdict.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
     out = tmp_path / "cnn.onnx"
     assert main(["export", "tests.export.onnx_cnn:small_cnn", "--format", "onnx", "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()

@@ -464,7 +464,7 @@ def test_output_grids_read_back_and_what_they_saturate(exported, tmp_path, capsy
     from ai_edge_litert.interpreter import Interpreter
 
     from edgeq.cli.main import main
-    from edgeq.export.meta import TOLERANCE
+    from edgeq.export.verdict import TOLERANCE
     from edgeq.export.tflite_check import output_grids
 
     path, meta, qdir = exported["llama-int8"]
@@ -826,9 +826,9 @@ def test_cli_warns_when_a_file_is_outside_the_parity_tolerance(capsys, tmp_path,
     """A file whose outputs miss the tolerance is kept (it may still be what the user wants) with a warning on
     stderr, which leaves the JSON on stdout as it is."""
     from edgeq.cli.main import main
-    from edgeq.export import meta
+    from edgeq.export import verdict
 
-    monkeypatch.setitem(meta.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
+    monkeypatch.setitem(verdict.TOLERANCE, "fp32", (1.5, 1.5))  # a cosine above 1: no file can meet it
     out = tmp_path / "cnn.tflite"
     assert main(["export", CNN, "--format", "tflite", "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()
@@ -926,7 +926,7 @@ def test_native_chatter_dropped_keeps_every_other_line_in_order():
 def test_within_noise_floor_takes_every_check():
     """A file is within the noise floor when its worst rows (the decode step's too), top-1 agreement and NLL are no
     further from the simulation than the simulation under float noise is, the worst of its draws."""
-    from edgeq.export.meta import within_noise_floor
+    from edgeq.export.verdict import within_noise_floor
 
     floor = {"cos_min": 0.90, "top1_agree": 0.93, "nll_spread": 0.01, "draws": 3}
     parity = {"cos_min": 0.92, "top1_agree": 0.94, "nll": {"file": 3.215, "simulation": 3.217}, "noise_floor": floor,
@@ -938,16 +938,32 @@ def test_within_noise_floor_takes_every_check():
         assert within_noise_floor({**parity, **worse}) is False, worse
 
 
+def test_verdict_text_reads_a_miss_by_what_explains_it():
+    """The report's one line per file: within tolerance, or each check missed and whether float noise (the simulation
+    against itself) or a rounding the file does (the run-time grid, the output grids) explains it; nothing from a
+    FILE.json written before verdicts."""
+    from edgeq.export.verdict import verdict_text
+
+    miss = {"within_tolerance": False, "missed": ["cos_min 0.9000 < 0.97", "top1_agree 0.8000 < 0.85"]}
+    assert verdict_text({"within_tolerance": True, "missed": []}) == "within tolerance"
+    assert verdict_text({**miss, "within_noise_floor": True}).endswith("; within the simulation's own noise floor")
+    assert verdict_text({**miss, "within_noise_floor": False, "runtime_grid": {"within_noise_floor": True}}) == (
+        "misses cos_min 0.9000 < 0.97, top1_agree 0.8000 < 0.85; explained by LiteRT's run-time activation grid")
+    unexplained = {**miss, "within_noise_floor": False, "with_output_grids": {"within_noise_floor": False}}
+    assert verdict_text(unexplained).endswith("not explained by float noise: check the file")
+    assert verdict_text({"cos_min": 1.0, "top1_agree": 1.0}) is None
+
+
 def test_cli_notes_a_miss_within_the_noise_floor(capsys, tmp_path, monkeypatch, tiny_llama_ref):
     """Where the simulation under float noise is as far from itself as the file is from it, a missed tolerance is a note
     saying so, not a warning to check the file (here the noise is made wide: one part in a hundred)."""
     import functools
 
     from edgeq.cli.main import main
-    from edgeq.export import meta
+    from edgeq.export import meta, verdict
 
     qdir = _qdir(tmp_path, tiny_llama_ref, "w4-g128-litert", "q")
-    monkeypatch.setitem(meta.TOLERANCE, "int4", (1.5, 1.5))
+    monkeypatch.setitem(verdict.TOLERANCE, "int4", (1.5, 1.5))
     monkeypatch.setattr(meta, "perturbed_quant_inputs", functools.partial(meta.perturbed_quant_inputs, rel=1e-2))
     out = tmp_path / "w4.tflite"
     assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
@@ -963,9 +979,9 @@ def test_cli_notes_a_miss_its_output_grids_explain(capsys, tmp_path, monkeypatch
     floor of the simulation with the file's output grids, computes what edgeq simulates: a note says the grids make
     the difference, with the numbers, instead of the warning to check the file."""
     from edgeq.cli.main import main
-    from edgeq.export import meta
+    from edgeq.export import verdict
 
-    monkeypatch.setitem(meta.TOLERANCE, "int8", (1.5, 1.5))
+    monkeypatch.setitem(verdict.TOLERANCE, "int8", (1.5, 1.5))
     out = tmp_path / "int8.tflite"
     qdir = exported["llama-int8"][2]
     assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
@@ -981,10 +997,10 @@ def test_cli_notes_a_miss_its_output_grids_explain(capsys, tmp_path, monkeypatch
 def test_cli_sets_a_hybrid_files_miss_beside_the_run_time_grid(capsys, tmp_path, monkeypatch, tiny_llama_ref):
     """For a hybrid file the warning's notes also give its parity against the simulation with the run-time grid."""
     from edgeq.cli.main import main
-    from edgeq.export import meta
+    from edgeq.export import verdict
 
     qdir = _qdir(tmp_path, tiny_llama_ref, INT4_FLOAT_ACTS, "q")
-    monkeypatch.setitem(meta.TOLERANCE, "int4", (1.5, 1.5))
+    monkeypatch.setitem(verdict.TOLERANCE, "int4", (1.5, 1.5))
     out = tmp_path / "w4.tflite"
     assert main(["export", str(qdir), "--format", "tflite", "--cache-len", "0", "-o", str(out), "--json"]) == 0
     err = capsys.readouterr().err

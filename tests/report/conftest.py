@@ -112,6 +112,10 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
             make_quant_json(qdir, bits)
         parity = {"max_abs": 0.0, "cos_min": 1.0, "top1_agree": 1.0, "rows": 4, "samples": 4} if bits is None else \
             {"max_abs": 0.01 * bits[0], "cos_min": 1 - 0.001 * bits[0], "top1_agree": 1.0, "rows": 4, "samples": 4}
+        if name == "int8":  # the verdict of an export since 2026-12-05; the others' FILE.json are from before
+            parity |= {"top1_agree": 0.75, "within_tolerance": False, "missed": ["top1_agree 0.7500 < 0.85"],
+                       "within_noise_floor": False,
+                       "with_output_grids": {"within_noise_floor": True}}
         write_file_json(path, name, qdir, parity)
         out[name] = path
     return out

@@ -97,6 +97,10 @@ def test_bit_allocation_parity_and_summary(doc_and_rows, artifacts):
     parity = {r["artifact_sha256"]: r for r in model["parity"]}
     meta = json.loads(artifacts["int4"].with_name("int4.onnx.json").read_text())
     assert parity[meta["sha256"]]["max_abs"] == meta["parity"]["max_abs"]
+    # the verdict FILE.json holds, in words; none for a FILE.json from before verdicts
+    int8 = json.loads(artifacts["int8"].with_name("int8.onnx.json").read_text())
+    assert parity[int8["sha256"]]["verdict"] == "misses top1_agree 0.7500 < 0.85; explained by the file's output grids"
+    assert parity[meta["sha256"]]["verdict"] is None
     # the board's outputs against this host's on the same inputs: one record per run of the file (a local agent:
     # the same runtime, so the same outputs)
     (run,) = parity[meta["sha256"]]["on_device"]
