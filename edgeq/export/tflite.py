@@ -266,8 +266,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
         ref_module = graph_module(b, model)
         used = _used_rows(b)
 
-        def run(x):
+        def run(x):  # the simulation's rows a user reads
             return used(ref_module(*x).float().numpy(), x)
+
         ref = [run(x) for x in inputs]
     got = [used(runner(*[t.numpy() for t in x])[0], x) for x in inputs]
     parity = parity_metrics(ref, got)
@@ -276,7 +277,9 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if not float_acts:
         with torch.no_grad():
             add_quality_context(parity, ref_module, run, inputs, ref, got, b.kind == "causal-lm")
-        off_grid = _runtime_grid_parity(layers, ref_module, run, inputs, got, b.kind == "causal-lm") if variant in HYBRID else None
+        off_grid = None
+        if variant in HYBRID:
+            off_grid = _runtime_grid_parity(layers, ref_module, run, inputs, got, b.kind == "causal-lm")
         if off_grid:
             parity["runtime_grid"] = off_grid
         if grids:

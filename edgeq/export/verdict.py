@@ -66,16 +66,24 @@ def explained_by(parity: dict) -> str | None:
 
 def verdict_text(parity: dict) -> str | None:
     """A file's parity verdict in a few words: within its tolerance, or what it missed and how that reads (within the
-    simulation's noise floor, explained by a rounding the file does, or not explained). None for a FILE.json from
-    before verdicts (ONNX files before 2026-12-05)."""
+    simulation's noise floor; explained by a rounding the file does; else which checks fall below the floor, and
+    whether an LM's mean NLL stays within it). None for a FILE.json from before verdicts (ONNX before 2026-12-05)."""
     if "within_tolerance" not in parity:
         return None
     if parity["within_tolerance"]:
         return "within tolerance"
+    missed = f"misses {', '.join(parity.get('missed') or [])}"
+    floor = parity.get("noise_floor")
     if parity.get("within_noise_floor"):
-        why = "within the simulation's own noise floor"
-    elif explained_by(parity):
-        why = f"explained by {explained_by(parity)}"
-    else:
-        why = "not explained by float noise: check the file"
-    return f"misses {', '.join(parity.get('missed') or [])}; {why}"
+        return f"{missed}; within the simulation's own noise floor"
+    if explained_by(parity):
+        return f"{missed}; explained by {explained_by(parity)}"
+    if not floor:
+        return f"{missed}; no noise floor to set it against: check the file"
+    below = [f"{name} {value:.4f} < {bound:.4f}" for name, value, bound in
+             row_checks(parity, floor["cos_min"], floor["top1_agree"]) if value < bound - FLOAT_SLACK]
+    nll = parity.get("nll")
+    nll_within = (bool(nll) and "nll_spread" in floor
+                  and abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"] + FLOAT_SLACK)
+    return (f"{missed}; below the simulation's noise floor ({', '.join(below) or 'mean NLL'})"
+            f"{', mean NLL within it' if nll_within else ''}: check the file")

@@ -12,6 +12,7 @@ from typing import Any
 from ..console import size_text
 
 NM = "not measured"
+NO_VERDICT = "no verdict in FILE.json (an ONNX export before 2026-12-05)"
 
 
 @dataclasses.dataclass
@@ -179,7 +180,7 @@ def model_tables(m: dict) -> list[Table]:
                          num(r["cos_min"], 6) if r["cos_min"] is not None else miss,
                          num(r["top1_agree"], 4) if r["top1_agree"] is not None else miss,
                          num(r["samples"]) if r["samples"] is not None else miss,
-                         r["verdict"] or (miss if r["note"] else "no verdict in FILE.json (an ONNX export before 2026-12-05)"),
+                         r["verdict"] or (miss if r["note"] else NO_VERDICT),
                          r["on_device_note"]])
     out.append(par)
     env = Table(f"{m['model']}: environment fingerprint of each run",
