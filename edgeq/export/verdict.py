@@ -6,6 +6,8 @@ Shared by both exporters (FILE.json `parity`), the CLI and the report; no torch,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # The lower bounds of a file's parity, per variant: (its worst output row's cosine, top-1 agreement) against what it
 # renders, the PyTorch simulation (fp32 and weight-only: float arithmetic on the same weights, so reassociation only).
 TOLERANCE = {"fp32": (0.9999, 0.99), "weight-only": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9),
@@ -43,12 +45,13 @@ def within_noise_floor(parity: dict) -> bool | None:
     return all(value >= bound - FLOAT_SLACK for _, value, bound in checks)
 
 
-def tolerance_verdict(parity: dict, variant: str, missed: list[str] = ()) -> dict:
+def tolerance_verdict(parity: dict, variant: str, extra: Sequence[str] = ()) -> dict:
     """FILE.json parity's verdict on a file of `variant`: its tolerance, each check missed as "what: measured vs
-    bound" (`row_checks`, then the format's own `missed`), and `within_noise_floor`. Merged into `parity`."""
+    bound" (`row_checks`, then the format's own checks missed, `extra`), and `within_noise_floor`. Merged into
+    `parity`."""
     cos_tol, top1_tol = TOLERANCE[variant]
     missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in row_checks(parity, cos_tol, top1_tol)
-              if value < bound] + list(missed)
+              if value < bound] + list(extra)
     return {"tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol}, "within_tolerance": not missed, "missed": missed,
             "within_noise_floor": within_noise_floor(parity)}
 
@@ -76,8 +79,9 @@ def verdict_text(parity: dict) -> str | None:
     floor = parity.get("noise_floor")
     if parity.get("within_noise_floor"):
         return f"{missed}; within the simulation's own noise floor"
-    if explained_by(parity):
-        return f"{missed}; explained by {explained_by(parity)}"
+    explained = explained_by(parity)
+    if explained:
+        return f"{missed}; explained by {explained}"
     if not floor:
         return f"{missed}; no noise floor to set it against: check the file"
     below = [f"{name} {value:.4f} < {bound:.4f}" for name, value, bound in
