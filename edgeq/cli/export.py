@@ -128,8 +128,14 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
 
 
 def _saturation_note(meta: dict) -> None:
-    """After a missed parity, on stderr: the full-integer file's output grids that saturate most, and what widens them."""
+    """After a missed parity, on stderr: the full-integer file's output grids that saturate most, and what widens them;
+    for an ONNX file with output grids, that its parity measures them (edgeq's simulation does not have them)."""
     grids = meta.get("output_grids") or {}
+    if meta.get("format") == "onnx" and grids:
+        click.echo(f"edgeq: note: the file's output grids (--output-grids: {grids['tensors']} tensors, calibrated on "
+                   f"{grids['calib_samples']} inputs) are not part of edgeq's simulation, so its parity measures their "
+                   "rounding too; export without them to check the rest", err=True)
+        return
     if not grids.get("clipped"):
         return
     name, worst = next(iter(grids["clipped"].items()))

@@ -457,6 +457,22 @@ def test_cli_warns_when_an_onnx_file_is_outside_the_parity_tolerance(capsys, tmp
     assert parity["within_noise_floor"] is None  # an fp32 file: nothing to perturb, so no note instead of the warning
 
 
+def test_cli_says_an_onnx_files_output_grids_are_not_simulated(capsys, tmp_path, monkeypatch):
+    """An ONNX file exported with --output-grids rounds outputs the simulation keeps float: a miss says so beside the
+    warning, with what to export to check the rest."""
+    from edgeq.cli.main import main
+    from edgeq.export import verdict
+
+    qdir = _quantize("tests.export.onnx_cnn:residual_cnn", "w8a8", tmp_path, source="images")
+    monkeypatch.setitem(verdict.TOLERANCE, "int8", (1.5, 1.5))  # a cosine above 1: no file can meet it
+    out = tmp_path / "grids.onnx"
+    assert main(["export", str(qdir), "--format", "onnx", "--output-grids", "--calib-samples", "2", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    tensors = json.loads(Path(str(out) + ".json").read_text())["output_grids"]["tensors"]
+    assert err.startswith("edgeq: warning:") and "check it before shipping it" in err
+    assert f"the file's output grids (--output-grids: {tensors} tensors, calibrated on 2 inputs) are not part" in err
+
+
 def test_decode_step_is_held_to_the_prefill_unless_a_grid_is_per_tensor():
     """An ONNX decode step computes what the prefill computes at the same position, to float reassociation: a larger
     difference is a missed check. Not with a per-tensor dynamic grid, whose range the step takes from one token."""
