@@ -109,13 +109,13 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
                    f"noise: the file computes what edgeq simulates, and the difference is {explained}, which quant.json's "
                    f"simulation leaves out (its parity in {output}.json)", err=True)
         _parity_context(parity)
-        _saturation_note(meta)
+        _grid_notes(meta)
     elif parity.get("within_tolerance") is False:
         click.echo(f"edgeq: warning: {output} differs from the {parity.get('reference')} beyond the tolerance: "
                    f"{', '.join(parity.get('missed') or ['see its parity'])} (its parity in {output}.json); "
                    "check it before shipping it", err=True)
         _parity_context(parity)
-        _saturation_note(meta)
+        _grid_notes(meta)
     if as_json:
         emit_json(meta)
         return
@@ -127,7 +127,7 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
     )
 
 
-def _saturation_note(meta: dict) -> None:
+def _grid_notes(meta: dict) -> None:
     """After a missed parity, on stderr: the full-integer file's output grids that saturate most, and what widens them;
     for an ONNX file with output grids, that its parity measures them (edgeq's simulation does not have them)."""
     grids = meta.get("output_grids") or {}

@@ -70,7 +70,7 @@ def _used_rows(bundle):
     return lambda out, sample: np.asarray(out)[np.asarray(sample[1]).astype(bool)]
 
 
-def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list, causal_lm: bool) -> dict | None:
+def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list, file_nll: float | None) -> dict | None:
     """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
     hybrid kernels quantize them at run time (`RUNTIME_GRID`): whether the file departs from the simulation by more
     than the run-time grid and float noise explain (`_parity_under`). None: every linear layer is on that grid
@@ -78,25 +78,25 @@ def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list,
     if not off_runtime_grid(layers):
         return None
     return _parity_under(activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"), ref_module, run, inputs, got,
-                         causal_lm, "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid "
+                         file_nll, "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid "
                                     "kernels do")
 
 
-def _parity_under(context, ref_module, run, inputs: list, got: list, causal_lm: bool, grid: str) -> dict:
+def _parity_under(context, ref_module, run, inputs: list, got: list, file_nll: float | None, grid: str) -> dict:
     """The file against the simulation (`ref_module`, whose used rows `run(sample)` gives) run inside `context`, which
     adds a rounding the file does and the simulation does not (described by `grid`), with that simulation's own noise
-    floor, for an LM its mean NLL, and whether the file is within that floor (`verdict.within_noise_floor`): if so, that
-    rounding explains the file's departure."""
+    floor, for an LM (`file_nll`: the file's mean NLL, None for other models) its mean NLL, and whether the file is
+    within that floor (`verdict.within_noise_floor`): if so, that rounding explains the file's departure."""
     from .meta import lm_nll, noise_floor
 
     with torch.no_grad(), context:
         ref = [run(x) for x in inputs]
         out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
-        floor = noise_floor(ref_module, run, inputs, ref, causal_lm)
+        floor = noise_floor(ref_module, run, inputs, ref, file_nll is not None)
     out["grid"] = grid
     if floor is not None:
         out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread")}
-    nll = {"simulation": lm_nll(ref, inputs), "file": lm_nll(got, inputs)} if causal_lm else None
+    nll = None if file_nll is None else {"simulation": lm_nll(ref, inputs), "file": file_nll}
     if nll:
         out["nll_simulation"] = nll["simulation"]
     out["within_noise_floor"] = within_noise_floor({**out, "nll": nll, "noise_floor": floor})
@@ -277,14 +277,15 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     if not float_acts:
         with torch.no_grad():
             add_quality_context(parity, ref_module, run, inputs, ref, got, b.kind == "causal-lm")
+        file_nll = (parity.get("nll") or {}).get("file")  # an LM's, from add_quality_context
         off_grid = None
         if variant in HYBRID:
-            off_grid = _runtime_grid_parity(layers, ref_module, run, inputs, got, b.kind == "causal-lm")
+            off_grid = _runtime_grid_parity(layers, ref_module, run, inputs, got, file_nll)
         if off_grid:
             parity["runtime_grid"] = off_grid
         if grids:
             parity["with_output_grids"] = _parity_under(
-                output_rounding(layers, grids), ref_module, run, inputs, got, b.kind == "causal-lm",
+                output_rounding(layers, grids), ref_module, run, inputs, got, file_nll,
                 "each layer's output rounded to its output grid in the file (int8; int16 in 16x8 layers) and saturated "
                 "at its ends, as the file requantizes it")
     signatures = None

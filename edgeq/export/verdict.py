@@ -38,11 +38,19 @@ def within_noise_floor(parity: dict) -> bool | None:
     floor = parity.get("noise_floor")
     if not floor:
         return None
+    below, nll_within = _against_floor(parity, floor)
+    return not below and nll_within is not False
+
+
+def _against_floor(parity: dict, floor: dict) -> tuple[list[str], bool | None]:
+    """The `row_checks` below the noise floor's, as "what measured < bound", and whether an LM's mean NLL is within the
+    floor's NLL spread of the simulation's (None: no NLL to compare), each to `FLOAT_SLACK`."""
+    below = [f"{name} {value:.4f} < {bound:.4f}" for name, value, bound in
+             row_checks(parity, floor["cos_min"], floor["top1_agree"]) if value < bound - FLOAT_SLACK]
     nll = parity.get("nll")
-    if nll and "nll_spread" in floor and abs(nll["file"] - nll["simulation"]) > floor["nll_spread"] + FLOAT_SLACK:
-        return False
-    checks = row_checks(parity, floor["cos_min"], floor["top1_agree"])
-    return all(value >= bound - FLOAT_SLACK for _, value, bound in checks)
+    if not nll or "nll_spread" not in floor:
+        return below, None
+    return below, abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"] + FLOAT_SLACK
 
 
 def tolerance_verdict(parity: dict, variant: str, extra: Sequence[str] = ()) -> dict:
@@ -84,10 +92,6 @@ def verdict_text(parity: dict) -> str | None:
         return f"{missed}; explained by {explained}"
     if not floor:
         return f"{missed}; no noise floor to set it against: check the file"
-    below = [f"{name} {value:.4f} < {bound:.4f}" for name, value, bound in
-             row_checks(parity, floor["cos_min"], floor["top1_agree"]) if value < bound - FLOAT_SLACK]
-    nll = parity.get("nll")
-    nll_within = (bool(nll) and "nll_spread" in floor
-                  and abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"] + FLOAT_SLACK)
+    below, nll_within = _against_floor(parity, floor)
     return (f"{missed}; below the simulation's noise floor ({', '.join(below) or 'mean NLL'})"
             f"{', mean NLL within it' if nll_within else ''}: check the file")
