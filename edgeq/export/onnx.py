@@ -105,7 +105,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
                 decode: bool = True, accuracy_level: int | None = 0, external_data: bool | None = None,
                 int8_weights: str = "uint8", graph_cache: bool = True, optimize: bool = True,
                 output_grids: bool = False, calib_samples: int | None = None,
-                parity_samples: int = 4, parity_seq_len: int = 64, threads: int = 1) -> dict:
+                parity_samples: int | None = None, parity_seq_len: int = 64, threads: int = 1) -> dict:
     """Export to `out` (.onnx); returns the metadata written to `out`.json.
 
     Options: `decode` (decoder LMs: also write the KV-cache decode-step graph), `accuracy_level`
@@ -124,7 +124,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
     (False: write the graph as rendered, without ONNX Runtime's basic graph optimizations, see
     onnx_files.OFFLINE_OPTIMIZATION_SKIPS, and with float biases, as TensorRT's parser needs them; True: static Convs' and Gemms'
     biases int32, as ONNX Runtime's integer kernels take them, see onnx_quant.int32_biases),
-    `parity_samples` / `parity_seq_len` (held-back inputs), `threads` (for parity).
+    `parity_samples` / `parity_seq_len` (held-back inputs; by default `meta.parity_samples`), `threads` (for parity).
     """
     out = Path(out)
     if int8_weights not in ("int8", "uint8"):

@@ -92,11 +92,11 @@ def _parity_under(context, ref_module, run, inputs: list, got: list, file_nll: f
     with torch.no_grad(), context:
         ref = [run(x) for x in inputs]
         out = {k: v for k, v in parity_metrics(ref, got).items() if k in ("max_abs", "cos_min", "top1_agree")}
-        floor = noise_floor(ref_module, run, inputs, ref, file_nll is not None)
+        nll = None if file_nll is None else {"simulation": lm_nll(ref, inputs), "file": file_nll}
+        floor = noise_floor(ref_module, run, inputs, ref, file_nll is not None, file={**out, "nll": nll})
     out["grid"] = grid
     if floor is not None:
-        out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread")}
-    nll = None if file_nll is None else {"simulation": lm_nll(ref, inputs), "file": file_nll}
+        out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread", "draws")}
     if nll:
         out["nll_simulation"] = nll["simulation"]
     out["within_noise_floor"] = within_noise_floor({**out, "nll": nll, "noise_floor": floor})
@@ -274,6 +274,16 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     parity = parity_metrics(ref, got)
     if b.kind == "encoder":
         parity["rows_used"] = "each sentence's tokens (attention mask 1), not the padding to the file's fixed length"
+    signatures = None
+    if cache_len:
+        step = TfliteRunner(buf, threads=1, signature="decode")
+        parity["decode"], steps = tflite_decode.parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
+        if static_slots is None:
+            parity["decode"]["resized"] = tflite_decode.resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
+        signatures = {"serving_default": {"inputs": _input_meta(runner, b)},
+                      "decode": {"inputs": _decode_input_meta(step, b, cache_len, static_slots is None)}}
+        del step
+    # the noise floor is drawn until the file is within it, so every check it is set against is measured first
     if not float_acts:
         with torch.no_grad():
             add_quality_context(parity, ref_module, run, inputs, ref, got, b.kind == "causal-lm")
@@ -288,15 +298,6 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
                 output_rounding(layers, grids), ref_module, run, inputs, got, file_nll,
                 "each layer's output rounded to its output grid in the file (int8; int16 in 16x8 layers) and saturated "
                 "at its ends, as the file requantizes it")
-    signatures = None
-    if cache_len:
-        step = TfliteRunner(buf, threads=1, signature="decode")
-        parity["decode"], steps = tflite_decode.parity(step, runner, inputs[0][0].numpy(), ref[0], got[0], cache_len)
-        if static_slots is None:
-            parity["decode"]["resized"] = tflite_decode.resized_parity(buf, inputs[0][0].numpy(), steps, cache_len)
-        signatures = {"serving_default": {"inputs": _input_meta(runner, b)},
-                      "decode": {"inputs": _decode_input_meta(step, b, cache_len, static_slots is None)}}
-        del step
     xnnpack = _xnnpack_coverage(buf, ["serving_default"] + (["decode"] if cache_len else []))
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference, "runtime": f"{runtime_version()} XNNPACK, 1 thread",

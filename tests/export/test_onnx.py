@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from edgeq.errors import EdgeqError
 from edgeq.export import export
 from edgeq.export.verdict import TOLERANCE
+from edgeq.export.meta import PARITY_SAMPLES_ONE_ROW
 from edgeq.export.onnx_runtime import OnnxRunner
 from edgeq.models import load_model
 from edgeq.models.inputs import calibration_batches
@@ -427,7 +428,8 @@ def test_small_cnn_from_factory(cnn_exports, tmp_path, recipe, variant):
     assert meta["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 224, 224]}]
     # random-init logits are small and close together: hold the cosine, and max_abs relative to their scale
     p = meta["parity"]
-    assert p["cos_min"] >= 0.999 and p["rows"] == 4
+    # one row per image: 32 of them, so one flipped top-1 is 0.97 agreement, not 0.75
+    assert p["cos_min"] >= 0.999 and p["rows"] == p["samples"] == PARITY_SAMPLES_ONE_ROW == 32
     qm = load_quantized(qdir)
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32))
     with torch.no_grad():
@@ -917,6 +919,40 @@ def test_noise_floor_perturbs_only_inside(tiny_exports):
         after = model(ids).logits
     assert hooked == len(load_quantized(qdir).layers())
     assert not torch.equal(base, perturbed) and torch.equal(base, after)
+
+
+def test_noise_floor_draws_until_the_file_is_within_it(tiny_exports):
+    """The noise floor is the worst of its draws, each recorded (`per_draw`). Without a file it takes all
+    `NOISE_DRAWS`; with one it stops once the file is within it, after `NOISE_DRAWS_MIN`, and a file below every draw
+    takes all of them and stays below: the verdict all the draws would give."""
+    from edgeq.export import meta
+    from edgeq.export.verdict import within_noise_floor
+
+    qdir, _, _ = tiny_exports["w8"]
+    model = load_quantized(qdir).model.eval()
+    inputs = [(torch.tensor([list(b"The quick brown fox jumps over the lazy dog.")]),),
+              (torch.tensor([list(b"Pack my box with five dozen liquor jugs.")]),)]
+
+    def run(x):
+        return model(*x).logits.numpy()
+
+    with torch.no_grad():
+        ref = [run(x) for x in inputs]
+    full = meta.noise_floor(model, run, inputs, ref, causal_lm=True)
+    assert full["draws"] == meta.NOISE_DRAWS == len(full["per_draw"]["cos_min"]) == len(full["per_draw"]["nll_offset"])
+    assert full["cos_min"] == min(full["per_draw"]["cos_min"]) < max(full["per_draw"]["cos_min"])
+    assert full["nll_spread"] == max(map(abs, full["per_draw"]["nll_offset"])) > 0
+    simulation = meta.lm_nll(ref, inputs)
+    # a file as far as the median draw: within after a few draws, at the floor those draws give
+    typical = {"cos_min": float(np.median(full["per_draw"]["cos_min"])), "top1_agree": 1.0,
+               "nll": {"simulation": simulation, "file": simulation}}
+    early = meta.noise_floor(model, run, inputs, ref, causal_lm=True, file=typical)
+    assert meta.NOISE_DRAWS_MIN <= early["draws"] < meta.NOISE_DRAWS
+    assert early["per_draw"]["cos_min"] == full["per_draw"]["cos_min"][: early["draws"]]
+    assert within_noise_floor({**typical, "noise_floor": early}) is True
+    far = {**typical, "cos_min": full["cos_min"] - 0.01}
+    late = meta.noise_floor(model, run, inputs, ref, causal_lm=True, file=far)
+    assert late["draws"] == meta.NOISE_DRAWS and within_noise_floor({**far, "noise_floor": late}) is False
 
 
 @pytest.mark.parametrize("symmetric, granularity, weights_symmetric", [(True, "token", True), (False, "token", True),

@@ -1,0 +1,124 @@
+"""Probe: where an exported file sits among its simulation's noise-floor draws. Not a test.
+
+    .venv/bin/python tools/probe_noise_floor.py --export QDIR:FORMAT [QDIR:FORMAT ...] --out benchmarks/noise_floor_smollm2
+
+A file's parity verdict sets it against the noise floor: the PyTorch simulation run against itself with every
+quantized layer's input perturbed by 1e-6, the worst of up to `meta.NOISE_DRAWS` draws (FILE.json
+`parity.noise_floor`, each draw in `per_draw`; an export stops drawing once the file is within the floor, this probe
+takes all of them). If the file departs from the simulation by float noise like the draws', it is one more draw, and
+falls below the worst of k draws on a measure with probability 1/(k+1). This exports each QDIR in its FORMAT (onnx
+or tflite; `edgeq export`, the default variant, TFLite without a decode signature) and reports, per measure (the worst
+row's cosine, top-1 agreement, an LM's mean NLL offset), the file's value, the draws' range and median, how many
+draws are further from the simulation than the file, and what the floor would have said with only the first 3 draws
+(the rule before 2026-12-06). Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from hostinfo import machine, md_table  # noqa: E402
+
+
+def standing(file_value: float, draws: list[float], higher_is_better: bool = True) -> dict:
+    """The file's measure among the draws': their range and median, how many draws are worse than the file, and
+    whether it is at or above the worst of all draws and of the first 3."""
+    worse = (lambda d: d < file_value) if higher_is_better else (lambda d: d > file_value)
+    at_floor = (lambda ds: file_value >= min(ds)) if higher_is_better else (lambda ds: file_value <= max(ds))
+    return {"file": file_value, "draws_min": min(draws), "draws_median": statistics.median(draws),
+            "draws_max": max(draws), "draws_worse_than_file": sum(map(worse, draws)), "draws": len(draws),
+            "within_all": at_floor(draws), "within_first_3": at_floor(draws[:3])}
+
+
+def measure(meta: dict) -> dict:
+    """The file's standing (`standing`) on each measure its noise floor has draws for."""
+    parity = meta["parity"]
+    per_draw = parity["noise_floor"]["per_draw"]
+    out = {"cos_min": standing(parity["cos_min"], per_draw["cos_min"]),
+           "top1_agree": standing(parity["top1_agree"], per_draw["top1_agree"])}
+    if "nll_offset" in per_draw:
+        offset = abs(parity["nll"]["file"] - parity["nll"]["simulation"])
+        out["nll_offset"] = standing(offset, [abs(d) for d in per_draw["nll_offset"]], higher_is_better=False)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", nargs="+", required=True, metavar="QDIR:FORMAT")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--source", default="", help="how the QDIRs were made, for the Markdown")
+    args = ap.parse_args()
+
+    from edgeq.cli.main import main as edgeq
+    from edgeq.export import meta
+
+    meta.NOISE_DRAWS_MIN = meta.NOISE_DRAWS  # every draw, not only until the file is within the floor
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in args.export:
+            qdir, _, fmt = pair.rpartition(":")
+            if fmt not in ("onnx", "tflite"):
+                raise SystemExit(f"--export {pair}: FORMAT is onnx or tflite")
+            out = Path(tmp) / f"{Path(qdir).stem}.{fmt}"
+            extra = ["--cache-len", "0"] if fmt == "tflite" else []  # the floor's draws are of the prefill
+            t0 = time.time()
+            rc = edgeq(["export", qdir, "--format", fmt, "-o", str(out), "--json", *extra])
+            if rc != 0:
+                raise SystemExit(f"edgeq export {qdir} --format {fmt} failed with {rc}")
+            meta = json.loads(Path(str(out) + ".json").read_text())
+            parity = meta["parity"]
+            rows.append({"qdir": str(qdir), "format": fmt, "variant": meta["variant"],
+                         "seconds": round(time.time() - t0, 1), "within_tolerance": parity["within_tolerance"],
+                         "within_noise_floor": parity["within_noise_floor"], "measures": measure(meta)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    result = {"command": "tools/probe_noise_floor.py " + " ".join(map(shlex.quote, sys.argv[1:])),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": machine(), "source": args.source,
+              "rows": rows}
+    write_json_atomic(Path(args.out + ".json"), result)
+    write_text_atomic(Path(args.out + ".md"), "\n".join(markdown(result)) + "\n")
+
+
+def markdown(result: dict) -> list[str]:
+    lines = ["# A file among its simulation's noise-floor draws (probe)", "", "```",
+             f".venv/bin/python {result['command']}", "```", "",
+             f"Created {result['created']} on {result['host'].get('cpu', '?')}."
+             + (f" The QDIRs: {result['source']}." if result.get("source") else "") + " Each QDIR exported in its default "
+             "variant; the file's measure against the simulation, and the same measure of each noise-floor draw "
+             "(the simulation against itself, every quantized layer's input perturbed by 1e-6). \"worse draws\": how "
+             "many draws are further from the simulation than the file; a file that is one more draw has every rank "
+             "equally likely. \"first 3\": at or above the worst of the first 3 draws (the floor before 2026-12-06).",
+             ""]
+    header = ["file", "variant", "measure", "file's", "draws: worst / median / best", "worse draws", "within all",
+              "within first 3"]
+    body = []
+    for row in result["rows"]:
+        name = f"{Path(row['qdir']).stem}.{row['format']}"
+        for what, s in row["measures"].items():
+            body.append([name, row["variant"], what, f"{s['file']:.4f}",
+                         f"{s['draws_min']:.4f} / {s['draws_median']:.4f} / {s['draws_max']:.4f}"
+                         if what != "nll_offset" else
+                         f"{s['draws_max']:.4f} / {s['draws_median']:.4f} / {s['draws_min']:.4f}",
+                         f"{s['draws_worse_than_file']} of {s['draws']}", "yes" if s["within_all"] else "no",
+                         "yes" if s["within_first_3"] else "no"])
+    lines += md_table(header, body)
+    lines += ["", "Verdicts as exported (all draws): " + ", ".join(
+        f"{Path(r['qdir']).stem}.{r['format']} within tolerance {r['within_tolerance']}, within noise floor "
+        f"{r['within_noise_floor']}" for r in result["rows"]) + "."]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
