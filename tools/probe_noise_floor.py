@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgeq.export.verdict import BESIDE  # noqa: E402
 from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from hostinfo import machine, md_table  # noqa: E402
 
@@ -41,15 +42,28 @@ def standing(file_value: float, draws: list[float], higher_is_better: bool = Tru
             "within_all": at_floor(draws), "within_first_3": at_floor(draws[:3])}
 
 
-def measure(meta: dict) -> dict:
-    """The file's standing (`standing`) on each measure its noise floor has draws for."""
-    parity = meta["parity"]
-    per_draw = parity["noise_floor"]["per_draw"]
+def measure(parity: dict, floor: dict, file_nll: float | None = None, simulation_nll: float | None = None) -> dict:
+    """The file's standing (`standing`) on each measure `floor` has draws for: the file's `parity` against a
+    simulation, and an LM's mean NLL, the file's and that simulation's."""
+    per_draw = floor["per_draw"]
     out = {"cos_min": standing(parity["cos_min"], per_draw["cos_min"]),
            "top1_agree": standing(parity["top1_agree"], per_draw["top1_agree"])}
     if "nll_offset" in per_draw:
-        offset = abs(parity["nll"]["file"] - parity["nll"]["simulation"])
-        out["nll_offset"] = standing(offset, [abs(d) for d in per_draw["nll_offset"]], higher_is_better=False)
+        out["nll_offset"] = standing(abs(file_nll - simulation_nll), [abs(d) for d in per_draw["nll_offset"]],
+                                     higher_is_better=False)
+    return out
+
+
+def measures(meta: dict) -> dict:
+    """The file's standing against the simulation (`measures`), and against each simulation with a rounding the
+    file does that its FILE.json has (`beside`)."""
+    parity = meta["parity"]
+    nll = parity.get("nll") or {}
+    out = {"measures": measure(parity, parity["noise_floor"], nll.get("file"), nll.get("simulation")), "beside": {}}
+    for key, what in BESIDE:
+        if key in parity:
+            out["beside"][f"with {what}"] = measure(parity[key], parity[key]["noise_floor"], nll.get("file"),
+                                          parity[key].get("nll_simulation"))
     return out
 
 
@@ -81,7 +95,7 @@ def main() -> None:
             parity = meta["parity"]
             rows.append({"qdir": str(qdir), "format": fmt, "variant": meta["variant"],
                          "seconds": round(time.time() - t0, 1), "within_tolerance": parity["within_tolerance"],
-                         "within_noise_floor": parity["within_noise_floor"], "measures": measure(meta)})
+                         "within_noise_floor": parity["within_noise_floor"], **measures(meta)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     result = {"command": "tools/probe_noise_floor.py " + " ".join(map(shlex.quote, sys.argv[1:])),
@@ -97,22 +111,24 @@ def markdown(result: dict) -> list[str]:
              f"Created {result['created']} on {result['host'].get('cpu', '?')}."
              + (f" The QDIRs: {result['source']}." if result.get("source") else "") + " Each QDIR exported in its default "
              "variant; the file's measure against the simulation, and the same measure of each noise-floor draw "
-             "(the simulation against itself, every quantized layer's input perturbed by 1e-6). \"worse draws\": how "
+             "(the simulation against itself, every quantized layer's input perturbed by 1e-6); \"against\": the "
+             "simulation of quant.json, or that simulation with a rounding the file does (a hybrid file's run-time "
+             "grid, a full-integer file's output grids), with its own draws. \"worse draws\": how "
              "many draws are further from the simulation than the file; a file that is one more draw has every rank "
              "equally likely. \"first 3\": at or above the worst of the first 3 draws (the floor before 2026-12-06).",
              ""]
-    header = ["file", "variant", "measure", "file's", "draws: worst / median / best", "worse draws", "within all",
-              "within first 3"]
+    header = ["file", "variant", "against", "measure", "file's", "draws: worst / median / best", "worse draws",
+              "within all", "within first 3"]
     body = []
     for row in result["rows"]:
         name = f"{Path(row['qdir']).stem}.{row['format']}"
-        for what, s in row["measures"].items():
-            body.append([name, row["variant"], what, f"{s['file']:.4f}",
-                         f"{s['draws_min']:.4f} / {s['draws_median']:.4f} / {s['draws_max']:.4f}"
-                         if what != "nll_offset" else
-                         f"{s['draws_max']:.4f} / {s['draws_median']:.4f} / {s['draws_min']:.4f}",
-                         f"{s['draws_worse_than_file']} of {s['draws']}", "yes" if s["within_all"] else "no",
-                         "yes" if s["within_first_3"] else "no"])
+        for simulation, standings in {"the simulation": row["measures"], **(row.get("beside") or {})}.items():
+            for what, s in standings.items():
+                worst, best = (s["draws_min"], s["draws_max"]) if what != "nll_offset" else (s["draws_max"], s["draws_min"])
+                body.append([name, row["variant"], simulation, what, f"{s['file']:.4f}",
+                             f"{worst:.4f} / {s['draws_median']:.4f} / {best:.4f}",
+                             f"{s['draws_worse_than_file']} of {s['draws']}", "yes" if s["within_all"] else "no",
+                             "yes" if s["within_first_3"] else "no"])
     lines += md_table(header, body)
     lines += ["", "Verdicts as exported (all draws): " + ", ".join(
         f"{Path(r['qdir']).stem}.{r['format']} within tolerance {r['within_tolerance']}, within noise floor "

@@ -96,7 +96,8 @@ def _parity_under(context, ref_module, run, inputs: list, got: list, file_nll: f
         floor = noise_floor(ref_module, run, inputs, ref, file_nll is not None, file={**out, "nll": nll})
     out["grid"] = grid
     if floor is not None:
-        out["noise_floor"] = {k: v for k, v in floor.items() if k in ("cos_min", "top1_agree", "nll_spread", "draws")}
+        out["noise_floor"] = {k: v for k, v in floor.items()
+                              if k in ("cos_min", "top1_agree", "nll_spread", "draws", "per_draw")}
     if nll:
         out["nll_simulation"] = nll["simulation"]
     out["within_noise_floor"] = within_noise_floor({**out, "nll": nll, "noise_floor": floor})

@@ -136,7 +136,7 @@ def test_hybrid_files_against_the_run_time_activation_grid(exported):
     runtime = floats["runtime_grid"]
     assert runtime["max_abs"] < floats["max_abs"] / 5 and runtime["cos_min"] > floats["cos_min"], (runtime, floats)
     assert runtime["top1_agree"] >= floats["top1_agree"]
-    assert set(runtime["noise_floor"]) == {"cos_min", "top1_agree", "nll_spread", "draws"}
+    assert set(runtime["noise_floor"]) == {"cos_min", "top1_agree", "nll_spread", "draws", "per_draw"}
     assert abs(runtime["nll_simulation"] - floats["nll"]["file"]) < abs(floats["nll"]["simulation"] - floats["nll"]["file"]) + 1e-4
     assert dyn["runtime_grid"]["max_abs"] < dyn["max_abs"], (dyn["runtime_grid"], dyn)
     for case in ("llama-int8", "llama-int16x8", "llama-fp32", "cnn-int8"):
