@@ -1,6 +1,6 @@
 """Probe: where an exported file sits among its simulation's noise-floor draws. Not a test.
 
-    .venv/bin/python tools/probe_noise_floor.py --export QDIR:FORMAT [QDIR:FORMAT ...] --out benchmarks/noise_floor_smollm2
+    .venv/bin/python tools/probe_noise_floor.py --export QDIR:FORMAT [QDIR:FORMAT ...] --out benchmarks/noise_floor_X
 
 A file's parity verdict sets it against the noise floor: the PyTorch simulation run against itself with every
 quantized layer's input perturbed by 1e-6, the worst of up to `meta.NOISE_DRAWS` draws (FILE.json
@@ -109,8 +109,8 @@ def markdown(result: dict) -> list[str]:
     lines = ["# A file among its simulation's noise-floor draws (probe)", "", "```",
              f".venv/bin/python {result['command']}", "```", "",
              f"Created {result['created']} on {result['host'].get('cpu', '?')}."
-             + (f" The QDIRs: {result['source']}." if result.get("source") else "") + " Each QDIR exported in its default "
-             "variant; the file's measure against the simulation, and the same measure of each noise-floor draw "
+             + (f" The QDIRs: {result['source']}." if result.get("source") else "")
+             + " Each QDIR exported in its default variant; the file's measure against the simulation, and the same measure of each noise-floor draw "
              "(the simulation against itself, every quantized layer's input perturbed by 1e-6); \"against\": the "
              "simulation of quant.json, or that simulation with a rounding the file does (a hybrid file's run-time "
              "grid, a full-integer file's output grids), with its own draws. \"worse draws\": how "
@@ -124,7 +124,9 @@ def markdown(result: dict) -> list[str]:
         name = f"{Path(row['qdir']).stem}.{row['format']}"
         for simulation, standings in {"the simulation": row["measures"], **(row.get("beside") or {})}.items():
             for what, s in standings.items():
-                worst, best = (s["draws_min"], s["draws_max"]) if what != "nll_offset" else (s["draws_max"], s["draws_min"])
+                worst, best = s["draws_min"], s["draws_max"]
+                if what == "nll_offset":  # an offset is worse the larger it is
+                    worst, best = best, worst
                 body.append([name, row["variant"], simulation, what, f"{s['file']:.4f}",
                              f"{worst:.4f} / {s['draws_median']:.4f} / {best:.4f}",
                              f"{s['draws_worse_than_file']} of {s['draws']}", "yes" if s["within_all"] else "no",

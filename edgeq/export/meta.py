@@ -134,8 +134,8 @@ def noise_floor(model: torch.nn.Module, run, inputs: list, reference: list[np.nd
     floor["method"] = (f"the PyTorch simulation against itself with every quantized layer's input multiplied by "
                        f"(1 + {NOISE_REL:g} N(0,1)), the worst of {len(metrics)} draws: how far float reassociation "
                        f"alone moves the outputs. Drawn until the file is within it ({NOISE_DRAWS_MIN} to "
-                       f"{NOISE_DRAWS}): a file that departs from the simulation by such noise falls below the worst of "
-                       f"{NOISE_DRAWS} on a measure with probability 1/{NOISE_DRAWS + 1}")
+                       f"{NOISE_DRAWS}): a file that departs from the simulation by such noise falls below the "
+                       f"worst of {NOISE_DRAWS} on a measure with probability 1/{NOISE_DRAWS + 1}")
     return floor
 
 

@@ -25,8 +25,8 @@ from onnx import numpy_helper
 
 from edgeq.errors import EdgeqError
 from edgeq.export import export
-from edgeq.export.verdict import TOLERANCE
 from edgeq.export.meta import PARITY_SAMPLES_ONE_ROW
+from edgeq.export.verdict import TOLERANCE
 from edgeq.export.onnx_runtime import OnnxRunner
 from edgeq.models import load_model
 from edgeq.models.inputs import calibration_batches
