@@ -25,8 +25,8 @@ from . import register_exporter, tflite_decode
 from .meta import add_quality_context, held_back_inputs, parity_metrics, write_export_meta
 from .runtime_min import TFLITE_RUNTIME_MIN
 from .tflite_check import output_clipping, output_grids, output_rounding
-from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, RUNTIME_GRID, VARIANTS, check_representable, default_variant,
-                           hybrid_activations, off_runtime_grid, static_bits)
+from .tflite_grids import (CONVENTIONS, FULL_INTEGER, HYBRID, VARIANTS, check_representable, default_variant,
+                           hybrid_activations, off_runtime_grid, on_runtime_grid, static_bits)
 from .tflite_quant import OUTPUT_CALIBRATIONS
 from .verdict import tolerance_verdict, within_noise_floor
 
@@ -36,9 +36,9 @@ DEFAULT_CALIB_SAMPLES = 8  # inputs the full-integer variants' output grids are 
 # Parity of the file (LiteRT, XNNPACK) against the PyTorch simulation is held to verdict.TOLERANCE per variant.
 # fp32 differs only by float reassociation. The quantized variants differ by design where LiteRT's
 # kernels quantize activations differently from the simulation: hybrid (dynamic) kernels quantize
-# each row to asymmetric int8 where the simulation uses the recipe's grid (w8: symmetric per token;
-# float activations for weight-only layers), and full-integer kernels requantize each layer's output to
-# int8 (a grid calibrated at export; the simulation keeps outputs float), int16 in 16x8 files.
+# each row (a convolution's: each pixel or image) to asymmetric int8 where the simulation uses the recipe's grid
+# (w8: symmetric per token; float activations for weight-only layers), and full-integer kernels requantize each
+# layer's output to int8 (a grid calibrated at export; the simulation keeps outputs float), int16 in 16x8 files.
 # A decode step over resized cache slots computes what the declared shape does (the extra slots masked to probability
 # 0): its logits may differ by float reassociation only (measured 0.0 on tiny-llama in every variant, SmolLM2 fp32 and int4).
 RESIZED_MAX_ABS = 1e-3
@@ -71,15 +71,15 @@ def _used_rows(bundle):
 
 
 def _runtime_grid_parity(layers: dict, ref_module, run, inputs: list, got: list, file_nll: float | None) -> dict | None:
-    """A hybrid file (dynamic-int8, int4) against the simulation with its linear layers' inputs quantized as LiteRT's
-    hybrid kernels quantize them at run time (`RUNTIME_GRID`): whether the file departs from the simulation by more
-    than the run-time grid and float noise explain (`_parity_under`). None: every linear layer is on that grid
-    already (the `-litert` recipes), or there is none."""
+    """A hybrid file (dynamic-int8, int4) against the simulation with its layers' inputs quantized as LiteRT's hybrid
+    kernels quantize them at run time (`on_runtime_grid`): whether the file departs from the simulation by more than
+    the run-time grid and float noise explain (`_parity_under`). None: every linear and convolution layer is on that
+    grid already (the `-litert` recipes' linear layers), or there is none."""
     if not off_runtime_grid(layers):
         return None
-    return _parity_under(activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"), ref_module, run, inputs, got,
-                         file_nll, "each linear layer's input quantized per row to asymmetric int8, as XNNPACK's hybrid "
-                                    "kernels do")
+    return _parity_under(on_runtime_grid(layers), ref_module, run, inputs, got, file_nll,
+                         "each layer's input quantized to asymmetric int8 as XNNPACK's hybrid kernels do (per row of a "
+                         "linear layer's input, per pixel of a 1x1 convolution's, per image of another convolution's)")
 
 
 def _parity_under(context, ref_module, run, inputs: list, got: list, file_nll: float | None, grid: str) -> dict:

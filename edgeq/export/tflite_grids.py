@@ -7,6 +7,9 @@ same checks, per variant). Nothing here converts or re-quantizes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -19,14 +22,68 @@ CONVENTIONS = {
     "int4_weights": "symmetric [-8, 7], scale = absmax / 7, zero point 0; blockwise scales stored as fp16 holding bf16 values",
     "int8_activations": "static: int8 per-tensor, zero point = edgeq's uint8 zero point - 128 (same real grid)",
     "int16_activations": "static (16x8): int16 per-tensor, symmetric, zero point 0, saturating at [-32768, 32767]",
-    "dynamic_activations": "LiteRT hybrid kernels: per-row asymmetric int8 computed at run time",
+    "dynamic_activations": "LiteRT hybrid kernels: asymmetric int8 computed at run time, per row of a fully-connected "
+                           "layer's input, per pixel of a 1x1 convolution's, per image of any other convolution's",
 }
-# The variants whose layers run LiteRT's hybrid kernels, and how those quantize a layer's input at run time: per row
-# to asymmetric int8 (the simulation's dynamic grid per token). One FULLY_CONNECTED alone (int8 per channel, INT4
-# blocks of 64; [1, 576] inputs with outliers) gave what the input on that grid times the file's weights gives, to
-# 7e-7 (XNNPACK 2.3 on an Intel host, 2026-12-04).
+# The variants whose layers run LiteRT's hybrid kernels, and how those quantize a layer's input at run time: to
+# asymmetric int8 (XNNPACK's qd8), one grid per row of a linear layer's input (the simulation's dynamic grid per
+# token). One FULLY_CONNECTED alone (int8 per channel, INT4 blocks of 64; [1, 576] inputs with outliers) gave what the
+# input on that grid times the file's weights gives, to 7e-7 (XNNPACK 2.3 on an Intel host, 2026-12-04).
 HYBRID = ("dynamic-int8", "int4")
 RUNTIME_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric": False}
+# A convolution's input has no token axis: a recipe's dynamic grid for it spans the whole tensor (`ptq`), which is
+# LiteRT's run-time grid for a convolution that quantizes per image (`runtime_input_dims`).
+CONV_RUNTIME_GRID = {**RUNTIME_GRID, "granularity": "tensor"}
+
+
+def runtime_input_dims(m) -> tuple[int, ...]:
+    """The dims of a quantized layer's input that one run-time grid spans in LiteRT's hybrid kernels. Measured
+    2026-12-06 (ai-edge-litert 2.3, XNNPACK, on x86): one probe layer per case whose int8 weights pass its input
+    through, fed 8-bit pixel values normalised to [-1, 1] (most on a rounding tie), matched `xnnpack_qd8` over these
+    dims to 6e-8:
+    - a linear layer: each row (its last dim);
+    - a 1x1 convolution with stride 1, which XNNPACK runs as a fully-connected layer: each pixel (its channels;
+      padded or not: the file pads in a PAD op before it, and a probe with padding 1 quantized per pixel too);
+    - any other convolution: each image (channels, height and width; batch 1). So does TFLite's built-in hybrid
+      depthwise kernel, which XNNPACK leaves a dynamic-range DEPTHWISE_CONV_2D to, but in other arithmetic: 1 of
+      131,072 Gaussian inputs a step away, and 24% of a photo's, which sit on rounding ties (`xnnpack_qd8`)."""
+    if m.decision.kind == "linear":
+        return (-1,)
+    return (1,) if tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1) else (1, 2, 3)
+
+
+def xnnpack_qd8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """`x` on XNNPACK's dynamic asymmetric int8 grid, one grid per slice over `dims`, in XNNPACK's float32
+    arithmetic (`xnn_f32_qd8_asymmetric_quantization_params`, then f32-qs8-vcvt): the range widened to hold 0,
+    the multiplier m = 255 / (max - min), the zero point chosen from whichever end errs less and rounded, and
+    q = rint(x * m) + zero point, saturated to int8, read as (q - zero point) / m. Not `act_qparams`' x / scale
+    (ONNX Runtime's DynamicQuantizeLinear): on a tie the two round apart. Photos normalised as
+    `(pixel / 255 - 0.5) / 0.5` sit on a tie of a [-1, 1] image's grid, and x / scale broke 17% of them otherwise
+    than the file (a 3x3 probe convolution; x * m none)."""
+    lo = torch.clamp(x.detach().amin(dim=dims, keepdim=True), max=0.0)
+    hi = torch.clamp(x.detach().amax(dim=dims, keepdim=True), min=0.0)
+    # float32's quotient, as XNNPACK divides: torch's `scalar / tensor` multiplies by a reciprocal, an ulp off at
+    # times (0.1% of a 1x1 probe convolution's values then landed a step away); a double quotient rounds to it
+    m = torch.where(hi > lo, 255.0 / (hi - lo).double(), 1.0).float()
+    from_min, from_max = -128.0 - lo * m, 127.0 - hi * m
+    zero_point = torch.where((-128.0 + lo * m) + (127.0 + hi * m) > 0, from_min, from_max)
+    zero_point = torch.round(torch.clamp(zero_point, -128.0, 127.0))
+    q = torch.clamp(torch.round(x * m) + zero_point, -128.0, 127.0)
+    return (q - zero_point) * (1.0 / m)
+
+
+@contextmanager
+def on_runtime_grid(layers: dict):
+    """The simulation with every linear and convolution layer's input quantized as LiteRT's hybrid kernels quantize
+    it at run time (`xnnpack_qd8` over `runtime_input_dims`), in place of the recipe's grid, for a while."""
+    quantized = [m for m in layers.values() if m.decision.kind in ("linear", "conv2d")]
+    try:
+        for m in quantized:
+            m.runtime_grid = partial(xnnpack_qd8, dims=runtime_input_dims(m))
+        yield
+    finally:
+        for m in quantized:
+            m.runtime_grid = None
 
 
 def static_bits(layers: dict) -> dict[str, int]:
@@ -34,12 +91,20 @@ def static_bits(layers: dict) -> dict[str, int]:
     return {n: m.decision.activation.bits for n, m in layers.items() if m.decision.activation.mode == "static"}
 
 
+def _on_runtime_grid(m) -> bool:
+    """Whether a linear or convolution layer's recipe grid is the one LiteRT's hybrid kernels compute for it."""
+    grid = {k: getattr(m.decision.activation, k) for k in RUNTIME_GRID}
+    if m.decision.kind == "linear":
+        return grid == RUNTIME_GRID
+    return runtime_input_dims(m) == (1, 2, 3) and grid == CONV_RUNTIME_GRID  # no recipe grid is per pixel
+
+
 def off_runtime_grid(layers: dict) -> list[str]:
-    """The linear layers whose recipe puts their input on another grid than the one LiteRT's hybrid kernels compute
-    at run time (`RUNTIME_GRID`; the `-litert` presets use it): in a dynamic-int8 or int4 file those layers depart
-    from the simulation by the difference, which FILE.json `parity.runtime_grid` measures."""
-    return sorted(n for n, m in layers.items() if m.decision.kind == "linear"
-                  and {k: getattr(m.decision.activation, k) for k in RUNTIME_GRID} != RUNTIME_GRID)
+    """The linear and convolution layers whose recipe puts their input on another grid than the one LiteRT's hybrid
+    kernels compute at run time (`runtime_input_dims`; the `-litert` presets use it for linear layers): in a
+    dynamic-int8 or int4 file those layers depart from the simulation by the difference, which FILE.json
+    `parity.runtime_grid` measures."""
+    return sorted(n for n, m in layers.items() if m.decision.kind in ("linear", "conv2d") and not _on_runtime_grid(m))
 
 
 def hybrid_activations(layers: dict) -> dict:
@@ -48,14 +113,19 @@ def hybrid_activations(layers: dict) -> dict:
     off = off_runtime_grid(layers)
     if not off:
         return {"as_recipe": True, "activations": "the recipe's grid is the one LiteRT's hybrid kernels compute at run time "
-                                                  "(each row of a linear layer's input to asymmetric int8)"}
+                                                  "(each row of a linear layer's input, each image of a convolution's, to "
+                                                  "asymmetric int8)"}
     a = layers[off[0]].decision.activation
     has = f"{a.bits}-bit {a.mode} {'symmetric' if a.symmetric else 'asymmetric'} per {a.granularity}" if a.quantized else "float"
+    linear = sum(layers[n].decision.kind == "linear" for n in off)
+    counts = [f"{k} {what}{'s' if k > 1 else ''}"
+              for k, what in ((linear, "linear layer"), (len(off) - linear, "convolution")) if k]
     return {"as_recipe": False,
-            "activations": f"LiteRT's hybrid kernels quantize each row of the input of {len(off)} linear "
-                           f"layer{'s' if len(off) > 1 else ''} to asymmetric int8 at run time, where the recipe has "
-                           f"another grid ({off[0]}: {has}): the file departs from the "
-                           "simulation by that (FILE.json parity.runtime_grid); the -litert recipes simulate the run-time grid"}
+            "activations": f"LiteRT's hybrid kernels quantize the input of {' and '.join(counts)} to asymmetric int8 at run "
+                           "time (per row of a linear layer's input, per pixel of a 1x1 convolution's, per image of "
+                           f"another convolution's), where the recipe has another grid ({off[0]}: {has}): the file departs "
+                           "from the simulation by that (FILE.json parity.runtime_grid); the -litert recipes simulate the "
+                           "run-time grid of linear layers"}
 
 
 def default_variant(qm) -> str:

@@ -49,6 +49,10 @@ class LayerDecision:
 
 
 class _QuantBase(torch.nn.Module):
+    # x -> x on a runtime's own grid, in place of the decision's activation grid while an export measures parity
+    # against what that runtime computes (`tflite_grids.on_runtime_grid`); None: the decision's grid
+    runtime_grid = None
+
     def _init_quant(self, decision: LayerDecision, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None) -> None:
         self.decision = decision
@@ -67,6 +71,8 @@ class _QuantBase(torch.nn.Module):
         return self._w_cache
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runtime_grid is not None:
+            return self.runtime_grid(x)
         act = self.decision.activation
         if act.mode == "static":
             return fake_quant_act(x, self.act_scale, self.act_zero_point, act.bits, act.symmetric, narrow=False)

@@ -143,6 +143,30 @@ def test_hybrid_files_against_the_run_time_activation_grid(exported):
         assert "runtime_grid" not in exported[case][1]["parity"], case
 
 
+def test_hybrid_convolutions_against_xnnpacks_run_time_grid(exported):
+    """XNNPACK quantizes a 1x1 convolution's input per pixel (it runs the layer as a fully-connected one) and a larger
+    convolution's per image, in its own float arithmetic (`xnnpack_qd8`). The small CNN's dynamic-int8 file (`w8`:
+    symmetric grids per tensor for its convolutions) is within float precision of the simulation on those grids. Before
+    2026-12-06 that simulation put only linear layers on the run-time grid, and the file was 6.5e-4 from it (outside
+    its noise floor); with per-pixel and per-image grids in ONNX Runtime's arithmetic (x / scale), 2.2e-4: 63% of the
+    stem's photo inputs sit on a rounding tie."""
+    from edgeq.export.tflite_grids import CONV_RUNTIME_GRID, RUNTIME_GRID, off_runtime_grid, runtime_input_dims
+    from edgeq.quantize.modules import activations_as
+    from edgeq.recipe import ActSpec
+
+    _, meta, qdir = exported["cnn-dynamic-int8"]
+    layers = load_quantized(qdir).layers()
+    assert {n: runtime_input_dims(m) for n, m in layers.items()} == {"stem": (1, 2, 3), "pw": (1,), "head": (-1,)}
+    assert off_runtime_grid(layers) == ["head", "pw", "stem"]
+    with activations_as(layers, ActSpec(**CONV_RUNTIME_GRID), kind="conv2d"), \
+            activations_as(layers, ActSpec(**RUNTIME_GRID), kind="linear"):
+        assert off_runtime_grid(layers) == ["pw"]  # no recipe grid is per pixel
+    assert "and 2 convolutions to asymmetric int8" in meta["activations"]["activations"], meta["activations"]
+    runtime = meta["parity"]["runtime_grid"]
+    assert runtime["max_abs"] < 1e-5 and runtime["within_noise_floor"] is True, runtime
+    assert "per pixel of a 1x1 convolution's" in runtime["grid"]
+
+
 def test_full_integer_files_against_their_output_grids(exported):
     """A full-integer file requantizes each layer's output to the int8 grid (int16 in 16x8 layers) the export
     calibrated, a rounding quant.json's simulation does not have. `parity.with_output_grids` is the file against the
