@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
+import time
 from pathlib import Path
 
 
@@ -50,3 +53,17 @@ def write_result(out: str | Path, result: dict, text: str) -> None:
     write_json_atomic(Path(f"{out}.json"), result)
     write_text_atomic(Path(f"{out}.md"), text)
     print(text)
+
+
+def probe_record(script: str, source: str = "") -> dict:
+    """What a probe's OUT.json starts with: the command that made it (`script` under tools/ and this process's
+    arguments), when, on what machine, and how its inputs were made (`source`)."""
+    return {"command": f"tools/{script} " + " ".join(map(shlex.quote, sys.argv[1:])),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": machine(), "source": source}
+
+
+def probe_heading(title: str, result: dict, what: str) -> list[str]:
+    """A probe's OUT.md up to its tables: the title, the command, when and where, its inputs, and `what` it measures."""
+    return [f"# {title}", "", "```", f".venv/bin/python {result['command']}", "```", "",
+            f"Created {result['created']} on {result['host'].get('cpu', '?')}."
+            + (f" The QDIRs: {result['source']}." if result.get("source") else "") + f" {what}", ""]

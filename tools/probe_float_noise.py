@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -32,8 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from hostinfo import machine, md_table  # noqa: E402
+from hostinfo import md_table, probe_heading, probe_record, write_result  # noqa: E402
 
 FLOOR_MEAN = math.sqrt(2 / math.pi)  # E|N(0, 1)|
 
@@ -124,24 +122,19 @@ def main() -> None:
                            "seconds": round(time.time() - t0, 1), "layers": layer_rows,
                            "skipped": sorted(set(layers) - set(inputs))})
             print(json.dumps({k: v for k, v in models[-1].items() if k != "layers"}), file=sys.stderr, flush=True)
-    result = {"command": "tools/probe_float_noise.py " + " ".join(map(shlex.quote, sys.argv[1:])),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": machine(), "source": args.source,
-              "noise_rel": NOISE_REL, "models": models}
-    write_json_atomic(Path(args.out + ".json"), result)
-    write_text_atomic(Path(args.out + ".md"), "\n".join(markdown(result)) + "\n")
+    result = {**probe_record("probe_float_noise.py", args.source), "noise_rel": NOISE_REL, "models": models}
+    write_result(args.out, result, "\n".join(markdown(result)) + "\n")
 
 
 def markdown(result: dict) -> list[str]:
-    lines = ["# LiteRT's own float noise at each quantized layer's input, against the noise floor's (probe)", "", "```",
-             f".venv/bin/python {result['command']}", "```", "",
-             f"Created {result['created']} on {result['host'].get('cpu', '?')}."
-             + (f" The QDIRs: {result['source']}." if result.get("source") else "")
-             + " Each QDIR exported as `--variant fp32` and run in LiteRT (XNNPACK, 1 thread) on the export's parity "
-             "inputs; each quantized layer's input in the file against the simulation's with float activations. "
-             f"\"ratio\": mean |file - simulation| over the noise floor's mean perturbation ({result['noise_rel']:g} "
-             "* sqrt(2/pi) * mean |x|); above 1 the runtime moves the input more than a draw of the floor does. "
-             "\"per 1000 steps\": the same two in steps of the layer's static input grid, x 1000. Layers of the "
-             "same kind in every block are one row: the median ratio over blocks, and the largest.", ""]
+    lines = probe_heading(
+        "LiteRT's own float noise at each quantized layer's input, against the noise floor's (probe)", result,
+        "Each QDIR exported as `--variant fp32` and run in LiteRT (XNNPACK, 1 thread) on the export's parity inputs; "
+        "each quantized layer's input in the file against the simulation's with float activations. \"ratio\": mean "
+        f"|file - simulation| over the noise floor's mean perturbation ({result['noise_rel']:g} * sqrt(2/pi) * mean "
+        "|x|); above 1 the runtime moves the input more than a draw of the floor does. \"per 1000 steps\": the same "
+        "two in steps of the layer's static input grid, x 1000. Layers of the same kind in every block are one row: "
+        "the median ratio over blocks, and the largest.")
     header = ["QDIR", "layers", "grid", "ratio: median / max", "per 1000 steps: file / floor (median)"]
     for model in result["models"]:
         groups: dict[str, list] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeq.export.verdict import BESIDE  # noqa: E402
-from edgeq.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from hostinfo import machine, md_table  # noqa: E402
+from hostinfo import md_table, probe_heading, probe_record, write_result  # noqa: E402
 
 
 def standing(file_value: float, draws: list[float], higher_is_better: bool = True) -> dict:
@@ -98,25 +96,19 @@ def main() -> None:
                          "within_noise_floor": parity["within_noise_floor"], **measures(meta)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-    result = {"command": "tools/probe_noise_floor.py " + " ".join(map(shlex.quote, sys.argv[1:])),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": machine(), "source": args.source,
-              "rows": rows}
-    write_json_atomic(Path(args.out + ".json"), result)
-    write_text_atomic(Path(args.out + ".md"), "\n".join(markdown(result)) + "\n")
+    result = {**probe_record("probe_noise_floor.py", args.source), "rows": rows}
+    write_result(args.out, result, "\n".join(markdown(result)) + "\n")
 
 
 def markdown(result: dict) -> list[str]:
-    lines = ["# A file among its simulation's noise-floor draws (probe)", "", "```",
-             f".venv/bin/python {result['command']}", "```", "",
-             f"Created {result['created']} on {result['host'].get('cpu', '?')}."
-             + (f" The QDIRs: {result['source']}." if result.get("source") else "")
-             + " Each QDIR exported in its default variant; the file's measure against the simulation, and the same measure of each noise-floor draw "
-             "(the simulation against itself, every quantized layer's input perturbed by 1e-6); \"against\": the "
-             "simulation of quant.json, or that simulation with a rounding the file does (a hybrid file's run-time "
-             "grid, a full-integer file's output grids), with its own draws. \"worse draws\": how "
-             "many draws are further from the simulation than the file; a file that is one more draw has every rank "
-             "equally likely. \"first 3\": at or above the worst of the first 3 draws (the floor before 2026-12-06).",
-             ""]
+    lines = probe_heading(
+        "A file among its simulation's noise-floor draws (probe)", result,
+        "Each QDIR exported in its default variant; the file's measure against the simulation, and the same measure "
+        "of each noise-floor draw (the simulation against itself, every quantized layer's input perturbed by 1e-6); "
+        "\"against\": the simulation of quant.json, or that simulation with a rounding the file does (a hybrid file's "
+        "run-time grid, a full-integer file's output grids), with its own draws. \"worse draws\": how many draws are "
+        "further from the simulation than the file; a file that is one more draw has every rank equally likely. "
+        "\"first 3\": at or above the worst of the first 3 draws (the floor before 2026-12-06).")
     header = ["file", "variant", "against", "measure", "file's", "draws: worst / median / best", "worse draws",
               "within all", "within first 3"]
     body = []
