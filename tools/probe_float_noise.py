@@ -43,6 +43,8 @@ def layer_inputs(qdir: str, tmp: Path) -> tuple[dict, dict]:
 
     from edgeq.export import export
     from edgeq.export.tflite import DEFAULT_SEQ_LEN, _parity_inputs, _used_rows
+    from edgeq.export.tflite_graph import labelled
+    from edgeq.export.tflite_grids import RUNTIME_KINDS
     from edgeq.export.tflite_render import graph_module
     from edgeq.quantize.modules import activations_as
     from edgeq.quantize.qmodel import load_quantized
@@ -54,12 +56,12 @@ def layer_inputs(qdir: str, tmp: Path) -> tuple[dict, dict]:
     bundle, layers = qm.bundle, qm.layers()
     interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True, num_threads=1)
     interpreter.allocate_tensors()
-    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-    op_input = {names[op["outputs"][0]].removeprefix("edgeq/"): op["inputs"][0] for op in interpreter._get_ops_details()
-                if names[op["outputs"][0]].startswith("edgeq/") and op["op_name"] != "DELEGATE"}  # (XNNPACK's node)
+    names = {t["index"]: labelled(t["name"]) for t in interpreter.get_tensor_details()}
+    op_input = {names[op["outputs"][0]][0]: op["inputs"][0] for op in interpreter._get_ops_details()
+                if names[op["outputs"][0]] and op["op_name"] != "DELEGATE"}  # (XNNPACK's node lists them too)
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().clone()))
-             for n, m in layers.items() if n in op_input and m.decision.kind in ("linear", "conv2d")]
+             for n, m in layers.items() if n in op_input and m.decision.kind in RUNTIME_KINDS]
     module, rows = graph_module(bundle, qm.model), _used_rows(bundle)
     out: dict[str, tuple[list, list]] = {}
     for sample in _parity_inputs(bundle, DEFAULT_SEQ_LEN):

@@ -34,6 +34,7 @@ RUNTIME_GRID = {"mode": "dynamic", "bits": 8, "granularity": "token", "symmetric
 # A convolution's input has no token axis: a recipe's dynamic grid for it spans the whole tensor (`ptq`), which is
 # LiteRT's run-time grid for a convolution that quantizes per image (`runtime_input_dims`).
 CONV_RUNTIME_GRID = {**RUNTIME_GRID, "granularity": "tensor"}
+RUNTIME_KINDS = ("linear", "conv2d")  # the layers whose input a hybrid kernel quantizes at run time
 
 
 def runtime_input_dims(m) -> tuple[int, ...]:
@@ -76,7 +77,7 @@ def xnnpack_qd8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def on_runtime_grid(layers: dict):
     """The simulation with every linear and convolution layer's input quantized as LiteRT's hybrid kernels quantize
     it at run time (`xnnpack_qd8` over `runtime_input_dims`), in place of the recipe's grid, for a while."""
-    quantized = [m for m in layers.values() if m.decision.kind in ("linear", "conv2d")]
+    quantized = [m for m in layers.values() if m.decision.kind in RUNTIME_KINDS]
     try:
         for m in quantized:
             m.runtime_grid = partial(xnnpack_qd8, dims=runtime_input_dims(m))
@@ -104,7 +105,7 @@ def off_runtime_grid(layers: dict) -> list[str]:
     kernels compute at run time (`runtime_input_dims`; the `-litert` presets use it for linear layers): in a
     dynamic-int8 or int4 file those layers depart from the simulation by the difference, which FILE.json
     `parity.runtime_grid` measures."""
-    return sorted(n for n, m in layers.items() if m.decision.kind in ("linear", "conv2d") and not _on_runtime_grid(m))
+    return sorted(n for n, m in layers.items() if m.decision.kind in RUNTIME_KINDS and not _on_runtime_grid(m))
 
 
 def hybrid_activations(layers: dict) -> dict:
