@@ -45,7 +45,7 @@ from edgeq.quantize.primitives import compute_qparams, dequantize, quantize  # n
 from edgeq.quantize.ptq import quantize_model  # noqa: E402
 from edgeq.quantize.qmodel import model_float_bytes  # noqa: E402
 from edgeq.quantize.sensitivity import Objective, mean_loss, measure_layers  # noqa: E402
-from edgeq.recipe import QuantRecipe, WeightSpec  # noqa: E402
+from edgeq.recipe import QuantRecipe  # noqa: E402
 
 MODEL = "smollm2-135m"
 ALL_BITS = (2, 3, 4, 5, 6, 8)

@@ -204,7 +204,7 @@ def markdown(result: dict) -> str:
                      f"{r['decode_2t']['median_ms']:.2f} | {spread(r['decode_1t'])} | {spread(r['decode_2t'])} |")
     if result.get("slots"):
         keys = [f"{n}_{t}t" for n in result["slots"] for t in (1, 2)]
-        lines += ["", f"The same step holding fewer cache slots (DecodeSession(slots=N): the slot count is the runtime's choice), "
+        lines += ["", "The same step holding fewer cache slots (DecodeSession(slots=N): the slot count is the runtime's choice), "
                       "at position N / 2, ms (median over processes):", "",
                   "| file | " + " | ".join(f"{k.split('_')[0]} slots, {k.split('_')[1][0]} thread(s)" for k in keys) + " |",
                   "|---|" + "---|" * len(keys)]

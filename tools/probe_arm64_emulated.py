@@ -406,7 +406,7 @@ def _top1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(args) -> None:
-    from hostinfo import machine, md_table, write_result
+    from hostinfo import machine, write_result
 
     from edgeq import data
     from edgeq.models import load_model

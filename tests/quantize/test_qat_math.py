@@ -9,7 +9,7 @@ from edgeq.errors import EdgeqError
 from edgeq.quantize.lrqat import LRQATLinear, decode_base, encode_base, q44_decode, q44_encode
 from edgeq.quantize.methods import METHODS, LayerStats
 from edgeq.quantize.pbllm import pb_accounting, pb_grid, pb_gptq, pb_quantize, salient_mask
-from edgeq.quantize.primitives import compute_qparams, dequantize, dynamic_fake_quant_act, fake_quant, quantize, round_ste
+from edgeq.quantize.primitives import dequantize, dynamic_fake_quant_act, fake_quant, quantize, round_ste
 from edgeq.quantize.qat import LSQLinear
 from edgeq.recipe import QuantRecipe, Rule
 

@@ -27,7 +27,6 @@ def _save(model, path: Path) -> Path:
 
 
 def _model(nodes, inits, inputs, outputs, ms_domain=False):
-    import onnx
     from onnx import helper
 
     opsets = [helper.make_opsetid("", 21)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
