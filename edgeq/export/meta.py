@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -67,22 +68,26 @@ NOISE_REL = 1e-6
 
 
 @contextlib.contextmanager
-def perturbed_quant_inputs(model: torch.nn.Module, rel: float = NOISE_REL, seed: int = 0):
+def perturbed_quant_inputs(model: torch.nn.Module, rel: float | Mapping[str, float] | None = None, seed: int = 0):
     """Multiply every quantized layer's input by (1 + rel * N(0, 1)) while inside.
 
     Float reassociation in a runtime (other matmul blocking, fused kernels) changes activations by
     about this much; where a value then sits on a rounding tie of an activation grid it lands one
     step away, and a deep model can carry that step to its outputs. Running the simulation against
     itself this way measures how far apart two faithful renderings of the same integers can be.
+    `rel`: one for every layer, or per layer name (`NOISE_REL` for a layer it does not name); by default
+    `NOISE_REL`, read at the call (tools/probe_noise_floor.py sets it).
     """
     gen = torch.Generator().manual_seed(seed)
+    rel = NOISE_REL if rel is None else rel
 
     def hook(module, args):
         x = args[0]
         if not x.is_floating_point():  # an embedding's token ids
             return None
+        scale = rel.get(module.decision.name, NOISE_REL) if isinstance(rel, Mapping) else rel
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
-        return (x * (1 + rel * noise), *args[1:])
+        return (x * (1 + scale * noise), *args[1:])
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if hasattr(m, "decision") and m.decision.kind != "embedding"]

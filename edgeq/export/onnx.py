@@ -188,7 +188,7 @@ def export_onnx(qm=None, bundle=None, source: str = "", out: Path = Path("model.
         # a folded BatchNorm keeps edgeq's integers but scales its scales: read back bitwise as such, not exact
         exact = all(c["exact"] for c in layer_checks) and not folds if qm is not None else None
         parity = _parity(bundle, specs, written, session_config, threads, parity_samples, parity_seq_len)
-        parity.update(_verdict(parity, variant, qm is not None, layers, threads))
+        parity.update(_verdict(parity, variant, qm is not None, layers, threads, bundle.kind))
         if nbits_input and accuracy_level != 0:
             parity["accuracy_level_note"] = (
                 f"MatMulNBits at accuracy level {accuracy_level if accuracy_level is not None else 'default (4)'} "
@@ -315,7 +315,7 @@ def _inputs_meta(bundle, path: Path) -> list[dict]:
     return result
 
 
-def _verdict(parity: dict, variant: str, quantized: bool, layers: list[LayerQ], threads: int) -> dict:
+def _verdict(parity: dict, variant: str, quantized: bool, layers: list[LayerQ], threads: int, kind: str) -> dict:
     """What `parity` was measured against and its verdict (`verdict.tolerance_verdict`, as TFLite files have it), with
     the decode step held to its prefill where the two compute the same by design: not with a per-tensor dynamic
     grid, which the step takes from one token's range and the prefill from all of them."""
@@ -327,7 +327,7 @@ def _verdict(parity: dict, variant: str, quantized: bool, layers: list[LayerQ], 
     missed = [f"decode_vs_prefill_max_abs {step:.3g} > {DECODE_MAX_ABS}"] if held and step > DECODE_MAX_ABS else []
     out = {"reference": "PyTorch simulation" if quantized else "PyTorch fp32",
            "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {threads} thread"
-                      f"{'s' if threads > 1 else ''}", **tolerance_verdict(parity, variant, missed)}
+                      f"{'s' if threads > 1 else ''}", **tolerance_verdict(parity, variant, missed, kind)}
     if step is not None:
         out["decode_vs_prefill_bound"] = DECODE_MAX_ABS if held else None
     return out

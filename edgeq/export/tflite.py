@@ -302,7 +302,7 @@ def export_tflite(qm=None, bundle=None, source: str = "", out: Path = None, vari
     xnnpack = _xnnpack_coverage(buf, ["serving_default"] + (["decode"] if cache_len else []))
     reference = "PyTorch fp32" if qm is None else "PyTorch simulation" + (" with float activations" if float_acts else "")
     parity.update({"reference": reference, "runtime": f"{runtime_version()} XNNPACK, 1 thread",
-                   **tolerance_verdict(parity, variant, _resized_missed(parity))})
+                   **tolerance_verdict(parity, variant, _resized_missed(parity), b.kind)})
 
     if variant == "fp32":
         exact = None if qm is None else False  # fp32 of a quantized model carries dequantized weights, not integers

@@ -12,16 +12,24 @@ from collections.abc import Sequence
 # renders, the PyTorch simulation (fp32 and weight-only: float arithmetic on the same weights, so reassociation only).
 TOLERANCE = {"fp32": (0.9999, 0.99), "weight-only": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9),
              "int8": (0.97, 0.85), "int16x8": (0.99, 0.9)}
+# An encoder's output rows are hidden states (a sentence embedding pools them): which coordinate is largest means nothing
+# to its users, and it is the first thing float noise changes. MiniLM-L6's simulation against itself, each quantized
+# layer's input perturbed by 1e-6, has missed the top-1 bound on 103 of 200 draws at int8 (0.85), 81 at dynamic-int8
+# (0.9) and 195 at int16x8, where no draw missed the cosine's bound but int16x8's (8 of 200; benchmarks/
+# noise_floor_minilm_200.md). So an encoder's top-1 agreement is measured and set against the noise floor, not bounded.
+ENCODER_TOP1 = ("an encoder's rows are hidden states, and no user reads which coordinate is largest: top-1 agreement is "
+                "measured and set against the noise floor, not held to a bound (the simulation itself, under 1e-6 "
+                "float noise, misses such a bound on 40-98% of draws on MiniLM-L6)")
 
 
-def row_checks(parity: dict, cos_bound: float, top1_bound: float) -> list[tuple[str, float, float]]:
-    """(what, measured, lower bound) for the checks `parity` has: the prefill's worst row and top-1 agreement, a TFLite
-    decode step's worst row from an empty cache and after a prefill."""
+def row_checks(parity: dict, cos_bound: float, top1_bound: float | None) -> list[tuple[str, float, float]]:
+    """(what, measured, lower bound) for the checks `parity` has: the prefill's worst row and top-1 agreement (not
+    with `top1_bound` None), a TFLite decode step's worst row from an empty cache and after a prefill."""
     step = parity.get("decode") or {}
     checks = [("cos_min", parity["cos_min"], cos_bound), ("top1_agree", parity["top1_agree"], top1_bound),
               ("decode.cos_min", step.get("cos_min"), cos_bound),
               ("decode.after_prefill.cos_min", (step.get("after_prefill") or {}).get("cos_min"), cos_bound)]
-    return [(name, value, bound) for name, value, bound in checks if value is not None]
+    return [(name, value, bound) for name, value, bound in checks if value is not None and bound is not None]
 
 
 # How far below the noise floor a measure may sit and still be at it: what float32 outputs resolve (a cosine or a mean
@@ -53,14 +61,17 @@ def _against_floor(parity: dict, floor: dict) -> tuple[list[str], bool | None]:
     return below, abs(nll["file"] - nll["simulation"]) <= floor["nll_spread"] + FLOAT_SLACK
 
 
-def tolerance_verdict(parity: dict, variant: str, extra: Sequence[str] = ()) -> dict:
-    """FILE.json parity's verdict on a file of `variant`: its tolerance, each check missed as "what: measured vs
-    bound" (`row_checks`, then the format's own checks missed, `extra`), and `within_noise_floor`. Merged into
-    `parity`."""
+def tolerance_verdict(parity: dict, variant: str, extra: Sequence[str] = (), kind: str | None = None) -> dict:
+    """FILE.json parity's verdict on a file of `variant` (of a model of `kind`): its tolerance, each check missed as
+    "what: measured vs bound" (`row_checks`, then the format's own checks missed, `extra`), and `within_noise_floor`.
+    An encoder's top-1 agreement has no bound (`ENCODER_TOP1`, said in `tolerance.note`). Merged into `parity`."""
     cos_tol, top1_tol = TOLERANCE[variant]
-    missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in row_checks(parity, cos_tol, top1_tol)
-              if value < bound] + list(extra)
-    return {"tolerance": {"cos_min": cos_tol, "top1_agree": top1_tol}, "within_tolerance": not missed, "missed": missed,
+    tolerance = {"cos_min": cos_tol, "top1_agree": top1_tol}
+    if kind == "encoder":
+        tolerance.update(top1_agree=None, note=ENCODER_TOP1)
+    missed = [f"{name} {value:.4f} < {bound}" for name, value, bound in
+              row_checks(parity, tolerance["cos_min"], tolerance["top1_agree"]) if value < bound] + list(extra)
+    return {"tolerance": tolerance, "within_tolerance": not missed, "missed": missed,
             "within_noise_floor": within_noise_floor(parity)}
 
 

@@ -484,12 +484,12 @@ def test_decode_step_is_held_to_the_prefill_unless_a_grid_is_per_tensor():
 
     parity = {"cos_min": 0.9999, "top1_agree": 1.0, "decode_vs_prefill_max_abs": 0.05}
     token, tensor = (SimpleNamespace(act_mode="dynamic", act_granularity=g) for g in ("token", "tensor"))
-    held = _verdict(parity, "dynamic-int8", True, [token], threads=1)
+    held = _verdict(parity, "dynamic-int8", True, [token], threads=1, kind="causal-lm")
     assert held["within_tolerance"] is False and held["missed"] == [f"decode_vs_prefill_max_abs 0.05 > {DECODE_MAX_ABS}"]
     assert held["decode_vs_prefill_bound"] == DECODE_MAX_ABS
-    per_tensor = _verdict(parity, "dynamic-int8", True, [token, tensor], threads=1)
+    per_tensor = _verdict(parity, "dynamic-int8", True, [token, tensor], threads=1, kind="causal-lm")
     assert per_tensor["within_tolerance"] is True and per_tensor["decode_vs_prefill_bound"] is None
-    assert _verdict({**parity, "decode_vs_prefill_max_abs": 2e-6}, "dynamic-int8", True, [token], threads=1)["missed"] == []
+    assert _verdict({**parity, "decode_vs_prefill_max_abs": 2e-6}, "dynamic-int8", True, [token], threads=1, kind="causal-lm")["missed"] == []
 
 
 def test_weight_only_parity_names_an_unpinned_accuracy_level(tiny_llama_ref, tmp_path):
@@ -777,6 +777,7 @@ def test_encoder_with_biases_matches_simulation(tiny_bert, tmp_path, recipe):
     meta = export(qdir, "onnx", path)
     assert meta["exact"] is True
     assert meta["parity"]["cos_min"] > 0.999 and meta["parity"]["max_abs"] < 0.1, meta["parity"]
+    assert meta["parity"]["tolerance"]["top1_agree"] is None  # an encoder's rows are hidden states (verdict.py)
     sim = evaluate(str(qdir), task="cosine", count=8)["metrics"]
     got = evaluate(str(path), task="cosine", count=8)["metrics"]
     assert abs(got["cosine_mean"] - sim["cosine_mean"]) < 1e-3, (got, sim)
@@ -919,6 +920,30 @@ def test_noise_floor_perturbs_only_inside(tiny_exports):
         after = model(ids).logits
     assert hooked == len(load_quantized(qdir).layers())
     assert not torch.equal(base, perturbed) and torch.equal(base, after)
+
+
+def test_noise_floor_perturbation_per_layer(tiny_exports, monkeypatch):
+    """`rel` per layer name perturbs only the layers it names with more than zero; without `rel`, `NOISE_REL` as it is
+    when called (the noise-floor probe sets it)."""
+    from edgeq.export import meta
+
+    qdir, _, _ = tiny_exports["w8"]
+    model = load_quantized(qdir).model.eval()
+    names = list(load_quantized(qdir).layers())
+    ids = torch.tensor([list(b"The quick brown fox jumps over the lazy dog.")])
+
+    def logits(rel):
+        with torch.no_grad(), meta.perturbed_quant_inputs(model, rel):
+            return model(ids).logits
+
+    with torch.no_grad():
+        base = model(ids).logits
+    assert torch.equal(logits(dict.fromkeys(names, 0.0)), base)
+    one = logits({**dict.fromkeys(names, 0.0), names[-1]: 1e-3})
+    assert not torch.equal(one, base)
+    assert torch.equal(logits({**dict.fromkeys(names, 0.0), names[-1]: 1e-3}), one)  # the same seed, the same draw
+    monkeypatch.setattr(meta, "NOISE_REL", 0.0)
+    assert torch.equal(logits(None), base)
 
 
 def test_noise_floor_draws_until_the_file_is_within_it(tiny_exports):

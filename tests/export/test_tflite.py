@@ -788,6 +788,7 @@ def test_encoder_exports_exactly_without_its_unused_pooler(tiny_bert, tmp_path, 
     assert meta["inputs"][0]["shape"] == [1, 64]
     tokens = sum(min(int(mask.sum()), 64) for _, mask in held_back_inputs(load_model(tiny_bert)))
     assert meta["parity"]["rows"] == tokens < 4 * 64 and meta["parity"]["noise_floor"]["rows"] == tokens, meta["parity"]
+    assert meta["parity"]["tolerance"]["top1_agree"] is None and "hidden states" in meta["parity"]["tolerance"]["note"]
     metrics = evaluate(str(path), task="cosine", count=4)["metrics"]
     assert metrics["sentences"] == 4 and metrics["cosine_min"] > 0.98, metrics
 
@@ -987,6 +988,22 @@ def test_verdict_text_reads_a_miss_by_what_explains_it():
     assert verdict_text(far).endswith("below the simulation's noise floor (mean NLL): check the file")
     assert verdict_text({**miss, "within_noise_floor": None}).endswith("no noise floor to set it against: check the file")
     assert verdict_text({"cos_min": 1.0, "top1_agree": 1.0}) is None
+
+
+def test_an_encoders_top1_agreement_has_no_bound():
+    """An encoder's rows are hidden states: its verdict holds the worst row's cosine to the variant's bound and leaves
+    top-1 agreement unbounded, saying why; other models are held to both. The noise floor still reads top-1."""
+    from edgeq.export.verdict import ENCODER_TOP1, TOLERANCE, tolerance_verdict
+
+    floor = {"cos_min": 0.98, "top1_agree": 0.80}
+    parity = {"cos_min": 0.983, "top1_agree": 0.813, "noise_floor": floor}  # MiniLM's w8a8-static-fc2a16 TFLite file
+    encoder = tolerance_verdict(parity, "int8", kind="encoder")
+    assert encoder["within_tolerance"] is True and encoder["missed"] == []
+    assert encoder["tolerance"] == {"cos_min": TOLERANCE["int8"][0], "top1_agree": None, "note": ENCODER_TOP1}
+    assert tolerance_verdict(parity, "int8", kind="causal-lm")["missed"] == ["top1_agree 0.8130 < 0.85"]
+    assert tolerance_verdict({**parity, "cos_min": 0.96}, "int8", kind="encoder")["missed"] == ["cos_min 0.9600 < 0.97"]
+    below = tolerance_verdict({**parity, "top1_agree": 0.79}, "int8", kind="encoder")
+    assert below["within_tolerance"] is True and below["within_noise_floor"] is False  # top-1 under the floor's
 
 
 def test_cli_notes_a_miss_within_the_noise_floor(capsys, tmp_path, monkeypatch, tiny_llama_ref):
