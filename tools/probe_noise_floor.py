@@ -76,14 +76,16 @@ def measures(meta: dict) -> dict:
 def measured_rel(path: str, qdir: str, rel: float) -> dict[str, float] | None:
     """Each layer's perturbation from tools/probe_float_noise.py's OUT.json for `qdir`: `rel` times the layer's ratio
     of LiteRT's float noise to the floor's, never below `rel`; None if that file measured no model from `qdir`."""
-    models = [m for m in json.loads(Path(path).read_text())["models"] if Path(m["qdir"]).resolve() == Path(qdir).resolve()]
+    models = [m for m in json.loads(Path(path).read_text())["models"]
+              if Path(m["qdir"]).resolve() == Path(qdir).resolve()]
     if not models:
         return None
     return {row["layer"]: rel * max(1.0, row["ratio"]) for row in models[0]["layers"] if row["ratio"] is not None}
 
 
 def noise_model(text: str) -> str:
-    """A `--rel` value as the rows name it: a relative perturbation ("1e-06"), or "measured=PATH" of an existing file."""
+    """A `--rel` value as the rows name it: a relative perturbation ("1e-06"), or "measured=PATH" of a file that
+    exists."""
     if text.startswith("measured="):
         if not Path(text.partition("=")[2]).is_file():
             raise SystemExit(f"--rel {text}: no such file")

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 # renders, the PyTorch simulation (fp32 and weight-only: float arithmetic on the same weights, so reassociation only).
 TOLERANCE = {"fp32": (0.9999, 0.99), "weight-only": (0.9999, 0.99), "dynamic-int8": (0.99, 0.9), "int4": (0.99, 0.9),
              "int8": (0.97, 0.85), "int16x8": (0.99, 0.9)}
-# An encoder's output rows are hidden states (a sentence embedding pools them): which coordinate is largest means nothing
-# to its users, and it is the first thing float noise changes. MiniLM-L6's simulation against itself, each quantized
-# layer's input perturbed by 1e-6, has missed the top-1 bound on 103 of 200 draws at int8 (0.85), 81 at dynamic-int8
-# (0.9) and 195 at int16x8, where no draw missed the cosine's bound but int16x8's (8 of 200; benchmarks/
-# noise_floor_minilm_200.md). So an encoder's top-1 agreement is measured and set against the noise floor, not bounded.
-ENCODER_TOP1 = ("an encoder's rows are hidden states, and no user reads which coordinate is largest: top-1 agreement is "
-                "measured and set against the noise floor, not held to a bound (the simulation itself, under 1e-6 "
+# An encoder's output rows are hidden states (a sentence embedding pools them): which coordinate is largest means
+# nothing to its users, and it is the first thing float noise changes. MiniLM-L6's simulation against itself, each
+# quantized layer's input perturbed by 1e-6, missed the top-1 bound on 103 of 200 draws at int8 (0.85), 81 at
+# dynamic-int8 (0.9) and 195 at int16x8, where no draw missed the cosine's bound but int16x8's (8 of 200;
+# benchmarks/noise_floor_minilm_200.md). So an encoder's top-1 agreement is measured and set against the noise floor,
+# not bounded.
+ENCODER_TOP1 = ("an encoder's rows are hidden states, and no user reads which coordinate is largest: top-1 agreement "
+                "is measured and set against the noise floor, not held to a bound (the simulation itself, under 1e-6 "
                 "float noise, misses such a bound on 40-98% of draws on MiniLM-L6)")
 
 
