@@ -148,6 +148,11 @@ def main() -> None:
     write_result(args.out, result, "\n".join(markdown(result)) + "\n")
 
 
+def noise_name(row: dict) -> str:
+    """A row's noise model as the tables name it: "1e-06", or "measured" (rows from before the column: 1e-6)."""
+    return row.get("noise", "1e-06").partition("=")[0]
+
+
 def markdown(result: dict) -> list[str]:
     lines = probe_heading(
         "A file among its simulation's noise-floor draws (probe)", result,
@@ -166,7 +171,7 @@ def markdown(result: dict) -> list[str]:
     body = []
     for row in result["rows"]:
         name = f"{Path(row['qdir']).stem}.{row['format']}"
-        noise = row.get("noise", "1e-06").partition("=")[0]  # rows before the column: 1e-6
+        noise = noise_name(row)
         for simulation, standings in {"the simulation": row["measures"], **(row.get("beside") or {})}.items():
             for what, s in standings.items():
                 worst, best = s["draws_min"], s["draws_max"]
@@ -180,7 +185,7 @@ def markdown(result: dict) -> list[str]:
                              "yes" if s["within_first_3"] else "no", below])
     lines += md_table(header, body)
     lines += ["", "Verdicts as exported (all draws): " + ", ".join(
-        f"{Path(r['qdir']).stem}.{r['format']} ({r.get('noise', '1e-06').partition('=')[0]}) within tolerance "
+        f"{Path(r['qdir']).stem}.{r['format']} ({noise_name(r)}) within tolerance "
         f"{r['within_tolerance']}, within noise floor {r['within_noise_floor']}" for r in result["rows"]) + "."]
     if result.get("skipped"):
         lines += ["", f"Not run (no float noise measured for that file): {', '.join(result['skipped'])}."]
