@@ -115,8 +115,9 @@ def npy_rows(source: str, split: str, count: int, shape: tuple[int | None, ...] 
     size on that axis); `floating`: float rows (returned as float32), else integer ones."""
     try:
         arr = np.load(source, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise EdgeqError(f"data: cannot read {source!r} as a .npy array ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or truncated file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EdgeqError(f"data: cannot read {source!r} as a .npy array ({reason})") from None
     kind = np.floating if floating else np.integer
     fits = shape is None or arr.ndim == len(shape) + 1 and all(w in (None, n) for w, n in zip(shape, arr.shape[1:]))
     if not np.issubdtype(arr.dtype, kind) or not fits:

@@ -53,15 +53,20 @@ def resolve_target(target: str, threads: int = 1) -> Target:
                                  f"same model over whole windows: evaluate {prefill}")
             raise EdgeqError(f"eval: {path} has no {meta_path.name} beside it (export it with edgeq export)")
         meta = read_json(meta_path)
-        reference = meta.get("source", {}).get("model")
+        reference = (meta.get("source") or {}).get("model") if isinstance(meta, dict) else None
         if not reference:
             raise EdgeqError(f"eval: {meta_path.name} does not name its source model")
+        sha = sha256_file(path)
+        if meta.get("sha256") and meta["sha256"] != sha:  # truncated, damaged or replaced since the export
+            raise EdgeqError(f"eval: {path} is not the file {meta_path.name} describes (sha256 {sha[:12]}, "
+                             f"recorded {str(meta['sha256'])[:12]}): export it again")
         runner = _runner(path, threads)
         kind = _kind_of(reference)
-        return Target(lambda *xs: runner(*xs)[0], kind, reference, path.suffix[1:], str(path), sha256_file(path),
+        return Target(lambda *xs: runner(*xs)[0], kind, reference, path.suffix[1:], str(path), sha,
                       fixed_seq_len=_fixed_seq_len(meta))
     if path.suffix in (".onnx", ".tflite"):
-        raise EdgeqError(f"eval: file {str(path)!r} does not exist")
+        raise EdgeqError(f"eval: {str(path)!r} is a directory" if path.is_dir()
+                         else f"eval: file {str(path)!r} does not exist")
     import torch
 
     if is_qdir(path):

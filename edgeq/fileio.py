@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import EdgeqError
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -77,9 +79,44 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are, which the CLI reports
+    in one line."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:  # "... I/O error: File too large (os error 27)", "IoError(Os { code: 28, ... })"
+        code = re.search(r"(?:os error |Os \{ code: )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates its files 0600; give them ordinary permissions
+
+
+class UnreadableJSON(EdgeqError, ValueError):
+    """A damaged JSON file (truncated, not UTF-8): one line naming it; a ValueError to callers that tolerate it."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise UnreadableJSON(f"{path}: not readable JSON ({exc})") from None
+
+
+@contextlib.contextmanager
+def damaged_fields(what: str, advice: str) -> Iterator[None]:
+    """Reading fields of a JSON file edgeq wrote: a field missing or of the wrong type (the file was edited or
+    damaged) is one line naming `what`, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise EdgeqError(f"{what} is damaged ({type(exc).__name__}: {exc}); {advice}") from None
 
 
 @contextlib.contextmanager
@@ -89,9 +126,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     An existing `path` is kept until the new directory is complete, then swapped out; without
     `overwrite` an existing non-empty `path` is an error raised before any work is done.
     """
-    from .errors import EdgeqError
-
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` names the directory itself
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise EdgeqError(f"output: {path} already exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,30 @@ def progress(items, desc: str):
 
 
 def check_new_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output, or one that cannot be written, before any work starts (the write itself is
+    """Refuse an existing output file, or one that cannot be written, before any work starts (the write itself is
     atomic, into a temporary name beside `path`)."""
     path = Path(path)
+    if path.is_dir():
+        raise EdgeqError(f"output: {path} is a directory (name the file to write)")
     if path.exists() and not overwrite:
         raise EdgeqError(f"output: {path} already exists (pass --overwrite to replace it)")
     check_writable_parent(path)
+    return path
+
+
+def check_new_dir(path: str | Path, overwrite: bool, marker: str = "quant.json",
+                  what: str = "a quantized-model directory", option: str = "output") -> Path:
+    """Refuse an output directory that exists (unless empty), or one that cannot be written, before any work starts;
+    `--overwrite` replaces only what edgeq wrote there (`what`, which holds `marker`), never a directory of the user's;
+    `option` names the option in the error."""
+    path = Path(os.path.abspath(path))  # `-o .` names the directory itself
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        if not overwrite:
+            raise EdgeqError(f"{option}: {path} already exists (pass --overwrite to replace it)")
+        if not (path / marker).is_file():
+            raise EdgeqError(f"{option}: {path} is not {what} (no {marker}), and edgeq replaces only what it "
+                             "wrote: choose another path")
+    check_writable_parent(path, option)
     return path
 
 

@@ -25,6 +25,10 @@ def eval_cmd(target, task, data, count, seq_len, threads, db, as_json):
     if db:
         check_results_db(db)
     result = evaluate(target, task=task, data=data, count=count, seq_len=seq_len, threads=threads)
+    got = next((v for k, v in result["metrics"].items() if k in ("windows", "sentences", "images")), None)
+    if count and got is not None and got < count:  # the evaluation half holds fewer: say so, not a silent cut
+        click.echo(f"edgeq: note: --count {count}: the evaluation half of {result['data']} holds {got}; evaluated "
+                   f"those", err=True)
     if db:
         from ..store import record_eval_result
 

@@ -52,14 +52,15 @@ def export(source, fmt, variant, output, target, allow_fallback, seq_len, cache_
            output_calibration, accuracy_level, int8_weights, no_optimize, fuse, overwrite, as_json):
     """Export SOURCE (a quantized-model directory, or a model reference for FP32)."""
     from ..errors import EdgeqError
-    from ..export import export as run_export
+    from ..export import companions, export as run_export
     from ..export.verdict import explained_by
 
     if fmt is None:
         fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(Path(output).suffix)
         if fmt is None:
             raise EdgeqError(f"export: pass --format onnx or tflite (the output {output!r} ends in neither .onnx nor .tflite)")
-    check_new_output(output, overwrite)
+    for path in (output, *companions(output, fmt)):  # an export replaces its companions too: none taken unasked
+        check_new_output(path, overwrite)
     options = {}
     if target:
         options.update(target=target, allow_fallback=allow_fallback)

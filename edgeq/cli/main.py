@@ -64,12 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeqError as exc:
         click.echo(f"edgeq: error: {exc}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, EOFError):  # click turns an EOFError from anywhere into Abort: not a Ctrl-D
+            return _internal_error(exc.__cause__)
         click.echo("edgeq: aborted", err=True)
         return 130
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()
         return 2
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"edgeq: error: {where}{' '.join(exc.format_message().split())}{hint}", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"edgeq: error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code
     except KeyboardInterrupt:
         click.echo("edgeq: interrupted", err=True)
         return 130
@@ -80,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"edgeq: error: {exc.strerror or exc}{where}", err=True)
         return 1
     return rv if isinstance(rv, int) else 0
+
+
+def _internal_error(exc: BaseException) -> int:
+    """An exception no check caught: one line and exit 1 (the traceback under EDGEQ_DEBUG=1)."""
+    if os.environ.get("EDGEQ_DEBUG"):
+        raise exc
+    click.echo(f"edgeq: error: {type(exc).__name__}: {exc} (EDGEQ_DEBUG=1 shows the traceback)", err=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..console import progress_shown
-from .common import check_new_output, emit_json, json_option
+from ..errors import EdgeqError
+from .common import check_new_dir, emit_json, json_option
 
 
 @click.command()
@@ -49,13 +50,20 @@ def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, ba
     """
     from ..quantize.qat_loop import QATConfig, run_qat
 
-    check_new_output(output, overwrite)
+    given = [f"--{name.replace('_', '-')}" for name in ("rank", "alpha", "base_dtype", "no_grad_checkpoint")
+             if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if given and method != "lr-qat":
+        raise EdgeqError(f"qat: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method lr-qat, "
+                         f"not {method!r}")
+    check_new_dir(output, overwrite)
+    ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
+    if checkpoint_every or resume:
+        _check_checkpoint_dir(ckpt, resume, overwrite)
     if lr is None:
         lr = 1e-3 if method == "lr-qat" else 1e-4
     config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, loss=loss, output_grids=output_grids, lr=lr,
                        scale_lr=scale_lr, batch=batch, seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, base_dtype=base_dtype,
                        grad_checkpoint=not no_grad_checkpoint, threads=threads)
-    ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
     start = time.perf_counter()
     qm = run_qat(config, output, ckpt, checkpoint_every, resume, progress=progress_shown(), overwrite=overwrite)
     rec = qm.extra["qat"]
@@ -73,3 +81,15 @@ def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, ba
         click.echo(f"{output}: {method} QAT ({loss}) with {result['recipe']}, {result['steps']} steps, eval loss "
                    f"{result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}{agree}, {result['trainable_params']} trainable params, "
                    f"merge bit-exact: {result['bit_exact_merge']} ({result['seconds']} s)")
+
+
+def _check_checkpoint_dir(ckpt: Path, resume: bool, overwrite: bool) -> None:
+    """The checkpoint directory a run will write (or resume from): only ever one of edgeq's, and one it can write."""
+    if resume:
+        if not (ckpt / "state.json").is_file():
+            raise EdgeqError(f"qat: --resume given but there is no checkpoint in {ckpt}")
+        return
+    if (ckpt / "state.json").is_file() and not overwrite:
+        raise EdgeqError(f"qat: {ckpt} holds a checkpoint of an earlier run: pass --resume to continue it or "
+                         "--overwrite to start over")
+    check_new_dir(ckpt, True, marker="state.json", what="a QAT checkpoint directory", option="--checkpoint-dir")

@@ -8,7 +8,7 @@ import click
 
 from ..console import size_text
 from ..errors import EdgeqError
-from .common import check_new_output, emit_json, json_option, progress
+from .common import check_new_dir, emit_json, json_option, progress
 
 
 @click.command()
@@ -44,7 +44,7 @@ def quantize(model, recipe, calib, samples, seq_len, target, budget, bits, runti
     from ..quantize.ptq import quantize_model
     from ..recipe import load_recipe
 
-    check_new_output(output, overwrite)
+    check_new_dir(output, overwrite)
     start = time.perf_counter()
     if recipe == "auto":
         from ..quantize.mixed import MixedOptions, quantize_auto

@@ -21,6 +21,15 @@ def decode_graph_name(out: Path) -> str:
     return f"{Path(out).stem}{DECODE_GRAPH}"
 
 
+def companions(out: str | Path, fmt: str) -> list[Path]:
+    """The files an export to `out` may write beside it: FILE.json, and for ONNX the decode graph and external data."""
+    out = Path(out)
+    names = [f"{out.name}.json"]
+    if fmt == "onnx":
+        names += [decode_graph_name(out), f"{out.name}.data", f"{decode_graph_name(out)}.data"]
+    return [out.with_name(n) for n in names]
+
+
 def prefill_of(path: Path) -> Path | None:
     """FILE.onnx, the prefill graph of an export's FILE.decode.onnx; None for any other name."""
     path = Path(path)

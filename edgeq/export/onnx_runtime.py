@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EdgeqError
+
 ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 _DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(bool)": np.bool_,
            "tensor(float16)": np.float16}
@@ -47,7 +49,10 @@ class OnnxRunner:
             options.add_session_config_entry(key, str(value))
         self.session_config = config
         self.threads = int(threads)
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's pybind errors (InvalidProtobuf, InvalidArgument, Fail) share no base
+            raise EdgeqError(f"onnx: ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]

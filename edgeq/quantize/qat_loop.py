@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeqError
-from ..fileio import atomic_dir, read_json, write_json_atomic
+from ..fileio import atomic_dir, damaged_fields, read_json, save_tensors, write_json_atomic
 
 CKPT_VERSION = 1
 
@@ -68,8 +68,11 @@ class QATConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2:
             raise EdgeqError(f"qat: steps ({self.steps}), batch ({self.batch}) must be >= 1 and seq_len ({self.seq_len}) >= 2")
-        if not (self.lr > 0 and self.scale_lr >= 0):
-            raise EdgeqError(f"qat: lr ({self.lr}) must be > 0 and scale_lr ({self.scale_lr}) >= 0")
+        if not (0 < self.lr < math.inf and 0 <= self.scale_lr < math.inf):
+            raise EdgeqError(f"qat: lr ({self.lr}) must be finite and > 0, scale_lr ({self.scale_lr}) finite and >= 0")
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
+            raise EdgeqError(f"qat: alpha ({self.alpha}) must be finite and > 0 (LR-QAT scales its adapters by "
+                             "alpha / rank)")
         if self.loss not in LOSSES:
             from ..errors import choice_error
 
@@ -190,8 +193,6 @@ def eval_loss(model, tokenizer, data: str, seq_len: int, count: int) -> float:
 
 def save_checkpoint(path: Path, config: QATConfig, prepared, opt, step: int, history: list) -> None:
     """Trainable tensors + AdamW state (tensors only) + RNG state + step, replacing `path` atomically."""
-    from safetensors.torch import save_file
-
     names = {id(p): n for n, p in prepared.trainable().items()}
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in prepared.trainable().items()}
     for p, st in opt.state.items():
@@ -199,15 +200,21 @@ def save_checkpoint(path: Path, config: QATConfig, prepared, opt, step: int, his
             tensors[f"opt/{names[id(p)]}/{key}"] = torch.as_tensor(val).contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
     with atomic_dir(path, overwrite=True) as tmp:
-        save_file(tensors, tmp / "state.safetensors")
+        save_tensors(tensors, tmp / "state.safetensors")
         write_json_atomic(tmp / "state.json", {"version": CKPT_VERSION, "step": step, "config": config.to_dict(),
                                                "history": history})
 
 
 def load_checkpoint(path: Path, config: QATConfig, prepared, opt) -> tuple[int, list]:
+    with damaged_fields(f"qat: checkpoint {path}", "remove it to start over"):
+        return _restore(path, read_json(path / "state.json"), config, prepared, opt)
+
+
+def _restore(path: Path, meta: dict, config: QATConfig, prepared, opt) -> tuple[int, list]:
+    """The checkpoint's state (`meta`: its state.json) and tensors into `prepared` and `opt`; (step, loss history)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta = read_json(path / "state.json")
     if meta.get("version") != CKPT_VERSION:
         raise EdgeqError(f"qat: checkpoint {path} has version {meta.get('version')}, expected {CKPT_VERSION}")
     # checkpoints from before the loss and output_grids options trained on cross-entropy without output grids
@@ -216,7 +223,11 @@ def load_checkpoint(path: Path, config: QATConfig, prepared, opt) -> tuple[int, 
         diff = sorted(k for k in config.to_dict() if saved.get(k) != config.to_dict()[k])
         raise EdgeqError(f"qat: checkpoint {path} was written with different settings ({', '.join(diff)}); "
                          "resume with the same options or remove the checkpoint")
-    tensors = load_file(path / "state.safetensors")
+    try:
+        tensors = load_file(path / "state.safetensors")
+    except (OSError, SafetensorError) as exc:
+        raise EdgeqError(f"qat: checkpoint {path}/state.safetensors cannot be read ({exc}); remove it to start "
+                         "over") from None
     params = prepared.trainable()
     with torch.no_grad():
         for n, p in params.items():

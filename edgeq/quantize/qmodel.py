@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeqError
-from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
+from ..fileio import atomic_dir, damaged_fields, read_json, save_tensors, sha256_file, write_json_atomic, write_text_atomic
 from ..models import ModelBundle, load_model
 from ..recipe import QuantRecipe, dump_recipe_toml, load_recipe
 from .methods import METHOD_RECORDS
@@ -93,12 +93,10 @@ class QuantizedModel:
         }
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
-
         with atomic_dir(out, overwrite=overwrite) as tmp:
             write_text_atomic(tmp / "recipe.toml", dump_recipe_toml(self.recipe))
             floats = unique_float_tensors(self.model)
-            save_file({k: v.contiguous() for k, v in floats.items()}, tmp / "float.safetensors")
+            save_tensors({k: v.contiguous() for k, v in floats.items()}, tmp / "float.safetensors")
             tensors = {}
             for name, m in self.layers().items():
                 if m.decision.method == TIED_METHOD:  # shares the embedding's tensors (safetensors stores each once)
@@ -106,7 +104,7 @@ class QuantizedModel:
                 for b in QUANT_BUFFERS:
                     if hasattr(m, b):
                         tensors[f"{name}.{b}"] = getattr(m, b).contiguous()
-            save_file(tensors, tmp / "layers.safetensors")
+            save_tensors(tensors, tmp / "layers.safetensors")
             write_json_atomic(tmp / "model.json", {
                 "reference": self.bundle.reference,
                 "kind": self.bundle.kind,
@@ -190,8 +188,12 @@ def load_quantized(qdir: str | Path) -> QuantizedModel:
     for name in ("model.json", "quant.json", "recipe.toml", "float.safetensors", "layers.safetensors"):
         if not (qdir / name).is_file():
             raise EdgeqError(f"quantized model: {qdir} has no {name} (not an edgeq quantized-model directory)")
-    meta = read_json(qdir / "model.json")
-    summary = read_json(qdir / "quant.json")
+    with damaged_fields(f"quantized model: {qdir}", "quantize again"):  # a field missing or of the wrong type
+        return _rebuild(qdir, read_json(qdir / "model.json"), read_json(qdir / "quant.json"))
+
+
+def _rebuild(qdir: Path, meta: dict, summary: dict) -> QuantizedModel:
+    """The model of `qdir` from its model.json (`meta`) and quant.json (`summary`) and its tensors."""
     recipe = load_recipe(qdir / "recipe.toml")
     try:
         bundle = load_model(meta["reference"])

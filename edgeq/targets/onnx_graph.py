@@ -186,6 +186,8 @@ def load_model(path: str | Path):
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors vary; all mean a bad file
         raise EdgeqError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node or not model.opset_import:  # protobuf reads any few bytes (or none) as an empty model
+        raise EdgeqError(f"{path}: not an ONNX model (no graph nodes or opset)")
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # contrib ops or missing external data: types from the file are enough

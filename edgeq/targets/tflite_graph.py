@@ -59,11 +59,21 @@ def tflite_uses(path: str | Path) -> list[OpUse]:
         raise EdgeqError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
     try:
         model = s.Model.GetRootAs(buf, 0)
+        _check_buffers(model, len(buf), path)
         return _read(s, model)
     except EdgeqError:
         raise
     except Exception as exc:  # a truncated or corrupt flatbuffer raises anything
         raise EdgeqError(f"{path}: cannot read the TFLite flatbuffer ({type(exc).__name__}: {exc})") from None
+
+
+def _check_buffers(model, size: int, path: Path) -> None:
+    """Every constant's bytes lie inside the file: a truncated file (its tail of weights missing) parses otherwise."""
+    for i in range(model.BuffersLength()):
+        b = model.Buffers(i)
+        inline = b.DataLength() and len(b.DataAsNumpy()) == b.DataLength()  # numpy refuses bytes past the end
+        if b.Offset() + b.Size() > size or b.DataLength() and not inline:
+            raise EdgeqError(f"{path}: truncated TFLite file (constant buffer {i} ends past its {size} bytes)")
 
 
 def _read(s, model) -> list[OpUse]:
