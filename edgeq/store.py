@@ -52,9 +52,11 @@ Schema (version 1, recorded in `PRAGMA user_version`):
       data              TEXT     what it was evaluated on
       meta              TEXT     JSON object, anything else
 
-Public API (typed, stable): `resolve_db_path`, `record_result`, `list_results`, `get_result`,
-`record_eval`, `list_evals`, and the row types `ResultRecord`, `EvalRecord`.
-This module imports no torch and writes nothing outside the database file.
+Public API (typed, stable): `resolve_db_path`, `check_db`, `require_db`, `init_db`, `record_result`, `list_results`,
+`get_result`, `record_eval`, `list_evals`, `damage_note`, and the row types `ResultRecord`, `EvalRecord`.
+This module imports no torch and writes nothing outside the database file. Reading opens the database read-only: a
+missing file is never created, and a file that is not an edgeq results database is never changed (nor written to by
+a command that stores a result, unless it is a new, empty database).
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ _RESULT_COLUMNS: dict[str, str] = {
     "fingerprint": "TEXT",
     "result": "TEXT",
 }
-_JSON_RESULT_COLUMNS = ("export_json", "invalid_reasons", "fingerprint", "result")
+# JSON column -> the JSON type edgeq stores in it
+_JSON_RESULT_COLUMNS: dict[str, type] = {"export_json": dict, "invalid_reasons": list, "fingerprint": dict,
+                                          "result": dict}
 
 _EVAL_COLUMNS: dict[str, str] = {
     "created": "TEXT NOT NULL",
@@ -127,7 +131,9 @@ _EVAL_COLUMNS: dict[str, str] = {
     "data": "TEXT",
     "meta": "TEXT",
 }
-_JSON_EVAL_COLUMNS = ("metrics", "meta")
+_JSON_EVAL_COLUMNS: dict[str, type] = {"metrics": dict, "meta": dict}
+_JSON_KIND = {dict: "object", list: "array"}
+_TABLES = {"results", "evals"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +179,11 @@ class ResultRecord:
     fingerprint_sha256: str | None
     fingerprint: dict | None
     result: dict | None
+    damaged: tuple[str, ...] = ()  # JSON columns that did not read (see `damage_note`), here None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The stored row (without `damaged`, which says how it read)."""
+        return _row_dict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +199,17 @@ class EvalRecord:
     metrics: dict
     data: str | None
     meta: dict | None
+    damaged: tuple[str, ...] = ()  # JSON columns that did not read (see `damage_note`), here None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The stored row (without `damaged`, which says how it read)."""
+        return _row_dict(self)
+
+
+def _row_dict(rec: ResultRecord | EvalRecord) -> dict[str, Any]:
+    out = dataclasses.asdict(rec)
+    del out["damaged"]
+    return out
 
 
 def default_db_path() -> Path:
@@ -214,27 +230,75 @@ def resolve_db_path(db: str | os.PathLike | None = None) -> Path:
 
 def check_db(db_path: str | os.PathLike | None) -> None:
     """Before a run whose result goes to `db_path`: an existing file there must be a results database this edgeq can
-    write, so no board time (or evaluation) is spent on a result that could not be stored. Opened read-only, nothing
+    write (or an empty one, which the first result initializes), so no board time (or evaluation) is spent on a
+    result that could not be stored, and no other program's database gets edgeq's tables. Opened read-only, nothing
     is changed; a missing database is created when the first result is stored."""
     path = resolve_db_path(db_path)
     if not path.exists():
         return
-    try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
-        try:
-            _check_version(conn, path)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise EdgeqError(f"db: {path}: {exc}") from None
+    with _read_only(path) as conn:
+        _check_schema(conn, path, empty_ok=True)
     if not os.access(path, os.W_OK):
         raise EdgeqError(f"db: {path} cannot be written by this user")
 
 
-def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+def require_db(db_path: str | os.PathLike | None) -> Path:
+    """The path of the results database a command only reads; EdgeqError if there is no file there."""
+    path = resolve_db_path(db_path)
+    if not path.exists():
+        raise EdgeqError(f"db: {path} does not exist (run `edgeq profile` first, or pass --db)")
+    if not path.is_file():
+        raise EdgeqError(f"db: {path} is not a file")
+    return path
+
+
+def init_db(db_path: str | os.PathLike | None) -> Path:
+    """Create an empty results database at `db_path` (an existing one is checked, not changed); returns its path."""
+    with _connect(db_path):
+        pass
+    return resolve_db_path(db_path)
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path, *, empty_ok: bool) -> None:
+    """`path` holds edgeq's tables at a schema version this edgeq knows; with `empty_ok` it may also have no tables at
+    all (a new file, which storing a result initializes)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+              if not name.startswith("sqlite_")}
+    if tables >= _TABLES and version > SCHEMA_VERSION:
         raise EdgeqError(f"db: {path} has schema version {version}; this edgeq knows up to {SCHEMA_VERSION}")
+    if tables >= _TABLES and version == SCHEMA_VERSION:
+        return
+    if not tables and version == 0:
+        if empty_ok:
+            return
+        raise EdgeqError(f"db: {path} is not an edgeq results database (it is empty: nothing was stored in it)")
+    raise EdgeqError(f"db: {path} is not an edgeq results database (its tables: {', '.join(sorted(tables)) or 'none'}; "
+                     f"schema version {version}); pass --db with another file")
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the existing file `path` (SQLite errors as one-line EdgeqErrors)."""
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise EdgeqError(f"db: cannot open {path}: {exc}") from None
+    try:
+        conn.row_factory = sqlite3.Row
+        yield conn
+    except sqlite3.Error as exc:
+        raise EdgeqError(f"db: {path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _select(db_path: str | os.PathLike | None, sql: str, args: list | tuple) -> list[sqlite3.Row]:
+    """The rows of a query on an existing edgeq results database, opened read-only."""
+    path = require_db(db_path)
+    with _read_only(path) as conn:
+        _check_schema(conn, path, empty_ok=False)
+        return conn.execute(sql, args).fetchall()
 
 
 def _create_sql(table: str, columns: dict[str, str]) -> str:
@@ -251,13 +315,14 @@ def _connect(db_path: str | os.PathLike | None) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as exc:
         raise EdgeqError(f"db: cannot open {path}: {exc}") from exc
     try:
-        _check_version(conn, path)
-        with conn:
-            conn.execute(_create_sql("results", _RESULT_COLUMNS))
-            conn.execute(_create_sql("evals", _EVAL_COLUMNS))
-            conn.execute("CREATE INDEX IF NOT EXISTS results_sha ON results(artifact_sha256)")
-            conn.execute("CREATE INDEX IF NOT EXISTS evals_sha ON evals(target_sha256)")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("BEGIN IMMEDIATE")  # checked and created under the write lock: two first writers cannot race
+        _check_schema(conn, path, empty_ok=True)
+        conn.execute(_create_sql("results", _RESULT_COLUMNS))
+        conn.execute(_create_sql("evals", _EVAL_COLUMNS))
+        conn.execute("CREATE INDEX IF NOT EXISTS results_sha ON results(artifact_sha256)")
+        conn.execute("CREATE INDEX IF NOT EXISTS evals_sha ON evals(target_sha256)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.commit()
         yield conn
     except sqlite3.DatabaseError as exc:
         raise EdgeqError(f"db: {path}: {exc}") from exc
@@ -351,18 +416,44 @@ def record_result(db_path: str | os.PathLike | None, result: dict, *, device: st
         return int(cur.lastrowid)
 
 
-def _decode(row: sqlite3.Row, json_cols: tuple[str, ...]) -> dict[str, Any]:
-    out = dict(row)
-    for k in json_cols:
-        if out.get(k) is not None:
-            out[k] = json.loads(out[k])
-    return out
+def _decode(row: sqlite3.Row, json_cols: dict[str, type]) -> dict[str, Any]:
+    """The row with its JSON columns decoded. A column that is not valid JSON of its type (edited or damaged) reads as
+    None and is named in `damaged`, so one bad row does not make the whole database unreadable."""
+    out, damaged = dict(row), []
+    for col, kind in json_cols.items():
+        if out[col] is None:
+            continue
+        try:
+            out[col] = json.loads(out[col])
+        except ValueError:
+            out[col] = None
+        if not isinstance(out[col], kind):
+            out[col] = None
+            damaged.append(col)
+    return {**out, "damaged": tuple(damaged)}
+
+
+def damage_note(rec: ResultRecord | EvalRecord) -> str:
+    """What is wrong with a damaged row (`rec.damaged`): `column export_json is not a valid JSON object`."""
+    cols = _JSON_RESULT_COLUMNS if isinstance(rec, ResultRecord) else _JSON_EVAL_COLUMNS
+    return "; ".join(f"column {c} is not a valid JSON {_JSON_KIND[cols[c]]}" for c in rec.damaged)
+
+
+def _query(table: str, where: list[str], args: list, limit: int | None) -> tuple[str, list]:
+    """The SELECT of `table`'s rows matching `where` (on `args`), newest first, at most `limit` of them."""
+    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+    return (sql, args) if limit is None else (sql + " LIMIT ?", [*args, limit])
 
 
 def list_results(db_path: str | os.PathLike | None = None, *, artifact_sha256: str | None = None,
                  device: str | None = None, status: str | None = None,
                  limit: int | None = None) -> list[ResultRecord]:
-    """Results, newest first, optionally filtered by artifact hash (prefix), device and status."""
+    """Results, newest first, optionally filtered by artifact hash (prefix), device and status.
+
+    A database that does not exist yet has none (it is not created). A row whose JSON does not read is returned with
+    those columns None and named in its `damaged` (see `damage_note`)."""
+    if not resolve_db_path(db_path).exists():
+        return []
     where, args = [], []
     if artifact_sha256:
         where.append("artifact_sha256 LIKE ?")
@@ -373,23 +464,19 @@ def list_results(db_path: str | os.PathLike | None = None, *, artifact_sha256: s
     if status:
         where.append("status = ?")
         args.append(status)
-    sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    with _connect(db_path) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(sql, args).fetchall()
+    rows = _select(db_path, *_query("results", where, args, limit))
     return [ResultRecord(**_decode(r, _JSON_RESULT_COLUMNS)) for r in rows]
 
 
 def get_result(db_path: str | os.PathLike | None, result_id: int) -> ResultRecord:
-    """One result by row id; EdgeqError if there is none."""
-    with _connect(db_path) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM results WHERE id = ?", (int(result_id),)).fetchone()
-    if row is None:
+    """One result by row id; EdgeqError if there is none, or if its stored JSON does not read."""
+    rows = _select(db_path, "SELECT * FROM results WHERE id = ?", (int(result_id),))
+    if not rows:
         raise EdgeqError(f"result id: {result_id} is not in the database")
-    return ResultRecord(**_decode(row, _JSON_RESULT_COLUMNS))
+    rec = ResultRecord(**_decode(rows[0], _JSON_RESULT_COLUMNS))
+    if rec.damaged:
+        raise EdgeqError(f"db: {resolve_db_path(db_path)}: result {result_id} is damaged: {damage_note(rec)}")
+    return rec
 
 
 def record_eval(db_path: str | os.PathLike | None, *, target_sha256: str, target_path: str | None,
@@ -415,7 +502,10 @@ def record_eval(db_path: str | os.PathLike | None, *, target_sha256: str, target
 def list_evals(db_path: str | os.PathLike | None = None, *, target_sha256: str | None = None,
                task: str | None = None, model_ref: str | None = None,
                limit: int | None = None) -> list[EvalRecord]:
-    """Evaluations, newest first, optionally filtered by target hash (prefix), task and model."""
+    """Evaluations, newest first, optionally filtered by target hash (prefix), task and model (a missing database
+    has none; a damaged row is returned as `list_results` returns one)."""
+    if not resolve_db_path(db_path).exists():
+        return []
     where, args = [], []
     if target_sha256:
         where.append("target_sha256 LIKE ?")
@@ -426,12 +516,7 @@ def list_evals(db_path: str | os.PathLike | None = None, *, target_sha256: str |
     if model_ref:
         where.append("model_ref = ?")
         args.append(model_ref)
-    sql = "SELECT * FROM evals" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    with _connect(db_path) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(sql, args).fetchall()
+    rows = _select(db_path, *_query("evals", where, args, limit))
     return [EvalRecord(**_decode(r, _JSON_EVAL_COLUMNS)) for r in rows]
 
 

@@ -8,6 +8,8 @@ import click
 
 from ..console import aligned
 
+MAX_LIMIT = 1_000_000
+
 
 @click.group()
 def results() -> None:
@@ -18,13 +20,18 @@ def results() -> None:
 @click.option("--db", type=click.Path(dir_okay=False), help="Results database (default: $EDGEQ_DB or user data dir).")
 @click.option("--artifact", help="Only this artifact sha256 (a prefix is enough).")
 @click.option("--device", help="Only this device.")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True, help="At most this many.")
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(db, artifact, device, limit, as_json) -> None:
     """One line per stored result, newest first."""
     from .. import store
 
+    store.require_db(db)
     rows = store.list_results(db, artifact_sha256=artifact, device=device, limit=limit)
+    for r in rows:
+        if r.damaged:
+            click.echo(f"edgeq: note: result {r.id} is damaged ({store.damage_note(r)}); its other columns are listed",
+                       err=True)
     if as_json:
         keep = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("result", "export_json")}  # noqa: E731
         click.echo(json.dumps([keep(r) for r in rows], indent=1))
@@ -38,7 +45,7 @@ def list_cmd(db, artifact, device, limit, as_json) -> None:
 
 
 @results.command("show")
-@click.argument("result_id", type=int)
+@click.argument("result_id", type=click.IntRange(1, 2**63 - 1))
 @click.option("--db", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--raw", is_flag=True, help="Include every raw latency.")

@@ -12,13 +12,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import choice_error
+from ..errors import EdgeqError, choice_error
 from ..fileio import write_text_atomic
+from ..store import resolve_db_path
 from .document import build_compare, build_report
 
 FORMATS = {".html": "html", ".htm": "html", ".md": "md", ".json": "json"}
 
-__all__ = ["build_report", "build_compare", "write_report", "write_compare", "render_compare", "FORMATS"]
+__all__ = ["build_report", "build_compare", "write_report", "write_compare", "render_compare", "check_not_db",
+           "FORMATS"]
+
+
+def check_not_db(db_path: str | os.PathLike | None, out_path: str | os.PathLike) -> None:
+    """Refuse an output that is the results database itself (by any path to it): the report would replace it."""
+    db, out = resolve_db_path(db_path), Path(out_path)
+    if db.resolve() == out.resolve() or (db.exists() and out.exists() and os.path.samefile(db, out)):
+        raise EdgeqError(f"output: {out} is the results database {db}; write the report to another file")
 
 
 def _format_of(out: Path) -> str:
@@ -38,6 +47,7 @@ def write_report(db_path: str | os.PathLike | None, out_path: str | os.PathLike,
     from .render import to_html, to_json, to_markdown
 
     out = Path(out_path)
+    check_not_db(db_path, out)
     fmt = _format_of(out)
     doc = build_report(db_path, model=model, device=device, since=since, force=force)
     text = {"html": to_html, "md": to_markdown, "json": to_json}[fmt](doc)
@@ -59,5 +69,6 @@ def render_compare(db_path: str | os.PathLike | None, run_a: int, run_b: int, fm
 def write_compare(db_path: str | os.PathLike | None, run_a: int, run_b: int, out_path: str | os.PathLike) -> Path:
     """Write the comparison of two runs (result ids) as HTML, Markdown or JSON by suffix."""
     out = Path(out_path)
+    check_not_db(db_path, out)
     write_text_atomic(out, render_compare(db_path, run_a, run_b, _format_of(out)))
     return out

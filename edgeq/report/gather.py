@@ -214,21 +214,20 @@ def quality_of(evals: list[store.EvalRecord], like: dict | None = None) -> Quali
 class Gathered:
     db_path: str
     columns: list[Column]
-    skipped: list[dict]                       # failed / aborted runs: no numbers, listed with the error
+    skipped: list[dict]                       # failed / aborted / damaged runs: not shown, listed with the error
     evals_by_sha: dict[str, list[store.EvalRecord]]
 
 
 def gather(db: str | os.PathLike | None, *, model: str | None = None, device: str | None = None,
            since: str | None = None) -> Gathered:
     """Read the database and build one Column per newest (model, artifact, device, runtime, threads)."""
-    path = store.resolve_db_path(db)
-    if not path.is_file():
-        raise EdgeqError(f"db: {path} does not exist (run `edgeq profile` first, or pass --db)")
+    path = store.require_db(db)
     t0 = parse_since(since)
     results = store.list_results(path, device=device)
     evals: dict[str, list[store.EvalRecord]] = {}
-    for ev in store.list_evals(path):  # newest first, kept in that order
-        evals.setdefault(ev.target_sha256, []).append(ev)
+    for ev in store.list_evals(path):  # newest first, kept in that order; a damaged row is left out
+        if not ev.damaged:
+            evals.setdefault(ev.target_sha256, []).append(ev)
     columns: dict[tuple, Column] = {}
     counts: dict[tuple, int] = {}
     skipped = []
@@ -238,10 +237,8 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
             continue
         if t0 and _created(rec) < t0:
             continue
-        if rec.status in ("failed", "aborted"):
-            err = (rec.result or {}).get("error")
-            skipped.append({"id": rec.id, "device": rec.device, "artifact_sha256": rec.artifact_sha256,
-                            "variant": rec.variant, "status": rec.status, "error": err})
+        if rec.status in ("failed", "aborted") or rec.damaged:
+            skipped.append(_skipped(rec))
             continue
         signature, dims = signature_of(rec), dims_of(rec)  # a TFLite file's decode step, other input sizes: own columns
         key = (rec_model, rec.artifact_sha256, rec.device, rec.runtime, rec.runtime_version, rec.threads, signature, dims)
@@ -261,6 +258,16 @@ def gather(db: str | os.PathLike | None, *, model: str | None = None, device: st
     cols = _labelled([dataclasses.replace(c, superseded=counts[k] - 1) for k, c in columns.items()])
     cols.sort(key=lambda c: (c.model, c.device, not c.is_fp32, c.bits, c.variant, c.id))
     return Gathered(str(path), cols, skipped, evals)
+
+
+def _skipped(rec: store.ResultRecord) -> dict:
+    """A run the report leaves out: failed or aborted (with the board's error), or damaged (what does not read)."""
+    if rec.damaged:
+        status, err = "damaged", store.damage_note(rec)
+    else:
+        status, err = rec.status, (rec.result or {}).get("error")
+    return {"id": rec.id, "device": rec.device, "artifact_sha256": rec.artifact_sha256, "variant": rec.variant,
+            "status": status, "error": err}
 
 
 def _labelled(cols: list[Column]) -> list[Column]:

@@ -311,7 +311,7 @@ def test_weight_cache_runs_are_their_own_columns(tmp_path):
 
 def test_empty_database_gives_an_empty_report(tmp_path):
     db = tmp_path / "empty.sqlite"
-    store.list_results(db)  # creates the schema, no rows
+    store.init_db(db)  # the schema, no rows
     doc = build_report(db)
     assert doc["models"] == [] and doc["summary"] == [] and doc["flagged"] == []
     from edgeq.report.render import to_html, to_markdown
