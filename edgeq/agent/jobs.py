@@ -1,9 +1,12 @@
 """Job bookkeeping on the agent: configuration, the job queue, and running each job in a child.
 
 Jobs run one at a time (so measurements do not disturb each other) in `runner.py` as a child
-process in the job's own directory, with an address-space limit, a CPU-time limit and a wall-clock
-watchdog; the child dies with the agent. States are kept in the SQLite journal (`journal.py`).
-This module never loads a model itself.
+process in the job's own directory, with address-space, CPU-time, file-size and open-file limits
+and a wall-clock watchdog; the child dies with the agent. However a job ends, its directory keeps
+only the agent's own small files (`job.json`, `progress.json`, `result.json`, `runner.log`): the
+model's copy and anything the runtime wrote are removed. States are kept in the SQLite journal
+(`journal.py`); the newest `keep_jobs` finished jobs of the last `keep_job_days` are kept, older
+ones are forgotten with their directories. This module never loads a model itself.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -28,6 +32,12 @@ from .artifacts import GiB, ArtifactStore
 from .journal import Journal
 
 MAX_QUEUED_JOBS = 256
+MAX_OPEN_FILES = 256  # a runner's RLIMIT_NOFILE
+RUNNER_WRITE_SLACK = 1 << 30  # a runner's largest file: the job's files (ORT's optimized copy) plus this
+# a runner error that is about memory (the runner's own "memory limit exceeded", a C++ bad_alloc, ...), not
+# e.g. LiteRT's "AllocateTensors() called on inconsistent model"
+_MEMORY_ERROR = re.compile(r"memory limit exceeded|MemoryError|bad_alloc|Failed to allocate|out of memory|"
+                           r"Cannot allocate memory|failed to map segment", re.I)
 
 
 @dataclasses.dataclass
@@ -48,7 +58,10 @@ class AgentConfig:
     min_free_bytes: int = 512 << 20  # an upload that would leave the disk with less is refused
     power_meter: str = "auto"
     sysfs_root: str = "/"
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0  # a read or write that waits longer ends the connection
+    header_timeout_s: float = 10.0  # TLS handshake, request line and headers, in total (server.py)
+    keep_jobs: int = 1000  # finished jobs kept (journal rows and directories), newest first ...
+    keep_job_days: float = 30.0  # ... and none older than this
 
     def __post_init__(self):
         if len(self.token) < P.MIN_TOKEN_CHARS:
@@ -73,8 +86,9 @@ def read_token_file(path: str | os.PathLike) -> str:
     return token
 
 
-def _runner_limits(memory_mb: int, cpu_seconds: int):
-    """preexec_fn for the runner: die with the agent, own process group, memory and CPU limits."""
+def _runner_limits(memory_mb: int, cpu_seconds: int, file_bytes: int | None = None):
+    """preexec_fn for the runner: die with the agent, own process group, memory, CPU, file-size (`file_bytes`, a
+    single file's; default unlimited) and open-file limits, and no core dumps."""
 
     def apply():
         os.setpgrp()
@@ -86,8 +100,32 @@ def _runner_limits(memory_mb: int, cpu_seconds: int):
         mem = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing 1 GB runtime must not dump it on the card
+        for which, want in ((resource.RLIMIT_NOFILE, MAX_OPEN_FILES), (resource.RLIMIT_FSIZE, file_bytes)):
+            if want is None:
+                continue
+            hard = resource.getrlimit(which)[1]
+            want = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(which, (want, want))
 
     return apply
+
+
+def memory_note(error: str, memory_mb: int) -> str:
+    """A runner's error, with the job's memory limit named when the error is about memory."""
+    return f"{error} (memory limit {memory_mb} MB)" if _MEMORY_ERROR.search(error) else error
+
+
+def last_log_line(log: Path) -> str | None:
+    """The last non-empty line of a runner.log (what a runner that wrote no result last said), or None."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else None
 
 
 def killed_by(signum: int, memory_mb: int, cpu_seconds: int) -> str:
@@ -110,11 +148,16 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         self.data_dir = Path(cfg.data_dir).resolve()  # each runner works in its job's directory: no relative paths
-        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = Journal(self.data_dir / "journal.sqlite")
         self.recovered = self.journal.recover()
         self.artifacts = ArtifactStore(self.data_dir / "artifacts", cfg.max_store_bytes, cfg.min_free_bytes,
                                        self.journal.active_artifacts)
+        for d in (self.data_dir, self.data_dir / "jobs", self.artifacts.root):  # also a data dir made by an older agent
+            try:
+                d.chmod(0o700)
+            except OSError as exc:
+                sys.stderr.write(f"edgeq-agent: WARNING: cannot make {d} private (chmod 700): {exc.strerror}\n")
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -169,11 +212,10 @@ class Agent:
                 out["progress"] = None
         return out
 
-    def _prepare_dir(self, job_id: str, request: dict) -> Path:
-        job_dir = self.data_dir / "jobs" / job_id
+    def _prepare_dir(self, job_dir: Path, request: dict) -> None:
         if job_dir.exists():
             shutil.rmtree(job_dir)
-        job_dir.mkdir(parents=True)
+        job_dir.mkdir(parents=True, mode=0o700)
         for ref in [request["artifact"], *request["files"]]:
             self.artifacts.touch(ref["sha256"])
             src, dst = self.artifact_path(ref["sha256"]), job_dir / ref["name"]
@@ -183,22 +225,61 @@ class Agent:
                 shutil.copyfile(src, dst)
         job = {**request, "power_meter": self.cfg.power_meter, "sysfs_root": self.cfg.sysfs_root}
         write_json_atomic(job_dir / "job.json", job)
-        return job_dir
+
+    @staticmethod
+    def _clean_dir(job_dir: Path) -> None:
+        """Everything but the agent's own files: the model's copy (a hard link to a stored file would keep it on
+        the disk outside the store's cap), external data, ONNX Runtime's temporary optimized graph."""
+        try:
+            entries = list(job_dir.iterdir())
+        except OSError:
+            return
+        for path in entries:
+            if path.name in P.RESERVED_NAMES:
+                continue
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                sys.stderr.write(f"edgeq-agent: could not remove {path}: {exc}\n")
+
+    def _room(self, request: dict) -> tuple[int, str | None]:
+        """The largest file the job's runner may write, and why the job must not start for want of disk (its
+        runtime may write a copy of the model's size: ONNX Runtime's optimized graph, a TFLite signature's)."""
+        need = sum(self.artifact_path(ref["sha256"]).stat().st_size for ref in [request["artifact"], *request["files"]])
+        free = shutil.disk_usage(self.data_dir).free
+        if free - need < self.cfg.min_free_bytes:
+            return 0, (f"not started: the board's disk has {free / (1 << 20):.1f} MB free; this job may write "
+                       f"{need / (1 << 20):.1f} MB and the agent keeps {self.cfg.min_free_bytes / (1 << 20):.0f} MB "
+                       "free (agent --min-free-mb)")
+        return max(min(need + RUNNER_WRITE_SLACK, free - self.cfg.min_free_bytes), 16 << 20), None  # its result.json
 
     def _run(self, job_id: str) -> tuple[str, dict | None, str | None]:
+        job_dir = self.data_dir / "jobs" / job_id
+        try:
+            return self._run_in(job_id, job_dir)
+        finally:  # however it ended: timed out, stopped, failed to start
+            self._clean_dir(job_dir)
+
+    def _run_in(self, job_id: str, job_dir: Path) -> tuple[str, dict | None, str | None]:
         job = self.journal.get(job_id)
         request = job["request"]
         cfg = request["config"]
         timeout = min(cfg.get("timeout_s") or self.cfg.max_job_seconds, self.cfg.max_job_seconds)
         memory = min(cfg.get("memory_mb") or self.cfg.max_memory_mb, self.cfg.max_memory_mb)
-        job_dir = self._prepare_dir(job_id, request)
+        file_cap, problem = self._room(request)
+        if problem:
+            return "failed", None, problem
+        self._prepare_dir(job_dir, request)
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
         env["OMP_NUM_THREADS"] = str(cfg["threads"])
         with open(job_dir / "runner.log", "wb") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeq.agent.runner", str(job_dir)], cwd=job_dir, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_runner_limits(memory, int(timeout) + 1))
+                preexec_fn=_runner_limits(memory, int(timeout) + 1, file_cap))
             try:
                 code = self._proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -213,21 +294,20 @@ class Agent:
             result = json.loads((job_dir / "result.json").read_text())
         except (OSError, ValueError):
             pass
-        for ref in [request["artifact"], *request["files"]]:
-            (job_dir / ref["name"]).unlink(missing_ok=True)
         if code < 0:
             tail = (job_dir / "runner.log").read_bytes()[-300:].decode("utf-8", "replace").strip()
             return "failed", None, f"{killed_by(-code, memory, int(timeout) + 1)}: {tail[-200:]}"
         if result is None:
-            return "failed", None, f"the runner exited with code {code} without a result"
+            said = last_log_line(job_dir / "runner.log")
+            return "failed", None, memory_note(f"the runner exited with code {code} without a result"
+                                               + (f"; its log ends: {said}" if said else ""), memory)
         if result.get("status") == "failed" or code != 0:
-            err = result.get("error") or f"the runner exited with code {code}"
-            if "memory" in err.lower() or "alloc" in err.lower():
-                err = f"{err} (memory limit {memory} MB)"
+            err = memory_note(result.get("error") or f"the runner exited with code {code}", memory)
             return "failed", {**result, "status": "failed", "error": err}, err
         return "done", result, None
 
     def _work(self) -> None:
+        self._prune()
         for job_id in self.journal.queued():
             self._queue.put(job_id)
         while not self._stopping.is_set():
@@ -246,6 +326,15 @@ class Agent:
                            "error": error})
             result.setdefault("artifact_sha256", self.journal.get(job_id)["artifact_sha256"])  # a failed run's too
             self.journal.finish(job_id, state, result, error)
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget finished jobs past the retention (AgentConfig keep_jobs / keep_job_days) and their directories."""
+        try:
+            for job_id in self.journal.prune(self.cfg.keep_jobs, self.cfg.keep_job_days * 86400):
+                shutil.rmtree(self.data_dir / "jobs" / job_id, ignore_errors=True)
+        except Exception as exc:  # retention must never stop the worker
+            sys.stderr.write(f"edgeq-agent: pruning old jobs failed: {exc!r}\n")
 
     def _kill(self) -> None:
         proc = self._proc

@@ -44,6 +44,10 @@ class Journal:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        for suffix in ("", "-wal", "-shm"):  # requests and results are the agent user's alone
+            path = self.path.with_name(self.path.name + suffix)
+            if path.exists():
+                path.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -94,6 +98,20 @@ class Journal:
             self._conn.execute(
                 "UPDATE jobs SET state=?, finished=?, error=?, result=? WHERE job_id=? AND state='running'",
                 (state, time.time(), error, json.dumps(result) if result is not None else None, job_id))
+
+    def prune(self, keep: int, max_age_s: float) -> list[str]:
+        """Forget finished jobs past the newest `keep` or older than `max_age_s`; returns their ids (the caller
+        removes their directories). Queued and running jobs are never pruned."""
+        final = tuple(sorted(FINAL_STATES))
+        marks = ",".join("?" * len(final))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT job_id FROM jobs WHERE state IN ({marks}) AND (finished < ? OR job_id NOT IN "
+                f"(SELECT job_id FROM jobs WHERE state IN ({marks}) ORDER BY finished DESC LIMIT ?))",
+                (*final, time.time() - max_age_s, *final, keep)).fetchall()
+            ids = [r[0] for r in rows]
+            self._conn.executemany("DELETE FROM jobs WHERE job_id=?", [(i,) for i in ids])
+        return ids
 
     def active_artifacts(self) -> set[str]:
         """The sha256 of every file a queued or running job names (the artifact store keeps them)."""

@@ -18,10 +18,18 @@ data must stay inside the job directory: `../`, absolute paths and symlinks are 
 loading); choose the power meter or any command (that is agent-side configuration only);
 exhaust memory with a body (every body is size-capped BEFORE it is buffered: Content-Length is
 required and checked, then the body is streamed with a hard cap); exhaust threads or the queue
-(at most 64 concurrent connections, each with a socket timeout; at most 256 queued jobs -> 429);
-fill the disk (uploads are content-addressed and kept within `--max-store-gb`, least recently used
-evicted first, and an upload that would leave less than `--min-free-mb` free is refused -> 507
-before a byte is written: `artifacts.py`).
+(at most 256 queued jobs -> 429; connections: below); fill the disk (uploads are content-addressed
+and kept within `--max-store-gb`, least recently used evicted first, and an upload that would leave
+less than `--min-free-mb` free is refused -> 507 before a byte is written: `artifacts.py`; a job
+does not start with less free; a job keeps only its small files once it ends, and the newest 1000
+finished jobs of the last 30 days are kept; a result keeps at most 10000 raw latencies).
+What a caller WITHOUT the token can NOT do: keep the token holder out or hold the agent's memory.
+Request line and headers are capped at 32 KiB and 64 lines before the token is read (-> 431) and
+must arrive within 10 s in all (TLS handshake included), not per read; at most 32 connections wait
+without a valid token, a new one closes the oldest of them; authenticated connections have their
+own 64 (-> 503 past it). A body must arrive within 30 s or at 128 KiB/s, whichever is longer.
+Numbers, lengths and names are checked in full (no NaN, no 5000-digit integers, no trailing
+newline in a job id): a bad request is a 4xx JSON error, and the agent keeps serving.
 What the token does NOT protect against: a holder of the token can keep the board busy, and keep
 the store full of files it keeps using (then other uploads get 507 until those jobs are done).
 
@@ -64,7 +72,8 @@ RESULT: `{"protocol", "job_id", "state", "status": valid|invalid|failed|aborted,
 "provider", "xnnpack" (TFLite Interpreter: {"nodes", "partitions", "builtin"}, what this runtime's XNNPACK
 took of the signature run; a signature past the file's first subgraph is loaded alone for it after the timed
 runs, "xnnpack_note" saying so; null with "xnnpack_note" giving the reason where not measured)}, "latency_ms": {"n", "seconds", "p50", "p90", "p99", "mean", "std", "min", "max",
-"ci95_median": [lo, hi], "ci_method", "raw": [...]}, "peak_rss_mb", "power": {...},
+"ci95_median": [lo, hi], "ci_method", "raw": [...] (at most 10000), "raw_note" (when cut)},
+"peak_rss_mb", "power": {...},
 "inputs": [...], "outputs": {"inputs_sha256", "per_tensor_sample", "tensors": [{"name", "shape", "dtype", "size",
 "sample", "argmax", "nonfinite"}]} (a digest of one more run's outputs, `agent/outputs.py`), "warnings": [...],
 "fingerprint": {...}, "conditions": {...}}`. The host adds "output_check" (its own run's digest compared) before
@@ -74,6 +83,7 @@ it stores the result.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -134,9 +144,13 @@ def decode_message(body: bytes) -> dict:
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message: {len(body)} bytes is over the cap of {MAX_MESSAGE_BYTES}", 413)
     try:
-        msg = json.loads(body.decode("utf-8"))
+        msg = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolError("message: JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"message: not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ProtocolError(f"message: a number it holds cannot be read ({str(exc)[:100]})") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message: must be a JSON object")
     if msg.get("protocol") != PROTOCOL_VERSION:
@@ -144,6 +158,10 @@ def decode_message(body: bytes) -> dict:
     if msg.get("type") not in MESSAGE_TYPES:
         raise ProtocolError(f"type: {msg.get('type')!r} is not one of: {', '.join(sorted(MESSAGE_TYPES))}")
     return msg
+
+
+def _no_constant(name: str):
+    raise ProtocolError(f"message: {name} is not a JSON number (a result holding it could never be sent)")
 
 
 def encode_message(obj: dict) -> bytes:
@@ -164,11 +182,11 @@ def _check_file_ref(ref: Any, field: str) -> dict:
     if not isinstance(ref, dict) or set(ref) != {"name", "sha256"}:
         raise ProtocolError(f"{field}: must be an object with exactly 'name' and 'sha256'")
     name, sha = ref["name"], ref["sha256"]
-    if not isinstance(name, str) or not FILE_NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ProtocolError(f"{field}.name: {name!r} must be a plain file name (letters, digits, _ . -)")
     if name in RESERVED_NAMES:
         raise ProtocolError(f"{field}.name: {name!r} is reserved for the agent's own files")
-    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
         raise ProtocolError(f"{field}.sha256: {sha!r} is not a lowercase hex sha256")
     return {"name": name, "sha256": sha}
 
@@ -202,7 +220,8 @@ def check_config(config: Any) -> dict:
     for key in ("power", "weight_cache"):
         if not isinstance(out[key], bool):
             raise ProtocolError(f"config.{key}: must be true or false")
-    if out["signature"] is not None and not (isinstance(out["signature"], str) and SIGNATURE_RE.match(out["signature"])):
+    signature = out["signature"]
+    if signature is not None and not (isinstance(signature, str) and SIGNATURE_RE.fullmatch(signature)):
         raise ProtocolError(f"config.signature: {out['signature']!r} must be null or match {SIGNATURE_RE.pattern}")
     return out
 
@@ -214,7 +233,7 @@ def check_submit(msg: dict) -> dict:
     if unknown:
         raise ProtocolError(f"submit: unknown keys {sorted(unknown)}")
     job_id = msg.get("job_id")
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise ProtocolError(f"job_id: {job_id!r} must match {JOB_ID_RE.pattern}")
     artifact = _check_file_ref(msg.get("artifact"), "artifact")
     if not artifact["name"].endswith((".onnx", ".tflite")):
@@ -240,18 +259,76 @@ def _check_metadata(metadata) -> dict | None:
         return None
     if not isinstance(metadata, dict):
         raise ProtocolError("metadata: must be a JSON object or null")
-    out = {"inputs": metadata.get("inputs")}
+    out = {"inputs": _check_inputs(metadata.get("inputs"))}
     sha, variant, need = metadata.get("sha256"), metadata.get("variant"), metadata.get("runtime_min")
     if need is not None:
         if not (isinstance(need, dict) and len(need) <= 16 and all(
                 isinstance(k, str) and len(k) <= 64 and (v is None or isinstance(v, str) and len(v) <= 500)
                 for k, v in need.items())):
             raise ProtocolError("metadata.runtime_min: must map at most 16 runtime names to version text or null")
-        if not (isinstance(sha, str) and SHA256_RE.match(sha)):
+        if not (isinstance(sha, str) and SHA256_RE.fullmatch(sha)):
             raise ProtocolError("metadata.sha256: runtime_min needs the sha256 (64 lowercase hex digits) it was written for")
         if variant is not None and not (isinstance(variant, str) and len(variant) <= 64):
             raise ProtocolError("metadata.variant: must be text of at most 64 characters")
         out.update(sha256=sha, variant=variant, runtime_min=need)
+    return out
+
+
+INPUT_DTYPES = frozenset({"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                          "float16", "float32", "float64"})
+MAX_INPUTS = 1024
+MAX_RANK = 16
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(value) < 2**63)
+
+
+def _check_inputs(inputs) -> list[dict] | None:
+    """metadata.inputs as `inputs.make_inputs` reads it (name, dtype, shape with symbolic dims as text, an integer
+    input's `range`, `dim_defaults`, `role`), checked here so a bad one is a 400, never a job or a result that
+    cannot be sent (a NaN range); other keys are dropped."""
+    if inputs is None:
+        return None
+    if not isinstance(inputs, list) or len(inputs) > MAX_INPUTS:
+        raise ProtocolError(f"metadata.inputs: must be a list of at most {MAX_INPUTS} objects")
+    out = []
+    for i, item in enumerate(inputs):
+        field = f"metadata.inputs[{i}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{field}: must be an object with name, dtype and shape")
+        name, dtype, shape = item.get("name"), item.get("dtype"), item.get("shape")
+        if not (isinstance(name, str) and 0 < len(name) <= 256):
+            raise ProtocolError(f"{field}.name: {str(name)[:80]!r} must be text of 1 to 256 characters")
+        if dtype not in INPUT_DTYPES:
+            raise ProtocolError(f"{field}.dtype: {str(dtype)[:80]!r} is not one of: {', '.join(sorted(INPUT_DTYPES))}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(
+                d is None or isinstance(d, str) and 0 < len(d) <= 64
+                or isinstance(d, int) and not isinstance(d, bool) and -1 <= d <= MAX_DIM for d in shape)):
+            raise ProtocolError(f"{field}.shape: {str(shape)[:80]} must be a list of at most {MAX_RANK} dims, each a "
+                                f"size in [1, {MAX_DIM}], -1, 0 or null (dynamic), or a symbolic name")
+        clean = {"name": name, "dtype": dtype, "shape": list(shape)}
+        value_range = item.get("range")
+        if value_range is not None:
+            if not (isinstance(value_range, list) and len(value_range) == 2 and all(map(_finite, value_range))
+                    and value_range[0] <= value_range[1]):
+                raise ProtocolError(f"{field}.range: {str(value_range)[:80]} must be [low, high], two finite numbers "
+                                    "with low <= high")
+            clean["range"] = value_range
+        defaults = item.get("dim_defaults")
+        if defaults is not None:
+            if not (isinstance(defaults, dict) and len(defaults) <= 64 and all(
+                    isinstance(k, str) and len(k) <= 64 and isinstance(v, int) and not isinstance(v, bool)
+                    and 1 <= v <= MAX_DIM for k, v in defaults.items())):
+                raise ProtocolError(f"{field}.dim_defaults: must map dim names to integers in [1, {MAX_DIM}]")
+            clean["dim_defaults"] = defaults
+        role = item.get("role")
+        if role is not None:
+            if not (isinstance(role, str) and len(role) <= 64):
+                raise ProtocolError(f"{field}.role: must be text of at most 64 characters")
+            clean["role"] = role
+        out.append(clean)
     return out
 
 

@@ -7,7 +7,9 @@ It reads JOB_DIR/job.json, writes JOB_DIR/progress.json while it works and JOB_D
 load (fresh process; the OS page cache is not dropped); first inference; warm-up until the median
 of a window of 5 is within `warmup_tolerance` of the previous window; idle power baseline of the
 planned length; timed runs until BOTH `runs` and `min_seconds` are met (or `max_seconds` passes,
-which makes the run INVALID). Every raw latency is kept. A power meter, when there is one, is
+which makes the run INVALID). The statistics are over every timed run; the result keeps at most
+`MAX_RAW_LATENCIES` raw latencies (evenly spaced over the runs past that, `latency_ms.raw_note` says so),
+so a million runs cannot make a result of megabytes. A power meter, when there is one, is
 sampled on a thread of this process (about 20 reads a second; its small cost is inside the
 timed numbers, the same for every model). Last, what the runtime made of the file, from a second
 load: the ops ONNX Runtime's optimized graph runs (`runtime.kernels`), or the nodes XNNPACK took
@@ -37,6 +39,7 @@ from .protocol import DEFAULT_DIMS
 from .runtimes import WEIGHT_OPS, check_runtime_min, load, runtime_dist
 
 WARMUP_WINDOW = 5
+MAX_RAW_LATENCIES = 10_000
 
 
 class _Progress:
@@ -201,7 +204,7 @@ def measure(job_dir: Path) -> dict:
         warnings.append(f"ONNX Runtime here runs {_counted(left)} on float kernels over dequantized tensors "
                         "(not fused into integer kernels)")
     result["os_threads"] = _threads()
-    result["latency_ms"] = {**stats.summarize(lat), "seconds": seconds, "raw": lat}
+    result["latency_ms"] = {**stats.summarize(lat), "seconds": seconds, **_raw(lat)}
     reasons = stats.validity(len(lat), seconds, cfg["runs"], cfg["min_seconds"])
     result["invalid_reasons"] = reasons
     result["status"] = "invalid" if reasons else "valid"
@@ -209,6 +212,16 @@ def measure(job_dir: Path) -> dict:
     result["conditions"]["after"] = fp.conditions()
     progress("done", len(lat))
     return result
+
+
+def _raw(lat: list[float]) -> dict:
+    """The raw latencies a result keeps: all of them, or MAX_RAW_LATENCIES evenly spaced ones, saying so."""
+    if len(lat) <= MAX_RAW_LATENCIES:
+        return {"raw": lat}
+    keep = np.linspace(0, len(lat) - 1, MAX_RAW_LATENCIES).round().astype(np.int64)
+    return {"raw": [lat[i] for i in keep],
+            "raw_note": f"{MAX_RAW_LATENCIES} of the {len(lat)} raw latencies kept, evenly spaced in run order; the "
+                        "statistics are over all of them"}
 
 
 def _limit_reason(exc: BaseException) -> str:

@@ -297,7 +297,6 @@ def _container_notes(qm, rendered) -> dict:
 
 def _inputs_meta(bundle, path: Path) -> list[dict]:
     model = onnx.load(str(path), load_external_data=False)
-    elem = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32"}
     vocab = None
     if bundle.kind in ("causal-lm", "encoder"):
         config = getattr(bundle.module, "config", None)
@@ -306,7 +305,8 @@ def _inputs_meta(bundle, path: Path) -> list[dict]:
     for inp in model.graph.input:
         t = inp.type.tensor_type
         shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-        entry = {"name": inp.name, "dtype": elem.get(t.elem_type, str(t.elem_type)), "shape": shape}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name  # numpy's name, which the agent feeds
+        entry = {"name": inp.name, "dtype": dtype, "shape": shape}
         if inp.name == "input_ids" and vocab:
             entry["range"] = [0, int(vocab)]
         if inp.name == "attention_mask":
