@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -28,16 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from ..console import aligned
+from ..console import aligned, native_chatter_dropped
 from ..errors import EdgeqError
 from ..export import prefill_of
 from ..export.runtime_min import runtime_for, runtime_verdict
 from ..fileio import read_json, sha256_file
 from . import outputs
-from .client import AgentClient, AgentError
+from .client import AgentClient, AgentError, check_url
 from .inputs import asked_dims, dims_label
 from .onnxcheck import MalformedModel, external_locations
-from .protocol import FILE_NAME_RE
+from .protocol import DEFAULT_DIMS, FILE_NAME_RE
 from .server import READY_PREFIX, read_token_file
 
 ENV_DEVICES = "EDGEQ_DEVICES"
@@ -93,10 +94,16 @@ def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     if unknown_top:
         raise EdgeqError(f"devices file: {p}: unknown top-level keys {sorted(unknown_top)}; allowed: ['devices']")
     out = {}
-    for name, entry in (data.get("devices") or {}).items():
-        unknown = set(entry) - _DEVICE_KEYS
-        if unknown or "url" not in entry:
+    devices = data.get("devices") or {}
+    if not isinstance(devices, dict):
+        raise EdgeqError(f"devices file: {p}: 'devices' must be a table of [devices.NAME] entries")
+    for name, entry in devices.items():
+        if not isinstance(entry, dict) or set(entry) - _DEVICE_KEYS or "url" not in entry:
             raise EdgeqError(f"devices file: {p}: device {name!r} needs 'url' and allows only {sorted(_DEVICE_KEYS)}")
+        bad = [k for k, v in entry.items() if not isinstance(v, str)]
+        if bad:
+            raise EdgeqError(f"devices file: {p}: device {name!r}: {bad[0]} = {entry[bad[0]]!r} must be a string")
+        check_url(entry["url"], f"{name!r} in {p}")
         # as kubeconfig does: a relative path is read from the file's directory, not wherever edgeq runs
         paths = {k: str(p.parent / Path(v).expanduser()) for k, v in entry.items() if k in _PATH_KEYS}
         out[name] = Device(name=name, **{**entry, **paths})
@@ -109,7 +116,7 @@ def resolve_devices(specs: list[str], token_file: str | None, devices_file: str 
     out = []
     for spec in specs:
         if "://" in spec:
-            dev = Device(name=spec, url=spec, token_file=token_file)
+            dev = Device(name=spec, url=check_url(spec), token_file=token_file)
         elif spec in known:
             dev = known[spec]
             if token_file:
@@ -170,13 +177,14 @@ class Bundle:
     sha256: str
     files: tuple[tuple[Path, str], ...]
     meta: dict | None
+    signatures: tuple[str, ...] | None = None  # a .tflite file's, as this host's LiteRT reads them (None: not read)
 
 
 def bundle(path: str | os.PathLike) -> Bundle:
     path = Path(path)
     if not path.is_file() or path.suffix not in (".onnx", ".tflite"):
         raise EdgeqError(f"artifact: {path} must be an existing .onnx or .tflite file")
-    if not FILE_NAME_RE.match(path.name):
+    if not FILE_NAME_RE.fullmatch(path.name):
         raise EdgeqError(f"artifact: file name {path.name!r} must use only letters, digits, _ . -")
     files = []
     if path.suffix == ".onnx":
@@ -185,13 +193,43 @@ def bundle(path: str | os.PathLike) -> Bundle:
         except MalformedModel as exc:
             raise EdgeqError(f"artifact: {path} is not a readable ONNX model ({exc})") from None
         for loc in sorted(set(locations)):
-            if not FILE_NAME_RE.match(loc) or not (path.parent / loc).is_file():
+            if not FILE_NAME_RE.fullmatch(loc) or not (path.parent / loc).is_file():
                 raise EdgeqError(f"artifact: {path.name} names external data {loc!r}, which is not a file "
                                  "beside it with a plain name")
             files.append((path.parent / loc, sha256_file(path.parent / loc)))
+    signatures = tflite_signatures(path) if path.suffix == ".tflite" else None
     sha = sha256_file(path)
     size = path.stat().st_size + sum(f.stat().st_size for f, _ in files)
-    return Bundle(path, sha, tuple(files), export_meta(path) or graph_meta(path, sha, size))
+    return Bundle(path, sha, tuple(files), export_meta(path) or graph_meta(path, sha, size), signatures)
+
+
+_OP_ERROR = re.compile(r"\bops?\b|opcode|custom", re.IGNORECASE)
+
+
+def tflite_signatures(path: Path) -> tuple[str, ...] | None:
+    """The signatures of a .tflite file as this host's LiteRT reads them; an EdgeqError for a file that is no TFLite
+    model (random bytes, a truncated file, an ONNX file renamed), refused here as `bundle` refuses an unreadable ONNX
+    file, before a board spends an upload and a job on it. None when this host cannot tell: no LiteRT here (then only
+    the flatbuffer's file identifier is checked), or an op this host's LiteRT lacks (the board's may have it)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise EdgeqError(f"artifact: {path} is not a TFLite model (no TFL3 flatbuffer identifier)")
+    from .runtimes import _litert_interpreter
+
+    try:
+        interpreter_cls = _litert_interpreter()[0]
+    except EdgeqError:
+        return None
+    try:
+        with native_chatter_dropped():
+            interpreter = interpreter_cls(model_path=str(path))  # parses and verifies; allocates nothing
+        return tuple(sorted(interpreter.get_signature_list()))
+    except Exception as exc:  # LiteRT raises plain ValueError / RuntimeError
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if _OP_ERROR.search(why):
+            return None
+        raise EdgeqError(f"artifact: {path} is not a TFLite model this host's LiteRT loads ({why})") from None
 
 
 def check_signature(b: Bundle, signature: str | None) -> None:
@@ -201,6 +239,50 @@ def check_signature(b: Bundle, signature: str | None) -> None:
     known = meta.get("signatures")
     if signature is not None and known and meta.get("sha256") == b.sha256 and signature not in known:
         raise EdgeqError(f"--signature: {signature!r} is not a signature of {b.path.name} (it has: {', '.join(sorted(known))})")
+
+
+def check_tflite_signature(b: Bundle, signature: str | None) -> None:
+    """Refuse a signature the .tflite file itself does not have (as this host's LiteRT reads it), listing those it
+    has."""
+    if signature is not None and b.signatures is not None and signature not in b.signatures:
+        raise EdgeqError(f"--signature: {signature!r} is not a signature of {b.path.name} "
+                         f"(it has: {', '.join(b.signatures) or 'none'})")
+
+
+def dim_names(b: Bundle, signature: str | None) -> set[str] | None:
+    """The symbolic dim names the inputs of a job on `b` have, as the agent reads them (`inputs` of the job's
+    metadata, else the file's own: an ONNX graph's dim_params; a TFLite file's dynamic dims are unnamed); None when
+    this host cannot tell (no `onnx` package here)."""
+    spec = (job_meta(b.meta, signature) or {}).get("inputs")
+    if spec:
+        return {d for item in spec if isinstance(item, dict) for d in item.get("shape") or [] if isinstance(d, str)}
+    if b.path.suffix == ".tflite":
+        return set()
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        graph = onnx.load(str(b.path), load_external_data=False).graph
+    except Exception:  # a parse `bundle` already passed; the board judges
+        return None
+    weights = {t.name for t in graph.initializer}
+    return {d.dim_param for i in graph.input if i.name not in weights
+            for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def check_dims(bundles: list[Bundle], dims: dict[str, int], signature: str | None) -> None:
+    """Refuse a --dim that sizes no input of any file in the run (a typo would change nothing and still be stored as
+    measured at it), listing each file's dims; batch and sequence also size unnamed dims, so they always apply."""
+    names = {b.path.name: dim_names(b, signature) for b in bundles}
+    if any(n is None for n in names.values()):
+        return
+    known = set(DEFAULT_DIMS).union(*names.values())
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        has = "; ".join(f"{f}: {', '.join(sorted(n | set(DEFAULT_DIMS)))}" for f, n in names.items())
+        raise EdgeqError(f"--dim {', '.join(f'{k}={dims[k]}' for k in unknown)}: no input of "
+                         f"{', '.join(names)}{f' [{signature}]' if signature else ''} has a dim of that name ({has})")
 
 
 ProgressFn = Callable[[str, str, dict], None]
@@ -258,18 +340,22 @@ def not_sent(b: Bundle, info: dict, config: dict) -> dict | None:
 
 def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: dict, db: str | None,
             tokens: dict[str, str] | None = None, on_progress: ProgressFn | None = None,
-            timeout_s: float = 30.0, check_outputs: bool = True) -> list[dict]:
+            timeout_s: float = 30.0, check_outputs: bool = True, strict_dims: bool = False) -> list[dict]:
     """Profile artifacts on devices in parallel and store every returned result.
 
     Returns one summary per (device, artifact): device, artifact, status, error, row id, result.
     `timeout_s` is the per-request network timeout (not the job's duration). `check_outputs`: run each file here too,
-    on the board's inputs, and store how the board's outputs compare (`output_check` in the result).
+    on the board's inputs, and store how the board's outputs compare (`output_check` in the result). `strict_dims`:
+    refuse a config dim no input has (`check_dims`) rather than let the result warn of it.
     """
     from .. import store
 
     bundles = [bundle(a) for a in artifacts]
     for b in bundles:
         check_signature(b, config.get("signature"))
+        check_tflite_signature(b, config.get("signature"))
+    if strict_dims:
+        check_dims(bundles, config.get("dims") or {}, config.get("signature"))
     clients = {d.name: d.client((tokens or {}).get(d.name), timeout=timeout_s) for d in devices}
     lock, references_lock, references = threading.Lock(), threading.Lock(), {}
     summaries: list[dict] = []
@@ -279,12 +365,15 @@ def profile(artifacts: list[str | os.PathLike], devices: list[Device], config: d
             row = None
             if result is not None:  # a failure is stored too (what a board cannot run), tied to the file sent
                 result = {**result, "artifact_sha256": result.get("artifact_sha256") or b.sha256}
-                checked = outputs.output_check(b.path, b.sha256, result, references, references_lock) \
-                    if check_outputs else None
-                if checked is not None:
-                    result["output_check"] = checked
-                row = store.record_result(db, result, device=dev.name, device_url=dev.url,
-                                          artifact_path=str(b.path.resolve()), export_meta=b.meta)
+                try:
+                    checked = outputs.output_check(b.path, b.sha256, result, references, references_lock) \
+                        if check_outputs else None
+                    if checked is not None:
+                        result["output_check"] = checked
+                    row = store.record_result(db, result, device=dev.name, device_url=dev.url,
+                                              artifact_path=str(b.path.resolve()), export_meta=b.meta)
+                except EdgeqError as exc:  # this row fails with the reason; the other boards' rows stand
+                    result, error = None, f"not stored: {exc}"
             with lock:
                 summaries.append({"device": dev.name, "artifact": str(b.path),
                                   "status": result.get("status") if result else "error",

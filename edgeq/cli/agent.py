@@ -4,9 +4,27 @@ Imports nothing heavy (no torch)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
+
+from ..errors import EdgeqError
+
+
+class PositiveFinite(click.ParamType):
+    """A number above 0 and finite: click.FloatRange lets NaN through (every comparison with it is false)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{value!r} must be a finite number above 0", param, ctx)
+        return number
 
 
 @click.group()
@@ -24,21 +42,25 @@ def agent() -> None:
               help="Require client certificates signed by this CA (mutual TLS).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Jobs, artifacts and the journal (default: the user data dir).")
-@click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--max-upload-mb", type=PositiveFinite(), default=None,
               help="Largest artifact file accepted (default 1024).")
-@click.option("--max-store-gb", type=click.FloatRange(0, min_open=True), default=8.0, show_default=True,
+@click.option("--max-store-gb", type=PositiveFinite(), default=8.0, show_default=True,
               help="Uploaded files kept for re-use; past it the least recently used are evicted (never those a queued "
                    "or running job needs).")
 @click.option("--min-free-mb", type=click.IntRange(0), default=512, show_default=True,
               help="Refuse an upload that would leave the disk with less free space.")
-@click.option("--max-job-seconds", type=click.FloatRange(0, min_open=True), default=900.0, show_default=True,
+@click.option("--max-job-seconds", type=PositiveFinite(), default=900.0, show_default=True,
               help="Wall-time limit per job.")
 @click.option("--max-memory-mb", type=click.IntRange(64), default=None, help="Address-space limit per job (default 80% of RAM).")
 @click.option("--power-meter", default="auto", show_default=True,
               help="auto, none, jetson-ina3221, rpi5-pmic, hwmon, rapl, or command:<cmd printing watts>.")
+@click.option("--keep-jobs", type=click.IntRange(1), default=1000, show_default=True,
+              help="Finished jobs remembered (journal rows and directories), newest first; older ones are forgotten.")
+@click.option("--keep-job-days", type=PositiveFinite(), default=30.0, show_default=True,
+              help="Forget finished jobs older than this.")
 @click.option("--sysfs-root", default="/", hidden=True, help="Read sensors under this root (tests: recorded trees).")
 def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_store_gb, min_free_mb,
-          max_job_seconds, max_memory_mb, power_meter, sysfs_root) -> None:
+          max_job_seconds, max_memory_mb, power_meter, keep_jobs, keep_job_days, sysfs_root) -> None:
     """Serve protocol v1 until SIGTERM; prints 'EDGEQ_AGENT_LISTENING <url>' when ready."""
     from ..agent import protocol
     from ..agent.server import AgentConfig, read_token_file, serve as run
@@ -54,12 +76,59 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         max_upload_bytes=protocol.DEFAULT_MAX_UPLOAD_BYTES if max_upload_mb is None else int(max_upload_mb * (1 << 20)),
         max_store_bytes=int(max_store_gb * (1 << 30)), min_free_bytes=min_free_mb << 20,
         max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter,
-        sysfs_root=sysfs_root)
+        keep_jobs=keep_jobs, keep_job_days=keep_job_days, sysfs_root=sysfs_root)
+    check_serve(cfg)
     mode = Path(token_file).stat().st_mode & 0o777
     if mode & 0o007:  # as ssh says of a private key: anyone who reads the token can run models on this board
         click.echo(f"edgeq-agent: WARNING: token file {token_file} is open to every user (mode {mode:03o}); "
                    "chmod 600 it (or 640 with the agent's group, as the board installers do)", err=True)
     run(cfg)
+
+
+def check_serve(cfg) -> None:
+    """What `serve` would otherwise fail on after it started, as one line naming the option: the TLS files load, the
+    data dir can be written, and the address resolves and binds (the server binds as it does here, reusing a
+    TIME_WAIT address)."""
+    import errno
+    import socket
+    import ssl
+    import tempfile
+
+    if cfg.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        except (ssl.SSLError, OSError) as exc:
+            raise EdgeqError(f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key}: do not load as a PEM certificate "
+                             f"and its private key ({getattr(exc, 'reason', None) or exc})") from None
+        if cfg.client_ca:
+            try:
+                ctx.load_verify_locations(str(cfg.client_ca))
+            except (ssl.SSLError, OSError) as exc:
+                raise EdgeqError(f"--client-ca {cfg.client_ca}: does not load as PEM CA certificates "
+                                 f"({getattr(exc, 'reason', None) or exc})") from None
+    try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.data_dir):
+            pass
+    except OSError as exc:
+        raise EdgeqError(f"--data-dir {cfg.data_dir}: cannot be written ({exc.strerror or exc})") from None
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET  # as AgentServer chooses
+    try:
+        socket.getaddrinfo(cfg.host, cfg.port, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise EdgeqError(f"--host {cfg.host}: not an address or a name that resolves "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise EdgeqError(f"--port {cfg.port}: already in use on {cfg.host} (another agent? choose another "
+                                 "port, or 0 for a free one)") from None
+            raise EdgeqError(f"--host {cfg.host} --port {cfg.port}: cannot listen there "
+                             f"({exc.strerror or exc})") from None
 
 
 @agent.command("info")
@@ -96,13 +165,13 @@ def _info_lines(answer: dict) -> list[str]:
     runtimes = ", ".join(f"{name} {version or '-'}" for name, version in (fp.get("runtimes") or {}).items()
                          if name not in ("numpy", "psutil", "edgeq"))
     meter = info.get("power_meter")
-    power = f"{meter['meter']} ({meter['scope']})" if meter else f"none ({info.get('power_reason')})"
-    mem = info.get("max_memory_mb")
+    power = f"{meter.get('meter')} ({meter.get('scope')})" if meter else f"none ({info.get('power_reason')})"
+    mem, upload = info.get("max_memory_mb"), info.get("max_upload_bytes")
     os_name = (fp.get("os") or "-").split("=", 1)[-1].strip('"')  # /etc/os-release's first line, PRETTY_NAME="..."
     return [f"{head}: edgeq {info.get('version') or '?'}, protocol {info.get('protocol')}",
             f"  board:    {fp.get('board') or '-'}; {fp.get('cpu_model') or '-'} x{fp.get('cpu_count')} ({fp.get('machine')}), "
             f"{fp.get('mem_total_mb')} MB; {os_name}, kernel {fp.get('kernel')}, Python {fp.get('python')}",
             f"  runtimes: {runtimes}",
             f"  power:    {power}",
-            f"  limits:   upload {info.get('max_upload_bytes', 0) >> 20} MB, job {info.get('max_job_seconds')} s, "
+            f"  limits:   upload {'?' if upload is None else upload >> 20} MB, job {info.get('max_job_seconds')} s, "
             f"memory {f'{mem} MB' if mem else 'default'}"]

@@ -74,10 +74,10 @@ def profile(artifacts, devices, local, token_file, devices_file, runs, min_secon
     if local:
         with host.LocalAgent() as agent:
             summaries = host.profile(artifacts, [agent.device()], config, db, on_progress=progress,
-                                     check_outputs=not no_output_check)
+                                     check_outputs=not no_output_check, strict_dims=True)
     else:
         summaries = host.profile(artifacts, host.resolve_devices(list(devices), token_file, devices_file),
-                                 config, db, on_progress=progress, check_outputs=not no_output_check)
+                                 config, db, on_progress=progress, check_outputs=not no_output_check, strict_dims=True)
     if as_json:
         click.echo(json.dumps(summaries, indent=1, default=str))
     else:
