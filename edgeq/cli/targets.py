@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import click
 
@@ -17,7 +19,12 @@ def targets() -> None:
 def list_cmd(as_json: bool) -> None:
     """List every profile on the search path (EDGEQ_PROFILES, user config, bundled)."""
     from ..targets import list_profiles, search_dirs
+    from ..targets.profile import ENV_VAR
 
+    for d in os.environ.get(ENV_VAR, "").split(os.pathsep):  # a typo there hides the profiles it was to add
+        if d and not Path(d).is_dir():
+            click.echo(f"edgeq: note: ${ENV_VAR} names {d}, which is not a directory: no profiles read from it",
+                       err=True)
     profiles = list_profiles()
     if as_json:
         click.echo(json.dumps([{"name": p.name, "title": p.title, "formats": p.formats,

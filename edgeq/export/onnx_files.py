@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import onnx
 
-from ..fileio import current_umask
+from ..fileio import current_umask, naming
 
 # above this (all graphs' tensors), tensors go to one FILE.onnx.data beside the file. ONNX Runtime holds more memory for
 # weights inside the proto (RSS after a run, this host, ORT 1.32): MiniLM-L6 fp32 150 MB inside against 106 MB in a
@@ -62,11 +62,12 @@ def put_in_place(main: Path, companions: list[Path], out: Path) -> None:
 
 
 def save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    with naming(path):
+        if external:
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(path))
 
 
 def _stale_companions(out: Path, written: set[str]) -> list[str]:

@@ -180,15 +180,24 @@ def test_eval_says_when_the_data_holds_fewer_windows_than_asked(capsys, tmp_path
 
 def test_a_write_past_the_file_size_limit_is_one_line_exit_1(tmp_path, tiny_llama_ref):
     """A full disk, as the process sees it: RLIMIT_FSIZE makes writes fail with EFBIG (safetensors raised its own
-    error type, a traceback); the directory already there is kept and no temporary directory is left."""
+    error type, a traceback; onnx's write named no file); the directory already there is kept and no temporary
+    directory is left."""
     old = tmp_path / "q"
     assert main(["quantize", "tiny-llama", "--recipe", "w8", "-o", str(old)]) == 0
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-            "from edgeq.cli.main import main; sys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", code, "quantize", "tiny-llama", "--recipe", "w8", "-o", str(old),
-                           "--overwrite"], capture_output=True, text=True, env={**os.environ, "EDGEQ_DEBUG": ""})
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith(f"edgeq: error: {os.strerror(27)}: ") and done.stderr.count("\n") == 1, done.stderr
-    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+    def limited(*argv):
+        code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+                "from edgeq.cli.main import main; sys.exit(main(sys.argv[1:]))")
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                              env={**os.environ, "EDGEQ_DEBUG": ""})
+
+    for argv, written in ((["quantize", "tiny-llama", "--recipe", "w8", "-o", str(old), "--overwrite"],
+                           "/layers.safetensors"),
+                          (["export", "tiny-llama", "-o", str(tmp_path / "m.onnx")], "/m.onnx")):
+        done = limited(*argv)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"edgeq: error: {os.strerror(27)}: ") and done.stderr.count("\n") == 1
+        assert done.stderr.rstrip().endswith(written), done.stderr  # the file that did not fit, named
+        assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

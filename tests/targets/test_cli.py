@@ -57,3 +57,16 @@ def test_check_qdir_every_runtime(tmp_path, profile_dir, capsys):
     reports = json.loads(capsys.readouterr().out)
     assert {r["runtime"]: r["status"] for r in reports} == {"ort": "unsupported", "lite": "native"}
     assert main(["check", str(qdir), "--target", "testboard", "--runtime", "ort"]) == 1
+
+
+def test_targets_list_says_when_edgeq_profiles_names_no_directory(profile_dir, tmp_path, monkeypatch, capsys):
+    """A typo in $EDGEQ_PROFILES hid the profiles it was meant to add, silently."""
+    import os
+
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setenv("EDGEQ_PROFILES", os.pathsep.join([str(profile_dir), str(missing)]))
+    assert main(["targets", "list"]) == 0
+    captured = capsys.readouterr()
+    assert "testboard" in captured.out
+    assert captured.err == (f"edgeq: note: $EDGEQ_PROFILES names {missing}, which is not a directory: no profiles "
+                            "read from it\n")
