@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,8 +96,6 @@ def _json_default(obj: Any) -> Any:
 def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
     """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are, which the CLI reports
     in one line."""
-    import re
-
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 

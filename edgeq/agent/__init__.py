@@ -2,5 +2,5 @@
 
 Everything under `edgeq.agent` imports only the standard library, numpy, onnxruntime, LiteRT
 (ai_edge_litert or tflite_runtime), psutil and edgeq's light modules (`errors`, `fileio`): it runs
-on a board that has no torch. `client.py` and `host.py` run on the host and use only the stdlib.
+on a board that has no torch. `client.py`, `host.py` and `bundles.py` run on the host.
 """

@@ -57,8 +57,8 @@ def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, ba
                          f"not {method!r}")
     check_new_dir(output, overwrite)
     ckpt = checkpoint_dir or output.with_name(output.name + ".ckpt")
-    if checkpoint_every or resume:
-        _check_checkpoint_dir(ckpt, resume, overwrite)
+    if checkpoint_every and not resume:  # a resumed run's checkpoint is checked where it is read (qat_loop.train)
+        _check_checkpoint_dir(ckpt, overwrite)
     if lr is None:
         lr = 1e-3 if method == "lr-qat" else 1e-4
     config = QATConfig(model=model, recipe=recipe, data=data, steps=steps, method=method, loss=loss, output_grids=output_grids, lr=lr,
@@ -83,12 +83,8 @@ def qat(model, recipe, data, steps, method, loss, output_grids, lr, scale_lr, ba
                    f"merge bit-exact: {result['bit_exact_merge']} ({result['seconds']} s)")
 
 
-def _check_checkpoint_dir(ckpt: Path, resume: bool, overwrite: bool) -> None:
-    """The checkpoint directory a run will write (or resume from): only ever one of edgeq's, and one it can write."""
-    if resume:
-        if not (ckpt / "state.json").is_file():
-            raise EdgeqError(f"qat: --resume given but there is no checkpoint in {ckpt}")
-        return
+def _check_checkpoint_dir(ckpt: Path, overwrite: bool) -> None:
+    """The checkpoint directory a new run will write: only ever one of edgeq's, and one it can write."""
     if (ckpt / "state.json").is_file() and not overwrite:
         raise EdgeqError(f"qat: {ckpt} holds a checkpoint of an earlier run: pass --resume to continue it or "
                          "--overwrite to start over")
