@@ -276,7 +276,7 @@ INFO_FIELDS = {
                     "python": "text"},
     "power_meter": {"meter": "text", "scope": "text"},
     "max_upload_bytes": "an integer", "max_store_bytes": "an integer", "max_job_seconds": "a number",
-    "max_memory_mb": "an integer", REQUIRED: ("protocol",),
+    "max_memory_mb": "an integer", "sandbox": "text", "sandbox_reason": "text", REQUIRED: ("protocol",),
 }
 JOB_FIELDS = {"state": P.JOB_STATES, "progress": "an object", "error": "text", REQUIRED: ("state",)}
 _TENSOR = {"name": "text", "shape": "a list of numbers", "sample": "a list of numbers", "argmax": "a list of numbers",
@@ -286,7 +286,7 @@ RESULT_FIELDS = {
     "artifact_sha256": "text", "invalid_reasons": "a list of text", "warnings": "a list of text",
     "size_bytes": "a number", "load_ms": "a number", "first_inference_ms": "a number", "threads": "a number",
     "peak_rss_mb": "a number", "config": "an object", "fingerprint": "an object", "conditions": "an object",
-    "warmup": "an object", "inputs": "a list of objects",
+    "warmup": "an object", "inputs": "a list of objects", "sandbox": "text",
     "latency_ms": {"n": "an integer", "seconds": "a number", "p50": "a number", "p90": "a number", "p99": "a number",
                    "mean": "a number", "std": "a number", "min": "a number", "max": "a number",
                    "ci95_median": "a list of numbers", "raw": "a list of numbers"},

@@ -2,7 +2,8 @@
 
 Jobs run one at a time (so measurements do not disturb each other) in `runner.py` as a child
 process in the job's own directory, with address-space, CPU-time, file-size and open-file limits
-and a wall-clock watchdog; the child dies with the agent. However a job ends, its directory keeps
+and a wall-clock watchdog, sandboxed in Linux namespaces where the kernel allows it (`sandbox.py`,
+checked at start by `probe_sandbox`); the child dies with the agent. However a job ends, its directory keeps
 only the agent's own small files (`job.json`, `progress.json`, `result.json`, `runner.log`): the
 model's copy and anything the runtime wrote are removed. States are kept in the SQLite journal
 (`journal.py`); the newest `keep_jobs` finished jobs of the last `keep_job_days` are kept, older
@@ -28,10 +29,12 @@ from pathlib import Path
 from ..errors import EdgeqError
 from ..fileio import write_json_atomic
 from . import protocol as P
+from . import sandbox
 from .artifacts import GiB, ArtifactStore
 from .journal import Journal
 
 MAX_QUEUED_JOBS = 256
+SANDBOX_MODES = ("auto", "on", "off")
 MAX_OPEN_FILES = 256  # a runner's RLIMIT_NOFILE
 RUNNER_WRITE_SLACK = 1 << 30  # a runner's largest file: the job's files (ORT's optimized copy) plus this
 # a runner error that is about memory (the runner's own "memory limit exceeded", a C++ bad_alloc, ...), not
@@ -62,6 +65,8 @@ class AgentConfig:
     header_timeout_s: float = 10.0  # TLS handshake, request line and headers, in total (server.py)
     keep_jobs: int = 1000  # finished jobs kept (journal rows and directories), newest first ...
     keep_job_days: float = 30.0  # ... and none older than this
+    sandbox: str = "auto"  # the runner in Linux namespaces (sandbox.py): "on" requires it, "auto" uses it if it can
+    sandbox_hide: tuple[Path, ...] = ()  # what a runner must not read: the token file, the TLS key, more
 
     def __post_init__(self):
         if len(self.token) < P.MIN_TOKEN_CHARS:
@@ -70,6 +75,13 @@ class AgentConfig:
             raise EdgeqError("tls: --tls-cert and --tls-key must be given together")
         if self.client_ca is not None and self.tls_cert is None:
             raise EdgeqError("tls: --client-ca needs --tls-cert and --tls-key")
+        if self.sandbox not in SANDBOX_MODES:
+            raise EdgeqError(f"sandbox: {self.sandbox!r} is not one of: {', '.join(SANDBOX_MODES)}")
+        data_dir = Path(self.data_dir).resolve()
+        for path in self.sandbox_hide:
+            if Path(path).resolve() in (data_dir, *data_dir.parents):
+                raise EdgeqError(f"sandbox-hide: {path} holds the data directory {self.data_dir}, which each job's "
+                                 "sandbox shows its own directory of")
         if self.max_memory_mb is None:
             pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             self.max_memory_mb = int(pages * 0.8) >> 20
@@ -109,6 +121,46 @@ def _runner_limits(memory_mb: int, cpu_seconds: int, file_bytes: int | None = No
             resource.setrlimit(which, (want, want))
 
     return apply
+
+
+def _runner_env(threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def sandbox_command(data_dir: Path, job_dir: Path, hide: tuple[Path, ...], probe: bool = False) -> list[str]:
+    """The command that runs a job's runner (or, with `probe`, only checks that it could) in its sandbox."""
+    args = [sys.executable, "-m", "edgeq.agent.sandbox", *(["--probe"] if probe else [])]
+    for path in hide:
+        args += ["--hide", str(Path(path).absolute())]
+    return [*args, str(data_dir), str(job_dir)]
+
+
+def probe_sandbox(data_dir: Path, hide: tuple[Path, ...] = ()) -> str | None:
+    """Why a runner cannot be sandboxed on this machine (the kernel refuses a user namespace, a security module
+    refuses a mount, ...), or None when it can: the sandbox made for a scratch job whose runner imports and
+    writes its file. Raises when it can be made but hides what the runner needs (`hide` covers the Python
+    install): a configuration error, never a reason to run without it."""
+    import tempfile
+
+    probe_dir = Path(tempfile.mkdtemp(prefix=".sandbox-probe-", dir=data_dir / "jobs"))
+    try:
+        done = subprocess.run(sandbox_command(data_dir, probe_dir, hide, probe=True), cwd=probe_dir, env=_runner_env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        ok = (probe_dir / sandbox.PROBE_FILE).is_file()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the probe could not run: {exc}"
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    said = [line.removeprefix(sandbox.ERROR_PREFIX) for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == 0 and ok:
+        return None
+    if done.returncode == sandbox.RUNNER_HIDDEN:
+        raise EdgeqError(f"sandbox: {said[-1][:300]}; does --sandbox-hide (or the data directory) hold the Python "
+                         "install?")
+    return said[-1][:300] if said else f"the probe exited with code {done.returncode}"
 
 
 def memory_note(error: str, memory_mb: int) -> str:
@@ -165,14 +217,30 @@ class Agent:
         from . import fingerprint, meters
 
         meter, reason = meters.detect(cfg.power_meter, cfg.sysfs_root)
+        self.sandbox, sandbox_reason = self._choose_sandbox()
         self.info = {"protocol": P.PROTOCOL_VERSION, "type": "info", "agent": "edgeq",
                      "version": fingerprint.runtime_versions().get("edgeq"),
                      "fingerprint": fingerprint.fingerprint(),
                      "power_meter": meter.describe() if meter else None, "power_reason": reason,
                      "max_upload_bytes": cfg.max_upload_bytes, "max_store_bytes": cfg.max_store_bytes,
                      "max_job_seconds": cfg.max_job_seconds,
-                     "max_memory_mb": cfg.max_memory_mb}
+                     "max_memory_mb": cfg.max_memory_mb, "sandbox": self.sandbox, "sandbox_reason": sandbox_reason}
         self._worker.start()
+
+    def _choose_sandbox(self) -> tuple[str | None, str | None]:
+        """What confines each runner (sandbox.py), described, or None and why not."""
+        if self.cfg.sandbox == "off":
+            return None, "turned off (agent serve --sandbox off): rlimits only"
+        problem = probe_sandbox(self.data_dir, self.cfg.sandbox_hide)
+        if problem is None:
+            n = len(self.cfg.sandbox_hide)
+            return sandbox.DESCRIPTION.format(hidden=f" and {n} more path{'s' * (n != 1)}" if n else ""), None
+        if self.cfg.sandbox == "on":
+            raise EdgeqError(f"sandbox: this machine cannot sandbox a runner ({problem}); see docs/agent.md 'Sandbox', "
+                             "or run with --sandbox auto or off")
+        sys.stderr.write(f"edgeq-agent: WARNING: runners are not sandboxed ({problem}); they run as this agent's "
+                         "user with rlimits only (docs/agent.md 'Sandbox')\n")
+        return None, f"not available here: {problem}; rlimits only"
 
     def artifact_path(self, sha: str) -> Path:
         return self.artifacts.path(sha)
@@ -273,11 +341,11 @@ class Agent:
         if problem:
             return "failed", None, problem
         self._prepare_dir(job_dir, request)
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
-        env["OMP_NUM_THREADS"] = str(cfg["threads"])
+        cmd = (sandbox_command(self.data_dir, job_dir, self.cfg.sandbox_hide) if self.sandbox
+               else [sys.executable, "-m", "edgeq.agent.runner", str(job_dir)])
         with open(job_dir / "runner.log", "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeq.agent.runner", str(job_dir)], cwd=job_dir, env=env,
+                cmd, cwd=job_dir, env=_runner_env(cfg["threads"]),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_runner_limits(memory, int(timeout) + 1, file_cap))
             try:
@@ -299,6 +367,9 @@ class Agent:
             return "failed", None, f"{killed_by(-code, memory, int(timeout) + 1)}: {tail[-200:]}"
         if result is None:
             said = last_log_line(job_dir / "runner.log")
+            if self.sandbox and code == sandbox.SANDBOX_FAILED and said and said.startswith(sandbox.ERROR_PREFIX):
+                return "failed", None, ("not run: the runner's sandbox could not be made "
+                                        f"({said.removeprefix(sandbox.ERROR_PREFIX)})")
             return "failed", None, memory_note(f"the runner exited with code {code} without a result"
                                                + (f"; its log ends: {said}" if said else ""), memory)
         if result.get("status") == "failed" or code != 0:
@@ -323,7 +394,7 @@ class Agent:
             if result is None:
                 result = {"status": "aborted" if state == "aborted" else "failed", "error": error}
             result.update({"protocol": P.PROTOCOL_VERSION, "type": "result", "job_id": job_id, "state": state,
-                           "error": error})
+                           "error": error, "sandbox": self.sandbox})
             result.setdefault("artifact_sha256", self.journal.get(job_id)["artifact_sha256"])  # a failed run's too
             self.journal.finish(job_id, state, result, error)
             self._prune()

@@ -1,7 +1,9 @@
 """One benchmark job, measured in its own process: `python -m edgeq.agent.runner JOB_DIR`.
 
 The agent starts this process with an address-space limit (RLIMIT_AS), a CPU-time limit and a
-wall-clock watchdog, in the job's own directory; it dies with the agent (PR_SET_PDEATHSIG).
+wall-clock watchdog, in the job's own directory, through `sandbox.py` where the kernel allows it
+(then it sees no network, no other process and nothing of the agent's data but its job); it dies with
+the agent (PR_SET_PDEATHSIG).
 It reads JOB_DIR/job.json, writes JOB_DIR/progress.json while it works and JOB_DIR/result.json
 (atomically) at the end. Order of measurement: artifact size; ONNX external data vetted; cold
 load (fresh process; the OS page cache is not dropped); first inference; warm-up until the median

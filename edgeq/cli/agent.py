@@ -58,9 +58,16 @@ def agent() -> None:
               help="Finished jobs remembered (journal rows and directories), newest first; older ones are forgotten.")
 @click.option("--keep-job-days", type=PositiveFinite(), default=30.0, show_default=True,
               help="Forget finished jobs older than this.")
+@click.option("--sandbox", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Run each job in Linux namespaces: read-only files, no network, nothing of the agent's data but "
+                   "its own directory, the token and TLS key hidden (docs/agent.md 'Sandbox'). auto: when this "
+                   "kernel allows it; on: refuse to start without it.")
+@click.option("--sandbox-hide", multiple=True, type=click.Path(exists=True),
+              help="Also hide this file or directory from jobs (e.g. ~/.ssh); repeatable.")
 @click.option("--sysfs-root", default="/", hidden=True, help="Read sensors under this root (tests: recorded trees).")
 def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_upload_mb, max_store_gb, min_free_mb,
-          max_job_seconds, max_memory_mb, power_meter, keep_jobs, keep_job_days, sysfs_root) -> None:
+          max_job_seconds, max_memory_mb, power_meter, keep_jobs, keep_job_days, sandbox, sandbox_hide,
+          sysfs_root) -> None:
     """Serve protocol v1 until SIGTERM; prints 'EDGEQ_AGENT_LISTENING <url>' when ready."""
     from ..agent import protocol
     from ..agent.server import AgentConfig, read_token_file, serve as run
@@ -76,7 +83,9 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         max_upload_bytes=protocol.DEFAULT_MAX_UPLOAD_BYTES if max_upload_mb is None else int(max_upload_mb * (1 << 20)),
         max_store_bytes=int(max_store_gb * (1 << 30)), min_free_bytes=min_free_mb << 20,
         max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter,
-        keep_jobs=keep_jobs, keep_job_days=keep_job_days, sysfs_root=sysfs_root)
+        keep_jobs=keep_jobs, keep_job_days=keep_job_days, sandbox=sandbox,
+        sandbox_hide=tuple(Path(p).absolute() for p in (token_file, tls_key, *sandbox_hide) if p),
+        sysfs_root=sysfs_root)
     check_serve(cfg)
     mode = Path(token_file).stat().st_mode & 0o777
     if mode & 0o007:  # as ssh says of a private key: anyone who reads the token can run models on this board
@@ -166,6 +175,7 @@ def _info_lines(answer: dict) -> list[str]:
                          if name not in ("numpy", "psutil", "edgeq"))
     meter = info.get("power_meter")
     power = f"{meter.get('meter')} ({meter.get('scope')})" if meter else f"none ({info.get('power_reason')})"
+    sandbox = info.get("sandbox") or f"none ({info.get('sandbox_reason') or 'this agent does not say: an older edgeq'})"
     mem, upload = info.get("max_memory_mb"), info.get("max_upload_bytes")
     os_name = (fp.get("os") or "-").split("=", 1)[-1].strip('"')  # /etc/os-release's first line, PRETTY_NAME="..."
     return [f"{head}: edgeq {info.get('version') or '?'}, protocol {info.get('protocol')}",
@@ -173,5 +183,6 @@ def _info_lines(answer: dict) -> list[str]:
             f"{fp.get('mem_total_mb')} MB; {os_name}, kernel {fp.get('kernel')}, Python {fp.get('python')}",
             f"  runtimes: {runtimes}",
             f"  power:    {power}",
+            f"  sandbox:  {sandbox}",
             f"  limits:   upload {'?' if upload is None else upload >> 20} MB, job {info.get('max_job_seconds')} s, "
             f"memory {f'{mem} MB' if mem else 'default'}"]

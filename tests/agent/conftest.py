@@ -15,7 +15,8 @@ import pytest
 
 from edgeq.agent.host import stop_process
 from edgeq.agent.client import AgentClient
-from edgeq.agent.server import READY_PREFIX
+from edgeq.agent.jobs import AgentConfig
+from edgeq.agent.server import READY_PREFIX, AgentServer
 
 FAST = {"runs": 10, "min_seconds": 0.05, "warmup_min": 2, "warmup_max": 10}
 
@@ -155,6 +156,25 @@ def agent_factory(tmp_path):
     yield make
     for a in started:
         a.stop()
+
+
+@pytest.fixture
+def inproc(tmp_path):
+    """Start an AgentServer in this process on 127.0.0.1:0 with AgentConfig overrides; stopped after the test."""
+    servers = []
+
+    def make(**kw) -> AgentServer:
+        cfg = AgentConfig(token=secrets.token_urlsafe(24), data_dir=tmp_path / f"data{len(servers)}", port=0,
+                          power_meter="none", **kw)
+        server = AgentServer(cfg)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -10,35 +10,15 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from edgeq.agent.client import AgentError
-from edgeq.agent.jobs import AgentConfig, _runner_limits
+from edgeq.agent.jobs import _runner_limits
 from edgeq.agent.server import AgentServer
 
 from .conftest import FAST, run_job
-
-
-@pytest.fixture
-def inproc(tmp_path):
-    """Start an AgentServer in this process on 127.0.0.1:0 with AgentConfig overrides; stopped after the test."""
-    servers = []
-
-    def make(**kw) -> AgentServer:
-        cfg = AgentConfig(token=secrets.token_urlsafe(24), data_dir=tmp_path / f"data{len(servers)}", port=0,
-                          power_meter="none", **kw)
-        server = AgentServer(cfg)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def client_of(server: AgentServer, **kw):
