@@ -13,11 +13,12 @@ handshake and is dropped.
 
 What a caller can NOT do, even with the token: run code (bodies are JSON, never pickle, and
 models are data for onnxruntime / LiteRT, loaded in a child process with memory and time
-limits; should a runtime's bug still run code, that process is sandboxed where the kernel allows it, in
-namespaces with read-only files, no network, its own job's directory only, the token and TLS key hidden
-and no capabilities: `sandbox.py`, reported as the result's `sandbox`); name files outside the job directory (file names are plain base names, ONNX external
-data must stay inside the job directory: `../`, absolute paths and symlinks are refused before
-loading); choose the power meter or any command (that is agent-side configuration only);
+limits; should a runtime's bug still run code, that process is sandboxed where the kernel allows
+it: namespaces with read-only files, no network or Unix sockets, its own job's directory only, the
+token and TLS key hidden, no capabilities: `sandbox.py`, reported as the result's `sandbox`); name
+files outside the job directory (file names are plain base names, ONNX external data must stay
+inside the job directory: `../`, absolute paths and symlinks are refused before loading); choose
+the power meter or any command (that is agent-side configuration only);
 exhaust memory with a body (every body is size-capped BEFORE it is buffered: Content-Length is
 required and checked, then the body is streamed with a hard cap); exhaust threads or the queue
 (at most 256 queued jobs -> 429; connections: below); fill the disk (uploads are content-addressed

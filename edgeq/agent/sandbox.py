@@ -14,7 +14,10 @@ more), this entry point:
 - leaves the network with a loopback that is down: no address reaches the agent, the LAN or anything else;
 - mounts a /proc of the new PID namespace, in which the runner is process 2 under a small init: no other
   process (the agent's memory, its /proc/PID/root) can be seen;
-- drops every capability, the bounding set too, and sets no_new_privs.
+- drops every capability, the bounding set too, and sets no_new_privs;
+- filters system calls (seccomp): socket(2) only for the families the empty network namespace confines (no
+  Unix socket, which is reached by its path from any namespace: a session bus or docker.sock would let code
+  run outside), no io_uring.
 Three processes result: this one waits outside and ends as the runner ended (exit code, or the same signal),
 the namespace's init reports the runner's wait status to it through a pipe, and the runner. A runner as
 process 1 would ignore SIGXCPU (a PID namespace's init ignores signals it has no handler for), so the job's
@@ -44,7 +47,7 @@ RUNNER_HIDDEN = 124  # --probe's exit code when it was made but hides what the r
 ERROR_PREFIX = "edgeq sandbox: "  # how its errors start in runner.log
 PROBE_FILE = "sandbox-probe"
 DESCRIPTION = ("Linux namespaces: read-only filesystem, the job's directory the only writable place, the data "
-               "directory{hidden} hidden, no network, own PID namespace, no capabilities")
+               "directory{hidden} hidden, no network or Unix sockets, own PID namespace, no capabilities")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 for _name, _types in (("mount", [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]),
@@ -145,6 +148,53 @@ def _drop_privileges() -> None:
     _call(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
+# Per ABI: its seccomp audit arch, and the numbers of socket(2) and io_uring_setup(2).
+_SYSCALLS = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425), "arm": (0x40000028, 281, 425),
+             "riscv64": (0xC00000F3, 198, 425)}
+_SOCKET_FAMILIES = (2, 10, 16)  # AF_INET, AF_INET6, AF_NETLINK: confined to the empty network namespace
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _abi() -> str:
+    """This process's system-call ABI: the kernel's machine, but 32-bit ARM for a 32-bit Python (Raspberry Pi OS's
+    32-bit userland runs on a 64-bit kernel, whose machine says aarch64)."""
+    machine, bits = os.uname().machine, struct.calcsize("P") * 8
+    if machine.startswith(("aarch64", "arm")):
+        return "aarch64" if bits == 64 else "arm"
+    return machine if bits == 64 else f"{machine} ({bits}-bit)"
+
+
+def _filter_sockets() -> None:
+    """A seccomp filter: socket(2) only for the families a network namespace confines. A Unix socket is reached by
+    its path, in any namespace (a session bus, ssh-agent, docker.sock would let code outside run), and vsock
+    reaches a VM's host. io_uring is refused (it opens sockets past the filter); so is any other architecture's
+    system call (x86's 32-bit ABIs)."""
+    abi = _abi()
+    if abi not in _SYSCALLS:
+        raise SandboxError(errno.ENOSYS, f"no system-call filter for {abi} here")
+    arch, nr_socket, nr_io_uring_setup = _SYSCALLS[abi]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, refuse = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno
+    program = [
+        (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, refuse | errno.EACCES),  # seccomp_data.arch
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, 0, 1, 0x40000000), (ret, 0, 0, refuse | errno.EACCES),  # x32's numbers (x86_64's flag bit)
+        (jeq, 0, 1, nr_io_uring_setup), (ret, 0, 0, refuse | errno.ENOSYS),
+        (jeq, 0, 5, nr_socket), (ld, 0, 0, 16),  # seccomp_data.args[0], low half: the family
+        *((jeq, 3 - i, 0, family) for i, family in enumerate(_SOCKET_FAMILIES)),
+        (ret, 0, 0, refuse | errno.EACCES), (ret, 0, 0, allow)]
+    filters = (_SockFilter * len(program))(*(_SockFilter(*op) for op in program))
+    prog = _SockFprog(len(program), filters)
+    _call(_libc.prctl(22, 2, ctypes.addressof(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
 def _exit_as(status: int) -> None:
     """End this process as a child with wait status `status` ended: the same exit code, or the same signal."""
     if os.WIFSIGNALED(status):
@@ -181,6 +231,7 @@ def _init(report_fd: int, job_dir: str, target) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _drop_privileges()
+    _filter_sockets()
     runner = os.fork()
     if runner == 0:
         os.close(report_fd)

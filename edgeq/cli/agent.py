@@ -59,9 +59,9 @@ def agent() -> None:
 @click.option("--keep-job-days", type=PositiveFinite(), default=30.0, show_default=True,
               help="Forget finished jobs older than this.")
 @click.option("--sandbox", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Run each job in Linux namespaces: read-only files, no network, nothing of the agent's data but "
-                   "its own directory, the token and TLS key hidden (docs/agent.md 'Sandbox'). auto: when this "
-                   "kernel allows it; on: refuse to start without it.")
+              help="Run each job in Linux namespaces: read-only files, no network or Unix sockets, nothing of the "
+                   "agent's data but its own directory, the token and TLS key hidden (docs/agent.md 'Sandbox'). "
+                   "auto: when this kernel allows it; on: refuse to start without it.")
 @click.option("--sandbox-hide", multiple=True, type=click.Path(exists=True),
               help="Also hide this file or directory from jobs (e.g. ~/.ssh); repeatable.")
 @click.option("--sysfs-root", default="/", hidden=True, help="Read sensors under this root (tests: recorded trees).")

@@ -30,7 +30,7 @@ ATTACK = r'''
 import ctypes, json, os, socket, sys
 from edgeq.agent import sandbox
 
-data_dir, job_dir, token, secret_dir, outside, port = sys.argv[1:7]
+data_dir, job_dir, token, secret_dir, outside, port, unix_path = sys.argv[1:8]
 
 def attack(job_dir):
     out = {}
@@ -48,9 +48,12 @@ def attack(job_dir):
     attempt("write_job_dir", lambda: open(os.path.join(job_dir, "written"), "w").write("x"))
     attempt("write_outside", lambda: open(os.path.join(outside, "planted"), "w").write("x"))
     attempt("connect_agent", lambda: socket.create_connection(("127.0.0.1", int(port)), timeout=5).close())
+    attempt("connect_unix_socket", lambda: socket.socket(socket.AF_UNIX).connect(unix_path))
+    attempt("open_vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
+    attempt("open_udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close())  # allowed, goes nowhere
     attempt("pids", lambda: sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
     attempt("status", lambda: {k: v.strip() for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
-                               if k in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs")})
+                               if k in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")})
     libc = ctypes.CDLL(None, use_errno=True)
     attempt("unmount_data_dir", lambda: libc.umount2(data_dir.encode(), 2) or "unmounted")
     attempt("remount_root_rw", lambda: sandbox._mount(None, "/", None, sandbox.MS_REMOUNT | sandbox.MS_BIND))
@@ -100,10 +103,15 @@ def _layout(root: Path) -> dict:
 
 def _attack(paths: dict, port: int, python: str = sys.executable, pythonpath: str = str(EDGEQ_ROOT),
             preexec=None) -> dict:
-    done = subprocess.run([python, "-c", ATTACK, *(str(paths[k]) for k in ("data", "job", "token", "secret",
-                                                                           "outside")), str(port)],
-                          cwd=paths["job"], env={"PATH": os.environ["PATH"], "PYTHONPATH": pythonpath},
-                          capture_output=True, text=True, timeout=60, preexec_fn=preexec)
+    unix_path = str(paths["outside"] / "bus.sock")  # a session bus, an ssh-agent, docker.sock: open to anyone here
+    with socket.socket(socket.AF_UNIX) as bus:
+        bus.bind(unix_path)
+        bus.listen()
+        os.chmod(unix_path, 0o777)
+        done = subprocess.run([python, "-c", ATTACK, *(str(paths[k]) for k in ("data", "job", "token", "secret",
+                                                                               "outside")), str(port), unix_path],
+                              cwd=paths["job"], env={"PATH": os.environ["PATH"], "PYTHONPATH": pythonpath},
+                              capture_output=True, text=True, timeout=60, preexec_fn=preexec)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -118,10 +126,13 @@ def _assert_confined(seen: dict, paths: dict) -> None:
     assert seen["write_outside"] == ["err", 30]  # EROFS
     assert not (paths["outside"] / "planted").exists()
     assert seen["connect_agent"] == ["err", 101]  # ENETUNREACH: not even loopback
+    assert seen["connect_unix_socket"] == ["err", 13]  # EACCES from the filter: no socket(AF_UNIX) at all
+    assert seen["open_vsock"] == ["err", 13]
+    assert seen["open_udp"] == ["ok", None]
     assert seen["pids"] == ["ok", [1, 2]]  # the namespace's init and the runner: no agent to read
     status = seen["status"][1]
     assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
-    assert status["NoNewPrivs"] == "1"
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"  # a filter
     assert seen["unmount_data_dir"] == ["ok", -1]
     assert seen["remount_root_rw"][0] == "err"
     assert seen["exec_from_job_dir"] == ["err", 13]  # EACCES: the job's directory is noexec
@@ -229,6 +240,7 @@ def test_agent_runs_each_job_in_the_sandbox(inproc, tiny_onnx):
     assert all(spaces[ns] != mine[ns] for ns in mine), (spaces, mine)
     fields = dict(line.split(":", 1) for line in status.splitlines())
     assert fields["CapEff"].strip() == "0000000000000000" and fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
 
 
 def test_agent_without_the_sandbox(inproc, tiny_onnx, monkeypatch, capsys):
