@@ -182,13 +182,14 @@ def _filter_sockets() -> None:
     arch, nr_socket, nr_io_uring_setup = _SYSCALLS[abi]
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     allow, refuse = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno
+    n = len(_SOCKET_FAMILIES)
     program = [
         (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, refuse | errno.EACCES),  # seccomp_data.arch
         (ld, 0, 0, 0),  # seccomp_data.nr
         (jge, 0, 1, 0x40000000), (ret, 0, 0, refuse | errno.EACCES),  # x32's numbers (x86_64's flag bit)
         (jeq, 0, 1, nr_io_uring_setup), (ret, 0, 0, refuse | errno.ENOSYS),
-        (jeq, 0, 5, nr_socket), (ld, 0, 0, 16),  # seccomp_data.args[0], low half: the family
-        *((jeq, 3 - i, 0, family) for i, family in enumerate(_SOCKET_FAMILIES)),
+        (jeq, 0, n + 2, nr_socket), (ld, 0, 0, 16),  # seccomp_data.args[0], low half: the family
+        *((jeq, n - i, 0, family) for i, family in enumerate(_SOCKET_FAMILIES)),  # each jumps to allow
         (ret, 0, 0, refuse | errno.EACCES), (ret, 0, 0, allow)]
     filters = (_SockFilter * len(program))(*(_SockFilter(*op) for op in program))
     prog = _SockFprog(len(program), filters)
