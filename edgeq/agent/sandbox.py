@@ -196,6 +196,29 @@ def _filter_sockets() -> None:
     _call(_libc.prctl(22, 2, ctypes.addressof(prog), 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
+_APPARMOR_USERNS = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"  # Ubuntu 23.10 and later
+
+
+def explain(exc: OSError) -> str:
+    """A failed step, with what usually causes it on a board's kernel."""
+    text = str(exc)
+    if text.startswith("unshare:"):
+        hint = {errno.EINVAL: "this kernel was built without user namespaces (CONFIG_USER_NS)",
+                errno.ENOSPC: "user.max_user_namespaces is 0",
+                errno.EPERM: "unprivileged user namespaces are off (kernel.unprivileged_userns_clone = 0) or a "
+                             "security module refuses them"}.get(exc.errno)
+        return f"{text} ({hint})" if hint else text
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        try:
+            with open(_APPARMOR_USERNS) as f:
+                restricted = f.read().strip() == "1"
+        except OSError:
+            restricted = False
+        if restricted:
+            return f"{text} (AppArmor restricts unprivileged user namespaces: {_APPARMOR_USERNS} is 1)"
+    return text
+
+
 def _exit_as(status: int) -> None:
     """End this process as a child with wait status `status` ended: the same exit code, or the same signal."""
     if os.WIFSIGNALED(status):
@@ -267,10 +290,10 @@ def run(data_dir: str, job_dir: str, hide: list[str], target=_runner) -> None:
             try:
                 _init(write_fd, job_dir, target)
             except OSError as exc:
-                sys.stderr.write(f"{ERROR_PREFIX}{exc}\n")
+                sys.stderr.write(f"{ERROR_PREFIX}{explain(exc)}\n")
             os._exit(SANDBOX_FAILED)
     except OSError as exc:
-        sys.stderr.write(f"{ERROR_PREFIX}{exc}\n")
+        sys.stderr.write(f"{ERROR_PREFIX}{explain(exc)}\n")
         os._exit(SANDBOX_FAILED)
     os.close(write_fd)
     report = os.read(read_fd, 4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -287,3 +288,39 @@ def test_sandbox_options_refused(tmp_path):
     argv = ["agent", "serve", "--token-file", str(token), "--data-dir", str(data), "--port", "0"]
     assert main([*argv, "--sandbox-hide", str(tmp_path / "home")]) == 2
     assert main([*argv, "--sandbox-hide", str(tmp_path / "nope")]) == 2
+
+
+def test_a_refusal_says_its_usual_cause(tmp_path, monkeypatch):
+    """What `agent info` and the start-up warning say when a board's kernel refuses a step."""
+    from edgeq.agent import sandbox
+
+    assert sandbox.explain(sandbox.SandboxError(28, "unshare: No space left on device")) == \
+        "unshare: No space left on device (user.max_user_namespaces is 0)"
+    assert "CONFIG_USER_NS" in sandbox.explain(sandbox.SandboxError(22, "unshare: Invalid argument"))
+    flag = tmp_path / "apparmor_restrict_unprivileged_userns"
+    monkeypatch.setattr(sandbox, "_APPARMOR_USERNS", str(flag))
+    refused = sandbox.SandboxError(1, "mount /: Operation not permitted")
+    assert sandbox.explain(refused) == "mount /: Operation not permitted"  # no such file: no AppArmor to blame
+    flag.write_text("0\n")
+    assert sandbox.explain(refused) == "mount /: Operation not permitted"
+    flag.write_text("1\n")
+    assert sandbox.explain(refused) == (f"mount /: Operation not permitted (AppArmor restricts unprivileged user "
+                                        f"namespaces: {flag} is 1)")
+
+
+@needs_sandbox
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+def test_a_kernel_that_refuses_user_namespaces(tmp_path):
+    """A real refusal: `agent serve` in a user namespace whose user.max_user_namespaces is 0, as on a board that turned
+    them off. --sandbox on refuses to start, in one line; auto (tested above) would run without it."""
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(24))
+    serve = [sys.executable, "-m", "edgeq.cli.main", "agent", "serve", "--token-file", str(token), "--data-dir",
+             str(tmp_path / "data"), "--port", "0", "--sandbox", "on"]
+    inner = "echo 0 > /proc/sys/user/max_user_namespaces && exec " + " ".join(map(shlex.quote, serve))
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", inner], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "edgeq: error: sandbox: this machine cannot sandbox a runner (unshare: No space left on device "
+        "(user.max_user_namespaces is 0)); see docs/agent.md 'Sandbox', or run with --sandbox auto or off")
