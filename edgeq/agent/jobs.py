@@ -134,7 +134,7 @@ def sandbox_command(data_dir: Path, job_dir: Path, hide: tuple[Path, ...], probe
     """The command that runs a job's runner (or, with `probe`, only checks that it could) in its sandbox."""
     args = [sys.executable, "-m", "edgeq.agent.sandbox", *(["--probe"] if probe else [])]
     for path in hide:
-        args += ["--hide", str(Path(path).absolute())]
+        args += ["--hide", str(Path(path).absolute())]  # the command runs in the job's directory
     return [*args, str(data_dir), str(job_dir)]
 
 

@@ -84,7 +84,7 @@ def serve(host, port, token_file, tls_cert, tls_key, client_ca, data_dir, max_up
         max_store_bytes=int(max_store_gb * (1 << 30)), min_free_bytes=min_free_mb << 20,
         max_job_seconds=max_job_seconds, max_memory_mb=max_memory_mb, power_meter=power_meter,
         keep_jobs=keep_jobs, keep_job_days=keep_job_days, sandbox=sandbox,
-        sandbox_hide=tuple(Path(p).absolute() for p in (token_file, tls_key, *sandbox_hide) if p),
+        sandbox_hide=tuple(Path(p) for p in (token_file, tls_key, *sandbox_hide) if p),
         sysfs_root=sysfs_root)
     check_serve(cfg)
     mode = Path(token_file).stat().st_mode & 0o777
